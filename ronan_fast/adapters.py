@@ -1,0 +1,359 @@
+"""Generator adapters: how to draw a generator's inputs, which of them are optimised, and how
+they map to an image in [0, 1], NCHW.
+
+Inversion sees every generator through :class:`GeneratorAdapter`: a row of float32 latents
+``[M, D]`` (the optimised input, flattened), an optional per-row condition that is not
+optimised (a class label or an embedding), and :meth:`GeneratorAdapter.decode_raw`, the
+differentiable map to the model's own output range. Adapters know nothing of losses,
+optimisers or statistics.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "GeneratorAdapter",
+    "GeneratedBatch",
+    "LatentGenerator",
+    "ConditionalGenerator",
+    "GeneratorOutputError",
+    "module_fingerprint",
+]
+
+
+class GeneratorOutputError(RuntimeError):
+    """The generator returned something that is not a usable image batch."""
+
+
+@dataclass
+class GeneratedBatch:
+    """Images drawn from a generator, with the inputs that made them."""
+
+    images: Tensor  # [N, C, H, W] in [0, 1]
+    latents: Tensor  # [N, D] float32
+    conditions: Tensor | None  # [N] or [N, E], or None
+
+
+def module_fingerprint(modules: Sequence[nn.Module], extra: dict | None = None) -> str:
+    """SHA-256 over the modules' parameters and buffers (names, shapes, dtypes, bytes) and ``extra``."""
+    h = hashlib.sha256()
+    for i, module in enumerate(modules):
+        for name, t in sorted(module.state_dict().items()):
+            h.update(f"{i}:{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            data = t.detach().to("cpu").contiguous()
+            if data.dtype == torch.bfloat16:
+                data = data.view(torch.int16)
+            h.update(data.numpy().tobytes())
+    if extra:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class GeneratorAdapter(abc.ABC):
+    """What inversion needs to know of a generator.
+
+    Subclasses set :attr:`latent_dim`, :attr:`image_shape`, :attr:`output_range` and
+    :attr:`family`, and implement :meth:`decode_raw`. The latent prior is a standard normal
+    of width ``latent_dim`` unless :meth:`sample_latents` says otherwise.
+    """
+
+    #: width D of one optimised input row
+    latent_dim: int
+    #: native (C, H, W) of the generator's images
+    image_shape: tuple[int, int, int]
+    #: (low, high) of the raw output; decode maps it linearly onto [0, 1]
+    output_range: tuple[float, float] = (-1.0, 1.0)
+    #: generator family, used to pick inversion defaults: "gan", "vae", "conditional", "diffusion"
+    family: str = "gan"
+    #: short human-readable name for reports
+    name: str = "generator"
+
+    # ---------------------------------------------------------------- to implement
+
+    @abc.abstractmethod
+    def decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
+        """Map ``latents [M, D]`` (and per-row ``conditions``) to images in :attr:`output_range`."""
+
+    @abc.abstractmethod
+    def modules(self) -> list[nn.Module]:
+        """The modules whose weights define the generator (for fingerprints and device moves)."""
+
+    # ---------------------------------------------------------------- defaults
+
+    @property
+    def device(self) -> torch.device:
+        for module in self.modules():
+            for t in list(module.parameters()) + list(module.buffers()):
+                return t.device
+        return torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "GeneratorAdapter":
+        for module in self.modules():
+            module.to(device)
+        return self
+
+    def config(self) -> dict:
+        """What besides the weights defines the map from inputs to images (part of the fingerprint)."""
+        return {
+            "class": type(self).__name__,
+            "latent_dim": self.latent_dim,
+            "image_shape": list(self.image_shape),
+            "output_range": list(self.output_range),
+        }
+
+    def fingerprint(self) -> str:
+        return module_fingerprint(self.modules(), self.config())
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` rows from the input prior (standard normal), float32 on :attr:`device`."""
+        z = torch.randn(n, self.latent_dim, generator=generator, dtype=torch.float32,
+                        device=generator.device if generator is not None else "cpu")
+        return z.to(self.device)
+
+    @property
+    def prior_radius(self) -> float | None:
+        """Radius of the prior's typical set (sqrt(D) for a standard normal), or None."""
+        return math.sqrt(self.latent_dim)
+
+    def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+        """Conditions for ``n`` freshly generated images (None for unconditional generators)."""
+        return None
+
+    def row_conditions(self, conditions: Tensor | None, batch: int, restarts: int) -> tuple[Tensor | None, int]:
+        """Per-row conditions for ``batch`` images times ``restarts`` and the rows per image.
+
+        Rows are laid out image-major: row ``b * rows_per_image + r`` belongs to image ``b``.
+        Unconditional generators have no conditions and ``rows_per_image == restarts``.
+        """
+        if conditions is not None:
+            raise ValueError(f"{self.name} takes no conditions, but conditions were given")
+        return None, restarts
+
+    def to_unit(self, raw: Tensor) -> Tensor:
+        lo, hi = self.output_range
+        return (raw - lo) / (hi - lo)
+
+    def from_unit(self, images: Tensor) -> Tensor:
+        lo, hi = self.output_range
+        return images * (hi - lo) + lo
+
+    def decode(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
+        """Images in [0, 1] for ``latents``, checked for shape and finiteness."""
+        out = self.decode_raw(latents, conditions)
+        self.check_output(out, latents.shape[0])
+        return self.to_unit(out)
+
+    def check_output(self, out: Tensor, rows: int, check_finite: bool = True) -> None:
+        if not isinstance(out, Tensor):
+            raise GeneratorOutputError(f"{self.name} returned {type(out).__name__}, expected a tensor")
+        want = (rows, *self.image_shape)
+        if tuple(out.shape) != want:
+            raise GeneratorOutputError(
+                f"{self.name} returned shape {tuple(out.shape)} for {rows} inputs; expected {want} "
+                f"(image_shape={self.image_shape})"
+            )
+        if check_finite and not bool(torch.isfinite(out).all()):
+            raise GeneratorOutputError(f"{self.name} returned NaN or Inf values")
+
+    @torch.no_grad()
+    def generate(self, n: int, generator: torch.Generator | None = None, batch_size: int = 256) -> GeneratedBatch:
+        """Draw ``n`` images from the generator with the inputs that made them."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        z = self.sample_latents(n, generator)
+        c = self.sample_conditions(n, generator)
+        parts = [
+            self.decode(z[i : i + batch_size], None if c is None else c[i : i + batch_size]).clamp(0, 1)
+            for i in range(0, n, batch_size)
+        ]
+        return GeneratedBatch(torch.cat(parts), z, c)
+
+
+class LatentGenerator(GeneratorAdapter):
+    """Any module from a latent tensor to an image: DCGAN, VAE decoder, ``G(z, c)`` with a fixed c.
+
+    Args:
+        module: the generator; put in eval mode with its parameters frozen.
+        latent_shape: the shape of one latent, e.g. ``(100,)`` or ``(100, 1, 1)`` for a DCGAN.
+        output_range: the range of the module's output, e.g. ``(-1, 1)`` for tanh, ``(0, 1)`` for sigmoid.
+        image_shape: (C, H, W) of the output; found by one forward pass when omitted.
+        call: how to call the module with a batch of latents shaped ``[M, *latent_shape]``;
+            defaults to ``module(z)``. Use it to fix extra arguments, e.g. ``lambda m, z: m(z, c)``.
+        family: "gan", "vae" or "diffusion" (selects inversion defaults).
+        name: a name for reports.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        latent_shape: Sequence[int] | int,
+        output_range: tuple[float, float] = (-1.0, 1.0),
+        image_shape: Sequence[int] | None = None,
+        call: Callable[[nn.Module, Tensor], Tensor] | None = None,
+        family: str = "gan",
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        self.latent_shape = (int(latent_shape),) if isinstance(latent_shape, int) else tuple(int(s) for s in latent_shape)
+        if not self.latent_shape or any(s < 1 for s in self.latent_shape):
+            raise ValueError(f"latent_shape must be positive sizes, got {latent_shape!r}")
+        lo, hi = (float(v) for v in output_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ValueError(f"output_range must be finite (low, high) with high > low, got {output_range!r}")
+        self.module = _freeze(module)
+        self.output_range = (lo, hi)
+        self.latent_dim = math.prod(self.latent_shape)
+        self.call = call
+        self.family = family
+        self.name = name or type(module).__name__
+        if image_shape is None:
+            with torch.no_grad():
+                probe = self._forward(torch.zeros(1, self.latent_dim, device=self.device))
+            if not isinstance(probe, Tensor) or probe.dim() != 4:
+                got = tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__
+                raise GeneratorOutputError(f"{self.name} must return [N, C, H, W] images, got {got}")
+            image_shape = tuple(probe.shape[1:])
+        self.image_shape = tuple(int(s) for s in image_shape)  # type: ignore[assignment]
+        if len(self.image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}")
+
+    def _forward(self, latents: Tensor) -> Tensor:
+        z = latents.view(latents.shape[0], *self.latent_shape)
+        return self.module(z) if self.call is None else self.call(self.module, z)
+
+    def decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
+        if conditions is not None:
+            raise ValueError(f"{self.name} takes no conditions, but conditions were given")
+        return self._forward(latents)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.module]
+
+    def config(self) -> dict:
+        return {**super().config(), "latent_shape": list(self.latent_shape), "family": self.family}
+
+
+class ConditionalGenerator(GeneratorAdapter):
+    """A generator ``G(z, c)`` with a condition c: a class label or a condition embedding.
+
+    A known condition is fixed (``condition=`` here, or per image at inversion time); an unknown
+    class is searched: inversion spreads the ``num_classes`` candidates over the restart
+    dimension (every class gets ``restarts`` rows) and keeps the best row.
+
+    Args:
+        module: the generator, called as ``call(module, z, c)`` (default ``module(z, c)``).
+        latent_shape: shape of one latent.
+        num_classes: number of classes for label conditions (None for embeddings).
+        condition: a fixed condition used for every image (an int label or an embedding tensor [E]).
+        output_range, image_shape, name: as for :class:`LatentGenerator`.
+    """
+
+    family = "conditional"
+
+    def __init__(
+        self,
+        module: nn.Module,
+        latent_shape: Sequence[int] | int,
+        num_classes: int | None = None,
+        condition: int | Tensor | None = None,
+        output_range: tuple[float, float] = (-1.0, 1.0),
+        image_shape: Sequence[int] | None = None,
+        call: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if num_classes is None and condition is None:
+            raise ValueError("give num_classes (class labels) or a fixed condition (embedding)")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.latent_shape = (int(latent_shape),) if isinstance(latent_shape, int) else tuple(int(s) for s in latent_shape)
+        lo, hi = (float(v) for v in output_range)
+        if not hi > lo:
+            raise ValueError(f"output_range must be (low, high) with high > low, got {output_range!r}")
+        self.module = _freeze(module)
+        self.output_range = (lo, hi)
+        self.latent_dim = math.prod(self.latent_shape)
+        self.num_classes = num_classes
+        self.call = call
+        self.name = name or type(module).__name__
+        self.condition = None
+        if condition is not None:
+            if isinstance(condition, int):
+                if num_classes is not None and not 0 <= condition < num_classes:
+                    raise ValueError(f"condition must be a class in [0, {num_classes}), got {condition}")
+                self.condition = torch.tensor(condition, dtype=torch.int64)
+            else:
+                self.condition = torch.as_tensor(condition).detach()
+        if image_shape is None:
+            with torch.no_grad():
+                c = self._fixed_or_default(1)
+                probe = self._forward(torch.zeros(1, self.latent_dim, device=self.device), c)
+            if not isinstance(probe, Tensor) or probe.dim() != 4:
+                raise GeneratorOutputError(f"{self.name} must return [N, C, H, W] images")
+            image_shape = tuple(probe.shape[1:])
+        self.image_shape = tuple(int(s) for s in image_shape)  # type: ignore[assignment]
+
+    def _fixed_or_default(self, n: int) -> Tensor:
+        if self.condition is not None:
+            c = self.condition.to(self.device)
+            return c.expand(n, *c.shape) if c.dim() else c.expand(n)
+        return torch.zeros(n, dtype=torch.int64, device=self.device)
+
+    def _forward(self, latents: Tensor, conditions: Tensor) -> Tensor:
+        z = latents.view(latents.shape[0], *self.latent_shape)
+        return self.module(z, conditions) if self.call is None else self.call(self.module, z, conditions)
+
+    def decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
+        if conditions is None:
+            if self.condition is None:
+                raise ValueError(f"{self.name} needs a condition per row (class unknown: let inversion search it)")
+            conditions = self._fixed_or_default(latents.shape[0])
+        return self._forward(latents, conditions)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.module]
+
+    def config(self) -> dict:
+        cfg = {**super().config(), "latent_shape": list(self.latent_shape), "num_classes": self.num_classes}
+        if self.condition is not None:
+            cfg["condition"] = self.condition.tolist()
+        return cfg
+
+    def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+        if self.condition is not None:
+            return self._fixed_or_default(n)
+        dev = generator.device if generator is not None else "cpu"
+        return torch.randint(0, self.num_classes, (n,), generator=generator, device=dev).to(self.device)
+
+    def row_conditions(self, conditions: Tensor | None, batch: int, restarts: int) -> tuple[Tensor | None, int]:
+        if conditions is not None:
+            conditions = torch.as_tensor(conditions, device=self.device)
+            if conditions.shape[0] != batch:
+                raise ValueError(f"conditions must have one entry per image ({batch}), got {conditions.shape[0]}")
+            if self.num_classes is not None and conditions.dtype == torch.int64:
+                if conditions.numel() and (int(conditions.min()) < 0 or int(conditions.max()) >= self.num_classes):
+                    raise ValueError(f"conditions must be classes in [0, {self.num_classes})")
+            return conditions.repeat_interleave(restarts, dim=0), restarts
+        if self.condition is not None:
+            return self._fixed_or_default(batch * restarts), restarts
+        # Unknown class: every image gets `restarts` rows for each candidate class.
+        classes = torch.arange(self.num_classes, device=self.device).repeat_interleave(restarts)
+        return classes.repeat(batch), restarts * self.num_classes

@@ -1,0 +1,507 @@
+"""Input reverse-engineering (Eq. 1): i* = argmin_i L(M(i), x), batched over images and restarts.
+
+Every image gets ``rows_per_image`` latent rows (its restarts; for a class-conditional
+generator with the class unknown, ``restarts`` rows per candidate class). All rows of a chunk
+of images run as one batch: generator forward, the fused loss-and-gradient kernel, the
+generator's backward, and the fused Adam step with best-row tracking. An image's score is the
+lowest loss seen over all its steps and rows, re-measured in float32 at the winning input.
+
+Rows cost nothing once stopped: a row stops when its image's loss is already under
+``stop_below`` (its verdict can no longer change), when it has stopped improving, or when
+successive halving drops it as a clearly losing restart; stopped rows are compacted out of the
+batch at the next check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ronan_fast import ops
+from ronan_fast.adapters import GeneratorAdapter, GeneratorOutputError
+
+__all__ = ["InversionSettings", "InversionResult", "invert", "resolve_settings", "PRESETS"]
+
+SCHEDULES = ("constant", "cosine", "warm_restarts")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TYPICAL_SET = ("none", "project", "penalty")
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    """Everything that shapes an inversion's result. Part of a belonging profile's identity."""
+
+    steps: int = 1500
+    lr: float = 0.1
+    restarts: int = 1
+    schedule: str = "constant"
+    #: linear warm-up steps at the start of the schedule
+    warmup: int = 0
+    #: for "cosine"/"warm_restarts": the lowest learning rate, as a fraction of ``lr``
+    min_lr_frac: float = 0.0
+    #: for "warm_restarts": number of cosine cycles over ``steps``
+    cycles: int = 3
+    metric: str = "mse"
+    precision: str = "fp32"
+    #: successive halving: every ``halving_every`` steps keep the best ``halving_keep`` fraction
+    #: of each image's live rows (never fewer than ``min_rows``); 0 turns it off
+    halving_every: int = 0
+    halving_keep: float = 0.5
+    min_rows: int = 1
+    #: a row stops once its best loss has not improved by ``rel_tol`` (relative) for ``patience`` steps; 0: off
+    patience: int = 0
+    rel_tol: float = 1e-3
+    #: "project": keep latents on the prior's typical-set shell; "penalty": pull them towards it
+    typical_set: str = "none"
+    penalty: float = 0.0
+    #: Levenberg-Marquardt iterations polishing each image's best input at the end (fused metrics only)
+    polish_steps: int = 0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    #: how often (in steps) stopping rules are checked and the batch compacted
+    check_every: int = 25
+
+    def __post_init__(self) -> None:
+        _positive_int("steps", self.steps)
+        _positive_int("restarts", self.restarts)
+        _positive_int("check_every", self.check_every)
+        _positive_int("min_rows", self.min_rows)
+        for name in ("warmup", "halving_every", "patience", "polish_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        if self.typical_set not in TYPICAL_SET:
+            raise ValueError(f"typical_set must be one of {TYPICAL_SET}, got {self.typical_set!r}")
+        if not 0 < self.halving_keep < 1:
+            raise ValueError(f"halving_keep must lie in (0, 1), got {self.halving_keep}")
+        if not 0 <= self.min_lr_frac <= 1:
+            raise ValueError(f"min_lr_frac must lie in [0, 1], got {self.min_lr_frac}")
+        _positive_int("cycles", self.cycles)
+        if self.rel_tol < 0 or self.penalty < 0:
+            raise ValueError("rel_tol and penalty must be >= 0")
+        if not isinstance(self.metric, str):
+            raise ValueError("settings.metric must be a metric name; pass metric objects to invert(metric=...)")
+
+    def replace(self, **changes) -> "InversionSettings":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown inversion setting(s): {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive_int(name: str, v: object) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+#: Named settings. "authors" is the paper's code: one start, 1500 Adam steps at lr 0.1.
+PRESETS: dict[str, InversionSettings] = {
+    "authors": InversionSettings(steps=1500, lr=0.1, restarts=1, schedule="constant"),
+}
+#: Default settings per generator family (see the README for the benchmark behind them).
+FAMILY_DEFAULTS: dict[str, InversionSettings] = {}
+_FALLBACK_DEFAULT = InversionSettings(
+    steps=1500, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=150,
+    halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3,
+)
+
+
+def resolve_settings(
+    generator: GeneratorAdapter | None, settings: InversionSettings | str | None = None, **overrides
+) -> InversionSettings:
+    """The settings an inversion will use: a preset name, an object, or the family default, plus overrides."""
+    if settings is None or settings == "default":
+        family = getattr(generator, "family", "gan")
+        base = FAMILY_DEFAULTS.get(family, _FALLBACK_DEFAULT)
+    elif isinstance(settings, str):
+        if settings not in PRESETS:
+            raise ValueError(f"settings must be one of {sorted(PRESETS) + ['default']} or InversionSettings, got {settings!r}")
+        base = PRESETS[settings]
+    elif isinstance(settings, InversionSettings):
+        base = settings
+    else:
+        raise TypeError(f"settings must be a preset name or InversionSettings, got {type(settings).__name__}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return base.replace(**overrides) if overrides else base
+
+
+@dataclass
+class InversionResult:
+    """Per image: the reconstruction loss (lowest over steps and restarts), the best input, its image."""
+
+    loss: Tensor  # [B] float32, in [0, 1] image space
+    inputs: Tensor  # [B, D] float32
+    reconstruction: Tensor  # [B, C, H, W] in [0, 1]
+    conditions: Tensor | None  # [B] (the winning class) or [B, E], or None
+    row_steps: Tensor  # [B] int64: generator row-steps spent on each image (cost)
+    settings: InversionSettings
+    metric: str
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _lr_factor(s: InversionSettings, t: int) -> float:
+    if s.warmup and t < s.warmup:
+        return (t + 1) / s.warmup
+    if s.schedule == "constant":
+        return 1.0
+    if s.schedule == "cosine":
+        span = max(1, s.steps - s.warmup)
+        frac = (t - s.warmup) / span
+    else:
+        cycle = max(1, math.ceil((s.steps - s.warmup) / s.cycles))
+        frac = ((t - s.warmup) % cycle) / cycle
+    return s.min_lr_frac + (1 - s.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _row_latents(generator: GeneratorAdapter, image_ids: Tensor, rows_per_image: int, seed: int) -> Tensor:
+    """Starting latents, drawn per image from its own seeded stream so chunking never changes them."""
+    out = []
+    for b in image_ids.tolist():
+        g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + b) % (2**63 - 1))
+        out.append(generator.sample_latents(rows_per_image, g))
+    return torch.cat(out)
+
+
+def _check_images(generator: GeneratorAdapter, images: Tensor) -> Tensor:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a float tensor [B, C, H, W], got {type(images).__name__}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor in [0, 1], got {images.dtype}")
+    if tuple(images.shape[1:]) != tuple(generator.image_shape):
+        raise ValueError(
+            f"images have shape {tuple(images.shape[1:])} but {generator.name} makes {tuple(generator.image_shape)}; "
+            "resize/convert them first (ronan_fast.imageio.to_model_shape)"
+        )
+    if images.shape[0] == 0:
+        raise ValueError("images is empty")
+    bad = ~torch.isfinite(images).flatten(1).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"images contain NaN or Inf (images {bad.nonzero().flatten().tolist()[:10]})")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    return images.float()
+
+
+def _halve(best_loss: Tensor, index: Tensor, keep: float, min_rows: int) -> Tensor:
+    """Mask of rows to keep: per image, the best ceil(keep * live) rows (at least min_rows)."""
+    m = best_loss.shape[0]
+    order = torch.argsort(torch.nan_to_num(best_loss, nan=float("inf")), stable=True)
+    order = order[torch.argsort(index[order], stable=True)]  # grouped by image, best first
+    grouped = index[order]
+    counts = torch.bincount(grouped, minlength=int(index.max()) + 1 if m else 0)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(m, device=index.device) - starts[grouped]
+    quota = torch.clamp(torch.ceil(counts.float() * keep).long(), min=min_rows)
+    keep_sorted = rank < quota[grouped]
+    mask = torch.empty_like(keep_sorted)
+    mask[order] = keep_sorted
+    return mask
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def invert(
+    generator: GeneratorAdapter,
+    images: Tensor,
+    *,
+    settings: InversionSettings | str | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    restarts: int | None = None,
+    metric=None,
+    precision: str | None = None,
+    seed: int = 0,
+    conditions: Tensor | None = None,
+    stop_below: Tensor | float | None = None,
+    max_rows: int | None = None,
+    impl: ops.Impl = "auto",
+    progress: Callable[[int], None] | None = None,
+) -> InversionResult:
+    """Reverse-engineer each image's input: all images times restarts as one batch (in chunks).
+
+    Args:
+        generator: the model, wrapped in a :class:`~ronan_fast.adapters.GeneratorAdapter`.
+        images: ``[B, C, H, W]`` float in [0, 1] at the generator's native shape.
+        settings: a preset name ("authors", "default") or :class:`InversionSettings`; the
+            keyword arguments ``steps``, ``lr``, ``restarts``, ``precision`` and a metric name override it.
+        metric: "mse" (default), "mae", "ssim", or a metric object (e.g. ``metrics.LPIPS(backbone)``).
+        seed: starting latents are drawn per image from ``seed``; same seed, same device, same result.
+        conditions: per-image known conditions for a conditional generator (class unknown if omitted).
+        stop_below: per-image loss (``[B]`` or a scalar) under which an image's rows stop: its
+            verdict can no longer change. The reported loss is then the loss at stopping.
+        max_rows: rows per batch chunk (memory budget); default 4096 on CPU, sized to free memory on CUDA.
+        impl: kernel implementation, see :mod:`ronan_fast.ops`.
+        progress: called with the number of images finished after each chunk.
+    """
+    metric_obj = None
+    if metric is not None and not isinstance(metric, str):
+        metric_obj = metric
+        metric_name = getattr(metric, "name", type(metric).__name__)
+        s = resolve_settings(generator, settings, steps=steps, lr=lr, restarts=restarts, precision=precision,
+                             metric=metric_name)
+    else:
+        s = resolve_settings(generator, settings, steps=steps, lr=lr, restarts=restarts, precision=precision,
+                             metric=metric)
+        metric_name = s.metric
+        if metric_name not in ops.METRICS:
+            from ronan_fast.metrics import get_metric
+
+            metric_obj = get_metric(metric_name)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    device = generator.device
+    images = _check_images(generator, images).to(device)
+    b_total = images.shape[0]
+
+    if conditions is not None:
+        conditions = torch.as_tensor(conditions)
+        if conditions.shape[0] != b_total:
+            raise ValueError(f"conditions must have one entry per image ({b_total}), got {conditions.shape[0]}")
+    _, rows_per_image = generator.row_conditions(None if conditions is None else conditions[:1], 1, s.restarts)
+    if max_rows is None:
+        max_rows = _default_max_rows(generator, rows_per_image, s)
+    if max_rows < rows_per_image:
+        raise ValueError(f"max_rows={max_rows} is below one image's rows ({rows_per_image})")
+    if stop_below is not None:
+        stop_below = torch.as_tensor(stop_below, dtype=torch.float32, device=device).expand(b_total).contiguous()
+
+    out_loss = torch.empty(b_total, dtype=torch.float32, device=device)
+    out_inputs = torch.empty(b_total, generator.latent_dim, dtype=torch.float32, device=device)
+    out_recon = torch.empty_like(images)
+    out_cond: list[Tensor] = []
+    out_steps = torch.zeros(b_total, dtype=torch.int64, device=device)
+    per_chunk = max(1, max_rows // rows_per_image)
+    done = 0
+    for start in range(0, b_total, per_chunk):
+        stop = min(b_total, start + per_chunk)
+        ids = torch.arange(start, stop)
+        chunk_cond = None if conditions is None else conditions[start:stop]
+        res = _invert_chunk(
+            generator, images[start:stop], ids, chunk_cond, s, metric_name, metric_obj, seed,
+            None if stop_below is None else stop_below[start:stop], impl,
+        )
+        out_loss[start:stop], out_inputs[start:stop], out_recon[start:stop] = res[0], res[1], res[2]
+        if res[3] is not None:
+            out_cond.append(res[3])
+        out_steps[start:stop] = res[4]
+        done = stop
+        if progress is not None:
+            progress(done)
+    return InversionResult(
+        loss=out_loss,
+        inputs=out_inputs,
+        reconstruction=out_recon,
+        conditions=torch.cat(out_cond) if out_cond else None,
+        row_steps=out_steps,
+        settings=s,
+        metric=metric_name,
+    )
+
+
+def _default_max_rows(generator: GeneratorAdapter, rows_per_image: int, s: InversionSettings) -> int:
+    if generator.device.type != "cuda":
+        return max(rows_per_image, 4096)
+    free, _ = torch.cuda.mem_get_info(generator.device)
+    # Measure one row's activation memory with a small forward/backward, then fill half of what is free.
+    probe = 8
+    torch.cuda.reset_peak_memory_stats(generator.device)
+    before = torch.cuda.memory_allocated(generator.device)
+    z = generator.sample_latents(probe).requires_grad_(True)
+    with _autocast(generator.device, s.precision):
+        out = generator.decode_raw(z, generator.sample_conditions(probe))
+    out.float().sum().backward()
+    per_row = max(1, (torch.cuda.max_memory_allocated(generator.device) - before) // probe)
+    del z, out
+    return max(rows_per_image, int(0.5 * free // (per_row * 2)))
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metric_obj, seed, stop_below, impl):
+    device = images.device
+    b = images.shape[0]
+    row_cond, rpi = generator.row_conditions(conditions, b, s.restarts)
+    m = b * rpi
+    index = torch.arange(b, device=device).repeat_interleave(rpi)
+    z = _row_latents(generator, image_ids, rpi, seed).to(device)
+    radius = generator.prior_radius
+    if s.typical_set == "project" and radius is not None:
+        z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    fused = metric_obj is None
+    lo, hi = generator.output_range
+    scale = 1.0 / (hi - lo) ** 2 if metric_name == "mse" else 1.0 / (hi - lo)
+    target = generator.from_unit(images) if fused else images
+
+    # Row state (compacted as rows stop); `rows` maps live rows back to their original row.
+    rows = torch.arange(m, device=device)
+    exp_avg = torch.zeros_like(z)
+    exp_avg_sq = torch.zeros_like(z)
+    step = torch.zeros(m, dtype=torch.int64, device=device)
+    lr_t = torch.empty(m, dtype=torch.float32, device=device)
+    best_loss = torch.full((m,), float("inf"), dtype=torch.float32, device=device)
+    best_latent = z.clone()
+    weight = torch.ones(m, dtype=torch.float32, device=device)
+    # Finished rows' results, by original row.
+    final_loss = torch.full((m,), float("inf"), dtype=torch.float32, device=device)
+    final_latent = z.clone()
+    row_steps = torch.zeros(b, dtype=torch.int64, device=device)
+    live_index, live_cond = index, row_cond
+    last_best = best_loss.clone()
+    stale = torch.zeros(m, dtype=torch.int64, device=device)
+    checked_output = False
+
+    for t in range(s.steps):
+        lr_t.fill_(s.lr * _lr_factor(s, t))
+        active = torch.ones_like(step, dtype=torch.bool)
+        if stop_below is not None:
+            active = best_loss >= stop_below[live_index]
+        zl = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            with _autocast(device, s.precision):
+                raw = generator.decode_raw(zl, live_cond)
+            if not checked_output:
+                generator.check_output(raw, zl.shape[0], check_finite=False)
+            if fused:
+                with torch.no_grad():
+                    loss_raw, gpred = ops.recon_loss_grad(raw, target, live_index, weight, metric_name, impl=impl)
+                (gz,) = torch.autograd.grad(raw, zl, gpred)
+                loss = loss_raw * scale
+            else:
+                pred = generator.to_unit(raw.float())
+                loss = metric_obj(pred, images[live_index])
+                (gz,) = torch.autograd.grad(loss.sum(), zl)
+                loss = loss.detach().float()
+        if not checked_output:
+            if not bool(torch.isfinite(loss).all()):
+                raise GeneratorOutputError(f"{generator.name} gave a NaN/Inf reconstruction loss at the first step")
+            checked_output = True
+        if s.typical_set == "penalty" and radius is not None and s.penalty > 0:
+            norm = z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            gz = gz + s.penalty * 2 * (norm - radius) * z / norm / z.shape[1]
+        ops.latent_adam_step_(
+            z, gz.float().contiguous(), exp_avg, exp_avg_sq, step, lr_t, active, loss, best_loss, best_latent,
+            s.beta1, s.beta2, s.eps, impl=impl,
+        )
+        if s.typical_set == "project" and radius is not None:
+            z.mul_(radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        row_steps.index_add_(0, live_index, active.long())
+
+        last_step = t == s.steps - 1
+        if (t + 1) % s.check_every and not last_step:
+            continue
+        # ---- stopping rules (one host sync per check)
+        keep = torch.isfinite(z).all(1)  # a row that diverged to NaN/Inf can only waste steps
+        if stop_below is not None:
+            image_best = torch.full((b,), float("inf"), device=device).scatter_reduce(
+                0, live_index, best_loss, "amin", include_self=True)
+            keep &= image_best[live_index] >= stop_below[live_index]
+        if s.patience:
+            improved = best_loss < last_best * (1 - s.rel_tol)
+            stale = torch.where(improved, torch.zeros_like(stale), stale + s.check_every)
+            last_best = torch.where(improved, best_loss, last_best)
+            keep &= stale < s.patience
+        if s.halving_every and (t + 1) % s.halving_every == 0 and (t + 1) < s.steps:
+            keep &= _halve(best_loss, live_index, s.halving_keep, s.min_rows)
+        if last_step:
+            keep = torch.zeros_like(keep)
+        if bool(keep.all()):
+            continue
+        gone = ~keep
+        final_loss[rows[gone]] = best_loss[gone]
+        final_latent[rows[gone]] = best_latent[gone]
+        if not bool(keep.any()):
+            break
+        rows, z, exp_avg, exp_avg_sq = rows[keep], z[keep].contiguous(), exp_avg[keep].contiguous(), exp_avg_sq[keep].contiguous()
+        step, best_loss, best_latent = step[keep].contiguous(), best_loss[keep].contiguous(), best_latent[keep].contiguous()
+        last_best, stale, weight = last_best[keep], stale[keep], weight[keep].contiguous()
+        live_index = index[rows]
+        live_cond = None if row_cond is None else row_cond[rows]
+        lr_t = lr_t[: rows.shape[0]].contiguous()
+
+    loss_b, row_b = ops.best_over_restarts(final_loss, index, b, impl=impl)
+    row_b = torch.where(row_b < 0, torch.arange(b, device=device) * rpi, row_b)  # all-NaN image: keep its first row
+    inputs = final_latent[row_b]
+    cond_b = None if row_cond is None else row_cond[row_b]
+    if s.polish_steps and fused:
+        inputs = _polish(generator, inputs, cond_b, target, metric_name, s.polish_steps)
+    with torch.no_grad():
+        recon = generator.to_unit(generator.decode_raw(inputs, cond_b).float())
+        if fused:
+            diff = (recon - images).flatten(1)
+            final = diff.square().mean(1) if metric_name == "mse" else diff.abs().mean(1)
+        else:
+            final = metric_obj(recon, images).float()
+    # The score is the lowest loss seen; re-measuring in float32 at the winning input makes it
+    # consistent with the reconstruction across precisions (identical in float32 up to rounding).
+    final = torch.where(torch.isfinite(final), final, loss_b)
+    return final, inputs, recon.clamp(0, 1), cond_b, row_steps
+
+
+def _polish(generator, inputs, cond, target_raw, metric_name, iters):
+    """Levenberg-Marquardt on each image's best input (Jacobian by forward-mode AD), float32."""
+    if metric_name != "mse":
+        return inputs
+    from torch.func import jacfwd, vmap
+
+    def one(zrow, crow):
+        c = None if crow is None else crow.unsqueeze(0)
+        return generator.decode_raw(zrow.unsqueeze(0), c).flatten().float()
+
+    def residual(z):
+        return (generator.decode_raw(z, cond).float() - target_raw).flatten(1)
+
+    z = inputs.clone()
+    lam = torch.full((z.shape[0], 1, 1), 1e-3, device=z.device)
+    with torch.no_grad():
+        r = residual(z)
+        cost = r.square().sum(1)
+    eye = torch.eye(z.shape[1], device=z.device)
+    for _ in range(iters):
+        with torch.no_grad():
+            if cond is None:
+                jac = vmap(lambda zr: jacfwd(lambda q: one(q, None))(zr))(z)
+            else:
+                jac = vmap(lambda zr, cr: jacfwd(lambda q: one(q, cr))(zr))(z, cond)
+            jtj = jac.transpose(1, 2) @ jac
+            jtr = (jac.transpose(1, 2) @ r.unsqueeze(2)).squeeze(2)
+            diag = torch.diagonal(jtj, dim1=1, dim2=2).unsqueeze(2)
+            a = jtj + lam * (diag * eye + 1e-6 * eye)
+            delta = torch.linalg.solve(a, -jtr)
+            z_new = z + delta
+            r_new = residual(z_new)
+            cost_new = r_new.square().sum(1)
+            better = cost_new < cost
+            z = torch.where(better[:, None], z_new, z)
+            r = torch.where(better[:, None], r_new, r)
+            cost = torch.where(better, cost_new, cost)
+            lam = torch.where(better[:, None, None], lam * 0.3, lam * 10).clamp(1e-9, 1e9)
+    return z
