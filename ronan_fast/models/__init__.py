@@ -1,0 +1,42 @@
+"""Small, CPU-fast generator architectures, each rebuilt from its ``config`` dict.
+
+* :class:`DCGANGenerator` / :class:`DCGANDiscriminator` -- unconditional GAN, ``z [N, nz]``.
+* :class:`VAE` -- convolutional VAE; ``forward(z)`` is the decoder, output in (0, 1).
+* :class:`CondGANGenerator` / :class:`CondGANDiscriminator` -- class-conditional GAN ``G(z, labels)``.
+* :class:`TinyUNet` / :class:`DDIMSampler` -- DDPM noise predictor and its differentiable
+  few-step DDIM sampler ``x_T -> x_0``.
+
+Weights travel as safetensors with the architecture name and config in the metadata:
+:func:`save_model` / :func:`load_model`.
+"""
+
+from ronan_fast.models.condgan import CondGANDiscriminator, CondGANGenerator
+from ronan_fast.models.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_
+from ronan_fast.models.diffusion import DDIMSampler, TinyUNet
+from ronan_fast.models.io import load_model, read_metadata, save_model
+from ronan_fast.models.vae import VAE
+
+ARCHITECTURES: dict[str, type] = {
+    "DCGANGenerator": DCGANGenerator,
+    "DCGANDiscriminator": DCGANDiscriminator,
+    "VAE": VAE,
+    "CondGANGenerator": CondGANGenerator,
+    "CondGANDiscriminator": CondGANDiscriminator,
+    "TinyUNet": TinyUNet,
+    "DDIMSampler": DDIMSampler,
+}
+
+__all__ = [
+    "ARCHITECTURES",
+    "CondGANDiscriminator",
+    "CondGANGenerator",
+    "DDIMSampler",
+    "TinyUNet",
+    "VAE",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "dcgan_init_",
+    "load_model",
+    "read_metadata",
+    "save_model",
+]

@@ -1,0 +1,168 @@
+"""A tiny DDPM noise-prediction UNet for 28x28 images and a differentiable few-step DDIM sampler.
+
+The sampler is the generator: ``DDIMSampler(unet, steps)(x_T) -> x_0``, a deterministic
+(eta = 0) map from the initial noise ``x_T [N, C, 28, 28]`` to an image in [-1, 1], built from
+plain differentiable tensor ops so the initial noise can be inverted by gradient descent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ronan_fast.models._base import ConfigModule, check_int
+
+
+def linear_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
+    return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+
+
+def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """The DDPM linear schedule's cumulative products of (1 - beta_t), float64 [T]."""
+    return torch.cumprod(1.0 - linear_betas(num_train_timesteps, beta_start, beta_end), 0)
+
+
+def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Evenly spaced "trailing" timesteps, high to low, starting at T-1 (e.g. 999, 899, ..., 99)."""
+    ts = torch.round(torch.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).long() - 1
+    return [int(t) for t in ts]
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, tdim: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(groups, cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(tdim, cout)
+        self.norm2 = nn.GroupNorm(min(groups, cout), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(temb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class TinyUNet(ConfigModule):
+    """Noise prediction ``eps(x_t [N, C, H, W], t [N]) -> [N, C, H, W]``; H, W multiples of 4.
+
+    Three resolutions (H, H/2, H/4) with ``ch``, ``2*ch``, ``2*ch`` channels, one residual block
+    each way, skip connections, sinusoidal timestep embedding through a 2-layer MLP.
+    """
+
+    def __init__(self, ch: int = 16, channels: int = 1, size: int = 28, groups: int = 8):
+        super().__init__()
+        check_int("ch", ch)
+        check_int("channels", channels)
+        check_int("groups", groups)
+        check_int("size", size, 4)
+        if size % 4:
+            raise ValueError(f"size must be a multiple of 4, got {size}")
+        self._set_config(ch=ch, channels=channels, size=size, groups=groups)
+        tdim = 4 * ch
+        self.ch = ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.conv_in = nn.Conv2d(channels, ch, 3, padding=1)
+        self.down1 = _ResBlock(ch, ch, tdim, groups)
+        self.pool1 = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.down2 = _ResBlock(ch, 2 * ch, tdim, groups)
+        self.pool2 = nn.Conv2d(2 * ch, 2 * ch, 3, stride=2, padding=1)
+        self.mid = _ResBlock(2 * ch, 2 * ch, tdim, groups)
+        self.up2 = _ResBlock(4 * ch, ch, tdim, groups)
+        self.up1 = _ResBlock(2 * ch, ch, tdim, groups)
+        self.norm_out = nn.GroupNorm(min(groups, ch), ch)
+        self.conv_out = nn.Conv2d(ch, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        temb = self.time_mlp(timestep_embedding(t, self.ch))
+        h0 = self.conv_in(x)
+        h1 = self.down1(h0, temb)  # H
+        h2 = self.down2(self.pool1(h1), temb)  # H/2
+        h3 = self.mid(self.pool2(h2), temb)  # H/4
+        u2 = self.up2(torch.cat([F.interpolate(h3, scale_factor=2.0, mode="nearest"), h2], 1), temb)
+        u1 = self.up1(torch.cat([F.interpolate(u2, scale_factor=2.0, mode="nearest"), h1], 1), temb)
+        return self.conv_out(F.silu(self.norm_out(u1)))
+
+
+class DDIMSampler(ConfigModule):
+    """Deterministic DDIM (eta = 0): ``x_T [N, C, H, W] -> x_0`` in [-1, 1] in ``steps`` UNet calls.
+
+    ``unet`` is a :class:`TinyUNet` or its config dict. Timesteps are evenly spaced "trailing"
+    (T-1 down to T/steps-1). Each predicted x_0 is clipped to [-1, 1] (``clip_x0``), as in
+    standard DDPM/DDIM sampling; the map is differentiable in x_T (the clip passes zero gradient
+    only where a prediction leaves [-1, 1]).
+    """
+
+    output_range = (-1.0, 1.0)
+
+    def __init__(self, unet: TinyUNet | dict[str, Any] | None = None, steps: int = 10,
+                 num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 clip_x0: bool = True):
+        super().__init__()
+        check_int("steps", steps)
+        check_int("num_train_timesteps", num_train_timesteps, 2)
+        if steps > num_train_timesteps:
+            raise ValueError(f"steps ({steps}) must not exceed num_train_timesteps ({num_train_timesteps})")
+        if not (0 < beta_start < beta_end < 1):
+            raise ValueError(f"need 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
+        if unet is None:
+            unet = TinyUNet()
+        elif isinstance(unet, dict):
+            unet = TinyUNet(**unet)
+        elif not isinstance(unet, TinyUNet):
+            raise TypeError(f"unet must be a TinyUNet or its config dict, got {type(unet).__name__}")
+        self.unet = unet
+        self._set_config(unet=dict(unet.config), steps=steps, num_train_timesteps=num_train_timesteps,
+                         beta_start=beta_start, beta_end=beta_end, clip_x0=clip_x0)
+        self.steps, self.clip_x0 = steps, clip_x0
+        ac = alphas_cumprod(num_train_timesteps, beta_start, beta_end)
+        ts = ddim_timesteps(steps, num_train_timesteps)
+        prev = ts[1:] + [-1]
+        a_t = torch.tensor([ac[t] for t in ts])
+        a_prev = torch.tensor([ac[p] if p >= 0 else 1.0 for p in prev])
+        # derived from the config, so not stored in the weights file
+        self.register_buffer("timesteps", torch.tensor(ts, dtype=torch.long), persistent=False)
+        self.register_buffer("alpha_t", a_t.float(), persistent=False)
+        self.register_buffer("alpha_prev", a_prev.float(), persistent=False)
+        self.register_buffer("alphas_cumprod", ac.float(), persistent=False)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        c = self.unet.config
+        return (c["channels"], c["size"], c["size"])
+
+    def forward(self, x_T: Tensor) -> Tensor:
+        if x_T.dim() != 4 or tuple(x_T.shape[1:]) != self.latent_shape:
+            raise ValueError(f"x_T must be [N, {', '.join(map(str, self.latent_shape))}], got shape {tuple(x_T.shape)}")
+        x = x_T
+        n = x.shape[0]
+        x0 = x
+        for i in range(self.steps):
+            a, ap = self.alpha_t[i], self.alpha_prev[i]
+            eps = self.unet(x, self.timesteps[i].expand(n))
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            if self.clip_x0:
+                x0 = x0.clamp(-1.0, 1.0)
+                eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            x = ap.sqrt() * x0 + (1 - ap).sqrt() * eps
+        return x0
+
+    def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """The forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        a = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise

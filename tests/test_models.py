@@ -1,0 +1,171 @@
+"""Architectures: shapes, output ranges, config rebuild, safetensors save/load, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ronan_fast.models import (
+    ARCHITECTURES,
+    VAE,
+    CondGANDiscriminator,
+    CondGANGenerator,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    DDIMSampler,
+    TinyUNet,
+    load_model,
+    read_metadata,
+    save_model,
+)
+from ronan_fast.models.diffusion import alphas_cumprod, ddim_timesteps
+
+torch.set_num_threads(2)
+
+
+def _perturb_bn(model):
+    """Give BatchNorm layers non-trivial running statistics so a load that lost them would show."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def test_dcgan_shapes_and_range():
+    g = DCGANGenerator(nz=8, ngf=8).eval()
+    z = torch.randn(5, 8) * 10
+    x = g(z)
+    assert x.shape == (5, 1, 28, 28)
+    assert float(x.abs().max()) <= 1.0
+    d = DCGANDiscriminator(ndf=8)
+    assert d(x).shape == (5,)
+    assert DCGANGenerator(nz=4, ngf=4, channels=3, size=16)(torch.randn(2, 4)).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="z must be"):
+        g(torch.randn(5, 9))
+    with pytest.raises(ValueError, match="size"):
+        DCGANGenerator(size=30)
+    with pytest.raises(ValueError, match="ngf"):
+        DCGANGenerator(ngf=0)
+
+
+def test_vae_decoder_range_and_elbo():
+    v = VAE(nz=6, nf=8)
+    x = torch.rand(4, 1, 28, 28)
+    total, recon, kl = v.loss(x, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(total) and float(kl) >= 0 and float(recon) > 0
+    v.eval()
+    out = v(torch.randn(4, 6) * 5)
+    assert out.shape == (4, 1, 28, 28) and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_condgan_int_and_onehot_labels_agree():
+    g = CondGANGenerator(nz=8, num_classes=10, ngf=8, embed_dim=4).eval()
+    z = torch.randn(6, 8)
+    y = torch.tensor([0, 1, 2, 3, 9, 5])
+    a = g(z, y)
+    b = g(z, torch.nn.functional.one_hot(y, 10).float())
+    assert a.shape == (6, 1, 28, 28) and torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(g(z, torch.zeros(6, dtype=torch.long)), a)
+    with pytest.raises(ValueError, match="labels must lie"):
+        g(z, torch.full((6,), 10))
+    with pytest.raises(ValueError, match="labels must be"):
+        g(z, torch.zeros(6, 3))
+    d = CondGANDiscriminator(num_classes=10, ndf=8)
+    assert d(a, y).shape == (6,)
+
+
+def test_ddim_schedule():
+    assert ddim_timesteps(10, 1000) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert ddim_timesteps(4, 1000)[0] == 999
+    ac = alphas_cumprod()
+    assert ac.shape == (1000,) and float(ac[0]) == pytest.approx(1 - 1e-4) and float(ac[-1]) < 1e-4
+
+
+def test_ddim_sampler_is_differentiable_in_the_noise():
+    s = DDIMSampler(TinyUNet(ch=8), steps=4).eval()
+    xT = torch.randn(3, 1, 28, 28, requires_grad=True)
+    x0 = s(xT)
+    assert x0.shape == (3, 1, 28, 28) and float(x0.abs().max()) <= 1.0
+    x0.square().sum().backward()
+    assert xT.grad is not None and torch.isfinite(xT.grad).all() and float(xT.grad.abs().sum()) > 0
+    assert s.latent_shape == (1, 28, 28)
+    with pytest.raises(ValueError, match="x_T must be"):
+        s(torch.randn(3, 28, 28))
+    with pytest.raises(ValueError, match="steps"):
+        DDIMSampler(TinyUNet(ch=8), steps=0)
+    # one step with the zero-noise predictor returns x_T rescaled to abar_T, clipped
+    one = DDIMSampler(TinyUNet(ch=8), steps=1).eval()
+    for p in one.unet.conv_out.parameters():
+        torch.nn.init.zeros_(p)
+    x = torch.randn(2, 1, 28, 28) * 0.001
+    assert torch.allclose(one(x), (x / one.alpha_t[0].sqrt()).clamp(-1, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model,args",
+    [
+        (DCGANGenerator(nz=8, ngf=8), lambda: (torch.randn(3, 8),)),
+        (DCGANDiscriminator(ndf=8), lambda: (torch.rand(3, 1, 28, 28),)),
+        (VAE(nz=4, nf=8), lambda: (torch.randn(3, 4),)),
+        (CondGANGenerator(nz=8, ngf=8, embed_dim=4), lambda: (torch.randn(3, 8), torch.tensor([1, 2, 3]))),
+        (DDIMSampler(TinyUNet(ch=8), steps=3), lambda: (torch.randn(3, 1, 28, 28),)),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, torch.nn.Module) else "",
+)
+def test_save_load_roundtrip(tmp_path, model, args):
+    model = _perturb_bn(model).eval()
+    inputs = args()
+    with torch.no_grad():
+        want = model(*inputs)
+    p = save_model(model, tmp_path / "m.safetensors", info={"note": "test", "steps": 3})
+    assert not list(tmp_path.glob("*.tmp"))
+    meta = read_metadata(p)
+    assert meta["architecture"] == type(model).__name__ and meta["info"] == {"note": "test", "steps": 3}
+    assert meta["config"] == json.loads(json.dumps(model.config))
+    back = load_model(p)
+    assert type(back) is type(model) and not back.training
+    with torch.no_grad():
+        assert torch.equal(back(*inputs), want)
+
+
+def test_config_rebuilds_every_architecture():
+    for name, cls in ARCHITECTURES.items():
+        m = cls()
+        twin = cls(**m.config)
+        assert twin.config == m.config, name
+        assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+
+
+def test_load_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_model(tmp_path / "nope.safetensors")
+    pkl = tmp_path / "pickled.safetensors"
+    torch.save({"w": torch.zeros(1)}, pkl)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_model(pkl)
+    bare = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(1)}, str(bare))
+    with pytest.raises(ValueError, match="metadata format"):
+        load_model(bare)
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"w": torch.zeros(1)}, str(unknown),
+              metadata={"format": "ronan_fast.model/1", "architecture": "StyleGAN9", "config": "{}"})
+    with pytest.raises(ValueError, match="unknown architecture 'StyleGAN9'"):
+        load_model(unknown)
+    wrong = tmp_path / "wrong.safetensors"
+    save_model(DCGANGenerator(nz=8, ngf=8), wrong)
+    from safetensors.torch import load_file
+
+    state = load_file(str(wrong))
+    save_file(state, str(wrong), metadata={"format": "ronan_fast.model/1", "architecture": "DCGANGenerator",
+                                           "config": json.dumps({"nz": 8, "ngf": 16})})
+    with pytest.raises((ValueError, RuntimeError), match="size mismatch|do not match"):
+        load_model(wrong)
+    with pytest.raises(TypeError, match="not a registered architecture"):
+        save_model(torch.nn.Linear(2, 2), tmp_path / "lin.safetensors")
