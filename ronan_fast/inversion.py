@@ -390,20 +390,23 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
                 raw = generator.decode_raw(zl, live_cond)
             if not checked_output:
                 generator.check_output(raw, zl.shape[0], check_finite=False)
+                if not raw.requires_grad:
+                    raise GeneratorOutputError(
+                        f"{generator.name}'s output does not depend on its input (no gradient): nothing to invert")
             if fused:
                 with torch.no_grad():
                     loss_raw, gpred = ops.recon_loss_grad(raw, target, live_index, weight, metric_name, impl=impl)
-                (gz,) = torch.autograd.grad(raw, zl, gpred)
-                loss = loss_raw * scale
+                loss, objective = loss_raw * scale, (raw, gpred)
             else:
-                pred = generator.to_unit(raw.float())
-                loss = metric_obj(pred, images[live_index])
-                (gz,) = torch.autograd.grad(loss.sum(), zl)
-                loss = loss.detach().float()
-        if not checked_output:
-            if not bool(torch.isfinite(loss).all()):
-                raise GeneratorOutputError(f"{generator.name} gave a NaN/Inf reconstruction loss at the first step")
-            checked_output = True
+                per_row = metric_obj(generator.to_unit(raw.float()), images[live_index])
+                loss, objective = per_row.detach().float(), (per_row.sum(), None)
+            if not checked_output:
+                if not bool(torch.isfinite(loss).all()):
+                    raise GeneratorOutputError(f"{generator.name} gave a NaN/Inf reconstruction loss at the first step")
+                checked_output = True
+            (gz,) = torch.autograd.grad(objective[0], zl, objective[1], allow_unused=True)
+        if gz is None:
+            raise GeneratorOutputError(f"{generator.name}'s output does not depend on its input: nothing to invert")
         if s.typical_set == "penalty" and radius is not None and s.penalty > 0:
             norm = z.norm(dim=1, keepdim=True).clamp_min(1e-12)
             gz = gz + s.penalty * 2 * (norm - radius) * z / norm / z.shape[1]

@@ -1,0 +1,174 @@
+"""Convergence benchmark: does every image a model generated invert back to (almost) zero loss?
+
+For each generator: draw ``--n`` images with it, invert them with each candidate setting, and
+invert ``--n-real`` held-out real images of the model's data with the same setting. Report
+
+* the convergence rate: the share of generated images whose best MSE is under 1% of the
+  median MSE of the real images;
+* the generated images' loss quantiles (50, 90, 99, max) and the real images' median;
+* sigma/mu of the generated losses (the belonging profile's spread) on the linear and log scale;
+* the overlap: the share of real images whose loss is below the worst generated image's;
+* wall time per image, and the authors' single-start loop's time per image on the same
+  machine (measured on ``--authors-images`` images in the same run).
+
+Usage::
+
+    python -m bench.convergence --generators default --n 200 --n-real 100 \
+        --candidates authors,default --out bench/results/convergence_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench import generators as G
+from bench.baselines import authors_loop
+from ronan_fast.inversion import InversionSettings, invert, resolve_settings
+
+#: Candidate settings compared by the benchmark. "authors" is the paper's loop, batched.
+CANDIDATES: dict[str, dict] = {
+    "authors": {"settings": "authors"},
+    "default": {"settings": "default"},
+    "r4-cos": dict(steps=1500, lr=0.1, restarts=4, schedule="cosine"),
+    "r16-halve": dict(steps=1500, lr=0.1, restarts=16, schedule="cosine", halving_every=100, halving_keep=0.5,
+                      min_rows=2),
+    "r16-halve-proj": dict(steps=1500, lr=0.1, restarts=16, schedule="cosine", halving_every=100,
+                           halving_keep=0.5, min_rows=2, typical_set="project"),
+    "r8-halve-lm": dict(steps=1000, lr=0.1, restarts=8, schedule="cosine", halving_every=100, halving_keep=0.5,
+                        min_rows=2, polish_steps=10),
+}
+
+
+def settings_for(adapter, spec: dict) -> InversionSettings:
+    spec = dict(spec)
+    base = spec.pop("settings", None)
+    if base is None:
+        return InversionSettings(**spec)
+    return resolve_settings(adapter, base, **spec)
+
+
+def quantiles(x: torch.Tensor) -> dict[str, float]:
+    q = torch.quantile(x.double(), torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+    return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(x.max())}
+
+
+def run_one(bg, settings: InversionSettings, gen_images, real_images, seed: int) -> dict:
+    t0 = time.perf_counter()
+    res_g = invert(bg.adapter, gen_images, settings=settings, seed=seed)
+    t_gen = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res_r = invert(bg.adapter, real_images, settings=settings, seed=seed + 1)
+    t_real = time.perf_counter() - t0
+    g, r = res_g.loss.double().cpu(), res_r.loss.double().cpu()
+    real_median = float(r.median())
+    thr = 0.01 * real_median
+    logg = torch.log(g.clamp_min(1e-30))
+    return {
+        "converged": float((g < thr).double().mean()),
+        "n_failed": int((g >= thr).sum()),
+        **{f"gen_{k}": v for k, v in quantiles(g).items()},
+        "real_median": real_median,
+        "real_min": float(r.min()),
+        "sigma_over_mu": float(g.std() / g.mean()),
+        "log_sigma": float(logg.std()),
+        "overlap": float((r <= g.max()).double().mean()),
+        "s_per_image": (t_gen + t_real) / (g.numel() + r.numel()),
+        "row_steps_per_image": float(torch.cat([res_g.row_steps, res_r.row_steps]).double().mean()),
+        "gen_losses": g.tolist(),
+        "real_losses": r.tolist(),
+    }
+
+
+def machine() -> dict:
+    return {
+        "machine": platform.node() and platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": "cpu",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--generators", default="default", help="comma-separated: default and/or zoo names")
+    p.add_argument("--candidates", default="authors,default", help=f"comma-separated from {sorted(CANDIDATES)}")
+    p.add_argument("--n", type=int, default=200, help="generated images per generator")
+    p.add_argument("--n-real", type=int, default=100, help="held-out real images per generator")
+    p.add_argument("--authors-images", type=int, default=4, help="images timed with the authors' loop (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--out", type=Path, default=None, help="Markdown table; a .json with all losses is written beside it")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    names = [c for c in a.candidates.split(",") if c]
+    for c in names:
+        if c not in CANDIDATES:
+            p.error(f"--candidates: unknown {c!r}; choose from {sorted(CANDIDATES)}")
+    rows, raw = [], {"machine": machine(), "args": {k: str(v) for k, v in vars(a).items()}, "results": []}
+    for gname in [g for g in a.generators.split(",") if g]:
+        bg = G.get(gname)
+        gen = G.generated(bg, a.n, seed=10_000 + a.seed)
+        real = bg.real(a.n_real)
+        authors_s = float("nan")
+        if a.authors_images:
+            t0 = time.perf_counter()
+            authors_loop(bg.adapter, gen[: a.authors_images], steps=1500, lr=0.1, restarts=1, seed=a.seed)
+            authors_s = (time.perf_counter() - t0) / a.authors_images
+        for cname in names:
+            s = settings_for(bg.adapter, CANDIDATES[cname])
+            print(f"[{gname}] {cname}: {s}", file=sys.stderr, flush=True)
+            r = run_one(bg, s, gen, real, a.seed)
+            r.update(generator=gname, candidate=cname, settings=s.to_dict(), authors_s_per_image=authors_s)
+            raw["results"].append(r)
+            rows.append(r)
+            print(
+                f"[{gname}] {cname}: converged {r['converged']:.1%}, gen p50 {r['gen_p50']:.2e} max "
+                f"{r['gen_max']:.2e}, real median {r['real_median']:.2e}, {r['s_per_image']:.3f} s/img "
+                f"(authors {authors_s:.3f})",
+                file=sys.stderr, flush=True,
+            )
+    table = render(rows, raw["machine"], a)
+    print(table)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        for path, text in ((a.out, table), (a.out.with_suffix(".json"), json.dumps(raw, indent=1))):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    return 0
+
+
+def render(rows: list[dict], mach: dict, a) -> str:
+    head = (
+        f"Convergence benchmark ({mach['device']}, {mach['cpu_count']} cores, {mach['threads']} threads, "
+        f"torch {mach['torch']}, Python {mach['python']}); {a.n} generated + {a.n_real} real images per "
+        f"generator, seed {a.seed}. Converged: best MSE < 1% of the real images' median MSE.\n\n"
+    )
+    cols = ["generator", "candidate", "converged", "gen p50", "gen p90", "gen p99", "gen max", "real median",
+            "overlap", "sigma/mu", "log sigma", "s/img", "authors s/img", "time ratio"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        ratio = r["s_per_image"] / r["authors_s_per_image"] if math.isfinite(r["authors_s_per_image"]) else float("nan")
+        lines.append(
+            f"| {r['generator']} | {r['candidate']} | {r['converged']:.1%} | {r['gen_p50']:.2e} | {r['gen_p90']:.2e} "
+            f"| {r['gen_p99']:.2e} | {r['gen_max']:.2e} | {r['real_median']:.2e} | {r['overlap']:.1%} "
+            f"| {r['sigma_over_mu']:.2f} | {r['log_sigma']:.2f} | {r['s_per_image']:.3f} "
+            f"| {r['authors_s_per_image']:.3f} | {ratio:.2f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

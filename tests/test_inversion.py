@@ -1,0 +1,209 @@
+"""Batched multi-restart inversion on small generators the tests build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ronan_fast.adapters import ConditionalGenerator, GeneratorOutputError, LatentGenerator
+from ronan_fast.inversion import InversionSettings, _halve, invert, resolve_settings
+
+
+def small_dcgan(nz: int = 8, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Linear(nz, 32 * 4 * 4), nn.Unflatten(1, (32, 4, 4)), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.ConvTranspose2d(16, 1, 4, 2, 1), nn.Tanh(),
+    )
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics
+        net.train()
+        net(torch.randn(256, nz))
+    return net
+
+
+class CondNet(nn.Module):
+    """A class-conditional generator whose classes make clearly different images."""
+
+    def __init__(self, nz: int = 4, classes: int = 3):
+        super().__init__()
+        torch.manual_seed(1)
+        self.num_classes = classes
+        self.emb = nn.Embedding(classes, 64)
+        self.fc = nn.Linear(nz, 64)
+
+    def forward(self, z, c):
+        return torch.tanh(self.fc(z) * 0.3 + 2 * self.emb(c)).view(-1, 1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return LatentGenerator(small_dcgan(), 8, (-1, 1))
+
+
+def quick(**kw) -> InversionSettings:
+    base = dict(steps=200, lr=0.1, restarts=2, schedule="cosine", check_every=10)
+    base.update(kw)
+    return InversionSettings(**base)
+
+
+def test_generated_images_reconstruct_far_better_than_noise(gen):
+    g = torch.Generator().manual_seed(3)
+    own = gen.generate(6, g).images
+    noise = torch.rand(6, *gen.image_shape, generator=g)
+    res = invert(gen, torch.cat([own, noise]), settings=quick(restarts=4, steps=300), seed=0)
+    assert res.loss.shape == (12,)
+    assert torch.isfinite(res.loss).all()
+    assert res.loss[:6].max() < 1e-3 * res.loss[6:].min()
+    # the reported loss is the loss of the reported reconstruction
+    direct = (res.reconstruction - torch.cat([own, noise])).square().flatten(1).mean(1)
+    torch.testing.assert_close(res.loss, direct, rtol=1e-4, atol=1e-9)
+    assert res.inputs.shape == (12, gen.latent_dim)
+
+
+def test_deterministic_and_independent_of_chunking(gen):
+    images = gen.generate(5, torch.Generator().manual_seed(4)).images
+    s = quick(steps=60)
+    a = invert(gen, images, settings=s, seed=7)
+    b = invert(gen, images, settings=s, seed=7, max_rows=4)  # 2 images per chunk
+    c = invert(gen, images[2:3], settings=s, seed=7)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(a.inputs, b.inputs, rtol=1e-5, atol=1e-7)
+    # image 2 alone starts from the same latents as image 2 in a batch only if its index matches;
+    # the seed stream is per position, so a lone image uses position 0's stream.
+    d = invert(gen, images[:1], settings=s, seed=7)
+    torch.testing.assert_close(d.loss, a.loss[:1], rtol=1e-5, atol=1e-12)
+    assert c.loss.shape == (1,)
+    e = invert(gen, images, settings=s, seed=8)
+    assert not torch.equal(e.inputs, a.inputs)
+
+
+def test_stop_below_stops_early_and_keeps_verdict(gen):
+    g = torch.Generator().manual_seed(5)
+    own = gen.generate(4, g).images
+    noise = torch.rand(4, *gen.image_shape, generator=g)
+    images = torch.cat([own, noise])
+    s = quick(steps=300)
+    full = invert(gen, images, settings=s, seed=0)
+    thr = 1e-3
+    early = invert(gen, images, settings=s, seed=0, stop_below=thr)
+    assert ((full.loss < thr) == (early.loss < thr)).all()
+    assert early.row_steps[:4].sum() < full.row_steps[:4].sum()
+    assert torch.equal(early.row_steps[4:], full.row_steps[4:])
+
+
+def test_successive_halving_and_plateau_save_row_steps(gen):
+    images = gen.generate(3, torch.Generator().manual_seed(6)).images
+    plain = invert(gen, images, settings=quick(restarts=8, steps=200), seed=0)
+    halved = invert(gen, images, settings=quick(restarts=8, steps=200, halving_every=50, min_rows=2), seed=0)
+    assert (plain.row_steps == 8 * 200).all()
+    # 8 rows for 50 steps, 4 for 50, 2 for the last 100
+    assert (halved.row_steps == 8 * 50 + 4 * 50 + 2 * 100).all()
+    assert (halved.loss < 1e-4).all()
+
+
+def test_halve_keeps_best_rows_per_image():
+    loss = torch.tensor([5.0, 1.0, 3.0, 2.0, 9.0, 0.5, float("nan"), 4.0])
+    index = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    keep = _halve(loss, index, 0.5, 1)
+    assert keep.tolist() == [False, True, False, True, False, True, False, True]
+    keep = _halve(loss, index, 0.25, 2)
+    assert keep.sum() == 4
+
+
+def test_unknown_class_is_searched_over_restarts():
+    adapter = ConditionalGenerator(CondNet(), 4, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    batch = adapter.generate(6, g)
+    res = invert(adapter, batch.images, settings=quick(restarts=2, steps=150), seed=0)
+    assert torch.equal(res.conditions, batch.conditions)
+    assert (res.loss < 1e-3).all()
+    known = invert(adapter, batch.images, settings=quick(restarts=2, steps=150), seed=0, conditions=batch.conditions)
+    assert (known.row_steps == 2 * 150).all() and (res.row_steps == 6 * 150).all()
+
+
+def test_typical_set_projection_keeps_latents_on_the_shell(gen):
+    images = gen.generate(2, torch.Generator().manual_seed(8)).images
+    res = invert(gen, images, settings=quick(typical_set="project", steps=50), seed=0)
+    torch.testing.assert_close(res.inputs.norm(dim=1), torch.full((2,), 8**0.5), rtol=1e-4, atol=1e-4)
+
+
+def test_levenberg_marquardt_polish_does_not_hurt(gen):
+    images = gen.generate(3, torch.Generator().manual_seed(9)).images
+    s = quick(steps=40, restarts=2)
+    before = invert(gen, images, settings=s, seed=0)
+    after = invert(gen, images, settings=s.replace(polish_steps=8), seed=0)
+    assert (after.loss <= before.loss * (1 + 1e-4)).all()
+    assert after.loss.mean() < before.loss.mean()
+
+
+def test_precision_bf16_runs_and_stays_close(gen):
+    images = gen.generate(3, torch.Generator().manual_seed(10)).images
+    res = invert(gen, images, settings=quick(precision="bf16"), seed=0)
+    assert torch.isfinite(res.loss).all() and (res.loss < 1e-2).all()
+
+
+def test_authors_preset_and_overrides(gen):
+    s = resolve_settings(gen, "authors")
+    assert (s.steps, s.lr, s.restarts, s.schedule) == (1500, 0.1, 1, "constant")
+    assert resolve_settings(gen, "authors", steps=10).steps == 10
+    with pytest.raises(ValueError, match="settings must be one of"):
+        resolve_settings(gen, "fastest")
+    with pytest.raises(TypeError, match="unknown inversion setting"):
+        s.replace(stepz=3)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(lr=-1.0), "lr must be a finite number > 0"),
+        (dict(schedule="linear"), "schedule must be one of"),
+        (dict(precision="fp8"), "precision must be one of"),
+        (dict(halving_keep=1.5), "halving_keep must lie in"),
+    ],
+)
+def test_bad_settings_name_the_argument(kw, match):
+    with pytest.raises(ValueError, match=match):
+        InversionSettings(**kw)
+
+
+def test_bad_images_name_the_problem(gen):
+    s = quick(steps=2)
+    with pytest.raises(ValueError, match="resize/convert"):
+        invert(gen, torch.rand(2, 3, 16, 16), settings=s)
+    bad = torch.rand(2, *gen.image_shape)
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf \(images \[1\]\)"):
+        invert(gen, bad, settings=s)
+    with pytest.raises(ValueError, match="must lie in \\[0, 1\\]"):
+        invert(gen, torch.rand(2, *gen.image_shape) * 255, settings=s)
+    with pytest.raises(ValueError, match="empty"):
+        invert(gen, torch.rand(0, *gen.image_shape), settings=s)
+    with pytest.raises(TypeError, match="images must be a float tensor"):
+        invert(gen, [[0.0]], settings=s)
+
+
+def test_generator_returning_nan_or_wrong_shape_is_refused():
+    class NaNNet(nn.Module):
+        def forward(self, z):
+            return torch.full((z.shape[0], 1, 8, 8), float("nan"))
+
+    class Shape(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def forward(self, z):
+            self.n += 1
+            return torch.zeros(z.shape[0], 1, 8, 8 if self.n == 1 else 9)
+
+    adapter = LatentGenerator(NaNNet(), 4, (-1, 1))
+    with pytest.raises(GeneratorOutputError, match="NaN"):
+        invert(adapter, torch.rand(1, 1, 8, 8), settings=quick(steps=2))
+    with pytest.raises(GeneratorOutputError, match="NaN"):
+        adapter.generate(2)
+    adapter = LatentGenerator(Shape(), 4, (-1, 1))
+    with pytest.raises(GeneratorOutputError, match="returned shape"):
+        invert(adapter, torch.rand(1, 1, 8, 8), settings=quick(steps=2))
