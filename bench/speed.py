@@ -1,0 +1,202 @@
+"""Speed benchmark: ronan_fast's inversion against the two baselines, measured in one run.
+
+For each generator, the same generated and real images are inverted by
+
+* ``authors``: the paper's loop, one image at a time, 1500 Adam steps, one start
+  (``--authors-restarts`` starts run one after another);
+* ``plain``: all images times restarts in one batch with ``torch.optim.Adam`` and autograd;
+* ``ours`` variants, each switching one part of the fast path on or off: the reference ops
+  instead of the compiled kernels, early stopping, successive halving, bf16 autocast.
+
+Reported per row: images per second to verdict, single-image latency, time per image-step
+(generator row-steps actually run), peak memory, the speed ratio to each baseline, and quality
+parity: the median loss of the generated (belonging) images and the accuracy of a
+leave-one-out Grubbs test on the uncalibrated loss over the same generated and real images.
+
+Usage::
+
+    python -m bench.speed --generators default --n 16 --out bench/results/speed_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench import generators as G
+from bench.baselines import authors_loop, plain_batched
+from ronan_fast.inversion import InversionSettings, invert
+
+try:
+    from ronan_fast.grubbs import grubbs_critical_value
+except ImportError:  # pragma: no cover - the statistics module ships with the package
+    grubbs_critical_value = None
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: reset the resident-set high-water mark
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def loo_grubbs_accuracy(gen_loss: torch.Tensor, real_loss: torch.Tensor, alpha: float = 0.05) -> float:
+    """Accuracy of the Grubbs rule on the uncalibrated loss: each generated image is tested
+    against a profile of the other generated images, each real image against all of them."""
+    if grubbs_critical_value is None or gen_loss.numel() < 4:
+        return float("nan")
+    g = gen_loss.double()
+    correct = 0
+    for i in range(g.numel()):
+        rest = torch.cat([g[:i], g[i + 1 :]])
+        crit = grubbs_critical_value(rest.numel(), alpha)
+        correct += bool((g[i] - rest.mean()) / rest.std() < crit)
+    crit = grubbs_critical_value(g.numel(), alpha)
+    correct += int(((real_loss.double() - g.mean()) / g.std() >= crit).sum())
+    return correct / (g.numel() + real_loss.numel())
+
+
+def variants(steps: int, restarts: int) -> dict[str, dict]:
+    """Our configurations, each differing from the full fast path in one part."""
+    full = dict(steps=steps, lr=0.1, restarts=restarts, schedule="cosine", halving_every=max(1, steps // 10),
+                min_rows=2, patience=max(1, steps // 5))
+    return {
+        "ours (full)": dict(settings=full, impl="auto", early=True),
+        "ours, no early stop": dict(settings={**full, "patience": 0}, impl="auto", early=False),
+        "ours, no halving": dict(settings={**full, "halving_every": 0}, impl="auto", early=True),
+        "ours, reference ops": dict(settings=full, impl="ref", early=True),
+        "ours, bf16 autocast": dict(settings={**full, "precision": "bf16"}, impl="auto", early=True),
+        "ours, plain schedule": dict(
+            settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--generators", default="default")
+    p.add_argument("--n", type=int, default=16, help="generated images and as many real images")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--restarts", type=int, default=8, help="restarts for ours and the plain batch")
+    p.add_argument("--authors-restarts", type=int, default=1)
+    p.add_argument("--authors-images", type=int, default=0,
+                   help="images run through the authors' loop (0: all 2n); its time per image is extrapolated")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", default="", help="comma-separated subset of rows to run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    rows = []
+    for gname in a.generators.split(","):
+        bg = G.get(gname, a.device)
+        gen = G.generated(bg, a.n, seed=20_000 + a.seed)
+        real = bg.real(a.n)
+        images = torch.cat([gen, real]).to(a.device)
+        n_img = images.shape[0]
+
+        def record(name, fn, row_steps=None):
+            if a.only and name not in a.only.split(","):
+                return None
+            _sync(a.device)
+            _reset_peak()
+            t0 = time.perf_counter()
+            loss, extra = fn()
+            _sync(a.device)
+            dt = time.perf_counter() - t0
+            loss = loss.double().cpu()
+            r = dict(generator=gname, name=name, seconds=dt, images=extra.get("images", n_img),
+                     peak_mib=_peak_mib(a.device), row_steps=extra.get("row_steps", float("nan")))
+            r["s_per_image"] = dt / r["images"]
+            r["img_per_s"] = r["images"] / dt
+            r["s_per_row_step"] = dt / r["row_steps"] if r["row_steps"] == r["row_steps"] else float("nan")
+            gl, rl = loss[: extra.get("n_gen", a.n)], loss[extra.get("n_gen", a.n):]
+            r["gen_median"] = float(gl.median())
+            r["real_median"] = float(rl.median()) if rl.numel() else float("nan")
+            r["accuracy"] = loo_grubbs_accuracy(gl, rl) if rl.numel() else float("nan")
+            rows.append(r)
+            print(f"[{gname}] {name}: {r['s_per_image']:.3f} s/img, acc {r['accuracy']:.3f}, "
+                  f"gen median {r['gen_median']:.2e}", file=sys.stderr, flush=True)
+            return r
+
+        # authors' loop: optionally on a subset, in the same generated/real proportion
+        k = a.authors_images or n_img
+        kg = min(a.n, math.ceil(k / 2))
+        sub = torch.cat([gen[:kg], real[: k - kg]]).to(a.device)
+        record("authors", lambda: (authors_loop(bg.adapter, sub, a.steps, 0.1, a.authors_restarts, a.seed),
+                                   {"images": sub.shape[0], "n_gen": kg,
+                                    "row_steps": sub.shape[0] * a.steps * a.authors_restarts}))
+        plain = record("plain batched", lambda: (plain_batched(bg.adapter, images, a.steps, 0.1, a.restarts, a.seed),
+                                                 {"row_steps": n_img * a.steps * a.restarts}))
+        # The verdict threshold early stopping uses: a profile would supply it; here it is fixed
+        # to 1% of the real images' median loss under the plain batch, the same for every variant.
+        stop_thr = 0.01 * plain["real_median"] if plain else None
+        for name, v in variants(a.steps, a.restarts).items():
+            s = InversionSettings(**v["settings"])
+
+            def run(s=s, v=v):
+                stop = stop_thr if v["early"] else None
+                res = invert(bg.adapter, images, settings=s, seed=a.seed, stop_below=stop, impl=v["impl"])
+                return res.loss, {"row_steps": float(res.row_steps.sum())}
+
+            record(name, run)
+    table = render(rows, a)
+    print(table)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        for path, text in ((a.out, table), (a.out.with_suffix(".json"), json.dumps(rows, indent=1))):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    return 0
+
+
+def render(rows, a) -> str:
+    dev = a.device
+    gpu = torch.cuda.get_device_name() if dev == "cuda" else "no GPU"
+    head = (f"Speed benchmark on {dev.upper()} ({gpu}; {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
+            f"torch {torch.__version__}; Python {platform.python_version()}). {a.n} generated + {a.n} real images, "
+            f"{a.steps} steps, {a.restarts} restarts for batched rows, authors' loop with {a.authors_restarts} "
+            f"start(s). Accuracy: leave-one-out Grubbs test (alpha 0.05) on the uncalibrated loss.\n\n")
+    cols = ["generator", "method", "img/s", "s/img", "s per row-step", "peak MiB", "x authors", "x plain",
+            "gen median loss", "accuracy"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        base = {x["name"]: x for x in rows if x["generator"] == r["generator"]}
+        xa = base["authors"]["s_per_image"] / r["s_per_image"] if "authors" in base else float("nan")
+        xp = base["plain batched"]["s_per_image"] / r["s_per_image"] if "plain batched" in base else float("nan")
+        out.append(f"| {r['generator']} | {r['name']} | {r['img_per_s']:.2f} | {r['s_per_image']:.3f} | "
+                   f"{r['s_per_row_step'] * 1e6:.1f} us | {r['peak_mib']:.0f} | {xa:.1f} | {xp:.2f} | "
+                   f"{r['gen_median']:.2e} | {r['accuracy']:.3f} |")
+    return head + "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
