@@ -1,0 +1,343 @@
+"""diffusers adapters on tiny random models saved to and loaded from local folders."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from ronan_fast.inversion import invert
+
+HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers not installed (pip install 'ronan-fast[diffusers]')")
+
+if HAS_DIFFUSERS:
+    import diffusers
+
+    from ronan_fast.diffusers_adapters import LatentDiffusionDecoder, OneStepSampler
+
+TINY_AE = dict(
+    in_channels=3, out_channels=3, block_out_channels=(4, 8), norm_num_groups=2, sample_size=16,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+)  # fmt: skip
+
+
+def _kl(**over):
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(**{**TINY_AE, "latent_channels": 4, **over})
+
+
+def _vq(**over):
+    torch.manual_seed(1)
+    return diffusers.VQModel(**{**TINY_AE, "latent_channels": 3, "num_vq_embeddings": 16, **over})
+
+
+def _unet(**over):
+    torch.manual_seed(2)
+    cfg = dict(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=2, attention_head_dim=4,
+    )
+    return diffusers.UNet2DModel(**{**cfg, **over})
+
+
+def _noise(n, d, seed=3):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- without diffusers
+
+
+def test_clear_import_error_without_diffusers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` fail
+    # A fresh copy of the module, outside sys.modules: it imports without diffusers.
+    spec = importlib.util.find_spec("ronan_fast.diffusers_adapters")
+    da = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(da)
+    with pytest.raises(ImportError, match=r"pip install 'ronan-fast\[diffusers\]'"):
+        da.LatentDiffusionDecoder(torch.nn.Linear(1, 1))
+    with pytest.raises(ImportError, match=r"pip install 'ronan-fast\[diffusers\]'"):
+        da.OneStepSampler.from_pretrained("anywhere")
+
+
+# --------------------------------------------------------------------------- latent diffusion decoder
+
+
+@pytest.fixture(scope="module")
+def kl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kl")
+    _kl(scaling_factor=0.5).save_pretrained(folder)
+    return folder
+
+
+@needs_diffusers
+def test_kl_decoder_shapes_and_matches_diffusers_decode(kl_folder):
+    adapter = LatentDiffusionDecoder.from_pretrained(kl_folder)
+    assert adapter.latent_shape == (4, 8, 8) and adapter.latent_dim == 256
+    assert adapter.image_shape == (3, 16, 16) and adapter.output_range == (-1.0, 1.0)
+    assert adapter.family == "vae" and adapter.scaling_factor == 0.5
+    z = _noise(3, adapter.latent_dim)
+    with torch.no_grad():
+        raw = adapter.decode_raw(z)
+        ref = adapter.vae.decode(z.view(3, 4, 8, 8) / 0.5).sample
+        torch.testing.assert_close(raw, ref)
+        torch.testing.assert_close(adapter.decode(z), (ref + 1) / 2)
+        torch.testing.assert_close(adapter.decode(z), adapter.decode(z), rtol=0, atol=0)  # deterministic
+
+
+@needs_diffusers
+def test_kl_decoder_other_image_size_and_shift_factor():
+    vae = _kl(shift_factor=0.25)
+    adapter = LatentDiffusionDecoder(vae, image_size=(8, 24))
+    assert adapter.latent_shape == (4, 4, 12) and adapter.image_shape == (3, 8, 24)
+    z = _noise(2, adapter.latent_dim)
+    with torch.no_grad():
+        ref = vae.decode(z.view(2, 4, 4, 12) / vae.config.scaling_factor + 0.25).sample
+        torch.testing.assert_close(adapter.decode_raw(z), ref)
+    assert adapter.config()["shift_factor"] == 0.25
+    with pytest.raises(ValueError, match="image_size 9x16 must be a multiple of .* factor 2"):
+        LatentDiffusionDecoder(vae, image_size=(9, 16))
+
+
+@needs_diffusers
+def test_kl_latents_mean_and_std():
+    vae = _kl(latents_mean=[0.1, 0.2, 0.3, 0.4], latents_std=[1.0, 2.0, 3.0, 4.0])
+    adapter = LatentDiffusionDecoder(vae)
+    z = _noise(2, adapter.latent_dim)
+    mean = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, 4, 1, 1)
+    std = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+    with torch.no_grad():
+        ref = vae.decode(z.view(2, 4, 8, 8) * std / vae.config.scaling_factor + mean).sample
+        torch.testing.assert_close(adapter.decode_raw(z), ref)
+        # encoder_latents is the inverse scaling of the posterior mean
+        images = adapter.decode(z).clamp(0, 1)
+        h = vae.encode(images * 2 - 1).latent_dist.mean
+        torch.testing.assert_close(adapter.encoder_latents(images),
+                                   ((h - mean) * vae.config.scaling_factor / std).reshape(2, -1))
+
+
+@needs_diffusers
+def test_gradients_reach_the_latent(kl_folder):
+    adapter = LatentDiffusionDecoder.from_pretrained(kl_folder)
+    z = _noise(2, adapter.latent_dim).requires_grad_(True)
+    (grad,) = torch.autograd.grad(adapter.decode(z).square().sum(), z)
+    assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+    assert all(not p.requires_grad for p in adapter.vae.parameters()) and not adapter.vae.training
+
+
+@needs_diffusers
+def test_fingerprint_stable_across_save_and_load(kl_folder, tmp_path):
+    vae = _kl(scaling_factor=0.5)
+    in_memory = LatentDiffusionDecoder(vae)
+    loaded = LatentDiffusionDecoder.from_pretrained(kl_folder)
+    assert in_memory.fingerprint() == loaded.fingerprint()
+    # A pipeline-style folder with a vae/ sub-folder is found as well.
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    assert LatentDiffusionDecoder.from_pretrained(tmp_path / "pipe").fingerprint() == loaded.fingerprint()
+    assert LatentDiffusionDecoder(_kl(scaling_factor=0.25)).fingerprint() != loaded.fingerprint()
+    assert LatentDiffusionDecoder(vae, image_size=8).fingerprint() != loaded.fingerprint()
+
+
+@needs_diffusers
+def test_encoder_latents_and_initial_latents(kl_folder):
+    adapter = LatentDiffusionDecoder.from_pretrained(kl_folder, init="encoder")
+    images = torch.rand(2, 3, 16, 16)
+    enc = adapter.encoder_latents(images)
+    with torch.no_grad():
+        ref = adapter.vae.encode(images * 2 - 1).latent_dist.mean * 0.5
+    torch.testing.assert_close(enc, ref.reshape(2, -1))
+    rows = adapter.initial_latents(images, 3, torch.Generator().manual_seed(7))
+    assert rows.shape == (6, adapter.latent_dim)
+    prior = adapter.sample_latents(6, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(rows[[0, 3]], enc)
+    torch.testing.assert_close(rows[[1, 2, 4, 5]], prior[[1, 2, 4, 5]])
+    random_init = LatentDiffusionDecoder.from_pretrained(kl_folder)
+    torch.testing.assert_close(random_init.initial_latents(images, 3, torch.Generator().manual_seed(7)), prior)
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, 16, 16\]"):
+        adapter.encoder_latents(torch.rand(2, 1, 16, 16))
+
+
+@needs_diffusers
+def test_encoder_start_reconstructs_better_than_random(kl_folder):
+    adapter = LatentDiffusionDecoder.from_pretrained(kl_folder, init="encoder")
+    images = adapter.generate(2, torch.Generator().manual_seed(0)).images
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        from_encoder = adapter.decode(adapter.encoder_latents(images))
+        from_prior = adapter.decode(adapter.sample_latents(2, g))
+    err_enc = (from_encoder - images).square().mean()
+    err_prior = (from_prior - images).square().mean()
+    assert float(err_enc) < float(err_prior)
+
+
+@needs_diffusers
+def test_vq_decoder_matches_diffusers(tmp_path):
+    vq = _vq()
+    vq.save_pretrained(tmp_path / "vq")
+    adapter = LatentDiffusionDecoder.from_pretrained(tmp_path / "vq")
+    assert adapter.latent_shape == (3, 8, 8)
+    z = _noise(2, adapter.latent_dim)
+    sf = vq.config.scaling_factor
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.decode_raw(z), adapter.vae.decode(z.view(2, 3, 8, 8) / sf).sample)
+        plain = LatentDiffusionDecoder(adapter.vae, quantize=False)
+        torch.testing.assert_close(plain.decode_raw(z),
+                                   adapter.vae.decode(z.view(2, 3, 8, 8) / sf, force_not_quantize=True).sample)
+        assert not torch.allclose(plain.decode_raw(z), adapter.decode_raw(z))
+    # Quantisation passes gradients straight through.
+    zg = z.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(adapter.decode(zg).sum(), zg)
+    assert float(grad.abs().sum()) > 0
+    assert adapter.fingerprint() == LatentDiffusionDecoder(vq).fingerprint()
+    assert plain.fingerprint() != adapter.fingerprint()
+
+
+@needs_diffusers
+def test_decoder_bad_arguments(tmp_path, kl_folder):
+    with pytest.raises(TypeError, match="AutoencoderKL or VQModel"):
+        LatentDiffusionDecoder(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="init must be"):
+        LatentDiffusionDecoder.from_pretrained(kl_folder, init="zeros")
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        LatentDiffusionDecoder.from_pretrained(tmp_path / "nothing-here")
+    with pytest.raises(FileNotFoundError, match="no autoencoder config.json"):
+        LatentDiffusionDecoder.from_pretrained(tmp_path)
+    _unet().save_pretrained(tmp_path / "u")
+    with pytest.raises(ValueError, match="describes 'UNet2DModel'"):
+        LatentDiffusionDecoder.from_pretrained(tmp_path / "u")
+
+
+@needs_diffusers
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_invert_runs_on_decoder(kind, kl_folder):
+    adapter = LatentDiffusionDecoder(_vq()) if kind == "vq" else LatentDiffusionDecoder.from_pretrained(kl_folder)
+    images = adapter.generate(2, torch.Generator().manual_seed(0)).images
+    res = invert(adapter, images, steps=5, restarts=2, seed=0)
+    assert res.loss.shape == (2,) and bool(torch.isfinite(res.loss).all())
+    assert res.inputs.shape == (2, adapter.latent_dim) and res.reconstruction.shape == (2, 3, 16, 16)
+
+
+# --------------------------------------------------------------------------- consistency model, one step
+
+
+@pytest.fixture(scope="module")
+def cm_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cm")
+    pipe = diffusers.ConsistencyModelPipeline(unet=_unet(), scheduler=diffusers.CMStochasticIterativeScheduler())
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _pipeline_images(unet, scheduler, noise, **kw):
+    pipe = diffusers.ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(batch_size=noise.shape[0], num_inference_steps=1, latents=noise, output_type="pt", **kw).images
+
+
+@needs_diffusers
+def test_one_step_matches_pipeline(cm_folder):
+    adapter = OneStepSampler.from_pretrained(cm_folder)
+    assert adapter.latent_dim == 3 * 16 * 16 and adapter.image_shape == (3, 16, 16)
+    assert adapter.family == "diffusion" and adapter.output_range == (-1.0, 1.0)
+    z = _noise(3, adapter.latent_dim)
+    with torch.no_grad():
+        ours = adapter.decode(z)
+    ref = _pipeline_images(adapter.unet, diffusers.CMStochasticIterativeScheduler.from_pretrained(cm_folder, subfolder="scheduler"),
+                           z.view(3, 3, 16, 16))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.decode(z), ours, rtol=0, atol=0)  # deterministic
+
+
+@needs_diffusers
+def test_one_step_matches_scheduler_step_by_hand():
+    unet = _unet()
+    scheduler = diffusers.CMStochasticIterativeScheduler(sigma_max=20.0, sigma_data=0.7, clip_denoised=False)
+    adapter = OneStepSampler(unet, scheduler)
+    assert len(scheduler.timesteps) == scheduler.config.num_train_timesteps  # the caller's scheduler untouched
+    z = _noise(2, adapter.latent_dim, seed=4)
+    sched = diffusers.CMStochasticIterativeScheduler.from_config(scheduler.config)
+    sched.set_timesteps(1)
+    t = sched.timesteps[0]
+    with torch.no_grad():
+        x = z.view(2, 3, 16, 16) * sched.init_noise_sigma
+        out = unet(sched.scale_model_input(x, t), t).sample
+        ref = sched.step(out, t, x).prev_sample
+        raw = adapter.decode_raw(z)
+    torch.testing.assert_close(raw, ref, rtol=0, atol=1e-6)
+    # Without clipping the raw output is the unclamped denoised sample.
+    with torch.no_grad():
+        clipped = OneStepSampler(unet, diffusers.CMStochasticIterativeScheduler(sigma_max=20.0, sigma_data=0.7))
+        torch.testing.assert_close(clipped.decode_raw(z), raw.clamp(-1, 1))
+    assert OneStepSampler(unet, scheduler, clip_denoised=True).config()["clip_denoised"] is True
+
+
+@needs_diffusers
+def test_one_step_range_and_gradients(cm_folder):
+    adapter = OneStepSampler.from_pretrained(cm_folder)
+    z = _noise(2, adapter.latent_dim).requires_grad_(True)
+    raw = adapter.decode_raw(z).detach()
+    assert float(raw.min()) >= -1 and float(raw.max()) <= 1
+    img = adapter.decode(z)
+    assert float(img.detach().min()) >= 0 and float(img.detach().max()) <= 1
+    (grad,) = torch.autograd.grad(img.square().sum(), z)
+    assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+
+
+@needs_diffusers
+def test_one_step_fingerprint_stable_across_save_and_load(cm_folder, tmp_path):
+    loaded = OneStepSampler.from_pretrained(cm_folder)
+    in_memory = OneStepSampler(_unet(), diffusers.CMStochasticIterativeScheduler())
+    assert loaded.fingerprint() == in_memory.fingerprint()
+    diffusers.ConsistencyModelPipeline(unet=loaded.unet, scheduler=diffusers.CMStochasticIterativeScheduler()).save_pretrained(tmp_path)
+    assert OneStepSampler.from_pretrained(tmp_path).fingerprint() == loaded.fingerprint()
+    other = OneStepSampler(_unet(), diffusers.CMStochasticIterativeScheduler(sigma_max=40.0))
+    assert other.fingerprint() != loaded.fingerprint()
+
+
+@needs_diffusers
+def test_one_step_class_conditional():
+    unet = _unet(num_class_embeds=3)
+    scheduler = diffusers.CMStochasticIterativeScheduler()
+    adapter = OneStepSampler(unet, scheduler, class_label=2)
+    z = _noise(2, adapter.latent_dim, seed=5)
+    with torch.no_grad():
+        ours = adapter.decode(z)
+        other = adapter.decode(z, torch.tensor([0, 1]))
+    ref = _pipeline_images(unet, scheduler, z.view(2, 3, 16, 16), class_labels=[2, 2])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    assert not torch.allclose(ours, other)
+    images = adapter.generate(2, torch.Generator().manual_seed(0)).images
+    res = invert(adapter, images, steps=5, restarts=2, conditions=torch.tensor([2, 0]))
+    assert bool(torch.isfinite(res.loss).all())
+    assert res.conditions.tolist() == [2, 0]
+    with pytest.raises(ValueError, match="class-conditional: pass each image's class"):
+        invert(OneStepSampler(unet, scheduler), images, steps=1)
+    with pytest.raises(ValueError, match=r"class_label must be an int in \[0, 3\)"):
+        OneStepSampler(unet, scheduler, class_label=3)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        OneStepSampler(_unet(), scheduler, class_label=0)
+
+
+@needs_diffusers
+def test_one_step_bad_arguments(tmp_path):
+    with pytest.raises(TypeError, match="UNet2DModel"):
+        OneStepSampler(torch.nn.Linear(1, 1), diffusers.CMStochasticIterativeScheduler())
+    with pytest.raises(TypeError, match="CMStochasticIterativeScheduler"):
+        OneStepSampler(_unet(), diffusers.DDIMScheduler())
+    with pytest.raises(FileNotFoundError, match="no sub-folder 'unet'"):
+        OneStepSampler.from_pretrained(tmp_path)
+
+
+@needs_diffusers
+def test_invert_runs_on_one_step_sampler(cm_folder):
+    adapter = OneStepSampler.from_pretrained(cm_folder)
+    images = adapter.generate(2, torch.Generator().manual_seed(0)).images
+    res = invert(adapter, images, steps=5, restarts=2, seed=0)
+    assert res.loss.shape == (2,) and bool(torch.isfinite(res.loss).all())
+    assert res.reconstruction.shape == (2, 3, 16, 16)
