@@ -171,12 +171,22 @@ def _lr_factor(s: InversionSettings, t: int) -> float:
     return s.min_lr_frac + (1 - s.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def _row_latents(generator: GeneratorAdapter, image_ids: Tensor, rows_per_image: int, seed: int) -> Tensor:
-    """Starting latents, drawn per image from its own seeded stream so chunking never changes them."""
+def _row_latents(
+    generator: GeneratorAdapter, image_ids: Tensor, rows_per_image: int, seed: int, images: Tensor | None = None
+) -> Tensor:
+    """Starting latents, drawn per image from its own seeded stream so chunking never changes them.
+
+    An adapter with an ``initial_latents(images, rows_per_image, generator)`` hook (for example a
+    latent-diffusion decoder starting from its encoder's latent) chooses its own starts.
+    """
+    init = getattr(generator, "initial_latents", None)
     out = []
-    for b in image_ids.tolist():
+    for k, b in enumerate(image_ids.tolist()):
         g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + b) % (2**63 - 1))
-        out.append(generator.sample_latents(rows_per_image, g))
+        if init is not None and images is not None:
+            out.append(init(images[k : k + 1], rows_per_image, g))
+        else:
+            out.append(generator.sample_latents(rows_per_image, g))
     return torch.cat(out)
 
 
@@ -352,7 +362,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     row_cond, rpi = generator.row_conditions(conditions, b, s.restarts)
     m = b * rpi
     index = torch.arange(b, device=device).repeat_interleave(rpi)
-    z = _row_latents(generator, image_ids, rpi, seed).to(device)
+    z = _row_latents(generator, image_ids, rpi, seed, images).to(device)
     radius = generator.prior_radius
     if s.typical_set == "project" and radius is not None:
         z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
