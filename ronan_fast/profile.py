@@ -1,0 +1,457 @@
+"""The belonging profile: what a model's own images look like to the belonging test (Eq. 3).
+
+Offline, ``n`` images are generated with the model and inverted; their calibrated
+reconstruction losses ``A'`` give a mean ``mu`` and a sample standard deviation ``sigma``
+(``ddof=1``). A new image belongs to the model when its Grubbs statistic
+``(A' - mu) / sigma`` is below the one-sided critical value for ``n`` and ``alpha``.
+
+Two rules are offered:
+
+* ``"grubbs"`` -- the paper's test, on ``A'`` itself;
+* ``"grubbs-log"`` -- the same test on ``log A'``, for losses with a heavy right tail.
+
+A profile is only valid for the model, reference model, metric and inversion settings that
+made it; :meth:`BelongingProfile.check_compatible` refuses any other combination. Profiles are
+saved as JSON (written atomically) with a format version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ronan_fast.grubbs import grubbs_critical_value, grubbs_p_value
+
+__all__ = [
+    "BelongingProfile",
+    "ProfileError",
+    "ProfileMismatchError",
+    "RULES",
+    "DEFAULT_RULE",
+    "FORMAT",
+    "FORMAT_VERSION",
+]
+
+FORMAT = "ronan-fast belonging profile"
+FORMAT_VERSION = 1
+#: the belonging rules: the Grubbs test on A' ("grubbs", the paper's) or on log A'
+RULES = ("grubbs", "grubbs-log")
+#: the rule used when none is given
+DEFAULT_RULE = "grubbs"
+
+
+class ProfileError(ValueError):
+    """A profile file or value is missing, unreadable or invalid."""
+
+
+class ProfileMismatchError(ValueError):
+    """A profile does not belong to the given model / reference model / metric / settings.
+
+    ``differences`` lists one line per thing that differs.
+    """
+
+    def __init__(self, differences: Sequence[str]):
+        self.differences = list(differences)
+        super().__init__(
+            "the belonging profile does not match: " + "; ".join(self.differences)
+            + ". Fit a new profile for this combination."
+        )
+
+
+def _version() -> str:
+    from ronan_fast import __version__
+
+    return __version__
+
+
+def _settings_dict(settings) -> dict:
+    if settings is None:
+        return {}
+    if isinstance(settings, dict):
+        return dict(settings)
+    if hasattr(settings, "to_dict"):
+        return settings.to_dict()
+    raise TypeError(f"settings must be InversionSettings or a dict, got {type(settings).__name__}")
+
+
+@dataclass
+class BelongingProfile:
+    """Statistics of a model's own calibrated reconstruction losses, and what made them.
+
+    ``mu`` and ``sigma`` are on the rule's scale (``A'`` for "grubbs", ``log A'`` for
+    "grubbs-log"); ``calibrated_losses`` and ``raw_losses`` are the ``n`` profile images'
+    ``A'`` and ``A`` (they are equal for an uncalibrated profile, whose reference fields are None).
+    """
+
+    mu: float
+    sigma: float
+    n: int
+    alpha: float
+    rule: str
+    metric: str
+    settings: dict
+    generator_fingerprint: str
+    generator_config: dict
+    reference_fingerprint: str | None
+    reference_config: dict | None
+    calibrated_losses: list[float]
+    raw_losses: list[float]
+    reference_losses: list[float] | None = None
+    seed: int = 0
+    inversion_seed: int = 0
+    generator_name: str = ""
+    reference_name: str | None = None
+    version: str = field(default_factory=_version)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_losses(
+        cls,
+        raw_losses,
+        reference_losses=None,
+        *,
+        alpha: float = 0.05,
+        rule: str = DEFAULT_RULE,
+        metric: str = "mse",
+        settings=None,
+        generator=None,
+        reference=None,
+        seed: int = 0,
+        inversion_seed: int = 0,
+    ) -> "BelongingProfile":
+        """A profile from the ``n`` profile images' losses under the model (and the reference model).
+
+        ``generator`` / ``reference`` are adapters (their fingerprint, config and name are
+        recorded); ``reference_losses=None`` makes an uncalibrated profile (``A' = A``).
+        """
+        from ronan_fast.calibration import calibrate
+
+        raw = np.asarray(_as_list(raw_losses), dtype=np.float64)
+        if reference_losses is None:
+            if reference is not None:
+                raise ValueError("a reference model was given but no reference_losses")
+            ref = None
+            cal = raw
+        else:
+            if reference is None:
+                raise ValueError("reference_losses were given but no reference model")
+            ref = np.asarray(_as_list(reference_losses), dtype=np.float64)
+            if ref.shape != raw.shape:
+                raise ValueError(f"raw_losses ({raw.shape[0]}) and reference_losses ({ref.shape[0]}) differ in length")
+            cal = calibrate(raw, ref)
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        mu, sigma = _moments(cal, rule)
+        return cls(
+            mu=mu,
+            sigma=sigma,
+            n=int(raw.shape[0]),
+            alpha=float(alpha),
+            rule=rule,
+            metric=str(metric),
+            settings=_settings_dict(settings),
+            generator_fingerprint=generator.fingerprint() if generator is not None else "",
+            generator_config=generator.config() if generator is not None else {},
+            reference_fingerprint=None if reference is None else reference.fingerprint(),
+            reference_config=None if reference is None else reference.config(),
+            calibrated_losses=cal.tolist(),
+            raw_losses=raw.tolist(),
+            reference_losses=None if ref is None else ref.tolist(),
+            seed=int(seed),
+            inversion_seed=int(inversion_seed),
+            generator_name=getattr(generator, "name", "") if generator is not None else "",
+            reference_name=None if reference is None else getattr(reference, "name", None),
+        )
+
+    # ------------------------------------------------------------------ the test
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether losses are divided by a reference model's (False: the uncalibrated ablation)."""
+        return self.reference_fingerprint is not None
+
+    @property
+    def critical_value(self) -> float:
+        """G_crit for this profile's ``n`` and ``alpha``."""
+        return grubbs_critical_value(self.n, self.alpha)
+
+    @property
+    def threshold(self) -> float:
+        """The calibrated loss A' at the edge of belonging: images below it belong.
+
+        ``mu + G_crit * sigma`` for "grubbs", ``exp(mu + G_crit * sigma)`` for "grubbs-log".
+        """
+        edge = self.mu + self.critical_value * self.sigma
+        return math.exp(edge) if self.rule == "grubbs-log" else edge
+
+    def to_scale(self, calibrated_loss) -> np.ndarray:
+        """Calibrated losses on the rule's scale (``log`` for "grubbs-log"; a loss of 0 gives -inf)."""
+        a = np.asarray(calibrated_loss, dtype=np.float64)
+        if self.rule == "grubbs-log":
+            with np.errstate(divide="ignore"):
+                return np.log(a)
+        return a
+
+    def statistic(self, calibrated_loss) -> np.ndarray:
+        """The Grubbs statistic ``(scale(A') - mu) / sigma`` of each calibrated loss."""
+        return (self.to_scale(calibrated_loss) - self.mu) / self.sigma
+
+    def p_value(self, statistic) -> np.ndarray:
+        """One-sided p-value(s) of Grubbs statistic(s) for this profile's ``n``."""
+        return grubbs_p_value(np.asarray(statistic, dtype=np.float64), self.n)
+
+    def belongs(self, calibrated_loss) -> np.ndarray:
+        """True where the statistic is below the critical value (the image belongs to the model)."""
+        return self.statistic(calibrated_loss) < self.critical_value
+
+    # ------------------------------------------------------------------ compatibility
+
+    def check_compatible(self, generator, reference, metric: str, settings) -> None:
+        """Raise :class:`ProfileMismatchError` unless this profile was made for exactly these.
+
+        ``generator`` and ``reference`` are adapters (``reference=None`` for uncalibrated use),
+        ``settings`` an :class:`~ronan_fast.inversion.InversionSettings` or its dict. Every
+        difference is named: the model fingerprint, the reference model, the metric, and each
+        inversion setting that differs.
+        """
+        diffs: list[str] = []
+        fp = generator.fingerprint()
+        if fp != self.generator_fingerprint:
+            diffs.append(
+                f"model fingerprint differs (profile: {self.generator_name or '?'} {self.generator_fingerprint[:12]}, "
+                f"given: {getattr(generator, 'name', '?')} {fp[:12]}); other weights or configuration"
+            )
+        if reference is None and self.reference_fingerprint is not None:
+            diffs.append(f"the profile is calibrated with reference model {self.reference_name or '?'} "
+                         f"({self.reference_fingerprint[:12]}) but no reference model was given")
+        elif reference is not None and self.reference_fingerprint is None:
+            diffs.append(f"the profile is uncalibrated but reference model {getattr(reference, 'name', '?')} was given")
+        elif reference is not None:
+            rfp = reference.fingerprint()
+            if rfp != self.reference_fingerprint:
+                diffs.append(
+                    f"reference model differs (profile: {self.reference_name or '?'} {self.reference_fingerprint[:12]}, "
+                    f"given: {getattr(reference, 'name', '?')} {rfp[:12]})"
+                )
+        if metric != self.metric:
+            diffs.append(f"metric differs (profile: {self.metric!r}, given: {metric!r})")
+        given = _settings_dict(settings)
+        for key in sorted(set(given) | set(self.settings)):
+            if key == "metric":
+                continue  # reported above
+            if key not in self.settings:
+                diffs.append(f"setting {key!r} is not in the profile (given: {given[key]!r})")
+            elif key not in given:
+                diffs.append(f"setting {key!r} is missing (profile: {self.settings[key]!r})")
+            elif given[key] != self.settings[key]:
+                diffs.append(f"setting {key!r} differs (profile: {self.settings[key]!r}, given: {given[key]!r})")
+        if diffs:
+            raise ProfileMismatchError(diffs)
+
+    # ------------------------------------------------------------------ files
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {"format": FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "profile") -> "BelongingProfile":
+        """A profile from :meth:`to_dict`'s output, with clear errors naming ``source``."""
+        if not isinstance(data, dict):
+            raise ProfileError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ProfileError(f"{source}: not a belonging profile (format is {data.get('format')!r}, "
+                               f"expected {FORMAT!r})")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ProfileError(f"{source}: profile format version {version!r} is not supported "
+                               f"(this is ronan_fast {_version()}, reading version {FORMAT_VERSION}); "
+                               "fit the profile again")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        required = [n for n, f in names.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ProfileError(f"{source}: missing field(s) {missing}")
+        unknown = sorted(set(data) - set(names) - {"format"})
+        if unknown:
+            raise ProfileError(f"{source}: unknown field(s) {unknown}")
+        kwargs = {k: v for k, v in data.items() if k in names}
+        try:
+            return cls(**kwargs)
+        except ProfileError as e:
+            raise ProfileError(f"{source}: {e}") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the profile as JSON to ``path`` atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        if path.is_dir():
+            raise ProfileError(f"cannot write the profile to {path}: it is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "BelongingProfile":
+        """Read a profile written by :meth:`save`; clear errors for a missing, corrupt or old file."""
+        path = Path(path)
+        if not path.exists():
+            raise ProfileError(f"profile file not found: {path}")
+        if not path.is_file():
+            raise ProfileError(f"profile path is not a file: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ProfileError(f"cannot read profile {path}: {e}") from None
+        if not text.strip():
+            raise ProfileError(f"profile {path} is empty")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"profile {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                               "the file is truncated or corrupt") from None
+        return cls.from_dict(data, source=f"profile {path}")
+
+    def identity(self) -> str:
+        """A short hash of the profile's content (reports record it to refuse mixing profiles)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """A few lines for people: model, calibration, rule, n, alpha, mu, sigma, threshold."""
+        ref = f"calibrated by {self.reference_name or self.reference_fingerprint[:12]}" if self.calibrated \
+            else "uncalibrated (A' = A)"
+        scale = "log A'" if self.rule == "grubbs-log" else "A'"
+        return (
+            f"belonging profile of {self.generator_name or self.generator_fingerprint[:12]}, {ref}\n"
+            f"  rule {self.rule} on {scale}, n={self.n}, alpha={self.alpha}, metric={self.metric}\n"
+            f"  mu={self.mu:.6g}  sigma={self.sigma:.6g}  G_crit={self.critical_value:.4f}  "
+            f"threshold A' < {self.threshold:.6g}"
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _as_list(values) -> list[float]:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1).tolist()
+
+
+def _moments(calibrated: np.ndarray, rule: str) -> tuple[float, float]:
+    if calibrated.ndim != 1 or calibrated.shape[0] < 3:
+        raise ValueError(f"a belonging profile needs at least 3 losses, got {calibrated.size}")
+    if not np.isfinite(calibrated).all():
+        raise ValueError("profile losses contain NaN or Inf")
+    if rule == "grubbs-log":
+        if (calibrated <= 0).any():
+            raise ValueError("rule 'grubbs-log' needs calibrated losses > 0; got a loss of 0 "
+                             "(use rule 'grubbs')")
+        values = np.log(calibrated)
+    else:
+        values = calibrated
+    mu = float(values.mean())
+    sigma = float(values.std(ddof=1))
+    if not sigma > 0:
+        raise ValueError("the profile losses are all equal (sigma = 0); the Grubbs test needs spread")
+    return mu, sigma
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate(p: BelongingProfile) -> None:
+    def bad(name: str, why: str):
+        raise ProfileError(f"field {name!r} {why}, got {getattr(p, name)!r}"[:400])
+
+    if p.format_version != FORMAT_VERSION:
+        bad("format_version", f"must be {FORMAT_VERSION}")
+    if not _is_num(p.mu):
+        bad("mu", "must be a finite number")
+    if not (_is_num(p.sigma) and p.sigma > 0):
+        bad("sigma", "must be a finite number > 0")
+    if not (_is_int(p.n) and p.n >= 3):
+        bad("n", "must be an integer >= 3")
+    if not (_is_num(p.alpha) and 0 < p.alpha < 1):
+        bad("alpha", "must be a number in (0, 1)")
+    if p.rule not in RULES:
+        bad("rule", f"must be one of {RULES}")
+    if not (isinstance(p.metric, str) and p.metric):
+        bad("metric", "must be a metric name")
+    if not isinstance(p.settings, dict):
+        bad("settings", "must be an object")
+    if not isinstance(p.generator_fingerprint, str):
+        bad("generator_fingerprint", "must be a string")
+    if not isinstance(p.generator_config, dict):
+        bad("generator_config", "must be an object")
+    if (p.reference_fingerprint is None) != (p.reference_config is None):
+        bad("reference_config", "must be given exactly when reference_fingerprint is")
+    if p.reference_fingerprint is not None and not isinstance(p.reference_fingerprint, str):
+        bad("reference_fingerprint", "must be a string or null")
+    if p.reference_config is not None and not isinstance(p.reference_config, dict):
+        bad("reference_config", "must be an object or null")
+    for name in ("calibrated_losses", "raw_losses"):
+        v = getattr(p, name)
+        if not (isinstance(v, list) and len(v) == p.n and all(_is_num(x) and x >= 0 for x in v)):
+            bad(name, f"must be a list of n={p.n} finite losses >= 0")
+    if p.reference_losses is not None:
+        v = p.reference_losses
+        if not (isinstance(v, list) and len(v) == p.n and all(_is_num(x) and x > 0 for x in v)):
+            bad("reference_losses", f"must be null or a list of n={p.n} finite losses > 0")
+    if (p.reference_losses is None) != (p.reference_fingerprint is None):
+        bad("reference_losses", "must be given exactly when the profile is calibrated (reference_fingerprint)")
+    if p.reference_losses is not None:
+        expect = np.asarray(p.raw_losses) / np.asarray(p.reference_losses)
+        if not np.allclose(expect, p.calibrated_losses, rtol=1e-9, atol=0):
+            bad("calibrated_losses", "must equal raw_losses / reference_losses")
+    elif p.calibrated_losses != p.raw_losses:
+        bad("calibrated_losses", "must equal raw_losses in an uncalibrated profile")
+    for name in ("seed", "inversion_seed"):
+        if not _is_int(getattr(p, name)):
+            bad(name, "must be an integer")
+    for name in ("version", "created", "generator_name"):
+        if not isinstance(getattr(p, name), str):
+            bad(name, "must be a string")
+    if p.reference_name is not None and not isinstance(p.reference_name, str):
+        bad("reference_name", "must be a string or null")
+    # mu and sigma must be the moments of the stored losses on the rule's scale.
+    try:
+        mu, sigma = _moments(np.asarray(p.calibrated_losses, dtype=np.float64), p.rule)
+    except ValueError as e:
+        raise ProfileError(f"calibrated_losses: {e}") from None
+    if not (math.isclose(mu, p.mu, rel_tol=1e-9, abs_tol=1e-12) and math.isclose(sigma, p.sigma, rel_tol=1e-9)):
+        raise ProfileError(f"mu/sigma ({p.mu!r}, {p.sigma!r}) are not the mean and sample std of the stored "
+                           f"calibrated_losses on the {p.rule!r} scale ({mu!r}, {sigma!r})")

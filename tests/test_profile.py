@@ -1,0 +1,214 @@
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ronan_fast import grubbs_critical_value
+from ronan_fast.adapters import LatentGenerator
+from ronan_fast.inversion import InversionSettings
+from ronan_fast.profile import (
+    DEFAULT_RULE,
+    FORMAT_VERSION,
+    BelongingProfile,
+    ProfileError,
+    ProfileMismatchError,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_models  # noqa: E402
+
+SETTINGS = InversionSettings(steps=50, restarts=2)
+
+
+@pytest.fixture(scope="module")
+def models():
+    g = LatentGenerator(tiny_models.generator(), tiny_models.LATENT, name="tiny")
+    r = LatentGenerator(tiny_models.reference(), tiny_models.LATENT, name="tiny ref")
+    o = LatentGenerator(tiny_models.other_generator(), tiny_models.LATENT, name="other")
+    return g, r, o
+
+
+def make(models, rule="grubbs", calibrated=True, n=12, seed=3):
+    g, r, _ = models
+    rng = np.random.default_rng(seed)
+    raw = rng.lognormal(-8, 1.0, n)
+    ref = rng.uniform(0.05, 0.2, n) if calibrated else None
+    return BelongingProfile.from_losses(
+        raw, ref, alpha=0.05, rule=rule, metric="mse", settings=SETTINGS,
+        generator=g, reference=r if calibrated else None, seed=7, inversion_seed=0,
+    )
+
+
+def test_default_rule_is_the_papers():
+    assert DEFAULT_RULE == "grubbs"
+
+
+def test_moments_on_the_rules_scale(models):
+    p = make(models)
+    cal = np.asarray(p.raw_losses) / np.asarray(p.reference_losses)
+    np.testing.assert_allclose(p.calibrated_losses, cal)
+    assert p.mu == pytest.approx(cal.mean())
+    assert p.sigma == pytest.approx(cal.std(ddof=1))
+    pl = make(models, rule="grubbs-log")
+    assert pl.mu == pytest.approx(np.log(cal).mean())
+    assert pl.sigma == pytest.approx(np.log(cal).std(ddof=1))
+    assert p.critical_value == pytest.approx(grubbs_critical_value(12, 0.05))
+
+
+@pytest.mark.parametrize("rule", ["grubbs", "grubbs-log"])
+def test_threshold_is_the_edge_of_belonging(models, rule):
+    p = make(models, rule=rule)
+    t = p.threshold
+    assert p.belongs(t * (1 - 1e-9))
+    assert not p.belongs(t * (1 + 1e-9))
+    assert p.statistic(t) == pytest.approx(p.critical_value)
+    # p-value and verdict agree away from the edge
+    a = np.geomspace(t / 100, t * 100, 301)
+    a = a[np.abs(a / t - 1) > 1e-6]
+    np.testing.assert_array_equal(p.p_value(p.statistic(a)) >= p.alpha, p.belongs(a))
+
+
+def test_uncalibrated_profile(models):
+    p = make(models, calibrated=False)
+    assert not p.calibrated
+    assert p.reference_fingerprint is None and p.reference_losses is None
+    assert p.calibrated_losses == p.raw_losses
+
+
+def test_json_round_trip(models, tmp_path):
+    for rule in ("grubbs", "grubbs-log"):
+        for calibrated in (True, False):
+            p = make(models, rule=rule, calibrated=calibrated)
+            path = p.save(tmp_path / "sub" / f"{rule}-{calibrated}.json")
+            q = BelongingProfile.load(path)
+            assert q == p
+            assert q.threshold == p.threshold
+            assert q.identity() == p.identity()
+    data = json.loads(path.read_text())
+    assert data["format_version"] == FORMAT_VERSION
+    assert data["settings"]["steps"] == 50
+    assert [f.name for f in tmp_path.joinpath("sub").iterdir() if f.name.endswith(".tmp")] == []
+
+
+def test_save_replaces_atomically(models, tmp_path, monkeypatch):
+    p = make(models)
+    path = p.save(tmp_path / "p.json")
+    before = path.read_text()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        make(models, seed=4).save(path)
+    assert path.read_text() == before  # nothing already written is lost
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_load_errors(models, tmp_path):
+    with pytest.raises(ProfileError, match="not found"):
+        BelongingProfile.load(tmp_path / "missing.json")
+    with pytest.raises(ProfileError, match="not a file"):
+        BelongingProfile.load(tmp_path)
+    good = make(models).save(tmp_path / "good.json").read_text()
+
+    def write(name, text):
+        f = tmp_path / name
+        f.write_text(text)
+        return f
+
+    with pytest.raises(ProfileError, match="empty"):
+        BelongingProfile.load(write("empty.json", ""))
+    with pytest.raises(ProfileError, match="not valid JSON.*truncated"):
+        BelongingProfile.load(write("trunc.json", good[: len(good) // 2]))
+    with pytest.raises(ProfileError, match="JSON object"):
+        BelongingProfile.load(write("list.json", "[1, 2]"))
+    d = json.loads(good)
+
+    def variant(**changes):
+        v = dict(d)
+        for k, val in changes.items():
+            if val is ...:
+                v.pop(k)
+            else:
+                v[k] = val
+        return write("v.json", json.dumps(v))
+
+    with pytest.raises(ProfileError, match="not a belonging profile"):
+        BelongingProfile.load(variant(format="something else"))
+    with pytest.raises(ProfileError, match="format version 99 is not supported"):
+        BelongingProfile.load(variant(format_version=99))
+    with pytest.raises(ProfileError, match=r"missing field\(s\) \['sigma'\]"):
+        BelongingProfile.load(variant(sigma=...))
+    with pytest.raises(ProfileError, match="'sigma'"):
+        BelongingProfile.load(variant(sigma=-1.0))
+    with pytest.raises(ProfileError, match="'n'"):
+        BelongingProfile.load(variant(n=2))
+    with pytest.raises(ProfileError, match="calibrated_losses"):
+        BelongingProfile.load(variant(n=13))
+    with pytest.raises(ProfileError, match="'rule'"):
+        BelongingProfile.load(variant(rule="t-test"))
+    with pytest.raises(ProfileError, match="'alpha'"):
+        BelongingProfile.load(variant(alpha=1.5))
+    with pytest.raises(ProfileError, match="mean and sample std"):
+        BelongingProfile.load(variant(mu=d["mu"] * 0.5))
+    with pytest.raises(ProfileError, match="unknown field"):
+        BelongingProfile.load(variant(extra=1))
+    with pytest.raises(ProfileError, match="settings"):
+        BelongingProfile.load(variant(settings=[1]))
+
+
+def test_from_losses_errors(models):
+    g, r, _ = models
+    with pytest.raises(ValueError, match="at least 3"):
+        BelongingProfile.from_losses([1e-3, 2e-3], generator=g)
+    with pytest.raises(ValueError, match="sigma = 0"):
+        BelongingProfile.from_losses([1e-3] * 5, generator=g)
+    with pytest.raises(ValueError, match="reference_loss must be finite and > 0"):
+        BelongingProfile.from_losses([1e-3, 2e-3, 3e-3], [0.1, 0.0, 0.1], generator=g, reference=r)
+    with pytest.raises(ValueError, match="grubbs-log"):
+        BelongingProfile.from_losses([0.0, 2e-3, 3e-3], rule="grubbs-log", generator=g)
+    with pytest.raises(ValueError, match="rule"):
+        BelongingProfile.from_losses([1e-3, 2e-3, 3e-3], rule="other", generator=g)
+
+
+def test_check_compatible(models):
+    g, r, o = models
+    p = make(models)
+    p.check_compatible(g, r, "mse", SETTINGS)  # the same: no error
+    p.check_compatible(g, r, "mse", SETTINGS.to_dict())
+    with pytest.raises(ProfileMismatchError, match="model fingerprint differs") as e:
+        p.check_compatible(o, r, "mse", SETTINGS)
+    assert len(e.value.differences) == 1
+    with pytest.raises(ProfileMismatchError, match="reference model differs"):
+        p.check_compatible(g, o, "mse", SETTINGS)
+    with pytest.raises(ProfileMismatchError, match="no reference model was given"):
+        p.check_compatible(g, None, "mse", SETTINGS)
+    with pytest.raises(ProfileMismatchError, match="uncalibrated but reference model"):
+        make(models, calibrated=False).check_compatible(g, r, "mse", SETTINGS)
+    with pytest.raises(ProfileMismatchError, match="metric differs"):
+        p.check_compatible(g, r, "mae", SETTINGS.replace(metric="mae"))
+    with pytest.raises(ProfileMismatchError) as e:
+        p.check_compatible(g, r, "mse", SETTINGS.replace(steps=51, lr=0.2))
+    text = str(e.value)
+    assert "'steps' differs (profile: 50, given: 51)" in text and "'lr' differs" in text
+    assert len(e.value.differences) == 2
+
+
+def test_profile_depends_on_weights(models):
+    g, r, _ = models
+    fp = g.fingerprint()
+    m = tiny_models.generator()
+    import torch
+
+    with torch.no_grad():
+        m.fc1.bias[0] += 1e-3
+    assert LatentGenerator(m, tiny_models.LATENT).fingerprint() != fp
+    p = make(models)
+    with pytest.raises(ProfileMismatchError, match="model fingerprint"):
+        p.check_compatible(LatentGenerator(m, tiny_models.LATENT), r, "mse", SETTINGS)
+    assert math.isfinite(p.threshold)
