@@ -1,0 +1,239 @@
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ronan_fast import Attributor, BelongingProfile, LatentGenerator, ProfileMismatchError
+from ronan_fast.imageio import save_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_models  # noqa: E402
+
+FAST = dict(steps=200, restarts=2)
+N_PROFILE = 12
+
+
+def adapter(factory, name):
+    return LatentGenerator(factory(), tiny_models.LATENT, name=name)
+
+
+@pytest.fixture(scope="module")
+def g():
+    return adapter(tiny_models.generator, "tiny")
+
+
+@pytest.fixture(scope="module")
+def r():
+    return adapter(tiny_models.reference, "tiny ref")
+
+
+@pytest.fixture(scope="module")
+def fitted(g, r):
+    att = Attributor(g, r, **FAST)
+    att.fit(n=N_PROFILE, seed=0)
+    return att
+
+
+@pytest.fixture(scope="module")
+def test_images(fitted):
+    generated = fitted.sample(6, seed=1)
+    noise = torch.rand(6, *tiny_models.SHAPE, generator=torch.Generator().manual_seed(5))
+    return generated, noise
+
+
+def test_fit_profile(fitted, g, r):
+    p = fitted.profile
+    assert p.n == N_PROFILE and p.calibrated and p.rule == "grubbs"
+    assert p.generator_fingerprint == g.fingerprint()
+    assert p.reference_fingerprint == r.fingerprint()
+    assert p.settings == fitted.settings.to_dict()
+    assert p.settings["steps"] == 200 and p.settings["restarts"] == 2
+    assert len(p.raw_losses) == N_PROFILE
+    np.testing.assert_allclose(p.calibrated_losses, np.array(p.raw_losses) / np.array(p.reference_losses))
+
+
+def test_generated_belong_noise_does_not(fitted, test_images):
+    generated, noise = test_images
+    res = fitted.attribute(torch.cat([generated, noise]))
+    assert res.belonging.tolist() == [True] * 6 + [False] * 6
+    assert len(res) == 12
+    assert res.critical_value == pytest.approx(fitted.profile.critical_value)
+    # verdicts and p-values agree
+    assert ((res.p_value >= fitted.profile.alpha) == res.belonging).all()
+    assert (res.p_value[6:] < 1e-6).all()
+    assert (res.calibrated_loss == res.loss / res.reference_loss).all()
+    assert res.reconstruction.shape == generated.shape[:0] + (12, *tiny_models.SHAPE)
+    assert "6 belong" in res.summary() and "6 do not" in res.summary()
+
+
+def test_early_stop_same_verdicts(fitted, test_images):
+    generated, noise = test_images
+    images = torch.cat([generated, noise])
+    with_stop = fitted.attribute(images)
+    fitted.early_stop = False
+    try:
+        without = fitted.attribute(images)
+    finally:
+        fitted.early_stop = True
+    assert with_stop.belonging.tolist() == without.belonging.tolist()
+    assert with_stop.stopped_early[:6].all() and not with_stop.stopped_early[6:].any()
+    assert not without.stopped_early.any()
+    # early-stopped images spent fewer steps; the others ran the same inversion
+    assert (with_stop.row_steps[:6] < without.row_steps[:6]).all()
+    assert torch.equal(with_stop.loss[6:], without.loss[6:])
+    assert (without.loss[:6] <= with_stop.loss[:6]).all()
+
+
+def test_records_are_json_safe(fitted, test_images):
+    generated, _ = test_images
+    res = fitted.attribute(generated[:2])
+    records = res.to_records()
+    assert len(records) == 2
+    text = json.dumps(records, allow_nan=False)
+    back = json.loads(text)
+    assert back[0]["verdict"] == "belongs" and back[0]["belongs"] is True
+    assert set(back[0]) >= {"loss", "reference_loss", "calibrated_loss", "statistic", "critical_value", "p_value"}
+
+
+def test_determinism(g, r):
+    a = Attributor(g, r, steps=60, restarts=2).fit(n=5, seed=3)
+    b = Attributor(g, r, steps=60, restarts=2).fit(n=5, seed=3)
+    c = Attributor(g, r, steps=60, restarts=2).fit(n=5, seed=4)
+    assert a.raw_losses == b.raw_losses and a.reference_losses == b.reference_losses
+    assert (a.mu, a.sigma) == (b.mu, b.sigma)
+    assert a.raw_losses != c.raw_losses
+
+
+def test_profile_images_are_not_the_inversion_starts(g):
+    # Inversion seeds image b's starts with seed * 1_000_003 + b; the profile's images must come
+    # from another stream, or inversion would start from the very latents that made them.
+    from ronan_fast.attributor import _stream_seed
+    from ronan_fast.inversion import _row_latents
+
+    for seed in (0, 1):
+        made = g.sample_latents(8, torch.Generator().manual_seed(_stream_seed("profile", seed)))
+        starts = _row_latents(g, torch.arange(8), 4, 0).view(8, 4, -1)
+        assert not (starts == made[:, None, :]).all(-1).any()
+        assert not torch.isin(made, starts).any()
+
+
+def test_uncalibrated_ablation(g, test_images):
+    att = Attributor(g, None, **FAST)
+    p = att.fit(n=N_PROFILE, seed=0)
+    assert not p.calibrated and p.reference_losses is None
+    generated, noise = test_images
+    res = att.attribute(torch.cat([generated[:3], noise[:3]]))
+    assert res.reference_loss is None
+    assert torch.equal(res.calibrated_loss, res.loss)
+    assert res.belonging.tolist() == [True] * 3 + [False] * 3
+    assert res.to_records()[0]["reference_loss"] is None
+
+
+def test_log_rule(g, r, test_images):
+    att = Attributor(g, r, rule="grubbs-log", **FAST)
+    p = att.fit(n=N_PROFILE, seed=0)
+    assert p.rule == "grubbs-log"
+    generated, noise = test_images
+    res = att.attribute(torch.cat([generated[:3], noise[:3]]))
+    assert res.belonging.tolist() == [True] * 3 + [False] * 3
+
+
+def test_from_profile(fitted, g, r, tmp_path, test_images):
+    path = fitted.profile.save(tmp_path / "p.json")
+    att = Attributor.from_profile(path, g, r)
+    assert att.settings == fitted.settings and att.profile == fitted.profile
+    generated, noise = test_images
+    assert att.attribute(torch.cat([generated[:2], noise[:2]])).belonging.tolist() == [True, True, False, False]
+    other = adapter(tiny_models.other_generator, "other")
+    with pytest.raises(ProfileMismatchError, match="model fingerprint"):
+        Attributor.from_profile(path, other, r)
+    with pytest.raises(ProfileMismatchError, match="reference model differs"):
+        Attributor.from_profile(path, g, other)
+    with pytest.raises(ProfileMismatchError, match="no reference model"):
+        Attributor.from_profile(path, g, None)
+    strict = Attributor.from_profile(BelongingProfile.load(path), g, r, alpha=0.01)
+    assert strict.profile.alpha == 0.01 and strict.profile.threshold > fitted.profile.threshold
+    with pytest.raises(ProfileMismatchError, match="'steps' differs"):
+        Attributor(g, r, steps=201, restarts=2).use_profile(fitted.profile)
+
+
+def test_bad_tensor_inputs(fitted):
+    shape = tiny_models.SHAPE
+    x = torch.rand(2, *shape)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fitted.attribute(x)
+    with pytest.raises(ValueError, match=r"shape \(1, 9, 9\).*makes \(1, 8, 8\)"):
+        fitted.attribute(torch.rand(2, 1, 9, 9))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        fitted.attribute(torch.rand(8, 8))
+    with pytest.raises(ValueError, match="empty"):
+        fitted.attribute(torch.rand(0, *shape))
+    with pytest.raises(ValueError, match="float"):
+        fitted.attribute(torch.zeros(1, *shape, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fitted.attribute(torch.rand(1, *shape) * 2 - 1)
+    with pytest.raises(ValueError, match="no images given"):
+        fitted.attribute([])
+    # one image [C, H, W] is accepted
+    assert len(fitted.attribute(torch.rand(*shape))) == 1
+
+
+def test_constructor_errors(g, r):
+    with pytest.raises(TypeError, match="LatentGenerator"):
+        Attributor(tiny_models.generator())
+    with pytest.raises(ValueError, match="rule"):
+        Attributor(g, r, rule="t")
+    with pytest.raises(ValueError, match="alpha"):
+        Attributor(g, r, alpha=0)
+    with pytest.raises(TypeError, match="unknown inversion setting"):
+        Attributor(g, r, stepz=3)
+    with pytest.raises(ValueError, match="reference"):
+        Attributor(g, "mnist")
+    with pytest.raises(RuntimeError, match="no belonging profile"):
+        Attributor(g, r).attribute(torch.rand(1, *tiny_models.SHAPE))
+    with pytest.raises(ValueError, match="at least|>= 3"):
+        Attributor(g, r).fit(n=2)
+
+
+def test_files_with_a_broken_one(fitted, test_images, tmp_path):
+    generated, noise = test_images
+    folder = tmp_path / "imgs"
+    for i in range(3):
+        save_image(noise[i], folder / f"noise{i}.png")
+    save_image(generated[0], folder / "gen0.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    res = fitted.attribute([folder, tmp_path / "missing.png"])
+    assert len(res) == 4
+    assert [Path(p).name for p in res.paths] == ["gen0.png", "noise0.png", "noise1.png", "noise2.png"]
+    assert res.belonging[1:].tolist() == [False, False, False]
+    errs = dict((Path(p).name, m) for p, m in res.errors)
+    assert set(errs) == {"broken.png", "missing.png"}
+    assert "not found" in errs["missing.png"]
+    records = res.to_records()
+    assert len(records) == 6 and records[-1]["verdict"] == "error"
+    assert "2 files could not be read" in res.summary()
+    json.dumps(records, allow_nan=False)
+    # only broken files: an empty result that still reports them
+    only = fitted.attribute([folder / "broken.png"])
+    assert len(only) == 0 and len(only.errors) == 1
+
+
+def test_reference_with_another_native_shape(g, test_images, tmp_path):
+    rgb = LatentGenerator(tiny_models.rgb_generator(), tiny_models.LATENT, name="rgb ref")
+    att = Attributor(g, rgb, **FAST)
+    att.fit(n=N_PROFILE, seed=0)
+    generated, noise = test_images
+    res = att.attribute(torch.cat([generated[:2], noise[:2]]))
+    assert res.reference_reconstruction.shape == (4, 3, 12, 12)
+    assert res.reconstruction.shape == (4, 1, 8, 8)
+    assert res.notes[0] == "reference: grey->RGB, 8x8->12x12"
+    assert res.belonging.tolist() == [True, True, False, False]
+    # files are converted separately for each model, from the file itself
+    save_image(torch.rand(3, 20, 30), tmp_path / "colour.png")
+    res = att.attribute([tmp_path / "colour.png"])
+    assert res.notes[0] == "RGB->grey, 30x20->8x8 (centre crop to 20x20), reference: 30x20->12x12 (centre crop to 20x20)"
