@@ -361,6 +361,7 @@ def _atomic_save_image(im, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, _umask_mode())
     try:
         im.save(tmp, format="PNG")
         os.replace(tmp, path)
@@ -368,3 +369,10 @@ def _atomic_save_image(im, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask_mode() -> int:
+    """The mode a plain new file gets (0o666 less the umask); mkstemp's 0o600 would hide it from others."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

@@ -80,13 +80,14 @@ def test_condgan_int_and_onehot_labels_agree():
 
 def test_ddim_schedule():
     assert ddim_timesteps(10, 1000) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert ddim_timesteps(6, 1000) == [999, 832, 666, 499, 332, 166]
     assert ddim_timesteps(4, 1000)[0] == 999
     ac = alphas_cumprod()
     assert ac.shape == (1000,) and float(ac[0]) == pytest.approx(1 - 1e-4) and float(ac[-1]) < 1e-4
 
 
 def test_ddim_sampler_is_differentiable_in_the_noise():
-    s = DDIMSampler(TinyUNet(ch=8), steps=4).eval()
+    s = DDIMSampler(TinyUNet(ch=8, patch=1), steps=4).eval()
     xT = torch.randn(3, 1, 28, 28, requires_grad=True)
     x0 = s(xT)
     assert x0.shape == (3, 1, 28, 28) and float(x0.abs().max()) <= 1.0
@@ -96,9 +97,9 @@ def test_ddim_sampler_is_differentiable_in_the_noise():
     with pytest.raises(ValueError, match="x_T must be"):
         s(torch.randn(3, 28, 28))
     with pytest.raises(ValueError, match="steps"):
-        DDIMSampler(TinyUNet(ch=8), steps=0)
+        DDIMSampler(TinyUNet(ch=8, patch=1), steps=0)
     # one step with the zero-noise predictor returns x_T rescaled to abar_T, clipped
-    one = DDIMSampler(TinyUNet(ch=8), steps=1).eval()
+    one = DDIMSampler(TinyUNet(ch=8, patch=1), steps=1).eval()
     for p in one.unet.conv_out.parameters():
         torch.nn.init.zeros_(p)
     x = torch.randn(2, 1, 28, 28) * 0.001
@@ -112,7 +113,7 @@ def test_ddim_sampler_is_differentiable_in_the_noise():
         (DCGANDiscriminator(ndf=8), lambda: (torch.rand(3, 1, 28, 28),)),
         (VAE(nz=4, nf=8), lambda: (torch.randn(3, 4),)),
         (CondGANGenerator(nz=8, ngf=8, embed_dim=4), lambda: (torch.randn(3, 8), torch.tensor([1, 2, 3]))),
-        (DDIMSampler(TinyUNet(ch=8), steps=3), lambda: (torch.randn(3, 1, 28, 28),)),
+        (DDIMSampler(TinyUNet(ch=8, patch=2), steps=3), lambda: (torch.randn(3, 1, 28, 28),)),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, torch.nn.Module) else "",
 )

@@ -57,25 +57,30 @@ class _ResBlock(nn.Module):
 
 
 class TinyUNet(ConfigModule):
-    """Noise prediction ``eps(x_t [N, C, H, W], t [N]) -> [N, C, H, W]``; H, W multiples of 4.
+    """Noise prediction ``eps(x_t [N, C, H, W], t [N]) -> [N, C, H, W]``.
 
-    Three resolutions (H, H/2, H/4) with ``ch``, ``2*ch``, ``2*ch`` channels, one residual block
-    each way, skip connections, sinusoidal timestep embedding through a 2-layer MLP.
+    With ``patch`` > 1 the image is first folded into ``patch x patch`` pixel blocks
+    (space-to-depth, ``C * patch**2`` channels at ``H / patch``) and unfolded at the end, which
+    cuts the cost of every layer by ``patch**2``. Then three resolutions (R, ceil(R/2),
+    ceil(R/4)) with ``ch``, ``2*ch``, ``2*ch`` channels, one residual block each way, skip
+    connections, GroupNorm and a sinusoidal timestep embedding through a 2-layer MLP.
     """
 
-    def __init__(self, ch: int = 16, channels: int = 1, size: int = 28, groups: int = 8):
+    def __init__(self, ch: int = 24, channels: int = 1, size: int = 28, groups: int = 8, patch: int = 2):
         super().__init__()
         check_int("ch", ch)
         check_int("channels", channels)
         check_int("groups", groups)
+        check_int("patch", patch)
         check_int("size", size, 4)
-        if size % 4:
-            raise ValueError(f"size must be a multiple of 4, got {size}")
-        self._set_config(ch=ch, channels=channels, size=size, groups=groups)
+        if size % patch:
+            raise ValueError(f"size ({size}) must be a multiple of patch ({patch})")
+        self._set_config(ch=ch, channels=channels, size=size, groups=groups, patch=patch)
         tdim = 4 * ch
-        self.ch = ch
+        self.ch, self.patch = ch, patch
+        cin = channels * patch * patch
         self.time_mlp = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
-        self.conv_in = nn.Conv2d(channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cin, ch, 3, padding=1)
         self.down1 = _ResBlock(ch, ch, tdim, groups)
         self.pool1 = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
         self.down2 = _ResBlock(ch, 2 * ch, tdim, groups)
@@ -84,19 +89,21 @@ class TinyUNet(ConfigModule):
         self.up2 = _ResBlock(4 * ch, ch, tdim, groups)
         self.up1 = _ResBlock(2 * ch, ch, tdim, groups)
         self.norm_out = nn.GroupNorm(min(groups, ch), ch)
-        self.conv_out = nn.Conv2d(ch, channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, cin, 3, padding=1)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         temb = self.time_mlp(timestep_embedding(t, self.ch))
-        h0 = self.conv_in(x)
-        h1 = self.down1(h0, temb)  # H
-        h2 = self.down2(self.pool1(h1), temb)  # H/2
-        h3 = self.mid(self.pool2(h2), temb)  # H/4
-        u2 = self.up2(torch.cat([F.interpolate(h3, scale_factor=2.0, mode="nearest"), h2], 1), temb)
-        u1 = self.up1(torch.cat([F.interpolate(u2, scale_factor=2.0, mode="nearest"), h1], 1), temb)
-        return self.conv_out(F.silu(self.norm_out(u1)))
+        if self.patch > 1:
+            x = F.pixel_unshuffle(x, self.patch)
+        h1 = self.down1(self.conv_in(x), temb)  # R
+        h2 = self.down2(self.pool1(h1), temb)  # ceil(R/2)
+        h3 = self.mid(self.pool2(h2), temb)  # ceil(R/4)
+        u2 = self.up2(torch.cat([F.interpolate(h3, size=h2.shape[-2:], mode="nearest"), h2], 1), temb)
+        u1 = self.up1(torch.cat([F.interpolate(u2, size=h1.shape[-2:], mode="nearest"), h1], 1), temb)
+        out = self.conv_out(F.silu(self.norm_out(u1)))
+        return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out
 
 
 class DDIMSampler(ConfigModule):
@@ -110,7 +117,7 @@ class DDIMSampler(ConfigModule):
 
     output_range = (-1.0, 1.0)
 
-    def __init__(self, unet: TinyUNet | dict[str, Any] | None = None, steps: int = 10,
+    def __init__(self, unet: TinyUNet | dict[str, Any] | None = None, steps: int = 6,
                  num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                  clip_x0: bool = True):
         super().__init__()

@@ -49,6 +49,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, info: dict[str, Any] |
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, _umask_mode())
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
@@ -99,3 +100,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", eval
     model.to(device)
     model.info = meta["info"]
     return model.eval() if eval else model.train()
+
+
+def _umask_mode() -> int:
+    """The mode a plain new file gets (0o666 less the umask); mkstemp's 0o600 would hide it from others."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

