@@ -1,0 +1,101 @@
+"""Images as users see them: 8-bit quantisation, the paper's edits, hashing and compact storage."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["EDITS", "quantise", "apply_edit", "to_uint8", "from_uint8", "images_sha256", "encode_uint8", "decode_uint8"]
+
+#: edits of belonging images (Table 8): pilgram's "1977" Instagram filter, JPEG at quality 75
+EDITS = ("1977", "jpeg75")
+
+
+def quantise(images: Tensor) -> Tensor:
+    """``round(x * 255) / 255`` of images in [0, 1]: what a saved 8-bit PNG holds."""
+    return torch.round(images.detach().float().clamp(0, 1) * 255.0) / 255.0
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Images ``[N, C, H, W]`` in [0, 1] as uint8 (rounded), same layout."""
+    return torch.round(images.detach().float().cpu().clamp(0, 1) * 255.0).to(torch.uint8).numpy()
+
+
+def from_uint8(arr: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).float() / 255.0
+
+
+def images_sha256(images: Tensor) -> str:
+    """SHA-256 of the images' 8-bit values and shape: the identity of an image set in cache keys."""
+    arr = to_uint8(images)
+    h = hashlib.sha256(repr(arr.shape).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def encode_uint8(images: Tensor) -> dict:
+    """A JSON-safe record of images (8-bit, base64) for previews kept in cache files."""
+    arr = to_uint8(images)
+    return {"shape": list(arr.shape), "uint8_b64": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
+def decode_uint8(record: dict) -> Tensor:
+    """Inverse of :func:`encode_uint8`; raises ``ValueError`` when the record is malformed."""
+    try:
+        shape = tuple(int(s) for s in record["shape"])
+        raw = base64.b64decode(record["uint8_b64"], validate=True)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed image record: {e}") from None
+    if len(shape) != 4 or int(np.prod(shape)) != len(raw):
+        raise ValueError(f"image record holds {len(raw)} bytes, not shape {shape}")
+    return from_uint8(np.frombuffer(raw, dtype=np.uint8).reshape(shape))
+
+
+def _pil(img: np.ndarray):
+    from PIL import Image
+
+    if img.shape[0] == 1:
+        return Image.fromarray(img[0], mode="L")
+    return Image.fromarray(np.transpose(img, (1, 2, 0)), mode="RGB")
+
+
+def _back(im, channels: int) -> np.ndarray:
+    if channels == 1:
+        return np.asarray(im.convert("L"), dtype=np.uint8)[None]
+    return np.transpose(np.asarray(im.convert("RGB"), dtype=np.uint8), (2, 0, 1))
+
+
+def apply_edit(images: Tensor, edit: str) -> Tensor:
+    """Apply an edit of :data:`EDITS` to 8-bit images; returns 8-bit images in [0, 1], same shape.
+
+    ``"1977"``: ``pilgram._1977`` (greyscale images go through RGB and back to greyscale).
+    ``"jpeg75"``: save as JPEG at quality 75 with Pillow and read back.
+    """
+    if edit not in EDITS:
+        raise ValueError(f"edit must be one of {EDITS}, got {edit!r}")
+    arr = to_uint8(images)
+    out = np.empty_like(arr)
+    if edit == "1977":
+        try:
+            import pilgram
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("the '1977' edit needs the pilgram package: pip install pilgram") from e
+    for i, img in enumerate(arr):
+        im = _pil(img)
+        if edit == "1977":
+            im = pilgram._1977(im.convert("RGB"))
+        else:
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=75)
+            buf.seek(0)
+            from PIL import Image
+
+            im = Image.open(buf)
+            im.load()
+        out[i] = _back(im, img.shape[0])
+    return from_uint8(out)

@@ -1,0 +1,260 @@
+"""The evaluation harness on tiny random generators: outputs, resume, corrupt caches, agreement
+with the Attributor, and the cell plan over the real zoo (which needs no weights)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ronan_fast.adapters import LatentGenerator
+from ronan_fast.evaluation import CONFIGS, CacheWarning, Cell, EvalConfig, Evaluation, ImageSpec, build_cells
+from ronan_fast.evaluation import runner as runner_mod
+from ronan_fast.evaluation.__main__ import main
+from ronan_fast.evaluation.config import select_cells
+from ronan_fast.evaluation.images import apply_edit, quantise
+from ronan_fast.evaluation.models import ModelSource, ZooModels, derived_seed
+from ronan_fast.evaluation.report import CSV_COLUMNS
+from ronan_fast.evaluation.scoring import confusion, roc_auc
+from ronan_fast.models import DCGANGenerator, dcgan_init_
+from ronan_fast.profile import RULES, BelongingProfile
+
+torch.set_num_threads(1)
+
+TINY = EvalConfig("tiny", n_profile=5, n_belonging=4, n_other=4, overrides=(("steps", 30),), preview=3,
+                  metric_models=(), calibration_models=(), edit_models=())
+
+
+class TinyModels(ModelSource):
+    """Three random tiny DCGANs ("a", "b", "ref"), each 'trained' on its own data; real images are
+    seeded random blobs, different for each data set and split."""
+
+    reference_candidates = ("ref",)
+
+    def __init__(self):
+        self._adapters = {}
+
+    def names(self):
+        return ["a", "b", "ref"]
+
+    def missing(self, name):
+        return None
+
+    def adapter(self, name):
+        if name not in self._adapters:
+            torch.manual_seed({"a": 1, "b": 2, "ref": 3}[name])
+            module = dcgan_init_(DCGANGenerator(nz=4, ngf=4, channels=1, size=8))
+            # random BatchNorm statistics so eval mode gives varied images
+            for m in module.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.normal_(0, 0.1)
+                    m.running_var.uniform_(0.05, 0.2)
+            self._adapters[name] = LatentGenerator(module.eval(), (4,), (-1.0, 1.0), name=name)
+        return self._adapters[name]
+
+    def training_data(self, name):
+        return f"data-{name}"
+
+    def real_unavailable(self, name, split):
+        return None
+
+    def real_images(self, name, split, n, seed):
+        g = torch.Generator().manual_seed(derived_seed("tiny", name, split, seed) % (2**31))
+        x = torch.nn.functional.interpolate(torch.rand(n, 1, 3, 3, generator=g), size=(8, 8), mode="bilinear",
+                                            align_corners=False)
+        return x.clamp(0, 1)
+
+
+@pytest.fixture
+def inversions(monkeypatch):
+    """Count calls of inversion made by the harness."""
+    calls = []
+    real = runner_mod.invert
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "invert", counting)
+    return calls
+
+
+@pytest.fixture
+def tiny_config(monkeypatch):
+    monkeypatch.setitem(CONFIGS, "tiny", TINY)
+    return TINY
+
+
+def _cli(out: Path, *extra: str) -> int:
+    return main(["--config", "tiny", "--cells", "t2-a-*", "--out", str(out), "--no-progress", *extra], models=TinyModels())
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_outputs_resume_and_corrupt_caches(tmp_path, tiny_config, inversions):
+    out = tmp_path / "eval"
+    folder = out / "tiny"
+    assert _cli(out) == 0
+    # profile (model + reference), belonging (model + reference), train and unseen (model + reference)
+    assert len(inversions) == 8
+
+    rows = _read_csv(folder / "cells.csv")
+    assert [r["cell"] for r in rows] == ["t2-a-train"] * 2 + ["t2-a-unseen"] * 2
+    assert list(rows[0]) == CSV_COLUMNS
+    assert [r["rule"] for r in rows] == list(RULES) * 2
+    for r in rows:
+        tp, fp, fn, tn = (int(r[k]) for k in ("tp", "fp", "fn", "tn"))
+        assert tp + fn == 4 and fp + tn == 4
+        assert float(r["accuracy"]) == pytest.approx((tp + tn) / 8)
+        assert 0.0 <= float(r["auc"]) <= 1.0
+        assert r["reference"] == "ref" and r["steps"] == "30"
+    summary = (folder / "summary.md").read_text()
+    assert "PARTIAL: 2 of" in summary and "| t2-a-unseen |" in summary and "not finished" in summary
+    assert "--cells 't2-a-*'" in summary
+    for cid in ("t2-a-train", "t2-a-unseen"):
+        rec = json.loads((folder / "cells" / f"{cid}.json").read_text())
+        assert len(rec["belonging"]["calibrated_loss"]) == 4
+        np.testing.assert_allclose(rec["belonging"]["calibrated_loss"],
+                                   np.asarray(rec["belonging"]["loss"]) / np.asarray(rec["belonging"]["reference_loss"]))
+        for name in ("hist", "grid"):
+            png = folder / "figures" / f"{name}-{cid}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    profiles = sorted((folder / "profiles").glob("*.json"))
+    assert len(profiles) == len(RULES)
+    assert {BelongingProfile.load(p).rule for p in profiles} == set(RULES)
+
+    # a folder with finished cells is not continued by accident
+    assert _cli(out) == 2
+    # resume: nothing is inverted again and the finished cells are left as they are
+    before = {p.name: p.read_bytes() for p in (folder / "cells").glob("*.json")}
+    inversions.clear()
+    assert _cli(out, "--jobs-resume") == 0
+    assert inversions == []
+    assert {p.name: p.read_bytes() for p in (folder / "cells").glob("*.json")} == before
+
+    # a corrupt cell file is noticed and the cell recomputed (its inversions are cached)
+    bad = folder / "cells" / "t2-a-train.json"
+    bad.write_text(before["t2-a-train.json"].decode()[:200])
+    with pytest.warns(CacheWarning, match="t2-a-train.json"):
+        assert _cli(out, "--jobs-resume") == 0
+    assert inversions == []
+    fixed = json.loads(bad.read_text())
+    old = json.loads(before["t2-a-train.json"])
+    assert fixed["rules"] == old["rules"] and fixed["belonging"] == old["belonging"]
+
+    # a corrupt inversion cache file is inverted again; a corrupt profile is refitted from cached losses
+    loss_file = folder / json.loads(bad.read_text())["loss_files"]["other"]
+    loss_file.write_text('{"format": "ronan-fast evaluation losses", "losses": [1, 2')
+    bad.unlink()
+    with pytest.warns(CacheWarning, match=loss_file.name):
+        assert _cli(out, "--jobs-resume") == 0
+    assert inversions == [4]
+    inversions.clear()
+    prof = profiles[0]
+    prof.write_text(prof.read_text().replace('"mu": ', '"mu": 1', 1))
+    bad.unlink()
+    with pytest.warns(CacheWarning, match=prof.name):
+        assert _cli(out, "--jobs-resume") == 0
+    assert inversions == []
+    BelongingProfile.load(prof)
+    refit = json.loads(bad.read_text())["rules"]
+    for rule in RULES:  # the same numbers; only the new profile's creation time (in its identity) differs
+        refit[rule].pop("profile_identity"), old["rules"][rule].pop("profile_identity")
+    assert refit == old["rules"]
+
+
+def _cell(other: ImageSpec, reference="ref") -> Cell:
+    return Cell("c", "2", "a", reference, "mse", ImageSpec("generated", "a", 4, 1), other)
+
+
+def test_verdicts_match_the_attributor_and_stale_cells_are_recomputed(tmp_path, inversions):
+    from ronan_fast.attributor import Attributor
+
+    models = TinyModels()
+    ev = Evaluation(TINY, tmp_path, models, progress=False)
+    cell = _cell(ImageSpec("generated", "b", 4, 1))
+    rec = ev.run_cell(cell)
+    settings, keys, _ = ev.plan_keys(cell)
+    prof = BelongingProfile.load(tmp_path / rec["rules"]["grubbs"]["profile"])
+
+    att = Attributor(models.adapter("a"), models.adapter("ref"), settings=settings, seed=TINY.inversion_seed,
+                     early_stop=False)
+    att.use_profile(prof)
+    for side, spec in (("belonging", cell.belonging), ("other", cell.other)):
+        res = att.attribute(ev.images(spec))
+        np.testing.assert_allclose(res.loss.numpy(), rec[side]["loss"], rtol=1e-6)
+        np.testing.assert_allclose(res.calibrated_loss.numpy(), rec[side]["calibrated_loss"], rtol=1e-6)
+        assert res.belonging.tolist() == rec["rules"]["grubbs"][f"belongs_{side}"]
+
+    # other settings make the cached cell stale: it is recomputed, with a warning
+    steps40 = EvalConfig("tiny", n_profile=5, n_belonging=4, n_other=4, overrides=(("steps", 40),), preview=3)
+    inversions.clear()
+    with pytest.warns(CacheWarning, match="stale"):
+        rec40 = Evaluation(steps40, tmp_path, models, progress=False).run_cell(cell)
+    assert rec40["settings"]["steps"] == 40 and len(inversions) == 6
+
+
+def test_uncalibrated_cell_uses_raw_losses(tmp_path):
+    ev = Evaluation(TINY, tmp_path, TinyModels(), progress=False)
+    rec = ev.run_cell(_cell(ImageSpec("unseen", "a", 4, 1), reference=None))
+    assert rec["belonging"]["reference_loss"] is None
+    assert rec["belonging"]["calibrated_loss"] == rec["belonging"]["loss"]
+    assert "uncalibrated" in rec["rules"]["grubbs"]["profile"]
+
+
+def test_confusion_and_auc():
+    c = confusion([True, True, False], [False, True, False, False])
+    assert (c["tp"], c["fn"], c["fp"], c["tn"]) == (2, 1, 1, 3)
+    assert c["tpr"] == pytest.approx(2 / 3) and c["fpr"] == pytest.approx(1 / 4)
+    assert c["accuracy"] == pytest.approx(5 / 7)
+    assert roc_auc([0.1, 0.2], [0.3, 0.4]) == 1.0  # lower = belonging
+    assert roc_auc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    assert roc_auc([0.1, 0.3], [0.2, 0.3]) == pytest.approx(0.625)  # one tie counts half
+    with pytest.raises(ValueError, match="both sides"):
+        confusion([], [True])
+
+
+def test_quantise_and_edits():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, generator=g)
+    q = quantise(x)
+    assert torch.equal(quantise(q), q) and float((q - x).abs().max()) <= 0.5 / 255 + 1e-7
+    for edit in ("1977", "jpeg75"):
+        e = apply_edit(q, edit)
+        assert e.shape == q.shape and torch.equal(quantise(e), e)
+        assert float((e - q).abs().mean()) > 1e-3  # the edit changed the images
+    with pytest.raises(ValueError, match="edit must be one of"):
+        apply_edit(q, "sepia")
+
+
+def test_zoo_cell_plan():
+    """The cells over the real zoo registry (only names and training data; no weights needed)."""
+    models = ZooModels()
+    plan = build_cells(CONFIGS["full"], models)
+    ids = [c.id for c in plan.cells]
+    assert len(ids) == len(set(ids))
+    assert {c.table for c in plan.cells} == {"2", "3", "4", "5", "6", "7", "8"}
+    assert ("t2-dcgan-digits-unseen" in dict(plan.omitted))
+    for c in plan.cells:
+        assert c.reference != c.model
+        if c.reference is not None:
+            assert models.training_data(c.reference) != models.training_data(c.model)
+            assert c.reference != c.other.source or c.other.kind != "generated"
+        assert c.belonging.kind == "generated" and c.belonging.source == c.model
+        assert c.belonging.n == 100 and c.other.n == 100
+    by_id = {c.id: c for c in plan.cells}
+    assert by_id["t4-dcgan-fmnist-vs-dcgan-digits"].reference == "dcgan-photos"
+    assert by_id["t6-vae-fmnist-uncalibrated"].reference is None
+    assert by_id["t8-ddim-fmnist-jpeg75"].belonging.edit == "jpeg75"
+    assert {c.other.source for c in plan.cells if c.table == "7"} == {f"dcgan-fmnist-overlap{p}" for p in range(50, 100, 10)}
+    assert [c.id for c in select_cells(plan.cells, "t7-*,t4-*-photos")] == [
+        "t4-dcgan-fmnist-vs-dcgan-photos", *(f"t7-dcgan-fmnist-vs-overlap{p}" for p in range(50, 100, 10))]
+    with pytest.raises(ValueError, match="'t9-\\*' matches no cell"):
+        select_cells(plan.cells, "t9-*")
