@@ -17,6 +17,7 @@ The ops know nothing of generators or statistics:
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Literal
 
 import torch
@@ -48,6 +49,7 @@ def _check_recon_args(pred: Tensor, target: Tensor, index: Tensor, weight: Tenso
         pred.shape[1:] == target.shape[1:],
         f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in [C, H, W]",
     )
+    _check(pred.shape[1:].numel() > 0, f"pred must have C*H*W > 0, got shape {tuple(pred.shape)}")
     m = pred.shape[0]
     _check(index.dim() == 1 and index.shape[0] == m, f"index must be [M]=[{m}], got shape {tuple(index.shape)}")
     _check(index.dtype == torch.int64, f"index must be int64, got {index.dtype}")
@@ -55,12 +57,34 @@ def _check_recon_args(pred: Tensor, target: Tensor, index: Tensor, weight: Tenso
     _check(weight.dtype == torch.float32, f"weight must be float32, got {weight.dtype}")
     for name, t in (("target", target), ("index", index), ("weight", weight)):
         _check(t.device == pred.device, f"{name} is on {t.device} but pred is on {pred.device}")
-    if m and index.numel():
-        lo, hi = int(index.min()), int(index.max())
-        _check(
-            lo >= 0 and hi < target.shape[0],
-            f"index values must lie in [0, {target.shape[0]}), got range [{lo}, {hi}]",
-        )
+    _check_index_range("recon_loss_grad", index, target.shape[0])
+
+
+# The last index tensor each op found in range: (weak reference, version counter, bound).
+_index_seen: dict[str, tuple[weakref.ref, int, int]] = {}
+
+
+def _check_index_range(op: str, index: Tensor, bound: int) -> None:
+    """Every value of ``index`` lies in ``[0, bound)``.
+
+    Reading the range of a CUDA tensor waits for the device, and an inversion passes the same
+    index tensor at every step: a tensor found in range is not read again while it is the same
+    object with the same version counter (any in-place write bumps it). The CUDA kernels guard
+    each row as well, so a value changed behind autograd's back cannot read out of bounds.
+    """
+    if not index.numel():
+        return
+    try:
+        version = index._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = None
+    seen = _index_seen.get(op)
+    if version is not None and seen is not None and seen[0]() is index and seen[1:] == (version, bound):
+        return
+    lo, hi = torch.stack(torch.aminmax(index)).tolist()
+    _check(lo >= 0 and hi < bound, f"index values must lie in [0, {bound}), got range [{lo}, {hi}]")
+    if version is not None:
+        _index_seen[op] = (weakref.ref(index), version, bound)
 
 
 def _check_adam_args(
@@ -106,7 +130,8 @@ def recon_loss_grad_ref(
     """Reference: ``loss[m] = mean((pred[m] - target[index[m]])**p)`` and ``grad = d(sum_m weight[m] * loss[m]) / d pred``.
 
     ``p`` is 2 for ``mse`` and the absolute value for ``mae`` (whose gradient at 0 is 0). The
-    loss is float32 (float64 if ``pred`` is float64, used by the tests); ``grad`` has ``pred``'s dtype.
+    loss is float32 (float64 if ``pred`` is float64, used by the tests); ``grad`` has ``pred``'s dtype
+    and is exactly 0 on rows whose weight is 0.
     """
     acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
     diff = pred.to(acc) - target.to(acc)[index]
@@ -120,6 +145,8 @@ def recon_loss_grad_ref(
         grad = diff.sign() * (1.0 / n) * w
     else:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    # A frozen row's gradient is 0 even where its difference is not finite (0 * inf is NaN).
+    grad = torch.where(w == 0, torch.zeros_like(grad), grad)
     return loss, grad.to(pred.dtype)
 
 
@@ -160,11 +187,13 @@ def latent_adam_step_ref_(
     new_step = step + active.to(step.dtype)
     m = beta1 * exp_avg + (1 - beta1) * grad
     v = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-    t = new_step.to(latent.dtype).clamp_min(1).view(-1, 1)
-    bc1 = 1 - beta1**t
-    bc2 = 1 - beta2**t
-    denom = v.sqrt() / bc2.sqrt() + eps
-    upd = latent - (lr.to(latent.dtype).view(-1, 1) / bc1) * m / denom
+    # Bias corrections in float64, as torch.optim.Adam computes them from Python floats: in
+    # float32, 1 - beta2**t loses ~1e-5 of its value at small t.
+    t = new_step.to(torch.float64).clamp_min(1).view(-1, 1)
+    step_size = (lr.to(torch.float64).view(-1, 1) / (1 - beta1**t)).to(latent.dtype)
+    bc2_sqrt = (1 - beta2**t).sqrt().to(latent.dtype)
+    denom = v.sqrt() / bc2_sqrt + eps
+    upd = latent - step_size * (m / denom)
     latent.copy_(torch.where(act, upd, latent))
     exp_avg.copy_(torch.where(act, m, exp_avg))
     exp_avg_sq.copy_(torch.where(act, v, exp_avg_sq))
@@ -269,9 +298,27 @@ def best_over_restarts(
     _check(index.dtype == torch.int64, f"index must be int64, got {index.dtype}")
     _check(index.device == best_loss.device, f"index is on {index.device} but best_loss is on {best_loss.device}")
     _check(num_targets >= 0, f"num_targets must be >= 0, got {num_targets}")
-    if index.numel():
-        lo, hi = int(index.min()), int(index.max())
-        _check(lo >= 0 and hi < num_targets, f"index values must lie in [0, {num_targets}), got [{lo}, {hi}]")
+    _check_index_range("best_over_restarts", index, num_targets)
     if _use_ext(impl, best_loss.device, "best_over_restarts"):
         return torch.ops.ronan_fast.best_over_restarts(best_loss.contiguous(), index.contiguous(), int(num_targets))
     return best_over_restarts_ref(best_loss, index, num_targets)
+
+
+# --------------------------------------------------------------------------- fake kernels
+
+# Shapes and dtypes of the outputs without computing them, for torch.compile and opcheck. The
+# schemas are defined by ronan_fast._C, which names this module as the place of these kernels.
+if _ext._C is not None:
+
+    @torch.library.register_fake("ronan_fast::recon_loss_grad")
+    def _recon_loss_grad_fake(pred: Tensor, target: Tensor, index: Tensor, weight: Tensor, metric: str):
+        loss = pred.new_empty((pred.shape[0],), dtype=torch.float32)
+        return loss, torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("ronan_fast::latent_adam_step_")
+    def _latent_adam_step_fake(*args) -> None:
+        return None
+
+    @torch.library.register_fake("ronan_fast::best_over_restarts")
+    def _best_over_restarts_fake(best_loss: Tensor, index: Tensor, num_targets: int):
+        return best_loss.new_empty((num_targets,)), index.new_empty((num_targets,))
