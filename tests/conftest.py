@@ -1,0 +1,20 @@
+"""Shared test setup: say in the report header which ronan_fast and which kernels are under test."""
+
+from __future__ import annotations
+
+
+def pytest_report_header(config) -> list[str]:
+    try:
+        import ronan_fast
+        from ronan_fast import _ext
+    except ImportError as exc:  # a mismatched build: the tests that import it will say more
+        return [f"ronan_fast: import failed: {exc}"]
+    import torch
+
+    where = ronan_fast.__file__.rsplit("/", 2)[0]
+    if _ext._C is None:
+        kernels = f"no compiled kernels ({_ext.why_unavailable(torch.device('cpu'))})"
+    else:
+        kernels = f"_C built for torch {_ext._C.TORCH_VERSION}, CUDA kernels: {_ext._C.WITH_CUDA}"
+    return [f"ronan_fast from {where}: {kernels}; torch {torch.__version__}, cuda available: "
+            f"{torch.cuda.is_available()}"]
