@@ -49,6 +49,10 @@ def adapter():
     return LatentGenerator(TinyGenerator(seed=0), LATENT, name="tiny adapter")
 
 
+class NotWeights:
+    """An arbitrary object: a file pickling it must not be loaded (weights_only=True)."""
+
+
 def not_a_model():
     return "nope"
 

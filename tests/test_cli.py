@@ -1,0 +1,318 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ronan_fast import cli
+from ronan_fast.adapters import LatentGenerator
+from ronan_fast.attributor import Attributor
+from ronan_fast.imageio import save_image
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+import tiny_models  # noqa: E402
+
+MODEL = ["--model", "tiny_models:generator", "--latent-shape", "3"]
+REF = ["--reference", "tiny_models:reference"]
+FAST = ["--steps", "100", "--restarts", "2", "-q"]
+
+
+@pytest.fixture(autouse=True)
+def importable_tests(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "tiny.json"
+    code = cli.main(["profile", *MODEL, *REF, "-n", "10", *FAST, "-o", str(path)])
+    assert code == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """3 generated and 3 noise PNGs, plus a broken file."""
+    folder = tmp_path_factory.mktemp("images")
+    g = LatentGenerator(tiny_models.generator(), tiny_models.LATENT)
+    gen = Attributor(g, None).sample(3, seed=9)
+    noise = torch.rand(3, *tiny_models.SHAPE, generator=torch.Generator().manual_seed(1))
+    for i in range(3):
+        save_image(gen[i], folder / f"a_gen{i}.png")
+        save_image(noise[i], folder / f"b_noise{i}.png")
+    return folder
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["profile", "--help"], ["inspect", "--help"], ["demo", "--help"]])
+def test_help(argv, capsys):
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    assert "exit codes" in out and "examples" in out
+
+
+def test_usage_errors(capsys):
+    assert run([], capsys)[0] == 2
+    code, _, err = run(["profile", "--model", "default"], capsys)  # -o missing
+    assert code == 2 and "--output" in err
+    code, _, err = run(["demo", "--alpha", "2"], capsys)
+    assert code == 2 and "alpha" in err
+
+
+def test_console_script_entry_point(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
+    p = subprocess.run([sys.executable, "-m", "ronan_fast.cli", "profile", "--model", "tiny_models:nothing",
+                        "--latent-shape", "3", "-o", str(tmp_path / "p.json")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2
+    assert "has no attribute 'nothing'" in p.stderr
+
+
+# ---------------------------------------------------------------------------- profile
+
+
+def test_profile_file(profile_path, capsys):
+    from ronan_fast.profile import BelongingProfile
+
+    p = BelongingProfile.load(profile_path)
+    assert p.n == 10 and p.calibrated and p.settings["steps"] == 100 and p.rule == "grubbs"
+    assert p.generator_name == "generator"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
+    ("tiny_models:nothing", "has no attribute 'nothing'"),
+    ("tiny_models", "expected 'package.module:factory'"),
+    ("tiny_models:LATENT", "is not callable"),
+    ("tiny_models:not_a_model", "returned str"),
+    ("tiny_models:broken", "factory raised RuntimeError"),
+])
+def test_bad_import_paths(spec, message, tmp_path, capsys):
+    code, _, err = run(["profile", "--model", spec, "--latent-shape", "3", "-o", tmp_path / "p.json"], capsys)
+    assert code == 2
+    assert message in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_module_needs_latent_shape(tmp_path, capsys):
+    code, _, err = run(["profile", "--model", "tiny_models:generator", "-o", tmp_path / "p.json"], capsys)
+    assert code == 2 and "--latent-shape" in err
+    code, _, err = run(["profile", "--model", "tiny_models:adapter", "--latent-shape", "3", "-o", tmp_path / "p.json"],
+                       capsys)
+    assert code == 2 and "GeneratorAdapter" in err
+
+
+def test_bad_weights(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    wrong = tmp_path / "wrong.pt"
+    torch.save(torch.nn.Linear(3, 4).state_dict(), wrong)
+    code, _, err = run(["profile", *MODEL, "--weights", wrong, "-o", out], capsys)
+    assert code == 2
+    assert str(wrong) in err and "missing keys: fc1.bias" in err and "unexpected keys: bias, weight" in err
+    shapes = tmp_path / "shapes.safetensors"
+    from safetensors.torch import save_file
+
+    sd = tiny_models.generator().state_dict()
+    sd["fc1.weight"] = torch.zeros(32, 5)
+    save_file(sd, str(shapes))
+    code, _, err = run(["profile", *MODEL, "--weights", shapes, "-o", out], capsys)
+    assert code == 2 and str(shapes) in err and "fc1.weight (file (32, 5), model (32, 3))" in err
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a tensor file")
+    code, _, err = run(["profile", *MODEL, "--weights", garbage, "-o", out], capsys)
+    assert code == 2 and str(garbage) in err
+    code, _, err = run(["profile", *MODEL, "--weights", tmp_path / "absent.pt", "-o", out], capsys)
+    assert code == 2 and "absent.pt: file not found" in err
+
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"x": tiny_models.NotWeights()}, pickled)
+    code, _, err = run(["profile", *MODEL, "--weights", pickled, "-o", out], capsys)
+    assert code == 2 and "weights_only=True" in err
+    assert not out.exists()
+
+
+def test_weights_load_and_match_the_profile(profile_path, image_folder, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    sd = tiny_models.generator().state_dict()
+    st = tmp_path / "g.safetensors"
+    save_file(sd, str(st))
+    pt = tmp_path / "g.pt"
+    torch.save({"state_dict": sd}, pt)
+    for w in (st, pt):
+        code, out, err = run(["inspect", "--profile", profile_path, *MODEL, "--weights", w, *REF, "-q",
+                              image_folder / "b_noise0.png"], capsys)
+        assert code == 0, err
+        assert "does not belong" in out
+    # other weights: the profile is refused
+    other = tmp_path / "other.safetensors"
+    save_file(tiny_models.other_generator().state_dict(), str(other))
+    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, "--weights", other, *REF, "-q",
+                        image_folder / "b_noise0.png"], capsys)
+    assert code == 3 and "model fingerprint differs" in err
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def test_inspect_end_to_end(profile_path, image_folder, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for f in image_folder.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "c_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    report = tmp_path / "report.jsonl"
+    grid = tmp_path / "grid.png"
+    code, out, err = run(["inspect", "--profile", profile_path, *MODEL, *REF, folder, "-o", report, "--grid", grid,
+                          "--batch", "4", "-q"], capsys)
+    assert code == 1  # the broken file
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(records) == 7
+    by_name = {Path(r["path"]).name: r for r in records}
+    assert by_name["c_broken.png"]["error"] and by_name["c_broken.png"]["verdict"] == "error"
+    for i in range(3):
+        assert by_name[f"b_noise{i}.png"]["belongs"] is False
+        assert by_name[f"a_gen{i}.png"]["loss"] < by_name[f"b_noise{i}.png"]["loss"]
+    assert len({r["profile_id"] for r in records}) == 1
+    assert "c_broken.png" in out and "6 images judged" in out and "1 could not be processed" in out
+    from PIL import Image
+
+    with Image.open(grid) as im:
+        assert im.size[0] > im.size[1] / 2  # three columns: image, reconstruction, reference's
+
+
+def test_inspect_resume(profile_path, image_folder, tmp_path, capsys, monkeypatch):
+    files = sorted(image_folder.glob("*.png"))
+    report = tmp_path / "r.jsonl"
+    base = ["inspect", "--profile", profile_path, *MODEL, *REF, "-o", report, "-q", "--batch", "2"]
+    code, _, _ = run([*base, *files[:3]], capsys)  # the first run stops half-way
+    assert code == 0
+    first = report.read_text().splitlines()
+    assert len(first) == 3
+    # an interrupted append leaves a cut line; it is dropped on resume
+    with report.open("a") as f:
+        f.write('{"path": "cut')
+    seen = []
+    real = Attributor.attribute
+
+    def counting(self, images, progress=None):
+        seen.extend(Path(p).name for p in images)
+        return real(self, images, progress=progress)
+
+    monkeypatch.setattr(Attributor, "attribute", counting)
+    code, _, err = run([*base, image_folder], capsys)
+    assert code == 0
+    assert "resuming: 3 of 6 images already in" in err
+    assert seen == [f.name for f in files[3:]]
+    lines = report.read_text().splitlines()
+    assert lines[:3] == first and len(lines) == 6
+    # a third run has nothing left to do
+    seen.clear()
+    code, out, err = run([*base, image_folder], capsys)
+    assert code == 0 and seen == [] and "resuming: 6 of 6" in err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_inspect_csv_json_reports(profile_path, image_folder, tmp_path, capsys, suffix):
+    report = tmp_path / f"report{suffix}"
+    files = sorted(image_folder.glob("*.png"))
+    base = ["inspect", "--profile", profile_path, *MODEL, *REF, "-o", report, "-q"]
+    assert run([*base, *files[:2]], capsys)[0] == 0
+    assert report.exists() and not (tmp_path / f"report{suffix}.partial.jsonl").exists()
+    code, _, err = run([*base, *files], capsys)
+    assert code == 0 and "resuming: 2 of 6" in err
+    if suffix == ".json":
+        records = json.loads(report.read_text())
+    else:
+        with report.open(newline="") as f:
+            records = list(csv.DictReader(f))
+    assert len(records) == 6
+    assert {Path(r["path"]).name for r in records} == {f.name for f in files}
+
+
+def test_inspect_refusals(profile_path, image_folder, tmp_path, capsys):
+    img = image_folder / "b_noise0.png"
+    code, _, err = run(["inspect", "--profile", profile_path, "--model", "tiny_models:other_generator",
+                        "--latent-shape", "3", *REF, img], capsys)
+    assert code == 3 and "model fingerprint differs" in err
+    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, "--reference", "none", img], capsys)
+    assert code == 3 and "no reference model was given" in err
+    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, "--reference", "tiny_models:other_generator",
+                        img], capsys)
+    assert code == 3 and "reference model differs" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text(profile_path.read_text()[:100])
+    code, _, err = run(["inspect", "--profile", bad, *MODEL, *REF, img], capsys)
+    assert code == 2 and "not valid JSON" in err
+    code, _, err = run(["inspect", "--profile", tmp_path / "none.json", *MODEL, *REF, img], capsys)
+    assert code == 2 and "not found" in err
+    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, *REF, img, "-o", tmp_path / "r.txt"], capsys)
+    assert code == 2 and ".jsonl, .json or .csv" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, *REF, empty], capsys)
+    assert code == 2 and "holds no image files" in err
+
+
+def test_inspect_missing_file_among_good(profile_path, image_folder, tmp_path, capsys):
+    code, out, _ = run(["inspect", "--profile", profile_path, *MODEL, *REF, "-q", image_folder / "b_noise1.png",
+                        tmp_path / "gone.png"], capsys)
+    assert code == 1
+    assert "gone.png" in out and "file not found" in out and "does not belong" in out
+
+
+def test_inspect_with_another_report_profile(profile_path, image_folder, tmp_path, capsys):
+    report = tmp_path / "r.jsonl"
+    report.write_text(json.dumps({"path": "x.png", "profile_id": "0123456789abcdef"}) + "\n")
+    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, *REF, "-q", "-o", report,
+                        image_folder / "b_noise1.png"], capsys)
+    assert code == 2 and "another profile" in err
+    assert report.read_text().count("\n") == 1  # nothing lost
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def test_demo_on_tiny_models(monkeypatch, tmp_path, capsys):
+    from ronan_fast import calibration, default
+
+    samples = []
+    for i in range(4):
+        p = tmp_path / f"real{i}.png"
+        save_image(torch.rand(*tiny_models.SHAPE, generator=torch.Generator().manual_seed(i)), p)
+        samples.append(p)
+    monkeypatch.setattr(calibration, "default_generator",
+                        lambda device="cpu": LatentGenerator(tiny_models.generator(), 3, name="tiny"))
+    monkeypatch.setattr(calibration, "default_reference",
+                        lambda device="cpu": LatentGenerator(tiny_models.reference(), 3, name="tiny ref"))
+    monkeypatch.setattr(default, "default_sample_paths", lambda: samples)
+    code, out, err = run(["demo", "--n-profile", "10", "--n-test", "4", "--steps", "200", "-q",
+                          "--save-profile", tmp_path / "demo.json"], capsys)
+    assert code == 0, err
+    assert "TP = 4" in out and "FN = 0" in out and "FP = 0" in out and "TN = 4" in out
+    assert "accuracy 1.000" in out and "TPR 1.000" in out and "FPR 0.000" in out
+    assert (tmp_path / "demo.json").exists()
+
+
+def test_demo_on_the_bundled_models_smoke(capsys):
+    from ronan_fast import default
+
+    if not (default.DEFAULT_GENERATOR_PATH.is_file() and default.DEFAULT_REFERENCE_PATH.is_file()):
+        pytest.skip("bundled default models not built")
+    code, out, err = run(["demo", "--quick", "--n-profile", "5", "--n-test", "2", "--steps", "20", "--restarts", "1",
+                          "-q"], capsys)
+    assert code == 0, err
+    assert "TP = " in out and "accuracy" in out
