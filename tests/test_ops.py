@@ -159,7 +159,8 @@ def adam_state(m, d, device, g):
         best_loss=torch.where(torch.rand(m, generator=g) < 0.5, torch.rand(m, generator=g), float("inf")),
         best_latent=torch.randn(m, d, generator=g),
     )
-    state["active"][0] = True
+    if m > 0:
+        state["active"][0] = True
     if m > 1:
         state["active"][1] = False
     return {k: v.to(device) for k, v in state.items()}
@@ -252,6 +253,16 @@ def test_latent_adam_step_best_tracking(device):
     assert torch.equal(state["latent"][2], before[2])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_latent_adam_step_empty_rows(device):
+    need_ext(device)
+    a = good_adam(device, m=3, d=0)
+    a["active"][:] = torch.tensor([True, False, True])
+    ops.latent_adam_step_(*a.values(), impl="ext")
+    assert a["step"].cpu().tolist() == [s + t for s, t in zip(good_adam("cpu", 3, 0)["step"].tolist(), [1, 0, 1])]
+    ops.latent_adam_step_(*good_adam(device, m=0, d=4).values(), impl="ext")
+
+
 # --------------------------------------------------------------------------- best_over_restarts
 
 
@@ -294,6 +305,15 @@ def test_best_over_restarts_ties_go_to_the_lowest_row(device):
 
 
 # --------------------------------------------------------------------------- dispatch
+
+
+def test_extension_reports_what_it_was_built_for():
+    need_ext("cpu")
+    assert isinstance(_ext._C.WITH_CUDA, bool)
+    assert _ext._C.TORCH_VERSION == torch.__version__
+    assert _ext._C.CUDA_VERSION == torch.version.cuda
+    assert _ext.build_info == {"torch_version": torch.__version__, "cuda_version": torch.version.cuda,
+                               "with_cuda": _ext._C.WITH_CUDA}
 
 
 def test_impl_ext_runs_the_extension_on_cpu():
