@@ -86,6 +86,8 @@ def test_opencv_digits_framed_like_mnist():
 
 
 def test_photo_patches_deterministic_and_in_range():
+    pytest.importorskip("skimage", reason="scikit-image not installed")
+    pytest.importorskip("sklearn", reason="scikit-learn not installed")
     a = D.photo_patches(size=28, n=12, grey=True, seed=3, sources=("skimage", "sklearn"))
     b = D.photo_patches(size=28, n=12, grey=True, seed=3, sources=("skimage", "sklearn"))
     c = D.photo_patches(size=28, n=12, grey=True, seed=4, sources=("skimage", "sklearn"))
