@@ -31,7 +31,7 @@ TINY = EvalConfig("tiny", n_profile=5, n_belonging=4, n_other=4, overrides=(("st
 
 class TinyModels(ModelSource):
     """Three random tiny DCGANs ("a", "b", "ref"), each 'trained' on its own data; real images are
-    seeded random blobs, different for each data set and split."""
+    seeded random blobs: training images differ per model, unseen images are one shared pool."""
 
     reference_candidates = ("ref",)
 
@@ -63,7 +63,7 @@ class TinyModels(ModelSource):
         return None
 
     def real_images(self, name, split, n, seed):
-        g = torch.Generator().manual_seed(derived_seed("tiny", name, split, seed) % (2**31))
+        g = torch.Generator().manual_seed(derived_seed("tiny", name if split == "train" else "", split, seed) % (2**31))
         x = torch.nn.functional.interpolate(torch.rand(n, 1, 3, 3, generator=g), size=(8, 8), mode="bilinear",
                                             align_corners=False)
         return x.clamp(0, 1)
@@ -199,6 +199,20 @@ def test_verdicts_match_the_attributor_and_stale_cells_are_recomputed(tmp_path, 
     with pytest.warns(CacheWarning, match="stale"):
         rec40 = Evaluation(steps40, tmp_path, models, progress=False).run_cell(cell)
     assert rec40["settings"]["steps"] == 40 and len(inversions) == 6
+
+
+def test_image_sets_with_the_same_pixels_share_inversions(tmp_path, inversions):
+    ev = Evaluation(TINY, tmp_path, TinyModels(), progress=False)
+    gen = lambda m: ImageSpec("generated", m, 4, 1)  # noqa: E731
+    a = ev.run_cell(Cell("a", "2", "a", "ref", "mse", gen("a"), ImageSpec("unseen", "a", 4, 1)))
+    assert len(inversions) == 6
+    # "unseen-b" holds the same pixels as "unseen-a": the reference model's losses are reused
+    b = ev.run_cell(Cell("b", "2", "b", "ref", "mse", gen("b"), ImageSpec("unseen", "b", 4, 1)))
+    assert len(inversions) == 11
+    assert a["loss_files"]["other_ref"] == b["loss_files"]["other_ref"]
+    assert a["other"]["reference_loss"] == b["other"]["reference_loss"]
+    for rec in (a, b):
+        assert all((tmp_path / rel).is_file() for rel in rec["loss_files"].values())
 
 
 def test_uncalibrated_cell_uses_raw_losses(tmp_path):

@@ -80,7 +80,7 @@ class EvalConfig:
 CONFIGS: dict[str, EvalConfig] = {
     # minutes on two CPU cores: every table, few images, short inversions
     "quick": EvalConfig("quick", n_profile=20, n_belonging=10, n_other=10, settings="authors",
-                        overrides=(("steps", 100),), preview=6),
+                        overrides=(("steps", 300),), preview=6),
     # the paper's counts: 100 profile images, 100 belonging + 100 other per cell, 1500 Adam steps
     "full": EvalConfig("full", n_profile=100, n_belonging=100, n_other=100, settings="authors", preview=8,
                        edit_models=_FMNIST_ARCHS),

@@ -88,7 +88,7 @@ def _zoo_adapter(name: str) -> GeneratorAdapter:
                            image_shape=tuple(entry.image_shape), family=entry.family, name=name)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)
 def _fmnist(split: str) -> Tensor:
     from ronan_fast.data import fashion_mnist
 

@@ -187,6 +187,8 @@ def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell]
     if notes:
         lines += ["## Notes", ""] + notes + [""]
     lines += ["## Files", "",
+              "- `commands.txt`: every command that computed cells in this folder (the runs may be parts, "
+              "each with its own `--cells`).",
               "- `cells.csv`: one row per cell and rule.",
               "- `cells/*.json`: per cell, every image's loss, reference loss, calibrated loss, statistic, "
               "p-value and verdict under both rules.",

@@ -200,7 +200,9 @@ class Evaluation:
         return _LossKey(model, spec, key, spec.n)
 
     def _loss_path(self, lk: _LossKey) -> Path:
-        return self.dir / "cache" / "losses" / _safe(lk.model) / f"{_safe(lk.spec.key())}-{lk.key[:12]}.json"
+        # named by content only: image sets with the same pixels (e.g. one model's unseen images and
+        # another's) share one file, in this process and in later ones
+        return self.dir / "cache" / "losses" / _safe(lk.model) / f"{lk.key[:24]}.json"
 
     # ------------------------------------------------------------------ inversions
 
@@ -243,7 +245,7 @@ class Evaluation:
                 "format_version": FORMAT_VERSION,
                 "key": lk.key,
                 "model": lk.model,
-                "images": lk.spec.key(),
+                "computed_for": lk.spec.key(),  # the first image set with these pixels
                 "settings": settings.to_dict(),
                 "inversion_seed": self.config.inversion_seed,
                 "losses": loss.tolist(),
