@@ -420,7 +420,7 @@ def _recipes() -> dict[str, Recipe]:
         add(Recipe(
             name, f"DCGAN (nz=32, ngf=16) on {OVERLAP_SIZE} Fashion-MNIST images, {pct}% of them in the default "
             f"generator's training set (see overlap_indices)", run_dcgan,
-            steps=3000, seed=60 + pct // 10, out=zoo(name), grid=grid(name),
+            steps=2000, seed=60 + pct // 10, out=zoo(name), grid=grid(name),
             params={"data": data_fmnist_overlap(pct / 100)},
         ))
     return r
