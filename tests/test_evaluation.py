@@ -254,7 +254,8 @@ def test_zoo_cell_plan():
     plan = build_cells(CONFIGS["full"], models)
     ids = [c.id for c in plan.cells]
     assert len(ids) == len(set(ids))
-    assert {c.table for c in plan.cells} == {"2", "3", "4", "5", "6", "7", "8"}
+    assert {c.table for c in plan.cells} == {"2", "3", "4", "5", "6", "7", "8", "S"}
+    assert [(c.id, c.settings) for c in plan.cells if c.settings] == [("s-dcgan-fmnist-default", "default")]
     assert ("t2-dcgan-digits-unseen" in dict(plan.omitted))
     for c in plan.cells:
         assert c.reference != c.model

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None, models=None) -> int:
         for c in cells:
             state = "finished" if cell_path(out_dir, c.id).exists() else "to do"
             print(f"{c.id:44s} table {c.table}  ref {c.reference or 'none':14s} {c.metric:5s} "
-                  f"other: {c.other.key():40s} {state}")
+                  f"{c.settings or config.settings:9s} other: {c.other.key():40s} {state}")
         for cid, why in plan.omitted:
             print(f"{cid:44s} left out: {why}")
         return 0

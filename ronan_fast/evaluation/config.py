@@ -28,6 +28,7 @@ TABLES = {
     "6": "calibration on / off",
     "7": "training-data overlap: the other model's data overlaps the tested model's by 50-90%",
     "8": "edited belonging images (pilgram 1977 filter, JPEG quality 75) vs real images",
+    "S": "inversion settings: the config's preset vs the package's default (multi-start); not a table of the paper",
 }
 
 _FMNIST_ARCHS = ("dcgan-fmnist", "vae-fmnist", "condgan-fmnist", "ddim-fmnist")
@@ -57,6 +58,7 @@ class EvalConfig:
     #: images per set whose reconstructions are kept for the figure grids
     preview: int = 6
     metric_models: tuple[str, ...] = ("dcgan-fmnist",)
+    settings_models: tuple[str, ...] = ("dcgan-fmnist",)
     calibration_models: tuple[str, ...] = _FMNIST_ARCHS
     edit_models: tuple[str, ...] = ("dcgan-fmnist",)
 
@@ -71,7 +73,7 @@ class EvalConfig:
     def identity(self) -> dict:
         """The fields that change numbers (not ``name``, nor which models a table covers)."""
         d = asdict(self)
-        for k in ("name", "metric_models", "calibration_models", "edit_models"):
+        for k in ("name", "metric_models", "settings_models", "calibration_models", "edit_models"):
             d.pop(k)
         d["overrides"] = dict(self.overrides)
         return d
@@ -127,7 +129,11 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class Cell:
-    """One evaluated setting: model, reference, metric, belonging images, other images."""
+    """One evaluated setting: model, reference, metric, belonging images, other images.
+
+    ``settings`` names an inversion preset for this cell in place of the config's (the config's
+    overrides still apply); None: the config's.
+    """
 
     id: str
     table: str
@@ -137,6 +143,7 @@ class Cell:
     belonging: ImageSpec
     other: ImageSpec
     note: str = ""
+    settings: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -200,7 +207,7 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
         return ImageSpec("generated", m, n, seed, edit=edit)
 
     def add(cid: str, table: str, model: str, other: ImageSpec, metric: str = "mse", calibrated: bool = True,
-            belonging: ImageSpec | None = None) -> None:
+            belonging: ImageSpec | None = None, settings: str | None = None) -> None:
         if model not in names:
             plan.omitted.append((cid, f"model {model} is not in the zoo"))
             return
@@ -212,7 +219,7 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
             if ref is None:
                 plan.omitted.append((cid, note))
                 return
-        plan.cells.append(Cell(cid, table, model, ref, metric, belonging or gen(model, nb), other, note))
+        plan.cells.append(Cell(cid, table, model, ref, metric, belonging or gen(model, nb), other, note, settings))
 
     # Table 2: every zoo model against its own training images and unseen real images
     for m in names:
@@ -245,6 +252,10 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
     for m in config.edit_models:
         for edit in EDITS:
             add(f"t8-{m}-{edit}", "8", m, ImageSpec("unseen", m, no, seed), belonging=gen(m, nb, edit))
+    # Beyond the paper: the package's default inversion settings instead of the config's preset
+    for m in config.settings_models:
+        if config.settings != "default":
+            add(f"s-{m}-default", "S", m, ImageSpec("unseen", m, no, seed), settings="default")
     return plan
 
 

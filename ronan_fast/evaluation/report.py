@@ -25,7 +25,7 @@ PAPER_OVERALL = "95.7% TPR at about 5% FPR (overall, 8 generators)"
 CSV_COLUMNS = [
     "config", "table", "cell", "model", "reference", "metric", "belonging_images", "other_images",
     "n_profile", "n_belonging", "n_other", "rule", "tp", "fp", "fn", "tn", "accuracy", "tpr", "fpr",
-    "auc", "critical_value", "threshold", "profile_mu", "profile_sigma", "seconds", "compute_seconds",
+    "auc", "settings", "critical_value", "threshold", "profile_mu", "profile_sigma", "seconds", "compute_seconds",
     "steps", "restarts", "lr", "threads", "finished", "paper",
 ]
 
@@ -47,7 +47,8 @@ def _rows(records: list[dict]) -> list[dict]:
                 "n_profile": r["n"], "n_belonging": rec["belonging"]["n"], "n_other": rec["other"]["n"],
                 "rule": rule, "tp": r["tp"], "fp": r["fp"], "fn": r["fn"], "tn": r["tn"],
                 "accuracy": round(r["accuracy"], 6), "tpr": round(r["tpr"], 6), "fpr": round(r["fpr"], 6),
-                "auc": round(rec["auc"], 6), "critical_value": round(r["critical_value"], 6),
+                "auc": round(rec["auc"], 6), "settings": c.get("settings") or rec["config_identity"]["settings"],
+                "critical_value": round(r["critical_value"], 6),
                 "threshold": f"{r['threshold']:.6g}", "profile_mu": f"{r['mu']:.6g}",
                 "profile_sigma": f"{r['sigma']:.6g}", "seconds": round(rec["seconds"], 2),
                 "compute_seconds": round(rec["compute_seconds"], 2), "steps": rec["settings"]["steps"],
@@ -101,7 +102,8 @@ def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell]
     by_id = {r["cell"]["id"]: r for r in records}
     done = [c for c in cells if c.id in by_id]
     partial = len(done) < len(cells)
-    settings = records[0]["settings"] if records else None
+    plain = [r for r in records if not r["cell"].get("settings")]
+    settings = plain[0]["settings"] if plain else None
     lines = [
         f"# RONAN evaluation, `{config.name}` configuration"
         + (f" -- PARTIAL: {len(done)} of {len(cells)} cells finished" if partial else f" ({len(done)} cells)"),
@@ -156,7 +158,7 @@ def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell]
                      f"{_pct(t['fpr'])} | {_pct(t['accuracy'])} | {PAPER_OVERALL} |")
     lines.append("")
     notes = []
-    for table in sorted(TABLES, key=int):
+    for table in TABLES:
         tcells = [c for c in cells if c.table == table]
         if not tcells:
             continue
@@ -175,8 +177,14 @@ def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell]
                 continue
             g, gl = rec["rules"]["grubbs"], rec["rules"]["grubbs-log"]
             bel = "" if c.belonging.edit is None else f" (belonging: {rec['belonging_description']})"
+            metric = c.metric
+            if c.settings:
+                st = rec["settings"]
+                metric += (f"; settings `{c.settings}`: {st['restarts']} restarts, {st['steps']} steps, "
+                           f"{st['schedule']} lr {st['lr']}, halving every {st['halving_every']}, "
+                           f"patience {st['patience']}")
             lines.append(
-                f"| {c.id} | {rec['other_description']}{bel} | {c.reference or 'none'} | {c.metric} | "
+                f"| {c.id} | {rec['other_description']}{bel} | {c.reference or 'none'} | {metric} | "
                 f"{g['tp']}/{g['fp']}/{g['fn']}/{g['tn']} | {_pct(g['accuracy'])} | "
                 f"{gl['tp']}/{gl['fp']}/{gl['fn']}/{gl['tn']} | {_pct(gl['accuracy'])} | {rec['auc']:.3f} | "
                 f"{rec['seconds']:.1f} | {rec['compute_seconds']:.1f} | {PAPER_CELL} |")

@@ -184,9 +184,10 @@ class Evaluation:
             self._fingerprints[model] = self.models.adapter(model).fingerprint()
         return self._fingerprints[model]
 
-    def settings(self, model: str, metric: str) -> InversionSettings:
-        """Inversion settings of ``model`` for ``metric``: the config's preset and overrides."""
-        return resolve_settings(self.models.adapter(model), self.config.settings, metric=metric,
+    def settings(self, model: str, metric: str, preset: str | None = None) -> InversionSettings:
+        """Inversion settings of ``model`` for ``metric``: ``preset`` (default: the config's) with
+        the config's overrides."""
+        return resolve_settings(self.models.adapter(model), preset or self.config.settings, metric=metric,
                                 **dict(self.config.overrides))
 
     def loss_key(self, model: str, spec: ImageSpec, settings: InversionSettings) -> _LossKey:
@@ -333,7 +334,7 @@ class Evaluation:
 
     def plan_keys(self, cell: Cell) -> tuple[InversionSettings, dict, str]:
         """The cell's settings, the keys of every loss set it uses, and its own key."""
-        settings = self.settings(cell.model, cell.metric)
+        settings = self.settings(cell.model, cell.metric, cell.settings)
         profile_spec = ImageSpec("generated", cell.model, self.config.n_profile, self.config.profile_seed,
                                  purpose="profile")
         keys = {"profile": self.loss_key(cell.model, profile_spec, settings),
