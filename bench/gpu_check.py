@@ -209,7 +209,7 @@ def table(device: torch.device, acc: list[Row], spd: list[tuple[str, str, float,
     lines += ["", "## Time (median)", "", "| op | case | kernel ms | reference ms | speed-up | kernel GB/s |",
               "| --- | --- | ---: | ---: | ---: | ---: |"]
     for op, case, ext, ref, gbs in spd:
-        lines.append(f"| {op} | {case} | {ext:.4f} | {ref:.4f} | {ref / ext:.1f}x | {gbs:.0f} |")
+        lines.append(f"| {op} | {case} | {ext:.4f} | {ref:.4f} | {ref / ext:.1f}x | {gbs:.1f} |")
     return "\n".join(lines) + "\n"
 
 

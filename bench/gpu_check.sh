@@ -24,7 +24,7 @@ if [ "${1:-}" = "--cpu" ]; then
 fi
 
 step "versions"
-"$PY" - "$cpu" <<'EOF' || fail "torch is not importable by this python"
+"$PY" - "$cpu" <<'EOF' || fail "torch cannot be imported or sees no GPU (see above)"
 import platform, sys, torch
 print(f"python {platform.python_version()} ({sys.executable}); torch {torch.__version__}, built for CUDA {torch.version.cuda}")
 if sys.argv[1] == "0":
