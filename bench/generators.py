@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ronan_fast.adapters import ConditionalGenerator, GeneratorAdapter, LatentGenerator
+from ronan_fast.adapters import GeneratorAdapter, LatentGenerator
 
 
 @dataclass
@@ -26,14 +26,6 @@ def _fmnist_test(n: int) -> Tensor:
     return x[-n:]  # the end of the test split: never in a training set, never a bundled sample
 
 
-def _digits_heldout(n: int) -> Tensor:
-    from ronan_fast.data import fashion_mnist  # noqa: F401  (same package, keeps imports lazy)
-    from ronan_fast import data as D
-
-    x, _ = D.mnist_digits()
-    return x[-n:]
-
-
 def default(device: str = "cpu") -> BenchGenerator:
     from ronan_fast import default as d
 
@@ -43,27 +35,15 @@ def default(device: str = "cpu") -> BenchGenerator:
 
 
 def zoo(name: str, device: str = "cpu") -> BenchGenerator:
-    from ronan_fast import zoo as z
+    """A zoo model and real images of its data that it never trained on (its training images
+    where no unseen ones exist), as the evaluation harness serves them."""
+    from ronan_fast.evaluation.models import ZooModels
 
-    entry = z.ZOO[name]
-    module = z.load_zoo_module(name).to(device)
-    latent_shape = tuple(entry.latent_shape)
-    if entry.family == "conditional":
-        adapter: GeneratorAdapter = ConditionalGenerator(
-            module, latent_shape, num_classes=getattr(module, "num_classes", 10),
-            output_range=tuple(entry.output_range), name=name,
-        )
-    else:
-        adapter = LatentGenerator(module, latent_shape, tuple(entry.output_range), family=entry.family, name=name)
-    data = str(getattr(entry, "data", ""))
-    real = _digits_heldout if "digit" in data.lower() else _fmnist_test
-    if "photo" in data.lower():
-        from ronan_fast import data as D
-
-        def real(n: int) -> Tensor:  # noqa: F811
-            return D.photo_patches(size=28, n=n, grey=True, seed=12345)
-
-    return BenchGenerator(name, adapter, real, data)
+    src = ZooModels()
+    adapter = src.adapter(name).to(device)
+    split = "unseen" if src.real_unavailable(name, "unseen") is None else "train"
+    return BenchGenerator(name, adapter, lambda n: src.real_images(name, split, n, seed=12345),
+                          src.describe_real(name, split))
 
 
 def get(name: str, device: str = "cpu") -> BenchGenerator:
