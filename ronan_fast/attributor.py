@@ -91,9 +91,11 @@ class AttributionResult:
             (``stopped_early``), and its loss is the loss at stopping, not the lowest reachable.
         reference_loss: ``[B]`` float64 ``A_r`` under the reference model (None uncalibrated).
         calibrated_loss: ``[B]`` ``A' = A / A_r`` (``= A`` uncalibrated).
-        statistic: ``[B]`` the Grubbs statistic ``(A' - mu) / sigma`` (on ``log A'`` for "grubbs-log").
+        statistic: ``[B]`` the Grubbs statistic ``(A' - mu) / sigma`` (on ``log A'`` for "grubbs-log");
+            for an image that stopped early, the statistic at stopping, a little under ``critical_value``.
         critical_value: ``G_crit`` for the profile's ``n`` and ``alpha`` (the same for every image).
-        p_value: ``[B]`` one-sided p-value of the statistic under "the image belongs".
+        p_value: ``[B]`` one-sided p-value of the statistic under "the image belongs" (at stopping
+            for an image that stopped early: a little over ``alpha``, a lower bound).
         belonging: ``[B]`` bool, ``statistic < critical_value``.
         threshold: the calibrated loss at the edge of belonging.
         reconstruction / reference_reconstruction: ``[B, C, H, W]`` the best reconstructions.
