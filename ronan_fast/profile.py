@@ -252,10 +252,14 @@ class BelongingProfile:
         if metric != self.metric:
             diffs.append(f"metric differs (profile: {self.metric!r}, given: {metric!r})")
         given = _settings_dict(settings)
+        defaults = _setting_defaults()
         for key in sorted(set(given) | set(self.settings)):
             if key == "metric":
                 continue  # reported above
             if key not in self.settings:
+                # a setting added after the profile was made is harmless at its default
+                if key in defaults and given[key] == defaults[key]:
+                    continue
                 diffs.append(f"setting {key!r} is not in the profile (given: {given[key]!r})")
             elif key not in given:
                 diffs.append(f"setting {key!r} is missing (profile: {self.settings[key]!r})")
@@ -358,6 +362,13 @@ class BelongingProfile:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _setting_defaults() -> dict:
+    from ronan_fast.inversion import InversionSettings
+
+    return {f.name: f.default for f in dataclasses.fields(InversionSettings)
+            if f.default is not dataclasses.MISSING}
 
 
 def _as_list(values) -> list[float]:

@@ -83,7 +83,11 @@ def test_usage_errors(capsys):
 
 
 def test_console_script_entry_point(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
+    import ronan_fast
+
+    # the package as this test process sees it (installed, or the source tree), and the test factories
+    package_root = Path(ronan_fast.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(package_root)]))
     p = subprocess.run([sys.executable, "-m", "ronan_fast.cli", "profile", "--model", "tiny_models:nothing",
                         "--latent-shape", "3", "-o", str(tmp_path / "p.json")],
                        capture_output=True, text=True, env=env, timeout=120)

@@ -197,6 +197,12 @@ def test_check_compatible(models):
     text = str(e.value)
     assert "'steps' differs (profile: 50, given: 51)" in text and "'lr' differs" in text
     assert len(e.value.differences) == 2
+    # a profile from before a setting existed: fine at the setting's default, refused otherwise
+    older = make(models)
+    del older.settings["polish_steps"]
+    older.check_compatible(g, r, "mse", SETTINGS)
+    with pytest.raises(ProfileMismatchError, match="'polish_steps' is not in the profile"):
+        older.check_compatible(g, r, "mse", SETTINGS.replace(polish_steps=3))
 
 
 def test_profile_depends_on_weights(models):
