@@ -49,9 +49,9 @@ def save_model(model: nn.Module, path: str | os.PathLike, info: dict[str, Any] |
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, _umask_mode())
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
