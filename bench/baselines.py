@@ -29,14 +29,17 @@ def authors_loop(
     out = torch.empty(images.shape[0])
     for b in range(images.shape[0]):
         target = images[b : b + 1].to(device)
-        starts = _row_latents(generator, torch.tensor([b]), restarts, seed).to(device)
+        # a class-conditional generator with the class unknown gets `restarts` starts per class
+        cond, rows = generator.row_conditions(None, 1, restarts)
+        starts = _row_latents(generator, torch.tensor([b]), rows, seed).to(device)
         best = float("inf")
-        for r in range(restarts):
+        for r in range(rows):
             z = starts[r : r + 1].clone().requires_grad_(True)
+            c = None if cond is None else cond[r : r + 1]
             opt = torch.optim.Adam([z], lr=lr)
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
-                loss = F.mse_loss(generator.to_unit(generator.decode_raw(z)), target)
+                loss = F.mse_loss(generator.to_unit(generator.decode_raw(z, c)), target)
                 loss.backward()
                 opt.step()
                 v = loss.item()
@@ -58,8 +61,9 @@ def plain_batched(
     """Per-image lowest MSE, all images times restarts in one batch with ``torch.optim.Adam``."""
     device = generator.device
     b = images.shape[0]
-    target = images.to(device).repeat_interleave(restarts, 0)
-    z = _row_latents(generator, torch.arange(b), restarts, seed).to(device).requires_grad_(True)
+    cond, rows = generator.row_conditions(None, b, restarts)
+    target = images.to(device).repeat_interleave(rows, 0)
+    z = _row_latents(generator, torch.arange(b), rows, seed).to(device).requires_grad_(True)
     try:
         opt = torch.optim.Adam([z], lr=lr, fused=True)
     except (RuntimeError, TypeError):
@@ -69,9 +73,9 @@ def plain_batched(
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         with _autocast(device, precision):
-            pred = generator.to_unit(generator.decode_raw(z))
+            pred = generator.to_unit(generator.decode_raw(z, cond))
         per_row = (pred.float() - target).square().flatten(1).mean(1)
         per_row.sum().backward()
         opt.step()
         best = torch.minimum(best, per_row.detach())
-    return best.view(b, restarts).min(1).values.cpu()
+    return best.view(b, rows).min(1).values.cpu()
