@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None, models=None) -> int:
     records = _finished(out_dir, plan.cells, config)
     report.write_csv(out_dir / "cells.csv", records)
     report.write_summary(out_dir / "summary.md", config, plan.cells, records, plan.omitted, not_run, command,
-                          tuple(models.reference_candidates))
+                          tuple(models.reference_candidates), models)
     if not args.no_figures and records:
         report.write_figures(out_dir, records, ev.previews)
     print(f"{len(records)} of {len(plan.cells)} cells finished; reports in {out_dir}", file=sys.stderr)

@@ -93,8 +93,11 @@ def _pct(x: float) -> str:
 
 def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell], records: list[dict],
                   omitted: list[tuple[str, str]], not_run: dict[str, str], command: str,
-                  reference_candidates: tuple[str, ...] = ()) -> Path:
-    """``summary.md``: settings, how to read the numbers, every table, and what is not finished."""
+                  reference_candidates: tuple[str, ...] = (), models=None) -> Path:
+    """``summary.md``: settings, how to read the numbers, every table, and what is not finished.
+
+    ``models`` (a :class:`~ronan_fast.evaluation.models.ModelSource`) words the image sets of
+    cells that are not finished."""
     import torch
 
     import ronan_fast
@@ -172,7 +175,7 @@ def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell]
                 notes.append(f"- `{c.id}`: {c.note}")
             if rec is None:
                 why = not_run.get(c.id, "not run yet")
-                lines.append(f"| {c.id} | {c.other.describe()} | {c.reference or 'none'} | {c.metric} | "
+                lines.append(f"| {c.id} | {c.other.describe(models)} | {c.reference or 'none'} | {c.metric} | "
                              f"not finished: {why} | | | | | | | |")
                 continue
             g, gl = rec["rules"]["grubbs"], rec["rules"]["grubbs-log"]
