@@ -483,11 +483,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask_mode(path: str) -> None:
+    from ronan_fast.profile import _umask_mode as set_mode
+
+    set_mode(path)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

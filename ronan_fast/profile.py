@@ -315,6 +315,7 @@ class BelongingProfile:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
+            _umask_mode(tmp)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -362,6 +363,13 @@ class BelongingProfile:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _umask_mode(path: str) -> None:
+    """Give a file made by mkstemp (mode 0600) the mode a plain open() would: 0666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _setting_defaults() -> dict:

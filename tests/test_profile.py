@@ -92,6 +92,9 @@ def test_json_round_trip(models, tmp_path):
     assert data["format_version"] == FORMAT_VERSION
     assert data["settings"]["steps"] == 50
     assert [f.name for f in tmp_path.joinpath("sub").iterdir() if f.name.endswith(".tmp")] == []
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
 
 
 def test_save_replaces_atomically(models, tmp_path, monkeypatch):
