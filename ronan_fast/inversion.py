@@ -14,6 +14,7 @@ batch at the next check.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -155,6 +156,23 @@ class InversionResult:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _flush_denormals():
+    """Flush float32 denormals to zero while inverting (CPU).
+
+    A generator's own images reconstruct almost exactly; the Adam moments of their inputs then
+    decay into the denormal range, where CPU arithmetic is several times slower. Values under
+    1e-38 change nothing a verdict depends on. Torch has no getter for the flag, so it is
+    switched back off afterwards (its default).
+    """
+    changed = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if changed:
+            torch.set_flush_denormal(False)
 
 
 def _lr_factor(s: InversionSettings, t: int) -> float:
@@ -305,22 +323,12 @@ def invert(
     out_cond: list[Tensor] = []
     out_steps = torch.zeros(b_total, dtype=torch.int64, device=device)
     per_chunk = max(1, max_rows // rows_per_image)
-    done = 0
-    for start in range(0, b_total, per_chunk):
-        stop = min(b_total, start + per_chunk)
-        ids = torch.arange(start, stop)
-        chunk_cond = None if conditions is None else conditions[start:stop]
-        res = _invert_chunk(
-            generator, images[start:stop], ids, chunk_cond, s, metric_name, metric_obj, seed,
-            None if stop_below is None else stop_below[start:stop], impl,
-        )
-        out_loss[start:stop], out_inputs[start:stop], out_recon[start:stop] = res[0], res[1], res[2]
-        if res[3] is not None:
-            out_cond.append(res[3])
-        out_steps[start:stop] = res[4]
-        done = stop
-        if progress is not None:
-            progress(done)
+    with _flush_denormals():
+        for start in range(0, b_total, per_chunk):
+            _run_chunk(generator, images, conditions, stop_below, start, min(b_total, start + per_chunk), s,
+                       metric_name, metric_obj, seed, impl, (out_loss, out_inputs, out_recon, out_cond, out_steps))
+            if progress is not None:
+                progress(min(b_total, start + per_chunk))
     return InversionResult(
         loss=out_loss,
         inputs=out_inputs,
@@ -330,6 +338,20 @@ def invert(
         settings=s,
         metric=metric_name,
     )
+
+
+def _run_chunk(generator, images, conditions, stop_below, start, stop, s, metric_name, metric_obj, seed, impl, outs):
+    """Invert images ``start:stop`` and write their results into ``outs``."""
+    out_loss, out_inputs, out_recon, out_cond, out_steps = outs
+    res = _invert_chunk(
+        generator, images[start:stop], torch.arange(start, stop),
+        None if conditions is None else conditions[start:stop], s, metric_name, metric_obj, seed,
+        None if stop_below is None else stop_below[start:stop], impl,
+    )
+    out_loss[start:stop], out_inputs[start:stop], out_recon[start:stop] = res[0], res[1], res[2]
+    if res[3] is not None:
+        out_cond.append(res[3])
+    out_steps[start:stop] = res[4]
 
 
 def _default_max_rows(generator: GeneratorAdapter, rows_per_image: int, s: InversionSettings) -> int:

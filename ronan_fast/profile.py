@@ -111,6 +111,8 @@ class BelongingProfile:
     inversion_seed: int = 0
     generator_name: str = ""
     reference_name: str | None = None
+    #: bits per channel the profile's generated images were rounded to (None: unrounded floats)
+    image_bits: int | None = None
     version: str = field(default_factory=_version)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
@@ -134,6 +136,7 @@ class BelongingProfile:
         reference=None,
         seed: int = 0,
         inversion_seed: int = 0,
+        image_bits: int | None = None,
     ) -> "BelongingProfile":
         """A profile from the ``n`` profile images' losses under the model (and the reference model).
 
@@ -177,6 +180,7 @@ class BelongingProfile:
             inversion_seed=int(inversion_seed),
             generator_name=getattr(generator, "name", "") if generator is not None else "",
             reference_name=None if reference is None else getattr(reference, "name", None),
+            image_bits=image_bits,
         )
 
     # ------------------------------------------------------------------ the test

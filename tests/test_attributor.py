@@ -246,3 +246,24 @@ def test_reference_with_another_native_shape(g, test_images, tmp_path):
     save_image(torch.rand(3, 20, 30), tmp_path / "colour.png")
     res = att.attribute([tmp_path / "colour.png"])
     assert res.notes[0] == "RGB->grey, 30x20->8x8 (centre crop to 20x20), reference: 30x20->12x12 (centre crop to 20x20)"
+
+
+def test_profile_images_are_rounded_like_saved_files(fitted, g, r, tmp_path):
+    """A profile of 8-bit images accepts the model's own images read back from PNG files."""
+    assert fitted.profile.image_bits == 8
+    own = fitted.sample(4, seed=3, purpose="png")
+    assert torch.equal(own, torch.round(own * 255) / 255)
+    paths = []
+    for i, img in enumerate(own):
+        save_image(img, tmp_path / f"own{i}.png")
+        paths.append(tmp_path / f"own{i}.png")
+    res = fitted.attribute(paths)
+    assert all(res.belonging)
+    p = tmp_path / "p.json"
+    fitted.profile.save(p)
+    assert BelongingProfile.load(p).image_bits == 8
+    assert Attributor.from_profile(p, g, r).image_bits == 8
+    floats = Attributor(g, r, image_bits=None, **FAST)
+    assert not torch.equal(floats.sample(4, seed=3), own)
+    with pytest.raises(ValueError, match="image_bits"):
+        Attributor(g, r, image_bits=0)
