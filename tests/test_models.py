@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -124,6 +125,9 @@ def test_save_load_roundtrip(tmp_path, model, args):
         want = model(*inputs)
     p = save_model(model, tmp_path / "m.safetensors", info={"note": "test", "steps": 3})
     assert not list(tmp_path.glob("*.tmp"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask  # readable like any new file, not mkstemp's 0o600
     meta = read_metadata(p)
     assert meta["architecture"] == type(model).__name__ and meta["info"] == {"note": "test", "steps": 3}
     assert meta["config"] == json.loads(json.dumps(model.config))
@@ -170,3 +174,47 @@ def test_load_errors(tmp_path):
         load_model(wrong)
     with pytest.raises(TypeError, match="not a registered architecture"):
         save_model(torch.nn.Linear(2, 2), tmp_path / "lin.safetensors")
+
+
+# --------------------------------------------------------------------------- zoo
+
+
+def test_overlap_split_construction():
+    from ronan_fast.zoo.train import OVERLAP_SIZE, overlap_indices
+
+    prev_tr, prev_te = None, None
+    for pct in (50, 60, 70, 80, 90):
+        tr, te = overlap_indices(pct / 100)
+        assert len(tr) + len(te) == OVERLAP_SIZE and len(tr) == OVERLAP_SIZE * pct // 100
+        assert len(set(tr.tolist())) == len(tr) and len(set(te.tolist())) == len(te)
+        assert 0 <= int(tr.min()) and int(tr.max()) < 60000
+        assert 5000 <= int(te.min()) and int(te.max()) < 10000  # never the held-out test[0:5000]
+        if prev_tr is not None:
+            assert set(prev_tr.tolist()) <= set(tr.tolist()) and set(te.tolist()) <= set(prev_te.tolist())
+        prev_tr, prev_te = tr, te
+    a, b = overlap_indices(0.7)
+    assert torch.equal(a, overlap_indices(0.7)[0]) and torch.equal(b, overlap_indices(0.7)[1])
+    with pytest.raises(ValueError, match="fraction"):
+        overlap_indices(1.5)
+
+
+def test_zoo_registry_and_weights():
+    from ronan_fast.zoo import ZOO, ZOO_REFERENCE, load_zoo_module
+
+    assert ZOO_REFERENCE in ZOO
+    assert {e.family for e in ZOO.values()} == {"gan", "vae", "conditional", "diffusion"}
+    assert ZOO[ZOO_REFERENCE].training_data not in {e.training_data for n, e in ZOO.items() if "fmnist" in n}
+    g = torch.Generator().manual_seed(0)
+    for name, entry in ZOO.items():
+        m = load_zoo_module(name)
+        assert type(m).__name__ == entry.architecture and not m.training, name
+        assert tuple(m.latent_shape) == entry.latent_shape, name
+        z = torch.randn(4, *entry.latent_shape, generator=g)
+        with torch.no_grad():
+            x = m(z, torch.arange(4)) if entry.num_classes else m(z)
+        lo, hi = entry.output_range
+        assert x.shape == (4, *entry.image_shape), name
+        assert torch.isfinite(x).all() and lo <= float(x.min()) and float(x.max()) <= hi, name
+        assert m.info["steps_done"] >= 1000, name  # trained weights, by their own record
+    with pytest.raises(KeyError, match="unknown zoo model"):
+        load_zoo_module("stylegan-ffhq")
