@@ -129,6 +129,7 @@ def test_cli_outputs_resume_and_corrupt_caches(tmp_path, tiny_config, inversions
     profiles = sorted((folder / "profiles").glob("*.json"))
     assert len(profiles) == len(RULES)
     assert {BelongingProfile.load(p).rule for p in profiles} == set(RULES)
+    assert {BelongingProfile.load(p).image_bits for p in profiles} == {8}
 
     # a folder with finished cells is not continued by accident
     assert _cli(out) == 2

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["EDITS", "quantise", "apply_edit", "to_uint8", "from_uint8", "images_sha256", "encode_uint8", "decode_uint8"]
+__all__ = ["EDITS", "IMAGE_BITS", "quantise", "apply_edit", "to_uint8", "from_uint8", "images_sha256", "encode_uint8", "decode_uint8"]
 
+#: bits per channel of every image the harness inverts (8: as saved to PNG)
+IMAGE_BITS = 8
 #: edits of belonging images (Table 8): pilgram's "1977" Instagram filter, JPEG at quality 75
 EDITS = ("1977", "jpeg75")
 

@@ -128,10 +128,10 @@ def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell]
         + (f"; resolved: steps={settings['steps']}, lr={settings['lr']}, restarts={settings['restarts']}, "
            f"schedule={settings['schedule']}, precision={settings['precision']}." if settings else "."),
         "- Every image is quantised to 8 bits before inversion (`round(x*255)/255`, as if saved to PNG), the "
-        "profile's images included. (`Attributor.fit` inverts the generator's float output unquantised, so the "
-        "harness builds each profile itself from quantised images with `BelongingProfile.from_losses`, with the "
-        "same settings, seeds and reference model.) Inversions run their full length (no early stop), as "
-        "`Attributor.attribute(early_stop=False)` would.",
+        "profile's images included, as `Attributor.fit` does (`image_bits=8`). The harness builds each profile "
+        "with `BelongingProfile.from_losses` from cached inversions (same settings, seeds and reference model as "
+        "`Attributor.fit`; its own seed stream for the generated images) so that cells share them. Inversions run "
+        "their full length (no early stop), as `Attributor.attribute(early_stop=False)` would.",
         f"- Reference model: the first of {', '.join(reference_candidates) or '(none named)'} that is trained on other data "
         "than the model under test and did not make the cell's other images (substitutions are listed under "
         "Notes). Table 6 `uncalibrated` cells use none (A' = A).",

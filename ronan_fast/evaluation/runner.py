@@ -13,12 +13,12 @@ Work is shared and cached at three levels, all JSON written atomically under the
   :class:`~ronan_fast.evaluation.store.CacheWarning` and the cell is computed again.
 
 Every image is quantised to 8 bits before it is inverted (``round(x * 255) / 255``, as if
-saved to PNG) -- the profile's images too. The profile is therefore built here from the
-model's quantised images with :meth:`BelongingProfile.from_losses`, with the same settings,
-seeds, reference model and loss floor as :meth:`Attributor.fit` (which inverts unquantised
-images), and each image is judged exactly as :meth:`Attributor.attribute` judges it without
-early stopping: inversion runs its full length, so the losses also give a meaningful ROC AUC
-and serve both rules.
+saved to PNG) -- the profile's images too, as :meth:`Attributor.fit` does (``image_bits=8``).
+The profile is built here with :meth:`BelongingProfile.from_losses` from cached losses, with
+the same settings, seeds, reference model and loss floor as :meth:`Attributor.fit` (only the
+seed stream of the generated images is the harness's own), and each image is judged exactly
+as :meth:`Attributor.attribute` judges it without early stopping: inversion runs its full
+length, so the losses also give a meaningful ROC AUC and serve both rules.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ronan_fast.evaluation.config import Cell, EvalConfig, ImageSpec
-from ronan_fast.evaluation.images import apply_edit, decode_uint8, encode_uint8, images_sha256, quantise
+from ronan_fast.evaluation.images import IMAGE_BITS, apply_edit, decode_uint8, encode_uint8, images_sha256, quantise
 from ronan_fast.evaluation.models import ModelSource, derived_seed
 from ronan_fast.evaluation.scoring import confusion, roc_auc
 from ronan_fast.evaluation.store import CacheWarning, check, finite_list, read_cache, write_json
@@ -279,6 +279,8 @@ class Evaluation:
             check(p.rule == rule, f"rule is {p.rule!r}, expected {rule!r}")
             check(p.n == self.config.n_profile, f"n is {p.n}, expected {self.config.n_profile}")
             check(p.alpha == self.config.alpha, f"alpha is {p.alpha}, expected {self.config.alpha}")
+            check(getattr(p, "image_bits", None) == IMAGE_BITS,
+                  f"image_bits is {getattr(p, 'image_bits', None)}, expected {IMAGE_BITS}")
             check(p.seed == self.config.profile_seed and p.inversion_seed == self.config.inversion_seed,
                   "made with other seeds")
         except (ProfileError, ValueError) as e:
@@ -314,7 +316,7 @@ class Evaluation:
             p = BelongingProfile.from_losses(
                 raw, ref, alpha=self.config.alpha, rule=rule, metric=cell.metric, settings=settings,
                 generator=model, reference=ref_adapter, seed=self.config.profile_seed,
-                inversion_seed=self.config.inversion_seed,
+                inversion_seed=self.config.inversion_seed, image_bits=IMAGE_BITS,
             )
             p.save(self._profile_path(cell, pkey, rule))
             out[rule] = p
@@ -343,7 +345,8 @@ class Evaluation:
         if cell.reference:
             for name in ("profile", "belonging", "other"):
                 keys[f"{name}_ref"] = self.loss_key(cell.reference, keys[name].spec, settings)
-        cell_key = _hash({"format_version": FORMAT_VERSION, "cell": cell.to_dict(), "config": self.config.identity(),
+        cell_key = _hash({"format_version": FORMAT_VERSION, "image_bits": IMAGE_BITS, "cell": cell.to_dict(),
+                          "config": self.config.identity(),
                           "losses": {k: v.key for k, v in sorted(keys.items())}})
         return settings, keys, cell_key
 
