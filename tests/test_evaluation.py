@@ -117,7 +117,7 @@ def test_cli_outputs_resume_and_corrupt_caches(tmp_path, tiny_config, inversions
         assert r["reference"] == "ref" and r["steps"] == "30"
     summary = (folder / "summary.md").read_text()
     assert "PARTIAL: 2 of" in summary and "| t2-a-unseen |" in summary and "not finished" in summary
-    assert "--cells 't2-a-*'" in summary
+    assert "    python -m ronan_fast.evaluation --config tiny --cells 't2-a-*'" in summary
     for cid in ("t2-a-train", "t2-a-unseen"):
         rec = json.loads((folder / "cells" / f"{cid}.json").read_text())
         assert len(rec["belonging"]["calibrated_loss"]) == 4

@@ -55,6 +55,11 @@ def _finished(out_dir: Path, cells, config) -> list[dict]:
     return out
 
 
+def _commands(out_dir: Path) -> list[str]:
+    log = out_dir / "commands.txt"
+    return [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()] if log.exists() else []
+
+
 def main(argv: list[str] | None = None, models=None) -> int:
     """Run the command line ``argv``; ``models`` replaces the zoo (a :class:`ModelSource`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None, models=None) -> int:
     records = _finished(out_dir, plan.cells, config)
     report.write_csv(out_dir / "cells.csv", records)
     report.write_summary(out_dir / "summary.md", config, plan.cells, records, plan.omitted, not_run, command,
-                          tuple(models.reference_candidates), models)
+                          tuple(models.reference_candidates), models, _commands(out_dir))
     if not args.no_figures and records:
         report.write_figures(out_dir, records, ev.previews)
     print(f"{len(records)} of {len(plan.cells)} cells finished; reports in {out_dir}", file=sys.stderr)

@@ -93,9 +93,11 @@ def _pct(x: float) -> str:
 
 def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell], records: list[dict],
                   omitted: list[tuple[str, str]], not_run: dict[str, str], command: str,
-                  reference_candidates: tuple[str, ...] = (), models=None) -> Path:
+                  reference_candidates: tuple[str, ...] = (), models=None,
+                  computed_by: list[str] | None = None) -> Path:
     """``summary.md``: settings, how to read the numbers, every table, and what is not finished.
 
+    ``command`` wrote the report; ``computed_by`` lists the commands that computed cells.
     ``models`` (a :class:`~ronan_fast.evaluation.models.ModelSource`) words the image sets of
     cells that are not finished."""
     import torch
@@ -111,7 +113,11 @@ def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell]
         f"# RONAN evaluation, `{config.name}` configuration"
         + (f" -- PARTIAL: {len(done)} of {len(cells)} cells finished" if partial else f" ({len(done)} cells)"),
         "",
-        f"Command: `{command}`",
+        "Commands that computed cells in this folder, in order (`commands.txt`):",
+        "",
+        *[f"    {c}" for c in (computed_by or ["(none recorded)"])],
+        "",
+        f"This report was written by `{command}`.",
         "",
         f"ronan_fast {ronan_fast.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
         f"CPU threads per run: {sorted({r['threads'] for r in records}) if records else '-'}.",
@@ -216,11 +222,18 @@ def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell]
 
 
 def _save_fig(fig, path: Path) -> None:
+    from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    buf.seek(0)
+    # a 64-colour palette keeps the figures a few times smaller in the repository
+    im = Image.open(buf).convert("RGB").quantize(colors=64)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
+        im.save(tmp, format="PNG", optimize=True)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
