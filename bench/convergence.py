@@ -32,6 +32,7 @@ import torch
 
 from bench import generators as G
 from bench.baselines import authors_loop
+from ronan_fast.evaluation.store import write_text
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 
 #: Candidate settings compared by the benchmark. "authors" is the paper's loop, batched.
@@ -142,11 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     table = render(rows, raw["machine"], a)
     print(table)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        for path, text in ((a.out, table), (a.out.with_suffix(".json"), json.dumps(raw, indent=1))):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        write_text(a.out, table)
+        write_text(a.out.with_suffix(".json"), json.dumps(raw, indent=1))
     return 0
 
 

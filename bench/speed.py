@@ -33,6 +33,7 @@ import torch
 
 from bench import generators as G
 from bench.baselines import authors_loop, plain_batched
+from ronan_fast.evaluation.store import write_text
 from ronan_fast.inversion import InversionSettings, invert
 
 try:
@@ -113,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated subset of rows to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
+    p.add_argument("--from-json", type=Path, help="only re-render the table of an earlier run's JSON")
     a = p.parse_args(argv)
+    if a.from_json:
+        print(render(json.loads(a.from_json.read_text()), a))
+        return 0
     rows = []
     for gname in a.generators.split(","):
         bg = G.get(gname, a.device)
@@ -170,11 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     table = render(rows, a)
     print(table)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        for path, text in ((a.out, table), (a.out.with_suffix(".json"), json.dumps(rows, indent=1))):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        write_text(a.out, table)
+        write_text(a.out.with_suffix(".json"), json.dumps(rows, indent=1))
     return 0
 
 
@@ -185,14 +187,15 @@ def render(rows, a) -> str:
             f"torch {torch.__version__}; Python {platform.python_version()}). {a.n} generated + {a.n} real images, "
             f"{a.steps} steps, {a.restarts} restarts for batched rows, authors' loop with {a.authors_restarts} "
             f"start(s). Accuracy: leave-one-out Grubbs test (alpha 0.05) on the uncalibrated loss.\n\n")
-    cols = ["generator", "method", "img/s", "s/img", "s per row-step", "peak MiB", "x authors", "x plain",
-            "gen median loss", "accuracy"]
+    cols = ["generator", "method", "img/s", "s/img", "row-steps/img", "s per row-step", "peak MiB", "x authors",
+            "x plain", "gen median loss", "accuracy"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         base = {x["name"]: x for x in rows if x["generator"] == r["generator"]}
         xa = base["authors"]["s_per_image"] / r["s_per_image"] if "authors" in base else float("nan")
         xp = base["plain batched"]["s_per_image"] / r["s_per_image"] if "plain batched" in base else float("nan")
         out.append(f"| {r['generator']} | {r['name']} | {r['img_per_s']:.2f} | {r['s_per_image']:.3f} | "
+                   f"{r['row_steps'] / r['images']:.0f} | "
                    f"{r['s_per_row_step'] * 1e6:.1f} us | {r['peak_mib']:.0f} | {xa:.1f} | {xp:.2f} | "
                    f"{r['gen_median']:.2e} | {r['accuracy']:.3f} |")
     return head + "\n".join(out) + "\n"
