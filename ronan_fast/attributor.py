@@ -169,7 +169,8 @@ class Attributor:
         alpha: significance level of the Grubbs test.
         metric: reconstruction loss: ``"mse"``, ``"mae"``, ``"ssim"``, ... (default: the settings'
             metric, ``"mse"``).
-        rule: ``"grubbs"`` (the paper's test on ``A'``) or ``"grubbs-log"`` (on ``log A'``).
+        rule: ``"grubbs-log"`` (the default: the Grubbs test on ``log A'``) or ``"grubbs"`` (the
+            paper's test on ``A'``).
         settings: inversion settings: ``None``/``"default"`` (the model family's default),
             ``"authors"`` (the paper's single-start 1500-step loop) or an
             :class:`~ronan_fast.inversion.InversionSettings`.

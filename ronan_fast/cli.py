@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ronan_fast.profile import DEFAULT_RULE, RULES
+
 EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_USAGE = 2
@@ -114,9 +116,9 @@ def _add_inversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="Adam learning rate")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="generator precision during inversion")
     g.add_argument("--metric", help="reconstruction loss: mse (default), mae, ssim, ...")
-    g.add_argument("--rule", default="grubbs", choices=["grubbs", "grubbs-log"],
+    g.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES),
                    help="'grubbs': the paper's test on the calibrated loss; 'grubbs-log': the same on its "
-                        "logarithm, for heavy-tailed losses (default: grubbs)")
+                        f"logarithm, for heavy-tailed losses (default: {DEFAULT_RULE})")
     g.add_argument("--alpha", type=_probability, default=0.05, help="significance level (default: 0.05)")
 
 
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  ronan-fast profile --model default -o default.json\n"
             "  ronan-fast profile --model mygan.models:make_generator --weights g.pt --latent-shape 100 1 1 \\\n"
             "      --reference mygan.models:make_reference --reference-weights r.pt -n 100 -o mygan.json\n"
-            "  ronan-fast profile --model default --settings authors --rule grubbs-log -o authors.json\n\n"
+            "  ronan-fast profile --model default --settings authors --rule grubbs -o paper.json   # the paper's setup\n\n"
             + EXIT_CODES_TEXT
         ),
     )
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  ronan-fast demo\n"
             "  ronan-fast demo --quick\n"
-            "  ronan-fast demo --rule grubbs-log --n-profile 200 --save-profile demo.json\n\n"
+            "  ronan-fast demo --rule grubbs --n-profile 200 --save-profile demo.json\n\n"
             "The demo inverts with the paper's settings (--settings authors: one start, 1500 Adam steps at\n"
             "lr 0.1); --steps / --restarts change them. Images stop early once their verdict is settled.\n"
             f"--quick: {QUICK['n_profile']} profile images, {QUICK['n_test']} generated test images, "
@@ -231,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a faster, smaller run")
     p.add_argument("--steps", type=_positive_int, help="Adam steps per start (default: 1500)")
     p.add_argument("--restarts", type=_positive_int, help="starts per image (default: 1)")
-    p.add_argument("--rule", default="grubbs", choices=["grubbs", "grubbs-log"], help="belonging rule (default: grubbs)")
+    p.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES),
+                   help=f"belonging rule (default: {DEFAULT_RULE}; 'grubbs' is the paper's)")
     p.add_argument("--alpha", type=_probability, default=0.05, help="significance level (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the profile images; test images use another stream")
     p.add_argument("--save-profile", metavar="PROFILE.json", help="also save the demo's profile")

@@ -7,8 +7,9 @@ reconstruction losses ``A'`` give a mean ``mu`` and a sample standard deviation 
 
 Two rules are offered:
 
-* ``"grubbs"`` -- the paper's test, on ``A'`` itself;
-* ``"grubbs-log"`` -- the same test on ``log A'``, for losses with a heavy right tail.
+* ``"grubbs-log"`` (the default) -- the test on ``log A'``: a model's own losses have a heavy
+  right tail, and on the log scale a few slow inversions no longer inflate ``sigma``;
+* ``"grubbs"`` -- the paper's test, on ``A'`` itself.
 
 A profile is only valid for the model, reference model, metric and inversion settings that
 made it; :meth:`BelongingProfile.check_compatible` refuses any other combination. Profiles are
@@ -46,8 +47,10 @@ FORMAT = "ronan-fast belonging profile"
 FORMAT_VERSION = 1
 #: the belonging rules: the Grubbs test on A' ("grubbs", the paper's) or on log A'
 RULES = ("grubbs", "grubbs-log")
-#: the rule used when none is given
-DEFAULT_RULE = "grubbs"
+#: the rule used when none is given: the Grubbs test on log A'. Over the full evaluation's
+#: attribution cells (results/eval/full) it kept the paper's TPR (99.2% vs 99.0%) at a third
+#: of its FPR (12.5% vs 38.7%): the model's own losses are log-normal-like, not normal.
+DEFAULT_RULE = "grubbs-log"
 
 
 class ProfileError(ValueError):

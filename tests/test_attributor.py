@@ -55,7 +55,7 @@ def test_images(fitted):
 
 def test_fit_profile(fitted, g, r):
     p = fitted.profile
-    assert p.n == N_PROFILE and p.calibrated and p.rule == "grubbs"
+    assert p.n == N_PROFILE and p.calibrated and p.rule == "grubbs-log"
     assert p.generator_fingerprint == g.fingerprint()
     assert p.reference_fingerprint == r.fingerprint()
     assert p.settings == fitted.settings.to_dict()

@@ -102,7 +102,7 @@ def test_profile_file(profile_path, capsys):
     from ronan_fast.profile import BelongingProfile
 
     p = BelongingProfile.load(profile_path)
-    assert p.n == 10 and p.calibrated and p.settings["steps"] == 100 and p.rule == "grubbs"
+    assert p.n == 10 and p.calibrated and p.settings["steps"] == 100 and p.rule == "grubbs-log"
     assert p.generator_name == "generator"
 
 
