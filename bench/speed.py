@@ -115,11 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     p.add_argument("--from-json", type=Path, help="only re-render the table of an earlier run's JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --out's JSON (written after every row) and run only the rest")
     a = p.parse_args(argv)
     if a.from_json:
         print(render(json.loads(a.from_json.read_text()), a))
         return 0
     rows = []
+    json_out = a.out.with_suffix(".json") if a.out else None
+    if a.resume:
+        if not (json_out and json_out.is_file()):
+            p.error("--resume needs --out whose .json exists")
+        rows = json.loads(json_out.read_text())
+        other = [x for x in rows if x.get("run") != _run_key(a)]
+        if other:
+            p.error(f"--resume: {json_out} holds rows of another run ({other[0].get('run')}), not {_run_key(a)}")
     for gname in a.generators.split(","):
         bg = G.get(gname, a.device)
         gen = G.generated(bg, a.n, seed=20_000 + a.seed)
@@ -130,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         def record(name, fn, row_steps=None):
             if a.only and name not in a.only.split(","):
                 return None
+            done = [x for x in rows if x["generator"] == gname and x["name"] == name]
+            if done:
+                return done[0]
             _sync(a.device)
             _reset_peak()
             t0 = time.perf_counter()
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             _sync(a.device)
             dt = time.perf_counter() - t0
             loss = loss.double().cpu()
-            r = dict(generator=gname, name=name, seconds=dt, images=extra.get("images", n_img),
+            r = dict(run=_run_key(a), generator=gname, name=name, seconds=dt, images=extra.get("images", n_img),
                      peak_mib=_peak_mib(a.device), row_steps=extra.get("row_steps", float("nan")))
             r["s_per_image"] = dt / r["images"]
             r["img_per_s"] = r["images"] / dt
@@ -147,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             r["real_median"] = float(rl.median()) if rl.numel() else float("nan")
             r["accuracy"] = loo_grubbs_accuracy(gl, rl) if rl.numel() else float("nan")
             rows.append(r)
+            if json_out:  # after every row: an interrupted run keeps what it finished
+                write_text(json_out, json.dumps(rows, indent=1))
             print(f"[{gname}] {name}: {r['s_per_image']:.3f} s/img, acc {r['accuracy']:.3f}, "
                   f"gen median {r['gen_median']:.2e}", file=sys.stderr, flush=True)
             return r
@@ -178,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         write_text(a.out, table)
         write_text(a.out.with_suffix(".json"), json.dumps(rows, indent=1))
     return 0
+
+
+def _run_key(a) -> dict:
+    """What a row's figures depend on besides the generator and the method: rows of one table share it."""
+    return dict(n=a.n, steps=a.steps, restarts=a.restarts, authors_restarts=a.authors_restarts,
+                authors_images=a.authors_images, device=a.device, seed=a.seed, threads=torch.get_num_threads())
 
 
 def render(rows, a) -> str:

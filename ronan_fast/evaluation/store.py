@@ -10,6 +10,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from ronan_fast.profile import _umask_mode
+
 __all__ = ["CacheWarning", "write_json", "write_text", "read_cache", "check"]
 
 
@@ -27,6 +29,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _umask_mode(tmp)  # mkstemp makes 0600; a result file should read like any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
