@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--authors-images", type=int, default=4, help="images timed with the authors' loop (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    p.add_argument("--out", type=Path, default=None, help="Markdown table; a .json with all losses is written beside it")
+    p.add_argument("--out", type=Path, default=None,
+                   help="Markdown table; a .json with all losses is written beside it after every row, and "
+                        "a loss histogram per generator (OUT_STEM-GENERATOR.png: generated vs real, one panel per candidate)")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out's .json and run only the rest")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -117,7 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     for c in names:
         if c not in CANDIDATES:
             p.error(f"--candidates: unknown {c!r}; choose from {sorted(CANDIDATES)}")
-    rows, raw = [], {"machine": machine(), "args": {k: str(v) for k, v in vars(a).items()}, "results": []}
+    rows: list[dict] = []
+    raw = {"machine": machine(), "args": {k: str(v) for k, v in vars(a).items()}, "results": rows}
+    json_out = a.out.with_suffix(".json") if a.out else None
+    if a.resume:
+        if not (json_out and json_out.is_file()):
+            p.error("--resume needs --out whose .json exists")
+        old = json.loads(json_out.read_text())
+        keep = ("n", "n_real", "seed", "authors_images")
+        if any(old["args"].get(k) != raw["args"][k] for k in keep):
+            p.error(f"--resume: {json_out} was written with other {keep}: {old['args']}")
+        raw["results"] = rows = old["results"]
     for gname in [g for g in a.generators.split(",") if g]:
         bg = G.get(gname)
         gen = G.generated(bg, a.n, seed=10_000 + a.seed)
@@ -128,12 +141,15 @@ def main(argv: list[str] | None = None) -> int:
             authors_loop(bg.adapter, gen[: a.authors_images], steps=1500, lr=0.1, restarts=1, seed=a.seed)
             authors_s = (time.perf_counter() - t0) / a.authors_images
         for cname in names:
+            if any(r["generator"] == gname and r["candidate"] == cname for r in rows):
+                continue
             s = settings_for(bg.adapter, CANDIDATES[cname])
             print(f"[{gname}] {cname}: {s}", file=sys.stderr, flush=True)
             r = run_one(bg, s, gen, real, a.seed)
             r.update(generator=gname, candidate=cname, settings=s.to_dict(), authors_s_per_image=authors_s)
-            raw["results"].append(r)
-            rows.append(r)
+            rows.append(r)  # raw["results"] is rows
+            if json_out:  # after every row: an interrupted run keeps what it finished
+                write_text(json_out, json.dumps(raw, indent=1))
             print(
                 f"[{gname}] {cname}: converged {r['converged']:.1%}, gen p50 {r['gen_p50']:.2e} max "
                 f"{r['gen_max']:.2e}, real median {r['real_median']:.2e}, {r['s_per_image']:.3f} s/img "
@@ -144,8 +160,43 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if a.out:
         write_text(a.out, table)
-        write_text(a.out.with_suffix(".json"), json.dumps(raw, indent=1))
+        write_text(json_out, json.dumps(raw, indent=1))
+        for gname in dict.fromkeys(r["generator"] for r in rows):
+            path = a.out.with_name(f"{a.out.stem}-{gname}.png")
+            histograms([r for r in rows if r["generator"] == gname], path)
+            print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def histograms(rows: list[dict], path: Path) -> None:
+    """Loss histograms of generated against real images, one panel per candidate (log x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ronan_fast.evaluation.report import _save_fig
+
+    allv = np.concatenate([np.asarray(r["gen_losses"] + r["real_losses"], dtype=np.float64) for r in rows])
+    pos = allv[allv > 0]
+    floor = pos.min() / 2 if pos.size else 1e-12
+    bins = np.geomspace(floor, max(allv.max(), floor * 10) * 1.0001, 41)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(6.4, 1.9 * len(rows) + 0.6), sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        g = np.maximum(np.asarray(r["gen_losses"]), floor)
+        q = np.maximum(np.asarray(r["real_losses"]), floor)
+        ax.hist(g, bins=bins, alpha=0.6, color="tab:blue", label=f"generated ({g.size})")
+        ax.hist(q, bins=bins, alpha=0.6, color="tab:orange", label=f"real ({q.size})")
+        ax.axvline(0.01 * r["real_median"], color="k", linestyle=":", label="1% of real median")
+        ax.set_title(f"{r['generator']} / {r['candidate']}: converged {r['converged']:.1%}", fontsize=9)
+        ax.set_ylabel("images")
+        ax.legend(fontsize=7)
+    axes[-1, 0].set_xscale("log")
+    axes[-1, 0].set_xlabel("reconstruction MSE (loss 0 drawn at the left edge)")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
 
 
 def render(rows: list[dict], mach: dict, a) -> str:
