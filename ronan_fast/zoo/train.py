@@ -31,6 +31,8 @@ from ronan_fast.models import (
     DCGANDiscriminator,
     DCGANGenerator,
     DDIMSampler,
+    DeepDCGANDiscriminator,
+    DeepDCGANGenerator,
     TinyUNet,
     dcgan_init_,
     save_model,
@@ -69,6 +71,12 @@ def data_digits() -> tuple[Tensor, Tensor]:
 def data_photos() -> tuple[Tensor, Tensor]:
     """20,000 grey 28x28 patches of the shipped photos (scikit-image, scikit-learn, opencv-doc), seed 0."""
     x = D.photo_patches(size=28, n=20000, grey=True, seed=0)
+    return x, torch.zeros(x.shape[0], dtype=torch.long)
+
+
+def data_photos64() -> tuple[Tensor, Tensor]:
+    """20,000 colour 64x64 patches of the shipped photos, seed 0."""
+    x = D.photo_patches(size=64, n=20000, grey=False, seed=0)
     return x, torch.zeros(x.shape[0], dtype=torch.long)
 
 
@@ -207,8 +215,9 @@ def run_dcgan(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     x, _ = recipe.params["data"]()
     seed, steps, cap = _seed_steps(recipe, args)
     torch.manual_seed(seed)
-    G = dcgan_init_(DCGANGenerator(**recipe.params.get("generator", DEFAULT_DCGAN)))
-    Dn = dcgan_init_(DCGANDiscriminator(**recipe.params.get("discriminator", DEFAULT_DISC)))
+    g_cls, d_cls = recipe.params.get("classes", (DCGANGenerator, DCGANDiscriminator))
+    G = dcgan_init_(g_cls(**recipe.params.get("generator", DEFAULT_DCGAN)))
+    Dn = dcgan_init_(d_cls(**recipe.params.get("discriminator", DEFAULT_DISC)))
     log(f"{recipe.name}: {recipe.description}")
     log(f"data {tuple(x.shape)}, G params {sum(p.numel() for p in G.parameters())}, "
         f"D params {sum(p.numel() for p in Dn.parameters())}, seed {seed}, steps {steps}")
@@ -414,6 +423,14 @@ def _recipes() -> dict[str, Recipe]:
     add(Recipe(
         "dcgan-photos", "DCGAN (nz=32, ngf=16) on 20,000 grey 28x28 photo patches", run_dcgan,
         steps=4000, seed=50, out=zoo("dcgan-photos"), grid=grid("dcgan-photos"), params={"data": data_photos},
+    ))
+    add(Recipe(
+        "dcgan64-photos", "the paper's DCGAN architecture (64x64, nz=100, ngf=32) on 20,000 colour 64x64 photo "
+        "patches; a generator as hard to invert as the paper's, for the convergence benchmark", run_dcgan,
+        steps=2500, seed=70, out=zoo("dcgan64-photos"), grid=grid("dcgan64-photos"),
+        params={"data": data_photos64, "classes": (DeepDCGANGenerator, DeepDCGANDiscriminator),
+                "generator": dict(nz=100, ngf=32, channels=3, size=64),
+                "discriminator": dict(ndf=32, channels=3, size=64), "batch": 64},
     ))
     for pct in (50, 60, 70, 80, 90):
         name = f"dcgan-fmnist-overlap{pct}"
