@@ -46,6 +46,11 @@ CANDIDATES: dict[str, dict] = {
                            halving_keep=0.5, min_rows=2, typical_set="project"),
     "r8-halve-lm": dict(steps=1000, lr=0.1, restarts=8, schedule="cosine", halving_every=100, halving_keep=0.5,
                         min_rows=2, polish_steps=10),
+    # = FAMILY_DEFAULTS["gan"] less its plateau stop
+    "r8-halve-lm25": dict(steps=600, lr=0.1, restarts=8, schedule="cosine", halving_every=100, halving_keep=0.5,
+                          min_rows=2, polish_steps=25),
+    "r8-halve-lm40": dict(steps=400, lr=0.1, restarts=8, schedule="cosine", halving_every=80, halving_keep=0.5,
+                          min_rows=2, polish_steps=40),
 }
 
 

@@ -138,6 +138,22 @@ def test_levenberg_marquardt_polish_does_not_hurt(gen):
     assert after.loss.mean() < before.loss.mean()
 
 
+def test_polish_leaves_solved_rows_and_solves_the_rest(gen):
+    from ronan_fast.inversion import _polish
+
+    batch = gen.generate(3, torch.Generator().manual_seed(11))
+    target = gen.decode_raw(batch.latents, None).detach()  # raw-range images, exactly reachable
+    start = batch.latents.clone()
+    start[1:] += 0.05 * torch.randn(2, 8, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        before = (gen.decode_raw(start, None) - target).square().flatten(1).mean(1)
+        z = _polish(gen, start, None, target, "mse", 30)
+        after = (gen.decode_raw(z, None) - target).square().flatten(1).mean(1)
+    assert before[0] == 0 and torch.equal(z[0], start[0])  # solved at the start: left alone
+    assert bool((before[1:] > 1e-6).all()) and bool((after[1:] < 1e-10).all()), (before, after)
+    assert _polish(gen, start, None, target, "mae", 30) is start  # MSE only
+
+
 def test_precision_bf16_runs_and_stays_close(gen):
     images = gen.generate(3, torch.Generator().manual_seed(10)).images
     res = invert(gen, images, settings=quick(precision="bf16"), seed=0)
