@@ -14,14 +14,34 @@ from torch import Tensor, nn
 from ronan_fast.models._base import ConfigModule, check_int
 
 
-class DCGANGenerator(ConfigModule):
+class _FlatLatentGenerator(ConfigModule):
+    """What the DCGAN generators share: a flat latent ``z [N, nz]`` and an output in (-1, 1)."""
+
+    output_range = (-1.0, 1.0)
+    nz: int
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.nz,)
+
+    def _check_z(self, z: Tensor) -> None:
+        if z.dim() != 2 or z.shape[1] != self.nz:
+            raise ValueError(f"z must be [N, {self.nz}], got shape {tuple(z.shape)}")
+
+
+def _stride2_layers(size: int) -> int:
+    """Stride-2 (de)convolutions between a 4x4 map and a ``size`` x ``size`` image (32, 64 or 128)."""
+    if size not in (32, 64, 128):
+        raise ValueError(f"size must be 32, 64 or 128, got {size!r}")
+    return size.bit_length() - 1 - 2
+
+
+class DCGANGenerator(_FlatLatentGenerator):
     """``z [N, nz] -> images [N, channels, size, size]`` in (-1, 1).
 
     Linear -> (2*ngf, size/4, size/4) -> BN, ReLU -> ConvTranspose (x2) -> BN, ReLU ->
     ConvTranspose (x2) -> tanh. ``size`` must be a multiple of 4.
     """
-
-    output_range = (-1.0, 1.0)
 
     def __init__(self, nz: int = 32, ngf: int = 64, channels: int = 1, size: int = 28):
         super().__init__()
@@ -45,13 +65,8 @@ class DCGANGenerator(ConfigModule):
             nn.Tanh(),
         )
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return (self.nz,)
-
     def forward(self, z: Tensor) -> Tensor:
-        if z.dim() != 2 or z.shape[1] != self.nz:
-            raise ValueError(f"z must be [N, {self.nz}], got shape {tuple(z.shape)}")
+        self._check_z(z)
         h = self.fc(z).view(z.shape[0], -1, self.s0, self.s0)
         return self.net(h)
 
@@ -82,7 +97,7 @@ class DCGANDiscriminator(ConfigModule):
         return self.out(self.features(x)).squeeze(1)
 
 
-class DeepDCGANGenerator(ConfigModule):
+class DeepDCGANGenerator(_FlatLatentGenerator):
     """``z [N, nz] -> images [N, channels, size, size]`` in (-1, 1), the all-convolutional DCGAN.
 
     ConvTranspose(nz -> ngf*2^(L-1), 4x4 from 1x1) -> BN, ReLU -> (L-1) x [ConvTranspose x2 ->
@@ -90,18 +105,14 @@ class DeepDCGANGenerator(ConfigModule):
     (64x64: 4x4 -> 8 -> 16 -> 32 -> 64, the paper's DCGAN with ``nz=100, ngf=64``).
     """
 
-    output_range = (-1.0, 1.0)
-
     def __init__(self, nz: int = 100, ngf: int = 64, channels: int = 3, size: int = 64):
         super().__init__()
         check_int("nz", nz)
         check_int("ngf", ngf)
         check_int("channels", channels)
-        if size not in (32, 64, 128):
-            raise ValueError(f"size must be 32, 64 or 128, got {size!r}")
+        n_up = _stride2_layers(size)  # after the 4x4 seed
         self._set_config(nz=nz, ngf=ngf, channels=channels, size=size)
         self.nz = nz
-        n_up = size.bit_length() - 1 - 2  # stride-2 layers after the 4x4 seed
         width = ngf * 2 ** (n_up - 1)
         layers: list[nn.Module] = [nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False), nn.BatchNorm2d(width),
                                    nn.ReLU(inplace=True)]
@@ -112,13 +123,8 @@ class DeepDCGANGenerator(ConfigModule):
         layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return (self.nz,)
-
     def forward(self, z: Tensor) -> Tensor:
-        if z.dim() != 2 or z.shape[1] != self.nz:
-            raise ValueError(f"z must be [N, {self.nz}], got shape {tuple(z.shape)}")
+        self._check_z(z)
         return self.net(z[:, :, None, None])
 
 
@@ -129,10 +135,8 @@ class DeepDCGANDiscriminator(ConfigModule):
         super().__init__()
         check_int("ndf", ndf)
         check_int("channels", channels)
-        if size not in (32, 64, 128):
-            raise ValueError(f"size must be 32, 64 or 128, got {size!r}")
+        n_down = _stride2_layers(size)
         self._set_config(ndf=ndf, channels=channels, size=size)
-        n_down = size.bit_length() - 1 - 2
         layers: list[nn.Module] = [nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
         width = ndf
         for _ in range(n_down - 1):
