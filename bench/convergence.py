@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(rows, raw["machine"], a)
     print(table)
     if a.out:
-        write_text(a.out, table)
-        write_text(json_out, json.dumps(raw, indent=1))
+        write_text(a.out, table)  # the JSON was written after every row
         for gname in dict.fromkeys(r["generator"] for r in rows):
             path = a.out.with_name(f"{a.out.stem}-{gname}.png")
             histograms([r for r in rows if r["generator"] == gname], path)

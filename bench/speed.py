@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(rows, a)
     print(table)
     if a.out:
-        write_text(a.out, table)
-        write_text(a.out.with_suffix(".json"), json.dumps(rows, indent=1))
+        write_text(a.out, table)  # the JSON was written after every row
     return 0
 
 

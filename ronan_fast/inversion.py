@@ -499,12 +499,8 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     cond_b = None if row_cond is None else row_cond[row_b]
     if s.polish_steps and fused:
         # images already under stop_below have a settled verdict: polishing them would only cost
-        todo = torch.ones(b, dtype=torch.bool, device=device) if stop_below is None else loss_b >= stop_below
-        if bool(todo.all()):
-            inputs = _polish(generator, inputs, cond_b, target, metric_name, s.polish_steps)
-        elif bool(todo.any()):
-            idx = todo.nonzero().squeeze(1)
-            inputs = inputs.clone()
+        idx = torch.arange(b, device=device) if stop_below is None else (loss_b >= stop_below).nonzero().squeeze(1)
+        if idx.numel():
             inputs[idx] = _polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target[idx],
                                   metric_name, s.polish_steps)
     with torch.no_grad():
