@@ -8,19 +8,18 @@ Exit codes: 0 success; 1 some images could not be processed (the others are repo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import importlib
 import io
 import json
 import os
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ronan_fast import _atomic
 from ronan_fast.profile import DEFAULT_RULE, RULES
 
 EXIT_OK = 0
@@ -479,25 +478,7 @@ def _log_path(output: Path) -> Path:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask_mode(path: str) -> None:
-    from ronan_fast.profile import _umask_mode as set_mode
-
-    set_mode(path)
+    _atomic.write_text(path, text, newline="")
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ronan_fast import _atomic
+
 FASHION_MNIST_DIR = Path(os.environ.get("RONAN_FAST_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 CACHE_DIR = Path(os.environ.get("RONAN_FAST_CACHE", Path.home() / ".cache" / "ronan_fast"))
 
@@ -358,21 +360,5 @@ def save_grid(x: Tensor, path: str | os.PathLike, nrow: int = 8, pad: int = 2, s
 
 
 def _atomic_save_image(im, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _atomic.atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask_mode() -> int:
-    """The mode a plain new file gets (0o666 less the umask); mkstemp's 0o600 would hide it from others."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask

@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ronan_fast._atomic import write_text
 from ronan_fast.grubbs import grubbs_critical_value, grubbs_p_value
 
 __all__ = [
@@ -316,19 +316,7 @@ class BelongingProfile:
             raise ProfileError(f"cannot write the profile to {path}: it is a directory")
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            _umask_mode(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_text(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BelongingProfile":
@@ -370,13 +358,6 @@ class BelongingProfile:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _umask_mode(path: str) -> None:
-    """Give a file made by mkstemp (mode 0600) the mode a plain open() would: 0666 less the umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def _setting_defaults() -> dict:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from ronan_fast.profile import _umask_mode
+from ronan_fast import _atomic
 
 __all__ = ["CacheWarning", "write_json", "write_text", "read_cache", "check"]
 
@@ -21,21 +20,7 @@ class CacheWarning(UserWarning):
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _umask_mode(tmp)  # mkstemp makes 0600; a result file should read like any other
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _atomic.write_text(path, text)
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ronan_fast import _atomic
 
 FORMAT = "ronan_fast.model/1"
 
@@ -46,17 +47,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, info: dict[str, Any] |
         metadata["info"] = json.dumps(info, sort_keys=True, default=str)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _atomic.atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -100,10 +92,3 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", eval
     model.to(device)
     model.info = meta["info"]
     return model.eval() if eval else model.train()
-
-
-def _umask_mode() -> int:
-    """The mode a plain new file gets (0o666 less the umask); mkstemp's 0o600 would hide it from others."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask

@@ -12,7 +12,6 @@ metadata, and a grid of 64 samples is written beside them so anyone can look.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass, field
