@@ -6,7 +6,9 @@ For each generator, the same generated and real images are inverted by
   (``--authors-restarts`` starts run one after another);
 * ``plain``: all images times restarts in one batch with ``torch.optim.Adam`` and autograd;
 * ``ours`` variants, each switching one part of the fast path on or off: the reference ops
-  instead of the compiled kernels, early stopping, successive halving, bf16 autocast.
+  instead of the compiled kernels, early stopping, successive halving, bf16 autocast; and
+  ``ours (family default)``, the package's default settings for the generator's family (their
+  own steps and starts, e.g. 600 steps x 8 starts and a Levenberg-Marquardt finish for GANs).
 
 Reported per row: images per second to verdict, single-image latency, time per image-step
 (generator row-steps actually run), peak memory, the speed ratio to each baseline, and quality
@@ -95,6 +97,8 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
         "ours, no halving": dict(settings={**full, "halving_every": 0}, impl="auto", early=True),
         "ours, reference ops": dict(settings=full, impl="ref", early=True),
         "ours, bf16 autocast": dict(settings={**full, "precision": "bf16"}, impl="auto", early=True),
+        # the package's own default for the generator's family (its steps and starts, not --steps/--restarts)
+        "ours (family default)": dict(settings=None, impl="auto", early=True),
         "ours, plain schedule": dict(
             settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
         ),
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         # to 1% of the real images' median loss under the plain batch, the same for every variant.
         stop_thr = 0.01 * plain["real_median"] if plain else None
         for name, v in variants(a.steps, a.restarts).items():
-            s = InversionSettings(**v["settings"])
+            s = None if v["settings"] is None else InversionSettings(**v["settings"])
 
             def run(s=s, v=v):
                 stop = stop_thr if v["early"] else None
