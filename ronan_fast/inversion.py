@@ -530,15 +530,15 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters):
         c = None if crow is None else crow.unsqueeze(0)
         return generator.decode_raw(zrow.unsqueeze(0), c).flatten().float()
 
-    def residual(z, c):
-        return (generator.decode_raw(z, c).float() - target_raw[live]).flatten(1)
+    def residual(z, c, rows):
+        return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
 
     z = inputs.clone()
     n = z.shape[0]
     lam = torch.full((n, 1, 1), 1e-3, device=z.device)
     live = torch.arange(n, device=z.device)
     with torch.no_grad():
-        r = residual(z, cond)
+        r = residual(z, cond, live)
         cost = r.square().sum(1)
     eye = torch.eye(z.shape[1], device=z.device)
     per_elem = r.shape[1]
@@ -562,7 +562,7 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters):
             a = jtj + lam * (diag * eye + 1e-6 * eye)
             delta = torch.linalg.solve(a, -jtr)
             z_new = zl + delta
-            r_new = residual(z_new, cl)
+            r_new = residual(z_new, cl, live)
             cost_new = r_new.square().sum(1)
             better = cost_new < cost
             z[live] = torch.where(better[:, None], z_new, zl)
