@@ -27,7 +27,7 @@ import torch
 from torch.func import jvp, vjp
 
 from bench import generators as G
-from ronan_fast.evaluation.store import write_text
+from bench.report import finish
 from ronan_fast.inversion import invert
 
 
@@ -152,12 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # raw outputs are in [-1, 1]: squared raw error / 4 is the [0, 1] MSE
     gauss_newton_cg(ad.decode_raw, res.inputs.clone(), ad.from_unit(images), a.gn_iters, a.cg_iters, report)
-    lines += ["", "Command: `python -m bench.ddim_probe " + " ".join(sys.argv[1:] if argv is None else argv) + "`"]
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        write_text(a.out, text)
-    else:
-        print(text)
+    finish(lines, "bench.ddim_probe", argv, a.out)
     return 0
 
 

@@ -27,7 +27,7 @@ import time
 import torch
 
 from bench import generators as G
-from ronan_fast.evaluation.store import write_text
+from bench.report import finish
 from ronan_fast.inversion import invert
 
 
@@ -121,12 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['rows']} | {r['images']} x {r['restarts']} | {r['step_ms']:.2f} | {r['generator_ms']:.2f} | "
                      f"{r['overhead']:.1%} | {ops or 'none recorded'} |")
         print(lines[-1], flush=True)
-    lines += ["", "Command: `python -m bench.overhead " + " ".join(sys.argv[1:] if argv is None else argv) + "`"]
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        write_text(a.out, text)
-    else:
-        print(text)
+    finish(lines, "bench.overhead", argv, a.out)
     return 0
 
 
