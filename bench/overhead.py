@@ -9,7 +9,7 @@ For each batch size (images x restarts rows, all live: no early stop, no halving
   autograd with the same output gradient shape, nothing else;
 * ``overhead = 1 - generator / step``: everything else (the fused loss-and-gradient kernel, the
   latent Adam with best-row tracking, the stopping checks, Python), as a share of the step;
-* from a ``torch.profiler`` trace of the ``2 * --steps`` run, the share of self time in the
+* from a ``torch.profiler`` trace of one more ``--steps`` run, the share of self time in the
   package's own operators (``ronan_fast::*``).
 
 Usage::
@@ -28,19 +28,15 @@ import torch
 
 from bench import generators as G
 from bench.report import finish
+from bench.speed import _sync
 from ronan_fast.inversion import invert
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device) -> float:
-    _sync(device)
+def _timed(fn, device: torch.device) -> float:
+    _sync(device.type)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    _sync(device.type)
     return time.perf_counter() - t0
 
 

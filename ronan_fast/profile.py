@@ -314,7 +314,6 @@ class BelongingProfile:
         path = Path(path)
         if path.is_dir():
             raise ProfileError(f"cannot write the profile to {path}: it is a directory")
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
         return write_text(path, text)
 
