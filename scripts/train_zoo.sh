@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 mkdir -p runs
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
-  names=(default-generator default-reference default-samples vae-fmnist condgan-fmnist ddim-fmnist dcgan-photos
+  names=(default-generator default-reference default-samples vae-fmnist condgan-fmnist ddim-fmnist onestep-fmnist dcgan-photos
          dcgan-fmnist-overlap50 dcgan-fmnist-overlap60 dcgan-fmnist-overlap70 dcgan-fmnist-overlap80
          dcgan-fmnist-overlap90)
 fi

@@ -18,6 +18,7 @@ from ronan_fast.models import (
     DDIMSampler,
     DeepDCGANDiscriminator,
     DeepDCGANGenerator,
+    OneStepSampler,
     TinyUNet,
     load_model,
     read_metadata,
@@ -126,6 +127,58 @@ def test_ddim_sampler_is_differentiable_in_the_noise():
     assert torch.allclose(one(x), (x / one.alpha_t[0].sqrt()).clamp(-1, 1), atol=1e-5)
 
 
+def test_one_step_sampler_is_smooth_and_checks_its_input():
+    s = OneStepSampler(TinyUNet(ch=8, patch=1), timestep=999).eval()
+    xT = torch.randn(3, 1, 28, 28, requires_grad=True)
+    x0 = s(xT)
+    assert x0.shape == (3, 1, 28, 28) and float(x0.detach().abs().max()) < 1.0
+    # tanh(unet(x_T, t)) exactly, with the configured timestep
+    with torch.no_grad():
+        want = torch.tanh(s.unet(xT, torch.full((3,), 999)))
+    assert torch.allclose(x0.detach(), want, atol=1e-6)
+    x0.square().sum().backward()
+    assert torch.isfinite(xT.grad).all() and bool((xT.grad != 0).all())  # no clip: every pixel has a gradient
+    assert s.latent_shape == (1, 28, 28)
+    with pytest.raises(ValueError, match="x_T must be"):
+        s(torch.randn(3, 1, 14, 14))
+    with pytest.raises(TypeError, match="unet must be"):
+        OneStepSampler(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="timestep"):
+        OneStepSampler(TinyUNet(ch=8, patch=1), timestep=-1)
+
+
+def test_distillation_recipe_brings_the_student_to_its_teacher(tmp_path):
+    """The onestep recipe on a tiny teacher: the saved student follows the teacher more closely
+    than the teacher-initialised student did before training, and records how closely."""
+    import argparse
+
+    from ronan_fast.zoo.train import Recipe, _teacher_pairs, run_distill
+
+    torch.manual_seed(0)
+    teacher = DDIMSampler(TinyUNet(ch=8, patch=2), steps=2).eval()
+    tpath = save_model(teacher, tmp_path / "teacher.safetensors", info={"steps_done": 0})
+    rec = Recipe("tiny-onestep", "test", run_distill, steps=150, seed=3, out=tmp_path / "student.safetensors",
+                 grid=[tmp_path / "grid.png"],
+                 params={"teacher": tpath, "teacher_recipe": "none", "pairs": 256, "val_pairs": 64, "batch": 32,
+                         "lr": 3e-3, "ema": 0.9})
+    args = argparse.Namespace(seed=None, steps=None, minutes=None)
+    info = run_distill(rec, args)
+    student = load_model(rec.out)
+    assert isinstance(student, OneStepSampler) and student.config["timestep"] == 999
+    v_T, v_0 = _teacher_pairs(load_model(tpath), 64, rec.seed + 2)
+    init = OneStepSampler(dict(teacher.unet.config), timestep=999).eval()
+    init.unet.load_state_dict(teacher.unet.state_dict())
+    with torch.no_grad():
+        before = float((init(v_T) - v_0).square().mean())
+        after = float((student(v_T) - v_0).square().mean())
+    assert after == pytest.approx(info["held_out_mse"], rel=1e-4)
+    assert after < 0.5 * before, (before, after)
+    assert info["steps_done"] == 150 and (tmp_path / "grid.png").is_file()
+    with pytest.raises(FileNotFoundError, match="teacher"):
+        run_distill(Recipe("x", "x", run_distill, 1, 0, tmp_path / "y.safetensors",
+                           params={"teacher": tmp_path / "missing.safetensors", "teacher_recipe": "t"}), args)
+
+
 @pytest.mark.parametrize(
     "model,args",
     [
@@ -136,6 +189,7 @@ def test_ddim_sampler_is_differentiable_in_the_noise():
         (VAE(nz=4, nf=8), lambda: (torch.randn(3, 4),)),
         (CondGANGenerator(nz=8, ngf=8, embed_dim=4), lambda: (torch.randn(3, 8), torch.tensor([1, 2, 3]))),
         (DDIMSampler(TinyUNet(ch=8, patch=2), steps=3), lambda: (torch.randn(3, 1, 28, 28),)),
+        (OneStepSampler(TinyUNet(ch=8, patch=2), timestep=999), lambda: (torch.randn(3, 1, 28, 28),)),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, torch.nn.Module) else "",
 )
@@ -223,7 +277,7 @@ def test_zoo_registry_and_weights():
     from ronan_fast.zoo import ZOO, ZOO_REFERENCE, load_zoo_module
 
     assert ZOO_REFERENCE in ZOO
-    assert {e.family for e in ZOO.values()} == {"gan", "vae", "conditional", "diffusion"}
+    assert {e.family for e in ZOO.values()} == {"gan", "vae", "conditional", "diffusion", "consistency"}
     assert ZOO[ZOO_REFERENCE].training_data not in {e.training_data for n, e in ZOO.items() if "fmnist" in n}
     g = torch.Generator().manual_seed(0)
     for name, entry in ZOO.items():

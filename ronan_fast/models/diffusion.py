@@ -1,8 +1,12 @@
-"""A tiny DDPM noise-prediction UNet for 28x28 images and a differentiable few-step DDIM sampler.
+"""A tiny DDPM noise-prediction UNet for 28x28 images, a differentiable few-step DDIM sampler,
+and a one-step student distilled from that sampler.
 
 The sampler is the generator: ``DDIMSampler(unet, steps)(x_T) -> x_0``, a deterministic
 (eta = 0) map from the initial noise ``x_T [N, C, 28, 28]`` to an image in [-1, 1], built from
 plain differentiable tensor ops so the initial noise can be inverted by gradient descent.
+``OneStepSampler(unet)(x_T) -> x_0`` is the same map in one network call (the role of a
+consistency model's one-step generation ``f(x_T, T)``), trained to reproduce a DDIM sampler's
+output from the same noise (``python -m ronan_fast.zoo.train onestep-fmnist``).
 """
 
 from __future__ import annotations
@@ -173,3 +177,41 @@ class DDIMSampler(ConfigModule):
         """The forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
         a = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+class OneStepSampler(ConfigModule):
+    """One-step generator ``x_T [N, C, H, W] -> x_0 = tanh(unet(x_T, t_max))`` in (-1, 1).
+
+    The student of a :class:`DDIMSampler` teacher: trained to give, in one UNet call, the image
+    the teacher's sampler makes from the same initial noise (knowledge distillation of the
+    sampler's deterministic noise-to-image map, as a consistency model's one-step ``f(x_T, T)``
+    is). ``unet`` is a :class:`TinyUNet` or its config dict; ``timestep`` is the time input the
+    UNet is always called with (the teacher's first step, so the student can start from the
+    teacher's weights). The tanh keeps the output smooth in x_T, so inversion gradients do not
+    vanish where a clip would cut them.
+    """
+
+    output_range = (-1.0, 1.0)
+
+    def __init__(self, unet: TinyUNet | dict[str, Any] | None = None, timestep: int = 999):
+        super().__init__()
+        check_int("timestep", timestep, 0)
+        if unet is None:
+            unet = TinyUNet()
+        elif isinstance(unet, dict):
+            unet = TinyUNet(**unet)
+        elif not isinstance(unet, TinyUNet):
+            raise TypeError(f"unet must be a TinyUNet or its config dict, got {type(unet).__name__}")
+        self.unet = unet
+        self._set_config(unet=dict(unet.config), timestep=timestep)
+        self.register_buffer("timestep", torch.tensor(timestep, dtype=torch.long), persistent=False)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        c = self.unet.config
+        return (c["channels"], c["size"], c["size"])
+
+    def forward(self, x_T: Tensor) -> Tensor:
+        if x_T.dim() != 4 or tuple(x_T.shape[1:]) != self.latent_shape:
+            raise ValueError(f"x_T must be [N, {', '.join(map(str, self.latent_shape))}], got shape {tuple(x_T.shape)}")
+        return torch.tanh(self.unet(x_T, self.timestep.expand(x_T.shape[0])))

