@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import torch
 from bench import generators as G
 from bench.baselines import authors_loop
 from ronan_fast.evaluation.store import write_text
-from ronan_fast.inversion import InversionSettings, invert, resolve_settings
+from ronan_fast.inversion import _FALLBACK_DEFAULT, InversionSettings, invert, resolve_settings
 
 #: Candidate settings compared by the benchmark. "authors" is the paper's loop, batched.
 CANDIDATES: dict[str, dict] = {
@@ -51,6 +52,11 @@ CANDIDATES: dict[str, dict] = {
                           min_rows=2, polish_steps=25),
     "r8-halve-lm40": dict(steps=400, lr=0.1, restarts=8, schedule="cosine", halving_every=80, halving_keep=0.5,
                           min_rows=2, polish_steps=40),
+    # the default of families without one of their own (vae, conditional, diffusion)
+    "fallback": dataclasses.asdict(_FALLBACK_DEFAULT),
+    # ... with the matrix-free polish (for latents as wide as the image)
+    "fallback-cg60": {**dataclasses.asdict(_FALLBACK_DEFAULT), "polish_steps": 60, "polish_method": "cg",
+                      "polish_cg_iters": 20},
 }
 
 

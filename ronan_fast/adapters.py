@@ -79,7 +79,8 @@ class GeneratorAdapter(abc.ABC):
     image_shape: tuple[int, int, int]
     #: (low, high) of the raw output; decode maps it linearly onto [0, 1]
     output_range: tuple[float, float] = (-1.0, 1.0)
-    #: generator family, used to pick inversion defaults: "gan", "vae", "conditional", "diffusion"
+    #: generator family, used to pick inversion defaults: "gan", "vae", "conditional", "diffusion",
+    #: "consistency" (a one-step generator whose latent is as wide as the image)
     family: str = "gan"
     #: short human-readable name for reports
     name: str = "generator"
@@ -195,7 +196,8 @@ class LatentGenerator(GeneratorAdapter):
         image_shape: (C, H, W) of the output; found by one forward pass when omitted.
         call: how to call the module with a batch of latents shaped ``[M, *latent_shape]``;
             defaults to ``module(z)``. Use it to fix extra arguments, e.g. ``lambda m, z: m(z, c)``.
-        family: "gan", "vae" or "diffusion" (selects inversion defaults).
+        family: "gan", "vae", "diffusion" or "consistency" (selects inversion defaults; see
+            :data:`ronan_fast.inversion.FAMILY_DEFAULTS`).
         name: a name for reports.
     """
 

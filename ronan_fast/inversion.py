@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ __all__ = ["InversionSettings", "InversionResult", "invert", "resolve_settings",
 SCHEDULES = ("constant", "cosine", "warm_restarts")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TYPICAL_SET = ("none", "project", "penalty")
+POLISH_METHODS = ("dense", "cg")
+#: fields added after the first settings format: :meth:`InversionSettings.to_dict` writes them only
+#: when they differ from these defaults, so earlier profiles and caches keep their identity
+_LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20}
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,12 @@ class InversionSettings:
     #: Levenberg-Marquardt iterations polishing each image's best input at the end (MSE only; images
     #: already under ``stop_below`` are left as they are: their verdict is settled)
     polish_steps: int = 0
+    #: how a polish step solves its normal equations: "dense" builds each row's Jacobian by
+    #: forward-mode AD (one pass per latent dimension: for latents up to a few hundred wide);
+    #: "cg" never forms it and runs ``polish_cg_iters`` conjugate-gradient iterations of
+    #: Jacobian-vector and vector-Jacobian products (for latents as wide as the image)
+    polish_method: str = "dense"
+    polish_cg_iters: int = 20
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -91,6 +102,9 @@ class InversionSettings:
         if not 0 <= self.min_lr_frac <= 1:
             raise ValueError(f"min_lr_frac must lie in [0, 1], got {self.min_lr_frac}")
         _positive_int("cycles", self.cycles)
+        _positive_int("polish_cg_iters", self.polish_cg_iters)
+        if self.polish_method not in POLISH_METHODS:
+            raise ValueError(f"polish_method must be one of {POLISH_METHODS}, got {self.polish_method!r}")
         if self.rel_tol < 0 or self.penalty < 0:
             raise ValueError("rel_tol and penalty must be >= 0")
         if not isinstance(self.metric, str):
@@ -103,7 +117,11 @@ class InversionSettings:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for k, default in _LATER_FIELDS.items():
+            if d[k] == default:
+                del d[k]
+        return d
 
 
 def _positive_int(name: str, v: object) -> None:
@@ -125,6 +143,15 @@ FAMILY_DEFAULTS: dict[str, InversionSettings] = {
     "gan": InversionSettings(
         steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
         halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=25,
+    ),
+    # "consistency": one-step generators whose latent is as wide as the image (a consistency
+    # model's f(x_T, T), a distilled one-step sampler). Chosen on
+    # bench/results/convergence_cpu_onestep.md: Adam leaves the model's own images near 1e-4,
+    # where real images also end; the matrix-free polish takes its own images on to 1e-6 and below.
+    "consistency": InversionSettings(
+        steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
+        halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=60, polish_method="cg",
+        polish_cg_iters=20,
     ),
 }
 _FALLBACK_DEFAULT = InversionSettings(
@@ -501,8 +528,9 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         # images already under stop_below have a settled verdict: polishing them would only cost
         idx = torch.arange(b, device=device) if stop_below is None else (loss_b >= stop_below).nonzero().squeeze(1)
         if idx.numel():
-            inputs[idx] = _polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target[idx],
-                                  metric_name, s.polish_steps)
+            polish = _polish if s.polish_method == "dense" else functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
+            inputs[idx] = polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target[idx],
+                                 metric_name, s.polish_steps)
     with torch.no_grad():
         recon = generator.to_unit(generator.decode_raw(inputs, cond_b).float())
         if fused:
@@ -570,3 +598,67 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters):
             cost = torch.where(better, cost_new, cost)
             lam = torch.where(better[:, None, None], lam * 0.3, lam * 10).clamp(1e-9, 1e9)
     return z
+
+
+def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters=20):
+    """Matrix-free Levenberg-Marquardt on each image's best input, float32.
+
+    Each step solves ``(J^T J + lam I) d = -J^T r`` per row by ``cg_iters`` conjugate-gradient
+    iterations whose products with ``J`` and ``J^T`` are one forward-mode and one reverse-mode
+    pass through the generator for all live rows at once; the Jacobian is never formed, so a
+    step costs ``2 * cg_iters + 2`` generator passes whatever the latent's width. A step is kept
+    only where it lowers the row's loss (then ``lam`` shrinks; else it grows). Rows leave the
+    loop once solved (mean squared residual under 1e-14) or stuck (damping at its cap).
+    """
+    if metric_name != "mse":
+        return inputs
+    from torch.func import jvp, vjp
+
+    def residual(z, c, rows):
+        return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
+
+    z = inputs.clone()
+    n = z.shape[0]
+    lam = torch.full((n,), 1e-2, device=z.device)
+    live = torch.arange(n, device=z.device)
+    with torch.no_grad():
+        r = residual(z, cond, live)
+    cost = r.square().sum(1)
+    per_elem = r.shape[1]
+    for _ in range(iters):
+        done = (cost / per_elem < 1e-14) | (lam >= 1e8)
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = ~done
+            live, r, cost, lam = live[keep], r[keep], cost[keep], lam[keep]
+        zl = z[live]
+        cl = None if cond is None else cond[live]
+
+        def f(q, cl=cl, live=live):
+            return residual(q, cl, live)
+
+        _, vjp_fn = vjp(f, zl)
+        b = -vjp_fn(r)[0]
+        x = torch.zeros_like(zl)
+        res, p = b.clone(), b.clone()
+        rs = res.square().sum(1)
+        for _ in range(cg_iters):
+            _, jp = jvp(f, (zl,), (p,))
+            ap = vjp_fn(jp)[0] + lam[:, None] * p
+            alpha = rs / (p * ap).sum(1).clamp_min(1e-30)
+            x = x + alpha[:, None] * p
+            res = res - alpha[:, None] * ap
+            rs_new = res.square().sum(1)
+            p = res + (rs_new / rs.clamp_min(1e-30))[:, None] * p
+            rs = rs_new
+        with torch.no_grad():
+            z_new = zl + x
+            r_new = residual(z_new, cl, live)
+            cost_new = r_new.square().sum(1)
+            better = cost_new < cost  # NaN compares False: a step that breaks a row is refused
+            z[live] = torch.where(better[:, None], z_new, zl)
+            r = torch.where(better[:, None], r_new, r)
+            cost = torch.where(better, cost_new, cost)
+            lam = torch.where(better, lam * 0.3, lam * 10).clamp(1e-8, 1e8)
+    return z.detach()

@@ -154,6 +154,43 @@ def test_polish_leaves_solved_rows_and_solves_the_rest(gen):
     assert _polish(gen, start, None, target, "mae", 30) is start  # MSE only
 
 
+def test_matrix_free_polish_leaves_solved_rows_and_solves_the_rest(gen):
+    """The conjugate-gradient polish (no Jacobian formed) reaches what the dense one reaches."""
+    from ronan_fast.inversion import _polish_cg
+
+    batch = gen.generate(3, torch.Generator().manual_seed(11))
+    target = gen.decode_raw(batch.latents, None).detach()
+    start = batch.latents.clone()
+    start[1:] += 0.05 * torch.randn(2, 8, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        before = (gen.decode_raw(start, None) - target).square().flatten(1).mean(1)
+    z = _polish_cg(gen, start, None, target, "mse", 30, cg_iters=8)
+    assert not z.requires_grad
+    with torch.no_grad():
+        after = (gen.decode_raw(z, None) - target).square().flatten(1).mean(1)
+    assert before[0] == 0 and torch.equal(z[0], start[0])
+    assert bool((before[1:] > 1e-6).all()) and bool((after[1:] < 1e-10).all()), (before, after)
+    assert _polish_cg(gen, start, None, target, "mae", 30) is start
+
+
+def test_matrix_free_polish_through_invert_and_its_settings(gen):
+    images = gen.generate(3, torch.Generator().manual_seed(9)).images
+    s = quick(steps=40, restarts=2)
+    before = invert(gen, images, settings=s, seed=0)
+    after = invert(gen, images, settings=s.replace(polish_steps=8, polish_method="cg", polish_cg_iters=8), seed=0)
+    assert (after.loss <= before.loss * (1 + 1e-4)).all()
+    assert after.loss.mean() < 0.1 * before.loss.mean(), (before.loss, after.loss)
+    with pytest.raises(ValueError, match="polish_method must be one of"):
+        InversionSettings(polish_method="lbfgs")
+    with pytest.raises(ValueError, match="polish_cg_iters"):
+        InversionSettings(polish_cg_iters=0)
+    # fields added later are written only when set, so earlier identities stay the same
+    d = InversionSettings().to_dict()
+    assert "polish_method" not in d and "polish_cg_iters" not in d and InversionSettings(**d) == InversionSettings()
+    cg = InversionSettings(polish_method="cg", polish_cg_iters=5)
+    assert cg.to_dict()["polish_method"] == "cg" and InversionSettings(**cg.to_dict()) == cg
+
+
 def test_precision_bf16_runs_and_stays_close(gen):
     images = gen.generate(3, torch.Generator().manual_seed(10)).images
     res = invert(gen, images, settings=quick(precision="bf16"), seed=0)
