@@ -24,11 +24,10 @@ import sys
 import time
 
 import torch
-from torch.func import jvp, vjp
 
 from bench import generators as G
 from bench.report import finish
-from ronan_fast.inversion import invert
+from ronan_fast.inversion import _polish_cg, invert
 
 
 def fixed_point_inversion(sampler, x0: torch.Tensor, iters: int) -> torch.Tensor:
@@ -47,41 +46,20 @@ def fixed_point_inversion(sampler, x0: torch.Tensor, iters: int) -> torch.Tensor
     return x
 
 
-def gauss_newton_cg(decode, z: torch.Tensor, target: torch.Tensor, iters: int, cg_iters: int, report):
-    """Per-row Levenberg-Marquardt with conjugate-gradient solves; calls ``report(k, mse_per_row)``."""
-    def f(q):
-        return decode(q).flatten(1)
+class _Decoder:
+    """A decode function seen as a generator (``decode_raw(z, cond)``) by the package's polish."""
 
-    target = target.flatten(1)
-    lam = torch.full((z.shape[0],), 1e-2)
-    with torch.no_grad():
-        r = f(z) - target
-    cost = r.square().sum(1)
-    for k in range(iters):
-        _, vjp_fn = vjp(f, z)
-        b = -vjp_fn(r)[0]
-        x = torch.zeros_like(z)
-        res, p = b.clone(), b.clone()
-        rs = res.square().sum(1)
-        for _ in range(cg_iters):
-            _, jp = jvp(f, (z,), (p,))
-            ap = vjp_fn(jp)[0] + lam[:, None] * p
-            alpha = rs / (p * ap).sum(1).clamp_min(1e-30)
-            x = x + alpha[:, None] * p
-            res = res - alpha[:, None] * ap
-            rs_new = res.square().sum(1)
-            p = res + (rs_new / rs.clamp_min(1e-30))[:, None] * p
-            rs = rs_new
-        with torch.no_grad():
-            r_new = f(z + x) - target
-        cost_new = r_new.square().sum(1)
-        better = cost_new < cost
-        z = torch.where(better[:, None], z + x, z)
-        r = torch.where(better[:, None], r_new, r)
-        cost = torch.where(better, cost_new, cost)
-        lam = torch.where(better, lam * 0.3, lam * 10).clamp(1e-8, 1e8)
-        report(k + 1, cost / target.shape[1])
-    return z
+    def __init__(self, fn):
+        self.fn = fn
+
+    def decode_raw(self, z, cond=None):
+        return self.fn(z)
+
+
+def gauss_newton_cg(decode, z: torch.Tensor, target: torch.Tensor, iters: int, cg_iters: int, report):
+    """The package's matrix-free Levenberg-Marquardt polish (``polish_method="cg"``) on ``decode``;
+    calls ``report(k, mse_per_row)`` after each step it runs."""
+    return _polish_cg(_Decoder(decode), z, None, target, "mse", iters, cg_iters=cg_iters, report=report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -600,7 +600,7 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters):
     return z
 
 
-def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters=20):
+def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters=20, report=None):
     """Matrix-free Levenberg-Marquardt on each image's best input, float32.
 
     Each step solves ``(J^T J + lam I) d = -J^T r`` per row by ``cg_iters`` conjugate-gradient
@@ -609,13 +609,18 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
     step costs ``2 * cg_iters + 2`` generator passes whatever the latent's width. A step is kept
     only where it lowers the row's loss (then ``lam`` shrinks; else it grows). Rows leave the
     loop once solved (mean squared residual under 1e-14) or stuck (damping at its cap).
+    ``report(k, mse)``, if given, is called after step ``k`` with every row's mean squared
+    residual (rows that left keep their last value).
     """
     if metric_name != "mse":
         return inputs
     from torch.func import jvp, vjp
 
     def residual(z, c, rows):
-        return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
+        out = generator.decode_raw(z, c)
+        if out.dtype in (torch.float16, torch.bfloat16):
+            out = out.float()
+        return (out - target_raw[rows]).flatten(1)
 
     z = inputs.clone()
     n = z.shape[0]
@@ -625,7 +630,8 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
         r = residual(z, cond, live)
     cost = r.square().sum(1)
     per_elem = r.shape[1]
-    for _ in range(iters):
+    cost_all = cost.clone()
+    for k in range(iters):
         done = (cost / per_elem < 1e-14) | (lam >= 1e8)
         if bool(done.all()):
             break
@@ -661,4 +667,7 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
             r = torch.where(better[:, None], r_new, r)
             cost = torch.where(better, cost_new, cost)
             lam = torch.where(better, lam * 0.3, lam * 10).clamp(1e-8, 1e8)
+            if report is not None:
+                cost_all[live] = cost
+                report(k + 1, cost_all / per_elem)
     return z.detach()

@@ -28,7 +28,7 @@ def test_gauss_newton_cg_solves_linear_least_squares():
     seen = []
     z = ddim_probe.gauss_newton_cg(lambda q: q @ a.T, z0, target, iters=12, cg_iters=10,
                                    report=lambda k, mse: seen.append(mse.clone()))
-    assert len(seen) == 12
+    assert 2 <= len(seen) <= 12  # one report per step run; solved rows end the loop early
     assert torch.allclose(z, z_true, atol=1e-6), (z - z_true).abs().max()
     assert bool((seen[-1] < 1e-12).all()) and bool((seen[-1] <= seen[0]).all())
 
