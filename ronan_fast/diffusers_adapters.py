@@ -293,7 +293,8 @@ class OneStepSampler(GeneratorAdapter):
         name: a name for reports.
     """
 
-    family = "diffusion"
+    #: a latent as wide as the image: the "consistency" inversion default (with the matrix-free polish)
+    family = "consistency"
     output_range = (-1.0, 1.0)
 
     def __init__(

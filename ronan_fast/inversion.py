@@ -552,7 +552,6 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters):
     """
     if metric_name != "mse":
         return inputs
-    from torch.func import jacfwd, vmap
 
     def one(zrow, crow):
         c = None if crow is None else crow.unsqueeze(0)
@@ -560,6 +559,13 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters):
 
     def residual(z, c, rows):
         return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
+
+    with _forward_ad_attention():
+        return _polish_dense(inputs, cond, one, residual, iters)
+
+
+def _polish_dense(inputs, cond, one, residual, iters):
+    from torch.func import jacfwd, vmap
 
     z = inputs.clone()
     n = z.shape[0]
@@ -600,6 +606,14 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters):
     return z
 
 
+def _forward_ad_attention():
+    """Attention through its math kernel: the fused CPU/flash kernels have no forward-mode AD,
+    which the polish's Jacobian-vector products need (e.g. a diffusers UNet's attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters=20, report=None):
     """Matrix-free Levenberg-Marquardt on each image's best input, float32.
 
@@ -614,6 +628,11 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
     """
     if metric_name != "mse":
         return inputs
+    with _forward_ad_attention():
+        return _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report)
+
+
+def _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report):
     from torch.func import jvp, vjp
 
     def residual(z, c, rows):

@@ -243,7 +243,7 @@ def _pipeline_images(unet, scheduler, noise, **kw):
 def test_one_step_matches_pipeline(cm_folder):
     adapter = OneStepSampler.from_pretrained(cm_folder)
     assert adapter.latent_dim == 3 * 16 * 16 and adapter.image_shape == (3, 16, 16)
-    assert adapter.family == "diffusion" and adapter.output_range == (-1.0, 1.0)
+    assert adapter.family == "consistency" and adapter.output_range == (-1.0, 1.0)
     z = _noise(3, adapter.latent_dim)
     with torch.no_grad():
         ours = adapter.decode(z)

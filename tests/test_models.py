@@ -18,7 +18,7 @@ from ronan_fast.models import (
     DDIMSampler,
     DeepDCGANDiscriminator,
     DeepDCGANGenerator,
-    OneStepSampler,
+    OneStepStudent,
     TinyUNet,
     load_model,
     read_metadata,
@@ -128,7 +128,7 @@ def test_ddim_sampler_is_differentiable_in_the_noise():
 
 
 def test_one_step_sampler_is_smooth_and_checks_its_input():
-    s = OneStepSampler(TinyUNet(ch=8, patch=1), timestep=999).eval()
+    s = OneStepStudent(TinyUNet(ch=8, patch=1), timestep=999).eval()
     xT = torch.randn(3, 1, 28, 28, requires_grad=True)
     x0 = s(xT)
     assert x0.shape == (3, 1, 28, 28) and float(x0.detach().abs().max()) < 1.0
@@ -142,9 +142,9 @@ def test_one_step_sampler_is_smooth_and_checks_its_input():
     with pytest.raises(ValueError, match="x_T must be"):
         s(torch.randn(3, 1, 14, 14))
     with pytest.raises(TypeError, match="unet must be"):
-        OneStepSampler(torch.nn.Linear(2, 2))
+        OneStepStudent(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="timestep"):
-        OneStepSampler(TinyUNet(ch=8, patch=1), timestep=-1)
+        OneStepStudent(TinyUNet(ch=8, patch=1), timestep=-1)
 
 
 def test_distillation_recipe_brings_the_student_to_its_teacher(tmp_path):
@@ -164,9 +164,9 @@ def test_distillation_recipe_brings_the_student_to_its_teacher(tmp_path):
     args = argparse.Namespace(seed=None, steps=None, minutes=None)
     info = run_distill(rec, args)
     student = load_model(rec.out)
-    assert isinstance(student, OneStepSampler) and student.config["timestep"] == 999
+    assert isinstance(student, OneStepStudent) and student.config["timestep"] == 999
     v_T, v_0 = _teacher_pairs(load_model(tpath), 64, rec.seed + 2)
-    init = OneStepSampler(dict(teacher.unet.config), timestep=999).eval()
+    init = OneStepStudent(dict(teacher.unet.config), timestep=999).eval()
     init.unet.load_state_dict(teacher.unet.state_dict())
     with torch.no_grad():
         before = float((init(v_T) - v_0).square().mean())
@@ -189,7 +189,7 @@ def test_distillation_recipe_brings_the_student_to_its_teacher(tmp_path):
         (VAE(nz=4, nf=8), lambda: (torch.randn(3, 4),)),
         (CondGANGenerator(nz=8, ngf=8, embed_dim=4), lambda: (torch.randn(3, 8), torch.tensor([1, 2, 3]))),
         (DDIMSampler(TinyUNet(ch=8, patch=2), steps=3), lambda: (torch.randn(3, 1, 28, 28),)),
-        (OneStepSampler(TinyUNet(ch=8, patch=2), timestep=999), lambda: (torch.randn(3, 1, 28, 28),)),
+        (OneStepStudent(TinyUNet(ch=8, patch=2), timestep=999), lambda: (torch.randn(3, 1, 28, 28),)),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, torch.nn.Module) else "",
 )

@@ -6,7 +6,7 @@
 * :class:`VAE` -- convolutional VAE; ``forward(z)`` is the decoder, output in (0, 1).
 * :class:`CondGANGenerator` / :class:`CondGANDiscriminator` -- class-conditional GAN ``G(z, labels)``.
 * :class:`TinyUNet` / :class:`DDIMSampler` -- DDPM noise predictor and its differentiable
-  few-step DDIM sampler ``x_T -> x_0``; :class:`OneStepSampler` -- a one-step student of it.
+  few-step DDIM sampler ``x_T -> x_0``; :class:`OneStepStudent` -- a one-step student of it.
 
 Weights travel as safetensors with the architecture name and config in the metadata:
 :func:`save_model` / :func:`load_model`.
@@ -20,7 +20,7 @@ from ronan_fast.models.dcgan import (
     DeepDCGANGenerator,
     dcgan_init_,
 )
-from ronan_fast.models.diffusion import DDIMSampler, OneStepSampler, TinyUNet
+from ronan_fast.models.diffusion import DDIMSampler, OneStepStudent, TinyUNet
 from ronan_fast.models.io import load_model, read_metadata, save_model
 from ronan_fast.models.vae import VAE
 
@@ -34,7 +34,7 @@ ARCHITECTURES: dict[str, type] = {
     "CondGANDiscriminator": CondGANDiscriminator,
     "TinyUNet": TinyUNet,
     "DDIMSampler": DDIMSampler,
-    "OneStepSampler": OneStepSampler,
+    "OneStepStudent": OneStepStudent,
 }
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "CondGANDiscriminator",
     "CondGANGenerator",
     "DDIMSampler",
-    "OneStepSampler",
+    "OneStepStudent",
     "TinyUNet",
     "VAE",
     "DCGANDiscriminator",

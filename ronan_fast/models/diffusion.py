@@ -4,7 +4,7 @@ and a one-step student distilled from that sampler.
 The sampler is the generator: ``DDIMSampler(unet, steps)(x_T) -> x_0``, a deterministic
 (eta = 0) map from the initial noise ``x_T [N, C, 28, 28]`` to an image in [-1, 1], built from
 plain differentiable tensor ops so the initial noise can be inverted by gradient descent.
-``OneStepSampler(unet)(x_T) -> x_0`` is the same map in one network call (the role of a
+``OneStepStudent(unet)(x_T) -> x_0`` is the same map in one network call (the role of a
 consistency model's one-step generation ``f(x_T, T)``), trained to reproduce a DDIM sampler's
 output from the same noise (``python -m ronan_fast.zoo.train onestep-fmnist``).
 """
@@ -179,7 +179,7 @@ class DDIMSampler(ConfigModule):
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-class OneStepSampler(ConfigModule):
+class OneStepStudent(ConfigModule):
     """One-step generator ``x_T [N, C, H, W] -> x_0 = tanh(unet(x_T, t_max))`` in (-1, 1).
 
     The student of a :class:`DDIMSampler` teacher: trained to give, in one UNet call, the image

@@ -70,7 +70,7 @@ ZOO: dict[str, ZooEntry] = {
     "ddim-fmnist": ZooEntry("DDIMSampler", "Fashion-MNIST train, all 60,000 images; 6-step DDIM from x_T",
                             (-1.0, 1.0), (1, 28, 28), "diffusion", "fashion-mnist-train", _w("ddim-fmnist"),
                             recipe="ddim-fmnist"),
-    "onestep-fmnist": ZooEntry("OneStepSampler", "one-step student of ddim-fmnist, distilled on 40,000 of its "
+    "onestep-fmnist": ZooEntry("OneStepStudent", "one-step student of ddim-fmnist, distilled on 40,000 of its "
                                "(x_T, x_0) pairs (its images are Fashion-MNIST-like; it saw no real image)",
                                (-1.0, 1.0), (1, 28, 28), "consistency", "fashion-mnist-train", _w("onestep-fmnist"),
                                recipe="onestep-fmnist"),

@@ -33,7 +33,7 @@ from ronan_fast.models import (
     DDIMSampler,
     DeepDCGANDiscriminator,
     DeepDCGANGenerator,
-    OneStepSampler,
+    OneStepStudent,
     TinyUNet,
     dcgan_init_,
     load_model,
@@ -399,7 +399,7 @@ def run_distill(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     """A one-step student of a DDIM sampler: regress the teacher's image from the same noise.
 
     The teacher (``params["teacher"]``, a weights file) makes ``pairs`` (x_T, x_0) pairs once;
-    the student (:class:`OneStepSampler`, the teacher's UNet architecture, initialised from its
+    the student (:class:`OneStepStudent`, the teacher's UNet architecture, initialised from its
     weights) is trained on them with an MSE loss, Adam with warm-up and cosine decay, and an EMA
     of its weights is saved. A held-out set of pairs (another seed) measures how closely the
     student follows the teacher.
@@ -422,9 +422,9 @@ def run_distill(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     v_T, v_0 = _teacher_pairs(teacher, n_val, seed + 2)
     pair_seconds = time.perf_counter() - t0
     log(f"teacher {teacher_path.name}: {n_pairs} training + {n_val} held-out pairs in {pair_seconds:.0f} s")
-    student = OneStepSampler(dict(teacher.unet.config), timestep=int(teacher.timesteps[0]))
+    student = OneStepStudent(dict(teacher.unet.config), timestep=int(teacher.timesteps[0]))
     student.unet.load_state_dict(teacher.unet.state_dict())
-    ema_model = OneStepSampler(dict(teacher.unet.config), timestep=int(teacher.timesteps[0]))
+    ema_model = OneStepStudent(dict(teacher.unet.config), timestep=int(teacher.timesteps[0]))
     ema_model.load_state_dict(student.state_dict())
     for p in ema_model.parameters():
         p.requires_grad_(False)
