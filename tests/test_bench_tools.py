@@ -62,3 +62,17 @@ def test_overhead_measure_reports_a_consistent_row():
     assert r["overhead"] == pytest.approx(1 - r["generator_ms"] / r["step_ms"])
     assert set(r["ops_share"]) <= {"ronan_fast::recon_loss_grad", "ronan_fast::latent_adam_step_",
                                    "ronan_fast::best_over_restarts"}
+
+
+def test_polish_probe_writes_one_row_per_mark(tmp_path):
+    from bench import polish_probe
+
+    out = tmp_path / "probe.md"
+    assert polish_probe.main(["--generator", "default", "--n", "2", "--adam-steps", "8", "--pairs", "2:4",
+                              "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| 2 |")]
+    assert [ln.split(" | ")[1] for ln in rows] == ["1", "2", "3", "4"]  # a quarter, half, three quarters, end
+    assert "Command: `python -m bench.polish_probe --generator default" in text
+    with pytest.raises(SystemExit):
+        polish_probe.main(["--pairs", "10-20"])

@@ -207,6 +207,23 @@ def test_authors_preset_and_overrides(gen):
         s.replace(stepz=3)
 
 
+def test_family_defaults():
+    """Each family's default: the one-step ("consistency") family ends with the matrix-free
+    polish; families without a tuned default share the fallback."""
+    from ronan_fast.inversion import _FALLBACK_DEFAULT, FAMILY_DEFAULTS
+
+    def adapter(family, width):
+        return LatentGenerator(nn.Sequential(nn.Linear(width, 16), nn.Tanh(), nn.Unflatten(1, (1, 4, 4))), width,
+                               family=family)
+
+    assert resolve_settings(adapter("gan", 8)) == FAMILY_DEFAULTS["gan"]
+    assert resolve_settings(adapter("gan", 8)).polish_method == "dense"
+    cons = resolve_settings(adapter("consistency", 16), "default")
+    assert cons == FAMILY_DEFAULTS["consistency"] and cons.polish_method == "cg" and cons.polish_steps > 0
+    for family in ("vae", "diffusion", "something-new"):
+        assert resolve_settings(adapter(family, 8)) == _FALLBACK_DEFAULT
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
