@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, choices=sorted(CONFIGS),
                    help="quick: every table with few images and short inversions (minutes); "
-                        "full: the paper's counts (100 profile, 100 + 100 per cell, 1500 steps)")
+                        "full: the paper's counts (100 profile, 100 + 100 per cell, 1500 steps); "
+                        "full-default: the same counts with the package's default inversion settings")
     p.add_argument("--cells", metavar="PATTERN", default=None,
                    help="only cells whose id matches one of these comma-separated globs, e.g. 't2-*,t7-*' (--list)")
     p.add_argument("--out", default="results/eval", help="output root; results go to OUT/CONFIG (default: %(default)s)")
