@@ -274,3 +274,8 @@ def test_zoo_cell_plan():
         "t4-dcgan-fmnist-vs-dcgan-photos", *(f"t7-dcgan-fmnist-vs-overlap{p}" for p in range(50, 100, 10))]
     with pytest.raises(ValueError, match="'t9-\\*' matches no cell"):
         select_cells(plan.cells, "t9-*")
+    # the same cells with the package's defaults: every table but the settings comparison
+    dplan = build_cells(CONFIGS["full-default"], models)
+    assert CONFIGS["full-default"].settings == "default"
+    assert [c.id for c in dplan.cells] == [c.id for c in plan.cells if c.table != "S"]
+    assert {"t2-onestep-fmnist-unseen", "t3-onestep-fmnist-vs-dcgan-fmnist"} <= {c.id for c in dplan.cells}
