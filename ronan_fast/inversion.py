@@ -148,9 +148,10 @@ FAMILY_DEFAULTS: dict[str, InversionSettings] = {
     # model's f(x_T, T), a distilled one-step sampler). Chosen on the zoo's one-step student
     # (bench/results/convergence_cpu_onestep*.md): Adam leaves the model's own images near 1e-4,
     # where real images also end; nearly exact Gauss-Newton steps (100 CG iterations each) take
-    # its own images on to 1e-7 while real ones stay above 1e-6. At equal generator passes, 20
-    # CG iterations per step separated far less than 100; after only 300 Adam steps 2 of 32 own
-    # images were left in basins the polish could not leave, so the Adam phase is the GAN one.
+    # its own images on to 1e-7 while real ones stay above 1e-6. At equal generator passes, 10
+    # CG iterations per step separated far less than 40 or 100 (polish_probe_onestep_cpu.md), and
+    # 60 steps of 20 left own and real images overlapping; with 300 or 600 Adam steps first,
+    # 2 of 32 own images still end above every real one (see the README).
     "consistency": InversionSettings(
         steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
         halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=20, polish_method="cg",
