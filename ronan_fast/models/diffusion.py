@@ -110,7 +110,33 @@ class TinyUNet(ConfigModule):
         return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out
 
 
-class DDIMSampler(ConfigModule):
+def _as_unet(unet: "TinyUNet | dict[str, Any] | None") -> "TinyUNet":
+    """A :class:`TinyUNet` from itself, its config dict, or None (the default one)."""
+    if unet is None:
+        return TinyUNet()
+    if isinstance(unet, dict):
+        return TinyUNet(**unet)
+    if not isinstance(unet, TinyUNet):
+        raise TypeError(f"unet must be a TinyUNet or its config dict, got {type(unet).__name__}")
+    return unet
+
+
+class _NoiseToImage(ConfigModule):
+    """A generator from initial noise shaped like its UNet's image (``self.unet``)."""
+
+    unet: TinyUNet
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        c = self.unet.config
+        return (c["channels"], c["size"], c["size"])
+
+    def _check_noise(self, x_T: Tensor) -> None:
+        if x_T.dim() != 4 or tuple(x_T.shape[1:]) != self.latent_shape:
+            raise ValueError(f"x_T must be [N, {', '.join(map(str, self.latent_shape))}], got shape {tuple(x_T.shape)}")
+
+
+class DDIMSampler(_NoiseToImage):
     """Deterministic DDIM (eta = 0): ``x_T [N, C, H, W] -> x_0`` in [-1, 1] in ``steps`` UNet calls.
 
     ``unet`` is a :class:`TinyUNet` or its config dict. Timesteps are evenly spaced "trailing"
@@ -131,12 +157,7 @@ class DDIMSampler(ConfigModule):
             raise ValueError(f"steps ({steps}) must not exceed num_train_timesteps ({num_train_timesteps})")
         if not (0 < beta_start < beta_end < 1):
             raise ValueError(f"need 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
-        if unet is None:
-            unet = TinyUNet()
-        elif isinstance(unet, dict):
-            unet = TinyUNet(**unet)
-        elif not isinstance(unet, TinyUNet):
-            raise TypeError(f"unet must be a TinyUNet or its config dict, got {type(unet).__name__}")
+        unet = _as_unet(unet)
         self.unet = unet
         self._set_config(unet=dict(unet.config), steps=steps, num_train_timesteps=num_train_timesteps,
                          beta_start=beta_start, beta_end=beta_end, clip_x0=clip_x0)
@@ -152,14 +173,8 @@ class DDIMSampler(ConfigModule):
         self.register_buffer("alpha_prev", a_prev.float(), persistent=False)
         self.register_buffer("alphas_cumprod", ac.float(), persistent=False)
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        c = self.unet.config
-        return (c["channels"], c["size"], c["size"])
-
     def forward(self, x_T: Tensor) -> Tensor:
-        if x_T.dim() != 4 or tuple(x_T.shape[1:]) != self.latent_shape:
-            raise ValueError(f"x_T must be [N, {', '.join(map(str, self.latent_shape))}], got shape {tuple(x_T.shape)}")
+        self._check_noise(x_T)
         x = x_T
         n = x.shape[0]
         x0 = x
@@ -179,7 +194,7 @@ class DDIMSampler(ConfigModule):
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-class OneStepStudent(ConfigModule):
+class OneStepStudent(_NoiseToImage):
     """One-step generator ``x_T [N, C, H, W] -> x_0 = tanh(unet(x_T, t_max))`` in (-1, 1).
 
     The student of a :class:`DDIMSampler` teacher: trained to give, in one UNet call, the image
@@ -196,22 +211,11 @@ class OneStepStudent(ConfigModule):
     def __init__(self, unet: TinyUNet | dict[str, Any] | None = None, timestep: int = 999):
         super().__init__()
         check_int("timestep", timestep, 0)
-        if unet is None:
-            unet = TinyUNet()
-        elif isinstance(unet, dict):
-            unet = TinyUNet(**unet)
-        elif not isinstance(unet, TinyUNet):
-            raise TypeError(f"unet must be a TinyUNet or its config dict, got {type(unet).__name__}")
+        unet = _as_unet(unet)
         self.unet = unet
         self._set_config(unet=dict(unet.config), timestep=timestep)
         self.register_buffer("timestep", torch.tensor(timestep, dtype=torch.long), persistent=False)
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        c = self.unet.config
-        return (c["channels"], c["size"], c["size"])
-
     def forward(self, x_T: Tensor) -> Tensor:
-        if x_T.dim() != 4 or tuple(x_T.shape[1:]) != self.latent_shape:
-            raise ValueError(f"x_T must be [N, {', '.join(map(str, self.latent_shape))}], got shape {tuple(x_T.shape)}")
+        self._check_noise(x_T)
         return torch.tanh(self.unet(x_T, self.timestep.expand(x_T.shape[0])))
