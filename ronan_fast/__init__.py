@@ -44,6 +44,8 @@ _EXPORTS = {
     "invert": "ronan_fast.inversion",
     "InversionSettings": "ronan_fast.inversion",
     "InversionResult": "ronan_fast.inversion",
+    # edits of images (edit-aware profiles)
+    "apply_edit": "ronan_fast.edits",
 }
 
 __all__ = ["__version__", *_EXPORTS]

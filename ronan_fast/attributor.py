@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.edits import apply_edit, check_edit
 from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 from ronan_fast.profile import DEFAULT_RULE, RULES, BelongingProfile, ProfileError
@@ -310,20 +311,28 @@ class Attributor:
             images = torch.round(images * levels) / levels
         return images
 
-    def fit(self, n: int = 100, seed: int = 0, progress: ProgressFn | None = None) -> BelongingProfile:
+    def fit(self, n: int = 100, seed: int = 0, progress: ProgressFn | None = None,
+            edit: str | None = None) -> BelongingProfile:
         """Build the belonging profile from ``n`` images the model generates (seeded by ``seed``).
 
         The images are inverted with the model and, when calibrated, the reference model (the
         class of a class-conditional model is searched, as it is for images under test).
+        ``edit`` (see :mod:`ronan_fast.edits`, e.g. ``"jpeg75"``) first applies that edit to the
+        profile's images (as 8-bit images): the profile then tests "made by the model, then
+        edited so", for images known to reach the inspector edited; it is recorded in the profile.
         Returns the profile and keeps it as :attr:`profile`.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 3:
             raise ValueError(f"n (profile images) must be an integer >= 3, got {n!r}; the paper uses 100")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
+        if edit is not None:
+            check_edit(edit)
         if progress:
             progress("generate", 0, n)
         images = self.sample(n, seed, purpose="profile")
+        if edit is not None:
+            images = apply_edit(images, edit)
         if progress:
             progress("generate", n, n)
         ref_loss = None
@@ -335,7 +344,7 @@ class Attributor:
             raw.cpu(), None if ref_loss is None else ref_loss.cpu().double().clamp_min(_REFERENCE_FLOOR),
             alpha=self.alpha, rule=self.rule, metric=self.metric, settings=self.settings,
             generator=self.generator, reference=self.reference, seed=seed, inversion_seed=self.seed,
-            image_bits=self.image_bits,
+            image_bits=self.image_bits, edit=edit,
         )
         return self.profile
 

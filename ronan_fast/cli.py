@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ronan_fast import _atomic
+from ronan_fast.edits import EDIT_HELP, check_edit
 from ronan_fast.profile import DEFAULT_RULE, RULES
 
 EXIT_OK = 0
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  ronan-fast profile --model default -o default.json\n"
             "  ronan-fast profile --model mygan.models:make_generator --weights g.pt --latent-shape 100 1 1 \\\n"
             "      --reference mygan.models:make_reference --reference-weights r.pt -n 100 -o mygan.json\n"
-            "  ronan-fast profile --model default --settings authors --rule grubbs -o paper.json   # the paper's setup\n\n"
+            "  ronan-fast profile --model default --settings authors --rule grubbs -o paper.json   # the paper's setup\n"
+            "  ronan-fast profile --model default --edit jpeg75 -o default-jpeg75.json   # for JPEG-75 copies\n\n"
             + EXIT_CODES_TEXT
         ),
     )
@@ -172,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=_positive_int, default=100, help="number of generated profile images (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the profile images (default: 0)")
     p.add_argument("--inversion-seed", type=int, default=0, help="seed of the inversion's starting points (default: 0)")
+    p.add_argument("--edit", metavar="EDIT",
+                   help=f"edit the profile images before inverting them, for images known to reach you so edited: {EDIT_HELP}")
     p.add_argument("-o", "--output", required=True, metavar="PROFILE.json", help="where to write the profile")
     _add_common(p)
 
@@ -449,6 +453,11 @@ def cmd_profile(args) -> int:
         raise UsageError(f"-o {out}: is a directory")
     if args.n < 3:
         raise UsageError(f"-n {args.n}: a Grubbs test needs at least 3 profile images (the paper uses 100)")
+    if args.edit is not None:
+        try:
+            check_edit(args.edit, "--edit")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     model, reference = _models(args, "default")
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
     try:
@@ -459,7 +468,7 @@ def cmd_profile(args) -> int:
     progress = _Progress(args.quiet)
     t0 = time.perf_counter()
     try:
-        profile = att.fit(n=args.n, seed=args.seed, progress=progress)
+        profile = att.fit(n=args.n, seed=args.seed, progress=progress, edit=args.edit)
     finally:
         progress.close()
     profile.save(out)

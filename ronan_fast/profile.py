@@ -116,6 +116,9 @@ class BelongingProfile:
     reference_name: str | None = None
     #: bits per channel the profile's generated images were rounded to (None: unrounded floats)
     image_bits: int | None = None
+    #: the edit (:mod:`ronan_fast.edits`) applied to the profile's generated images before
+    #: inversion, for images known to reach the inspector so edited (None: unedited)
+    edit: str | None = None
     version: str = field(default_factory=_version)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
@@ -140,6 +143,7 @@ class BelongingProfile:
         seed: int = 0,
         inversion_seed: int = 0,
         image_bits: int | None = None,
+        edit: str | None = None,
     ) -> "BelongingProfile":
         """A profile from the ``n`` profile images' losses under the model (and the reference model).
 
@@ -184,6 +188,7 @@ class BelongingProfile:
             generator_name=getattr(generator, "name", "") if generator is not None else "",
             reference_name=None if reference is None else getattr(reference, "name", None),
             image_bits=image_bits,
+            edit=edit,
         )
 
     # ------------------------------------------------------------------ the test
@@ -279,6 +284,8 @@ class BelongingProfile:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if d["edit"] is None:
+            del d["edit"]  # added later: profiles of unedited images keep their earlier identity
         return {"format": FORMAT, **d}
 
     @classmethod
@@ -349,7 +356,8 @@ class BelongingProfile:
             else "uncalibrated (A' = A)"
         scale = "log A'" if self.rule == "grubbs-log" else "A'"
         return (
-            f"belonging profile of {self.generator_name or self.generator_fingerprint[:12]}, {ref}\n"
+            f"belonging profile of {self.generator_name or self.generator_fingerprint[:12]}, {ref}"
+            f"{'' if self.edit is None else f', of its images edited by {self.edit}'}\n"
             f"  rule {self.rule} on {scale}, n={self.n}, alpha={self.alpha}, metric={self.metric}\n"
             f"  mu={self.mu:.6g}  sigma={self.sigma:.6g}  G_crit={self.critical_value:.4f}  "
             f"threshold A' < {self.threshold:.6g}"
@@ -453,6 +461,13 @@ def _validate(p: BelongingProfile) -> None:
             bad(name, "must be a string")
     if p.reference_name is not None and not isinstance(p.reference_name, str):
         bad("reference_name", "must be a string or null")
+    if p.edit is not None:
+        from ronan_fast.edits import EDIT_HELP, check_edit
+
+        try:
+            check_edit(p.edit)
+        except ValueError:
+            bad("edit", f"must be null or {EDIT_HELP}")
     # mu and sigma must be the moments of the stored losses on the rule's scale.
     try:
         mu, sigma = _moments(np.asarray(p.calibrated_losses, dtype=np.float64), p.rule)

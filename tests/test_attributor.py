@@ -267,3 +267,20 @@ def test_profile_images_are_rounded_like_saved_files(fitted, g, r, tmp_path):
     assert not torch.equal(floats.sample(4, seed=3), own)
     with pytest.raises(ValueError, match="image_bits"):
         Attributor(g, r, image_bits=0)
+
+
+def test_edit_aware_profile(g, r, tmp_path):
+    from ronan_fast.edits import apply_edit
+
+    att = Attributor(g, r, steps=60, restarts=2)
+    plain = att.fit(n=5, seed=3)
+    jp = att.fit(n=5, seed=3, edit="jpeg50")
+    assert plain.edit is None and jp.edit == "jpeg50" and att.profile is jp
+    # the profile's images are the model's own images, edited, then inverted as any image is
+    images = apply_edit(att.sample(5, 3, purpose="profile"), "jpeg50")
+    raw = att._invert(g, images, None, None, "model").loss
+    assert jp.raw_losses == pytest.approx(raw.double().tolist(), rel=1e-6)
+    assert jp.raw_losses != plain.raw_losses
+    assert BelongingProfile.load(jp.save(tmp_path / "jp.json")).edit == "jpeg50"
+    with pytest.raises(ValueError, match="edit must be 'jpegQ'"):
+        att.fit(n=5, edit="blur")

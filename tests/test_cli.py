@@ -106,6 +106,18 @@ def test_profile_file(profile_path, capsys):
     assert p.generator_name == "generator"
 
 
+def test_profile_of_edited_images(tmp_path, capsys):
+    from ronan_fast.profile import BelongingProfile
+
+    code, out, _ = run(["profile", *MODEL, "--reference", "none", "-n", "4", "--steps", "30", "--restarts", "1", "-q",
+                        "--edit", "jpeg60", "-o", tmp_path / "e.json"], capsys)
+    assert code == 0 and "edited by jpeg60" in out
+    assert BelongingProfile.load(tmp_path / "e.json").edit == "jpeg60"
+    code, _, err = run(["profile", *MODEL, "--edit", "sepia", "-o", tmp_path / "bad.json"], capsys)
+    assert code == 2 and "--edit must be 'jpegQ'" in err and "got 'sepia'" in err
+    assert not (tmp_path / "bad.json").exists()
+
+
 @pytest.mark.parametrize("spec, message", [
     ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
     ("tiny_models:nothing", "has no attribute 'nothing'"),

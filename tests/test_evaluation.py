@@ -224,6 +224,28 @@ def test_uncalibrated_cell_uses_raw_losses(tmp_path):
     assert "uncalibrated" in rec["rules"]["grubbs"]["profile"]
 
 
+def test_edit_aware_cell_fits_its_profile_on_edited_images(tmp_path):
+    ev = Evaluation(TINY, tmp_path, TinyModels(), progress=False)
+    plain = ev.run_cell(_cell(ImageSpec("unseen", "a", 4, 1)))
+    cell = Cell("c-aware", "8", "a", "ref", "mse", ImageSpec("generated", "a", 4, 1, edit="jpeg75"),
+                ImageSpec("unseen", "a", 4, 1, edit="jpeg75"), profile_edit="jpeg75")
+    assert cell.profile_spec(TINY).edit == "jpeg75" and _cell(cell.other).profile_spec(TINY).edit is None
+    assert "profile_edit" not in _cell(cell.other).to_dict()  # earlier cells keep their keys
+    assert Cell.from_dict(cell.to_dict()) == cell
+    rec = ev.run_cell(cell)
+    prof = BelongingProfile.load(tmp_path / rec["rules"]["grubbs"]["profile"])
+    assert prof.edit == "jpeg75"
+    assert rec["loss_files"]["profile"] != plain["loss_files"]["profile"]
+    assert rec["profile_calibrated_loss"] != plain["profile_calibrated_loss"]
+    # the profile's images are the profile stream's images, edited
+    images = ev.images(cell.profile_spec(TINY))
+    from ronan_fast.evaluation.images import apply_edit
+
+    assert torch.equal(images, apply_edit(ev.images(_cell(cell.other).profile_spec(TINY)), "jpeg75"))
+    with pytest.raises(ValueError, match="profile_edit must be one of"):
+        Cell("x", "8", "a", "ref", "mse", cell.belonging, cell.other, profile_edit="jpeg50")
+
+
 def test_confusion_and_auc():
     c = confusion([True, True, False], [False, True, False, False])
     assert (c["tp"], c["fn"], c["fp"], c["tn"]) == (2, 1, 1, 3)
@@ -269,6 +291,9 @@ def test_zoo_cell_plan():
     assert by_id["t4-dcgan-fmnist-vs-dcgan-digits"].reference == "dcgan-photos"
     assert by_id["t6-vae-fmnist-uncalibrated"].reference is None
     assert by_id["t8-ddim-fmnist-jpeg75"].belonging.edit == "jpeg75"
+    aware = by_id["t8-vae-fmnist-1977-aware"]
+    assert (aware.profile_edit, aware.belonging.edit, aware.other.edit) == ("1977", "1977", "1977")
+    assert aware.other.kind == "unseen" and by_id["t8-vae-fmnist-1977"].profile_edit is None
     assert {c.other.source for c in plan.cells if c.table == "7"} == {f"dcgan-fmnist-overlap{p}" for p in range(50, 100, 10)}
     assert [c.id for c in select_cells(plan.cells, "t7-*,t4-*-photos")] == [
         "t4-dcgan-fmnist-vs-dcgan-photos", *(f"t7-dcgan-fmnist-vs-overlap{p}" for p in range(50, 100, 10))]

@@ -224,3 +224,21 @@ def test_profile_depends_on_weights(models):
     with pytest.raises(ProfileMismatchError, match="model fingerprint"):
         p.check_compatible(LatentGenerator(m, tiny_models.LATENT), r, "mse", SETTINGS)
     assert math.isfinite(p.threshold)
+
+
+def test_edit_aware_profile_field(models, tmp_path):
+    g, r, _ = models
+    p = make(models)
+    assert p.edit is None and "edit" not in p.to_dict()  # unedited profiles keep their earlier identity
+    rng = np.random.default_rng(3)
+    e = BelongingProfile.from_losses(
+        rng.lognormal(-8, 1.0, 12), rng.uniform(0.05, 0.2, 12), alpha=0.05, rule="grubbs", metric="mse",
+        settings=SETTINGS, generator=g, reference=r, seed=7, inversion_seed=0, edit="jpeg75")
+    assert e.to_dict()["edit"] == "jpeg75" and "edited by jpeg75" in e.describe()
+    assert "edited" not in p.describe()
+    q = BelongingProfile.load(e.save(tmp_path / "e.json"))
+    assert q == e and q.identity() == e.identity() != p.identity()
+    data = e.to_dict()
+    data["edit"] = "blur"
+    with pytest.raises(ProfileError, match="field 'edit' must be null or 'jpegQ'"):
+        BelongingProfile.from_dict(data)

@@ -136,7 +136,9 @@ class Cell:
     """One evaluated setting: model, reference, metric, belonging images, other images.
 
     ``settings`` names an inversion preset for this cell in place of the config's (the config's
-    overrides still apply); None: the config's.
+    overrides still apply); None: the config's. ``profile_edit`` (one of :data:`EDITS`): the
+    belonging profile is fitted on the model's images edited so (an edit-aware profile); None:
+    on its unedited images.
     """
 
     id: str
@@ -148,9 +150,22 @@ class Cell:
     other: ImageSpec
     note: str = ""
     settings: str | None = None
+    profile_edit: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.profile_edit is not None and self.profile_edit not in EDITS:
+            raise ValueError(f"Cell.profile_edit must be one of {EDITS} or None, got {self.profile_edit!r}")
+
+    def profile_spec(self, config: "EvalConfig") -> ImageSpec:
+        """The images the cell's belonging profile is fitted on."""
+        return ImageSpec("generated", self.model, config.n_profile, config.profile_seed, purpose="profile",
+                         edit=self.profile_edit)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["profile_edit"] is None:
+            del d["profile_edit"]  # added later: earlier cells keep their keys
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cell":
@@ -211,19 +226,21 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
         return ImageSpec("generated", m, n, seed, edit=edit)
 
     def add(cid: str, table: str, model: str, other: ImageSpec, metric: str = "mse", calibrated: bool = True,
-            belonging: ImageSpec | None = None, settings: str | None = None) -> None:
+            belonging: ImageSpec | None = None, settings: str | None = None, profile_edit: str | None = None,
+            note: str = "") -> None:
         if model not in names:
             plan.omitted.append((cid, f"model {model} is not in the zoo"))
             return
-        note = ""
         ref = None
         if calibrated:
             sources = (other.source,) if other.kind == "generated" else ()
-            ref, note = choose_reference(models, model, sources)
+            ref, why = choose_reference(models, model, sources)
             if ref is None:
-                plan.omitted.append((cid, note))
+                plan.omitted.append((cid, why))
                 return
-        plan.cells.append(Cell(cid, table, model, ref, metric, belonging or gen(model, nb), other, note, settings))
+            note = "; ".join(t for t in (why, note) if t)
+        plan.cells.append(Cell(cid, table, model, ref, metric, belonging or gen(model, nb), other, note, settings,
+                               profile_edit))
 
     # Table 2: every zoo model against its own training images and unseen real images
     for m in names:
@@ -253,10 +270,17 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
     # Table 7: the other images come from a model whose training data overlaps the tested model's
     for pct in _OVERLAPS:
         add(f"t7-dcgan-fmnist-vs-overlap{pct}", "7", "dcgan-fmnist", gen(f"dcgan-fmnist-overlap{pct}", no))
-    # Table 8: edited belonging images still count as belonging; the others are unseen real images
+    # Table 8: edited belonging images still count as belonging; the others are unseen real images.
+    # Beyond the paper, "-aware": the profile is fitted on the model's images edited the same way,
+    # and the other images (unseen real ones) are edited too, so the edit itself tells nothing.
     for m in config.edit_models:
         for edit in EDITS:
             add(f"t8-{m}-{edit}", "8", m, ImageSpec("unseen", m, no, seed), belonging=gen(m, nb, edit))
+        for edit in EDITS:
+            add(f"t8-{m}-{edit}-aware", "8", m, ImageSpec("unseen", m, no, seed, edit=edit),
+                belonging=gen(m, nb, edit), profile_edit=edit,
+                note=f"edit-aware profile: fitted on the model's images edited by {edit}; the other images "
+                     f"are edited by {edit} too")
     # Beyond the paper: the package's default inversion settings instead of the config's preset
     for m in config.settings_models:
         if config.settings != "default":

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ronan_fast import edits
 
 __all__ = ["EDITS", "IMAGE_BITS", "quantise", "apply_edit", "to_uint8", "from_uint8", "images_sha256", "encode_uint8", "decode_uint8"]
 
@@ -58,46 +59,12 @@ def decode_uint8(record: dict) -> Tensor:
     return from_uint8(np.frombuffer(raw, dtype=np.uint8).reshape(shape))
 
 
-def _pil(img: np.ndarray):
-    from PIL import Image
-
-    if img.shape[0] == 1:
-        return Image.fromarray(img[0], mode="L")
-    return Image.fromarray(np.transpose(img, (1, 2, 0)), mode="RGB")
-
-
-def _back(im, channels: int) -> np.ndarray:
-    if channels == 1:
-        return np.asarray(im.convert("L"), dtype=np.uint8)[None]
-    return np.transpose(np.asarray(im.convert("RGB"), dtype=np.uint8), (2, 0, 1))
-
-
 def apply_edit(images: Tensor, edit: str) -> Tensor:
     """Apply an edit of :data:`EDITS` to 8-bit images; returns 8-bit images in [0, 1], same shape.
 
     ``"1977"``: ``pilgram._1977`` (greyscale images go through RGB and back to greyscale).
-    ``"jpeg75"``: save as JPEG at quality 75 with Pillow and read back.
+    ``"jpeg75"``: save as JPEG at quality 75 with Pillow and read back (see :mod:`ronan_fast.edits`).
     """
     if edit not in EDITS:
         raise ValueError(f"edit must be one of {EDITS}, got {edit!r}")
-    arr = to_uint8(images)
-    out = np.empty_like(arr)
-    if edit == "1977":
-        try:
-            import pilgram
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("the '1977' edit needs the pilgram package: pip install pilgram") from e
-    for i, img in enumerate(arr):
-        im = _pil(img)
-        if edit == "1977":
-            im = pilgram._1977(im.convert("RGB"))
-        else:
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=75)
-            buf.seek(0)
-            from PIL import Image
-
-            im = Image.open(buf)
-            im.load()
-        out[i] = _back(im, img.shape[0])
-    return from_uint8(out)
+    return edits.apply_edit(images, edit)

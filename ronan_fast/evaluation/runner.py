@@ -283,6 +283,7 @@ class Evaluation:
                   f"image_bits is {getattr(p, 'image_bits', None)}, expected {IMAGE_BITS}")
             check(p.seed == self.config.profile_seed and p.inversion_seed == self.config.inversion_seed,
                   "made with other seeds")
+            check(p.edit == cell.profile_edit, f"edit is {p.edit!r}, expected {cell.profile_edit!r}")
         except (ProfileError, ValueError) as e:
             warnings.warn(f"{path}: unusable belonging profile ({type(e).__name__}: {e}); computing it again",
                           CacheWarning, stacklevel=2)
@@ -316,7 +317,7 @@ class Evaluation:
             p = BelongingProfile.from_losses(
                 raw, ref, alpha=self.config.alpha, rule=rule, metric=cell.metric, settings=settings,
                 generator=model, reference=ref_adapter, seed=self.config.profile_seed,
-                inversion_seed=self.config.inversion_seed, image_bits=IMAGE_BITS,
+                inversion_seed=self.config.inversion_seed, image_bits=IMAGE_BITS, edit=cell.profile_edit,
             )
             p.save(self._profile_path(cell, pkey, rule))
             out[rule] = p
@@ -337,8 +338,7 @@ class Evaluation:
     def plan_keys(self, cell: Cell) -> tuple[InversionSettings, dict, str]:
         """The cell's settings, the keys of every loss set it uses, and its own key."""
         settings = self.settings(cell.model, cell.metric, cell.settings)
-        profile_spec = ImageSpec("generated", cell.model, self.config.n_profile, self.config.profile_seed,
-                                 purpose="profile")
+        profile_spec = cell.profile_spec(self.config)
         keys = {"profile": self.loss_key(cell.model, profile_spec, settings),
                 "belonging": self.loss_key(cell.model, cell.belonging, settings),
                 "other": self.loss_key(cell.model, cell.other, settings)}

@@ -1,0 +1,100 @@
+"""Named image edits: what happened to an image between the generator and the inspector.
+
+An image a model generated may reach the inspector JPEG-compressed or filtered. Such an image no
+longer inverts to (almost) zero loss, so a belonging profile fitted on the model's unedited images
+rejects it. When the edit is known, fit the profile on the model's own images passed through the
+same edit (:meth:`ronan_fast.Attributor.fit` ``edit=``; ``ronan-fast profile --edit``): the test
+then asks "was this image made by the model and then edited so?".
+
+Edits work on 8-bit images (as saved to files):
+
+* ``"jpegQ"`` (``Q`` from 1 to 100, e.g. ``"jpeg75"``): save as JPEG at quality ``Q`` with Pillow
+  and read back;
+* ``"1977"``: pilgram's "1977" Instagram filter (greyscale images go through RGB and back); needs
+  the ``pilgram`` package.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported on use: the command line's argument checks stay cheap
+    from torch import Tensor
+
+__all__ = ["apply_edit", "check_edit", "EDIT_HELP"]
+
+EDIT_HELP = "'jpegQ' (JPEG at quality Q, 1-100, e.g. jpeg75) or '1977' (pilgram's 1977 filter)"
+_JPEG = re.compile(r"jpeg([0-9]{1,3})")
+
+
+def check_edit(edit: object, name: str = "edit") -> str:
+    """Return ``edit`` if it names an edit; else raise ``ValueError`` naming the argument ``name``."""
+    if isinstance(edit, str):
+        if edit == "1977":
+            return edit
+        m = _JPEG.fullmatch(edit)
+        if m and 1 <= int(m.group(1)) <= 100 and str(int(m.group(1))) == m.group(1):
+            return edit
+    raise ValueError(f"{name} must be {EDIT_HELP}, got {edit!r}")
+
+
+def _to_uint8(images: Tensor) -> np.ndarray:
+    import torch
+
+    return torch.round(images.detach().float().cpu().clamp(0, 1) * 255.0).to(torch.uint8).numpy()
+
+
+def _pil(img: np.ndarray):
+    from PIL import Image
+
+    if img.shape[0] == 1:
+        return Image.fromarray(img[0], mode="L")
+    return Image.fromarray(np.transpose(img, (1, 2, 0)), mode="RGB")
+
+
+def _back(im, channels: int) -> np.ndarray:
+    if channels == 1:
+        return np.asarray(im.convert("L"), dtype=np.uint8)[None]
+    return np.transpose(np.asarray(im.convert("RGB"), dtype=np.uint8), (2, 0, 1))
+
+
+def apply_edit(images: Tensor, edit: str) -> Tensor:
+    """``edit`` applied to each image of ``images`` (``[N, C, H, W]`` in [0, 1], C = 1 or 3).
+
+    The images are rounded to 8 bits first; returns 8-bit-valued float images in [0, 1], same
+    shape, on the CPU.
+    """
+    import torch
+    from torch import Tensor
+
+    check_edit(edit)
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor [N, C, H, W] with C = 1 or 3 to edit, got {shape}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images contain NaN or Inf; cannot edit them")
+    if edit == "1977":
+        try:
+            import pilgram
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("the '1977' edit needs the pilgram package: pip install pilgram") from e
+    arr = _to_uint8(images)
+    out = np.empty_like(arr)
+    for i, img in enumerate(arr):
+        im = _pil(img)
+        if edit == "1977":
+            im = pilgram._1977(im.convert("RGB"))
+        else:
+            from PIL import Image
+
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=int(edit[4:]))
+            buf.seek(0)
+            im = Image.open(buf)
+            im.load()
+        out[i] = _back(im, img.shape[0])
+    return torch.from_numpy(out).float() / 255.0

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from ronan_fast.edits import apply_edit, check_edit
+
+
+@pytest.mark.parametrize("edit", ["jpeg75", "jpeg1", "jpeg100", "1977"])
+def test_check_edit_accepts(edit):
+    assert check_edit(edit) == edit
+
+
+@pytest.mark.parametrize("edit", ["jpeg0", "jpeg101", "jpeg075", "jpeg", "JPEG75", "sepia", 75, None, ""])
+def test_check_edit_refuses_and_names_the_argument(edit):
+    with pytest.raises(ValueError, match=r"--edit must be 'jpegQ'"):
+        check_edit(edit, "--edit")
+
+
+def _images(c: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # smooth random images (like photos), 8-bit valued
+    x = torch.nn.functional.interpolate(torch.rand(3, c, 6, 6, generator=g), size=(32, 32), mode="bilinear",
+                                        align_corners=False)
+    return torch.round(x * 255) / 255
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_quality_orders_the_error(channels):
+    x = _images(channels)
+    errs = []
+    for q in (10, 50, 95):
+        e = apply_edit(x, f"jpeg{q}")
+        assert e.shape == x.shape and e.dtype == torch.float32
+        assert torch.equal(torch.round(e * 255) / 255, e)  # 8-bit values
+        errs.append(float((e - x).square().mean()))
+    assert errs[0] > errs[1] > errs[2] > 0
+    # deterministic
+    assert torch.equal(apply_edit(x, "jpeg50"), apply_edit(x, "jpeg50"))
+
+
+def test_1977_changes_tones_not_layout():
+    pytest.importorskip("pilgram")
+    x = _images(3, seed=1)
+    e = apply_edit(x, "1977")
+    assert e.shape == x.shape
+    assert float((e - x).abs().mean()) > 1e-2
+    # a tone filter: the edited image stays strongly correlated with the original
+    corr = np.corrcoef(x.flatten().numpy(), e.flatten().numpy())[0, 1]
+    assert corr > 0.8
+
+
+def test_apply_edit_refuses_bad_images():
+    with pytest.raises(ValueError, match="images must be a tensor"):
+        apply_edit(torch.rand(3, 32, 32), "jpeg75")
+    with pytest.raises(ValueError, match="images must be a tensor"):
+        apply_edit(torch.rand(1, 2, 8, 8), "jpeg75")
+    x = torch.rand(1, 1, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        apply_edit(x, "jpeg75")
+    with pytest.raises(ValueError, match="edit must be"):
+        apply_edit(torch.rand(1, 1, 8, 8), "jpeg0")
