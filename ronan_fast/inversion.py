@@ -35,7 +35,7 @@ TYPICAL_SET = ("none", "project", "penalty")
 POLISH_METHODS = ("dense", "cg")
 #: fields added after the first settings format: :meth:`InversionSettings.to_dict` writes them only
 #: when they differ from these defaults, so earlier profiles and caches keep their identity
-_LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20}
+_LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3}
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,11 @@ class InversionSettings:
     #: Jacobian-vector and vector-Jacobian products (for latents as wide as the image)
     polish_method: str = "dense"
     polish_cg_iters: int = 20
+    #: a polished row stops once its loss fell by less than ``polish_min_drop`` (a fraction) over
+    #: the last ``polish_patience`` polish steps (it has levelled off: real images do, a model's
+    #: own images keep falling); 0: off. A row also stops once under ``stop_below``.
+    polish_patience: int = 0
+    polish_min_drop: float = 0.3
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -85,7 +90,7 @@ class InversionSettings:
         _positive_int("restarts", self.restarts)
         _positive_int("check_every", self.check_every)
         _positive_int("min_rows", self.min_rows)
-        for name in ("warmup", "halving_every", "patience", "polish_steps"):
+        for name in ("warmup", "halving_every", "patience", "polish_steps", "polish_patience"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
@@ -105,6 +110,8 @@ class InversionSettings:
         _positive_int("polish_cg_iters", self.polish_cg_iters)
         if self.polish_method not in POLISH_METHODS:
             raise ValueError(f"polish_method must be one of {POLISH_METHODS}, got {self.polish_method!r}")
+        if not (isinstance(self.polish_min_drop, (int, float)) and 0 < self.polish_min_drop < 1):
+            raise ValueError(f"polish_min_drop must lie in (0, 1), got {self.polish_min_drop!r}")
         if self.rel_tol < 0 or self.penalty < 0:
             raise ValueError("rel_tol and penalty must be >= 0")
         if not isinstance(self.metric, str):
@@ -148,14 +155,16 @@ FAMILY_DEFAULTS: dict[str, InversionSettings] = {
     # model's f(x_T, T), a distilled one-step sampler). Chosen on the zoo's one-step student
     # (bench/results/convergence_cpu_onestep*.md): Adam leaves the model's own images near 1e-4,
     # where real images also end; nearly exact Gauss-Newton steps (100 CG iterations each) take
-    # its own images on to 1e-7 while real ones stay above 1e-6. At equal generator passes, 10
-    # CG iterations per step separated far less than 40 or 100 (polish_probe_onestep_cpu.md), and
-    # 60 steps of 20 left own and real images overlapping; with 300 or 600 Adam steps first,
-    # 2 of 32 own images still end above every real one (see the README).
+    # its own images on to 1e-7 and below while real ones level off above 1e-6. At equal
+    # generator passes, 10 CG iterations per step separated far less than 40 or 100
+    # (polish_probe_onestep_cpu.md). 20 polish steps left 2 of 32 own images above every real
+    # one: they were slow, not stuck, so the polish runs up to 80 steps, and a row stops once its
+    # loss fell by less than 30% over 10 steps (real images level off after about 20 steps; own
+    # images keep falling), or once under the belonging threshold when attributing.
     "consistency": InversionSettings(
         steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
-        halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=20, polish_method="cg",
-        polish_cg_iters=100,
+        halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=80, polish_method="cg",
+        polish_cg_iters=100, polish_patience=10, polish_min_drop=0.3,
     ),
 }
 _FALLBACK_DEFAULT = InversionSettings(
@@ -533,8 +542,10 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         idx = torch.arange(b, device=device) if stop_below is None else (loss_b >= stop_below).nonzero().squeeze(1)
         if idx.numel():
             polish = _polish if s.polish_method == "dense" else functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
+            stop_raw = None if stop_below is None else stop_below[idx] / scale  # [0, 1] MSE -> raw MSE
             inputs[idx] = polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target[idx],
-                                 metric_name, s.polish_steps)
+                                 metric_name, s.polish_steps, patience=s.polish_patience,
+                                 min_drop=s.polish_min_drop, stop_raw=stop_raw)
     with torch.no_grad():
         recon = generator.to_unit(generator.decode_raw(inputs, cond_b).float())
         if fused:
@@ -548,11 +559,12 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     return final, inputs, recon.clamp(0, 1), cond_b, row_steps
 
 
-def _polish(generator, inputs, cond, target_raw, metric_name, iters):
+def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0, min_drop=0.3, stop_raw=None):
     """Levenberg-Marquardt on each image's best input (Jacobian by forward-mode AD), float32.
 
-    A row leaves the loop once it is solved (mean squared residual under 1e-14, float32's floor)
-    or stuck (damping at its cap): the Jacobian, the costly part, is only built for live rows.
+    A row leaves the loop once it is solved (mean squared residual under 1e-14, float32's floor),
+    stuck (damping at its cap), levelled off (``patience``, ``min_drop``) or under its
+    ``stop_raw`` (raw-unit MSE, ``[n]``): the Jacobian, the costly part, is only built for live rows.
     """
     if metric_name != "mse":
         return inputs
@@ -565,10 +577,36 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters):
         return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
 
     with _forward_ad_attention():
-        return _polish_dense(inputs, cond, one, residual, iters)
+        return _polish_dense(inputs, cond, one, residual, iters, _Leaving(iters, inputs.shape[0], patience, min_drop,
+                                                                            stop_raw))
 
 
-def _polish_dense(inputs, cond, one, residual, iters):
+class _Leaving:
+    """Which live rows leave the polish before a step: solved (mean squared residual under
+    1e-14), stuck (damping at its cap), under ``stop_raw``, or levelled off: their loss fell by
+    less than ``min_drop`` over the last ``patience`` steps."""
+
+    def __init__(self, iters, n, patience, min_drop, stop_raw):
+        self.patience, self.keep_frac, self.stop_raw = patience, 1.0 - min_drop, stop_raw
+        self.hist = None if not patience else [None] * (iters + 1)  # per step: every row's cost
+        self.n = n
+
+    def __call__(self, k, cost, per_elem, stuck, live):
+        """Before step ``k + 1`` (``k`` steps done); ``cost`` holds the live rows' summed squares."""
+        mse = cost / per_elem
+        done = (mse < 1e-14) | stuck
+        if self.stop_raw is not None:
+            done |= mse < self.stop_raw[live]
+        if self.hist is not None:
+            full = torch.full((self.n,), float("nan"), dtype=cost.dtype, device=cost.device)
+            full[live] = cost
+            self.hist[k] = full
+            if k >= self.patience:
+                done |= cost > self.keep_frac * self.hist[k - self.patience][live]  # NaN never: rows only leave
+        return done
+
+
+def _polish_dense(inputs, cond, one, residual, iters, leaving):
     from torch.func import jacfwd, vmap
 
     z = inputs.clone()
@@ -580,8 +618,8 @@ def _polish_dense(inputs, cond, one, residual, iters):
         cost = r.square().sum(1)
     eye = torch.eye(z.shape[1], device=z.device)
     per_elem = r.shape[1]
-    for _ in range(iters):
-        done = (cost / per_elem < 1e-14) | (lam[:, 0, 0] >= 1e9)
+    for k in range(iters):
+        done = leaving(k, cost, per_elem, lam[:, 0, 0] >= 1e9, live)
         if bool(done.all()):
             break
         if bool(done.any()):
@@ -618,7 +656,8 @@ def _forward_ad_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters=20, report=None):
+def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters=20, report=None, patience=0,
+               min_drop=0.3, stop_raw=None):
     """Matrix-free Levenberg-Marquardt on each image's best input, float32.
 
     Each step solves ``(J^T J + lam I) d = -J^T r`` per row by ``cg_iters`` conjugate-gradient
@@ -626,17 +665,19 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
     pass through the generator for all live rows at once; the Jacobian is never formed, so a
     step costs ``2 * cg_iters + 2`` generator passes whatever the latent's width. A step is kept
     only where it lowers the row's loss (then ``lam`` shrinks; else it grows). Rows leave the
-    loop once solved (mean squared residual under 1e-14) or stuck (damping at its cap).
+    loop once solved (mean squared residual under 1e-14), stuck (damping at its cap), levelled
+    off (``patience``, ``min_drop``) or under their ``stop_raw`` (raw-unit MSE, ``[n]``).
     ``report(k, mse)``, if given, is called after step ``k`` with every row's mean squared
     residual (rows that left keep their last value).
     """
     if metric_name != "mse":
         return inputs
     with _forward_ad_attention():
-        return _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report)
+        return _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report,
+                               _Leaving(iters, inputs.shape[0], patience, min_drop, stop_raw))
 
 
-def _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report):
+def _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report, leaving):
     from torch.func import jvp, vjp
 
     def residual(z, c, rows):
@@ -655,7 +696,7 @@ def _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report
     per_elem = r.shape[1]
     cost_all = cost.clone()
     for k in range(iters):
-        done = (cost / per_elem < 1e-14) | (lam >= 1e8)
+        done = leaving(k, cost, per_elem, lam >= 1e8, live)
         if bool(done.all()):
             break
         if bool(done.any()):

@@ -173,6 +173,54 @@ def test_matrix_free_polish_leaves_solved_rows_and_solves_the_rest(gen):
     assert _polish_cg(gen, start, None, target, "mae", 30) is start
 
 
+class _Counting:
+    """A generator that records how many rows each decode call carries."""
+
+    def __init__(self, g):
+        self.g, self.sizes = g, []
+
+    def decode_raw(self, z, c):
+        self.sizes.append(z.shape[0])
+        return self.g.decode_raw(z, c)
+
+
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_polish_stops_levelled_off_rows_and_rows_under_stop(gen, method):
+    import functools
+
+    from ronan_fast.inversion import _polish, _polish_cg
+
+    polish = _polish if method == "dense" else functools.partial(_polish_cg, cg_iters=8)
+    batch = gen.generate(2, torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        reach = gen.decode_raw(batch.latents, None)
+    # row 0 is exactly reachable; row 1 is noise, whose loss levels off far above 0
+    target = torch.stack([reach[0], torch.rand(reach[1].shape, generator=torch.Generator().manual_seed(3)) * 2 - 1])
+    start = batch.latents + 0.05 * torch.randn(2, 8, generator=torch.Generator().manual_seed(12))
+
+    def mse(z):
+        with torch.no_grad():
+            return (gen.decode_raw(z, None) - target).square().flatten(1).mean(1)
+
+    runs = {}
+    for patience in (0, 3):
+        g = _Counting(gen)
+        z = polish(g, start, None, target, "mse", 40, patience=patience, min_drop=0.3)
+        runs[patience] = (z, len(g.sizes))
+        assert float(mse(z)[0]) < 1e-10  # the reachable row is solved either way
+    # without the plateau rule the noise row goes on after the reachable row is solved; with it
+    # the noise row leaves after a few steps
+    assert runs[3][1] < runs[0][1] / 2, (runs[0][1], runs[3][1])
+    assert float(mse(runs[3][0])[1]) > 0.1
+    # a row already under its stop_below leaves at once and keeps its input
+    z = polish(gen, start, None, target, "mse", 40, stop_raw=torch.tensor([0.0, 10.0]))
+    assert torch.equal(z[1], start[1]) and float(mse(z)[0]) < 1e-10
+    with pytest.raises(ValueError, match="polish_min_drop must lie in"):
+        InversionSettings(polish_min_drop=1.0)
+    with pytest.raises(ValueError, match="polish_patience must be an integer >= 0"):
+        InversionSettings(polish_patience=-1)
+
+
 def test_matrix_free_polish_through_invert_and_its_settings(gen):
     images = gen.generate(3, torch.Generator().manual_seed(9)).images
     s = quick(steps=40, restarts=2)
