@@ -61,6 +61,10 @@ CANDIDATES: dict[str, dict] = {
     "adam300-cg20x100": dict(steps=300, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=50,
                              halving_keep=0.5, min_rows=2, patience=300, polish_steps=20, polish_method="cg",
                              polish_cg_iters=100),
+    # the second "consistency" default: 20 nearly exact polish steps, no plateau rule
+    "cg20x100": dict(steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
+                     halving_keep=0.5, min_rows=2, patience=300, polish_steps=20, polish_method="cg",
+                     polish_cg_iters=100),
     # the first "consistency" default: many cheap polish steps (60 x 20 CG iterations)
     "cg60x20": dict(steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
                     halving_keep=0.5, min_rows=2, patience=300, polish_steps=60, polish_method="cg",

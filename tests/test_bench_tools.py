@@ -76,3 +76,50 @@ def test_polish_probe_writes_one_row_per_mark(tmp_path):
     assert "Command: `python -m bench.polish_probe --generator default" in text
     with pytest.raises(SystemExit):
         polish_probe.main(["--pairs", "10-20"])
+
+
+def test_polish_plateau_replay_matches_the_polish(tmp_path):
+    """Rows of the polish are independent: replaying the plateau rule on recorded trajectories
+    gives the loss the polish with that rule ends at."""
+    import json
+
+    from bench import polish_plateau
+    from ronan_fast.inversion import _polish_cg
+
+    from ronan_fast.models import DCGANGenerator, dcgan_init_
+
+    torch.manual_seed(0)
+    gen = LatentGenerator(dcgan_init_(DCGANGenerator(nz=6, ngf=4, channels=1, size=8)).eval(), (6,), (-1.0, 1.0))
+    with torch.no_grad():
+        made = gen.decode_raw(torch.randn(2, 6), None)
+    target = torch.cat([made, torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1])
+    start = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    steps = 12
+    traj = torch.full((steps + 1, 4), float("nan"), dtype=torch.float64)
+    with torch.no_grad():
+        traj[0] = (gen.decode_raw(start, None) - target).square().flatten(1).mean(1).double()
+
+    def report(k, mse):
+        traj[k] = mse.double()
+
+    _polish_cg(gen, start, None, target, "mse", steps, cg_iters=6, report=report)
+    for k in range(1, steps + 1):
+        traj[k] = torch.where(torch.isnan(traj[k]), traj[k - 1], traj[k])
+    for w, drop in ((2, 0.5), (3, 0.2), (4, 0.9)):
+        z = _polish_cg(gen, start, None, target, "mse", steps, cg_iters=6, patience=w, min_drop=drop)
+        with torch.no_grad():
+            got = (gen.decode_raw(z, None) - target).square().flatten(1).mean(1).double()
+        want, used = polish_plateau.replay(traj, steps, w, drop)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-12)
+        assert bool((used >= w).all()) and bool((used <= steps).all())
+    # the report from saved trajectories
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"generator": "tiny", "data": "noise", "settings": "{}", "cg_iters": 6,
+                                "own": traj[:, :2].tolist(), "real": traj[:, 2:].tolist()}))
+    out = tmp_path / "r.md"
+    assert polish_plateau.main(["--trajectories", str(path), "--caps", "8,12", "--rules", "2:0.5,3:0.2",
+                                "--out", str(out)]) == 0
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 8 |") or ln.startswith("| 12 |")]
+    assert len(rows) == 6  # per cap: no rule, and the two rules
+    with pytest.raises(SystemExit):
+        polish_plateau.main(["--rules", "3:1.5"])

@@ -1,0 +1,155 @@
+"""When should a polished row stop? Per-row loss trajectories of the matrix-free polish, and
+plateau rules replayed on them.
+
+The polish's rows are independent (each has its own damping and conjugate-gradient solve), so
+stopping a row at step ``k`` leaves it exactly at its step-``k`` loss: a stopping rule can be
+judged on recorded trajectories without running the polish again. This tool inverts ``--n``
+images the model generated and ``--n`` held-out real images with the family's default Adam
+phase (no polish), polishes every row for ``--steps`` steps of ``--cg-iters`` CG iterations,
+records each row's MSE after every step, and replays the plateau rule "stop once the loss fell
+by less than DROP over the last W steps" (``polish_patience=W``, ``polish_min_drop=DROP``) for
+each ``--rules W:DROP`` pair and step cap in ``--caps``. For each it reports the generated
+images' median, 90th percentile and worst loss, the real images' lowest and median, the worst
+own over the lowest real, and the mean polish steps a generated and a real image take.
+
+Run: ``python -m bench.polish_plateau [--generator onestep-fmnist] [--n 32] [--steps 100]
+[--save-trajectories T.json] [--trajectories T.json] [--out FILE.md]``.
+``--trajectories`` replays saved trajectories (JSON written by ``--save-trajectories``)
+instead of computing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from bench import generators as G
+from bench.report import finish
+from ronan_fast.evaluation.store import write_text
+from ronan_fast.inversion import _polish_cg, invert, resolve_settings
+
+DEFAULT_RULES = "5:0.3,5:0.5,8:0.3,10:0.2,10:0.3,10:0.4,15:0.3,15:0.4"
+
+
+def trajectories(generator: str, n: int, steps: int, cg_iters: int, seed: int) -> dict:
+    """``{"own": [steps + 1, n], "real": [steps + 1, n], ...}``: row 0 is the Adam phase's loss."""
+    bg = G.get(generator)
+    ad = bg.adapter
+    adam = resolve_settings(ad, "default", polish_steps=0)
+    scale = (ad.output_range[1] - ad.output_range[0]) ** 2  # raw residual -> [0, 1] MSE
+    out = {"generator": generator, "data": bg.data, "settings": str(adam.to_dict()), "cg_iters": cg_iters}
+    for part, images, inv_seed in (("own", G.generated(bg, n, seed=10_000 + seed), seed),
+                                   ("real", bg.real(n), seed + 1)):
+        t0 = time.perf_counter()
+        res = invert(ad, images, settings=adam, seed=inv_seed)
+        traj = torch.full((steps + 1, n), float("nan"), dtype=torch.float64)
+        traj[0] = res.loss.double()
+
+        def report(k, mse, traj=traj):
+            traj[k] = (mse / scale).double()
+
+        _polish_cg(ad, res.inputs, None, ad.from_unit(images), "mse", steps, cg_iters=cg_iters, report=report)
+        # a row that the polish solved or gave up on keeps its last value; so does every row after
+        # an early end of the whole loop
+        for k in range(1, steps + 1):
+            traj[k] = torch.where(torch.isnan(traj[k]), traj[k - 1], traj[k])
+        out[part] = traj
+        out[f"{part}_seconds"] = time.perf_counter() - t0
+        print(f"{part}: {n} images, {out[f'{part}_seconds']:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def replay(traj: torch.Tensor, cap: int, patience: int, min_drop: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's loss and polish steps under the rule (as ``inversion._Leaving`` applies it)."""
+    n = traj.shape[1]
+    cap = min(cap, traj.shape[0] - 1)
+    final = traj[cap].clone()
+    used = torch.full((n,), cap, dtype=torch.float64)
+    for i in range(n):
+        for k in range(patience, cap):
+            if traj[k, i] > (1 - min_drop) * traj[k - patience, i]:
+                final[i], used[i] = traj[k, i], k
+                break
+    return final, used
+
+
+def _rules(text: str) -> list[tuple[int, float]]:
+    out = []
+    for part in text.split(","):
+        w, _, d = part.partition(":")
+        out.append((int(w), float(d)))
+        if out[-1][0] < 1 or not 0 < out[-1][1] < 1:
+            raise ValueError(part)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--generator", default="onestep-fmnist", help="a zoo name or 'default' (default: %(default)s)")
+    p.add_argument("--n", type=int, default=32, help="generated and real images each (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=100, help="polish steps recorded (default: %(default)s)")
+    p.add_argument("--cg-iters", type=int, default=100, help="CG iterations per polish step (default: %(default)s)")
+    p.add_argument("--caps", default="60,80,100", help="comma-separated step caps replayed (default: %(default)s)")
+    p.add_argument("--rules", default=DEFAULT_RULES, help="comma-separated W:DROP plateau rules (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-trajectories", metavar="FILE", help="also save the trajectories (JSON)")
+    p.add_argument("--trajectories", metavar="FILE", help="replay saved trajectories instead of computing them")
+    p.add_argument("--out", help="also write the report (Markdown) here")
+    a = p.parse_args(argv)
+    if a.n < 1 or a.steps < 1 or a.cg_iters < 1:
+        p.error("--n, --steps and --cg-iters must be at least 1")
+    try:
+        rules = _rules(a.rules)
+        caps = [int(c) for c in a.caps.split(",")]
+    except ValueError as e:
+        p.error(f"--rules must be W:DROP pairs (W >= 1, 0 < DROP < 1) and --caps integers ({e})")
+    if a.trajectories:
+        with open(a.trajectories, encoding="utf-8") as f:
+            data = json.load(f)
+        for part in ("own", "real"):
+            data[part] = torch.tensor(data[part], dtype=torch.float64)
+        source = f"trajectories from `{a.trajectories}`"
+    else:
+        data = trajectories(a.generator, a.n, a.steps, a.cg_iters, a.seed)
+        source = f"trajectories computed in this run ({data['own_seconds']:.0f} s + {data['real_seconds']:.0f} s)"
+        if a.save_trajectories:
+            write_text(a.save_trajectories, json.dumps(
+                {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in data.items()}) + "\n")
+    own, real = data["own"], data["real"]
+    lines = [
+        f"Polish plateau rules ({data['generator']}; {platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}); {own.shape[1]} generated + "
+        f"{real.shape[1]} real images ({data['data']}); {source}.",
+        "",
+        f"Adam phase: the family default without its polish ({data['settings']}); then up to "
+        f"{own.shape[0] - 1} polish steps of {data['cg_iters']} CG iterations. MSE in [0, 1] units.",
+        "",
+        "| cap | rule (W steps, drop) | own median | own p90 | own worst | real lowest | real median "
+        "| worst own / lowest real | own steps | real steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cap in caps:
+        for w, d in [(0, 0.0)] + rules:
+            if w == 0:
+                fo, uo = replay(own, cap, cap + 1, 0.5)
+                fr, ur = replay(real, cap, cap + 1, 0.5)
+                name = "none"
+            else:
+                fo, uo = replay(own, cap, w, d)
+                fr, ur = replay(real, cap, w, d)
+                name = f"{w}, {d:g}"
+            lines.append(f"| {cap} | {name} | {fo.median():.1e} | {torch.quantile(fo, 0.9):.1e} | {fo.max():.1e} | "
+                         f"{fr.min():.1e} | {fr.median():.1e} | {fo.max() / fr.min():.2f} | {uo.mean():.0f} | "
+                         f"{ur.mean():.0f} |")
+    lines += ["", "A row's steps: polish steps before it stops (the cap when the rule never fires)."]
+    finish(lines, "bench.polish_plateau", argv, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
