@@ -717,7 +717,8 @@ def cmd_inspect(args) -> int:
     judged = [r for r in final if not r.get("error")]
     yes = sum(1 for r in judged if r.get("belongs") in (True, "True", "true"))
     print(f"{len(judged)} images judged: {yes} belong to {model.name}, {len(judged) - yes} do not "
-          f"(rule {profile.rule}, alpha={profile.alpha}, G_crit={profile.critical_value:.4f})"
+          f"(rule {profile.rule}, alpha={profile.alpha}, G_crit={profile.critical_value:.4f}"
+          + (f"; profile of images edited by {profile.edit}" if profile.edit else "") + ")"
           + (f"; {len(errors)} could not be processed" if errors else ""))
     if output is not None:
         print(f"report: {output}")

@@ -113,6 +113,11 @@ def test_profile_of_edited_images(tmp_path, capsys):
                         "--edit", "jpeg60", "-o", tmp_path / "e.json"], capsys)
     assert code == 0 and "edited by jpeg60" in out
     assert BelongingProfile.load(tmp_path / "e.json").edit == "jpeg60"
+    # inspecting with it says which images the profile is for
+    img = tmp_path / "one.png"
+    save_image(torch.rand(*tiny_models.SHAPE, generator=torch.Generator().manual_seed(4)), img)
+    code, out, _ = run(["inspect", "--profile", tmp_path / "e.json", *MODEL, "-q", img], capsys)
+    assert code == 0 and "1 images judged" in out and "profile of images edited by jpeg60" in out
     code, _, err = run(["profile", *MODEL, "--edit", "sepia", "-o", tmp_path / "bad.json"], capsys)
     assert code == 2 and "--edit must be 'jpegQ'" in err and "got 'sepia'" in err
     assert not (tmp_path / "bad.json").exists()
