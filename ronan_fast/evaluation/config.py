@@ -27,7 +27,8 @@ TABLES = {
     "5": "reconstruction metric ablation (MSE, MAE, 1-SSIM)",
     "6": "calibration on / off",
     "7": "training-data overlap: the other model's data overlaps the tested model's by 50-90%",
-    "8": "edited belonging images (pilgram 1977 filter, JPEG quality 75) vs real images",
+    "8": "edited belonging images (pilgram 1977 filter, JPEG quality 75) vs real images; '-aware' cells fit the "
+         "profile on the model's images edited the same way and edit the real images too",
     "S": "inversion settings: the config's preset vs the package's default (multi-start); not a table of the paper",
 }
 
