@@ -221,6 +221,37 @@ def test_polish_stops_levelled_off_rows_and_rows_under_stop(gen, method):
         InversionSettings(polish_patience=-1)
 
 
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_polish_through_invert_stops_under_stop_below(gen, method):
+    """stop_below is in [0, 1]-image MSE units; the polish works in the generator's raw range."""
+    images = gen.generate(2, torch.Generator().manual_seed(9)).images
+    s = quick(steps=30, restarts=2, polish_method=method, polish_cg_iters=8)
+    adam = invert(gen, images, settings=s, seed=0).loss
+    full = invert(gen, images, settings=s.replace(polish_steps=30), seed=0).loss
+    assert bool((full < adam * 1e-3).all()), (adam, full)
+    stop = (adam * full).sqrt()  # halfway on the log scale
+    got = invert(gen, images, settings=s.replace(polish_steps=30), seed=0, stop_below=stop).loss
+    assert bool((got < stop).all()) and bool((got >= full * (1 - 1e-3)).all()), (stop, got, full)
+
+
+def test_polish_gets_stop_below_in_raw_units(monkeypatch):
+    import ronan_fast.inversion as inv
+
+    seen = {}
+
+    def spy(generator, inputs, cond, target_raw, metric_name, iters, **kw):
+        seen.update(kw)
+        return inputs
+
+    monkeypatch.setattr(inv, "_polish", spy)
+    g = LatentGenerator(small_dcgan(), 8, (-2.0, 1.0))  # raw range 3 wide: raw MSE = 9 x [0, 1] MSE
+    images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    invert(g, images, settings=quick(steps=5, polish_steps=3, polish_patience=4, polish_min_drop=0.5), seed=0,
+           stop_below=torch.tensor([1e-9, 2e-9]))
+    torch.testing.assert_close(seen["stop_raw"], torch.tensor([9e-9, 18e-9]))
+    assert (seen["patience"], seen["min_drop"]) == (4, 0.5)
+
+
 def test_matrix_free_polish_through_invert_and_its_settings(gen):
     images = gen.generate(3, torch.Generator().manual_seed(9)).images
     s = quick(steps=40, restarts=2)
