@@ -42,10 +42,18 @@ def check_edit(edit: object, name: str = "edit") -> str:
     raise ValueError(f"{name} must be {EDIT_HELP}, got {edit!r}")
 
 
-def _to_uint8(images: Tensor) -> np.ndarray:
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Images ``[N, C, H, W]`` in [0, 1] as uint8 (rounded), same layout."""
     import torch
 
     return torch.round(images.detach().float().cpu().clamp(0, 1) * 255.0).to(torch.uint8).numpy()
+
+
+def from_uint8(arr: np.ndarray) -> Tensor:
+    """uint8 images as float images in [0, 1] (a copy), same layout."""
+    import torch
+
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).float() / 255.0
 
 
 def _pil(img: np.ndarray):
@@ -82,7 +90,7 @@ def apply_edit(images: Tensor, edit: str) -> Tensor:
             import pilgram
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("the '1977' edit needs the pilgram package: pip install pilgram") from e
-    arr = _to_uint8(images)
+    arr = to_uint8(images)
     out = np.empty_like(arr)
     for i, img in enumerate(arr):
         im = _pil(img)
@@ -97,4 +105,4 @@ def apply_edit(images: Tensor, edit: str) -> Tensor:
             im = Image.open(buf)
             im.load()
         out[i] = _back(im, img.shape[0])
-    return torch.from_numpy(out).float() / 255.0
+    return from_uint8(out)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ronan_fast import edits
+from ronan_fast.edits import from_uint8, to_uint8
 
 __all__ = ["EDITS", "IMAGE_BITS", "quantise", "apply_edit", "to_uint8", "from_uint8", "images_sha256", "encode_uint8", "decode_uint8"]
 
@@ -22,15 +23,6 @@ EDITS = ("1977", "jpeg75")
 def quantise(images: Tensor) -> Tensor:
     """``round(x * 255) / 255`` of images in [0, 1]: what a saved 8-bit PNG holds."""
     return torch.round(images.detach().float().clamp(0, 1) * 255.0) / 255.0
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """Images ``[N, C, H, W]`` in [0, 1] as uint8 (rounded), same layout."""
-    return torch.round(images.detach().float().cpu().clamp(0, 1) * 255.0).to(torch.uint8).numpy()
-
-
-def from_uint8(arr: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).float() / 255.0
 
 
 def images_sha256(images: Tensor) -> str:
