@@ -46,9 +46,41 @@ def zoo(name: str, device: str = "cpu") -> BenchGenerator:
                           src.describe_real(name, split))
 
 
+#: the GPU benchmark's larger generator: the paper's all-convolutional DCGAN at 128x128 RGB, wide
+LARGE = dict(nz=128, ngf=96, channels=3, size=128)
+
+
+def large(device: str = "cpu", seed: int = 0) -> BenchGenerator:
+    """A generator of about 28 million parameters (``LARGE``), built here from ``seed``: untrained,
+    for speed at a realistic size, not for its images. Its BatchNorm statistics are those of one
+    batch of 64 latents, so every layer's activations keep a useful scale (with the initial
+    statistics, DCGAN-initialised layers shrink them towards a flat image). Real images: 128x128
+    RGB patches of the photographs scikit-image and scikit-learn ship (no download)."""
+    from ronan_fast.data import photo_patches
+    from ronan_fast.models import DeepDCGANGenerator, dcgan_init_
+
+    torch.manual_seed(seed)
+    net = dcgan_init_(DeepDCGANGenerator(**LARGE))
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None  # cumulative average: one batch sets the statistics exactly
+    with torch.no_grad():
+        net.train()(torch.randn(64, LARGE["nz"], generator=torch.Generator().manual_seed(seed)))
+    net.eval()
+    adapter = LatentGenerator(net.to(device), (LARGE["nz"],), (-1.0, 1.0), family="gan", name="large-dcgan128")
+
+    def real(n: int) -> Tensor:
+        return photo_patches(LARGE["size"], n, grey=False, seed=777, sources=("skimage", "sklearn"), download=False)
+
+    return BenchGenerator("large-dcgan128", adapter, real, "128x128 photo patches (scikit-image, scikit-learn)")
+
+
 def get(name: str, device: str = "cpu") -> BenchGenerator:
+    """``default``, ``large`` (see :func:`large`) or a zoo model's name."""
     if name == "default":
         return default(device)
+    if name in ("large", "large-dcgan128"):
+        return large(device)
     return zoo(name, device)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ronan_fast import _ext, ops
+from ronan_fast import _atomic, _ext, ops
 
 
 @dataclass
@@ -244,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = args.out or (os.path.join(os.environ["OUT"], "gpu_check.md") if os.environ.get("OUT") else None)
     if out:
-        with open(out, "w") as f:
-            f.write(text)
+        _atomic.write_text(out, text)
     if failed:
         print(f"gpu_check: FAIL: {len(failed)} accuracy checks failed: " + "; ".join(f"{r.op} {r.case}" for r in failed),
               file=sys.stderr)

@@ -3,12 +3,22 @@
 # install ronan_fast into the machine's Python (its torch, scikit-build-core, pybind11, cmake
 # and ninja), run tests/test_ops.py with its CUDA cases, then print accuracy and timings of the
 # kernels against the references (bench/gpu_check.py), also to $OUT/gpu_check.md when OUT is set.
-# Fails loudly when any step or check fails.
+# Then the benchmark tables, each against the installed package: bench.speed (both baselines
+# and our variants, on the bundled default generator, the zoo's one-step model and the 28M-
+# parameter large-dcgan128) and bench.overhead (the share of a step outside the generator at
+# batch 256 and up), written to $OUT (or bench/results/gpu_run/) as .md and .json. Each table
+# runs under its own time limit (BENCH_TIMEOUT seconds, default 100; the large generator gets
+# 1.3 times that); a table cut short keeps and prints the rows it finished.
+# Fails loudly when any build step or check fails.
 #
 #   bash bench/gpu_check.sh [gpu_check.py args]
 #   bash bench/gpu_check.sh --cpu [args]   # no build, no GPU: the installed package's CPU kernels
 #
-# PYTHON picks the interpreter (default: python3).
+# PYTHON picks the interpreter (default: python3). BENCH=0 skips the tables; BENCH=quick runs
+# them at toy sizes (seconds: a check that the step works). The default and one-step tables
+# need Fashion-MNIST's test split: RONAN_FAST_FASHION_MNIST_DIR, Debian's
+# /usr/share/datasets/fashion-mnist, or .gpu_data/fashion-mnist in the repository (a machine
+# without the Debian package: `bash bench/pack_gpu_data.sh` here, then carry .gpu_data).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -66,3 +76,63 @@ args=("$@")
 [ "$cpu" = 1 ] && args=(--cpu "${args[@]}")
 PYTHONSAFEPATH=1 "$PY" bench/gpu_check.py "${args[@]}" || fail "kernel checks failed"
 echo "gpu_check: all checks passed"
+
+bench=${BENCH:-1}
+[ "$bench" = 0 ] && exit 0
+if [ -z "${RONAN_FAST_FASHION_MNIST_DIR:-}" ] && [ ! -d /usr/share/datasets/fashion-mnist ] \
+   && [ -d .gpu_data/fashion-mnist ]; then
+  export RONAN_FAST_FASHION_MNIST_DIR=$PWD/.gpu_data/fashion-mnist
+fi
+dev=cuda
+[ "$cpu" = 1 ] && dev=cpu
+res=${OUT:-bench/results/gpu_run}
+mkdir -p "$res"
+limit=${BENCH_TIMEOUT:-100}
+
+run_bench() {  # run_bench SECONDS MODULE ARGS...: a bench module against the installed package
+  local secs=$1 mod=$2
+  shift 2
+  echo "-- $mod $*"
+  PYTHONSAFEPATH=1 timeout "$secs" "$PY" -c '
+import runpy, sys
+import torch
+sys.path.append(".")  # bench/ from the source tree; ronan_fast from the installed package
+from ronan_fast import _ext
+dev = torch.device(sys.argv[1])
+if not _ext.has_device(dev):
+    sys.exit(f"the installed ronan_fast has no compiled kernels for {dev}: {_ext.why_unavailable(dev)}")
+sys.argv = [sys.argv[2]] + sys.argv[3:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+' "$dev" "$mod" "$@"
+}
+
+speed_table() {  # speed_table NAME SECONDS speed.py ARGS...
+  local name=$1 secs=$2
+  shift 2
+  local rc=0
+  run_bench "$secs" bench.speed --device "$dev" --out "$res/speed_${dev}_${name}.md" "$@" || rc=$?
+  if [ "$rc" != 0 ] && [ -f "$res/speed_${dev}_${name}.json" ]; then
+    echo "bench.speed stopped (exit $rc; 124: its time limit); the rows it finished:"
+    PYTHONSAFEPATH=1 "$PY" -c 'import runpy, sys; sys.path.append("."); sys.argv = ["bench.speed"] + sys.argv[1:]
+runpy.run_module("bench.speed", run_name="__main__", alter_sys=True)' \
+      --device "$dev" --from-json "$res/speed_${dev}_${name}.json" "$@" | tee "$res/speed_${dev}_${name}.md"
+  fi
+}
+
+large_limit=$(( limit * 13 / 10 ))
+if [ "$bench" = quick ]; then
+  step "benchmark tables (quick: toy sizes)"
+  speed_table default "$limit" --generators default --n 2 --steps 10 --restarts 2 --authors-images 2
+  speed_table large "$large_limit" --generators large --n 1 --steps 3 --restarts 2 --authors-images 1 \
+    --only "authors,plain batched,ours (full)"
+  run_bench "$limit" bench.overhead --device "$dev" --generator default --batch 16 --steps 3 --repeats 1 \
+    --out "$res/overhead_${dev}_default.md" || echo "bench.overhead failed or stopped (exit $?)"
+else
+  step "benchmark tables"
+  speed_table default "$limit" --generators default --n 32 --steps 1500 --restarts 8 --authors-images 4
+  speed_table large "$large_limit" --generators large --n 16 --steps 300 --restarts 8 --authors-images 2
+  run_bench "$limit" bench.overhead --device "$dev" --generator large --batch 256,1024 --steps 20 \
+    --out "$res/overhead_${dev}_large.md" || echo "bench.overhead failed or stopped (exit $?)"
+  speed_table onestep "$limit" --generators onestep-fmnist --n 32 --steps 1500 --restarts 8 --authors-images 4
+fi
+echo "gpu_check: benchmark tables in $res"

@@ -123,3 +123,49 @@ def test_polish_plateau_replay_matches_the_polish(tmp_path):
     assert len(rows) == 6  # per cap: no rule, and the two rules
     with pytest.raises(SystemExit):
         polish_plateau.main(["--rules", "3:1.5"])
+
+
+def test_speed_table_times_each_method_and_its_single_image_latency(tmp_path, monkeypatch):
+    import json
+
+    from bench import generators, speed
+    from bench.generators import BenchGenerator
+    from tiny_models import TinyGenerator
+
+    ad = LatentGenerator(TinyGenerator(seed=0), (3,), (-1.0, 1.0), name="tiny")
+    bg = BenchGenerator("tiny", ad, lambda n: torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(4)),
+                        "random")
+    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
+    out = tmp_path / "speed.md"
+    only = "authors,plain batched,ours (full)"
+    assert speed.main(["--generators", "tiny", "--n", "4", "--steps", "6", "--restarts", "2", "--device", "cpu",
+                       "--only", only, "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [r["name"] for r in rows] == only.split(",")
+    for r in rows:
+        assert r["latency_s"] > 0 and r["seconds"] > 0 and r["images"] == 8
+    by = {r["name"]: r for r in rows}
+    assert by["authors"]["row_steps"] == 8 * 6 and by["plain batched"]["row_steps"] == 8 * 6 * 2
+    assert 0 < by["ours (full)"]["row_steps"] <= 8 * 6 * 2
+    table = out.read_text()
+    assert "| latency s |" in table and "| x authors latency |" in table
+    assert len([ln for ln in table.splitlines() if ln.startswith("| tiny |")]) == 3
+    # a table of an earlier run, without latencies, still renders (as nan)
+    for r in rows:
+        del r["latency_s"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(rows))
+    assert speed.main(["--from-json", str(old), "--device", "cpu"]) == 0
+
+
+def test_large_benchmark_generator_is_tens_of_millions_of_parameters():
+    from bench import generators
+
+    bg = generators.get("large")
+    ad = bg.adapter
+    assert 20e6 < sum(p.numel() for p in ad.module.parameters()) < 60e6
+    assert ad.image_shape == (3, 128, 128)
+    made = generators.generated(bg, 2, seed=0)
+    assert made.shape == (2, 3, 128, 128) and torch.isfinite(made).all()
+    assert float(made.std(dim=(1, 2, 3)).min()) > 0.02  # not a flat image: BatchNorm statistics were set
+    assert float((made[0] - made[1]).abs().mean()) > 0.01  # different latents, different images
