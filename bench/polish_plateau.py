@@ -5,8 +5,9 @@ The polish's rows are independent (each has its own damping and conjugate-gradie
 stopping a row at step ``k`` leaves it exactly at its step-``k`` loss: a stopping rule can be
 judged on recorded trajectories without running the polish again. This tool inverts ``--n``
 images the model generated and ``--n`` held-out real images with the family's default Adam
-phase (no polish), polishes every row for ``--steps`` steps of ``--cg-iters`` CG iterations,
-records each row's MSE after every step, and replays the plateau rule "stop once the loss fell
+phase (no polish), polishes every row for ``--steps`` steps of ``--cg-iters`` inner
+iterations (conjugate gradients, or GMRES alone with ``--method gmres``: the phase that
+``polish_gmres_iters`` puts before the CG polish), records each row's MSE after every step, and replays the plateau rule "stop once the loss fell
 by less than DROP over the last W steps" (``polish_patience=W``, ``polish_min_drop=DROP``) for
 each ``--rules W:DROP`` pair and step cap in ``--caps``. For each it reports the generated
 images' median, 90th percentile and worst loss, the real images' lowest and median, the worst
@@ -31,18 +32,19 @@ import torch
 from bench import generators as G
 from bench.report import finish
 from ronan_fast.evaluation.store import write_text
-from ronan_fast.inversion import _polish_cg, invert, resolve_settings
+from ronan_fast.inversion import _polish_cg, _polish_gmres, invert, resolve_settings
 
 DEFAULT_RULES = "5:0.3,5:0.5,8:0.3,10:0.2,10:0.3,10:0.4,15:0.3,15:0.4"
 
 
-def trajectories(generator: str, n: int, steps: int, cg_iters: int, seed: int) -> dict:
+def trajectories(generator: str, n: int, steps: int, cg_iters: int, seed: int, method: str = "cg") -> dict:
     """``{"own": [steps + 1, n], "real": [steps + 1, n], ...}``: row 0 is the Adam phase's loss."""
     bg = G.get(generator)
     ad = bg.adapter
     adam = resolve_settings(ad, "default", polish_steps=0)
     scale = (ad.output_range[1] - ad.output_range[0]) ** 2  # raw residual -> [0, 1] MSE
-    out = {"generator": generator, "data": bg.data, "settings": str(adam.to_dict()), "cg_iters": cg_iters}
+    out = {"generator": generator, "data": bg.data, "settings": str(adam.to_dict()), "cg_iters": cg_iters,
+           "method": method}
     for part, images, inv_seed in (("own", G.generated(bg, n, seed=10_000 + seed), seed),
                                    ("real", bg.real(n), seed + 1)):
         t0 = time.perf_counter()
@@ -53,7 +55,10 @@ def trajectories(generator: str, n: int, steps: int, cg_iters: int, seed: int) -
         def report(k, mse, traj=traj):
             traj[k] = (mse / scale).double()
 
-        _polish_cg(ad, res.inputs, None, ad.from_unit(images), "mse", steps, cg_iters=cg_iters, report=report)
+        if method == "cg":
+            _polish_cg(ad, res.inputs, None, ad.from_unit(images), "mse", steps, cg_iters=cg_iters, report=report)
+        else:
+            _polish_gmres(ad, res.inputs, None, ad.from_unit(images), "mse", steps, krylov=cg_iters, report=report)
         # a row that the polish solved or gave up on keeps its last value; so does every row after
         # an early end of the whole loop
         for k in range(1, steps + 1):
@@ -93,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generator", default="onestep-fmnist", help="a zoo name or 'default' (default: %(default)s)")
     p.add_argument("--n", type=int, default=32, help="generated and real images each (default: %(default)s)")
     p.add_argument("--steps", type=int, default=100, help="polish steps recorded (default: %(default)s)")
-    p.add_argument("--cg-iters", type=int, default=100, help="CG iterations per polish step (default: %(default)s)")
+    p.add_argument("--method", choices=("cg", "gmres"), default="cg", help="the polish (default: %(default)s)")
+    p.add_argument("--cg-iters", type=int, default=100,
+                   help="inner iterations (CG or GMRES) per polish step (default: %(default)s)")
     p.add_argument("--caps", default="60,80,100", help="comma-separated step caps replayed (default: %(default)s)")
     p.add_argument("--rules", default=DEFAULT_RULES, help="comma-separated W:DROP plateau rules (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             data[part] = torch.tensor(data[part], dtype=torch.float64)
         source = f"trajectories from `{a.trajectories}`"
     else:
-        data = trajectories(a.generator, a.n, a.steps, a.cg_iters, a.seed)
+        data = trajectories(a.generator, a.n, a.steps, a.cg_iters, a.seed, a.method)
         source = f"trajectories computed in this run ({data['own_seconds']:.0f} s + {data['real_seconds']:.0f} s)"
         if a.save_trajectories:
             write_text(a.save_trajectories, json.dumps(
@@ -127,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{real.shape[1]} real images ({data['data']}); {source}.",
         "",
         f"Adam phase: the family default without its polish ({data['settings']}); then up to "
-        f"{own.shape[0] - 1} polish steps of {data['cg_iters']} CG iterations. MSE in [0, 1] units.",
+        f"{own.shape[0] - 1} polish steps of {data['cg_iters']} {data.get('method', 'cg').upper()} iterations. "
+        "MSE in [0, 1] units.",
         "",
         "| cap | rule (W steps, drop) | own median | own p90 | own worst | real lowest | real median "
         "| worst own / lowest real | own steps | real steps |",

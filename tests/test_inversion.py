@@ -299,6 +299,7 @@ def test_family_defaults():
     assert resolve_settings(adapter("gan", 8)).polish_method == "dense"
     cons = resolve_settings(adapter("consistency", 16), "default")
     assert cons == FAMILY_DEFAULTS["consistency"] and cons.polish_method == "cg" and cons.polish_steps > 0
+    assert cons.polish_gmres_iters > 0  # a one-step model's latent is as wide as its image: GMRES first
     for family in ("vae", "diffusion", "something-new"):
         assert resolve_settings(adapter(family, 8)) == _FALLBACK_DEFAULT
 
@@ -356,3 +357,103 @@ def test_generator_returning_nan_or_wrong_shape_is_refused():
     adapter = LatentGenerator(Shape(), 4, (-1, 1))
     with pytest.raises(GeneratorOutputError, match="returned shape"):
         invert(adapter, torch.rand(1, 1, 8, 8), settings=quick(steps=2))
+
+
+def _square_gen(width: int = 16, seed: int = 0) -> LatentGenerator:
+    """A one-step-like generator: a latent exactly as wide as its image (a square Jacobian)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                        nn.Unflatten(1, (1, 4, width // 4)))
+    return LatentGenerator(net, width, (-1, 1), family="consistency")
+
+
+def test_gmres_minimises_the_residual_over_the_krylov_space():
+    """Against float64 references on fresh random systems: with the full space it is J^-1 (-r);
+    with k < n iterations it is the least-squares solution over span(r, J r, ... J^(k-1) r)."""
+    from ronan_fast.inversion import _gmres
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    m, n = 5, 12
+    a = torch.randn(m, n, n, generator=g, dtype=torch.float64) / n**0.5 + 2 * torch.eye(n, dtype=torch.float64)
+    r = torch.randn(m, n, generator=g, dtype=torch.float64)
+
+    def jv(v):
+        return (a @ v.unsqueeze(2)).squeeze(2)
+
+    full = _gmres(jv, r, n)
+    exact = torch.linalg.solve(a, -r.unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(full, exact, rtol=1e-8, atol=1e-10)
+    k = 4
+    got = _gmres(jv, r, k)
+    krylov = [r]
+    for _ in range(k - 1):
+        krylov.append(jv(krylov[-1]))
+    basis = torch.stack(krylov, 2)  # [m, n, k]
+    coef = torch.linalg.lstsq(a @ basis, -r.unsqueeze(2)).solution
+    want = (basis @ coef).squeeze(2)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    assert (r + jv(got)).norm(dim=1).lt(r.norm(dim=1)).all()  # it descends
+    # float32, the polish's precision: same answer to float32 accuracy, no NaN
+    got32 = _gmres(lambda v: jv(v.double()).float(), r.float(), k)
+    assert torch.isfinite(got32).all()
+    torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_gmres_polish_solves_own_images_of_a_square_generator():
+    """With the whole Krylov space, a GMRES step is the Newton step: own images of a square
+    generator are solved in a few steps and reported settled."""
+    from ronan_fast.inversion import _polish_gmres
+
+    gen = _square_gen()
+    own = gen.generate(4, torch.Generator().manual_seed(2)).images
+    start = invert(gen, own, settings=quick(steps=20, restarts=1), seed=0)
+    seen = []
+    z, open_ = _polish_gmres(gen, start.inputs, None, gen.from_unit(own), "mse", 30, krylov=16,
+                             report=lambda k, mse: seen.append(mse.clone()))
+    with torch.no_grad():
+        after = (gen.to_unit(gen.decode_raw(z)) - own).square().flatten(1).mean(1)
+    assert bool((after < 1e-12).all()) and bool((start.loss > 1e-6).all()), (start.loss, after)
+    assert not bool(open_.any()) and len(seen) < 30  # all solved: the loop ended early
+    # a row's loss never rises from one step to the next (a step is kept only where it lowers it)
+    for before_k, after_k in zip(seen, seen[1:]):
+        assert bool((after_k <= before_k).all())
+
+
+def test_gmres_phase_hands_the_rows_it_leaves_unsolved_to_the_cg_polish(monkeypatch):
+    """A short Krylov space (8 of 16) stalls on this generator's rows; they are reported open and
+    the CG polish that follows solves them. Settled rows are not polished again."""
+    import ronan_fast.inversion as inv
+
+    gen = _square_gen()
+    own = gen.generate(4, torch.Generator().manual_seed(2)).images
+    start = invert(gen, own, settings=quick(steps=20, restarts=1), seed=0)
+    z, open_ = inv._polish_gmres(gen, start.inputs, None, gen.from_unit(own), "mse", 30, krylov=8, patience=5)
+    with torch.no_grad():
+        mid = (gen.to_unit(gen.decode_raw(z)) - own).square().flatten(1).mean(1)
+    assert bool(open_.all()) and bool((mid > 1e-10).all()), mid
+    calls = []
+    real_cg = inv._polish_cg
+    monkeypatch.setattr(inv, "_polish_cg", lambda g, x, *a, **k: calls.append(x.shape[0]) or real_cg(g, x, *a, **k))
+    s = quick(steps=20, restarts=1, polish_steps=60, polish_method="cg", polish_cg_iters=16, polish_gmres_iters=8)
+    res = invert(gen, own, settings=s, seed=0)
+    assert calls == [4] and bool((res.loss < 1e-3 * mid).all()), (mid, res.loss)
+    # with the full space the GMRES phase solves every row: the CG polish gets none of them
+    res = invert(gen, own, settings=s.replace(polish_gmres_iters=16), seed=0)
+    assert bool((res.loss < 1e-12).all()) and calls == [4], (res.loss, calls)
+    # ... and with a stop_below every row already meets, neither phase runs
+    invert(gen, own, settings=s, seed=0, stop_below=torch.ones(4))
+    assert calls == [4]
+
+
+def test_gmres_phase_is_skipped_for_a_non_square_generator(gen, monkeypatch):
+    import ronan_fast.inversion as inv
+
+    monkeypatch.setattr(inv, "_polish_gmres", lambda *a, **k: pytest.fail("GMRES phase ran on a non-square Jacobian"))
+    images = gen.generate(2, torch.Generator().manual_seed(2)).images  # latent 8, image 256
+    s = quick(steps=30, restarts=2, polish_steps=8, polish_method="cg", polish_cg_iters=8, polish_gmres_iters=4)
+    res = invert(gen, images, settings=s, seed=0)
+    assert torch.isfinite(res.loss).all()
+    with pytest.raises(ValueError, match="polish_gmres_iters must be an integer >= 0"):
+        InversionSettings(polish_gmres_iters=-1)
+    assert "polish_gmres_iters" not in InversionSettings().to_dict()
+    assert InversionSettings(**s.to_dict()) == s and s.to_dict()["polish_gmres_iters"] == 4
