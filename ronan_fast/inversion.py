@@ -596,8 +596,8 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0,
         return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
 
     with _forward_ad_attention():
-        return _polish_dense(inputs, cond, one, residual, iters, _Leaving(iters, inputs.shape[0], patience, min_drop,
-                                                                            stop_raw))
+        return _polish_dense(inputs, cond, one, residual, iters,
+                             _Leaving(inputs.shape[0], patience, min_drop, stop_raw))
 
 
 class _Leaving:
@@ -605,9 +605,10 @@ class _Leaving:
     1e-14), stuck (damping at its cap), under ``stop_raw``, or levelled off: their loss fell by
     less than ``min_drop`` over the last ``patience`` steps."""
 
-    def __init__(self, iters, n, patience, min_drop, stop_raw):
+    def __init__(self, n, patience, min_drop, stop_raw):
         self.patience, self.keep_frac, self.stop_raw = patience, 1.0 - min_drop, stop_raw
-        self.hist = None if not patience else [None] * (iters + 1)  # per step: every row's cost
+        # every row's cost at the last patience + 1 steps (a ring: step k at k % (patience + 1))
+        self.hist = None if not patience else [None] * (patience + 1)
         self.n = n
 
     def __call__(self, k, cost, per_elem, stuck, live):
@@ -619,9 +620,10 @@ class _Leaving:
         if self.hist is not None:
             full = torch.full((self.n,), float("nan"), dtype=cost.dtype, device=cost.device)
             full[live] = cost
-            self.hist[k] = full
-            if k >= self.patience:
-                done |= cost > self.keep_frac * self.hist[k - self.patience][live]  # NaN never: rows only leave
+            ring = self.patience + 1
+            self.hist[k % ring] = full
+            if k >= self.patience:  # step k - patience sits in the slot step k + 1 will take
+                done |= cost > self.keep_frac * self.hist[(k + 1) % ring][live]  # NaN never: rows only leave
         return done
 
 
@@ -693,7 +695,7 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
         return inputs
     with _forward_ad_attention():
         return _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report,
-                               _Leaving(iters, inputs.shape[0], patience, min_drop, stop_raw))
+                               _Leaving(inputs.shape[0], patience, min_drop, stop_raw))
 
 
 def _residual_fn(generator, target_raw):
@@ -789,7 +791,7 @@ def _polish_gmres(generator, inputs, cond, target_raw, metric_name, iters, krylo
         return inputs, torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
     with _forward_ad_attention():
         return _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, report,
-                                  _Leaving(iters, inputs.shape[0], patience, min_drop, stop_raw), stop_raw)
+                                  _Leaving(inputs.shape[0], patience, min_drop, stop_raw), stop_raw)
 
 
 def _gmres(jv, r: Tensor, krylov: int) -> Tensor:
