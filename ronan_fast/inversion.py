@@ -626,6 +626,17 @@ class _Leaving:
                 done |= cost > self.keep_frac * self.hist[(k + 1) % ring][live]  # NaN never: rows only leave
         return done
 
+    def keep(self, k, cost, per_elem, stuck, live, *state):
+        """Apply the rule before step ``k + 1``: None once every row has left, else ``(live,
+        cost, *state)`` cut down to the rows that stay (``state``: per-live-row tensors)."""
+        done = self(k, cost, per_elem, stuck, live)
+        if bool(done.all()):
+            return None
+        if not bool(done.any()):
+            return (live, cost, *state)
+        stay = ~done
+        return (live[stay], cost[stay], *(x[stay] for x in state))
+
 
 def _polish_dense(inputs, cond, one, residual, iters, leaving):
     from torch.func import jacfwd, vmap
@@ -640,12 +651,10 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving):
     eye = torch.eye(z.shape[1], device=z.device)
     per_elem = r.shape[1]
     for k in range(iters):
-        done = leaving(k, cost, per_elem, lam[:, 0, 0] >= 1e9, live)
-        if bool(done.all()):
+        kept = leaving.keep(k, cost, per_elem, lam[:, 0, 0] >= 1e9, live, r, lam)
+        if kept is None:
             break
-        if bool(done.any()):
-            keep = ~done
-            live, r, cost, lam = live[keep], r[keep], cost[keep], lam[keep]
+        live, cost, r, lam = kept
         zl = z[live]
         cl = None if cond is None else cond[live]
         with torch.no_grad():
@@ -725,12 +734,10 @@ def _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report
     per_elem = r.shape[1]
     cost_all = cost.clone()
     for k in range(iters):
-        done = leaving(k, cost, per_elem, lam >= 1e8, live)
-        if bool(done.all()):
+        kept = leaving.keep(k, cost, per_elem, lam >= 1e8, live, r, lam)
+        if kept is None:
             break
-        if bool(done.any()):
-            keep = ~done
-            live, r, cost, lam = live[keep], r[keep], cost[keep], lam[keep]
+        live, cost, r, lam = kept
         zl = z[live]
         cl = None if cond is None else cond[live]
 
@@ -839,12 +846,10 @@ def _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, repor
     stuck = torch.zeros(n, dtype=torch.bool, device=z.device)
     cost_all = cost.clone()
     for k in range(iters):
-        done = leaving(k, cost, per_elem, stuck, live)
-        if bool(done.all()):
+        kept = leaving.keep(k, cost, per_elem, stuck, live, r, stuck)
+        if kept is None:
             break
-        if bool(done.any()):
-            keep = ~done
-            live, r, cost, stuck = live[keep], r[keep], cost[keep], stuck[keep]
+        live, cost, r, stuck = kept
         zl = z[live]
         cl = None if cond is None else cond[live]
 
