@@ -167,9 +167,9 @@ FAMILY_DEFAULTS: dict[str, InversionSettings] = {
     # one: they were slow, not stuck, so the polish runs up to 80 steps, and a row stops once its
     # loss fell by less than 30% over 10 steps (real images level off after about 20 steps; own
     # images keep falling), or once under the belonging threshold when attributing. Before it, a
-    # GMRES phase (30 forward-mode products a step, about a seventh of a CG step) solves about a
-    # third of the own images outright and takes most of the rest further; only the rows it leaves
-    # unsolved go on to CG (bench/results/polish_plateau_onestep_gmres_cpu.md,
+    # GMRES phase (30 forward-mode products a step, about a quarter of a CG step's time) solves
+    # about a third of the own images outright and takes most of the rest further; only the rows
+    # it leaves unsolved go on to CG (bench/results/polish_plateau_onestep_gmres_cpu.md,
     # convergence_cpu_onestep_gmres.md: 90.6% converged and worst own 2.6e-7, against 84.4% and
     # 1.2e-6 for the CG polish alone on the same 32 + 32 images).
     "consistency": InversionSettings(
@@ -782,7 +782,8 @@ def _polish_gmres(generator, inputs, cond, target_raw, metric_name, iters, krylo
     ``krylov`` GMRES iterations give the ``d`` in the Krylov space of ``(J, r)`` that minimises
     ``|r + J d|``: the Gauss-Newton model restricted to that space. Each iteration is one
     forward-mode pass (``J v``) for all live rows, no reverse pass: a step of 30 iterations
-    costs about a seventh of a 100-iteration CG step of :func:`_polish_cg`. ``d`` descends
+    takes about a quarter of the time of a 100-iteration CG step of :func:`_polish_cg` (one-step
+    zoo model, CPU). ``d`` descends
     ``|r|^2`` (``r^T J d <= -|J d|^2 / 2``), so a backtracking line search (step 1, 1/4, ...
     1/4^5) lowers the loss unless the subspace holds no useful direction; a row where none of
     the six steps does is stuck. GMRES with a short subspace can stall on a row (restarted
