@@ -6,7 +6,9 @@ For each generator, the same generated and real images are inverted by
   (``--authors-restarts`` starts run one after another);
 * ``plain``: all images times restarts in one batch with ``torch.optim.Adam`` and autograd;
 * ``ours`` variants, each switching one part of the fast path on or off: the reference ops
-  instead of the compiled kernels, early stopping, successive halving, bf16 autocast; and
+  instead of the compiled kernels, early stopping, successive halving, bf16 autocast, the
+  generator's weights in channels-last memory format (a copy of it; its convolutions then run
+  NHWC); and
   ``ours (family default)``, the package's default settings for the generator's family (their
   own steps and starts, e.g. 600 steps x 8 starts and a Levenberg-Marquardt finish for GANs).
 
@@ -24,10 +26,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -98,12 +102,21 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
         "ours, no halving": dict(settings={**full, "halving_every": 0}, impl="auto", early=True),
         "ours, reference ops": dict(settings=full, impl="ref", early=True),
         "ours, bf16 autocast": dict(settings={**full, "precision": "bf16"}, impl="auto", early=True),
+        "ours, channels-last": dict(settings=full, impl="auto", early=True, channels_last=True),
         # the package's own default for the generator's family (its steps and starts, not --steps/--restarts)
         "ours (family default)": dict(settings=None, impl="auto", early=True),
         "ours, plain schedule": dict(
             settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
         ),
     }
+
+
+def channels_last(adapter):
+    """A copy of ``adapter`` whose modules hold their 4-D weights in channels-last memory format."""
+    out = copy.deepcopy(adapter)
+    for m in out.modules():
+        m.to(memory_format=torch.channels_last)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--authors-images", type=int, default=0,
                    help="images run through the authors' loop (0: all 2n); its time per image is extrapolated")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", default="", help="comma-separated subset of rows to run")
+    p.add_argument("--only", default="", help="comma-separated subset of rows to run, e.g. "
+                   "'authors,ours, bf16 autocast' (a comma followed by a space belongs to a name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     p.add_argument("--from-json", type=Path, help="only re-render the table of an earlier run's JSON")
@@ -127,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(render(json.loads(a.from_json.read_text()), a))
         return 0
     rows = []
+    # names hold ", " ("ours, no halving"); the list's own commas have no space after them
+    only = set(re.split(r",(?! )", a.only)) if a.only else set()
     json_out = a.out.with_suffix(".json") if a.out else None
     if a.resume:
         if not (json_out and json_out.is_file()):
@@ -144,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def record(name, method, batch):
             """Time ``method(images)`` on ``batch``, then on the first generated image alone (latency)."""
-            if a.only and name not in a.only.split(","):
+            if a.only and name not in only:
                 return None
             done = [x for x in rows if x["generator"] == gname and x["name"] == name]
             if done:
@@ -193,10 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         stop_thr = 0.01 * plain["real_median"] if plain else None
         for name, v in variants(a.steps, a.restarts).items():
             s = None if v["settings"] is None else InversionSettings(**v["settings"])
+            adapter = channels_last(bg.adapter) if v.get("channels_last") else bg.adapter
 
-            def run(x, s=s, v=v):
+            def run(x, s=s, v=v, adapter=adapter):
                 stop = stop_thr if v["early"] else None
-                res = invert(bg.adapter, x, settings=s, seed=a.seed, stop_below=stop, impl=v["impl"])
+                res = invert(adapter, x, settings=s, seed=a.seed, stop_below=stop, impl=v["impl"])
                 return res.loss, {"row_steps": float(res.row_steps.sum())}
 
             record(name, run, images)

@@ -137,11 +137,11 @@ def test_speed_table_times_each_method_and_its_single_image_latency(tmp_path, mo
                         "random")
     monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
     out = tmp_path / "speed.md"
-    only = "authors,plain batched,ours (full)"
+    only = "authors,plain batched,ours (full),ours, channels-last"
     assert speed.main(["--generators", "tiny", "--n", "4", "--steps", "6", "--restarts", "2", "--device", "cpu",
                        "--only", only, "--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())
-    assert [r["name"] for r in rows] == only.split(",")
+    assert [r["name"] for r in rows] == ["authors", "plain batched", "ours (full)", "ours, channels-last"]
     for r in rows:
         assert r["latency_s"] > 0 and r["seconds"] > 0 and r["images"] == 8
     by = {r["name"]: r for r in rows}
@@ -149,7 +149,7 @@ def test_speed_table_times_each_method_and_its_single_image_latency(tmp_path, mo
     assert 0 < by["ours (full)"]["row_steps"] <= 8 * 6 * 2
     table = out.read_text()
     assert "| latency s |" in table and "| x authors latency |" in table
-    assert len([ln for ln in table.splitlines() if ln.startswith("| tiny |")]) == 3
+    assert len([ln for ln in table.splitlines() if ln.startswith("| tiny |")]) == 4
     # a table of an earlier run, without latencies, still renders (as nan)
     for r in rows:
         del r["latency_s"]
