@@ -27,6 +27,7 @@ _EXPORTS = {
     "ProfileError": "ronan_fast.profile",
     "ProfileMismatchError": "ronan_fast.profile",
     "DEFAULT_RULE": "ronan_fast.profile",
+    "default_rule": "ronan_fast.profile",
     "RULES": "ronan_fast.profile",
     "grubbs_critical_value": "ronan_fast.grubbs",
     "grubbs_p_value": "ronan_fast.grubbs",

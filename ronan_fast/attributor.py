@@ -32,7 +32,7 @@ from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.edits import apply_edit, check_edit
 from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
-from ronan_fast.profile import DEFAULT_RULE, RULES, BelongingProfile, ProfileError
+from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule
 
 __all__ = ["Attributor", "AttributionResult", "ProgressFn"]
 
@@ -170,8 +170,10 @@ class Attributor:
         alpha: significance level of the Grubbs test.
         metric: reconstruction loss: ``"mse"``, ``"mae"``, ``"ssim"``, ... (default: the settings'
             metric, ``"mse"``).
-        rule: ``"grubbs-log"`` (the default: the Grubbs test on ``log A'``) or ``"grubbs"`` (the
-            paper's test on ``A'``).
+        rule: ``"grubbs-log"`` (the Grubbs test on ``log A'``) or ``"grubbs"`` (the paper's test
+            on ``A'``); ``None``: the model family's default (``"grubbs"`` for one-step
+            "consistency" models, ``"grubbs-log"`` for the others; see
+            :data:`~ronan_fast.profile.FAMILY_RULES`).
         settings: inversion settings: ``None``/``"default"`` (the model family's default),
             ``"authors"`` (the paper's single-start 1500-step loop) or an
             :class:`~ronan_fast.inversion.InversionSettings`.
@@ -196,7 +198,7 @@ class Attributor:
         reference: GeneratorAdapter | str | None = "default",
         alpha: float = 0.05,
         metric: str | None = None,
-        rule: str = DEFAULT_RULE,
+        rule: str | None = None,
         settings: InversionSettings | str | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
@@ -219,8 +221,10 @@ class Attributor:
             reference = default_reference()
         elif reference is not None and not isinstance(reference, GeneratorAdapter):
             raise TypeError(f"reference must be 'default', a GeneratorAdapter or None, got {type(reference).__name__}")
+        if rule is None:
+            rule = default_rule(generator)
         if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+            raise ValueError(f"rule must be one of {RULES} or None (the model family's default), got {rule!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.alpha = _check_alpha(alpha)

@@ -116,9 +116,10 @@ def _add_inversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="Adam learning rate")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="generator precision during inversion")
     g.add_argument("--metric", help="reconstruction loss: mse (default), mae, ssim, ...")
-    g.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES),
+    g.add_argument("--rule", default=None, choices=list(RULES),
                    help="'grubbs': the paper's test on the calibrated loss; 'grubbs-log': the same on its "
-                        f"logarithm, for heavy-tailed losses (default: {DEFAULT_RULE})")
+                        f"logarithm, for heavy-tailed losses (default: the model family's: {DEFAULT_RULE}, "
+                        "grubbs for one-step 'consistency' models)")
     g.add_argument("--alpha", type=_probability, default=0.05, help="significance level (default: 0.05)")
 
 
@@ -236,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a faster, smaller run")
     p.add_argument("--steps", type=_positive_int, help="Adam steps per start (default: 1500)")
     p.add_argument("--restarts", type=_positive_int, help="starts per image (default: 1)")
-    p.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES),
-                   help=f"belonging rule (default: {DEFAULT_RULE}; 'grubbs' is the paper's)")
+    p.add_argument("--rule", default=None, choices=list(RULES),
+                   help=f"belonging rule (default: the model family's, {DEFAULT_RULE} for the bundled DCGAN; "
+                        "'grubbs' is the paper's)")
     p.add_argument("--alpha", type=_probability, default=0.05, help="significance level (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the profile images; test images use another stream")
     p.add_argument("--save-profile", metavar="PROFILE.json", help="also save the demo's profile")

@@ -284,3 +284,21 @@ def test_edit_aware_profile(g, r, tmp_path):
     assert BelongingProfile.load(jp.save(tmp_path / "jp.json")).edit == "jpeg50"
     with pytest.raises(ValueError, match="edit must be 'jpegQ'"):
         att.fit(n=5, edit="blur")
+
+
+def test_default_rule_follows_the_model_family(r):
+    """One-step ("consistency") models default to the paper's rule, the others to the log rule;
+    a rule given explicitly wins."""
+    from ronan_fast import DEFAULT_RULE, default_rule
+    from ronan_fast.adapters import LatentGenerator
+
+    def made(family):
+        return LatentGenerator(tiny_models.generator(), (3,), (-1.0, 1.0), family=family, name=family)
+
+    assert DEFAULT_RULE == "grubbs-log"
+    assert Attributor(made("gan"), r, **FAST).rule == "grubbs-log" == default_rule(made("vae"))
+    assert Attributor(made("consistency"), r, **FAST).rule == "grubbs" == default_rule(made("consistency"))
+    assert Attributor(made("consistency"), r, rule="grubbs-log", **FAST).rule == "grubbs-log"
+    assert default_rule(object()) == DEFAULT_RULE  # an adapter without a family: a GAN's
+    with pytest.raises(ValueError, match="rule must be one of .* or None"):
+        Attributor(made("gan"), r, rule="log")
