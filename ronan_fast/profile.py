@@ -58,7 +58,7 @@ DEFAULT_RULE = "grubbs-log"
 #: wide as the image, so the inversion solves many of their own images to float32's floor
 #: (1e-15) and leaves others near 1e-8: on the log scale that spread is ten decades, sigma
 #: admits every real image (full-default evaluation, one-step cells: 50% with grubbs-log,
-#: 93-95% with grubbs).
+#: 88-95% with grubbs).
 FAMILY_RULES = {"consistency": "grubbs"}
 
 
