@@ -92,7 +92,7 @@ limit=${BENCH_TIMEOUT:-100}
 run_bench() {  # run_bench SECONDS MODULE ARGS...: a bench module against the installed package
   local secs=$1 mod=$2
   shift 2
-  echo "-- $mod $*"
+  echo "-- $mod $*" >&2  # stderr: a caller may keep the module's stdout as a table
   PYTHONSAFEPATH=1 timeout "$secs" "$PY" -c '
 import runpy, sys
 import torch
@@ -113,9 +113,8 @@ speed_table() {  # speed_table NAME SECONDS speed.py ARGS...
   run_bench "$secs" bench.speed --device "$dev" --out "$res/speed_${dev}_${name}.md" "$@" || rc=$?
   if [ "$rc" != 0 ] && [ -f "$res/speed_${dev}_${name}.json" ]; then
     echo "bench.speed stopped (exit $rc; 124: its time limit); the rows it finished:"
-    PYTHONSAFEPATH=1 "$PY" -c 'import runpy, sys; sys.path.append("."); sys.argv = ["bench.speed"] + sys.argv[1:]
-runpy.run_module("bench.speed", run_name="__main__", alter_sys=True)' \
-      --device "$dev" --from-json "$res/speed_${dev}_${name}.json" "$@" | tee "$res/speed_${dev}_${name}.md"
+    run_bench 60 bench.speed --device "$dev" --from-json "$res/speed_${dev}_${name}.json" "$@" \
+      | tee "$res/speed_${dev}_${name}.md"
   fi
 }
 

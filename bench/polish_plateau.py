@@ -7,9 +7,10 @@ judged on recorded trajectories without running the polish again. This tool inve
 images the model generated and ``--n`` held-out real images with the family's default Adam
 phase (no polish), polishes every row for ``--steps`` steps of ``--cg-iters`` inner
 iterations (conjugate gradients, or GMRES alone with ``--method gmres``: the phase that
-``polish_gmres_iters`` puts before the CG polish), records each row's MSE after every step, and replays the plateau rule "stop once the loss fell
-by less than DROP over the last W steps" (``polish_patience=W``, ``polish_min_drop=DROP``) for
-each ``--rules W:DROP`` pair and step cap in ``--caps``. For each it reports the generated
+``polish_gmres_iters`` puts before the CG polish), records each row's MSE after every step,
+and replays the plateau rule "stop once the loss fell by less than DROP over the last W steps"
+(``polish_patience=W``, ``polish_min_drop=DROP``) for each ``--rules W:DROP`` pair and step cap
+in ``--caps``. For each it reports the generated
 images' median, 90th percentile and worst loss, the real images' lowest and median, the worst
 own over the lowest real, and the mean polish steps a generated and a real image take.
 
