@@ -611,12 +611,16 @@ class _Leaving:
         self.hist = None if not patience else [None] * (patience + 1)
         self.n = n
 
-    def __call__(self, k, cost, per_elem, stuck, live):
-        """Before step ``k + 1`` (``k`` steps done); ``cost`` holds the live rows' summed squares."""
-        mse = cost / per_elem
-        done = (mse < 1e-14) | stuck
+    def settled(self, mse, live):
+        """Rows ``live`` whose mean squared residual ``mse`` is solved (under 1e-14) or under ``stop_raw``."""
+        done = mse < 1e-14
         if self.stop_raw is not None:
             done |= mse < self.stop_raw[live]
+        return done
+
+    def __call__(self, k, cost, per_elem, stuck, live):
+        """Before step ``k + 1`` (``k`` steps done); ``cost`` holds the live rows' summed squares."""
+        done = self.settled(cost / per_elem, live) | stuck
         if self.hist is not None:
             full = torch.full((self.n,), float("nan"), dtype=cost.dtype, device=cost.device)
             full[live] = cost
@@ -799,7 +803,7 @@ def _polish_gmres(generator, inputs, cond, target_raw, metric_name, iters, krylo
         return inputs, torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
     with _forward_ad_attention():
         return _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, report,
-                                  _Leaving(inputs.shape[0], patience, min_drop, stop_raw), stop_raw)
+                                  _Leaving(inputs.shape[0], patience, min_drop, stop_raw))
 
 
 def _gmres(jv, r: Tensor, krylov: int) -> Tensor:
@@ -828,7 +832,7 @@ def _gmres(jv, r: Tensor, krylov: int) -> Tensor:
     return (torch.stack(basis[:krylov], 2) @ y).squeeze(2)
 
 
-def _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, report, leaving, stop_raw):
+def _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, report, leaving):
     from torch.func import jvp
 
     residual = _residual_fn(generator, target_raw)
@@ -879,8 +883,4 @@ def _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, repor
             cost_all[live] = cost
             if report is not None:
                 report(k + 1, cost_all / per_elem)
-    mse = cost_all / per_elem
-    settled = mse < 1e-14
-    if stop_raw is not None:
-        settled |= mse < stop_raw
-    return z.detach(), ~settled
+    return z.detach(), ~leaving.settled(cost_all / per_elem, torch.arange(n, device=z.device))
