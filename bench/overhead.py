@@ -51,9 +51,17 @@ def measure(bg: G.BenchGenerator, rows: int, steps: int, restarts: int, repeats:
         invert(ad, images, settings="authors", steps=k, restarts=restarts, seed=0, max_rows=n_img * restarts)
 
     run(2)  # warm-up
-    short = min(_timed(lambda: run(steps), device) for _ in range(repeats))
-    long = min(_timed(lambda: run(2 * steps), device) for _ in range(repeats))
-    step_s = (long - short) / steps
+    # the step time is the difference of two runs; on a tiny model timing noise can swamp it, so
+    # a non-positive difference is measured again, and a third one is an error, not a figure
+    for _ in range(3):
+        short = min(_timed(lambda: run(steps), device) for _ in range(repeats))
+        long = min(_timed(lambda: run(2 * steps), device) for _ in range(repeats))
+        step_s = (long - short) / steps
+        if step_s > 0:
+            break
+    else:
+        raise RuntimeError(f"{bg.name}: {steps} steps are too few to time a step against the timing noise "
+                           f"({2 * steps} steps took {long:.4f} s, {steps} took {short:.4f} s); use more steps")
 
     z = ad.sample_latents(n_img * restarts, torch.Generator().manual_seed(1)).to(device)
     gout = None

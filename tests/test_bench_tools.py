@@ -64,6 +64,24 @@ def test_overhead_measure_reports_a_consistent_row():
                                    "ronan_fast::best_over_restarts"}
 
 
+def test_overhead_measure_refuses_a_step_time_lost_in_noise(monkeypatch):
+    from bench.generators import BenchGenerator
+    from tiny_models import TinyGenerator
+
+    ad = LatentGenerator(TinyGenerator(seed=0), (3,), (-1.0, 1.0), name="tiny")
+    bg = BenchGenerator("tiny", ad, lambda n: torch.rand(n, 1, 8, 8), "random")
+    calls = []
+
+    def flat(fn, device):  # every run "takes" the same time: the step time cannot be told apart
+        calls.append(1)
+        return 1.0
+
+    monkeypatch.setattr(overhead, "_timed", flat)
+    with pytest.raises(RuntimeError, match="too few to time"):
+        overhead.measure(bg, rows=16, steps=3, restarts=4, repeats=1)
+    assert len(calls) == 6  # measured three times before giving up
+
+
 def test_polish_probe_writes_one_row_per_mark(tmp_path):
     from bench import polish_probe
 
