@@ -457,3 +457,158 @@ def test_gmres_phase_is_skipped_for_a_non_square_generator(gen, monkeypatch):
         InversionSettings(polish_gmres_iters=-1)
     assert "polish_gmres_iters" not in InversionSettings().to_dict()
     assert InversionSettings(**s.to_dict()) == s and s.to_dict()["polish_gmres_iters"] == 4
+
+
+class _OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh with a forward-mode rule whose backward may not itself be differentiated (PyTorch
+    raises if it is)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (y,) = ctx.saved_tensors
+        return t * (1 - y * y)
+
+
+class _DetachingTanh(_OnceDifferentiableTanh):
+    """tanh whose backward detaches: a second differentiation silently loses this layer's term."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g.detach() * (1 - y * y)
+
+
+class _LegacyTanh(torch.autograd.Function):
+    """An old-style Function: no forward-mode rule, and a backward that may not be differentiated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _LegacyDifferentiableTanh(torch.autograd.Function):
+    """An old-style Function without a forward-mode rule whose backward is made of differentiable
+    operations: reverse mode is right, and only a finite difference can confirm it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)
+
+
+class _ConvNet(nn.Module):
+    """A small convolutional generator, latent [N, 1, 6, 6] -> image [N, 2, 6, 6]: ``act`` after
+    the first conv, and a skip path around it (so a backward that detaches in ``act`` still
+    depends on the output gradient, through the skip, and is silently wrong)."""
+
+    def __init__(self, act=torch.tanh, seed: int = 0, skip: bool = True):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c1, self.c2, self.act = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 2, 3, padding=1), act
+        self.skip = nn.Conv2d(1, 2, 1) if skip else None
+
+    def forward(self, z):
+        h = self.c2(self.act(self.c1(z)))
+        return torch.tanh(h if self.skip is None else h + self.skip(z))
+
+
+@pytest.mark.parametrize("act, mode", [(torch.tanh, "reverse"), (_OnceDifferentiableTanh.apply, "forward"),
+                                       (_DetachingTanh.apply, "forward"), (_LegacyDifferentiableTanh.apply, "reverse")])
+def test_jacobian_products_match_a_float64_jacobian(act, mode):
+    """J v and J^T w against the explicit float64 Jacobian, on fresh random points and vectors;
+    reverse mode only where the generator's backward is itself differentiable and right."""
+    from ronan_fast.inversion import _JacobianProducts
+
+    net = _ConvNet(act)
+    z = torch.randn(5, 1, 6, 6)
+    v, w = torch.randn(5, 36), torch.randn(5, 72)
+
+    def f(q):
+        return net(q.view(-1, 1, 6, 6)).flatten(1)
+
+    prod = _JacobianProducts(f, z.flatten(1))
+    assert prod.mode == mode
+    net64 = _ConvNet(torch.tanh).double()
+    net64.load_state_dict(net.state_dict())
+    for i in range(5):
+        jac = torch.autograd.functional.jacobian(lambda q: net64(q.view(1, 1, 6, 6)).flatten(), z[i].flatten().double())
+        want_jv, want_jtw = jac @ v[i].double(), jac.T @ w[i].double()
+        got_jv, got_jtw = prod.jv(v)[i].double(), prod.jtw(w)[i].double()
+        assert torch.isfinite(got_jv).all() and torch.isfinite(got_jtw).all()
+        assert (got_jv - want_jv).norm() <= 1e-5 * want_jv.norm()
+        assert (got_jtw - want_jtw).norm() <= 1e-5 * want_jtw.norm()
+    # the choice is made once per polish and handed on: a given mode is used as it is
+    assert _JacobianProducts(f, z.flatten(1), "forward").mode == "forward"
+
+
+def test_jacobian_products_refuse_a_generator_with_no_reliable_rule():
+    """No forward-mode rule and a backward whose second differentiation misses the activation's
+    term (it runs without a graph, the skip path keeps the rest): the finite-difference check
+    refuses it, with the remedy named, instead of polishing with a wrong Jacobian."""
+    from ronan_fast.inversion import _JacobianProducts
+
+    net = _ConvNet(_LegacyTanh.apply)
+    with pytest.raises(ValueError, match="disagrees with a finite difference.*polish_steps=0"):
+        _JacobianProducts(lambda q: net(q.view(-1, 1, 6, 6)).flatten(1), torch.randn(2, 36))
+    # without the skip the second differentiation has nothing to follow and fails outright
+    net = _ConvNet(_LegacyTanh.apply, skip=False)
+    with pytest.raises(ValueError, match="neither a differentiable backward.*nor forward-mode AD.*polish_steps=0"):
+        _JacobianProducts(lambda q: net(q.view(-1, 1, 6, 6)).flatten(1), torch.randn(2, 36))
+
+
+def test_gmres_polish_uses_reverse_mode_products_and_matches_forward_mode(monkeypatch):
+    """The Krylov polishes take reverse-mode products when the generator allows, with the same
+    result as forward mode up to float32 rounding."""
+    import ronan_fast.inversion as inv
+
+    gen = _square_gen()
+    own = gen.to_unit(gen.decode_raw(gen.sample_latents(6, torch.Generator().manual_seed(3))))
+    start = invert(gen, own, settings=quick(steps=30, restarts=1), seed=0)
+    seen = []
+    real_init = inv._JacobianProducts.__init__
+
+    def spy(self, f, z, mode=None):
+        real_init(self, f, z, mode)
+        seen.append(self.mode)
+
+    monkeypatch.setattr(inv._JacobianProducts, "__init__", spy)
+    z_rev, open_rev = inv._polish_gmres(gen, start.inputs, None, gen.from_unit(own), "mse", 6, krylov=8)
+    assert seen and set(seen) == {"reverse"}
+    monkeypatch.setattr(inv._JacobianProducts, "_choose", lambda self: "forward")
+    seen.clear()
+    z_fwd, open_fwd = inv._polish_gmres(gen, start.inputs, None, gen.from_unit(own), "mse", 6, krylov=8)
+    assert set(seen) == {"forward"}
+    with torch.no_grad():
+        l_rev = (gen.to_unit(gen.decode_raw(z_rev)) - own).square().flatten(1).mean(1)
+        l_fwd = (gen.to_unit(gen.decode_raw(z_fwd)) - own).square().flatten(1).mean(1)
+    assert torch.isfinite(l_rev).all()
+    assert torch.allclose(l_rev, l_fwd, rtol=1e-2, atol=1e-12)
