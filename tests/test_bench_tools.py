@@ -82,6 +82,22 @@ def test_overhead_measure_refuses_a_step_time_lost_in_noise(monkeypatch):
     assert len(calls) == 6  # measured three times before giving up
 
 
+def test_jacobian_products_table_times_both_modes_and_checks_they_agree(tmp_path):
+    from bench import jacobian_products
+
+    out = tmp_path / "jp.md"
+    assert jacobian_products.main(["--generators", "default", "--rows", "2,3", "--calls", "1", "--repeats", "1",
+                                   "--device", "cpu", "--out", str(out)]) == 0
+    rows = [ln.split(" | ") for ln in out.read_text().splitlines() if ln.startswith("| default |")]
+    assert [r[1] for r in rows] == ["2", "3"]
+    for r in rows:
+        assert all(float(x) > 0 for x in r[2:9])  # every timing measured
+        assert float(r[9]) < 1e-5  # forward- and reverse-mode J v agree (float32)
+        assert r[10].rstrip(" |") == "reverse"
+    with pytest.raises(SystemExit):
+        jacobian_products.main(["--rows", "0"])
+
+
 def test_polish_probe_writes_one_row_per_mark(tmp_path):
     from bench import polish_probe
 
