@@ -509,20 +509,14 @@ class _LegacyTanh(torch.autograd.Function):
         return g * (1 - y * y)
 
 
-class _LegacyDifferentiableTanh(torch.autograd.Function):
+class _LegacyDifferentiableTanh(_LegacyTanh):
     """An old-style Function without a forward-mode rule whose backward is made of differentiable
     operations: reverse mode is right, and only a finite difference can confirm it."""
 
     @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(x)
-        return y
-
-    @staticmethod
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (1 - torch.tanh(x) ** 2)
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
 
 
 class _ConvNet(nn.Module):
