@@ -80,8 +80,8 @@ class InversionSettings:
     #: own images keep falling); 0: off. A row also stops once under ``stop_below``.
     polish_patience: int = 0
     polish_min_drop: float = 0.3
-    #: > 0: before that polish, Gauss-Newton steps solved by this many GMRES iterations (forward-
-    #: mode products only, far cheaper than a CG step) for generators whose latent is exactly as
+    #: > 0: before that polish, Gauss-Newton steps solved by this many GMRES iterations (``J v``
+    #: products only, far cheaper than a CG step) for generators whose latent is exactly as
     #: wide as the image (one-step models; ignored for others), under the same leaving rule; only
     #: the rows it leaves unsolved (levelled off, stuck, out of steps) go on to ``polish_method``
     polish_gmres_iters: int = 0
@@ -167,7 +167,7 @@ FAMILY_DEFAULTS: dict[str, InversionSettings] = {
     # one: they were slow, not stuck, so the polish runs up to 80 steps, and a row stops once its
     # loss fell by less than 30% over 10 steps (real images level off after about 20 steps; own
     # images keep falling), or once under the belonging threshold when attributing. Before it, a
-    # GMRES phase (30 forward-mode products a step, about a quarter of a CG step's time) solves
+    # GMRES phase (30 Jacobian-vector products a step, about a quarter of a CG step's time) solves
     # about a third of the own images outright and takes most of the rest further; only the rows
     # it leaves unsolved go on to CG (bench/results/polish_plateau_onestep_gmres_cpu.md,
     # convergence_cpu_onestep_gmres.md: 90.6% converged and worst own 2.6e-7, against 84.4% and
@@ -802,9 +802,10 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
     """Matrix-free Levenberg-Marquardt on each image's best input, float32.
 
     Each step solves ``(J^T J + lam I) d = -J^T r`` per row by ``cg_iters`` conjugate-gradient
-    iterations whose products with ``J`` and ``J^T`` are one forward-mode and one reverse-mode
-    pass through the generator for all live rows at once; the Jacobian is never formed, so a
-    step costs ``2 * cg_iters + 2`` generator passes whatever the latent's width. A step is kept
+    iterations whose products with ``J`` and ``J^T`` are taken for all live rows at once
+    (:class:`_JacobianProducts`: two backward passes through graphs recorded once per step); the
+    Jacobian is never formed, so a step's cost grows with ``cg_iters``, not with the latent's
+    width. A step is kept
     only where it lowers the row's loss (then ``lam`` shrinks; else it grows). Rows leave the
     loop once solved (mean squared residual under 1e-14), stuck (damping at its cap), levelled
     off (``patience``, ``min_drop``) or under their ``stop_raw`` (raw-unit MSE, ``[n]``).
@@ -891,9 +892,9 @@ def _polish_gmres(generator, inputs, cond, target_raw, metric_name, iters, krylo
     or distilled sampler maps noise shaped like the image to the image), ``J`` is square and
     ``krylov`` GMRES iterations give the ``d`` in the Krylov space of ``(J, r)`` that minimises
     ``|r + J d|``: the Gauss-Newton model restricted to that space. Each iteration is one
-    forward-mode pass (``J v``) for all live rows, no reverse pass: a step of 30 iterations
-    takes about a quarter of the time of a 100-iteration CG step of :func:`_polish_cg` (one-step
-    zoo model, CPU). ``d`` descends
+    ``J v`` product for all live rows (:class:`_JacobianProducts`), no ``J^T w``: a step of 30
+    iterations takes about a quarter of the time of a 100-iteration CG step of
+    :func:`_polish_cg` (one-step zoo model, CPU). ``d`` descends
     ``|r|^2`` (``r^T J d <= -|J d|^2 / 2``), so a backtracking line search (step 1, 1/4, ...
     1/4^5) lowers the loss unless the subspace holds no useful direction; a row where none of
     the six steps does is stuck. GMRES with a short subspace can stall on a row (restarted
