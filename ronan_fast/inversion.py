@@ -704,28 +704,31 @@ class _JacobianProducts:
     """
 
     def __init__(self, f, z: Tensor, mode: str | None = None):
-        from torch.func import jvp
-
         self.f, self.z = f, z
-        self._fwd_jv = lambda v: jvp(f, (z,), (v,))[1]
-        if mode is None:
-            mode = self._choose()
-        self.mode = mode
-        if mode == "forward":
-            self.jv = self._fwd_jv
-            self._vjp = None
-            return
-        if not hasattr(self, "_g"):
+        self._drop_recording()
+        self._vjp = None  # forward mode's J^T w, made on first use
+        self.mode = self._choose() if mode is None else mode
+        if self.mode == "reverse" and self._g is None:
             self._record()
-        self.jv = self._rev_jv
+        self.jv = self._rev_jv if self.mode == "reverse" else self._fwd_jv
+
+    def _drop_recording(self) -> None:
+        """Forget reverse mode's recording (and the graphs it holds)."""
+        self._zz = self._out = self._u = self._g = None
 
     def _record(self) -> None:
+        """Record ``g = J^T u`` (reverse mode): ``_zz`` the point, ``_out`` the output, ``_u`` the dummy."""
         zz = self.z.detach().requires_grad_(True)
         with torch.enable_grad():
             out = self.f(zz)
             u = torch.zeros_like(out, requires_grad=True)
             (g,) = torch.autograd.grad(out, zz, u, create_graph=True)
         self._zz, self._out, self._u, self._g = zz, out, u, g
+
+    def _fwd_jv(self, v: Tensor) -> Tensor:
+        from torch.func import jvp
+
+        return jvp(self.f, (self.z,), (v,))[1]
 
     def _rev_jv(self, v: Tensor) -> Tensor:
         (jv,) = torch.autograd.grad(self._g, self._u, v, retain_graph=True, allow_unused=True)
@@ -742,11 +745,8 @@ class _JacobianProducts:
             return self._vjp(w)[0]
         return torch.autograd.grad(self._out, self._zz, w, retain_graph=True)[0]
 
-    def _forget(self) -> None:
-        for name in ("_zz", "_out", "_u", "_g"):
-            self.__dict__.pop(name, None)
-
     def _choose(self) -> str:
+        """The mode for this generator; a "reverse" answer leaves its recording in place."""
         v = torch.randn(self.z.shape, generator=torch.Generator().manual_seed(0)).to(self.z)
         try:
             self._record()
@@ -754,7 +754,7 @@ class _JacobianProducts:
                 raise RuntimeError("the generator's backward was recorded without a graph")
             rev = self._rev_jv(v)
         except RuntimeError as e:
-            self._forget()
+            self._drop_recording()
             rev, rev_error = None, e
         try:
             fwd, tol = self._fwd_jv(v), 1e-3
@@ -773,7 +773,7 @@ class _JacobianProducts:
             err = (rev - fwd).norm() / fwd.norm().clamp_min(1e-30)
         if bool(torch.isfinite(err)) and float(err) < tol:
             return "reverse"
-        self._forget()
+        self._drop_recording()
         if fwd_error is not None:
             raise ValueError(
                 "the polish needs Jacobian-vector products, but the generator's second-order backward "
@@ -790,8 +790,9 @@ class _JacobianProducts:
 
 
 def _forward_ad_attention():
-    """Attention through its math kernel: the fused CPU/flash kernels have no forward-mode AD,
-    which the polish's Jacobian-vector products need (e.g. a diffusers UNet's attention)."""
+    """Attention through its math kernel: the fused CPU/flash kernels have neither forward-mode
+    AD nor a differentiable backward, one of which the polish's Jacobian-vector products need
+    (e.g. a diffusers UNet's attention)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
