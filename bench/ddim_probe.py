@@ -26,7 +26,7 @@ import time
 import torch
 
 from bench import generators as G
-from bench.report import finish
+from bench.report import finish, int_list
 from ronan_fast.inversion import _polish_cg, invert
 
 
@@ -73,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.n < 1:
         p.error(f"--n must be at least 1, got {a.n}")
-    try:
-        fp_iters = [int(v) for v in a.fp_iters.split(",")]
-    except ValueError:
-        p.error(f"--fp-iters must be comma-separated integers, got {a.fp_iters!r}")
+    fp_iters = int_list(p, "--fp-iters", a.fp_iters)
     bg = G.get("ddim-fmnist")
     ad = bg.adapter
     sampler = ad.modules()[0]

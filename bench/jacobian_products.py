@@ -19,29 +19,20 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 
 import torch
 from torch.func import jvp
 
 from bench import generators as G
-from bench.report import finish
-from bench.speed import _sync
+from bench.overhead import _timed
+from bench.report import finish, int_list
 from ronan_fast.inversion import _forward_ad_attention, _JacobianProducts
 
 
-def _timed(fn, device: str, calls: int, repeats: int) -> float:
+def _ms_per_call(fn, device: torch.device, calls: int, repeats: int) -> float:
     """Fastest of ``repeats`` timings of ``calls`` calls of ``fn``, per call, in milliseconds."""
     fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        _sync(device)
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e3
+    return min(_timed(lambda: [fn() for _ in range(calls)], device) for _ in range(repeats)) / calls * 1e3
 
 
 def measure(bg: G.BenchGenerator, rows: int, calls: int, repeats: int) -> dict:
@@ -62,13 +53,13 @@ def measure(bg: G.BenchGenerator, rows: int, calls: int, repeats: int) -> dict:
 
     with _forward_ad_attention():
         with torch.no_grad():
-            forward_ms = _timed(lambda: f(z), device.type, calls, repeats)
-        fwd_bwd_ms = _timed(fwd_bwd, device.type, calls, repeats)
-        jvp_ms = _timed(lambda: jvp(f, (z,), (v,)), device.type, calls, repeats)
-        record_ms = _timed(lambda: _JacobianProducts(f, z, "reverse"), device.type, calls, repeats)
+            forward_ms = _ms_per_call(lambda: f(z), device, calls, repeats)
+        fwd_bwd_ms = _ms_per_call(fwd_bwd, device, calls, repeats)
+        jvp_ms = _ms_per_call(lambda: jvp(f, (z,), (v,)), device, calls, repeats)
+        record_ms = _ms_per_call(lambda: _JacobianProducts(f, z, "reverse"), device, calls, repeats)
         prod = _JacobianProducts(f, z, "reverse")
-        rev_ms = _timed(lambda: prod.jv(v), device.type, calls, repeats)
-        jtw_ms = _timed(lambda: prod.jtw(w), device.type, calls, repeats)
+        rev_ms = _ms_per_call(lambda: prod.jv(v), device, calls, repeats)
+        jtw_ms = _ms_per_call(lambda: prod.jtw(w), device, calls, repeats)
         chosen = _JacobianProducts(f, z).mode
         a, b = jvp(f, (z,), (v,))[1], prod.jv(v)
     err = float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -86,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="also write the table (Markdown) here")
     a = p.parse_args(argv)
-    try:
-        rows = [int(r) for r in a.rows.split(",")]
-    except ValueError:
-        p.error(f"--rows must be comma-separated integers, got {a.rows!r}")
+    rows = int_list(p, "--rows", a.rows)
     for name, val in (("--rows", min(rows)), ("--calls", a.calls), ("--repeats", a.repeats)):
         if val < 1:
             p.error(f"{name} must be at least 1, got {val}")

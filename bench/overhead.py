@@ -27,7 +27,7 @@ import time
 import torch
 
 from bench import generators as G
-from bench.report import finish
+from bench.report import finish, int_list
 from bench.speed import _sync
 from ronan_fast.inversion import invert
 
@@ -101,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="also write the table (Markdown) here")
     a = p.parse_args(argv)
-    try:
-        batches = [int(b) for b in a.batch.split(",")]
-    except ValueError:
-        p.error(f"--batch must be comma-separated integers, got {a.batch!r}")
+    batches = int_list(p, "--batch", a.batch)
     for name, v in (("--restarts", a.restarts), ("--steps", a.steps), ("--repeats", a.repeats)):
         if v < 1:
             p.error(f"{name} must be at least 1, got {v}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 
@@ -16,3 +17,11 @@ def finish(lines: list[str], module: str, argv: list[str] | None, out: str | Non
         write_text(out, text)
     else:
         print(text)
+
+
+def int_list(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """``text`` ("16,64") as integers, or exit through ``p.error`` naming ``flag``."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        p.error(f"{flag} must be comma-separated integers, got {text!r}")
