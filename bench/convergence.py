@@ -65,14 +65,16 @@ CANDIDATES: dict[str, dict] = {
     "cg20x100": dict(steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
                      halving_keep=0.5, min_rows=2, patience=300, polish_steps=20, polish_method="cg",
                      polish_cg_iters=100),
-    # the third "consistency" default: the plateau-stopped CG polish without the GMRES phase before it
-    "cg80-plateau": {"settings": "default", "polish_gmres_iters": 0},
-    # ... and with it (30 GMRES iterations a step; square Jacobians only): the fourth, now the default
-    "gmres30-cg": {"settings": "default", "polish_gmres_iters": 30},
+    # the third "consistency" default: the plateau-stopped CG polish (a row leaves once its loss
+    # fell by less than 30% over 10 steps) without the GMRES phase before it
+    "cg80-plateau": {"settings": "default", "polish_gmres_iters": 0, "polish_min_drop": 0.3},
+    # ... and with it (30 GMRES iterations a step; square Jacobians only): the fourth default
+    "gmres30-cg": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.3},
     # ... with twice the polish steps (a row still falling by 30% per 10 steps may run to 160)
-    "gmres30-cg160": {"settings": "default", "polish_steps": 160},
-    # ... with a looser plateau rule: a row leaves once its loss fell by less than 20% over 10 steps
-    "gmres30-cg-drop20": {"settings": "default", "polish_min_drop": 0.2},
+    "gmres30-cg160": {"settings": "default", "polish_steps": 160, "polish_min_drop": 0.3},
+    # ... with a looser plateau rule: a row leaves once its loss fell by less than 20% over 10
+    # steps; the fifth, now the default
+    "gmres30-cg-drop20": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.2},
     # the first "consistency" default: many cheap polish steps (60 x 20 CG iterations)
     "cg60x20": dict(steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
                     halving_keep=0.5, min_rows=2, patience=300, polish_steps=60, polish_method="cg",
