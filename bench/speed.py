@@ -8,9 +8,10 @@ For each generator, the same generated and real images are inverted by
 * ``ours`` variants, each switching one part of the fast path on or off: the reference ops
   instead of the compiled kernels, early stopping, successive halving, bf16 autocast, the
   generator's weights in channels-last memory format (a copy of it; its convolutions then run
-  NHWC); and
+  NHWC), and on CUDA the Adam step captured in a CUDA graph; and
   ``ours (family default)``, the package's default settings for the generator's family (their
-  own steps and starts, e.g. 600 steps x 8 starts and a Levenberg-Marquardt finish for GANs).
+  own steps and starts, e.g. 600 steps x 8 starts and a Levenberg-Marquardt finish for GANs),
+  also with the CUDA graph on CUDA.
 
 Reported per row: images per second to verdict, single-image latency (the same method run on the
 first generated image alone, timed separately), time per image-step
@@ -103,8 +104,11 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
         "ours, reference ops": dict(settings=full, impl="ref", early=True),
         "ours, bf16 autocast": dict(settings={**full, "precision": "bf16"}, impl="auto", early=True),
         "ours, channels-last": dict(settings=full, impl="auto", early=True, channels_last=True),
+        # CUDA only: the Adam step captured in a CUDA graph and replayed
+        "ours, CUDA graph": dict(settings=full, impl="auto", early=True, cuda_graph=True),
         # the package's own default for the generator's family (its steps and starts, not --steps/--restarts)
         "ours (family default)": dict(settings=None, impl="auto", early=True),
+        "ours (family default), CUDA graph": dict(settings=None, impl="auto", early=True, cuda_graph=True),
         "ours, plain schedule": dict(
             settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
         ),
@@ -208,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         # to 1% of the real images' median loss under the plain batch, the same for every variant.
         stop_thr = 0.01 * plain["real_median"] if plain else None
         for name, v in variants(a.steps, a.restarts).items():
+            if v.get("cuda_graph") and a.device != "cuda":
+                continue
             s = None if v["settings"] is None else InversionSettings(**v["settings"])
             adapter = channels_last(bg.adapter) if v.get("channels_last") else bg.adapter
 
             def run(x, s=s, v=v, adapter=adapter):
                 stop = stop_thr if v["early"] else None
-                res = invert(adapter, x, settings=s, seed=a.seed, stop_below=stop, impl=v["impl"])
+                res = invert(adapter, x, settings=s, seed=a.seed, stop_below=stop, impl=v["impl"],
+                             cuda_graph=v.get("cuda_graph", False))
                 return res.loss, {"row_steps": float(res.row_steps.sum())}
 
             record(name, run, images)

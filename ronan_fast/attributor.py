@@ -184,6 +184,8 @@ class Attributor:
             either way; the reported loss is then the loss at stopping.
         max_rows: inversion rows per batch chunk (memory budget), see :func:`~ronan_fast.inversion.invert`.
         impl: kernel implementation, ``"auto"``, ``"ext"`` or ``"ref"``.
+        cuda_graph: capture each Adam step in a CUDA graph (both models must be on a CUDA
+            device), see :func:`~ronan_fast.inversion.invert`. Verdicts and losses are the same.
         image_bits: generated images (the profile's, and :meth:`sample`'s) are rounded to this many
             bits per channel, as saving them to an 8-bit PNG would; ``None`` keeps them as floats.
             Images under inspection almost always come from 8-bit files; a profile of unrounded
@@ -206,6 +208,7 @@ class Attributor:
         max_rows: int | None = None,
         impl: str = "auto",
         image_bits: int | None = 8,
+        cuda_graph: bool = False,
         **overrides,
     ) -> None:
         if not isinstance(generator, GeneratorAdapter):
@@ -241,6 +244,9 @@ class Attributor:
         self.image_bits = image_bits
         self.max_rows = max_rows
         self.impl = impl
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
         if device is not None:
             self.generator.to(device)
             if self.reference is not None:
@@ -261,6 +267,7 @@ class Attributor:
         early_stop: bool = True,
         max_rows: int | None = None,
         impl: str = "auto",
+        cuda_graph: bool = False,
     ) -> "Attributor":
         """An attributor for a saved profile; refuses a model/reference model the profile was not made for.
 
@@ -282,7 +289,7 @@ class Attributor:
             generator, reference, alpha=profile.alpha if alpha is None else alpha, rule=profile.rule,
             settings=settings, seed=profile.inversion_seed, device=device, early_stop=early_stop,
             image_bits=profile.image_bits,
-            max_rows=max_rows, impl=impl,
+            max_rows=max_rows, impl=impl, cuda_graph=cuda_graph,
         )
         att.use_profile(profile)
         return att
@@ -440,7 +447,7 @@ class Attributor:
             cb = lambda done: progress(stage, done, total)  # noqa: E731
         return invert(
             model, images, settings=self.settings, seed=self.seed, stop_below=stop,
-            max_rows=self.max_rows, impl=self.impl, progress=cb,
+            max_rows=self.max_rows, impl=self.impl, cuda_graph=self.cuda_graph, progress=cb,
         )
 
     def _check_tensor(self, images: Tensor) -> Tensor:

@@ -98,6 +98,9 @@ def _add_model_args(p: argparse.ArgumentParser, with_reference_choice: str) -> N
 
 def _add_common(p: argparse.ArgumentParser, threads_default: int | None = None) -> None:
     p.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cpu)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each Adam step of the inversion in a CUDA graph and replay it (fewer kernel "
+                        "launches; needs --device cuda and a generator that does not synchronise with the host)")
     p.add_argument("--threads", type=_positive_int, default=threads_default,
                    help="CPU threads for torch (default: "
                         + ("torch's choice, one per core" if threads_default is None else
@@ -440,6 +443,8 @@ def _setup_device(args):
             torch.empty(0, device=args.device)
         except Exception as e:
             raise UsageError(f"--device {args.device}: not usable ({e})") from None
+    if getattr(args, "cuda_graph", False) and not (args.device or "cpu").startswith("cuda"):
+        raise UsageError(f"--cuda-graph needs --device cuda, got --device {args.device or 'cpu (the default)'}")
     return args.device
 
 
@@ -464,7 +469,8 @@ def cmd_profile(args) -> int:
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
     try:
         att = Attributor(model, reference, alpha=args.alpha, metric=args.metric, rule=args.rule,
-                         settings=args.settings, seed=args.inversion_seed, device=device, **overrides)
+                         settings=args.settings, seed=args.inversion_seed, device=device, cuda_graph=args.cuda_graph,
+                         **overrides)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     progress = _Progress(args.quiet)
@@ -625,7 +631,7 @@ def cmd_inspect(args) -> int:
         raise UsageError(f"--grid {args.grid}: the grid is written as PNG; use a .png name")
     model, reference = _models(args, "default" if profile.calibrated else "none")
     att = Attributor.from_profile(profile, model, reference, alpha=args.alpha, device=device,
-                                  early_stop=not args.no_early_stop)
+                                  early_stop=not args.no_early_stop, cuda_graph=args.cuda_graph)
     profile = att.profile
     pid = profile.identity()
     files, missing = _expand_inputs(args.images, args.recursive)
@@ -761,7 +767,7 @@ def cmd_demo(args) -> int:
     except FileNotFoundError as e:
         raise UsageError(f"the bundled default models are missing: {e}") from None
     att = Attributor(model, reference, alpha=args.alpha, rule=args.rule, settings=DEMO_SETTINGS, device=device,
-                     **overrides)
+                     cuda_graph=args.cuda_graph, **overrides)
     s = att.settings
     print(f"model:     {model.name}\nreference: {reference.name}")
     print(f"inversion: {s.steps} steps x {s.restarts} starts, lr {s.lr} ({s.schedule}), metric {s.metric}")

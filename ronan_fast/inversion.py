@@ -331,6 +331,7 @@ def invert(
     stop_below: Tensor | float | None = None,
     max_rows: int | None = None,
     impl: ops.Impl = "auto",
+    cuda_graph: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> InversionResult:
     """Reverse-engineer each image's input: all images times restarts as one batch (in chunks).
@@ -347,6 +348,13 @@ def invert(
             verdict can no longer change. The reported loss is then the loss at stopping.
         max_rows: rows per batch chunk (memory budget); default 4096 on CPU, sized to free memory on CUDA.
         impl: kernel implementation, see :mod:`ronan_fast.ops`.
+        cuda_graph: on CUDA, capture the Adam step (generator forward and backward, fused loss and
+            gradient, latent Adam) in a CUDA graph and replay it, instead of launching every
+            kernel from Python at every step. A graph is captured for each batch shape (after
+            one eager step at that shape) and captured again after each compaction. Same
+            arithmetic, fewer launches: it pays where steps are launch-bound (small batches,
+            single images). The generator must run without host synchronisation (no ``.item()``,
+            no data-dependent shapes); the polish phases are not captured. Needs a CUDA generator.
         progress: called with the number of images finished after each chunk.
     """
     metric_obj = None
@@ -366,6 +374,10 @@ def invert(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     device = generator.device
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a generator on a CUDA device, got {generator.name} on {device}")
     images = _check_images(generator, images).to(device)
     b_total = images.shape[0]
 
@@ -390,7 +402,8 @@ def invert(
     with _flush_denormals():
         for start in range(0, b_total, per_chunk):
             _run_chunk(generator, images, conditions, stop_below, start, min(b_total, start + per_chunk), s,
-                       metric_name, metric_obj, seed, impl, (out_loss, out_inputs, out_recon, out_cond, out_steps))
+                       metric_name, metric_obj, seed, impl, (out_loss, out_inputs, out_recon, out_cond, out_steps),
+                       cuda_graph)
             if progress is not None:
                 progress(min(b_total, start + per_chunk))
     return InversionResult(
@@ -404,13 +417,14 @@ def invert(
     )
 
 
-def _run_chunk(generator, images, conditions, stop_below, start, stop, s, metric_name, metric_obj, seed, impl, outs):
+def _run_chunk(generator, images, conditions, stop_below, start, stop, s, metric_name, metric_obj, seed, impl, outs,
+               cuda_graph=False):
     """Invert images ``start:stop`` and write their results into ``outs``."""
     out_loss, out_inputs, out_recon, out_cond, out_steps = outs
     res = _invert_chunk(
         generator, images[start:stop], torch.arange(start, stop),
         None if conditions is None else conditions[start:stop], s, metric_name, metric_obj, seed,
-        None if stop_below is None else stop_below[start:stop], impl,
+        None if stop_below is None else stop_below[start:stop], impl, cuda_graph,
     )
     out_loss[start:stop], out_inputs[start:stop], out_recon[start:stop] = res[0], res[1], res[2]
     if res[3] is not None:
@@ -439,10 +453,12 @@ def _autocast(device: torch.device, precision: str):
     dtype = PRECISIONS[precision]
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
+    # no cast cache: each step runs one forward, and a CUDA graph capture cannot use one
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
-def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metric_obj, seed, stop_below, impl):
+def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metric_obj, seed, stop_below, impl,
+                  cuda_graph=False):
     device = images.device
     b = images.shape[0]
     row_cond, rpi = generator.row_conditions(conditions, b, s.restarts)
@@ -475,8 +491,9 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     stale = torch.zeros(m, dtype=torch.int64, device=device)
     checked_output = False
 
-    for t in range(s.steps):
-        lr_t.fill_(s.lr * _lr_factor(s, t))
+    def adam_step() -> None:
+        """One Adam step of every live row: reads and writes the row state in place."""
+        nonlocal checked_output
         active = torch.ones_like(step, dtype=torch.bool)
         if stop_below is not None:
             active = best_loss >= stop_below[live_index]
@@ -514,6 +531,26 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             z.mul_(radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
         row_steps.index_add_(0, live_index, active.long())
 
+    # CUDA graph: the step at the current batch shape, captured after one eager step at that
+    # shape (on a side stream, as capture requires) and dropped when the batch is compacted.
+    graph: torch.cuda.CUDAGraph | None = None
+    warmed = False
+    for t in range(s.steps):
+        lr_t.fill_(s.lr * _lr_factor(s, t))  # outside the graph: the value changes every step
+        if not cuda_graph or not checked_output:
+            adam_step()
+        elif not warmed:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                adam_step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            warmed = True
+        else:
+            if graph is None:
+                graph = _capture(adam_step, generator)
+            graph.replay()
+
         last_step = t == s.steps - 1
         if (t + 1) % s.check_every and not last_step:
             continue
@@ -545,7 +582,9 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         live_index = index[rows]
         live_cond = None if row_cond is None else row_cond[rows]
         lr_t = lr_t[: rows.shape[0]].contiguous()
+        graph, warmed = None, False
 
+    graph = None  # its memory pool is not needed by the polish
     loss_b, row_b = ops.best_over_restarts(final_loss, index, b, impl=impl)
     row_b = torch.where(row_b < 0, torch.arange(b, device=device) * rpi, row_b)  # all-NaN image: keep its first row
     inputs = final_latent[row_b]
@@ -578,6 +617,21 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     # consistent with the reconstruction across precisions (identical in float32 up to rounding).
     final = torch.where(torch.isfinite(final), final, loss_b)
     return final, inputs, recon.clamp(0, 1), cond_b, row_steps
+
+
+def _capture(step: Callable[[], None], generator: GeneratorAdapter) -> "torch.cuda.CUDAGraph":
+    """``step`` captured in a CUDA graph (recorded, not run: replay the graph to run it)."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"cuda_graph=True: capturing the inversion step of {generator.name} in a CUDA graph failed "
+            f"({e}); a captured generator must not synchronise with the host (.item(), .cpu(), "
+            "data-dependent shapes). Invert with cuda_graph=False."
+        ) from e
+    return graph
 
 
 def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0, min_drop=0.3, stop_raw=None):

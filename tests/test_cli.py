@@ -80,6 +80,8 @@ def test_usage_errors(capsys):
     assert code == 2 and "--output" in err
     code, _, err = run(["demo", "--alpha", "2"], capsys)
     assert code == 2 and "alpha" in err
+    code, _, err = run(["demo", "--cuda-graph"], capsys)
+    assert code == 2 and "--cuda-graph needs --device cuda" in err
 
 
 def test_console_script_entry_point(tmp_path):
