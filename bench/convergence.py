@@ -75,6 +75,9 @@ CANDIDATES: dict[str, dict] = {
     # ... with a looser plateau rule: a row leaves once its loss fell by less than 20% over 10
     # steps; the fifth, now the default
     "gmres30-cg-drop20": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.2},
+    # ... polishing each image's two best Adam rows (starts), the lower result winning
+    "gmres30-cg-drop20-c2": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.2,
+                             "polish_candidates": 2},
     # the first "consistency" default: many cheap polish steps (60 x 20 CG iterations)
     "cg60x20": dict(steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
                     halving_keep=0.5, min_rows=2, patience=300, polish_steps=60, polish_method="cg",

@@ -36,7 +36,7 @@ POLISH_METHODS = ("dense", "cg")
 #: fields added after the first settings format: :meth:`InversionSettings.to_dict` writes them only
 #: when they differ from these defaults, so earlier profiles and caches keep their identity
 _LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3,
-                 "polish_gmres_iters": 0}
+                 "polish_gmres_iters": 0, "polish_candidates": 1}
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,10 @@ class InversionSettings:
     #: wide as the image (one-step models; ignored for others), under the same leaving rule; only
     #: the rows it leaves unsolved (levelled off, stuck, out of steps) go on to ``polish_method``
     polish_gmres_iters: int = 0
+    #: how many of each image's best Adam rows (its lowest-loss starts) are polished; the lowest
+    #: loss after the polish wins. A start whose Adam loss is lowest can still lie in a basin the
+    #: polish cannot leave; a second one costs a second polish per image
+    polish_candidates: int = 1
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -114,6 +118,7 @@ class InversionSettings:
             raise ValueError(f"min_lr_frac must lie in [0, 1], got {self.min_lr_frac}")
         _positive_int("cycles", self.cycles)
         _positive_int("polish_cg_iters", self.polish_cg_iters)
+        _positive_int("polish_candidates", self.polish_candidates)
         if self.polish_method not in POLISH_METHODS:
             raise ValueError(f"polish_method must be one of {POLISH_METHODS}, got {self.polish_method!r}")
         if not (isinstance(self.polish_min_drop, (int, float)) and 0 < self.polish_min_drop < 1):
@@ -587,32 +592,46 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     graph = None  # its memory pool is not needed by the polish
     loss_b, row_b = ops.best_over_restarts(final_loss, index, b, impl=impl)
     row_b = torch.where(row_b < 0, torch.arange(b, device=device) * rpi, row_b)  # all-NaN image: keep its first row
-    inputs = final_latent[row_b]
-    cond_b = None if row_cond is None else row_cond[row_b]
+    k = min(s.polish_candidates, rpi) if s.polish_steps and fused else 1
+    if k == 1:
+        cand = row_b  # [b * k]: the rows whose inputs are polished and scored, image-major
+    else:
+        ranked = torch.where(torch.isfinite(final_loss), final_loss, torch.full_like(final_loss, float("inf")))
+        cand = (ranked.view(b, rpi).topk(k, dim=1, largest=False).indices
+                + torch.arange(b, device=device).unsqueeze(1) * rpi).flatten()
+    img = torch.arange(b, device=device).repeat_interleave(k)  # each candidate's image
+    inputs = final_latent[cand]
+    cond_b = None if row_cond is None else row_cond[cand]
     if s.polish_steps and fused:
         # images already under stop_below have a settled verdict: polishing them would only cost
-        idx = torch.arange(b, device=device) if stop_below is None else (loss_b >= stop_below).nonzero().squeeze(1)
+        idx = (torch.arange(b * k, device=device) if stop_below is None
+               else (loss_b[img] >= stop_below[img]).nonzero().squeeze(1))
         if idx.numel():
-            stop_raw = None if stop_below is None else stop_below[idx] / scale  # [0, 1] MSE -> raw MSE
+            stop_raw = None if stop_below is None else stop_below[img[idx]] / scale  # [0, 1] MSE -> raw MSE
             if s.polish_gmres_iters and inputs.shape[1] == target[0].numel() and metric_name == "mse":
                 z, open_ = _polish_gmres(generator, inputs[idx], None if cond_b is None else cond_b[idx],
-                                         target[idx], metric_name, s.polish_steps, krylov=s.polish_gmres_iters,
+                                         target[img[idx]], metric_name, s.polish_steps, krylov=s.polish_gmres_iters,
                                          patience=s.polish_patience, min_drop=s.polish_min_drop, stop_raw=stop_raw)
                 inputs[idx] = z
                 idx = idx[open_]
                 stop_raw = None if stop_raw is None else stop_raw[open_]
         if idx.numel():
             polish = _polish if s.polish_method == "dense" else functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
-            inputs[idx] = polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target[idx],
+            inputs[idx] = polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target[img[idx]],
                                  metric_name, s.polish_steps, patience=s.polish_patience,
                                  min_drop=s.polish_min_drop, stop_raw=stop_raw)
     with torch.no_grad():
         recon = generator.to_unit(generator.decode_raw(inputs, cond_b).float())
         if fused:
-            diff = (recon - images).flatten(1)
+            diff = (recon - images[img]).flatten(1)
             final = diff.square().mean(1) if metric_name == "mse" else diff.abs().mean(1)
         else:
             final = metric_obj(recon, images).float()
+    if k > 1:  # each image's best candidate after the polish
+        pick = torch.where(torch.isfinite(final), final, torch.full_like(final, float("inf"))).view(b, k).argmin(1)
+        pick = torch.arange(b, device=device) * k + pick
+        inputs, recon, final = inputs[pick], recon[pick], final[pick]
+        cond_b = None if cond_b is None else cond_b[pick]
     # The score is the lowest loss seen; re-measuring in float32 at the winning input makes it
     # consistent with the reconstruction across precisions (identical in float32 up to rounding).
     final = torch.where(torch.isfinite(final), final, loss_b)

@@ -252,6 +252,38 @@ def test_polish_gets_stop_below_in_raw_units(monkeypatch):
     assert (seen["patience"], seen["min_drop"]) == (4, 0.5)
 
 
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_polishing_more_candidates_per_image_keeps_the_best(gen, method):
+    """With polish_candidates=2 each image's two lowest Adam rows are polished and the lower
+    result wins: never worse than polishing the best row alone (rows are polished independently),
+    and the reported loss is the reported reconstruction's."""
+    own = gen.generate(8, torch.Generator().manual_seed(11)).images
+    images = torch.cat([own, torch.rand(2, *gen.image_shape, generator=torch.Generator().manual_seed(12))])
+    # few steps of each phase: the best Adam row is not always the one the polish takes furthest
+    s = quick(steps=3, restarts=6, polish_steps=3, polish_method=method, polish_cg_iters=8)
+    one = invert(gen, images, settings=s, seed=0)
+    two = invert(gen, images, settings=s.replace(polish_candidates=3), seed=0)
+    assert (two.loss <= one.loss * (1 + 1e-4) + 1e-12).all(), (one.loss, two.loss)
+    assert (two.loss < 0.5 * one.loss).any(), (one.loss, two.loss)
+    direct = (two.reconstruction - images).square().flatten(1).mean(1)
+    torch.testing.assert_close(two.loss, direct, rtol=1e-4, atol=1e-9)
+    # more candidates than starts: every start is polished, nothing breaks
+    four = invert(gen, images, settings=s.replace(polish_candidates=9), seed=0)
+    assert (four.loss <= two.loss * (1 + 1e-4) + 1e-12).all()
+    # under stop_below the verdict is settled: an image whose Adam loss is under it is not polished
+    adam = invert(gen, images, settings=s.replace(polish_steps=0), seed=0).loss
+    stop = torch.cat([2 * adam[:8], torch.zeros(2)])  # own images settled after Adam, noise not
+    settled = invert(gen, images, settings=s.replace(polish_steps=0), seed=0, stop_below=stop).loss
+    assert (settled[:8] < stop[:8]).all()
+    got = invert(gen, images, settings=s.replace(polish_candidates=2), seed=0, stop_below=stop).loss
+    torch.testing.assert_close(got[:8], settled[:8], rtol=1e-5, atol=1e-12)
+    assert (got[8:] < settled[8:]).all()
+    with pytest.raises(ValueError, match="polish_candidates"):
+        InversionSettings(polish_candidates=0)
+    assert "polish_candidates" not in InversionSettings().to_dict()
+    assert InversionSettings(polish_candidates=2).to_dict()["polish_candidates"] == 2
+
+
 def test_matrix_free_polish_through_invert_and_its_settings(gen):
     images = gen.generate(3, torch.Generator().manual_seed(9)).images
     s = quick(steps=40, restarts=2)
