@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ronan_fast._atomic import plain_file_mode
 from ronan_fast.adapters import LatentGenerator
 from ronan_fast.evaluation import CONFIGS, CacheWarning, Cell, EvalConfig, Evaluation, ImageSpec, build_cells
 from ronan_fast.evaluation import runner as runner_mod
@@ -126,6 +127,7 @@ def test_cli_outputs_resume_and_corrupt_caches(tmp_path, tiny_config, inversions
         for name in ("hist", "grid"):
             png = folder / "figures" / f"{name}-{cid}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert png.stat().st_mode & 0o777 == plain_file_mode()  # as readable as any other output
     profiles = sorted((folder / "profiles").glob("*.json"))
     assert len(profiles) == len(RULES)
     assert {BelongingProfile.load(p).rule for p in profiles} == set(RULES)

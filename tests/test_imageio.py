@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ronan_fast import imageio as io
+from ronan_fast._atomic import plain_file_mode
 
 
 def _rgb_array(h=12, w=10, seed=0):
@@ -291,6 +292,7 @@ def test_save_image_roundtrip_and_atomic(tmp_path):
     io.save_image(g, path)  # overwrite, grey [H, W]
     torch.testing.assert_close(io.load_image(path), g.unsqueeze(0))
     assert sorted(os.listdir(tmp_path / "out")) == ["x.png"]  # no temporary files left
+    assert path.stat().st_mode & 0o777 == plain_file_mode()  # what open(..., "w") would give
 
 
 def test_save_image_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):

@@ -7,13 +7,13 @@ import io
 import math
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ronan_fast.evaluation.config import TABLES, Cell, EvalConfig
 from ronan_fast.evaluation.runner import cell_path
+from ronan_fast._atomic import atomic_path
 from ronan_fast.evaluation.store import write_text
 from ronan_fast.profile import RULES
 
@@ -230,15 +230,8 @@ def _save_fig(fig, path: Path) -> None:
     buf.seek(0)
     # a 64-colour palette keeps the figures a few times smaller in the repository
     im = Image.open(buf).convert("RGB").quantize(colors=64)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         im.save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _hist(rec: dict, path: Path) -> None:
