@@ -254,7 +254,7 @@ def test_polish_gets_stop_below_in_raw_units(monkeypatch):
 
 @pytest.mark.parametrize("method", ["dense", "cg"])
 def test_polishing_more_candidates_per_image_keeps_the_best(gen, method):
-    """With polish_candidates=2 each image's two lowest Adam rows are polished and the lower
+    """With polish_candidates=k each image's k lowest Adam rows are polished and the lowest
     result wins: never worse than polishing the best row alone (rows are polished independently),
     and the reported loss is the reported reconstruction's."""
     own = gen.generate(8, torch.Generator().manual_seed(11)).images
@@ -268,8 +268,8 @@ def test_polishing_more_candidates_per_image_keeps_the_best(gen, method):
     direct = (two.reconstruction - images).square().flatten(1).mean(1)
     torch.testing.assert_close(two.loss, direct, rtol=1e-4, atol=1e-9)
     # more candidates than starts: every start is polished, nothing breaks
-    four = invert(gen, images, settings=s.replace(polish_candidates=9), seed=0)
-    assert (four.loss <= two.loss * (1 + 1e-4) + 1e-12).all()
+    every = invert(gen, images, settings=s.replace(polish_candidates=9), seed=0)
+    assert (every.loss <= two.loss * (1 + 1e-4) + 1e-12).all()
     # under stop_below the verdict is settled: an image whose Adam loss is under it is not polished
     adam = invert(gen, images, settings=s.replace(polish_steps=0), seed=0).loss
     stop = torch.cat([2 * adam[:8], torch.zeros(2)])  # own images settled after Adam, noise not

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ronan_fast._atomic import atomic_path
 from ronan_fast.evaluation.config import TABLES, Cell, EvalConfig
 from ronan_fast.evaluation.runner import cell_path
-from ronan_fast._atomic import atomic_path
 from ronan_fast.evaluation.store import write_text
 from ronan_fast.profile import RULES
 
@@ -224,7 +224,6 @@ def write_summary(path: str | os.PathLike, config: EvalConfig, cells: list[Cell]
 def _save_fig(fig, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     buf.seek(0)
