@@ -67,15 +67,20 @@ CANDIDATES: dict[str, dict] = {
                      polish_cg_iters=100),
     # the third "consistency" default: the plateau-stopped CG polish (a row leaves once its loss
     # fell by less than 30% over 10 steps) without the GMRES phase before it
-    "cg80-plateau": {"settings": "default", "polish_gmres_iters": 0, "polish_min_drop": 0.3},
+    "cg80-plateau": {"settings": "default", "polish_gmres_iters": 0, "polish_min_drop": 0.3,
+                     "polish_candidates": 1},
     # ... and with it (30 GMRES iterations a step; square Jacobians only): the fourth default
-    "gmres30-cg": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.3},
+    "gmres30-cg": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.3,
+                   "polish_candidates": 1},
     # ... with twice the polish steps (a row still falling by 30% per 10 steps may run to 160)
-    "gmres30-cg160": {"settings": "default", "polish_steps": 160, "polish_min_drop": 0.3},
+    "gmres30-cg160": {"settings": "default", "polish_steps": 160, "polish_min_drop": 0.3,
+                      "polish_candidates": 1},
     # ... with a looser plateau rule: a row leaves once its loss fell by less than 20% over 10
-    # steps; the fifth, now the default
-    "gmres30-cg-drop20": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.2},
-    # ... polishing each image's two best Adam rows (starts), the lower result winning
+    # steps; the fifth default
+    "gmres30-cg-drop20": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.2,
+                          "polish_candidates": 1},
+    # ... polishing each image's two best Adam rows (starts), the lower result winning; the
+    # sixth, now the default
     "gmres30-cg-drop20-c2": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.2,
                              "polish_candidates": 2},
     # the first "consistency" default: many cheap polish steps (60 x 20 CG iterations)

@@ -332,6 +332,7 @@ def test_family_defaults():
     cons = resolve_settings(adapter("consistency", 16), "default")
     assert cons == FAMILY_DEFAULTS["consistency"] and cons.polish_method == "cg" and cons.polish_steps > 0
     assert cons.polish_gmres_iters > 0  # a one-step model's latent is as wide as its image: GMRES first
+    assert cons.polish_candidates == 2  # each image's two best starts are polished
     for family in ("vae", "diffusion", "something-new"):
         assert resolve_settings(adapter(family, 8)) == _FALLBACK_DEFAULT
 
