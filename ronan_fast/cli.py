@@ -124,6 +124,38 @@ def _add_inversion_args(p: argparse.ArgumentParser) -> None:
                         f"logarithm, for heavy-tailed losses (default: the model family's: {DEFAULT_RULE}, "
                         "grubbs for one-step 'consistency' models)")
     g.add_argument("--alpha", type=_probability, default=0.05, help="significance level (default: 0.05)")
+    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="set_fields",
+                   help="override any other field of ronan_fast.InversionSettings, e.g. --set "
+                        "polish_candidates=1 or --set schedule=cosine; repeatable")
+
+
+def _setting_overrides(pairs: Sequence[str], given: dict) -> dict:
+    """``--set FIELD=VALUE`` pairs as keyword overrides, each value of its field's type."""
+    import dataclasses
+
+    from ronan_fast.inversion import InversionSettings
+
+    fields = {f.name: type(f.default) for f in dataclasses.fields(InversionSettings) if f.name != "metric"}
+    out = {}
+    for pair in pairs:
+        name, eq, text = pair.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise UsageError(f"--set {pair!r}: expected FIELD=VALUE, e.g. --set polish_candidates=2")
+        if name == "metric":
+            raise UsageError(f"--set {pair!r}: the metric has its own option, --metric")
+        if name not in fields:
+            raise UsageError(f"--set {pair!r}: {name!r} is not an inversion setting; the fields are "
+                             + ", ".join(sorted(fields)))
+        if name in given or name in out:
+            raise UsageError(f"--set {pair!r}: {name} is given twice")
+        kind = fields[name]
+        try:
+            out[name] = kind(text) if kind in (int, float) else text
+        except ValueError:
+            raise UsageError(f"--set {pair!r}: {name} takes {'a whole number' if kind is int else 'a number'}, "
+                             f"got {text!r}") from None
+    return out
 
 
 def _para(text: str) -> str:
@@ -467,6 +499,7 @@ def cmd_profile(args) -> int:
             raise UsageError(str(e)) from None
     model, reference = _models(args, "default")
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
+    overrides.update(_setting_overrides(args.set_fields, overrides))
     try:
         att = Attributor(model, reference, alpha=args.alpha, metric=args.metric, rule=args.rule,
                          settings=args.settings, seed=args.inversion_seed, device=device, cuda_graph=args.cuda_graph,

@@ -125,6 +125,27 @@ def test_profile_of_edited_images(tmp_path, capsys):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_profile_set_overrides_any_setting(tmp_path, capsys):
+    """--set FIELD=VALUE reaches the profile's settings, typed as its field; bad pairs are usage errors."""
+    from ronan_fast.profile import BelongingProfile
+
+    out = tmp_path / "s.json"
+    code, _, _ = run(["profile", *MODEL, "--reference", "none", "-n", "4", "--steps", "30", "--restarts", "2", "-q",
+                      "--set", "schedule=cosine", "--set", "min_lr_frac=0.05", "--set", "check_every=10",
+                      "-o", out], capsys)
+    assert code == 0
+    s = BelongingProfile.load(out).settings
+    assert (s["schedule"], s["min_lr_frac"], s["check_every"], s["steps"]) == ("cosine", 0.05, 10, 30)
+    for pair, message in [("polish_candidates", "expected FIELD=VALUE"), ("warp=3", "'warp' is not an inversion setting"),
+                          ("steps=5", "steps is given twice"), ("check_every=often", "takes a whole number"),
+                          ("lr=fast", "takes a number"), ("metric=mae", "its own option, --metric"),
+                          ("polish_candidates=0", "polish_candidates must be")]:
+        code, _, err = run(["profile", *MODEL, "--reference", "none", "-n", "4", "--steps", "30", "-q",
+                            "--set", pair, "-o", tmp_path / "bad.json"], capsys)
+        assert code == 2 and message in err, (pair, err)
+    assert not (tmp_path / "bad.json").exists()
+
+
 @pytest.mark.parametrize("spec, message", [
     ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
     ("tiny_models:nothing", "has no attribute 'nothing'"),
