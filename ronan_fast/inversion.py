@@ -611,12 +611,15 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         # images already under stop_below have a settled verdict: polishing them would only cost
         idx = (torch.arange(b * k, device=device) if stop_below is None
                else (loss_b[img] >= stop_below[img]).nonzero().squeeze(1))
+        # with k > 1, once one of an image's candidates is under stop_below the others stop too
+        done_groups = None if stop_below is None or k == 1 else torch.zeros(b, dtype=torch.bool, device=device)
         if idx.numel():
             stop_raw = None if stop_below is None else stop_below[img[idx]] / scale  # [0, 1] MSE -> raw MSE
             if s.polish_gmres_iters and inputs.shape[1] == target[0].numel() and metric_name == "mse":
                 z, open_ = _polish_gmres(generator, inputs[idx], None if cond_b is None else cond_b[idx],
                                          target[img[idx]], metric_name, s.polish_steps, krylov=s.polish_gmres_iters,
-                                         patience=s.polish_patience, min_drop=s.polish_min_drop, stop_raw=stop_raw)
+                                         patience=s.polish_patience, min_drop=s.polish_min_drop, stop_raw=stop_raw,
+                                         group=img[idx], done_groups=done_groups)
                 inputs[idx] = z
                 idx = idx[open_]
                 stop_raw = None if stop_raw is None else stop_raw[open_]
@@ -624,7 +627,8 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             polish = _polish if s.polish_method == "dense" else functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
             inputs[idx] = polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target[img[idx]],
                                  metric_name, s.polish_steps, patience=s.polish_patience,
-                                 min_drop=s.polish_min_drop, stop_raw=stop_raw)
+                                 min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
+                                 done_groups=done_groups)
     with torch.no_grad():
         recon = generator.to_unit(generator.decode_raw(inputs, cond_b).float())
         if fused:
@@ -658,7 +662,8 @@ def _capture(step: Callable[[], None], generator: GeneratorAdapter) -> "torch.cu
     return graph
 
 
-def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0, min_drop=0.3, stop_raw=None):
+def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0, min_drop=0.3, stop_raw=None,
+            group=None, done_groups=None):
     """Levenberg-Marquardt on each image's best input (Jacobian by forward-mode AD), float32.
 
     A row leaves the loop once it is solved (mean squared residual under 1e-14, float32's floor),
@@ -677,25 +682,37 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0,
 
     with _forward_ad_attention():
         return _polish_dense(inputs, cond, one, residual, iters,
-                             _Leaving(inputs.shape[0], patience, min_drop, stop_raw))
+                             _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups))
 
 
 class _Leaving:
     """Which live rows leave the polish before a step: solved (mean squared residual under
     1e-14), stuck (damping at its cap), under ``stop_raw``, or levelled off: their loss fell by
-    less than ``min_drop`` over the last ``patience`` steps."""
+    less than ``min_drop`` over the last ``patience`` steps.
 
-    def __init__(self, n, patience, min_drop, stop_raw):
+    With ``stop_raw``, rows may be grouped (``group``: each row's image, ``[n]``; ``done_groups``:
+    a boolean per image, shared between the polishes of one inversion and updated here): once one
+    row of an image is solved or under its ``stop_raw`` the image's verdict is settled and its
+    other rows (the other polished starts) leave too."""
+
+    def __init__(self, n, patience, min_drop, stop_raw, group=None, done_groups=None):
         self.patience, self.keep_frac, self.stop_raw = patience, 1.0 - min_drop, stop_raw
         # every row's cost at the last patience + 1 steps (a ring: step k at k % (patience + 1))
         self.hist = None if not patience else [None] * (patience + 1)
         self.n = n
+        self.group = group if stop_raw is not None and done_groups is not None else None
+        self.done_groups = done_groups
 
     def settled(self, mse, live):
-        """Rows ``live`` whose mean squared residual ``mse`` is solved (under 1e-14) or under ``stop_raw``."""
+        """Rows ``live`` whose mean squared residual ``mse`` is solved (under 1e-14) or under
+        ``stop_raw``, or (grouped) whose image has such a row."""
         done = mse < 1e-14
         if self.stop_raw is not None:
             done |= mse < self.stop_raw[live]
+            if self.group is not None:
+                g = self.group[live]
+                self.done_groups[g[done]] = True
+                done |= self.done_groups[g]
         return done
 
     def __call__(self, k, cost, per_elem, stuck, live):
@@ -879,7 +896,7 @@ def _forward_ad_attention():
 
 
 def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters=20, report=None, patience=0,
-               min_drop=0.3, stop_raw=None):
+               min_drop=0.3, stop_raw=None, group=None, done_groups=None):
     """Matrix-free Levenberg-Marquardt on each image's best input, float32.
 
     Each step solves ``(J^T J + lam I) d = -J^T r`` per row by ``cg_iters`` conjugate-gradient
@@ -889,15 +906,15 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
     width. A step is kept
     only where it lowers the row's loss (then ``lam`` shrinks; else it grows). Rows leave the
     loop once solved (mean squared residual under 1e-14), stuck (damping at its cap), levelled
-    off (``patience``, ``min_drop``) or under their ``stop_raw`` (raw-unit MSE, ``[n]``).
-    ``report(k, mse)``, if given, is called after step ``k`` with every row's mean squared
+    off (``patience``, ``min_drop``) or under their ``stop_raw`` (raw-unit MSE, ``[n]``), or
+    once another row of their ``group`` is (:class:`_Leaving`). ``report(k, mse)``, if given, is called after step ``k`` with every row's mean squared
     residual (rows that left keep their last value).
     """
     if metric_name != "mse":
         return inputs
     with _forward_ad_attention():
         return _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report,
-                               _Leaving(inputs.shape[0], patience, min_drop, stop_raw))
+                               _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups))
 
 
 def _residual_fn(generator, target_raw):
@@ -966,7 +983,7 @@ def _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report
 
 
 def _polish_gmres(generator, inputs, cond, target_raw, metric_name, iters, krylov=30, report=None, patience=0,
-                  min_drop=0.3, stop_raw=None):
+                  min_drop=0.3, stop_raw=None, group=None, done_groups=None):
     """Gauss-Newton steps for square Jacobians, each solved in a Krylov subspace, float32.
 
     For a generator whose latent is exactly as wide as its image (a one-step consistency model
@@ -981,17 +998,17 @@ def _polish_gmres(generator, inputs, cond, target_raw, metric_name, iters, krylo
     the six steps does is stuck. GMRES with a short subspace can stall on a row (restarted
     GMRES stagnates on some matrices); the row then levels off or sticks and leaves, and the
     caller hands it to the CG polish. Rows leave as in :func:`_polish_cg`: solved, stuck,
-    levelled off (``patience``, ``min_drop``) or under ``stop_raw``. ``report(k, mse)`` as in
-    :func:`_polish_cg`.
+    levelled off (``patience``, ``min_drop``), under ``stop_raw`` or settled by another row of
+    their ``group``. ``report(k, mse)`` as in :func:`_polish_cg`.
 
     Returns ``(inputs, open)``: ``open`` marks the rows that ended neither solved (mean squared
-    residual under 1e-14) nor under their ``stop_raw``.
+    residual under 1e-14) nor under their ``stop_raw`` nor settled by their group.
     """
     if metric_name != "mse":
         return inputs, torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
     with _forward_ad_attention():
         return _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, report,
-                                  _Leaving(inputs.shape[0], patience, min_drop, stop_raw))
+                                  _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups))
 
 
 def _gmres(jv, r: Tensor, krylov: int) -> Tensor:

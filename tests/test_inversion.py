@@ -284,6 +284,75 @@ def test_polishing_more_candidates_per_image_keeps_the_best(gen, method):
     assert InversionSettings(polish_candidates=2).to_dict()["polish_candidates"] == 2
 
 
+@pytest.mark.parametrize("method", ["dense", "cg", "gmres"])
+def test_polished_starts_of_an_image_stop_once_one_settles_its_verdict(gen, method):
+    """Grouped rows (the polished starts of one image) leave together once one of them is under
+    its stop_raw; other images' rows are not affected, and without a stop_raw nothing is grouped."""
+    import functools
+
+    import ronan_fast.inversion as inv
+
+    g = _square_gen() if method == "gmres" else gen
+    width = 16 if method == "gmres" else 8
+    batch = g.generate(2, torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        reach = g.decode_raw(batch.latents, None)
+    far = batch.latents + 0.5 * torch.randn(2, width, generator=torch.Generator().manual_seed(12))
+    # rows: image 0 from its own latent (settled at once), image 0 from afar, image 1 from afar
+    start = torch.stack([batch.latents[0], far[0], far[1]])
+    target = torch.stack([reach[0], reach[0], reach[1]])
+    group = torch.tensor([0, 0, 1])
+    stop_raw = torch.full((3,), 1e-8)
+    polish = {"dense": inv._polish, "cg": functools.partial(inv._polish_cg, cg_iters=8),
+              "gmres": lambda *a, **k: inv._polish_gmres(*a, krylov=8, **k)[0]}[method]
+    done = torch.zeros(2, dtype=torch.bool)
+    z = polish(g, start, None, target, "mse", 5, stop_raw=stop_raw, group=group, done_groups=done)
+    assert bool(done[0]) and torch.equal(z[1], start[1])  # left with its sibling, untouched
+    assert not torch.equal(z[2], start[2])  # image 1 went on
+    ungrouped = polish(g, start, None, target, "mse", 5, stop_raw=stop_raw)
+    assert not torch.equal(ungrouped[1], start[1])
+    torch.testing.assert_close(ungrouped[2], z[2], rtol=1e-5, atol=1e-6)  # batched with other rows: rounding
+    # no stop_raw: no verdict to settle, the rows run as without groups
+    free = polish(g, start, None, target, "mse", 5, group=group, done_groups=torch.zeros(2, dtype=torch.bool))
+    torch.testing.assert_close(free, polish(g, start, None, target, "mse", 5), rtol=0, atol=0)
+    if method == "gmres":  # the sibling is reported settled: it is not handed on to the CG polish
+        _, open_ = inv._polish_gmres(g, start, None, target, "mse", 5, krylov=8, stop_raw=stop_raw, group=group,
+                                     done_groups=torch.zeros(2, dtype=torch.bool))
+        assert open_.tolist() == [False, False, True]
+
+
+def test_invert_with_two_polished_starts_stops_the_sibling_under_stop_below(gen, monkeypatch):
+    """Through invert: with stop_below and polish_candidates=2, an image's second polished start
+    stops once the first is under stop_below. The verdicts are those of polishing both to the end,
+    for fewer generator rows."""
+    import ronan_fast.inversion as inv
+
+    own = gen.generate(6, torch.Generator().manual_seed(21)).images
+    images = torch.cat([own, torch.rand(2, *gen.image_shape, generator=torch.Generator().manual_seed(22))])
+    s = quick(steps=20, restarts=4, polish_steps=30, polish_method="cg", polish_cg_iters=8, polish_candidates=2)
+    stop = torch.full((8,), 1e-9)
+
+    class Ungrouped(inv._Leaving):  # the same polish with the grouping switched off
+        def __init__(self, n, patience, min_drop, stop_raw, group=None, done_groups=None):
+            super().__init__(n, patience, min_drop, stop_raw)
+
+    counted = []
+    real = gen.decode_raw
+    monkeypatch.setattr(gen, "decode_raw", lambda z, c=None: counted.append(z.shape[0]) or real(z, c))
+
+    def run(leaving_cls):
+        monkeypatch.setattr(inv, "_Leaving", leaving_cls)
+        counted.clear()
+        res = invert(gen, images, settings=s, seed=0, stop_below=stop)
+        return res, sum(counted)
+
+    grouped, n_grouped = run(inv._Leaving)
+    ungrouped, n_ungrouped = run(Ungrouped)
+    assert torch.equal(grouped.loss < stop, ungrouped.loss < stop)
+    assert bool((grouped.loss[:6] < stop[:6]).all()), grouped.loss  # own images settle in the polish
+    assert n_grouped < n_ungrouped, (n_grouped, n_ungrouped)
+
+
 def test_matrix_free_polish_through_invert_and_its_settings(gen):
     images = gen.generate(3, torch.Generator().manual_seed(9)).images
     s = quick(steps=40, restarts=2)
