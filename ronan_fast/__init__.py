@@ -29,6 +29,7 @@ _EXPORTS = {
     "DEFAULT_RULE": "ronan_fast.profile",
     "default_rule": "ronan_fast.profile",
     "RULES": "ronan_fast.profile",
+    "profile_outliers": "ronan_fast.profile",
     "grubbs_critical_value": "ronan_fast.grubbs",
     "grubbs_p_value": "ronan_fast.grubbs",
     "grubbs_statistic": "ronan_fast.grubbs",

@@ -56,6 +56,35 @@ def _stream_seed(purpose: str, seed: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def retry_profile_outliers(
+    raw: Tensor, reference: Tensor | None, rule: str, alpha: float, rounds: int,
+    invert_again: Callable[[Tensor, int], Tensor],
+) -> tuple[Tensor, list[int]]:
+    """Profile losses with their outliers inverted again, and the images that were.
+
+    Each round finds the profile images whose calibrated loss (``raw / reference``, or ``raw``
+    uncalibrated) fails the belonging test against the others
+    (:func:`~ronan_fast.profile.profile_outliers`) and calls ``invert_again(indices, round)``
+    for their new losses (from other starts: ``round`` is 1, 2, ...); each image keeps its lower
+    loss. Stops after ``rounds`` rounds or once no image is an outlier. Returns the losses
+    (float64, CPU) and the indices inverted again, round after round.
+    """
+    from ronan_fast.profile import profile_outliers
+
+    raw = raw.detach().cpu().double().clone()
+    retried: list[int] = []
+    for r in range(1, rounds + 1):
+        cal = raw if reference is None else raw / reference
+        out = profile_outliers(cal.numpy(), rule, alpha)
+        if not out:
+            break
+        idx = torch.tensor(out, dtype=torch.long)
+        again = invert_again(idx, r).detach().cpu().double()
+        raw[idx] = torch.minimum(raw[idx], torch.where(torch.isfinite(again), again, raw[idx]))
+        retried.extend(out)
+    return raw, retried
+
+
 # ---------------------------------------------------------------------------- result
 
 
@@ -190,6 +219,12 @@ class Attributor:
             bits per channel, as saving them to an 8-bit PNG would; ``None`` keeps them as floats.
             Images under inspection almost always come from 8-bit files; a profile of unrounded
             images measures float rounding noise instead and rejects the model's own saved images.
+        profile_retries: in :meth:`fit`, up to this many rounds of inverting again, from other
+            starts, the profile images whose calibrated loss fails the belonging test against the
+            rest of the profile (:func:`~ronan_fast.profile.profile_outliers`); each keeps its
+            lowest loss. Every profile image is the model's own, so such a loss is an inversion
+            that missed: left in, it inflates the profile's sigma and the threshold admits other
+            images. 0: the paper's profile, as inverted. Recorded in the profile.
         **overrides: any :class:`~ronan_fast.inversion.InversionSettings` field, e.g. ``steps=300``,
             ``restarts=4``, ``lr=0.05``, ``precision="bf16"``.
     """
@@ -209,6 +244,7 @@ class Attributor:
         impl: str = "auto",
         image_bits: int | None = 8,
         cuda_graph: bool = False,
+        profile_retries: int = 0,
         **overrides,
     ) -> None:
         if not isinstance(generator, GeneratorAdapter):
@@ -247,6 +283,9 @@ class Attributor:
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
+        if isinstance(profile_retries, bool) or not isinstance(profile_retries, int) or profile_retries < 0:
+            raise ValueError(f"profile_retries must be an integer >= 0, got {profile_retries!r}")
+        self.profile_retries = profile_retries
         if device is not None:
             self.generator.to(device)
             if self.reference is not None:
@@ -350,12 +389,19 @@ class Attributor:
         if self.reference is not None:
             ref_images, _ = self._fit_shape(images, self.reference)
             ref_loss = self._invert(self.reference, ref_images, None, progress, "reference").loss
-        raw = self._invert(self.generator, images, None, progress, "model").loss
+        raw = self._invert(self.generator, images, None, progress, "model").loss.cpu().double()
+        ref = None if ref_loss is None else ref_loss.cpu().double().clamp_min(_REFERENCE_FLOOR)
+        retried = None
+        if self.profile_retries:
+            raw, retried = retry_profile_outliers(
+                raw, ref, self.rule, self.alpha, self.profile_retries,
+                lambda idx, r: self._invert(self.generator, images[idx], None, progress, f"model, again ({r})",
+                                            seed=_stream_seed(f"retry{r}", self.seed)).loss)
         self.profile = BelongingProfile.from_losses(
-            raw.cpu(), None if ref_loss is None else ref_loss.cpu().double().clamp_min(_REFERENCE_FLOOR),
-            alpha=self.alpha, rule=self.rule, metric=self.metric, settings=self.settings,
+            raw, ref, alpha=self.alpha, rule=self.rule, metric=self.metric, settings=self.settings,
             generator=self.generator, reference=self.reference, seed=seed, inversion_seed=self.seed,
             image_bits=self.image_bits, edit=edit,
+            retries=self.profile_retries or None, retried=retried,
         )
         return self.profile
 
@@ -439,14 +485,14 @@ class Attributor:
 
     # ------------------------------------------------------------------ helpers
 
-    def _invert(self, model: GeneratorAdapter, images: Tensor, stop, progress, stage):
+    def _invert(self, model: GeneratorAdapter, images: Tensor, stop, progress, stage, seed: int | None = None):
         total = images.shape[0]
         cb = None
         if progress:
             progress(stage, 0, total)
             cb = lambda done: progress(stage, done, total)  # noqa: E731
         return invert(
-            model, images, settings=self.settings, seed=self.seed, stop_below=stop,
+            model, images, settings=self.settings, seed=self.seed if seed is None else seed, stop_below=stop,
             max_rows=self.max_rows, impl=self.impl, cuda_graph=self.cuda_graph, progress=cb,
         )
 

@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=_positive_int, default=100, help="number of generated profile images (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the profile images (default: 0)")
     p.add_argument("--inversion-seed", type=int, default=0, help="seed of the inversion's starting points (default: 0)")
+    p.add_argument("--retries", type=int, default=0, metavar="ROUNDS",
+                   help="rounds of inverting again, from other starts, the profile images that fail the "
+                        "belonging test against the rest of the profile (inversions that missed); "
+                        "0: none, as in the paper (default: 0)")
     p.add_argument("--edit", metavar="EDIT",
                    help=f"edit the profile images before inverting them, for images known to reach you so edited: {EDIT_HELP}")
     p.add_argument("-o", "--output", required=True, metavar="PROFILE.json", help="where to write the profile")
@@ -490,6 +494,8 @@ def cmd_profile(args) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise UsageError(f"-o {out}: is a directory")
+    if args.retries < 0:
+        raise UsageError(f"--retries {args.retries}: expected a number of rounds >= 0")
     if args.n < 3:
         raise UsageError(f"-n {args.n}: a Grubbs test needs at least 3 profile images (the paper uses 100)")
     if args.edit is not None:
@@ -503,7 +509,7 @@ def cmd_profile(args) -> int:
     try:
         att = Attributor(model, reference, alpha=args.alpha, metric=args.metric, rule=args.rule,
                          settings=args.settings, seed=args.inversion_seed, device=device, cuda_graph=args.cuda_graph,
-                         **overrides)
+                         profile_retries=args.retries, **overrides)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     progress = _Progress(args.quiet)

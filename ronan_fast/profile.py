@@ -133,6 +133,13 @@ class BelongingProfile:
     #: the edit (:mod:`ronan_fast.edits`) applied to the profile's generated images before
     #: inversion, for images known to reach the inspector so edited (None: unedited)
     edit: str | None = None
+    #: rounds of re-inverting profile images that fail the belonging test against the rest of the
+    #: profile (:func:`profile_outliers`; None: not done), and the images re-inverted, in order
+    #: (an image re-inverted in two rounds appears twice). Every profile image is the model's
+    #: own, so such a loss is an inversion that missed, not evidence; ``raw_losses`` holds each
+    #: image's lowest loss over its inversions
+    retries: int | None = None
+    retried: list[int] | None = None
     version: str = field(default_factory=_version)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
@@ -158,6 +165,8 @@ class BelongingProfile:
         inversion_seed: int = 0,
         image_bits: int | None = None,
         edit: str | None = None,
+        retries: int | None = None,
+        retried: Sequence[int] | None = None,
     ) -> "BelongingProfile":
         """A profile from the ``n`` profile images' losses under the model (and the reference model).
 
@@ -203,6 +212,8 @@ class BelongingProfile:
             reference_name=None if reference is None else getattr(reference, "name", None),
             image_bits=image_bits,
             edit=edit,
+            retries=retries,
+            retried=None if retried is None else [int(i) for i in retried],
         )
 
     # ------------------------------------------------------------------ the test
@@ -298,8 +309,9 @@ class BelongingProfile:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["edit"] is None:
-            del d["edit"]  # added later: profiles of unedited images keep their earlier identity
+        for k in ("edit", "retries", "retried"):
+            if d[k] is None:
+                del d[k]  # added later: profiles without them keep their earlier identity
         return {"format": FORMAT, **d}
 
     @classmethod
@@ -371,11 +383,45 @@ class BelongingProfile:
         scale = "log A'" if self.rule == "grubbs-log" else "A'"
         return (
             f"belonging profile of {self.generator_name or self.generator_fingerprint[:12]}, {ref}"
-            f"{'' if self.edit is None else f', of its images edited by {self.edit}'}\n"
+            f"{'' if self.edit is None else f', of its images edited by {self.edit}'}"
+            f"{'' if not self.retried else f', {len(set(self.retried))} image(s) inverted again'}\n"
             f"  rule {self.rule} on {scale}, n={self.n}, alpha={self.alpha}, metric={self.metric}\n"
             f"  mu={self.mu:.6g}  sigma={self.sigma:.6g}  G_crit={self.critical_value:.4f}  "
             f"threshold A' < {self.threshold:.6g}"
         )
+
+
+def profile_outliers(calibrated_losses, rule: str, alpha: float = 0.05) -> list[int]:
+    """Profile images whose calibrated loss fails the belonging test against the others.
+
+    Image ``i`` is an outlier when the rule's Grubbs statistic of its ``A'`` against the mean and
+    standard deviation of the other ``n - 1`` (on the rule's scale) is at or above the critical
+    value for ``n - 1`` images at ``alpha``: the test an image under inspection gets, with the
+    image left out so that it cannot mask itself. Every profile image is the model's own, so an
+    outlier is an inversion that missed (a basin its starts did not leave), and inverting it
+    again from other starts can only lower its loss.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    cal = np.asarray(calibrated_losses, dtype=np.float64).reshape(-1)
+    n = cal.shape[0]
+    if n < 4:
+        return []  # n - 1 >= 3 images are needed for a test
+    if rule == "grubbs-log":
+        with np.errstate(divide="ignore"):
+            values = np.log(cal)
+    else:
+        values = cal
+    if not np.isfinite(values).all():
+        return []
+    g = grubbs_critical_value(n - 1, alpha)
+    out = []
+    for i in range(n):
+        others = np.delete(values, i)
+        sigma = others.std(ddof=1)
+        if sigma > 0 and (values[i] - others.mean()) / sigma >= g:
+            out.append(i)
+    return out
 
 
 # ---------------------------------------------------------------------- helpers
@@ -482,6 +528,13 @@ def _validate(p: BelongingProfile) -> None:
             check_edit(p.edit)
         except ValueError:
             bad("edit", f"must be null or {EDIT_HELP}")
+    if (p.retries is None) != (p.retried is None):
+        bad("retried", "must be given exactly when retries is")
+    if p.retries is not None:
+        if not (_is_int(p.retries) and p.retries >= 1):
+            bad("retries", "must be null or an integer >= 1")
+        if not (isinstance(p.retried, list) and all(_is_int(i) and 0 <= i < p.n for i in p.retried)):
+            bad("retried", f"must be a list of image indices in [0, {p.n})")
     # mu and sigma must be the moments of the stored losses on the rule's scale.
     try:
         mu, sigma = _moments(np.asarray(p.calibrated_losses, dtype=np.float64), p.rule)

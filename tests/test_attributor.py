@@ -302,3 +302,29 @@ def test_default_rule_follows_the_model_family(r):
     assert default_rule(object()) == DEFAULT_RULE  # an adapter without a family: a GAN's
     with pytest.raises(ValueError, match="rule must be one of .* or None"):
         Attributor(made("gan"), r, rule="log")
+
+
+def test_fit_inverts_profile_outliers_again():
+    """profile_retries: profile images that fail the test against the rest of the profile (a
+    30-step single-start inversion leaves some in a worse basin) are inverted again from other
+    starts; each keeps its lower loss, the others are untouched, and the profile records which."""
+    from test_inversion import small_dcgan
+
+    from ronan_fast.profile import profile_outliers
+
+    g = LatentGenerator(small_dcgan(), 8, (-1, 1), name="small")
+    kw = dict(settings="authors", steps=30, rule="grubbs", image_bits=None)
+    plain = Attributor(g, None, **kw).fit(n=40, seed=0)
+    first = profile_outliers(plain.calibrated_losses, "grubbs")
+    assert first, "the short inversion should leave some profile image unconverged"
+    again = Attributor(g, None, profile_retries=2, **kw).fit(n=40, seed=0)
+    before, after = np.array(plain.raw_losses), np.array(again.raw_losses)
+    assert again.retries == 2 and again.retried[: len(first)] == first
+    untouched = np.setdiff1d(np.arange(40), again.retried)
+    np.testing.assert_array_equal(after[untouched], before[untouched])
+    assert (after <= before).all()
+    assert (after[first] < 0.5 * before[first]).all(), (before[first], after[first])  # from other starts
+    assert again.sigma < 0.5 * plain.sigma
+    assert plain.retries is None and plain.retried is None
+    with pytest.raises(ValueError, match="profile_retries must be an integer >= 0"):
+        Attributor(g, None, profile_retries=-1)

@@ -146,6 +146,17 @@ def test_profile_set_overrides_any_setting(tmp_path, capsys):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_profile_retries_option(tmp_path, capsys):
+    from ronan_fast.profile import BelongingProfile
+
+    out = tmp_path / "r.json"
+    code, _, _ = run(["profile", *MODEL, "--reference", "none", "-n", "6", "--steps", "30", "--restarts", "1", "-q",
+                      "--retries", "1", "-o", out], capsys)
+    assert code == 0 and BelongingProfile.load(out).retries == 1
+    code, _, err = run(["profile", *MODEL, "-n", "6", "--retries", "-1", "-o", tmp_path / "bad.json"], capsys)
+    assert code == 2 and "--retries -1" in err and not (tmp_path / "bad.json").exists()
+
+
 @pytest.mark.parametrize("spec, message", [
     ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
     ("tiny_models:nothing", "has no attribute 'nothing'"),

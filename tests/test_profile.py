@@ -242,3 +242,48 @@ def test_edit_aware_profile_field(models, tmp_path):
     data["edit"] = "blur"
     with pytest.raises(ProfileError, match="field 'edit' must be null or 'jpegQ'"):
         BelongingProfile.from_dict(data)
+
+
+@pytest.mark.parametrize("rule", ["grubbs", "grubbs-log"])
+def test_profile_outliers_leave_one_out(rule):
+    """An image is an outlier when its statistic against the other n - 1 reaches the critical
+    value for n - 1: checked against a direct computation on fresh random profiles, and a planted
+    outlier is found even where a second one would mask it in the all-images statistic."""
+    from scipy import stats
+
+    from ronan_fast.profile import profile_outliers
+
+    def reference(cal):
+        v = np.log(cal) if rule == "grubbs-log" else cal
+        n = len(v)
+        t = stats.t.ppf(1 - 0.05 / (n - 1), n - 3)
+        g = (n - 2) / np.sqrt(n - 1) * np.sqrt(t**2 / (n - 3 + t**2))
+        return [i for i in range(n) if (v[i] - np.delete(v, i).mean()) / np.delete(v, i).std(ddof=1) >= g]
+
+    rng = np.random.default_rng(17)
+    for _ in range(20):
+        cal = rng.lognormal(-15, 1.0, int(rng.integers(5, 120)))
+        assert profile_outliers(cal, rule) == reference(cal)
+    cal = rng.lognormal(-15, 0.3, 100)
+    cal[[7, 42]] = cal.max() * (1e3 if rule == "grubbs" else 1e6)  # two far outliers
+    assert profile_outliers(cal, rule) == [7, 42]
+    assert profile_outliers(cal[:3], rule) == []  # too few for a test without the image
+    with pytest.raises(ValueError, match="rule must be one of"):
+        profile_outliers(cal, "mean")
+
+
+def test_retry_fields_round_trip_and_validate(models, tmp_path):
+    g, r, _ = models
+    p = make(models)
+    assert p.retries is None and "retries" not in p.to_dict() and "retried" not in p.to_dict()
+    rng = np.random.default_rng(3)
+    q = BelongingProfile.from_losses(
+        rng.lognormal(-8, 1.0, 12), rng.uniform(0.05, 0.2, 12), alpha=0.05, rule="grubbs", metric="mse",
+        settings=SETTINGS, generator=g, reference=r, seed=7, inversion_seed=0, retries=2, retried=[3, 3, 5])
+    assert q.to_dict()["retried"] == [3, 3, 5] and "2 image(s) inverted again" in q.describe()
+    assert BelongingProfile.load(q.save(tmp_path / "q.json")) == q
+    for change, message in [({"retried": [12]}, "image indices in"), ({"retries": 0}, "integer >= 1"),
+                            ({"retries": None}, "exactly when retries is")]:
+        data = {**q.to_dict(), **change}
+        with pytest.raises(ProfileError, match=message):
+            BelongingProfile.from_dict(data)
