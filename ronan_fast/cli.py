@@ -210,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=_positive_int, default=100, help="number of generated profile images (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the profile images (default: 0)")
     p.add_argument("--inversion-seed", type=int, default=0, help="seed of the inversion's starting points (default: 0)")
-    p.add_argument("--retries", type=int, default=0, metavar="ROUNDS",
+    p.add_argument("--retries", type=int, default=2, metavar="ROUNDS",
                    help="rounds of inverting again, from other starts, the profile images that fail the "
                         "belonging test against the rest of the profile (inversions that missed); "
-                        "0: none, as in the paper (default: 0)")
+                        "0: none, as in the paper (default: 2)")
     p.add_argument("--edit", metavar="EDIT",
                    help=f"edit the profile images before inverting them, for images known to reach you so edited: {EDIT_HELP}")
     p.add_argument("-o", "--output", required=True, metavar="PROFILE.json", help="where to write the profile")
