@@ -306,3 +306,37 @@ def test_zoo_cell_plan():
     assert CONFIGS["full-default"].settings == "default"
     assert [c.id for c in dplan.cells] == [c.id for c in plan.cells if c.table != "S"]
     assert {"t2-onestep-fmnist-unseen", "t3-onestep-fmnist-vs-dcgan-fmnist"} <= {c.id for c in dplan.cells}
+
+
+def test_profile_retries_in_the_harness_match_the_attributor_helper(tmp_path, inversions):
+    """profile_retries=k: each rule's profile has its outliers inverted again exactly as
+    retry_profile_outliers (Attributor.fit's code) does; without it the keys stay as before."""
+    import dataclasses
+
+    from ronan_fast.attributor import _stream_seed, retry_profile_outliers
+    from ronan_fast.inversion import invert
+
+    models = TinyModels()
+    cell = _cell(ImageSpec("generated", "b", 4, 1))
+    cfg = dataclasses.replace(TINY, n_profile=12, profile_retries=1)
+    assert "profile_retries" not in TINY.identity() and cfg.identity()["profile_retries"] == 1
+    with pytest.raises(ValueError, match="profile_retries must be an integer >= 0"):
+        dataclasses.replace(TINY, profile_retries=-1)
+    plain = Evaluation(dataclasses.replace(cfg, profile_retries=0), tmp_path / "plain", models, progress=False)
+    rec0 = plain.run_cell(cell)
+    ev = Evaluation(cfg, tmp_path / "retry", models, progress=False)
+    rec = ev.run_cell(cell)
+    settings, keys, _ = ev.plan_keys(cell)
+    images = ev.images(cell.profile_spec(cfg))
+    model = models.adapter("a")
+    for rule in RULES:
+        before = BelongingProfile.load(tmp_path / "plain" / rec0["rules"][rule]["profile"])
+        after = BelongingProfile.load(tmp_path / "retry" / rec["rules"][rule]["profile"])
+        ref = torch.tensor(before.reference_losses)
+        want, retried = retry_profile_outliers(
+            torch.tensor(before.raw_losses), ref, rule, cfg.alpha, 1,
+            lambda idx, r: invert(model, images[idx], settings=settings, seed=_stream_seed(f"retry{r}", 0)).loss)
+        assert retried, "this profile has an outlier under each rule"
+        assert after.retries == 1 and after.retried == retried and before.retries is None
+        np.testing.assert_allclose(after.raw_losses, want.numpy(), rtol=1e-12)
+        assert rec["rules"][rule]["profile"] != rec0["rules"][rule]["profile"]

@@ -62,6 +62,8 @@ class EvalConfig:
     settings_models: tuple[str, ...] = ("dcgan-fmnist",)
     calibration_models: tuple[str, ...] = _FMNIST_ARCHS
     edit_models: tuple[str, ...] = ("dcgan-fmnist",)
+    #: rounds of inverting the profile's outliers again (``Attributor(profile_retries=...)``); 0: none
+    profile_retries: int = 0
 
     def __post_init__(self) -> None:
         for k in ("n_profile", "n_belonging", "n_other"):
@@ -70,6 +72,9 @@ class EvalConfig:
                 raise ValueError(f"{k} must be an integer >= {3 if k == 'n_profile' else 1}, got {v!r}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha!r}")
+        if isinstance(self.profile_retries, bool) or not isinstance(self.profile_retries, int) \
+                or self.profile_retries < 0:
+            raise ValueError(f"profile_retries must be an integer >= 0, got {self.profile_retries!r}")
 
     def identity(self) -> dict:
         """The fields that change numbers (not ``name``, nor which models a table covers)."""
@@ -77,6 +82,8 @@ class EvalConfig:
         for k in ("name", "metric_models", "settings_models", "calibration_models", "edit_models"):
             d.pop(k)
         d["overrides"] = dict(self.overrides)
+        if not d["profile_retries"]:
+            del d["profile_retries"]  # added later: configurations without retries keep their keys
         return d
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ronan_fast.attributor import _stream_seed, retry_profile_outliers
 from ronan_fast.evaluation.config import Cell, EvalConfig, ImageSpec
 from ronan_fast.evaluation.images import IMAGE_BITS, apply_edit, decode_uint8, encode_uint8, images_sha256, quantise
 from ronan_fast.evaluation.models import ModelSource, derived_seed
@@ -284,20 +285,24 @@ class Evaluation:
             check(p.seed == self.config.profile_seed and p.inversion_seed == self.config.inversion_seed,
                   "made with other seeds")
             check(p.edit == cell.profile_edit, f"edit is {p.edit!r}, expected {cell.profile_edit!r}")
+            check(p.retries == (self.config.profile_retries or None),
+                  f"retries is {p.retries!r}, expected {self.config.profile_retries or None!r}")
         except (ProfileError, ValueError) as e:
             warnings.warn(f"{path}: unusable belonging profile ({type(e).__name__}: {e}); computing it again",
                           CacheWarning, stacklevel=2)
             return None
         return p
 
-    @staticmethod
-    def _profile_key(cell: Cell, keys: dict, alpha: float) -> str:
-        return _hash({"raw": keys["profile"].key, "reference": keys["profile_ref"].key if cell.reference else None,
-                      "alpha": alpha})
+    def _profile_key(self, cell: Cell, keys: dict) -> str:
+        d = {"raw": keys["profile"].key, "reference": keys["profile_ref"].key if cell.reference else None,
+             "alpha": self.config.alpha}
+        if self.config.profile_retries:  # added later: profiles without retries keep their keys
+            d["retries"] = self.config.profile_retries
+        return _hash(d)
 
     def profiles(self, cell: Cell, settings: InversionSettings, keys: dict) -> dict[str, BelongingProfile]:
         """The belonging profile of ``cell``'s model, one per rule, from cache or fitted now."""
-        pkey = self._profile_key(cell, keys, self.config.alpha)
+        pkey = self._profile_key(cell, keys)
         out: dict[str, BelongingProfile] = {}
         for rule in RULES:
             p = self._load_profile(self._profile_path(cell, pkey, rule), cell, settings, rule)
@@ -314,10 +319,21 @@ class Evaluation:
         for rule in RULES:
             if rule in out:
                 continue
+            raw_r, retried = raw, None
+            if self.config.profile_retries:  # as Attributor.fit does (its seeds too)
+                images = self.images(cell.profile_spec(self.config))
+                self._stage(f"inverting the outliers of {cell.model}'s profile again ({rule})")
+                raw_r, retried = retry_profile_outliers(
+                    torch.from_numpy(raw), None if ref is None else torch.from_numpy(ref), rule, self.config.alpha,
+                    self.config.profile_retries,
+                    lambda idx, r: invert(model, images[idx], settings=settings, impl=self.impl,
+                                          seed=_stream_seed(f"retry{r}", self.config.inversion_seed)).loss)
+                raw_r = raw_r.numpy()
             p = BelongingProfile.from_losses(
-                raw, ref, alpha=self.config.alpha, rule=rule, metric=cell.metric, settings=settings,
+                raw_r, ref, alpha=self.config.alpha, rule=rule, metric=cell.metric, settings=settings,
                 generator=model, reference=ref_adapter, seed=self.config.profile_seed,
                 inversion_seed=self.config.inversion_seed, image_bits=IMAGE_BITS, edit=cell.profile_edit,
+                retries=self.config.profile_retries or None, retried=retried,
             )
             p.save(self._profile_path(cell, pkey, rule))
             out[rule] = p
@@ -361,7 +377,7 @@ class Evaluation:
                 return rec
         t0 = time.perf_counter()
         profiles = self.profiles(cell, settings, keys)
-        pkey = self._profile_key(cell, keys, self.config.alpha)
+        pkey = self._profile_key(cell, keys)
         sides = {}
         used = [keys["profile"]] + ([keys["profile_ref"]] if cell.reference else [])
         for side in ("belonging", "other"):
