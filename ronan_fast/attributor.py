@@ -225,8 +225,8 @@ class Attributor:
             lowest loss. Every profile image is the model's own, so such a loss is an inversion
             that missed: left in, it inflates the profile's sigma and the threshold admits other
             images. 0: the paper's profile, as inverted. Recorded in the profile. Over the full
-            evaluation's 35 attribution cells the retries took the family rules' FPR from 1.6% to
-            0.4% at TPR 98.5% -> 98.4% (``bench/results/profile_retry_full_default_cpu.md``).
+            evaluation's 35 attribution cells the retries took the family rules' FPR from 1.5% to
+            0.2% at TPR 98.8% -> 98.5% (``bench/results/profile_retry_full_default_cpu.md``).
         **overrides: any :class:`~ronan_fast.inversion.InversionSettings` field, e.g. ``steps=300``,
             ``restarts=4``, ``lr=0.05``, ``precision="bf16"``.
     """
