@@ -907,8 +907,9 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
     only where it lowers the row's loss (then ``lam`` shrinks; else it grows). Rows leave the
     loop once solved (mean squared residual under 1e-14), stuck (damping at its cap), levelled
     off (``patience``, ``min_drop``) or under their ``stop_raw`` (raw-unit MSE, ``[n]``), or
-    once another row of their ``group`` is (:class:`_Leaving`). ``report(k, mse)``, if given, is called after step ``k`` with every row's mean squared
-    residual (rows that left keep their last value).
+    once another row of their ``group`` is (:class:`_Leaving`). ``report(k, mse)``, if given, is
+    called after step ``k`` with every row's mean squared residual (rows that left keep their
+    last value).
     """
     if metric_name != "mse":
         return inputs
