@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ronan_fast.attributor import _stream_seed, retry_profile_outliers
+from ronan_fast.attributor import retry_profile_outliers
 from ronan_fast.evaluation.config import CONFIGS, build_cells
 from ronan_fast.evaluation.models import ZooModels
 from ronan_fast.evaluation.runner import Evaluation
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 raw, retried = retry_profile_outliers(
                     torch.tensor(before.raw_losses), ref, rule, before.alpha, a.retries,
-                    lambda idx, r: invert(adapter, images[idx], settings=settings,
-                                          seed=_stream_seed(f"retry{r}", before.inversion_seed)).loss)
+                    lambda idx, seed: invert(adapter, images[idx], settings=settings, seed=seed).loss,
+                    before.inversion_seed)
                 seconds = time.perf_counter() - t0
                 after = BelongingProfile.from_losses(
                     raw, ref, alpha=before.alpha, rule=rule, metric=before.metric, settings=settings,

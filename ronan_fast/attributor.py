@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.edits import apply_edit, check_edit
 from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
-from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule
+from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule, profile_outliers
 
 __all__ = ["Attributor", "AttributionResult", "ProgressFn"]
 
@@ -58,19 +59,19 @@ def _stream_seed(purpose: str, seed: int) -> int:
 
 def retry_profile_outliers(
     raw: Tensor, reference: Tensor | None, rule: str, alpha: float, rounds: int,
-    invert_again: Callable[[Tensor, int], Tensor],
+    invert_again: Callable[[Tensor, int], Tensor], inversion_seed: int,
 ) -> tuple[Tensor, list[int]]:
     """Profile losses with their outliers inverted again, and the images that were.
 
     Each round finds the profile images whose calibrated loss (``raw / reference``, or ``raw``
     uncalibrated) fails the belonging test against the others
-    (:func:`~ronan_fast.profile.profile_outliers`) and calls ``invert_again(indices, round)``
-    for their new losses (from other starts: ``round`` is 1, 2, ...); each image keeps its lower
-    loss. Stops after ``rounds`` rounds or once no image is an outlier. Returns the losses
-    (float64, CPU) and the indices inverted again, round after round.
+    (:func:`~ronan_fast.profile.profile_outliers`) and calls ``invert_again(indices, seed)`` for
+    their new losses, inverted with that ``seed``: a seed of its own for each round, derived
+    from ``inversion_seed`` (the profile's), so the starts differ from the first inversion's and
+    from every other round's. Each image keeps its lower loss. Stops after ``rounds`` rounds or
+    once no image is an outlier. Returns the losses (float64, CPU) and the indices inverted
+    again, round after round.
     """
-    from ronan_fast.profile import profile_outliers
-
     raw = raw.detach().cpu().double().clone()
     retried: list[int] = []
     for r in range(1, rounds + 1):
@@ -79,7 +80,7 @@ def retry_profile_outliers(
         if not out:
             break
         idx = torch.tensor(out, dtype=torch.long)
-        again = invert_again(idx, r).detach().cpu().double()
+        again = invert_again(idx, _stream_seed(f"retry{r}", inversion_seed)).detach().cpu().double()
         raw[idx] = torch.minimum(raw[idx], torch.where(torch.isfinite(again), again, raw[idx]))
         retried.extend(out)
     return raw, retried
@@ -395,10 +396,12 @@ class Attributor:
         ref = None if ref_loss is None else ref_loss.cpu().double().clamp_min(_REFERENCE_FLOOR)
         retried = None
         if self.profile_retries:
+            rounds = itertools.count(1)  # a progress stage per round
             raw, retried = retry_profile_outliers(
                 raw, ref, self.rule, self.alpha, self.profile_retries,
-                lambda idx, r: self._invert(self.generator, images[idx], None, progress, f"model, again ({r})",
-                                            seed=_stream_seed(f"retry{r}", self.seed)).loss)
+                lambda idx, seed: self._invert(self.generator, images[idx], None, progress,
+                                               f"model, again ({next(rounds)})", seed=seed).loss,
+                self.seed)
         self.profile = BelongingProfile.from_losses(
             raw, ref, alpha=self.alpha, rule=self.rule, metric=self.metric, settings=self.settings,
             generator=self.generator, reference=self.reference, seed=seed, inversion_seed=self.seed,

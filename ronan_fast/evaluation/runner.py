@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ronan_fast.attributor import _stream_seed, retry_profile_outliers
+from ronan_fast.attributor import retry_profile_outliers
 from ronan_fast.evaluation.config import Cell, EvalConfig, ImageSpec
 from ronan_fast.evaluation.images import IMAGE_BITS, apply_edit, decode_uint8, encode_uint8, images_sha256, quantise
 from ronan_fast.evaluation.models import ModelSource, derived_seed
@@ -326,8 +326,8 @@ class Evaluation:
                 raw_r, retried = retry_profile_outliers(
                     torch.from_numpy(raw), None if ref is None else torch.from_numpy(ref), rule, self.config.alpha,
                     self.config.profile_retries,
-                    lambda idx, r: invert(model, images[idx], settings=settings, impl=self.impl,
-                                          seed=_stream_seed(f"retry{r}", self.config.inversion_seed)).loss)
+                    lambda idx, seed: invert(model, images[idx], settings=settings, seed=seed, impl=self.impl).loss,
+                    self.config.inversion_seed)
                 raw_r = raw_r.numpy()
             p = BelongingProfile.from_losses(
                 raw_r, ref, alpha=self.config.alpha, rule=rule, metric=cell.metric, settings=settings,
