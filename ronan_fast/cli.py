@@ -74,9 +74,10 @@ def _probability(text: str) -> float:
 def _add_model_args(p: argparse.ArgumentParser, with_reference_choice: str) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, metavar="SPEC",
-                   help="the generator: 'default' (the bundled DCGAN on Fashion-MNIST) or 'package.module:factory', "
-                        "a function with no arguments returning a torch.nn.Module (z -> image) or a "
-                        "ronan_fast GeneratorAdapter; the current folder is importable")
+                   help="the generator: 'default' (the bundled DCGAN on Fashion-MNIST), a model of the "
+                        "package's zoo by name (e.g. onestep-fmnist; see ronan_fast.zoo.ZOO) or "
+                        "'package.module:factory', a function with no arguments returning a torch.nn.Module "
+                        "(z -> image) or a ronan_fast GeneratorAdapter; the current folder is importable")
     g.add_argument("--weights", metavar="FILE",
                    help="state dict to load into the model: .safetensors, or a file for torch.load(weights_only=True)")
     g.add_argument("--latent-shape", type=_positive_int, nargs="+", metavar="N",
@@ -86,8 +87,9 @@ def _add_model_args(p: argparse.ArgumentParser, with_reference_choice: str) -> N
     r = p.add_argument_group("reference model (calibration)")
     r.add_argument("--reference", default=with_reference_choice, metavar="SPEC",
                    help="reference model dividing the reconstruction loss: 'default' (the bundled DCGAN on MNIST "
-                        "digits), 'none' (uncalibrated) or 'package.module:factory'"
-                        + (" ('auto': as the profile says: default if calibrated, none if not)"
+                        "digits), a zoo model's name, 'none' (uncalibrated) or 'package.module:factory'"
+                        + (" ('auto': as the profile says: its zoo reference model or default if calibrated, "
+                           "none if not)"
                            if with_reference_choice == "auto" else "") + f" (default: {with_reference_choice})")
     r.add_argument("--reference-weights", metavar="FILE", help="state dict for a factory reference model")
     r.add_argument("--reference-latent-shape", type=_positive_int, nargs="+", metavar="N",
@@ -201,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  ronan-fast profile --model mygan.models:make_generator --weights g.pt --latent-shape 100 1 1 \\\n"
             "      --reference mygan.models:make_reference --reference-weights r.pt -n 100 -o mygan.json\n"
             "  ronan-fast profile --model default --settings authors --rule grubbs -o paper.json   # the paper's setup\n"
-            "  ronan-fast profile --model default --edit jpeg75 -o default-jpeg75.json   # for JPEG-75 copies\n\n"
+            "  ronan-fast profile --model default --edit jpeg75 -o default-jpeg75.json   # for JPEG-75 copies\n"
+            "  ronan-fast profile --model onestep-fmnist -o onestep.json   # a model of the package's zoo\n\n"
             + EXIT_CODES_TEXT
         ),
     )
@@ -291,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _import_factory(spec: str, option: str):
     if ":" not in spec:
-        raise UsageError(f"{option} {spec!r}: expected 'package.module:factory' (or 'default')")
+        from ronan_fast.zoo import ZOO
+
+        raise UsageError(f"{option} {spec!r}: expected 'default', a zoo model ({', '.join(ZOO)}) or "
+                         "'package.module:factory'")
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
         raise UsageError(f"{option} {spec!r}: expected 'package.module:factory'")
@@ -365,22 +371,27 @@ def apply_state_dict(module, sd: dict, path, option: str = "--weights") -> None:
 
 
 def build_generator(spec: str, weights, latent_shape, output_range, option: str = "--model", role: str = "model"):
-    """The adapter for a ``--model``/``--reference`` spec: 'default', or a factory path."""
+    """The adapter for a ``--model``/``--reference`` spec: 'default', a zoo model's name, or a
+    factory path."""
     from torch import nn
 
     from ronan_fast.adapters import GeneratorAdapter, LatentGenerator
+    from ronan_fast.zoo import ZOO
 
     wopt = "--weights" if option == "--model" else "--reference-weights"
-    if spec == "default":
+    if spec == "default" or spec in ZOO:
         if latent_shape is not None or output_range is not None:
-            raise UsageError(f"{option} default has a fixed latent shape and output range; "
+            raise UsageError(f"{option} {spec} has a fixed latent shape and output range; "
                              "--latent-shape/--output-range apply to factory models")
-        from ronan_fast import calibration
+        from ronan_fast import calibration, zoo
 
         try:
-            adapter = calibration.default_generator() if role == "model" else calibration.default_reference()
+            if spec in ZOO:
+                adapter = zoo.zoo_adapter(spec)
+            else:
+                adapter = calibration.default_generator() if role == "model" else calibration.default_reference()
         except FileNotFoundError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(f"{option} {spec}: {e}") from None
         if weights is not None:
             apply_state_dict(adapter.module, load_state_dict_file(weights, wopt), weights, wopt)
         return adapter
@@ -415,6 +426,16 @@ def build_generator(spec: str, weights, latent_shape, output_range, option: str 
                      "or a ronan_fast GeneratorAdapter")
 
 
+def _profile_reference(profile) -> str:
+    """What ``--reference auto`` means for ``profile``: none if uncalibrated, the zoo model it
+    was calibrated with (by name), else the bundled reference model."""
+    from ronan_fast.zoo import ZOO
+
+    if not profile.calibrated:
+        return "none"
+    return profile.reference_name if profile.reference_name in ZOO else "default"
+
+
 def _models(args, reference_default: str):
     model = build_generator(args.model, args.weights, args.latent_shape, args.output_range)
     ref = args.reference
@@ -426,8 +447,11 @@ def _models(args, reference_default: str):
         ref = reference_default
         if ref == "none":
             return model, None
-    ref_latent = args.reference_latent_shape or (args.latent_shape if ref != "default" else None)
-    ref_range = args.reference_output_range or (args.output_range if ref != "default" else None)
+    from ronan_fast.zoo import ZOO
+
+    factory = ref != "default" and ref not in ZOO  # only a factory module takes a latent shape and range
+    ref_latent = args.reference_latent_shape or (args.latent_shape if factory else None)
+    ref_range = args.reference_output_range or (args.output_range if factory else None)
     reference = build_generator(ref, args.reference_weights, ref_latent, ref_range, option="--reference",
                                 role="reference")
     return model, reference
@@ -668,7 +692,7 @@ def cmd_inspect(args) -> int:
             raise UsageError(f"-o {output}: is a directory")
     if args.grid and Path(args.grid).suffix.lower() != ".png":
         raise UsageError(f"--grid {args.grid}: the grid is written as PNG; use a .png name")
-    model, reference = _models(args, "default" if profile.calibrated else "none")
+    model, reference = _models(args, _profile_reference(profile))
     att = Attributor.from_profile(profile, model, reference, alpha=args.alpha, device=device,
                                   early_stop=not args.no_early_stop, cuda_graph=args.cuda_graph)
     profile = att.profile

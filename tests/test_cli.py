@@ -160,7 +160,7 @@ def test_profile_retries_option(tmp_path, capsys):
 @pytest.mark.parametrize("spec, message", [
     ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
     ("tiny_models:nothing", "has no attribute 'nothing'"),
-    ("tiny_models", "expected 'package.module:factory'"),
+    ("tiny_models", "expected 'default', a zoo model (dcgan-fmnist, vae-fmnist,"),
     ("tiny_models:LATENT", "is not callable"),
     ("tiny_models:not_a_model", "returned str"),
     ("tiny_models:broken", "factory raised RuntimeError"),
@@ -178,6 +178,46 @@ def test_module_needs_latent_shape(tmp_path, capsys):
     code, _, err = run(["profile", "--model", "tiny_models:adapter", "--latent-shape", "3", "-o", tmp_path / "p.json"],
                        capsys)
     assert code == 2 and "GeneratorAdapter" in err
+
+
+def test_zoo_models_by_name(tmp_path, capsys):
+    """A zoo model and a zoo reference model by name; inspect's --reference auto finds the
+    profile's zoo reference again, and another reference is refused."""
+    from ronan_fast import zoo
+
+    out = tmp_path / "vae.json"
+    code, _, err = run(["profile", "--model", "vae-fmnist", "--reference", "dcgan-photos", "-n", "6",
+                        "--steps", "30", "--restarts", "2", "-q", "-o", out], capsys)
+    assert code == 0, err
+    saved = json.loads(out.read_text())
+    assert saved["generator_name"] == "vae-fmnist" and saved["reference_name"] == "dcgan-photos"
+    assert saved["generator_fingerprint"] == zoo.zoo_adapter("vae-fmnist").fingerprint()
+    assert saved["reference_fingerprint"] == zoo.zoo_adapter("dcgan-photos").fingerprint()
+    img = tmp_path / "g.png"
+    save_image(Attributor(zoo.zoo_adapter("vae-fmnist"), None).sample(1, seed=5)[0], img)
+    report = tmp_path / "r.jsonl"
+    code, _, err = run(["inspect", "--profile", out, "--model", "vae-fmnist", img, "-q", "-o", report], capsys)
+    assert code == 0, err
+    rec = json.loads(report.read_text().splitlines()[0])
+    assert rec["verdict"] in ("belongs", "does not belong") and rec["reference_loss"] > 0
+    code, _, err = run(["inspect", "--profile", out, "--model", "vae-fmnist", "--reference", "default", img], capsys)
+    assert code == 3 and "reference model differs" in err
+    code, _, err = run(["inspect", "--profile", out, "--model", "dcgan-fmnist", img], capsys)
+    assert code == 3 and "model fingerprint differs" in err
+    code, _, err = run(["profile", "--model", "vae-fmnist", "--latent-shape", "16", "-o", tmp_path / "x.json"],
+                       capsys)
+    assert code == 2 and "--model vae-fmnist has a fixed latent shape" in err
+
+
+@pytest.mark.parametrize("name", ["vae-fmnist", "condgan-fmnist", "onestep-fmnist", "dcgan64-photos"])
+def test_zoo_adapter(name):
+    from ronan_fast import zoo
+
+    entry = zoo.ZOO[name]
+    adapter = zoo.zoo_adapter(name)
+    assert adapter.name == name and adapter.family == entry.family
+    x = Attributor(adapter, None).sample(2, seed=0)
+    assert x.shape == (2, *entry.image_shape) and 0 <= float(x.min()) and float(x.max()) <= 1
 
 
 def test_bad_weights(tmp_path, capsys):

@@ -15,7 +15,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-from ronan_fast.adapters import ConditionalGenerator, GeneratorAdapter, LatentGenerator
+from ronan_fast.adapters import GeneratorAdapter
 
 __all__ = ["ModelSource", "ZooModels", "SPLITS", "derived_seed"]
 
@@ -74,18 +74,6 @@ class ModelSource(abc.ABC):
     def describe_real(self, name: str, split: str) -> str:
         """Words for a report: where the real ``split`` images of model ``name`` come from."""
         return f"{split} images of {self.training_data(name)}"
-
-
-def _zoo_adapter(name: str) -> GeneratorAdapter:
-    from ronan_fast import zoo
-
-    entry = zoo.ZOO[name]
-    module = zoo.load_zoo_module(name)
-    if entry.family == "conditional":
-        return ConditionalGenerator(module, tuple(entry.latent_shape), num_classes=entry.num_classes,
-                                    output_range=tuple(entry.output_range), name=name)
-    return LatentGenerator(module, tuple(entry.latent_shape), tuple(entry.output_range),
-                           image_shape=tuple(entry.image_shape), family=entry.family, name=name)
 
 
 @functools.lru_cache(maxsize=2)
@@ -150,7 +138,9 @@ class ZooModels(ModelSource):
             why = self.missing(name)
             if why:
                 raise FileNotFoundError(f"model {name!r}: {why}")
-            self._adapters[name] = _zoo_adapter(name)
+            from ronan_fast import zoo
+
+            self._adapters[name] = zoo.zoo_adapter(name)
         return self._adapters[name]
 
     def training_data(self, name: str) -> str:

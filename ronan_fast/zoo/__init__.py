@@ -1,7 +1,8 @@
 """The model zoo for the evaluation: trained small generators of each family, and their data.
 
 ``ZOO[name]`` describes one model (architecture, what it was trained on, output range, latent
-shape, family); :func:`load_zoo_module` loads it in eval mode. Weights live in
+shape, family); :func:`load_zoo_module` loads it in eval mode and :func:`zoo_adapter` wraps it
+for inversion (the command line takes a zoo name as ``--model`` / ``--reference``). Weights live in
 ``ronan_fast/zoo/weights/NAME.safetensors`` (``dcgan-fmnist`` and ``dcgan-digits`` are the
 bundled default generator and reference model), and every entry is rebuilt by ``python -m ronan_fast.zoo.train NAME`` (see
 ``ronan_fast/zoo/README.md`` for commands, settings and timings).
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ronan_fast.adapters import ConditionalGenerator, GeneratorAdapter, LatentGenerator
 from ronan_fast.models import load_model
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -110,4 +112,18 @@ def load_zoo_module(name: str, device="cpu") -> nn.Module:
     return module
 
 
-__all__ = ["ZOO", "ZOO_REFERENCE", "ZooEntry", "load_zoo_module"]
+def zoo_adapter(name: str, device="cpu") -> GeneratorAdapter:
+    """Zoo model ``name`` loaded (eval mode) and wrapped for inversion, named ``name``: a
+    :class:`~ronan_fast.adapters.ConditionalGenerator` (class unknown unless given) for the
+    conditional family, else a :class:`~ronan_fast.adapters.LatentGenerator` of the entry's
+    latent shape, output range, image shape and family."""
+    module = load_zoo_module(name, device=device)
+    entry = ZOO[name]
+    if entry.family == "conditional":
+        return ConditionalGenerator(module, tuple(entry.latent_shape), num_classes=entry.num_classes,
+                                    output_range=tuple(entry.output_range), name=name)
+    return LatentGenerator(module, tuple(entry.latent_shape), tuple(entry.output_range),
+                           image_shape=tuple(entry.image_shape), family=entry.family, name=name)
+
+
+__all__ = ["ZOO", "ZOO_REFERENCE", "ZooEntry", "load_zoo_module", "zoo_adapter"]
