@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ronan_fast._atomic import write_text
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.edits import apply_edit, check_edit
 from ronan_fast.grubbs import _check_alpha
@@ -365,7 +367,8 @@ class Attributor:
         return images
 
     def fit(self, n: int = 100, seed: int = 0, progress: ProgressFn | None = None,
-            edit: str | None = None) -> BelongingProfile:
+            edit: str | None = None, checkpoint: str | os.PathLike | None = None,
+            checkpoint_every: int = 25) -> BelongingProfile:
         """Build the belonging profile from ``n`` images the model generates (seeded by ``seed``).
 
         The images are inverted with the model and, when calibrated, the reference model (the
@@ -374,11 +377,21 @@ class Attributor:
         profile's images (as 8-bit images): the profile then tests "made by the model, then
         edited so", for images known to reach the inspector edited; it is recorded in the profile.
         Returns the profile and keeps it as :attr:`profile`.
+
+        ``checkpoint``: a JSON file (written atomically) that keeps the losses of every finished
+        part of ``checkpoint_every`` images; called again with the same file and job (model,
+        reference, settings, ``n``, seeds, edit, part size), the fit resumes after the last finished
+        part, and an interrupted fit loses at most one part. Each part draws the same starts as
+        one batch would (``invert``'s ``first_id``); smaller batches may differ from one batch
+        in the last digits. A file of another job is refused. The file is left in place: delete
+        it once the profile is saved. The retries run after the last part and are not kept in it.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 3:
             raise ValueError(f"n (profile images) must be an integer >= 3, got {n!r}; the paper uses 100")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
         if edit is not None:
             check_edit(edit)
         if progress:
@@ -388,11 +401,14 @@ class Attributor:
             images = apply_edit(images, edit)
         if progress:
             progress("generate", n, n)
-        ref_loss = None
-        if self.reference is not None:
-            ref_images, _ = self._fit_shape(images, self.reference)
-            ref_loss = self._invert(self.reference, ref_images, None, progress, "reference").loss
-        raw = self._invert(self.generator, images, None, progress, "model").loss.cpu().double()
+        if checkpoint is None:
+            ref_loss = None
+            if self.reference is not None:
+                ref_images, _ = self._fit_shape(images, self.reference)
+                ref_loss = self._invert(self.reference, ref_images, None, progress, "reference").loss
+            raw = self._invert(self.generator, images, None, progress, "model").loss.cpu().double()
+        else:
+            raw, ref_loss = self._fit_in_parts(images, seed, edit, Path(checkpoint), checkpoint_every, progress)
         ref = None if ref_loss is None else ref_loss.cpu().double().clamp_min(_REFERENCE_FLOOR)
         retried = None
         if self.profile_retries:
@@ -409,6 +425,54 @@ class Attributor:
             retries=self.profile_retries or None, retried=retried,
         )
         return self.profile
+
+    def _fit_in_parts(self, images: Tensor, seed: int, edit: str | None, path: Path, every: int,
+                      progress: ProgressFn | None) -> tuple[Tensor, Tensor | None]:
+        """The profile images' losses (model, reference), ``every`` images at a time, each part
+        saved to ``path`` as it finishes and skipped when ``path`` already holds it."""
+        n = images.shape[0]
+        job = {
+            "format": 1, "n": n, "seed": seed, "inversion_seed": self.seed, "edit": edit, "every": every,
+            "settings": self.settings.to_dict(),
+            "images": hashlib.sha256(images.detach().cpu().float().numpy().tobytes()).hexdigest(),
+            "generator": self.generator.fingerprint(),
+            "reference": None if self.reference is None else self.reference.fingerprint(),
+        }
+        key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+        done: dict[str, list] = {}
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                ok = isinstance(saved, dict) and isinstance(saved.get("parts"), dict)
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+            if not ok:
+                raise ValueError(f"checkpoint {path}: not a profile checkpoint")
+            if saved.get("key") != key:
+                raise ValueError(
+                    f"checkpoint {path} holds another profile job (model, reference, settings, n, seeds, edit or "
+                    "part size differ); delete it or choose another file")
+            done = saved["parts"]
+        raw = torch.empty(n, dtype=torch.float64)
+        ref = None if self.reference is None else torch.empty(n, dtype=torch.float64)
+        stage = lambda name, a: (lambda st, d, t: progress(name, a + d, n)) if progress else None  # noqa: E731
+        for a in range(0, n, every):
+            b = min(n, a + every)
+            part = done.get(str(a))
+            if part is None:
+                part = {}
+                if self.reference is not None:
+                    ref_images, _ = self._fit_shape(images[a:b], self.reference)
+                    part["reference"] = self._invert(self.reference, ref_images, None, stage("reference", a),
+                                                     "reference", first_id=a).loss.cpu().double().tolist()
+                part["model"] = self._invert(self.generator, images[a:b], None, stage("model", a), "model",
+                                             first_id=a).loss.cpu().double().tolist()
+                done[str(a)] = part
+                write_text(path, json.dumps({"key": key, "job": job, "parts": done}))
+            raw[a:b] = torch.tensor(part["model"], dtype=torch.float64)
+            if ref is not None:
+                ref[a:b] = torch.tensor(part["reference"], dtype=torch.float64)
+        return raw, ref
 
     # ------------------------------------------------------------------ attribution
 
@@ -490,7 +554,8 @@ class Attributor:
 
     # ------------------------------------------------------------------ helpers
 
-    def _invert(self, model: GeneratorAdapter, images: Tensor, stop, progress, stage, seed: int | None = None):
+    def _invert(self, model: GeneratorAdapter, images: Tensor, stop, progress, stage, seed: int | None = None,
+                first_id: int = 0):
         total = images.shape[0]
         cb = None
         if progress:
@@ -498,7 +563,7 @@ class Attributor:
             cb = lambda done: progress(stage, done, total)  # noqa: E731
         return invert(
             model, images, settings=self.settings, seed=self.seed if seed is None else seed, stop_below=stop,
-            max_rows=self.max_rows, impl=self.impl, cuda_graph=self.cuda_graph, progress=cb,
+            max_rows=self.max_rows, impl=self.impl, cuda_graph=self.cuda_graph, progress=cb, first_id=first_id,
         )
 
     def _check_tensor(self, images: Tensor) -> Tensor:

@@ -343,6 +343,7 @@ def invert(
     impl: ops.Impl = "auto",
     cuda_graph: bool = False,
     progress: Callable[[int], None] | None = None,
+    first_id: int = 0,
 ) -> InversionResult:
     """Reverse-engineer each image's input: all images times restarts as one batch (in chunks).
 
@@ -353,6 +354,9 @@ def invert(
             keyword arguments ``steps``, ``lr``, ``restarts``, ``precision`` and a metric name override it.
         metric: "mse" (default), "mae", "ssim", or a metric object (e.g. ``metrics.LPIPS(backbone)``).
         seed: starting latents are drawn per image from ``seed``; same seed, same device, same result.
+        first_id: the number of the first image in the seed streams (images are numbered from
+            it): inverting ``images[a:b]`` with ``first_id=a`` draws the same starts as inverting
+            all of ``images`` would for them (a job split into parts, e.g. to save each part).
         conditions: per-image known conditions for a conditional generator (class unknown if omitted).
         stop_below: per-image loss (``[B]`` or a scalar) under which an image's rows stop: its
             verdict can no longer change. The reported loss is then the loss at stopping.
@@ -383,6 +387,8 @@ def invert(
             metric_obj = get_metric(metric_name)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(first_id, int) or isinstance(first_id, bool) or first_id < 0:
+        raise ValueError(f"first_id must be an integer >= 0, got {first_id!r}")
     device = generator.device
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
@@ -413,7 +419,7 @@ def invert(
         for start in range(0, b_total, per_chunk):
             _run_chunk(generator, images, conditions, stop_below, start, min(b_total, start + per_chunk), s,
                        metric_name, metric_obj, seed, impl, (out_loss, out_inputs, out_recon, out_cond, out_steps),
-                       cuda_graph)
+                       cuda_graph, first_id)
             if progress is not None:
                 progress(min(b_total, start + per_chunk))
     return InversionResult(
@@ -428,11 +434,11 @@ def invert(
 
 
 def _run_chunk(generator, images, conditions, stop_below, start, stop, s, metric_name, metric_obj, seed, impl, outs,
-               cuda_graph=False):
-    """Invert images ``start:stop`` and write their results into ``outs``."""
+               cuda_graph=False, first_id=0):
+    """Invert images ``start:stop`` (numbered from ``first_id``) and write their results into ``outs``."""
     out_loss, out_inputs, out_recon, out_cond, out_steps = outs
     res = _invert_chunk(
-        generator, images[start:stop], torch.arange(start, stop),
+        generator, images[start:stop], torch.arange(start, stop) + first_id,
         None if conditions is None else conditions[start:stop], s, metric_name, metric_obj, seed,
         None if stop_below is None else stop_below[start:stop], impl, cuda_graph,
     )

@@ -328,3 +328,53 @@ def test_fit_inverts_profile_outliers_again():
     assert plain.retries is None and plain.retried is None
     with pytest.raises(ValueError, match="profile_retries must be an integer >= 0"):
         Attributor(g, None, profile_retries=-1)
+
+
+class Interrupted(Exception):
+    """Stands in for Ctrl-C or a killed job in the middle of an inversion."""
+
+
+def test_fit_checkpoint_resumes_after_an_interruption(g, r, tmp_path, monkeypatch):
+    """A fit with a checkpoint saves each finished part; interrupted and called again, it inverts
+    only the parts not yet saved and ends with the profile an uninterrupted fit gives."""
+    kw = dict(profile_retries=0, **FAST)
+    whole = Attributor(g, r, **kw).fit(n=10, seed=3, checkpoint=tmp_path / "whole.json", checkpoint_every=4)
+    plain = Attributor(g, r, **kw).fit(n=10, seed=3)
+    np.testing.assert_allclose(whole.raw_losses, plain.raw_losses, rtol=1e-4)  # the same starts as one batch
+
+    att = Attributor(g, r, **kw)
+    calls, fail = [], [True]
+    real_invert = Attributor._invert
+
+    def failing(self, model, images, *args, **kwargs):
+        calls.append((model is g, images.shape[0], kwargs.get("first_id")))
+        if fail[0] and len(calls) == 3:  # the second part's reference inversion
+            fail[0] = False
+            raise Interrupted
+        return real_invert(self, model, images, *args, **kwargs)
+
+    path = tmp_path / "part.json"
+    monkeypatch.setattr(Attributor, "_invert", failing)
+    with pytest.raises(Interrupted):
+        att.fit(n=10, seed=3, checkpoint=path, checkpoint_every=4)
+    saved = json.loads(path.read_text())
+    assert list(saved["parts"]) == ["0"] and len(saved["parts"]["0"]["model"]) == 4
+    calls.clear()
+    resumed = att.fit(n=10, seed=3, checkpoint=path, checkpoint_every=4)
+    assert calls == [(False, 4, 4), (True, 4, 4), (False, 2, 8), (True, 2, 8)]  # parts 2 and 3 only
+    assert resumed.raw_losses == whole.raw_losses and resumed.reference_losses == whole.reference_losses
+    calls.clear()
+    assert att.fit(n=10, seed=3, checkpoint=path, checkpoint_every=4).raw_losses == whole.raw_losses
+    assert calls == []  # every part saved: nothing inverted again
+    monkeypatch.undo()
+
+    with pytest.raises(ValueError, match="holds another profile job"):
+        att.fit(n=10, seed=4, checkpoint=path, checkpoint_every=4)
+    with pytest.raises(ValueError, match="holds another profile job"):
+        att.fit(n=10, seed=3, checkpoint=path, checkpoint_every=5)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        att.fit(n=10, seed=3, checkpoint=bad)
+    with pytest.raises(ValueError, match="checkpoint_every must be an integer >= 1"):
+        att.fit(n=10, checkpoint=path, checkpoint_every=0)

@@ -77,6 +77,14 @@ def test_deterministic_and_independent_of_chunking(gen):
     assert c.loss.shape == (1,)
     e = invert(gen, images, settings=s, seed=8)
     assert not torch.equal(e.inputs, a.inputs)
+    # first_id numbers a part's images as in the whole batch: the same starts, the same result
+    f = invert(gen, images[2:5], settings=s, seed=7, first_id=2)
+    torch.testing.assert_close(f.loss, a.loss[2:5], rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(f.inputs, a.inputs[2:5], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(c.inputs, a.inputs[2:3])  # without it, image 2 alone starts elsewhere
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="first_id must be an integer >= 0"):
+            invert(gen, images, settings=s, first_id=bad)
 
 
 def test_stop_below_stops_early_and_keeps_verdict(gen):
