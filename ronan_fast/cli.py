@@ -196,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit a model's belonging profile and save it as JSON",
         description=_para("Generate N images with the model, invert them with the model and the reference model, and "
                     "save the mean and standard deviation of their calibrated reconstruction losses (the "
-                    "belonging profile) with everything that made them."),
+                    "belonging profile) with everything that made them. The images are inverted in parts; "
+                    "each finished part is saved to OUTPUT.partial.json, and running the same command again "
+                    "after an interruption resumes after the last one (the file is removed once the profile "
+                    "is saved)."),
         epilog=(
             "examples:\n"
             "  ronan-fast profile --model default -o default.json\n"
@@ -213,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=_positive_int, default=100, help="number of generated profile images (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the profile images (default: 0)")
     p.add_argument("--inversion-seed", type=int, default=0, help="seed of the inversion's starting points (default: 0)")
+    p.add_argument("--part", type=_positive_int, default=25, metavar="N",
+                   help="profile images per saved part (default: 25)")
     p.add_argument("--retries", type=int, default=2, metavar="ROUNDS",
                    help="rounds of inverting again, from other starts, the profile images that fail the "
                         "belonging test against the rest of the profile (inversions that missed); "
@@ -537,12 +542,32 @@ def cmd_profile(args) -> int:
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     progress = _Progress(args.quiet)
+    partial = out.with_name(out.name + ".partial.json")
     t0 = time.perf_counter()
+
+    def fit():
+        return att.fit(n=args.n, seed=args.seed, progress=progress, edit=args.edit, checkpoint=partial,
+                       checkpoint_every=args.part)
+
     try:
-        profile = att.fit(n=args.n, seed=args.seed, progress=progress, edit=args.edit)
+        try:
+            profile = fit()
+        except ValueError as e:
+            if not str(e).startswith(f"checkpoint {partial}"):
+                raise
+            _err(f"note: {partial} was left by a profile run with other options (or is unreadable); "
+                 "starting afresh")
+            partial.unlink()
+            profile = fit()
+    except KeyboardInterrupt:
+        progress.close()
+        if partial.exists():
+            _err(f"interrupted; the finished parts are in {partial}; run the same command again to resume")
+        raise
     finally:
         progress.close()
     profile.save(out)
+    partial.unlink(missing_ok=True)
     print(profile.describe())
     print(f"saved {out} ({time.perf_counter() - t0:.1f} s)")
     return EXIT_OK

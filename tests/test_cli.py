@@ -125,6 +125,42 @@ def test_profile_of_edited_images(tmp_path, capsys):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_profile_resumes_after_an_interruption(tmp_path, capsys, monkeypatch):
+    """profile saves each finished part of --part images to OUTPUT.partial.json; interrupted,
+    the same command resumes after the last saved part; the file goes once the profile is saved,
+    and one left by other options is replaced."""
+    out = tmp_path / "p.json"
+    partial = tmp_path / "p.json.partial.json"
+    argv = ["profile", *MODEL, *REF, "-n", "9", "--part", "4", "--retries", "0", *FAST, "-o", out]
+    calls, fail = [], [True]
+    real_invert = Attributor._invert
+
+    def failing(self, model, images, *args, **kwargs):
+        calls.append(kwargs.get("first_id"))
+        if fail[0] and len(calls) == 4:  # the second part's model inversion
+            fail[0] = False
+            raise KeyboardInterrupt
+        return real_invert(self, model, images, *args, **kwargs)
+
+    monkeypatch.setattr(Attributor, "_invert", failing)
+    code, _, err = run(argv, capsys)
+    assert code == 130 and "interrupted; the finished parts are in" in err and str(partial) in err
+    assert not out.exists() and list(json.loads(partial.read_text())["parts"]) == ["0"]
+    calls.clear()
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert calls == [4, 4, 8, 8]  # reference and model for the parts not saved
+    assert out.exists() and not partial.exists()
+    first = json.loads(out.read_text())["raw_losses"]
+
+    calls.clear()
+    code, _, _ = run(argv, capsys)  # no partial file: every part inverted again, same losses
+    assert code == 0 and calls == [0, 0, 4, 4, 8, 8] and json.loads(out.read_text())["raw_losses"] == first
+    partial.write_text(json.dumps({"key": "another job", "parts": {}}))
+    code, _, err = run(argv, capsys)
+    assert code == 0 and "left by a profile run with other options" in err and not partial.exists()
+
+
 def test_profile_set_overrides_any_setting(tmp_path, capsys):
     """--set FIELD=VALUE reaches the profile's settings, typed as its field; bad pairs are usage errors."""
     from ronan_fast.profile import BelongingProfile
