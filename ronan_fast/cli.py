@@ -216,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=_positive_int, default=100, help="number of generated profile images (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the profile images (default: 0)")
     p.add_argument("--inversion-seed", type=int, default=0, help="seed of the inversion's starting points (default: 0)")
-    p.add_argument("--part", type=_positive_int, default=25, metavar="N",
-                   help="profile images per saved part (default: 25)")
+    p.add_argument("--part", type=_positive_int, default=50, metavar="N",
+                   help="profile images per saved part: an interruption loses at most one part, smaller "
+                        "parts batch less well (default: 50)")
     p.add_argument("--retries", type=int, default=2, metavar="ROUNDS",
                    help="rounds of inverting again, from other starts, the profile images that fail the "
                         "belonging test against the rest of the profile (inversions that missed); "
