@@ -75,9 +75,11 @@ def _add_model_args(p: argparse.ArgumentParser, with_reference_choice: str) -> N
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, metavar="SPEC",
                    help="the generator: 'default' (the bundled DCGAN on Fashion-MNIST), a model of the "
-                        "package's zoo by name (e.g. onestep-fmnist; see ronan_fast.zoo.ZOO) or "
-                        "'package.module:factory', a function with no arguments returning a torch.nn.Module "
-                        "(z -> image) or a ronan_fast GeneratorAdapter; the current folder is importable")
+                        "package's zoo by name (e.g. onestep-fmnist; see ronan_fast.zoo.ZOO), 'diffusers:FOLDER' "
+                        "(a saved consistency-model pipeline, or a latent diffusion model's autoencoder; needs "
+                        "the diffusers extra) or 'package.module:factory', a function with no arguments returning "
+                        "a torch.nn.Module (z -> image) or a ronan_fast GeneratorAdapter; the current folder is "
+                        "importable")
     g.add_argument("--weights", metavar="FILE",
                    help="state dict to load into the model: .safetensors, or a file for torch.load(weights_only=True)")
     g.add_argument("--latent-shape", type=_positive_int, nargs="+", metavar="N",
@@ -87,7 +89,8 @@ def _add_model_args(p: argparse.ArgumentParser, with_reference_choice: str) -> N
     r = p.add_argument_group("reference model (calibration)")
     r.add_argument("--reference", default=with_reference_choice, metavar="SPEC",
                    help="reference model dividing the reconstruction loss: 'default' (the bundled DCGAN on MNIST "
-                        "digits), a zoo model's name, 'none' (uncalibrated) or 'package.module:factory'"
+                        "digits), a zoo model's name, 'diffusers:FOLDER', 'none' (uncalibrated) or "
+                        "'package.module:factory'"
                         + (" ('auto': as the profile says: its zoo reference model or default if calibrated, "
                            "none if not)"
                            if with_reference_choice == "auto" else "") + f" (default: {with_reference_choice})")
@@ -385,6 +388,18 @@ def build_generator(spec: str, weights, latent_shape, output_range, option: str 
     from ronan_fast.zoo import ZOO
 
     wopt = "--weights" if option == "--model" else "--reference-weights"
+    if spec.startswith("diffusers:"):
+        if latent_shape is not None or output_range is not None or weights is not None:
+            raise UsageError(f"{option} {spec}: a diffusers folder holds its own weights and shapes; drop "
+                             f"{wopt}, --latent-shape and --output-range")
+        from ronan_fast import diffusers_adapters
+
+        try:
+            return diffusers_adapters.from_folder(spec[len("diffusers:"):])
+        except ImportError as e:
+            raise UsageError(f"{option} {spec}: {e}") from None
+        except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
+            raise UsageError(f"{option} {spec}: {e}") from None
     if spec == "default" or spec in ZOO:
         if latent_shape is not None or output_range is not None:
             raise UsageError(f"{option} {spec} has a fixed latent shape and output range; "
@@ -455,7 +470,8 @@ def _models(args, reference_default: str):
             return model, None
     from ronan_fast.zoo import ZOO
 
-    factory = ref != "default" and ref not in ZOO  # only a factory module takes a latent shape and range
+    # only a factory module takes a latent shape and range
+    factory = ref != "default" and ref not in ZOO and not ref.startswith("diffusers:")
     ref_latent = args.reference_latent_shape or (args.latent_shape if factory else None)
     ref_range = args.reference_output_range or (args.output_range if factory else None)
     reference = build_generator(ref, args.reference_weights, ref_latent, ref_range, option="--reference",

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ronan_fast.adapters import GeneratorAdapter
 
-__all__ = ["LatentDiffusionDecoder", "OneStepSampler", "require_diffusers"]
+__all__ = ["LatentDiffusionDecoder", "OneStepSampler", "from_folder", "require_diffusers"]
 
 _INSTALL_HINT = "pip install 'ronan-fast[diffusers]'"
 
@@ -430,3 +430,34 @@ class OneStepSampler(GeneratorAdapter):
         ):
             raise ValueError(f"conditions must be integer classes in [0, {self.num_classes})")
         return conditions.long().repeat_interleave(restarts, dim=0), restarts
+
+
+def from_folder(folder: str | os.PathLike) -> GeneratorAdapter:
+    """The adapter for a saved diffusers model folder, chosen by what it holds.
+
+    * ``unet/`` and ``scheduler/`` with a ``CMStochasticIterativeScheduler`` (as
+      ``ConsistencyModelPipeline.save_pretrained`` writes): :meth:`OneStepSampler.from_pretrained`;
+    * an autoencoder (``AutoencoderKL`` / ``VQModel``) folder, or a pipeline folder with a ``vae/``
+      or ``vqvae/`` one: :meth:`LatentDiffusionDecoder.from_pretrained` (random starts, the
+      config's image size).
+
+    Raises ``FileNotFoundError`` (not a folder, or none of these in it) or ``ValueError`` (a
+    config of another kind), naming the folder and what was looked for.
+    """
+    root = _local_folder(folder)
+    sched = root / "scheduler" / "scheduler_config.json"
+    if (root / "unet").is_dir() and sched.is_file():
+        try:
+            kind = json.loads(sched.read_text()).get("_class_name")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{sched} is not a readable JSON config: {e}") from None
+        if kind == "CMStochasticIterativeScheduler":
+            return OneStepSampler.from_pretrained(root)
+        if not any((root / s / "config.json").is_file() for s in ("vae", "vqvae")):
+            raise ValueError(f"{root} holds a unet with a {kind!r} scheduler: only one-step consistency models "
+                             "(CMStochasticIterativeScheduler) are inverted from their noise; for a latent diffusion "
+                             "pipeline the folder needs its vae/ or vqvae/ autoencoder")
+    if (root / "config.json").is_file() or any((root / s / "config.json").is_file() for s in ("vae", "vqvae")):
+        return LatentDiffusionDecoder.from_pretrained(root)
+    raise FileNotFoundError(f"{root} holds no diffusers model this package can invert: expected unet/ and scheduler/ "
+                            "of a consistency model, or an autoencoder config.json (itself or in vae/ or vqvae/)")

@@ -341,3 +341,52 @@ def test_invert_runs_on_one_step_sampler(cm_folder):
     res = invert(adapter, images, steps=5, restarts=2, seed=0)
     assert res.loss.shape == (2,) and bool(torch.isfinite(res.loss).all())
     assert res.reconstruction.shape == (2, 3, 16, 16)
+
+
+# --------------------------------------------------------------------------- a folder by what it holds
+
+
+@needs_diffusers
+def test_from_folder_picks_the_adapter(cm_folder, kl_folder, tmp_path):
+    from ronan_fast.diffusers_adapters import from_folder
+
+    assert isinstance(from_folder(cm_folder), OneStepSampler)
+    assert isinstance(from_folder(kl_folder), LatentDiffusionDecoder)
+    pipe = tmp_path / "pipe"
+    _vq().save_pretrained(pipe / "vqvae")
+    dec = from_folder(pipe)
+    assert isinstance(dec, LatentDiffusionDecoder) and dec.kind == "vq"
+    with pytest.raises(FileNotFoundError, match="holds no diffusers model"):
+        from_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a local folder"):
+        from_folder(tmp_path / "absent")
+    ddpm = tmp_path / "ddpm"
+    diffusers.DDPMPipeline(unet=_unet(), scheduler=diffusers.DDPMScheduler()).save_pretrained(ddpm)
+    with pytest.raises(ValueError, match="only one-step consistency models"):
+        from_folder(ddpm)
+
+
+@needs_diffusers
+def test_command_line_takes_a_diffusers_folder(cm_folder, tmp_path, capsys):
+    """ronan-fast profile / inspect with --model diffusers:FOLDER, and its refusals."""
+    from ronan_fast import cli
+    from ronan_fast.imageio import save_image
+
+    out = tmp_path / "cm.json"
+    argv = ["profile", "--model", f"diffusers:{cm_folder}", "--reference", "none", "-n", "4", "--settings",
+            "authors", "--steps", "5", "--retries", "0", "-q", "-o", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    import json
+
+    saved = json.loads(out.read_text())
+    assert saved["generator_name"].startswith("ConsistencyModel:")
+    assert saved["generator_fingerprint"] == OneStepSampler.from_pretrained(cm_folder).fingerprint()
+    img = tmp_path / "x.png"
+    save_image(OneStepSampler.from_pretrained(cm_folder).generate(1, torch.Generator().manual_seed(1)).images[0], img)
+    capsys.readouterr()
+    assert cli.main(["inspect", "--profile", str(out), "--model", f"diffusers:{cm_folder}", str(img), "-q"]) == 0
+    assert "x.png" in capsys.readouterr().out
+    assert cli.main(["profile", "--model", f"diffusers:{tmp_path / 'absent'}", "-o", str(out)]) == 2
+    assert "is not a local folder" in capsys.readouterr().err
+    assert cli.main(["profile", "--model", f"diffusers:{cm_folder}", "--latent-shape", "3", "-o", str(out)]) == 2
+    assert "a diffusers folder holds its own weights and shapes" in capsys.readouterr().err
