@@ -86,6 +86,10 @@ CANDIDATES: dict[str, dict] = {
     # ... after half the Adam steps (300, halving every 50): does the polish need 600?
     "adam300-c2": {"settings": "default", "steps": 300, "halving_every": 50, "patience": 150,
                    "polish_gmres_iters": 30, "polish_min_drop": 0.2, "polish_candidates": 2},
+    # ... with the exact LM step after GMRES: each open row's Jacobian built in reverse mode
+    # (784 vector-Jacobian products, 128 at a time) in place of CG's 100 products per step
+    "gmres30-denserev-c2": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.2,
+                            "polish_candidates": 2, "polish_method": "dense-rev"},
     # the first "consistency" default: many cheap polish steps (60 x 20 CG iterations)
     "cg60x20": dict(steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
                     halving_keep=0.5, min_rows=2, patience=300, polish_steps=60, polish_method="cg",

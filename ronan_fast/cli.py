@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=_para("Generate N images with the model, invert them with the model and the reference model, and "
                     "save the mean and standard deviation of their calibrated reconstruction losses (the "
                     "belonging profile) with everything that made them. The images are inverted in parts; "
-                    "each finished part is saved to OUTPUT.partial.json, and running the same command again "
+                    "each finished part is saved to PROFILE.json.partial.json, and running the same command again "
                     "after an interruption resumes after the last one (the file is removed once the profile "
                     "is saved)."),
         epilog=(

@@ -32,7 +32,7 @@ __all__ = ["InversionSettings", "InversionResult", "invert", "resolve_settings",
 SCHEDULES = ("constant", "cosine", "warm_restarts")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TYPICAL_SET = ("none", "project", "penalty")
-POLISH_METHODS = ("dense", "cg")
+POLISH_METHODS = ("dense", "cg", "dense-rev")
 #: fields added after the first settings format: :meth:`InversionSettings.to_dict` writes them only
 #: when they differ from these defaults, so earlier profiles and caches keep their identity
 _LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3,
@@ -72,7 +72,9 @@ class InversionSettings:
     #: how a polish step solves its normal equations: "dense" builds each row's Jacobian by
     #: forward-mode AD (one pass per latent dimension: for latents up to a few hundred wide);
     #: "cg" never forms it and runs ``polish_cg_iters`` conjugate-gradient iterations of
-    #: Jacobian-vector and vector-Jacobian products (for latents as wide as the image)
+    #: Jacobian-vector and vector-Jacobian products (for latents as wide as the image);
+    #: "dense-rev" builds it row by row in reverse mode (vector-Jacobian products, 128 at a time:
+    #: memory bounded for wide latents) and solves the damped normal equations exactly
     polish_method: str = "dense"
     polish_cg_iters: int = 20
     #: a polished row stops once its loss fell by less than ``polish_min_drop`` (a fraction) over
@@ -630,7 +632,10 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
                 idx = idx[open_]
                 stop_raw = None if stop_raw is None else stop_raw[open_]
         if idx.numel():
-            polish = _polish if s.polish_method == "dense" else functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
+            if s.polish_method == "cg":
+                polish = functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
+            else:
+                polish = functools.partial(_polish, reverse=s.polish_method == "dense-rev")
             inputs[idx] = polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target[img[idx]],
                                  metric_name, s.polish_steps, patience=s.polish_patience,
                                  min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
@@ -669,8 +674,9 @@ def _capture(step: Callable[[], None], generator: GeneratorAdapter) -> "torch.cu
 
 
 def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0, min_drop=0.3, stop_raw=None,
-            group=None, done_groups=None):
-    """Levenberg-Marquardt on each image's best input (Jacobian by forward-mode AD), float32.
+            group=None, done_groups=None, reverse=False):
+    """Levenberg-Marquardt on each image's best input (Jacobian by forward-mode AD, or with
+    ``reverse`` by reverse mode, one row at a time in chunks of 128 products), float32.
 
     A row leaves the loop once it is solved (mean squared residual under 1e-14, float32's floor),
     stuck (damping at its cap), levelled off (``patience``, ``min_drop``) or under its
@@ -686,9 +692,11 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0,
     def residual(z, c, rows):
         return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
 
+    leaving = _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups)
+    if reverse:
+        return _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=True)
     with _forward_ad_attention():
-        return _polish_dense(inputs, cond, one, residual, iters,
-                             _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups))
+        return _polish_dense(inputs, cond, one, residual, iters, leaving)
 
 
 class _Leaving:
@@ -745,8 +753,8 @@ class _Leaving:
         return (live[stay], cost[stay], *(x[stay] for x in state))
 
 
-def _polish_dense(inputs, cond, one, residual, iters, leaving):
-    from torch.func import jacfwd, vmap
+def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False):
+    from torch.func import jacfwd, jacrev, vmap
 
     z = inputs.clone()
     n = z.shape[0]
@@ -765,7 +773,10 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving):
         zl = z[live]
         cl = None if cond is None else cond[live]
         with torch.no_grad():
-            if cl is None:
+            if reverse:  # row by row: memory for one row's forward and 128 of its backward passes
+                jac = torch.stack([jacrev(lambda q, cr=(None if cl is None else cl[i]): one(q, cr),
+                                          chunk_size=128)(zl[i]) for i in range(zl.shape[0])])
+            elif cl is None:
                 jac = vmap(lambda zr: jacfwd(lambda q: one(q, None))(zr))(zl)
             else:
                 jac = vmap(lambda zr, cr: jacfwd(lambda q: one(q, cr))(zr))(zl, cl)
