@@ -395,11 +395,16 @@ def build_generator(spec: str, weights, latent_shape, output_range, option: str 
         from ronan_fast import diffusers_adapters
 
         try:
-            return diffusers_adapters.from_folder(spec[len("diffusers:"):])
+            adapter = diffusers_adapters.from_folder(spec[len("diffusers:"):])
         except ImportError as e:
             raise UsageError(f"{option} {spec}: {e}") from None
         except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
             raise UsageError(f"{option} {spec}: {e}") from None
+        if getattr(adapter, "num_classes", None) is not None and getattr(adapter, "class_label", 0) is None:
+            raise UsageError(f"{option} {spec}: the model is class-conditional ({adapter.num_classes} classes) and "
+                             "the command line cannot give it a class; use a factory returning "
+                             "ronan_fast.diffusers_adapters.OneStepSampler.from_pretrained(FOLDER, class_label=K)")
+        return adapter
     if spec == "default" or spec in ZOO:
         if latent_shape is not None or output_range is not None:
             raise UsageError(f"{option} {spec} has a fixed latent shape and output range; "

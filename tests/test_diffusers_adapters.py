@@ -390,3 +390,8 @@ def test_command_line_takes_a_diffusers_folder(cm_folder, tmp_path, capsys):
     assert "is not a local folder" in capsys.readouterr().err
     assert cli.main(["profile", "--model", f"diffusers:{cm_folder}", "--latent-shape", "3", "-o", str(out)]) == 2
     assert "a diffusers folder holds its own weights and shapes" in capsys.readouterr().err
+    conditional = tmp_path / "cm3"
+    diffusers.ConsistencyModelPipeline(unet=_unet(num_class_embeds=3),
+                                       scheduler=diffusers.CMStochasticIterativeScheduler()).save_pretrained(conditional)
+    assert cli.main(["profile", "--model", f"diffusers:{conditional}", "-o", str(out)]) == 2
+    assert "class-conditional (3 classes)" in capsys.readouterr().err
