@@ -37,7 +37,7 @@ from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule, profile_outliers
 
-__all__ = ["Attributor", "AttributionResult", "ProgressFn"]
+__all__ = ["Attributor", "AttributionResult", "CheckpointError", "ProgressFn"]
 
 #: ``progress(stage, done, total)``: stage is "generate", "reference" or "model"; counts are images
 ProgressFn = Callable[[str, int, int], None]
@@ -57,6 +57,10 @@ def _stream_seed(purpose: str, seed: int) -> int:
     """
     digest = hashlib.sha256(f"ronan_fast/{purpose}/{int(seed)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class CheckpointError(ValueError):
+    """A profile checkpoint file that cannot be resumed: unreadable, or written for another job."""
 
 
 def retry_profile_outliers(
@@ -386,7 +390,7 @@ class Attributor:
         differently, and where the polish is sensitive to rounding the losses differ too (one-step
         zoo model, 50 images: parts of 25 against one batch, each loss 0.3x to 1.8x the batch's,
         losses 4e-15 to 1e-7, mu 2.5e-7 against 2.3e-7); smaller parts cost throughput (there:
-        1.15x the time). A file of another job is refused. The file is left in place: delete it
+        1.15x the time). A file of another job (or unreadable) raises :class:`CheckpointError`. The file is left in place: delete it
         once the profile is saved. The retries run after the last part and are not kept in it.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 3:
@@ -404,15 +408,9 @@ class Attributor:
             images = apply_edit(images, edit)
         if progress:
             progress("generate", n, n)
-        if checkpoint is None:
-            ref_loss = None
-            if self.reference is not None:
-                ref_images, _ = self._fit_shape(images, self.reference)
-                ref_loss = self._invert(self.reference, ref_images, None, progress, "reference").loss
-            raw = self._invert(self.generator, images, None, progress, "model").loss.cpu().double()
-        else:
-            raw, ref_loss = self._fit_in_parts(images, seed, edit, Path(checkpoint), checkpoint_every, progress)
-        ref = None if ref_loss is None else ref_loss.cpu().double().clamp_min(_REFERENCE_FLOOR)
+        path = None if checkpoint is None else Path(checkpoint)  # None: one part, nothing saved
+        raw, ref_loss = self._fit_in_parts(images, seed, edit, path, n if path is None else checkpoint_every, progress)
+        ref = None if ref_loss is None else ref_loss.clamp_min(_REFERENCE_FLOOR)
         retried = None
         if self.profile_retries:
             rounds = itertools.count(1)  # a progress stage per round
@@ -429,33 +427,15 @@ class Attributor:
         )
         return self.profile
 
-    def _fit_in_parts(self, images: Tensor, seed: int, edit: str | None, path: Path, every: int,
+    def _fit_in_parts(self, images: Tensor, seed: int, edit: str | None, path: Path | None, every: int,
                       progress: ProgressFn | None) -> tuple[Tensor, Tensor | None]:
-        """The profile images' losses (model, reference), ``every`` images at a time, each part
-        saved to ``path`` as it finishes and skipped when ``path`` already holds it."""
+        """The profile images' losses (model, reference; float64, CPU), ``every`` images at a
+        time, each part saved to ``path`` as it finishes and skipped when ``path`` already holds
+        it (``path`` None: nothing saved or read)."""
         n = images.shape[0]
-        job = {
-            "format": 1, "n": n, "seed": seed, "inversion_seed": self.seed, "edit": edit, "every": every,
-            "settings": self.settings.to_dict(),
-            "images": hashlib.sha256(images.detach().cpu().float().numpy().tobytes()).hexdigest(),
-            "generator": self.generator.fingerprint(),
-            "reference": None if self.reference is None else self.reference.fingerprint(),
-        }
-        key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
-        done: dict[str, list] = {}
-        if path.exists():
-            try:
-                saved = json.loads(path.read_text())
-                ok = isinstance(saved, dict) and isinstance(saved.get("parts"), dict)
-            except (OSError, UnicodeDecodeError, ValueError) as e:
-                raise ValueError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-            if not ok:
-                raise ValueError(f"checkpoint {path}: not a profile checkpoint")
-            if saved.get("key") != key:
-                raise ValueError(
-                    f"checkpoint {path} holds another profile job (model, reference, settings, n, seeds, edit or "
-                    "part size differ); delete it or choose another file")
-            done = saved["parts"]
+        done: dict[str, dict] = {}  # finished parts: first image's index (a string) -> losses
+        if path is not None:
+            key, job, done = self._saved_parts(images, seed, edit, path, every)
         raw = torch.empty(n, dtype=torch.float64)
         ref = None if self.reference is None else torch.empty(n, dtype=torch.float64)
         stage = lambda name, a: (lambda st, d, t: progress(name, a + d, n)) if progress else None  # noqa: E731
@@ -470,12 +450,41 @@ class Attributor:
                                                      "reference", first_id=a).loss.cpu().double().tolist()
                 part["model"] = self._invert(self.generator, images[a:b], None, stage("model", a), "model",
                                              first_id=a).loss.cpu().double().tolist()
-                done[str(a)] = part
-                write_text(path, json.dumps({"key": key, "job": job, "parts": done}))
+                if path is not None:
+                    done[str(a)] = part
+                    write_text(path, json.dumps({"key": key, "job": job, "parts": done}))
             raw[a:b] = torch.tensor(part["model"], dtype=torch.float64)
             if ref is not None:
                 ref[a:b] = torch.tensor(part["reference"], dtype=torch.float64)
         return raw, ref
+
+    def _saved_parts(self, images: Tensor, seed: int, edit: str | None, path: Path,
+                     every: int) -> tuple[str, dict, dict[str, dict]]:
+        """This job's key and description, and the parts ``path`` holds for it (none if it does
+        not exist); ``CheckpointError`` when it is unreadable or holds another job."""
+        n = images.shape[0]
+        job = {
+            "format": 1, "n": n, "seed": seed, "inversion_seed": self.seed, "edit": edit, "every": every,
+            "settings": self.settings.to_dict(),
+            "images": hashlib.sha256(images.detach().cpu().float().numpy().tobytes()).hexdigest(),
+            "generator": self.generator.fingerprint(),
+            "reference": None if self.reference is None else self.reference.fingerprint(),
+        }
+        key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+        if not path.exists():
+            return key, job, {}
+        try:
+            saved = json.loads(path.read_text())
+            ok = isinstance(saved, dict) and isinstance(saved.get("parts"), dict)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        if not ok:
+            raise CheckpointError(f"checkpoint {path}: not a profile checkpoint")
+        if saved.get("key") != key:
+            raise CheckpointError(
+                f"checkpoint {path} holds another profile job (model, reference, settings, n, seeds, edit or "
+                "part size differ); delete it or choose another file")
+        return key, job, saved["parts"]
 
     # ------------------------------------------------------------------ attribution
 

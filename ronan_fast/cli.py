@@ -539,7 +539,7 @@ def _setup_device(args):
 
 
 def cmd_profile(args) -> int:
-    from ronan_fast.attributor import Attributor
+    from ronan_fast.attributor import Attributor, CheckpointError
 
     device = _setup_device(args)
     out = Path(args.output)
@@ -574,9 +574,7 @@ def cmd_profile(args) -> int:
     try:
         try:
             profile = fit()
-        except ValueError as e:
-            if not str(e).startswith(f"checkpoint {partial}"):
-                raise
+        except CheckpointError:
             _err(f"note: {partial} was left by a profile run with other options (or is unreadable); "
                  "starting afresh")
             partial.unlink()

@@ -61,6 +61,11 @@ def _local_folder(folder: str | os.PathLike, subfolder: str | None = None) -> Pa
     return path
 
 
+def _autoencoder_subfolder(root: Path) -> str | None:
+    """The sub-folder of a pipeline folder that holds its autoencoder (``vae`` or ``vqvae``), if any."""
+    return next((s for s in ("vae", "vqvae") if (root / s / "config.json").is_file()), None)
+
+
 def _image_hw(size: int | Sequence[int], arg: str) -> tuple[int, int]:
     if isinstance(size, int) and not isinstance(size, bool):
         h = w = size
@@ -166,7 +171,7 @@ class LatentDiffusionDecoder(GeneratorAdapter):
         diffusers = require_diffusers()
         root = _local_folder(folder, subfolder)
         if subfolder is None and not (root / "config.json").is_file():
-            subfolder = next((s for s in ("vae", "vqvae") if (root / s / "config.json").is_file()), None)
+            subfolder = _autoencoder_subfolder(root)
         where = root / subfolder if subfolder else root
         config_path = where / "config.json"
         if not config_path.is_file():
@@ -453,11 +458,11 @@ def from_folder(folder: str | os.PathLike) -> GeneratorAdapter:
             raise ValueError(f"{sched} is not a readable JSON config: {e}") from None
         if kind == "CMStochasticIterativeScheduler":
             return OneStepSampler.from_pretrained(root)
-        if not any((root / s / "config.json").is_file() for s in ("vae", "vqvae")):
+        if _autoencoder_subfolder(root) is None:
             raise ValueError(f"{root} holds a unet with a {kind!r} scheduler: only one-step consistency models "
                              "(CMStochasticIterativeScheduler) are inverted from their noise; for a latent diffusion "
                              "pipeline the folder needs its vae/ or vqvae/ autoencoder")
-    if (root / "config.json").is_file() or any((root / s / "config.json").is_file() for s in ("vae", "vqvae")):
+    if (root / "config.json").is_file() or _autoencoder_subfolder(root) is not None:
         return LatentDiffusionDecoder.from_pretrained(root)
     raise FileNotFoundError(f"{root} holds no diffusers model this package can invert: expected unet/ and scheduler/ "
                             "of a consistency model, or an autoencoder config.json (itself or in vae/ or vqvae/)")
