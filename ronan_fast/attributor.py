@@ -204,7 +204,7 @@ class Attributor:
         reference: the reference model for calibration: ``"default"`` (the bundled DCGAN on MNIST
             digits, for small greyscale images), an adapter, or ``None`` for no calibration.
         alpha: significance level of the Grubbs test.
-        metric: reconstruction loss: ``"mse"``, ``"mae"``, ``"ssim"``, ... (default: the settings'
+        metric: reconstruction loss: ``"mse"``, ``"mae"``, ``"ssim"``, ``"mse-tone"``, ... (default: the settings'
             metric, ``"mse"``).
         rule: ``"grubbs-log"`` (the Grubbs test on ``log A'``) or ``"grubbs"`` (the paper's test
             on ``A'``); ``None``: the model family's default (``"grubbs"`` for one-step

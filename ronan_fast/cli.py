@@ -123,7 +123,8 @@ def _add_inversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--restarts", type=_positive_int, help="random starts per image")
     g.add_argument("--lr", type=float, help="Adam learning rate")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="generator precision during inversion")
-    g.add_argument("--metric", help="reconstruction loss: mse (default), mae, ssim, ...")
+    g.add_argument("--metric", help="reconstruction loss: mse (default), mae, ssim, or mse-tone (MSE after the best "
+                   "affine tone map: tolerates brightness, contrast and colour-filter edits)")
     g.add_argument("--rule", default=None, choices=list(RULES),
                    help="'grubbs': the paper's test on the calibrated loss; 'grubbs-log': the same on its "
                         f"logarithm, for heavy-tailed losses (default: the model family's: {DEFAULT_RULE}, "

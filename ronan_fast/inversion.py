@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ronan_fast import ops
+from ronan_fast.metrics import ToneMSE
 from ronan_fast.adapters import GeneratorAdapter, GeneratorOutputError
 
 __all__ = ["InversionSettings", "InversionResult", "invert", "resolve_settings", "PRESETS"]
@@ -66,7 +67,8 @@ class InversionSettings:
     #: "project": keep latents on the prior's typical-set shell; "penalty": pull them towards it
     typical_set: str = "none"
     penalty: float = 0.0
-    #: Levenberg-Marquardt iterations polishing each image's best input at the end (MSE only; images
+    #: Levenberg-Marquardt iterations polishing each image's best input at the end (MSE and
+    #: "mse-tone"; the "cg" method and the GMRES phase MSE only; images
     #: already under ``stop_below`` are left as they are: their verdict is settled)
     polish_steps: int = 0
     #: how a polish step solves its normal equations: "dense" builds each row's Jacobian by
@@ -354,7 +356,8 @@ def invert(
         images: ``[B, C, H, W]`` float in [0, 1] at the generator's native shape.
         settings: a preset name ("authors", "default") or :class:`InversionSettings`; the
             keyword arguments ``steps``, ``lr``, ``restarts``, ``precision`` and a metric name override it.
-        metric: "mse" (default), "mae", "ssim", or a metric object (e.g. ``metrics.LPIPS(backbone)``).
+        metric: "mse" (default), "mae", "ssim", "mse-tone" (:class:`~ronan_fast.metrics.ToneMSE`), or a
+            metric object (e.g. ``metrics.LPIPS(backbone)``).
         seed: starting latents are drawn per image from ``seed``; same seed, same device, same result.
         first_id: the number of the first image in the seed streams (images are numbered from
             it): inverting ``images[a:b]`` with ``first_id=a`` draws the same starts as inverting
@@ -488,7 +491,9 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
     fused = metric_obj is None
     lo, hi = generator.output_range
-    scale = 1.0 / (hi - lo) ** 2 if metric_name == "mse" else 1.0 / (hi - lo)
+    scale = 1.0 / (hi - lo) ** 2 if metric_name in ("mse", "mse-tone") else 1.0 / (hi - lo)
+    tone = metric_obj if isinstance(metric_obj, ToneMSE) else None
+    polishable = fused or tone is not None  # the polish solves least squares: MSE, plain or tone-fitted
     target = generator.from_unit(images) if fused else images
 
     # Row state (compacted as rows stop); `rows` maps live rows back to their original row.
@@ -605,7 +610,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     graph = None  # its memory pool is not needed by the polish
     loss_b, row_b = ops.best_over_restarts(final_loss, index, b, impl=impl)
     row_b = torch.where(row_b < 0, torch.arange(b, device=device) * rpi, row_b)  # all-NaN image: keep its first row
-    k = min(s.polish_candidates, rpi) if s.polish_steps and fused else 1
+    k = min(s.polish_candidates, rpi) if s.polish_steps and polishable else 1
     if k == 1:
         cand = row_b  # [b * k]: the rows whose inputs are polished and scored, image-major
     else:
@@ -615,7 +620,8 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     img = torch.arange(b, device=device).repeat_interleave(k)  # each candidate's image
     inputs = final_latent[cand]
     cond_b = None if row_cond is None else row_cond[cand]
-    if s.polish_steps and fused:
+    if s.polish_steps and polishable:
+        target_raw = target if fused else generator.from_unit(images)
         # images already under stop_below have a settled verdict: polishing them would only cost
         idx = (torch.arange(b * k, device=device) if stop_below is None
                else (loss_b[img] >= stop_below[img]).nonzero().squeeze(1))
@@ -625,7 +631,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             stop_raw = None if stop_below is None else stop_below[img[idx]] / scale  # [0, 1] MSE -> raw MSE
             if s.polish_gmres_iters and inputs.shape[1] == target[0].numel() and metric_name == "mse":
                 z, open_ = _polish_gmres(generator, inputs[idx], None if cond_b is None else cond_b[idx],
-                                         target[img[idx]], metric_name, s.polish_steps, krylov=s.polish_gmres_iters,
+                                         target_raw[img[idx]], metric_name, s.polish_steps, krylov=s.polish_gmres_iters,
                                          patience=s.polish_patience, min_drop=s.polish_min_drop, stop_raw=stop_raw,
                                          group=img[idx], done_groups=done_groups)
                 inputs[idx] = z
@@ -635,8 +641,8 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             if s.polish_method == "cg":
                 polish = functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
             else:
-                polish = functools.partial(_polish, reverse=s.polish_method == "dense-rev")
-            inputs[idx] = polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target[img[idx]],
+                polish = functools.partial(_polish, reverse=s.polish_method == "dense-rev", tone=tone)
+            inputs[idx] = polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target_raw[img[idx]],
                                  metric_name, s.polish_steps, patience=s.polish_patience,
                                  min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
                                  done_groups=done_groups)
@@ -646,7 +652,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             diff = (recon - images[img]).flatten(1)
             final = diff.square().mean(1) if metric_name == "mse" else diff.abs().mean(1)
         else:
-            final = metric_obj(recon, images).float()
+            final = metric_obj(recon, images[img]).float()
     if k > 1:  # each image's best candidate after the polish
         pick = torch.where(torch.isfinite(final), final, torch.full_like(final, float("inf"))).view(b, k).argmin(1)
         pick = torch.arange(b, device=device) * k + pick
@@ -674,29 +680,49 @@ def _capture(step: Callable[[], None], generator: GeneratorAdapter) -> "torch.cu
 
 
 def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0, min_drop=0.3, stop_raw=None,
-            group=None, done_groups=None, reverse=False):
+            group=None, done_groups=None, reverse=False, tone=None):
     """Levenberg-Marquardt on each image's best input (Jacobian by forward-mode AD, or with
     ``reverse`` by reverse mode, one row at a time in chunks of 128 products), float32.
+
+    With ``tone`` (a :class:`~ronan_fast.metrics.ToneMSE`, metric "mse-tone") the residual is the
+    tone-fitted one, in raw units, and its Jacobian is the generator's mapped through each row's
+    current colour map with the map held fixed (the usual Gauss-Newton treatment of such a fit).
 
     A row leaves the loop once it is solved (mean squared residual under 1e-14, float32's floor),
     stuck (damping at its cap), levelled off (``patience``, ``min_drop``) or under its
     ``stop_raw`` (raw-unit MSE, ``[n]``): the Jacobian, the costly part, is only built for live rows.
     """
-    if metric_name != "mse":
+    if metric_name != ("mse-tone" if tone is not None else "mse"):
         return inputs
 
     def one(zrow, crow):
         c = None if crow is None else crow.unsqueeze(0)
         return generator.decode_raw(zrow.unsqueeze(0), c).flatten().float()
 
-    def residual(z, c, rows):
-        return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
+    if tone is None:
+        jac_map = None  # the residual is the generator's output minus the target: its Jacobian as is
+
+        def residual(z, c, rows):
+            return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
+    else:
+        lo, hi = generator.output_range
+        target_unit = generator.to_unit(target_raw)
+
+        def tone_state(z, c, rows):
+            return tone.residual(generator.to_unit(generator.decode_raw(z, c).float()), target_unit[rows])
+
+        def residual(z, c, rows):
+            return (tone_state(z, c, rows)[0] * (hi - lo)).flatten(1).float()
+
+        def jac_map(jac, z, c, rows):
+            _, beta, active = tone_state(z, c, rows)
+            return _tone_jacobian(jac, beta, active)
 
     leaving = _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups)
     if reverse:
-        return _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=True)
+        return _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=True, jac_map=jac_map)
     with _forward_ad_attention():
-        return _polish_dense(inputs, cond, one, residual, iters, leaving)
+        return _polish_dense(inputs, cond, one, residual, iters, leaving, jac_map=jac_map)
 
 
 class _Leaving:
@@ -753,7 +779,21 @@ class _Leaving:
         return (live[stay], cost[stay], *(x[stay] for x in state))
 
 
-def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False):
+def _tone_jacobian(jac: Tensor, beta: Tensor, active: Tensor) -> Tensor:
+    """The Jacobian of the tone-fitted residual with each row's colour map held fixed.
+
+    ``jac`` ``[n, C * P, d]``: the generator's raw output by the input; ``beta`` ``[n, C, C + 1]``
+    and ``active`` ``[n, C, P]`` as :meth:`~ronan_fast.metrics.ToneMSE.residual` gives them.
+    Row n, channel c, pixel p: ``active * sum_k beta[c, k] * jac[k, p]`` (a clipped pixel the fit
+    lands on the right side of does not move the loss).
+    """
+    n, ch, p = active.shape
+    jk = jac.view(n, ch, p, -1)
+    mapped = torch.einsum("nck,nkpd->ncpd", beta[:, :, :ch].to(jk.dtype), jk)
+    return (mapped * active.unsqueeze(-1).to(jk.dtype)).reshape(n, ch * p, -1)
+
+
+def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, jac_map=None):
     from torch.func import jacfwd, jacrev, vmap
 
     z = inputs.clone()
@@ -780,6 +820,8 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False):
                 jac = vmap(lambda zr: jacfwd(lambda q: one(q, None))(zr))(zl)
             else:
                 jac = vmap(lambda zr, cr: jacfwd(lambda q: one(q, cr))(zr))(zl, cl)
+            if jac_map is not None:  # the residual's Jacobian from the generator's
+                jac = jac_map(jac, zl, cl, live)
             jtj = jac.transpose(1, 2) @ jac
             jtr = (jac.transpose(1, 2) @ r.unsqueeze(2)).squeeze(2)
             diag = torch.diagonal(jtj, dim1=1, dim2=2).unsqueeze(2)

@@ -286,6 +286,20 @@ def test_edit_aware_profile(g, r, tmp_path):
         att.fit(n=5, edit="blur")
 
 
+def test_tone_metric_attributes_tone_edited_images(fitted, g, r, test_images):
+    """metric="mse-tone": the model's own images under a brightness / contrast change (not known
+    to the profile) still belong; plain MSE rejects them; noise still does not belong."""
+    generated, noise = test_images
+    edited = (generated * 1.3 - 0.08).clamp(0, 1)
+    assert fitted.attribute(edited).belonging.tolist() == [False] * 6
+    # two starts leave one edited image (a fifth of its pixels clipped) in a local minimum; four do not
+    att = Attributor(g, r, metric="mse-tone", steps=200, restarts=4)
+    att.fit(n=N_PROFILE, seed=0)
+    assert att.profile.metric == "mse-tone"
+    res = att.attribute(torch.cat([edited, generated, noise]))
+    assert res.belonging.tolist() == [True] * 12 + [False] * 6, res.loss
+
+
 def test_default_rule_follows_the_model_family(r):
     """One-step ("consistency") models default to the paper's rule, the others to the log rule;
     a rule given explicitly wins."""

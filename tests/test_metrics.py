@@ -196,11 +196,97 @@ def test_lpips_bad_arguments():
         M.LPIPS(TinyBackbone(), weights=[torch.ones(4), torch.ones(5)])(pred, target)
 
 
+# --------------------------------------------------------------------------- tone-fitted MSE
+
+
+def _tone_reference(pred, target, ridge):
+    """The tone-fitted loss from its definition, one row and channel at a time, in float64: the
+    ridge fit as an augmented least-squares problem ``[F; sqrt(lam) I] beta = [x; sqrt(lam) e_c]``
+    over the target's unclipped pixels, then the residual with clipped pixels one-sided."""
+    m, c = pred.shape[:2]
+    out = []
+    for i in range(m):
+        f = torch.cat([pred[i].double().flatten(1).T, torch.ones(pred[0, 0].numel(), 1, dtype=torch.float64)], 1)
+        total = 0.0
+        for ch in range(c):
+            x = target[i, ch].double().flatten()
+            low, high = x <= 0.5 / 255, x >= 1 - 0.5 / 255
+            inside = ~(low | high)
+            lam = ridge * x.numel()
+            e = torch.zeros(c + 1, dtype=torch.float64)
+            e[ch] = 1.0
+            a = torch.cat([f[inside], lam ** 0.5 * torch.eye(c + 1, dtype=torch.float64)])
+            rhs = torch.cat([x[inside], lam ** 0.5 * e])
+            beta = torch.linalg.lstsq(a, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+            d = f @ beta - x
+            d = torch.where(high, d.clamp(max=0), torch.where(low, d.clamp(min=0), d))
+            total += float(d.square().sum())
+        out.append(total / pred[i].numel())
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("ridge", [0.0, 1e-3])
+def test_tone_mse_matches_its_definition(channels, ridge):
+    g = torch.Generator().manual_seed(100 + channels)
+    pred = torch.rand(5, channels, 12, 10, generator=g, dtype=torch.float64)
+    target = (0.8 * pred.flip(1) + 0.1 + 0.3 * torch.randn(pred.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    assert float((target == 0).float().mean()) > 0.03 and float((target == 1).float().mean()) > 0.03
+    got = M.ToneMSE(ridge)(pred, target)
+    torch.testing.assert_close(got, _tone_reference(pred, target, ridge), rtol=1e-9, atol=1e-15)
+    # float32 inputs: the same loss to float32 precision, no NaN
+    got32 = M.ToneMSE(ridge)(pred.float(), target.float())
+    assert got32.dtype == torch.float32 and bool(torch.isfinite(got32).all())
+    torch.testing.assert_close(got32.double(), _tone_reference(pred.float(), target.float(), ridge), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_tone_mse_ignores_affine_tone_edits_and_clipping(channels):
+    g = torch.Generator().manual_seed(7)
+    pred = torch.rand(4, channels, 16, 16, generator=g, dtype=torch.float64)
+    gain = torch.eye(channels, dtype=torch.float64) * 1.3 + 0.1 * torch.rand(4, channels, channels, generator=g,
+                                                                             dtype=torch.float64)
+    edited = (torch.einsum("nck,nkhw->nchw", gain, pred) + 0.15).clamp(0, 1)  # brightened: whites clip at 1
+    assert float((edited == 1).float().mean()) > 0.1
+    assert bool((M.MSE()(pred, edited) > 1e-2).all())
+    assert bool((M.ToneMSE(0.0)(pred, edited) < 1e-25).all())
+    assert bool((M.ToneMSE()(pred, edited) < 1e-14).all())  # the default ridge moves an exact fit a little
+    # a structural change is not a tone edit: it still costs
+    assert bool((M.ToneMSE()(pred, edited.flip(-1)) > 1e-3).all())
+
+
+def test_tone_mse_clipped_pixels_cost_only_on_the_wrong_side():
+    pred = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.9], dtype=torch.float64).view(1, 1, 1, 6)
+    fits = 2 * pred - 0.1  # what the first five (unclipped) target pixels make the map
+    target = fits.clone()
+    target[..., 5] = 1.0  # the fit gives 1.7 there: above a clipped white, free
+    assert float(M.ToneMSE(0.0)(pred, target)) < 1e-28
+    target[..., 5] = 0.0  # a clipped black under a fit of 1.7: costs 1.7^2 / 6
+    torch.testing.assert_close(M.ToneMSE(0.0)(pred, target), torch.tensor([1.7 ** 2 / 6], dtype=torch.float64))
+
+
+def test_tone_mse_gradient_matches_finite_differences():
+    g = torch.Generator().manual_seed(3)
+    pred = (0.1 + 0.8 * torch.rand(2, 3, 6, 6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    target = torch.rand(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda p: M.ToneMSE()(p, target), (pred,))
+
+
+def test_tone_mse_flat_images_and_bad_ridge():
+    flat = torch.full((2, 1, 8, 8), 0.5)
+    loss = M.ToneMSE()(flat, torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert bool(torch.isfinite(loss).all())  # the ridge keeps the fit defined
+    assert bool(torch.isfinite(M.ToneMSE()(torch.rand(1, 1, 8, 8), torch.ones(1, 1, 8, 8))).all())  # all clipped
+    for bad in (-1e-3, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+            M.ToneMSE(bad)
+
+
 # --------------------------------------------------------------------------- gradients
 
 
 def _metrics_under_test():
-    return [M.MSE(), M.MAE(), M.SSIMLoss(), M.LPIPS(TinyBackbone())]
+    return [M.MSE(), M.MAE(), M.ToneMSE(), M.SSIMLoss(), M.LPIPS(TinyBackbone())]
 
 
 @pytest.mark.parametrize("metric", _metrics_under_test(), ids=lambda m: m.name)
@@ -270,7 +356,8 @@ def test_get_metric_names_and_objects():
     assert M.get_metric(lp) is lp
     with pytest.raises(ValueError, match=r"backbone.*metrics\.LPIPS\(backbone\)"):
         M.get_metric("lpips")
-    with pytest.raises(ValueError, match=r"one of \('mse', 'mae', 'ssim'\).*got 'psnr'"):
+    assert isinstance(M.get_metric("mse-tone"), M.ToneMSE)
+    with pytest.raises(ValueError, match=r"one of \('mse', 'mae', 'ssim', 'mse-tone'\).*got 'psnr'"):
         M.get_metric("psnr")
     with pytest.raises(ValueError, match="got 3"):
         M.get_metric(3)
@@ -296,3 +383,67 @@ def test_invert_runs_with_non_fused_metrics(metric):
     # The reported loss is the metric at the returned reconstruction.
     mobj = M.get_metric(m)
     torch.testing.assert_close(res.loss, mobj(res.reconstruction, images), atol=1e-5, rtol=1e-4)
+
+
+def test_invert_with_tone_mse_polishes_tone_edited_images_to_zero():
+    """A generated image under an affine tone edit: plain MSE cannot reach it, "mse-tone" with
+    its Levenberg-Marquardt polish (the Jacobian mapped through each row's tone fit) does, with
+    two polished candidates per image scored at their own images."""
+    from ronan_fast.inversion import InversionSettings, _polish
+
+    gen = _tiny_generator()
+    images = gen.generate(3, torch.Generator().manual_seed(2)).images
+    edited = (images * 1.25 - 0.05).clamp(0, 1)
+    s = InversionSettings(steps=150, lr=0.1, restarts=4, schedule="cosine", polish_steps=15, polish_candidates=2)
+    plain = invert(gen, edited, settings=s, seed=0)
+    assert bool((plain.loss > 1e-4).all())
+    adam_only = invert(gen, edited, settings=s.replace(polish_steps=0), metric="mse-tone", seed=0)
+    toned = invert(gen, edited, settings=s, metric="mse-tone", seed=0)
+    assert toned.metric == "mse-tone"
+    assert bool((toned.loss < 1e-9).all()) and bool((toned.loss < adam_only.loss).all()), (toned.loss, adam_only.loss)
+    torch.testing.assert_close(toned.loss, M.ToneMSE()(toned.reconstruction, edited), atol=1e-9, rtol=1e-3)
+    # the polish alone, from a perturbed true input
+    z_true = gen.sample_latents(3, torch.Generator().manual_seed(2))
+    start = z_true + 0.3 * torch.randn(z_true.shape, generator=torch.Generator().manual_seed(5))
+    target_raw = gen.from_unit(edited)
+    z = _polish(gen, start, None, target_raw, "mse-tone", 30, tone=M.ToneMSE())
+    with torch.no_grad():
+        before = M.ToneMSE()(gen.to_unit(gen.decode_raw(start)), edited)
+        after = M.ToneMSE()(gen.to_unit(gen.decode_raw(z)), edited)
+    assert bool((after < 1e-10).all()) and bool((before > 1e-4).all()), (before, after)
+    assert _polish(gen, start, None, target_raw, "mse-tone", 30) is start  # no tone object: not its residual
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_tone_polish_jacobian_is_the_fixed_map_residual_jacobian(channels):
+    """The polish's Jacobian for "mse-tone" against torch.func.jacfwd of the residual with the
+    colour map held at its fitted value (float64, random generator, partly clipped target)."""
+    from torch.func import jacfwd
+
+    from ronan_fast.inversion import _tone_jacobian
+
+    torch.manual_seed(11)
+    d, shape = 5, (channels, 6, 7)
+    net = nn.Sequential(nn.Linear(d, 40), nn.Tanh(), nn.Linear(40, channels * 42), nn.Tanh()).double()
+    z = torch.randn(3, d, dtype=torch.float64)
+    tone = M.ToneMSE()
+
+    def unit(zz):  # raw output in (-1, 1) -> [0, 1]
+        return (net(zz).view(zz.shape[0], *shape) + 1) / 2
+
+    with torch.no_grad():  # a contrast-stretched, noisy copy: clipped on both sides
+        target = (3 * unit(z) - 1 + 0.05 * torch.randn(3, *shape, dtype=torch.float64)).clamp(0, 1)
+
+    r, beta, active = tone.residual(unit(z), target)
+    assert 0 < float(active.double().mean()) < 1  # some clipped pixels are inactive
+    jac_raw = torch.stack([jacfwd(lambda q: net(q.unsqueeze(0)).flatten())(z[i]) for i in range(3)])
+    got = _tone_jacobian(jac_raw, beta, active)
+
+    def fixed_map_residual(q, i):
+        y = unit(q.unsqueeze(0)).flatten(2)[0]  # [C, P]
+        feats = torch.cat([y, torch.ones_like(y[:1])])
+        diff = beta[i] @ feats - target[i].flatten(1)
+        return (torch.where(active[i], diff, torch.zeros_like(diff)) * 2).flatten()  # raw units: x (hi - lo)
+
+    want = torch.stack([jacfwd(fixed_map_residual)(z[i], i) for i in range(3)])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -28,7 +28,8 @@ TABLES = {
     "6": "calibration on / off",
     "7": "training-data overlap: the other model's data overlaps the tested model's by 50-90%",
     "8": "edited belonging images (pilgram 1977 filter, JPEG quality 75) vs real images; '-aware' cells fit the "
-         "profile on the model's images edited the same way and edit the real images too",
+         "profile on the model's images edited the same way and edit the real images too; '-tone' cells score "
+         "with mse-tone (the MSE left after each image's best affine tone map)",
     "S": "inversion settings: the config's preset vs the package's default (multi-start); not a table of the paper",
 }
 
@@ -62,6 +63,9 @@ class EvalConfig:
     settings_models: tuple[str, ...] = ("dcgan-fmnist",)
     calibration_models: tuple[str, ...] = _FMNIST_ARCHS
     edit_models: tuple[str, ...] = ("dcgan-fmnist",)
+    #: beyond the paper: Table 8's edit cells again, and a Table 5 cell where the model is also in
+    #: ``metric_models``, with the tone-fitted metric "mse-tone"
+    tone_models: tuple[str, ...] = ()
     #: rounds of inverting the profile's outliers again (``Attributor(profile_retries=...)``); 0: none
     profile_retries: int = 0
 
@@ -79,7 +83,7 @@ class EvalConfig:
     def identity(self) -> dict:
         """The fields that change numbers (not ``name``, nor which models a table covers)."""
         d = asdict(self)
-        for k in ("name", "metric_models", "settings_models", "calibration_models", "edit_models"):
+        for k in ("name", "metric_models", "settings_models", "calibration_models", "edit_models", "tone_models"):
             d.pop(k)
         d["overrides"] = dict(self.overrides)
         if not d["profile_retries"]:
@@ -90,14 +94,15 @@ class EvalConfig:
 CONFIGS: dict[str, EvalConfig] = {
     # minutes on two CPU cores: every table, few images, short inversions
     "quick": EvalConfig("quick", n_profile=20, n_belonging=10, n_other=10, settings="authors",
-                        overrides=(("steps", 300),), preview=6),
+                        overrides=(("steps", 300),), preview=6, tone_models=("dcgan-fmnist",)),
     # the paper's counts: 100 profile images, 100 belonging + 100 other per cell, 1500 Adam steps
     "full": EvalConfig("full", n_profile=100, n_belonging=100, n_other=100, settings="authors", preview=8,
                        edit_models=_FMNIST_ARCHS),
     # the same counts with the package's inversion defaults (the model family's multi-start
     # settings) in place of the paper's single start: the paper's rule on converged inversions
     "full-default": EvalConfig("full-default", n_profile=100, n_belonging=100, n_other=100, settings="default",
-                               preview=8, edit_models=_FMNIST_ARCHS),
+                               preview=8, edit_models=_FMNIST_ARCHS,
+                               tone_models=("dcgan-fmnist", "vae-fmnist", "condgan-fmnist")),
 }
 
 
@@ -269,7 +274,7 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
         add(f"t4-dcgan-fmnist-vs-{b}", "4", "dcgan-fmnist", gen(b, no))
     # Table 5: metric ablation, belonging vs unseen real images
     for m in config.metric_models:
-        for metric in ("mse", "mae", "ssim"):
+        for metric in ("mse", "mae", "ssim") + (("mse-tone",) if m in config.tone_models else ()):
             add(f"t5-{m}-{metric}", "5", m, ImageSpec("unseen", m, no, seed), metric=metric)
     # Table 6: calibration on / off, belonging vs unseen real images
     for m in config.calibration_models:
@@ -286,6 +291,16 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
             add(f"t8-{m}-{edit}", "8", m, ImageSpec("unseen", m, no, seed), belonging=gen(m, nb, edit))
         for edit in EDITS:
             add(f"t8-{m}-{edit}-aware", "8", m, ImageSpec("unseen", m, no, seed, edit=edit),
+                belonging=gen(m, nb, edit), profile_edit=edit,
+                note=f"edit-aware profile: fitted on the model's images edited by {edit}; the other images "
+                     f"are edited by {edit} too")
+    # Beyond the paper, "-tone": the same edit cells scored with "mse-tone", the MSE left after each
+    # image's best affine tone map (an edit the generator cannot make but such a map can undo)
+    for m in config.tone_models:
+        for edit in EDITS:
+            add(f"t8-{m}-{edit}-tone", "8", m, ImageSpec("unseen", m, no, seed), metric="mse-tone",
+                belonging=gen(m, nb, edit))
+            add(f"t8-{m}-{edit}-aware-tone", "8", m, ImageSpec("unseen", m, no, seed, edit=edit), metric="mse-tone",
                 belonging=gen(m, nb, edit), profile_edit=edit,
                 note=f"edit-aware profile: fitted on the model's images edited by {edit}; the other images "
                      f"are edited by {edit} too")
