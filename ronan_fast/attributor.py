@@ -403,6 +403,10 @@ class Attributor:
             raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
         if edit is not None:
             check_edit(edit)
+            if edit == "tone" and self.metric != "mse-tone":
+                raise ValueError(f"edit='tone' (random tone edits) is for the metric 'mse-tone', which undoes the "
+                                 f"tone map; with {self.metric!r} the edited profile images would reconstruct as "
+                                 "badly as any other image")
         if progress:
             progress("generate", 0, n)
         images = self.sample(n, seed, purpose="profile")

@@ -555,6 +555,10 @@ def cmd_profile(args) -> int:
             check_edit(args.edit, "--edit")
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if args.edit == "tone" and args.metric != "mse-tone":
+            raise UsageError("--edit tone (random tone edits) goes with --metric mse-tone, which undoes the tone map; "
+                             f"with {args.metric or 'mse'} the edited profile images would reconstruct as badly as any "
+                             "other image")
     model, reference = _models(args, "default")
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
     overrides.update(_setting_overrides(args.set_fields, overrides))

@@ -298,6 +298,8 @@ def test_tone_metric_attributes_tone_edited_images(fitted, g, r, test_images):
     assert att.profile.metric == "mse-tone"
     res = att.attribute(torch.cat([edited, generated, noise]))
     assert res.belonging.tolist() == [True] * 12 + [False] * 6, res.loss
+    with pytest.raises(ValueError, match="edit='tone' .* is for the metric 'mse-tone'.*with 'mse'"):
+        fitted.fit(n=5, edit="tone")
 
 
 def test_default_rule_follows_the_model_family(r):

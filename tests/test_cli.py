@@ -123,6 +123,15 @@ def test_profile_of_edited_images(tmp_path, capsys):
     code, _, err = run(["profile", *MODEL, "--edit", "sepia", "-o", tmp_path / "bad.json"], capsys)
     assert code == 2 and "--edit must be 'jpegQ'" in err and "got 'sepia'" in err
     assert not (tmp_path / "bad.json").exists()
+    code, _, err = run(["profile", *MODEL, "--edit", "tone", "-o", tmp_path / "bad.json"], capsys)
+    assert code == 2 and "--edit tone" in err and "--metric mse-tone" in err
+    # random tone edits with the tone-fitted metric: recorded in the profile
+    code, out, _ = run(["profile", *MODEL, "--reference", "none", "-n", "4", "--steps", "30", "--restarts", "1", "-q",
+                        "--edit", "tone", "--metric", "mse-tone", "-o", tmp_path / "t.json"], capsys)
+    p = BelongingProfile.load(tmp_path / "t.json")
+    assert code == 0 and (p.edit, p.metric) == ("tone", "mse-tone")
+    code, out, _ = run(["inspect", "--profile", tmp_path / "t.json", *MODEL, "-q", img], capsys)
+    assert code == 0 and "profile of images edited by tone" in out
 
 
 def test_profile_resumes_after_an_interruption(tmp_path, capsys, monkeypatch):

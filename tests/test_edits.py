@@ -5,12 +5,12 @@ import torch
 from ronan_fast.edits import apply_edit, check_edit
 
 
-@pytest.mark.parametrize("edit", ["jpeg75", "jpeg1", "jpeg100", "1977"])
+@pytest.mark.parametrize("edit", ["jpeg75", "jpeg1", "jpeg100", "1977", "tone"])
 def test_check_edit_accepts(edit):
     assert check_edit(edit) == edit
 
 
-@pytest.mark.parametrize("edit", ["jpeg0", "jpeg101", "jpeg075", "jpeg", "JPEG75", "sepia", 75, None, ""])
+@pytest.mark.parametrize("edit", ["jpeg0", "jpeg101", "jpeg075", "jpeg", "JPEG75", "sepia", "Tone", 75, None, ""])
 def test_check_edit_refuses_and_names_the_argument(edit):
     with pytest.raises(ValueError, match=r"--edit must be 'jpegQ'"):
         check_edit(edit, "--edit")
@@ -47,6 +47,26 @@ def test_1977_changes_tones_not_layout():
     # a tone filter: the edited image stays strongly correlated with the original
     corr = np.corrcoef(x.flatten().numpy(), e.flatten().numpy())[0, 1]
     assert corr > 0.8
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_tone_edit_is_a_repeatable_affine_tone_change(channels):
+    from ronan_fast.metrics import MSE, ToneMSE
+
+    x = _images(channels, seed=4)
+    y = apply_edit(x, "tone")
+    assert y.shape == x.shape and torch.equal(torch.round(y * 255) / 255, y)  # 8-bit valued
+    assert torch.equal(apply_edit(x, "tone"), y)  # the draws come from the image: the same edit again
+    assert torch.equal(apply_edit(x[1:2], "tone"), y[1:2])  # per image, whatever the batch
+    changed, left = MSE()(x, y), ToneMSE()(x, y)
+    assert bool((changed > 5e-5).all())  # it changes the image...
+    # ...by a tone map per image (different ones), up to 8-bit rounding and clipping (clipping
+    # between stages bends the map: what an affine fit cannot undo)
+    assert bool((left < changed).all()) and float(left.sum()) < 0.2 * float(changed.sum()), (changed, left)
+    gains = [float(((y[i] - y[i].mean()) * (x[i] - x[i].mean())).sum() / ((x[i] - x[i].mean()) ** 2).sum())
+             for i in range(3)]
+    assert len({round(g, 3) for g in gains}) == 3 and all(0.4 < g < 2.0 for g in gains), gains
+    assert apply_edit(x[:0], "tone").shape == (0, *x.shape[1:])
 
 
 def test_apply_edit_refuses_bad_images():

@@ -307,12 +307,14 @@ def test_zoo_cell_plan():
     assert [c.id for c in dplan.cells if "tone" not in c.id] == [c.id for c in plan.cells if c.table != "S"]
     tone = {c.id: c for c in dplan.cells if "tone" in c.id}
     assert set(tone) == {"t5-dcgan-fmnist-mse-tone"} | {
-        f"t8-{m}-{e}{a}-tone" for m in ("dcgan-fmnist", "vae-fmnist", "condgan-fmnist") for e in ("1977", "jpeg75")
-        for a in ("", "-aware")}
+        f"t8-{m}-{e}{a}" for m in ("dcgan-fmnist", "vae-fmnist", "condgan-fmnist") for e in ("1977", "jpeg75")
+        for a in ("-tone", "-aware-tone", "-anytone")}
     assert {c.metric for c in tone.values()} == {"mse-tone"}
     assert tone["t8-vae-fmnist-1977-aware-tone"].profile_edit == "1977"
     assert tone["t8-vae-fmnist-1977-tone"].profile_edit is None
     assert tone["t8-vae-fmnist-1977-tone"].belonging.edit == "1977"
+    anytone = tone["t8-vae-fmnist-1977-anytone"]
+    assert (anytone.profile_edit, anytone.belonging.edit, anytone.other.edit) == ("tone", "1977", "1977")
     assert {"t2-onestep-fmnist-unseen", "t3-onestep-fmnist-vs-dcgan-fmnist"} <= {c.id for c in dplan.cells}
 
 

@@ -13,7 +13,7 @@ import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ronan_fast.evaluation.images import EDITS
+from ronan_fast.evaluation.images import EDITS, PROFILE_EDITS
 from ronan_fast.evaluation.models import ModelSource
 
 __all__ = ["EvalConfig", "ImageSpec", "Cell", "CONFIGS", "TABLES", "build_cells", "select_cells",
@@ -29,7 +29,8 @@ TABLES = {
     "7": "training-data overlap: the other model's data overlaps the tested model's by 50-90%",
     "8": "edited belonging images (pilgram 1977 filter, JPEG quality 75) vs real images; '-aware' cells fit the "
          "profile on the model's images edited the same way and edit the real images too; '-tone' cells score "
-         "with mse-tone (the MSE left after each image's best affine tone map)",
+         "with mse-tone (the MSE left after each image's best affine tone map), '-anytone' cells too, with the "
+         "profile fitted on random tone edits instead of the cell's edit",
     "S": "inversion settings: the config's preset vs the package's default (multi-start); not a table of the paper",
 }
 
@@ -126,8 +127,8 @@ class ImageSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("generated", "train", "unseen"):
             raise ValueError(f"ImageSpec.kind must be 'generated', 'train' or 'unseen', got {self.kind!r}")
-        if self.edit is not None and self.edit not in EDITS:
-            raise ValueError(f"ImageSpec.edit must be one of {EDITS} or None, got {self.edit!r}")
+        if self.edit is not None and self.edit not in PROFILE_EDITS:
+            raise ValueError(f"ImageSpec.edit must be one of {PROFILE_EDITS} or None, got {self.edit!r}")
 
     def key(self) -> str:
         k = f"{self.kind}-{self.source}-{self.purpose}-n{self.n}-s{self.seed}" if self.kind == "generated" \
@@ -149,7 +150,7 @@ class Cell:
     """One evaluated setting: model, reference, metric, belonging images, other images.
 
     ``settings`` names an inversion preset for this cell in place of the config's (the config's
-    overrides still apply); None: the config's. ``profile_edit`` (one of :data:`EDITS`): the
+    overrides still apply); None: the config's. ``profile_edit`` (one of :data:`PROFILE_EDITS`): the
     belonging profile is fitted on the model's images edited so (an edit-aware profile); None:
     on its unedited images.
     """
@@ -166,8 +167,8 @@ class Cell:
     profile_edit: str | None = None
 
     def __post_init__(self) -> None:
-        if self.profile_edit is not None and self.profile_edit not in EDITS:
-            raise ValueError(f"Cell.profile_edit must be one of {EDITS} or None, got {self.profile_edit!r}")
+        if self.profile_edit is not None and self.profile_edit not in PROFILE_EDITS:
+            raise ValueError(f"Cell.profile_edit must be one of {PROFILE_EDITS} or None, got {self.profile_edit!r}")
 
     def profile_spec(self, config: "EvalConfig") -> ImageSpec:
         """The images the cell's belonging profile is fitted on."""
@@ -304,6 +305,11 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
                 belonging=gen(m, nb, edit), profile_edit=edit,
                 note=f"edit-aware profile: fitted on the model's images edited by {edit}; the other images "
                      f"are edited by {edit} too")
+            # the edit unknown to the profile: fitted on random tone edits of the model's images
+            add(f"t8-{m}-{edit}-anytone", "8", m, ImageSpec("unseen", m, no, seed, edit=edit), metric="mse-tone",
+                belonging=gen(m, nb, edit), profile_edit="tone",
+                note=f"profile fitted on random tone edits of the model's images (edit 'tone'), not on {edit}; "
+                     f"the other images are edited by {edit} too")
     # Beyond the paper: the package's default inversion settings instead of the config's preset
     for m in config.settings_models:
         if config.settings != "default":

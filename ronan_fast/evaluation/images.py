@@ -12,12 +12,15 @@ from torch import Tensor
 from ronan_fast import edits
 from ronan_fast.edits import from_uint8, to_uint8
 
-__all__ = ["EDITS", "IMAGE_BITS", "quantise", "apply_edit", "to_uint8", "from_uint8", "images_sha256", "encode_uint8", "decode_uint8"]
+__all__ = ["EDITS", "PROFILE_EDITS", "IMAGE_BITS", "quantise", "apply_edit", "to_uint8", "from_uint8", "images_sha256", "encode_uint8", "decode_uint8"]
 
 #: bits per channel of every image the harness inverts (8: as saved to PNG)
 IMAGE_BITS = 8
 #: edits of belonging images (Table 8): pilgram's "1977" Instagram filter, JPEG at quality 75
 EDITS = ("1977", "jpeg75")
+#: edits a profile's images may be given: Table 8's, and "tone" (random tone edits) for cells
+#: that fit the profile without knowing which tone edit the belonging images had
+PROFILE_EDITS = EDITS + ("tone",)
 
 
 def quantise(images: Tensor) -> Tensor:
@@ -52,11 +55,12 @@ def decode_uint8(record: dict) -> Tensor:
 
 
 def apply_edit(images: Tensor, edit: str) -> Tensor:
-    """Apply an edit of :data:`EDITS` to 8-bit images; returns 8-bit images in [0, 1], same shape.
+    """Apply an edit of :data:`PROFILE_EDITS` to 8-bit images; returns 8-bit images in [0, 1], same shape.
 
     ``"1977"``: ``pilgram._1977`` (greyscale images go through RGB and back to greyscale).
-    ``"jpeg75"``: save as JPEG at quality 75 with Pillow and read back (see :mod:`ronan_fast.edits`).
+    ``"jpeg75"``: save as JPEG at quality 75 with Pillow and read back. ``"tone"``: random tone
+    edits (see :mod:`ronan_fast.edits`).
     """
-    if edit not in EDITS:
-        raise ValueError(f"edit must be one of {EDITS}, got {edit!r}")
+    if edit not in PROFILE_EDITS:
+        raise ValueError(f"edit must be one of {PROFILE_EDITS}, got {edit!r}")
     return edits.apply_edit(images, edit)
