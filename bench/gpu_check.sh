@@ -2,7 +2,8 @@
 # Check the CUDA kernels on a machine with an NVIDIA GPU and no package registry: build and
 # install ronan_fast into the machine's Python (its torch, scikit-build-core, pybind11, cmake
 # and ninja), run tests/test_ops.py and tests/test_cuda_graph.py with their CUDA cases (the
-# Adam step captured in CUDA graphs against the eager loop), then print accuracy and timings of the
+# Adam step captured in CUDA graphs against the eager loop) and the tone-fitted metric's device
+# test (mse-tone and its polish on the GPU), then print accuracy and timings of the
 # kernels against the references (bench/gpu_check.py), also to $OUT/gpu_check.md when OUT is set.
 # Then the benchmark tables, each against the installed package: bench.speed (both baselines
 # and our variants, on the bundled default generator, the zoo's one-step model and the 28M-
@@ -63,11 +64,12 @@ if [ "$cpu" = 0 ]; then
   echo "built in $(( $(date +%s) - start ))s"
 fi
 
-step "tests/test_ops.py tests/test_cuda_graph.py"
+step "tests/test_ops.py tests/test_cuda_graph.py, the tone metric on the device"
 # PYTHONSAFEPATH: the installed package, not the source tree, must be under test.
 log=$(mktemp)
 RONAN_FAST_REQUIRE_EXT=1 PYTHONSAFEPATH=1 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ops.py \
-  tests/test_cuda_graph.py 2>&1 | tee "$log" || fail "tests/test_ops.py or tests/test_cuda_graph.py failed"
+  "tests/test_metrics.py::test_tone_mse_and_its_polish_on_a_device" \
+  tests/test_cuda_graph.py 2>&1 | tee "$log" || fail "tests/test_ops.py, the tone metric test or tests/test_cuda_graph.py failed"
 if [ "$cpu" = 0 ] && grep -qi 'SKIPPED.*cuda' "$log"; then
   fail "CUDA test cases were skipped"
 fi

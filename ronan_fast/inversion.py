@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from ronan_fast import ops
-from ronan_fast.metrics import ToneMSE
 from ronan_fast.adapters import GeneratorAdapter, GeneratorOutputError
+from ronan_fast.metrics import ToneMSE
 
 __all__ = ["InversionSettings", "InversionResult", "invert", "resolve_settings", "PRESETS"]
 

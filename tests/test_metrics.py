@@ -447,3 +447,27 @@ def test_tone_polish_jacobian_is_the_fixed_map_residual_jacobian(channels):
 
     want = torch.stack([jacfwd(fixed_map_residual)(z[i], i) for i in range(3)])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tone_mse_and_its_polish_on_a_device(device):
+    """float32 on the device against the float64 definition; the tone-edited images of a tiny
+    generator on the device invert to near zero with the polish."""
+    g = torch.Generator().manual_seed(21)
+    pred = torch.rand(6, 3, 16, 16, generator=g, dtype=torch.float64)
+    target = (0.9 * pred + 0.2 * torch.rand(pred.shape, generator=g, dtype=torch.float64) - 0.05).clamp(0, 1)
+    got = M.ToneMSE()(pred.float().to(device), target.float().to(device))
+    assert got.device.type == device and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), _tone_reference(pred.float(), target.float(), 1e-8),
+                               rtol=1e-5, atol=0)
+    gen = _tiny_generator().to(device)
+    images = gen.generate(2, torch.Generator().manual_seed(2)).images
+    edited = (images * 0.8 + 0.1).clamp(0, 1)
+    from ronan_fast.inversion import InversionSettings
+
+    s = InversionSettings(steps=150, lr=0.1, restarts=4, schedule="cosine", polish_steps=15)
+    res = invert(gen, edited, settings=s, metric="mse-tone", seed=0)
+    assert res.loss.device.type == device and bool((res.loss < 1e-8).all()), res.loss
