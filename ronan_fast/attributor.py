@@ -380,6 +380,8 @@ class Attributor:
         ``edit`` (see :mod:`ronan_fast.edits`, e.g. ``"jpeg75"``) first applies that edit to the
         profile's images (as 8-bit images): the profile then tests "made by the model, then
         edited so", for images known to reach the inspector edited; it is recorded in the profile.
+        ``edit="tone"`` (random tone edits, for a tone edit not known in advance) needs the metric
+        ``"mse-tone"`` and works best with ``rule="grubbs"`` (README, Table 8).
         Returns the profile and keeps it as :attr:`profile`.
 
         ``checkpoint``: a JSON file (written atomically) that keeps the losses of every finished

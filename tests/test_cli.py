@@ -129,7 +129,7 @@ def test_profile_of_edited_images(tmp_path, capsys):
     code, out, _ = run(["profile", *MODEL, "--reference", "none", "-n", "4", "--steps", "30", "--restarts", "1", "-q",
                         "--edit", "tone", "--metric", "mse-tone", "-o", tmp_path / "t.json"], capsys)
     p = BelongingProfile.load(tmp_path / "t.json")
-    assert code == 0 and (p.edit, p.metric) == ("tone", "mse-tone")
+    assert code == 0 and (p.edit, p.metric, p.rule) == ("tone", "mse-tone", "grubbs")  # the paper's rule for it
     code, out, _ = run(["inspect", "--profile", tmp_path / "t.json", *MODEL, "-q", img], capsys)
     assert code == 0 and "profile of images edited by tone" in out
 
