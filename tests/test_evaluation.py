@@ -350,3 +350,18 @@ def test_profile_retries_in_the_harness_match_the_attributor_helper(tmp_path, in
         assert after.retries == 1 and after.retried == retried and before.retries is None
         np.testing.assert_allclose(after.raw_losses, want.numpy(), rtol=1e-12)
         assert rec["rules"][rule]["profile"] != rec0["rules"][rule]["profile"]
+
+
+def test_grids_show_the_tone_fitted_reconstruction_for_mse_tone():
+    from ronan_fast.evaluation.report import shown_reconstruction
+    from ronan_fast.metrics import ToneMSE
+
+    g = torch.Generator().manual_seed(0)
+    recon = torch.rand(3, 1, 8, 8, generator=g)
+    images = (recon * 1.2 + 0.1).clamp(0, 1)
+    assert shown_reconstruction("mse", recon, images) is recon
+    shown = shown_reconstruction("mse-tone", recon, images)
+    assert shown.shape == recon.shape and float(shown.min()) >= 0 and float(shown.max()) <= 1
+    assert float((shown - images).abs().max()) < 1e-4  # the fitted map undoes the brightening
+    torch.testing.assert_close(shown, ToneMSE().fit(recon, images).clamp(0, 1).float())
+    assert shown_reconstruction("mse-tone", recon, images[:2]).shape[0] == 2  # fewer previews of one side

@@ -264,19 +264,32 @@ def _hist(rec: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def shown_reconstruction(metric: str, recon, images):
+    """What a grid shows as an image's reconstruction: the generator's output, or for
+    "mse-tone" its tone-fitted image (what that loss compares with the image), clipped to [0, 1]."""
+    if metric != "mse-tone":
+        return recon
+    from ronan_fast.metrics import ToneMSE
+
+    k = min(recon.shape[0], images.shape[0])
+    return ToneMSE().fit(recon[:k].float(), images[:k].float()).clamp(0, 1).float()
+
+
 def _grid(rec: dict, previews: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     rows = []
+    metric = rec["cell"].get("metric", "mse")
+    note = "\n(tone-fitted)" if metric == "mse-tone" else ""
     for side in ("belonging", "other"):
         if side not in previews:
             return False
         imgs, rec_m = previews[side]
         rows.append((f"{side}", imgs))
-        rows.append((f"{rec['cell']['model']} recon.", rec_m))
+        rows.append((f"{rec['cell']['model']} recon.{note}", shown_reconstruction(metric, rec_m, imgs)))
         ref = previews.get(f"{side}_ref")
         if ref is not None:
-            rows.append((f"{rec['cell']['reference']} recon.", ref[1]))
+            rows.append((f"{rec['cell']['reference']} recon.{note}", shown_reconstruction(metric, ref[1], imgs)))
     k = min(r[1].shape[0] for r in rows)
     if k == 0:
         return False
