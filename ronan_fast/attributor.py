@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ronan_fast._atomic import write_text
 from ronan_fast.adapters import GeneratorAdapter
-from ronan_fast.edits import apply_edit, check_edit
+from ronan_fast.edits import apply_edit, check_edit, check_edit_metric
 from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule, profile_outliers
@@ -405,10 +405,7 @@ class Attributor:
             raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
         if edit is not None:
             check_edit(edit)
-            if edit == "tone" and self.metric != "mse-tone":
-                raise ValueError(f"edit='tone' (random tone edits) is for the metric 'mse-tone', which undoes the "
-                                 f"tone map; with {self.metric!r} the edited profile images would reconstruct as "
-                                 "badly as any other image")
+            check_edit_metric(edit, self.metric)
         if progress:
             progress("generate", 0, n)
         images = self.sample(n, seed, purpose="profile")

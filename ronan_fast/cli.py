@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ronan_fast import _atomic
-from ronan_fast.edits import EDIT_HELP, check_edit
+from ronan_fast.edits import EDIT_HELP, check_edit, check_edit_metric
 from ronan_fast.profile import DEFAULT_RULE, RULES
 
 EXIT_OK = 0
@@ -553,12 +553,9 @@ def cmd_profile(args) -> int:
     if args.edit is not None:
         try:
             check_edit(args.edit, "--edit")
+            check_edit_metric(args.edit, args.metric, "--edit", "--metric")
         except ValueError as e:
             raise UsageError(str(e)) from None
-        if args.edit == "tone" and args.metric != "mse-tone":
-            raise UsageError("--edit tone (random tone edits) goes with --metric mse-tone, which undoes the tone map; "
-                             f"with {args.metric or 'mse'} the edited profile images would reconstruct as badly as any "
-                             "other image")
     model, reference = _models(args, "default")
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
     overrides.update(_setting_overrides(args.set_fields, overrides))

@@ -31,7 +31,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported on use: the command line's argument checks stay cheap
     from torch import Tensor
 
-__all__ = ["apply_edit", "check_edit", "EDIT_HELP"]
+__all__ = ["apply_edit", "check_edit", "check_edit_metric", "EDIT_HELP"]
 
 EDIT_HELP = ("'jpegQ' (JPEG at quality Q, 1-100, e.g. jpeg75), '1977' (pilgram's 1977 filter) or 'tone' (random "
              "brightness/contrast/colour edits, for an unknown tone edit; score with the metric mse-tone)")
@@ -47,6 +47,22 @@ def check_edit(edit: object, name: str = "edit") -> str:
         if m and 1 <= int(m.group(1)) <= 100 and str(int(m.group(1))) == m.group(1):
             return edit
     raise ValueError(f"{name} must be {EDIT_HELP}, got {edit!r}")
+
+
+def check_edit_metric(edit: str | None, metric: str | None, edit_arg: str = "edit", metric_arg: str = "metric") -> None:
+    """Raise ``ValueError`` when a profile edit and the metric do not go together: ``"tone"``
+    (random tone edits) needs ``"mse-tone"``, which undoes the tone map; with any other metric
+    the edited profile images would reconstruct as badly as any other image. ``edit_arg`` and
+    ``metric_arg`` name the arguments (``"--edit"``-style names are shown as ``--edit tone``)."""
+    if edit != "tone" or metric == "mse-tone":
+        return
+
+    def shown(arg: str, value: str) -> str:
+        return f"{arg} {value}" if arg.startswith("--") else f"{arg}={value!r}"
+
+    raise ValueError(f"{shown(edit_arg, edit)} (random tone edits) is for the metric 'mse-tone' "
+                     f"({shown(metric_arg, 'mse-tone')}), which undoes the tone map; with {metric or 'mse'!r} the "
+                     "edited profile images would reconstruct as badly as any other image")
 
 
 def to_uint8(images: Tensor) -> np.ndarray:

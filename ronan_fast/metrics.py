@@ -131,7 +131,7 @@ class ToneMSE(Metric):
         return self._fit(pred, target)[0].view(pred.shape)
 
     def _fit(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        m, c = pred.shape[:2]
+        c = pred.shape[1]
         y = pred.double().flatten(2)  # [M, C, P]
         x = target.double().flatten(2)
         p = y.shape[2]

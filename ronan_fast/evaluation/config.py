@@ -287,14 +287,16 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
     # Table 8: edited belonging images still count as belonging; the others are unseen real images.
     # Beyond the paper, "-aware": the profile is fitted on the model's images edited the same way,
     # and the other images (unseen real ones) are edited too, so the edit itself tells nothing.
+    def aware_note(edit: str) -> str:
+        return (f"edit-aware profile: fitted on the model's images edited by {edit}; the other images are edited "
+                f"by {edit} too")
+
     for m in config.edit_models:
         for edit in EDITS:
             add(f"t8-{m}-{edit}", "8", m, ImageSpec("unseen", m, no, seed), belonging=gen(m, nb, edit))
         for edit in EDITS:
             add(f"t8-{m}-{edit}-aware", "8", m, ImageSpec("unseen", m, no, seed, edit=edit),
-                belonging=gen(m, nb, edit), profile_edit=edit,
-                note=f"edit-aware profile: fitted on the model's images edited by {edit}; the other images "
-                     f"are edited by {edit} too")
+                belonging=gen(m, nb, edit), profile_edit=edit, note=aware_note(edit))
     # Beyond the paper, "-tone": the same edit cells scored with "mse-tone", the MSE left after each
     # image's best affine tone map (an edit the generator cannot make but such a map can undo)
     for m in config.tone_models:
@@ -302,9 +304,7 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
             add(f"t8-{m}-{edit}-tone", "8", m, ImageSpec("unseen", m, no, seed), metric="mse-tone",
                 belonging=gen(m, nb, edit))
             add(f"t8-{m}-{edit}-aware-tone", "8", m, ImageSpec("unseen", m, no, seed, edit=edit), metric="mse-tone",
-                belonging=gen(m, nb, edit), profile_edit=edit,
-                note=f"edit-aware profile: fitted on the model's images edited by {edit}; the other images "
-                     f"are edited by {edit} too")
+                belonging=gen(m, nb, edit), profile_edit=edit, note=aware_note(edit))
             # the edit unknown to the profile: fitted on random tone edits of the model's images
             add(f"t8-{m}-{edit}-anytone", "8", m, ImageSpec("unseen", m, no, seed, edit=edit), metric="mse-tone",
                 belonging=gen(m, nb, edit), profile_edit="tone",
