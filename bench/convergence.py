@@ -40,6 +40,8 @@ from ronan_fast.inversion import _FALLBACK_DEFAULT, InversionSettings, invert, r
 CANDIDATES: dict[str, dict] = {
     "authors": {"settings": "authors"},
     "default": {"settings": "default"},
+    # multi-step samplers inverted step by step (ronan_fast.stagewise); others end to end
+    "stagewise": {"settings": "stagewise"},
     "r4-cos": dict(steps=1500, lr=0.1, restarts=4, schedule="cosine"),
     "r16-halve": dict(steps=1500, lr=0.1, restarts=16, schedule="cosine", halving_every=100, halving_keep=0.5,
                       min_rows=2),

@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 
+#: what a module needs to be inverted step by step (GeneratorAdapter.stage_chain)
+_CHAIN_API = ("step", "final_step", "step_start", "final_start")
+
+
 class GeneratorOutputError(RuntimeError):
     """The generator returned something that is not a usable image batch."""
 
@@ -134,6 +138,17 @@ class GeneratorAdapter(abc.ABC):
 
     def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
         """Conditions for ``n`` freshly generated images (None for unconditional generators)."""
+        return None
+
+    def stage_chain(self) -> nn.Module | None:
+        """The generator as a chain of sampler steps, for stagewise inversion, or None.
+
+        A chain is a module with ``steps`` (an int >= 2), ``step(i, x)`` (step ``i < steps - 1``:
+        its input to the next step's input, shaped like the latent), ``final_step(x)`` (the
+        last step's input to the raw image), ``step_start(i, x_next)`` (a first guess of step
+        ``i``'s input) and ``final_start(image_raw, noise)`` (a starting input of the last step);
+        :class:`~ronan_fast.models.DDIMSampler` is one. See :mod:`ronan_fast.stagewise`.
+        """
         return None
 
     def row_conditions(self, conditions: Tensor | None, batch: int, restarts: int) -> tuple[Tensor | None, int]:
@@ -247,6 +262,12 @@ class LatentGenerator(GeneratorAdapter):
 
     def modules(self) -> list[nn.Module]:
         return [self.module]
+
+    def stage_chain(self) -> nn.Module | None:
+        m = self.module
+        if self.call is not None or not all(hasattr(m, a) for a in _CHAIN_API):
+            return None
+        return m if isinstance(getattr(m, "steps", None), int) and m.steps >= 2 else None
 
     def config(self) -> dict:
         return {**super().config(), "latent_shape": list(self.latent_shape), "family": self.family}

@@ -37,7 +37,7 @@ POLISH_METHODS = ("dense", "cg", "dense-rev")
 #: fields added after the first settings format: :meth:`InversionSettings.to_dict` writes them only
 #: when they differ from these defaults, so earlier profiles and caches keep their identity
 _LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3,
-                 "polish_gmres_iters": 0, "polish_candidates": 1}
+                 "polish_gmres_iters": 0, "polish_candidates": 1, "stagewise": False}
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,12 @@ class InversionSettings:
     #: loss after the polish wins. A start whose Adam loss is lowest can still lie in a basin the
     #: polish cannot leave; a second one costs a second polish per image
     polish_candidates: int = 1
+    #: for a multi-step sampler that exposes its steps (``adapter.stage_chain()``, e.g. the zoo's
+    #: DDIM sampler): invert its last step as a one-step generator with these settings, then
+    #: solve each earlier step for its input by Gauss-Newton (:mod:`ronan_fast.stagewise`); the
+    #: loss reported is the whole sampler's from the recovered initial noise. Ignored for
+    #: generators without a stage decomposition
+    stagewise: bool = False
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -129,6 +135,8 @@ class InversionSettings:
             raise ValueError(f"polish_min_drop must lie in (0, 1), got {self.polish_min_drop!r}")
         if self.rel_tol < 0 or self.penalty < 0:
             raise ValueError("rel_tol and penalty must be >= 0")
+        if not isinstance(self.stagewise, bool):
+            raise ValueError(f"stagewise must be True or False, got {self.stagewise!r}")
         if not isinstance(self.metric, str):
             raise ValueError("settings.metric must be a metric name; pass metric objects to invert(metric=...)")
 
@@ -152,6 +160,12 @@ def _positive_int(name: str, v: object) -> None:
 
 
 #: Named settings. "authors" is the paper's code: one start, 1500 Adam steps at lr 0.1.
+#: "stagewise" inverts a multi-step sampler step by step (:mod:`ronan_fast.stagewise`; others
+#: get these settings end to end): its last step from two starts at the forward process
+#: (one Adam step), each polished by Gauss-Newton (GMRES, then CG) for up to 80 steps; the
+#: earlier steps solved exactly. On the zoo's 6-step DDIM sampler it takes the model's own
+#: images from about 2e-4 (end to end) to 1e-10 to 2e-6, and held-out real images just as
+#: low (bench/results/convergence_cpu_ddim_stagewise.md).
 PRESETS: dict[str, InversionSettings] = {
     "authors": InversionSettings(steps=1500, lr=0.1, restarts=1, schedule="constant"),
 }
@@ -194,6 +208,8 @@ FAMILY_DEFAULTS: dict[str, InversionSettings] = {
         polish_candidates=2,
     ),
 }
+PRESETS["stagewise"] = FAMILY_DEFAULTS["consistency"].replace(
+    steps=1, restarts=2, halving_every=0, patience=0, polish_patience=0, stagewise=True)
 _FALLBACK_DEFAULT = InversionSettings(
     steps=1500, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=150,
     halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3,
@@ -401,6 +417,13 @@ def invert(
         raise ValueError(f"cuda_graph=True needs a generator on a CUDA device, got {generator.name} on {device}")
     images = _check_images(generator, images).to(device)
     b_total = images.shape[0]
+    chain = generator.stage_chain() if s.stagewise else None
+    if chain is not None:
+        from ronan_fast.stagewise import invert_stagewise
+
+        return invert_stagewise(generator, chain, images, s, metric_obj if metric_obj is not None else metric_name,
+                                seed=seed, conditions=conditions, stop_below=stop_below, max_rows=max_rows,
+                                impl=impl, cuda_graph=cuda_graph, progress=progress, first_id=first_id)
 
     if conditions is not None:
         conditions = torch.as_tensor(conditions)

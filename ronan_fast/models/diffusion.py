@@ -98,7 +98,7 @@ class TinyUNet(ConfigModule):
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        temb = self.time_mlp(timestep_embedding(t, self.ch))
+        temb = self.time_mlp(timestep_embedding(t, self.ch).to(self.time_mlp[0].weight.dtype))
         if self.patch > 1:
             x = F.pixel_unshuffle(x, self.patch)
         h1 = self.down1(self.conv_in(x), temb)  # R
@@ -173,20 +173,43 @@ class DDIMSampler(_NoiseToImage):
         self.register_buffer("alpha_prev", a_prev.float(), persistent=False)
         self.register_buffer("alphas_cumprod", ac.float(), persistent=False)
 
+    def _predict(self, i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Step ``i``'s predicted x_0 (clipped when ``clip_x0``) and the noise consistent with it."""
+        a = self.alpha_t[i]
+        eps = self.unet(x, self.timesteps[i].expand(x.shape[0]))
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        if self.clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return x0, eps
+
+    def step(self, i: int, x: Tensor) -> Tensor:
+        """Step ``i`` (``0 <= i < steps - 1``): its input x_{t_i} to the next step's input."""
+        x0, eps = self._predict(i, x)
+        ap = self.alpha_prev[i]
+        return ap.sqrt() * x0 + (1 - ap).sqrt() * eps
+
+    def final_step(self, x: Tensor) -> Tensor:
+        """The last step: its input to the image (its predicted x_0)."""
+        return self._predict(self.steps - 1, x)[0]
+
+    def step_start(self, i: int, x_next: Tensor) -> Tensor:
+        """A first guess of step ``i``'s input from its output: the DDIM scaling
+        ``sqrt(abar_t / abar_prev) x_next`` (exact where the predicted noise is zero)."""
+        return (self.alpha_t[i] / self.alpha_prev[i]).sqrt() * x_next
+
+    def final_start(self, image: Tensor, noise: Tensor) -> Tensor:
+        """A starting input of the last step for an image in [-1, 1]: the forward process
+        ``sqrt(abar_t) image + sqrt(1 - abar_t) noise`` at that step's timestep."""
+        a = self.alpha_t[self.steps - 1]
+        return a.sqrt() * image + (1 - a).sqrt() * noise
+
     def forward(self, x_T: Tensor) -> Tensor:
         self._check_noise(x_T)
         x = x_T
-        n = x.shape[0]
-        x0 = x
-        for i in range(self.steps):
-            a, ap = self.alpha_t[i], self.alpha_prev[i]
-            eps = self.unet(x, self.timesteps[i].expand(n))
-            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-            if self.clip_x0:
-                x0 = x0.clamp(-1.0, 1.0)
-                eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-            x = ap.sqrt() * x0 + (1 - ap).sqrt() * eps
-        return x0
+        for i in range(self.steps - 1):
+            x = self.step(i, x)
+        return self.final_step(x)
 
     def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """The forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""

@@ -1,0 +1,179 @@
+"""Stagewise inversion of deterministic multi-step samplers (a DDIM sampler's steps).
+
+A K-step deterministic sampler is the composition ``G = f_K o f_(K-1) o ... o f_1`` of its
+steps: ``f_i`` maps step i's input (shaped like the initial noise) to the next step's input,
+and the last, ``f_K``, maps its input to the image (its predicted x_0). Inverting G end to end
+by gradient descent fails on the zoo's 6-step DDIM sampler: no own image converges
+(``bench/results/convergence_cpu_ddim.md``), because the first step, at t = 999, divides by
+sqrt(abar) = 0.0064 and clips, and every gradient has to pass through all six UNet calls.
+
+Each earlier step on its own is benign: ``f_i`` is a well-conditioned map of the noise-shaped
+input onto itself (a scaled identity plus a correction), and Gauss-Newton solves
+``f_i(x) = x_next`` to rounding error in a few iterations from the DDIM scaling
+``sqrt(abar_t / abar_prev) x_next``. So the whole difficulty of the inversion lies in the last
+step, a one-step generator of its own (one UNet call whose input is as wide as the image). This
+module inverts:
+
+1. the last step, seen as a one-step generator (:class:`FinalStep`), with the package's
+   inversion (Adam over restarts, then the square-Jacobian polish), starting from the forward
+   process at that step's timestep, ``sqrt(abar) image + sqrt(1 - abar) noise``;
+2. each earlier step, last to first, for the input that gives the next step's recovered input,
+   by GMRES Gauss-Newton steps (``J v`` products only), then matrix-free Levenberg-Marquardt for
+   rows GMRES leaves unsolved;
+3. and reports the loss of the whole sampler's output from the recovered initial noise: a
+   reconstruction is only as good as the chain that was actually solved.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ronan_fast.adapters import GeneratorAdapter
+
+__all__ = ["FinalStep", "StepMap", "invert_stagewise", "PREFIX_GMRES_STEPS", "PREFIX_CG_STEPS", "SOLVED_REL"]
+
+#: Gauss-Newton steps (30 GMRES iterations each) per earlier step, then Levenberg-Marquardt
+#: steps (100 CG iterations each) for rows still unsolved; the earlier steps of the zoo's DDIM
+#: sampler solve to float32 rounding in 3 to 6 Gauss-Newton steps
+PREFIX_GMRES_STEPS = 20
+PREFIX_CG_STEPS = 20
+#: an earlier step counts as solved once its residual's RMS is under this fraction of its
+#: target's RMS (float32 rounding is 6e-8); only unsolved rows go on to the CG phase
+SOLVED_REL = 1e-6
+
+
+class _ChainPart(GeneratorAdapter):
+    """A part of a sampler chain seen as a generator of latent-shaped inputs."""
+
+    def __init__(self, base: GeneratorAdapter, chain: nn.Module, name: str):
+        self.base, self.chain = base, chain
+        self.latent_shape = tuple(base.latent_shape)
+        self.latent_dim = base.latent_dim
+        self.name = name
+
+    def modules(self) -> list[nn.Module]:
+        return self.base.modules()
+
+    def config(self) -> dict:
+        return {**super().config(), "part_of": self.base.config(), "part": self.name}
+
+    @property
+    def prior_radius(self) -> float | None:
+        return None  # a step's input is not drawn from the prior
+
+    def _z(self, latents: Tensor) -> Tensor:
+        return latents.view(latents.shape[0], *self.latent_shape)
+
+
+class FinalStep(_ChainPart):
+    """The sampler's last step as a one-step generator: its input (noise-shaped) to the image.
+
+    Inversion starts from ``chain.final_start(image, noise)`` (the forward process at the last
+    step's timestep) with fresh standard-normal noise per row, instead of from the prior.
+    """
+
+    family = "consistency"
+
+    def __init__(self, base: GeneratorAdapter, chain: nn.Module):
+        super().__init__(base, chain, f"{base.name} (last step)")
+        self.output_range = base.output_range
+        self.image_shape = tuple(base.image_shape)
+
+    def decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
+        if conditions is not None:
+            raise ValueError(f"{self.base.name} takes no conditions, but conditions were given")
+        return self.chain.final_step(self._z(latents))
+
+    def initial_latents(self, images: Tensor, rows_per_image: int, generator: torch.Generator | None = None) -> Tensor:
+        raw = self.from_unit(images.to(self.device, torch.float32))
+        noise = self.sample_latents(rows_per_image * raw.shape[0], generator).view(-1, *self.latent_shape)
+        raw = raw.repeat_interleave(rows_per_image, 0).view(-1, *self.latent_shape)
+        return self.chain.final_start(raw, noise).flatten(1).float()
+
+
+class StepMap(_ChainPart):
+    """Step ``i`` of the chain as a map from its input to the next step's input (both flat)."""
+
+    family = "consistency"
+    output_range = (-1.0, 1.0)  # not an image: only decode_raw is used
+
+    def __init__(self, base: GeneratorAdapter, chain: nn.Module, i: int):
+        super().__init__(base, chain, f"{base.name} (step {i})")
+        self.i = i
+        self.image_shape = tuple(base.latent_shape)
+
+    def decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
+        return self.chain.step(self.i, self._z(latents))
+
+
+def _solve_step(part: StepMap, target: Tensor, max_rows: int) -> Tensor:
+    """Inputs x with ``part(x) = target`` (rows of ``target [n, D]``), by Gauss-Newton."""
+    from ronan_fast.inversion import _polish_cg, _polish_gmres
+
+    out = torch.empty_like(target)
+    for a in range(0, target.shape[0], max_rows):
+        tgt = target[a:a + max_rows]
+        shaped = tgt.view(-1, *part.latent_shape)
+        with torch.no_grad():
+            start = part.chain.step_start(part.i, shaped).flatten(1).float()
+        z, _ = _polish_gmres(part, start, None, shaped, "mse", PREFIX_GMRES_STEPS, krylov=30)
+        with torch.no_grad():
+            res = (part.decode_raw(z).flatten(1).float() - tgt).square().mean(1)
+        # solved: a root-mean-square residual within float32 rounding of the target's scale
+        unsolved = res > SOLVED_REL ** 2 * tgt.square().mean(1).clamp_min(1e-30)
+        if bool(unsolved.any()):
+            idx = unsolved.nonzero().squeeze(1)
+            z[idx] = _polish_cg(part, z[idx], None, shaped[idx], "mse", PREFIX_CG_STEPS, cg_iters=100)
+        out[a:a + max_rows] = z
+    return out
+
+
+def invert_stagewise(generator: GeneratorAdapter, chain: nn.Module, images: Tensor, settings, metric,
+                     *, seed: int = 0, conditions: Tensor | None = None, stop_below: Tensor | None = None,
+                     max_rows: int | None = None, impl="auto", cuda_graph: bool = False, progress=None,
+                     first_id: int = 0):
+    """Invert ``generator`` (whose :meth:`~GeneratorAdapter.stage_chain` is ``chain``) step by step.
+
+    ``images [B, C, H, W]`` in [0, 1] on the generator's device; ``settings`` (with
+    ``stagewise``) invert the last step; ``metric`` is a metric name or object. Returns an
+    :class:`~ronan_fast.inversion.InversionResult` whose ``inputs`` are the recovered initial
+    noise and whose ``loss`` is the whole sampler's reconstruction loss from it. ``extra``
+    holds ``last_step_loss`` (the loss the last step's inversion reached) and
+    ``chain_residual`` (per image, the largest mean squared residual of the earlier steps'
+    solves, raw units).
+    """
+    from ronan_fast import ops
+    from ronan_fast.inversion import InversionResult, invert
+
+    if conditions is not None:
+        raise ValueError(f"{generator.name} takes no conditions, but conditions were given")
+    last = FinalStep(generator, chain)
+    res = invert(last, images, settings=settings.replace(stagewise=False), metric=metric, seed=seed,
+                 stop_below=stop_below, max_rows=max_rows, impl=impl, cuda_graph=cuda_graph, progress=progress,
+                 first_id=first_id)
+    rows = max_rows or 4096
+    x = res.inputs
+    worst = torch.zeros(x.shape[0], device=x.device)
+    for i in reversed(range(chain.steps - 1)):
+        part = StepMap(generator, chain, i)
+        target = x
+        x = _solve_step(part, target, rows)
+        with torch.no_grad():
+            r = (part.decode_raw(x).flatten(1).float() - target).square().mean(1)
+        worst = torch.maximum(worst, r)
+    with torch.no_grad():
+        recon = torch.cat([generator.to_unit(generator.decode_raw(x[a:a + rows]).float())
+                           for a in range(0, x.shape[0], rows)])
+        if isinstance(metric, str) and metric in ops.METRICS:
+            diff = (recon - images).flatten(1)
+            loss = diff.square().mean(1) if metric == "mse" else diff.abs().mean(1)
+        else:
+            if isinstance(metric, str):
+                from ronan_fast.metrics import get_metric
+
+                metric = get_metric(metric)
+            loss = metric(recon, images).float()
+    return InversionResult(loss=loss, inputs=x, reconstruction=recon, conditions=None, row_steps=res.row_steps,
+                           settings=settings, metric=res.metric,
+                           extra={**res.extra, "last_step_loss": res.loss, "chain_residual": worst})
