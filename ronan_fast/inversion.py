@@ -164,8 +164,9 @@ def _positive_int(name: str, v: object) -> None:
 #: get these settings end to end): its last step from two starts at the forward process
 #: (one Adam step), each polished by Gauss-Newton (GMRES, then CG) for up to 80 steps; the
 #: earlier steps solved exactly. On the zoo's 6-step DDIM sampler it takes the model's own
-#: images from about 2e-4 (end to end) to 1e-10 to 2e-6, and held-out real images just as
-#: low (bench/results/convergence_cpu_ddim_stagewise.md).
+#: images from a median of 1.8e-4 (end to end) to 1.8e-7 (1.9e-9 to 2.6e-5), and held-out
+#: real images as low or lower, half of them to 1e-14
+#: (bench/results/convergence_cpu_ddim_stagewise.md).
 PRESETS: dict[str, InversionSettings] = {
     "authors": InversionSettings(steps=1500, lr=0.1, restarts=1, schedule="constant"),
 }
@@ -421,8 +422,7 @@ def invert(
     if chain is not None:
         from ronan_fast.stagewise import invert_stagewise
 
-        return invert_stagewise(generator, chain, images, s, metric_obj if metric_obj is not None else metric_name,
-                                seed=seed, conditions=conditions, stop_below=stop_below, max_rows=max_rows,
+        return invert_stagewise(generator, chain, images, s, metric_name, metric_obj, seed=seed, conditions=conditions, stop_below=stop_below, max_rows=max_rows,
                                 impl=impl, cuda_graph=cuda_graph, progress=progress, first_id=first_id)
 
     if conditions is not None:
@@ -671,11 +671,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
                                  done_groups=done_groups)
     with torch.no_grad():
         recon = generator.to_unit(generator.decode_raw(inputs, cond_b).float())
-        if fused:
-            diff = (recon - images[img]).flatten(1)
-            final = diff.square().mean(1) if metric_name == "mse" else diff.abs().mean(1)
-        else:
-            final = metric_obj(recon, images[img]).float()
+        final = _final_loss(recon, images[img], metric_name, metric_obj)
     if k > 1:  # each image's best candidate after the polish
         pick = torch.where(torch.isfinite(final), final, torch.full_like(final, float("inf"))).view(b, k).argmin(1)
         pick = torch.arange(b, device=device) * k + pick
@@ -685,6 +681,15 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     # consistent with the reconstruction across precisions (identical in float32 up to rounding).
     final = torch.where(torch.isfinite(final), final, loss_b)
     return final, inputs, recon.clamp(0, 1), cond_b, row_steps
+
+
+def _final_loss(recon: Tensor, images: Tensor, metric_name: str, metric_obj) -> Tensor:
+    """Per-image loss of reconstructions in [0, 1], float32: ``metric_obj`` when given, else the
+    fused metric ``metric_name`` ("mse" or "mae") written out."""
+    if metric_obj is not None:
+        return metric_obj(recon, images).float()
+    diff = (recon - images).flatten(1)
+    return diff.square().mean(1) if metric_name == "mse" else diff.abs().mean(1)
 
 
 def _capture(step: Callable[[], None], generator: GeneratorAdapter) -> "torch.cuda.CUDAGraph":

@@ -107,73 +107,67 @@ class StepMap(_ChainPart):
         return self.chain.step(self.i, self._z(latents))
 
 
-def _solve_step(part: StepMap, target: Tensor, max_rows: int) -> Tensor:
-    """Inputs x with ``part(x) = target`` (rows of ``target [n, D]``), by Gauss-Newton."""
+def _solve_step(part: StepMap, target: Tensor, max_rows: int) -> tuple[Tensor, Tensor]:
+    """Inputs x with ``part(x) = target`` (rows of ``target [n, D]``), by Gauss-Newton, and
+    each row's mean squared residual at them."""
     from ronan_fast.inversion import _polish_cg, _polish_gmres
 
+    def residual(z: Tensor, tgt: Tensor) -> Tensor:
+        with torch.no_grad():
+            return (part.decode_raw(z).flatten(1).float() - tgt).square().mean(1)
+
     out = torch.empty_like(target)
+    out_res = torch.empty(target.shape[0], device=target.device)
     for a in range(0, target.shape[0], max_rows):
         tgt = target[a:a + max_rows]
         shaped = tgt.view(-1, *part.latent_shape)
         with torch.no_grad():
             start = part.chain.step_start(part.i, shaped).flatten(1).float()
         z, _ = _polish_gmres(part, start, None, shaped, "mse", PREFIX_GMRES_STEPS, krylov=30)
-        with torch.no_grad():
-            res = (part.decode_raw(z).flatten(1).float() - tgt).square().mean(1)
+        res = residual(z, tgt)
         # solved: a root-mean-square residual within float32 rounding of the target's scale
         unsolved = res > SOLVED_REL ** 2 * tgt.square().mean(1).clamp_min(1e-30)
         if bool(unsolved.any()):
             idx = unsolved.nonzero().squeeze(1)
             z[idx] = _polish_cg(part, z[idx], None, shaped[idx], "mse", PREFIX_CG_STEPS, cg_iters=100)
-        out[a:a + max_rows] = z
-    return out
+            res[idx] = residual(z[idx], tgt[idx])
+        out[a:a + max_rows], out_res[a:a + max_rows] = z, res
+    return out, out_res
 
 
-def invert_stagewise(generator: GeneratorAdapter, chain: nn.Module, images: Tensor, settings, metric,
-                     *, seed: int = 0, conditions: Tensor | None = None, stop_below: Tensor | None = None,
-                     max_rows: int | None = None, impl="auto", cuda_graph: bool = False, progress=None,
-                     first_id: int = 0):
+def invert_stagewise(generator: GeneratorAdapter, chain: nn.Module, images: Tensor, settings, metric_name: str,
+                     metric_obj=None, *, seed: int = 0, conditions: Tensor | None = None,
+                     stop_below: Tensor | None = None, max_rows: int | None = None, impl="auto",
+                     cuda_graph: bool = False, progress=None, first_id: int = 0):
     """Invert ``generator`` (whose :meth:`~GeneratorAdapter.stage_chain` is ``chain``) step by step.
 
-    ``images [B, C, H, W]`` in [0, 1] on the generator's device; ``settings`` (with
-    ``stagewise``) invert the last step; ``metric`` is a metric name or object. Returns an
-    :class:`~ronan_fast.inversion.InversionResult` whose ``inputs`` are the recovered initial
-    noise and whose ``loss`` is the whole sampler's reconstruction loss from it. ``extra``
-    holds ``last_step_loss`` (the loss the last step's inversion reached) and
+    Called by :func:`~ronan_fast.inversion.invert` for settings with ``stagewise``.
+    ``images [B, C, H, W]`` in [0, 1] on the generator's device; ``settings`` invert the last
+    step; the loss is ``metric_obj`` if given, else the fused metric ``metric_name`` ("mse" or
+    "mae"). Returns an :class:`~ronan_fast.inversion.InversionResult` whose ``inputs`` are the
+    recovered initial noise and whose ``loss`` is the whole sampler's reconstruction loss from
+    it. ``extra`` holds ``last_step_loss`` (the loss the last step's inversion reached) and
     ``chain_residual`` (per image, the largest mean squared residual of the earlier steps'
     solves, raw units).
     """
-    from ronan_fast import ops
-    from ronan_fast.inversion import InversionResult, invert
+    from ronan_fast.inversion import InversionResult, _final_loss, invert
 
     if conditions is not None:
         raise ValueError(f"{generator.name} takes no conditions, but conditions were given")
     last = FinalStep(generator, chain)
-    res = invert(last, images, settings=settings.replace(stagewise=False), metric=metric, seed=seed,
-                 stop_below=stop_below, max_rows=max_rows, impl=impl, cuda_graph=cuda_graph, progress=progress,
-                 first_id=first_id)
+    res = invert(last, images, settings=settings.replace(stagewise=False),
+                 metric=metric_obj if metric_obj is not None else metric_name, seed=seed, stop_below=stop_below,
+                 max_rows=max_rows, impl=impl, cuda_graph=cuda_graph, progress=progress, first_id=first_id)
     rows = max_rows or 4096
     x = res.inputs
     worst = torch.zeros(x.shape[0], device=x.device)
     for i in reversed(range(chain.steps - 1)):
-        part = StepMap(generator, chain, i)
-        target = x
-        x = _solve_step(part, target, rows)
-        with torch.no_grad():
-            r = (part.decode_raw(x).flatten(1).float() - target).square().mean(1)
+        x, r = _solve_step(StepMap(generator, chain, i), x, rows)
         worst = torch.maximum(worst, r)
     with torch.no_grad():
         recon = torch.cat([generator.to_unit(generator.decode_raw(x[a:a + rows]).float())
                            for a in range(0, x.shape[0], rows)])
-        if isinstance(metric, str) and metric in ops.METRICS:
-            diff = (recon - images).flatten(1)
-            loss = diff.square().mean(1) if metric == "mse" else diff.abs().mean(1)
-        else:
-            if isinstance(metric, str):
-                from ronan_fast.metrics import get_metric
-
-                metric = get_metric(metric)
-            loss = metric(recon, images).float()
+        loss = _final_loss(recon, images, metric_name, metric_obj)
     return InversionResult(loss=loss, inputs=x, reconstruction=recon, conditions=None, row_steps=res.row_steps,
                            settings=settings, metric=res.metric,
                            extra={**res.extra, "last_step_loss": res.loss, "chain_residual": worst})

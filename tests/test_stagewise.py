@@ -83,10 +83,11 @@ def test_step_maps_solve_back_to_the_true_inputs():
     with torch.no_grad():
         x1 = s.step(0, x_T)
     part = StepMap(ad, s, 0)
-    got = _solve_step(part, x1.flatten(1), 64)
+    got, got_res = _solve_step(part, x1.flatten(1), 64)
     with torch.no_grad():
         res = (part.decode_raw(got) - x1).flatten(1).square().mean(1)
     assert bool((res < 1e-10).all()), res
+    torch.testing.assert_close(got_res, res)  # the residual it reports is the one at its answer
 
 
 def test_stagewise_inversion_reconstructs_own_images_through_the_whole_sampler():
