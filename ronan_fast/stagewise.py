@@ -168,6 +168,7 @@ def invert_stagewise(generator: GeneratorAdapter, chain: nn.Module, images: Tens
         recon = torch.cat([generator.to_unit(generator.decode_raw(x[a:a + rows]).float())
                            for a in range(0, x.shape[0], rows)])
         loss = _final_loss(recon, images, metric_name, metric_obj)
-    return InversionResult(loss=loss, inputs=x, reconstruction=recon, conditions=None, row_steps=res.row_steps,
+    # the loss is the unclamped output's, the reconstruction clamped to [0, 1], as invert() returns them
+    return InversionResult(loss=loss, inputs=x, reconstruction=recon.clamp(0, 1), conditions=None, row_steps=res.row_steps,
                            settings=settings, metric=res.metric,
                            extra={**res.extra, "last_step_loss": res.loss, "chain_residual": worst})

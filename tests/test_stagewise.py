@@ -109,7 +109,10 @@ def test_stagewise_inversion_reconstructs_own_images_through_the_whole_sampler()
     # without the clip, every step is a bijection of R^64: even a checkerboard, nothing like the
     # sampler's images, has an exact preimage, and the stagewise inversion finds it
     board = ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2).float().view(1, 1, 8, 8)
-    assert float(invert(ad, board, settings=PRESETS["stagewise"].replace(polish_steps=10)).loss) < 1e-10
+    rb = invert(ad, board, settings=PRESETS["stagewise"].replace(polish_steps=10))
+    assert float(rb.loss) < 1e-10
+    # its pixels sit at exactly 0 and 1: the reconstruction is clamped to [0, 1], as invert's is
+    assert 0.0 <= float(rb.reconstruction.min()) and float(rb.reconstruction.max()) <= 1.0
 
 
 def test_stagewise_refuses_conditions_and_the_last_step_starts_near_the_image():
