@@ -11,6 +11,7 @@ optimisers or statistics.
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 import json
 import math
@@ -317,14 +318,7 @@ class ConditionalGenerator(GeneratorAdapter):
         self.num_classes = num_classes
         self.call = call
         self.name = name or type(module).__name__
-        self.condition = None
-        if condition is not None:
-            if isinstance(condition, int):
-                if num_classes is not None and not 0 <= condition < num_classes:
-                    raise ValueError(f"condition must be a class in [0, {num_classes}), got {condition}")
-                self.condition = torch.tensor(condition, dtype=torch.int64)
-            else:
-                self.condition = torch.as_tensor(condition).detach()
+        self.condition = None if condition is None else self._checked_condition(condition)
         if image_shape is None:
             with torch.no_grad():
                 c = self._fixed_or_default(1)
@@ -333,6 +327,26 @@ class ConditionalGenerator(GeneratorAdapter):
                 raise GeneratorOutputError(f"{self.name} must return [N, C, H, W] images")
             image_shape = tuple(probe.shape[1:])
         self.image_shape = tuple(int(s) for s in image_shape)  # type: ignore[assignment]
+
+    def _checked_condition(self, condition: int | Tensor) -> Tensor:
+        if isinstance(condition, bool):
+            raise ValueError(f"condition must be a class label or an embedding, got {condition!r}")
+        if isinstance(condition, int):
+            if self.num_classes is not None and not 0 <= condition < self.num_classes:
+                raise ValueError(f"condition must be a class in [0, {self.num_classes}), got {condition}")
+            return torch.tensor(condition, dtype=torch.int64)
+        return torch.as_tensor(condition).detach()
+
+    def with_class(self, label: int) -> "ConditionalGenerator":
+        """A copy of this adapter that generates and inverts every image as class ``label`` (the
+        class is then known, not searched); the module is shared, not copied."""
+        if self.num_classes is None:
+            raise ValueError(f"{self.name} is conditioned on embeddings, not class labels: give condition= instead")
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise ValueError(f"the class label must be an int in [0, {self.num_classes}), got {label!r}")
+        new = copy.copy(self)
+        new.condition = self._checked_condition(label)
+        return new
 
     def _fixed_or_default(self, n: int) -> Tensor:
         if self.condition is not None:

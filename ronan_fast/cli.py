@@ -86,6 +86,12 @@ def _add_model_args(p: argparse.ArgumentParser, with_reference_choice: str) -> N
                    help="shape of one latent when the factory returns a torch module, e.g. 128 or 100 1 1")
     g.add_argument("--output-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="range of the module's output (default -1 1, i.e. tanh; use 0 1 for sigmoid)")
+    g.add_argument("--class-label", type=int, metavar="K",
+                   help="the class of a class-conditional model (a conditional zoo or factory generator, or a "
+                        "class-conditional diffusers consistency model): every image is generated and inverted "
+                        "as class K. Without it a conditional generator's class is searched (all classes "
+                        "tried) and a conditional diffusers model is refused. A profile fitted with a class is "
+                        "used with the same class")
     r = p.add_argument_group("reference model (calibration)")
     r.add_argument("--reference", default=with_reference_choice, metavar="SPEC",
                    help="reference model dividing the reconstruction loss: 'default' (the bundled DCGAN on MNIST "
@@ -382,9 +388,22 @@ def apply_state_dict(module, sd: dict, path, option: str = "--weights") -> None:
     module.load_state_dict(sd, strict=True)
 
 
-def build_generator(spec: str, weights, latent_shape, output_range, option: str = "--model", role: str = "model"):
+def build_generator(spec: str, weights, latent_shape, output_range, option: str = "--model", role: str = "model",
+                    class_label: int | None = None):
     """The adapter for a ``--model``/``--reference`` spec: 'default', a zoo model's name, or a
-    factory path."""
+    factory path; with ``class_label`` (``--class-label``), a class-conditional one fixed to that class."""
+    adapter = _build_adapter(spec, weights, latent_shape, output_range, option, role, class_label)
+    if class_label is None or spec.startswith("diffusers:"):  # from_folder took the class
+        return adapter
+    if not callable(getattr(adapter, "with_class", None)) or getattr(adapter, "num_classes", None) is None:
+        raise UsageError(f"--class-label {class_label}: {option} {spec} is not class-conditional")
+    try:
+        return adapter.with_class(class_label)
+    except ValueError as e:
+        raise UsageError(f"--class-label {class_label}: {e}") from None
+
+
+def _build_adapter(spec, weights, latent_shape, output_range, option, role, class_label):
     from torch import nn
 
     from ronan_fast.adapters import GeneratorAdapter, LatentGenerator
@@ -398,15 +417,15 @@ def build_generator(spec: str, weights, latent_shape, output_range, option: str 
         from ronan_fast import diffusers_adapters
 
         try:
-            adapter = diffusers_adapters.from_folder(spec[len("diffusers:"):])
+            adapter = diffusers_adapters.from_folder(spec[len("diffusers:"):], class_label=class_label)
         except ImportError as e:
             raise UsageError(f"{option} {spec}: {e}") from None
         except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
-            raise UsageError(f"{option} {spec}: {e}") from None
+            raise UsageError(f"{option} {spec}: {e}" if class_label is None
+                             else f"{option} {spec} with --class-label {class_label}: {e}") from None
         if getattr(adapter, "num_classes", None) is not None and getattr(adapter, "class_label", 0) is None:
-            raise UsageError(f"{option} {spec}: the model is class-conditional ({adapter.num_classes} classes) and "
-                             "the command line cannot give it a class; use a factory returning "
-                             "ronan_fast.diffusers_adapters.OneStepSampler.from_pretrained(FOLDER, class_label=K)")
+            raise UsageError(f"{option} {spec}: the model is class-conditional ({adapter.num_classes} classes): "
+                             "give its class with --class-label K")
         return adapter
     if spec == "default" or spec in ZOO:
         if latent_shape is not None or output_range is not None:
@@ -466,7 +485,8 @@ def _profile_reference(profile) -> str:
 
 
 def _models(args, reference_default: str):
-    model = build_generator(args.model, args.weights, args.latent_shape, args.output_range)
+    model = build_generator(args.model, args.weights, args.latent_shape, args.output_range,
+                            class_label=args.class_label)
     ref = args.reference
     if ref in ("none", "None"):
         if args.reference_weights:

@@ -13,6 +13,7 @@ is imported when an adapter is built, so this module imports without it.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -328,12 +329,7 @@ class OneStepSampler(GeneratorAdapter):
         self.latent_dim = math.prod(self.latent_shape)
         self.image_shape = self.latent_shape
         self.num_classes = unet.config.num_class_embeds
-        if class_label is not None:
-            if self.num_classes is None:
-                raise ValueError("class_label was given but the unet is not class-conditional (num_class_embeds is None)")
-            if not isinstance(class_label, int) or not 0 <= class_label < self.num_classes:
-                raise ValueError(f"class_label must be an int in [0, {self.num_classes}), got {class_label!r}")
-        self.class_label = class_label
+        self.class_label = None if class_label is None else self._checked_label(class_label)
         # A private scheduler from the same config, so the caller's keeps its state.
         sched = diffusers.CMStochasticIterativeScheduler.from_config(scheduler.config)
         sched.set_timesteps(1)
@@ -344,6 +340,20 @@ class OneStepSampler(GeneratorAdapter):
         self.sigma_data = sched.config.sigma_data
         self.c_skip, self.c_out = sched.get_scalings_for_boundary_condition(self.sigma)
         self.clip = bool(sched.config.clip_denoised if clip_denoised is None else clip_denoised)
+
+    def _checked_label(self, label) -> int:
+        if self.num_classes is None:
+            raise ValueError("class_label was given but the unet is not class-conditional (num_class_embeds is None)")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < self.num_classes:
+            raise ValueError(f"class_label must be an int in [0, {self.num_classes}), got {label!r}")
+        return label
+
+    def with_class(self, label: int) -> "OneStepSampler":
+        """A copy of this adapter whose class, when inversion is given none, is ``label``; the
+        unet is shared, not copied."""
+        new = copy.copy(self)
+        new.class_label = self._checked_label(label)
+        return new
 
     @classmethod
     def from_pretrained(
@@ -437,7 +447,7 @@ class OneStepSampler(GeneratorAdapter):
         return conditions.long().repeat_interleave(restarts, dim=0), restarts
 
 
-def from_folder(folder: str | os.PathLike) -> GeneratorAdapter:
+def from_folder(folder: str | os.PathLike, *, class_label: int | None = None) -> GeneratorAdapter:
     """The adapter for a saved diffusers model folder, chosen by what it holds.
 
     * ``unet/`` and ``scheduler/`` with a ``CMStochasticIterativeScheduler`` (as
@@ -445,6 +455,9 @@ def from_folder(folder: str | os.PathLike) -> GeneratorAdapter:
     * an autoencoder (``AutoencoderKL`` / ``VQModel``) folder, or a pipeline folder with a ``vae/``
       or ``vqvae/`` one: :meth:`LatentDiffusionDecoder.from_pretrained` (random starts, the
       config's image size).
+
+    ``class_label``: the class of a class-conditional consistency model (``ValueError`` for any
+    other model).
 
     Raises ``FileNotFoundError`` (not a folder, or none of these in it) or ``ValueError`` (a
     config of another kind), naming the folder and what was looked for.
@@ -457,12 +470,15 @@ def from_folder(folder: str | os.PathLike) -> GeneratorAdapter:
         except (OSError, ValueError) as e:
             raise ValueError(f"{sched} is not a readable JSON config: {e}") from None
         if kind == "CMStochasticIterativeScheduler":
-            return OneStepSampler.from_pretrained(root)
+            return OneStepSampler.from_pretrained(root, class_label=class_label)
         if _autoencoder_subfolder(root) is None:
             raise ValueError(f"{root} holds a unet with a {kind!r} scheduler: only one-step consistency models "
                              "(CMStochasticIterativeScheduler) are inverted from their noise; for a latent diffusion "
                              "pipeline the folder needs its vae/ or vqvae/ autoencoder")
     if (root / "config.json").is_file() or _autoencoder_subfolder(root) is not None:
+        if class_label is not None:
+            raise ValueError(f"{root} holds a latent diffusion model's autoencoder, which takes no class: "
+                             "class_label applies to a class-conditional consistency model")
         return LatentDiffusionDecoder.from_pretrained(root)
     raise FileNotFoundError(f"{root} holds no diffusers model this package can invert: expected unet/ and scheduler/ "
                             "of a consistency model, or an autoencoder config.json (itself or in vae/ or vqvae/)")

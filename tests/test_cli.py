@@ -254,6 +254,40 @@ def test_zoo_models_by_name(tmp_path, capsys):
     assert code == 2 and "--model vae-fmnist has a fixed latent shape" in err
 
 
+def test_class_label_fixes_a_conditional_model(tmp_path, capsys):
+    """--class-label K: a conditional zoo GAN generates and inverts every image as class K (its
+    class no longer searched), the profile remembers the class, and inspect without it, or with
+    another one, is refused; a label out of range or for an unconditional model is refused."""
+    from ronan_fast import cli, zoo
+
+    searched = cli.build_generator("condgan-fmnist", None, None, None)
+    fixed = cli.build_generator("condgan-fmnist", None, None, None, class_label=3)
+    assert searched.condition is None and int(fixed.condition) == 3
+    assert searched.with_class(3).module is searched.module and searched.condition is None  # a copy, same weights
+    assert fixed.row_conditions(None, 2, 4)[1] == 4  # rows per image: restarts, not restarts x classes
+    assert searched.row_conditions(None, 2, 4)[1] == 4 * searched.num_classes
+    assert fixed.fingerprint() != searched.fingerprint()
+    out = tmp_path / "c3.json"
+    code, _, err = run(["profile", "--model", "condgan-fmnist", "--class-label", "3", "--reference", "none", "-n", "4",
+                        "--settings", "authors", "--steps", "5", "--retries", "0", "-q", "-o", out], capsys)
+    assert code == 0, err
+    assert json.loads(out.read_text())["generator_fingerprint"] == fixed.fingerprint()
+    img = tmp_path / "g.png"
+    save_image(Attributor(fixed, None).sample(1, seed=5)[0], img)
+    code, _, err = run(["inspect", "--profile", out, "--model", "condgan-fmnist", "--class-label", "3", img, "-q"],
+                       capsys)
+    assert code == 0, err
+    for other in ([], ["--class-label", "4"]):
+        code, _, err = run(["inspect", "--profile", out, "--model", "condgan-fmnist", *other, img, "-q"], capsys)
+        assert code == 3 and "model fingerprint differs" in err
+    code, _, err = run(["profile", "--model", "condgan-fmnist", "--class-label", "10", "-o", out], capsys)
+    assert code == 2 and "--class-label 10" in err and "[0, 10)" in err
+    code, _, err = run(["profile", "--model", "vae-fmnist", "--class-label", "1", "-o", out], capsys)
+    assert code == 2 and "--model vae-fmnist is not class-conditional" in err
+    with pytest.raises(ValueError, match="int in"):
+        zoo.zoo_adapter("condgan-fmnist").with_class(True)
+
+
 @pytest.mark.parametrize("name", ["vae-fmnist", "condgan-fmnist", "onestep-fmnist", "dcgan64-photos"])
 def test_zoo_adapter(name):
     from ronan_fast import zoo

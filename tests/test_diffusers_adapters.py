@@ -394,4 +394,21 @@ def test_command_line_takes_a_diffusers_folder(cm_folder, tmp_path, capsys):
     diffusers.ConsistencyModelPipeline(unet=_unet(num_class_embeds=3),
                                        scheduler=diffusers.CMStochasticIterativeScheduler()).save_pretrained(conditional)
     assert cli.main(["profile", "--model", f"diffusers:{conditional}", "-o", str(out)]) == 2
-    assert "class-conditional (3 classes)" in capsys.readouterr().err
+    assert "class-conditional (3 classes): give its class with --class-label K" in capsys.readouterr().err
+    # with its class: profiled and inspected as that class; another class is another model
+    argv = ["profile", "--model", f"diffusers:{conditional}", "--class-label", "2", "--reference", "none", "-n", "4",
+            "--settings", "authors", "--steps", "5", "--retries", "0", "-q", "-o", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    two = OneStepSampler.from_pretrained(conditional, class_label=2)
+    assert json.loads(out.read_text())["generator_fingerprint"] == two.fingerprint()
+    assert two.with_class(1).fingerprint() == OneStepSampler.from_pretrained(conditional, class_label=1).fingerprint()
+    assert cli.main(["inspect", "--profile", str(out), "--model", f"diffusers:{conditional}", "--class-label", "2",
+                     str(img), "-q"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main(["inspect", "--profile", str(out), "--model", f"diffusers:{conditional}", "--class-label", "1",
+                     str(img), "-q"]) == 3
+    assert "model fingerprint differs" in capsys.readouterr().err
+    assert cli.main(["profile", "--model", f"diffusers:{conditional}", "--class-label", "3", "-o", str(out)]) == 2
+    assert "--class-label 3: class_label must be an int in [0, 3)" in capsys.readouterr().err
+    assert cli.main(["profile", "--model", f"diffusers:{cm_folder}", "--class-label", "0", "-o", str(out)]) == 2
+    assert "not class-conditional" in capsys.readouterr().err
