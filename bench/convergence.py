@@ -11,6 +11,10 @@ invert ``--n-real`` held-out real images of the model's data with the same setti
 * wall time per image, and the authors' single-start loop's time per image on the same
   machine (measured on ``--authors-images`` images in the same run).
 
+With ``--to-verdict`` each generated image stops once under the convergence line, as
+attribution stops an image once under the belonging threshold (``invert(stop_below=...)``): the
+convergence rate is the same, the time is the time to a settled verdict.
+
 Usage::
 
     python -m bench.convergence --generators default --n 200 --n-real 100 \
@@ -112,16 +116,20 @@ def quantiles(x: torch.Tensor) -> dict[str, float]:
     return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(x.max())}
 
 
-def run_one(bg, settings: InversionSettings, gen_images, real_images, seed: int) -> dict:
-    t0 = time.perf_counter()
-    res_g = invert(bg.adapter, gen_images, settings=settings, seed=seed)
-    t_gen = time.perf_counter() - t0
+def run_one(bg, settings: InversionSettings, gen_images, real_images, seed: int, to_verdict: bool = False) -> dict:
+    """Invert the generated and the real images with ``settings``; with ``to_verdict`` the real
+    images go first and each generated image stops once under the convergence line (1% of their
+    median), as an image stops once under the belonging threshold when attributing."""
     t0 = time.perf_counter()
     res_r = invert(bg.adapter, real_images, settings=settings, seed=seed + 1)
     t_real = time.perf_counter() - t0
-    g, r = res_g.loss.double().cpu(), res_r.loss.double().cpu()
+    r = res_r.loss.double().cpu()
     real_median = float(r.median())
     thr = 0.01 * real_median
+    t0 = time.perf_counter()
+    res_g = invert(bg.adapter, gen_images, settings=settings, seed=seed, stop_below=thr if to_verdict else None)
+    t_gen = time.perf_counter() - t0
+    g = res_g.loss.double().cpu()
     logg = torch.log(g.clamp_min(1e-30))
     return {
         "converged": float((g < thr).double().mean()),
@@ -133,6 +141,9 @@ def run_one(bg, settings: InversionSettings, gen_images, real_images, seed: int)
         "log_sigma": float(logg.std()),
         "overlap": float((r <= g.max()).double().mean()),
         "s_per_image": (t_gen + t_real) / (g.numel() + r.numel()),
+        "s_per_gen_image": t_gen / g.numel(),
+        "s_per_real_image": t_real / r.numel(),
+        "to_verdict": to_verdict,
         "row_steps_per_image": float(torch.cat([res_g.row_steps, res_r.row_steps]).double().mean()),
         "gen_losses": g.tolist(),
         "real_losses": r.tolist(),
@@ -163,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="Markdown table; a .json with all losses is written beside it after every row, and "
                         "a loss histogram per generator (OUT_STEM-GENERATOR.png: generated vs real, one panel per candidate)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out's .json and run only the rest")
+    p.add_argument("--to-verdict", action="store_true",
+                   help="invert the real images first and stop each generated image once its loss is under the "
+                        "convergence line (1%% of the real images' median), as attribution stops an image once "
+                        "under the belonging threshold: the same convergence, the time to a settled verdict; the "
+                        "generated images' quantiles then stop at the line")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -177,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (json_out and json_out.is_file()):
             p.error("--resume needs --out whose .json exists")
         old = json.loads(json_out.read_text())
-        keep = ("n", "n_real", "seed", "authors_images")
-        if any(old["args"].get(k) != raw["args"][k] for k in keep):
+        keep = ("n", "n_real", "seed", "authors_images", "to_verdict")
+        if any(old["args"].get(k, str(False) if k == "to_verdict" else None) != raw["args"][k] for k in keep):
             p.error(f"--resume: {json_out} was written with other {keep}: {old['args']}")
         raw["results"] = rows = old["results"]
     for gname in [g for g in a.generators.split(",") if g]:
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             s = settings_for(bg.adapter, CANDIDATES[cname])
             print(f"[{gname}] {cname}: {s}", file=sys.stderr, flush=True)
-            r = run_one(bg, s, gen, real, a.seed)
+            r = run_one(bg, s, gen, real, a.seed, to_verdict=a.to_verdict)
             r.update(generator=gname, candidate=cname, settings=s.to_dict(), authors_s_per_image=authors_s)
             rows.append(r)  # raw["results"] is rows
             if json_out:  # after every row: an interrupted run keeps what it finished
@@ -252,10 +268,15 @@ def render(rows: list[dict], mach: dict, a) -> str:
     head = (
         f"Convergence benchmark ({mach['device']}, {mach['cpu_count']} cores, {mach['threads']} threads, "
         f"torch {mach['torch']}, Python {mach['python']}); {a.n} generated + {a.n_real} real images per "
-        f"generator, seed {a.seed}. Converged: best MSE < 1% of the real images' median MSE.\n\n"
+        f"generator, seed {a.seed}. Converged: best MSE < 1% of the real images' median MSE.\n"
     )
+    if a.to_verdict:
+        head += ("To verdict (`--to-verdict`): the real images were inverted first, and each generated image "
+                 "stopped once under the convergence line, so the generated images' quantiles stop there; "
+                 "s/img is over generated and real images together, own and real each alone.\n")
+    head += "\n"
     cols = ["generator", "candidate", "converged", "gen p50", "gen p90", "gen p99", "gen max", "real median",
-            "overlap", "sigma/mu", "log sigma", "s/img", "authors s/img", "time ratio"]
+            "overlap", "sigma/mu", "log sigma", "s/img", "own s/img", "real s/img", "authors s/img", "time ratio"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ratio = r["s_per_image"] / r["authors_s_per_image"] if math.isfinite(r["authors_s_per_image"]) else float("nan")
@@ -263,6 +284,7 @@ def render(rows: list[dict], mach: dict, a) -> str:
             f"| {r['generator']} | {r['candidate']} | {r['converged']:.1%} | {r['gen_p50']:.2e} | {r['gen_p90']:.2e} "
             f"| {r['gen_p99']:.2e} | {r['gen_max']:.2e} | {r['real_median']:.2e} | {r['overlap']:.1%} "
             f"| {r['sigma_over_mu']:.2f} | {r['log_sigma']:.2f} | {r['s_per_image']:.3f} "
+            f"| {r.get('s_per_gen_image', float('nan')):.3f} | {r.get('s_per_real_image', float('nan')):.3f} "
             f"| {r['authors_s_per_image']:.3f} | {ratio:.2f} |"
         )
     return head + "\n".join(lines) + "\n"
