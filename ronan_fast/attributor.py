@@ -380,8 +380,9 @@ class Attributor:
         ``edit`` (see :mod:`ronan_fast.edits`, e.g. ``"jpeg75"``) first applies that edit to the
         profile's images (as 8-bit images): the profile then tests "made by the model, then
         edited so", for images known to reach the inspector edited; it is recorded in the profile.
-        ``edit="tone"`` (random tone edits, for a tone edit not known in advance) needs the metric
-        ``"mse-tone"`` and works best with ``rule="grubbs"`` (README, Table 8).
+        ``edit="tone"`` (random tone edits, for a tone edit not known in advance) and ``edit="any"``
+        (the same, half of them then saved as JPEG at a random quality, for an edit not known at
+        all) need the metric ``"mse-tone"`` and work best with ``rule="grubbs"`` (README, Table 8).
         Returns the profile and keeps it as :attr:`profile`.
 
         ``checkpoint``: a JSON file (written atomically) that keeps the losses of every finished

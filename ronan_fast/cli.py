@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ronan_fast import _atomic
-from ronan_fast.edits import EDIT_HELP, check_edit, check_edit_metric
+from ronan_fast.edits import EDIT_HELP, RANDOM_EDITS, check_edit, check_edit_metric
 from ronan_fast.profile import DEFAULT_RULE, RULES
 
 EXIT_OK = 0
@@ -136,7 +136,7 @@ def _add_inversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rule", default=None, choices=list(RULES),
                    help="'grubbs': the paper's test on the calibrated loss; 'grubbs-log': the same on its "
                         f"logarithm, for heavy-tailed losses (default: the model family's: {DEFAULT_RULE}, "
-                        "grubbs for one-step 'consistency' models; grubbs for a profile with --edit tone)")
+                        "grubbs for one-step 'consistency' models; grubbs for a profile with --edit tone or any)")
     g.add_argument("--alpha", type=_probability, default=0.05, help="significance level (default: 0.05)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="set_fields",
                    help="override any other field of ronan_fast.InversionSettings, e.g. --set "
@@ -583,7 +583,7 @@ def cmd_profile(args) -> int:
     overrides.update(_setting_overrides(args.set_fields, overrides))
     # random tone edits spread the profile over decades, which the log rule turns into false
     # positives (README, Table 8's -anytone cells): the paper's rule unless one is asked for
-    rule = "grubbs" if args.rule is None and args.edit == "tone" else args.rule
+    rule = "grubbs" if args.rule is None and args.edit in RANDOM_EDITS else args.rule
     try:
         att = Attributor(model, reference, alpha=args.alpha, metric=args.metric, rule=rule,
                          settings=args.settings, seed=args.inversion_seed, device=device, cuda_graph=args.cuda_graph,

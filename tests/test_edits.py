@@ -5,12 +5,12 @@ import torch
 from ronan_fast.edits import apply_edit, check_edit
 
 
-@pytest.mark.parametrize("edit", ["jpeg75", "jpeg1", "jpeg100", "1977", "tone"])
+@pytest.mark.parametrize("edit", ["jpeg75", "jpeg1", "jpeg100", "1977", "tone", "any"])
 def test_check_edit_accepts(edit):
     assert check_edit(edit) == edit
 
 
-@pytest.mark.parametrize("edit", ["jpeg0", "jpeg101", "jpeg075", "jpeg", "JPEG75", "sepia", "Tone", 75, None, ""])
+@pytest.mark.parametrize("edit", ["jpeg0", "jpeg101", "jpeg075", "jpeg", "JPEG75", "sepia", "Tone", "Any", 75, None, ""])
 def test_check_edit_refuses_and_names_the_argument(edit):
     with pytest.raises(ValueError, match=r"--edit must be 'jpegQ'"):
         check_edit(edit, "--edit")
@@ -67,6 +67,41 @@ def test_tone_edit_is_a_repeatable_affine_tone_change(channels):
              for i in range(3)]
     assert len({round(g, 3) for g in gains}) == 3 and all(0.4 < g < 2.0 for g in gains), gains
     assert apply_edit(x[:0], "tone").shape == (0, *x.shape[1:])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_any_edit_is_the_tone_edit_then_sometimes_jpeg(channels):
+    """'any': each image's 'tone' edit (the same draws), then for about half of the images JPEG
+    at a quality from 50 to 95, which leaves blocky errors no tone map undoes."""
+    from ronan_fast.edits import _jpeg, to_uint8
+    from ronan_fast.metrics import ToneMSE
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.round(torch.nn.functional.interpolate(torch.rand(40, channels, 6, 6, generator=g), size=(32, 32),
+                                                    mode="bilinear", align_corners=False) * 255) / 255
+    y, t = apply_edit(x, "any"), apply_edit(x, "tone")
+    assert torch.equal(apply_edit(x, "any"), y) and torch.equal(apply_edit(x[3:4], "any"), y[3:4])
+    plain = [i for i in range(len(x)) if torch.equal(y[i], t[i])]
+    assert 8 <= len(plain) <= 32, len(plain)  # about half are left as the tone edit made them
+    for i in set(range(len(x))) - set(plain):
+        # the others are the tone-edited image saved as JPEG at some quality from 50 to 95
+        tone8 = to_uint8(t[i:i + 1])[0]
+        hits = [q for q in range(50, 96) if np.array_equal(_jpeg(tone8, q), to_uint8(y[i:i + 1])[0])]
+        assert hits, i
+    # what JPEG leaves is larger than what the tone edit's rounding leaves
+    left = ToneMSE()(x, y)
+    jpeg = torch.tensor([i not in plain for i in range(len(x))])
+    assert float(left[jpeg].median()) > 2 * float(left[~jpeg].median())
+
+
+def test_random_edits_need_the_tone_metric():
+    from ronan_fast.edits import check_edit_metric
+
+    for edit in ("tone", "any"):
+        check_edit_metric(edit, "mse-tone")
+        with pytest.raises(ValueError, match=f"--edit {edit} .*--metric mse-tone"):
+            check_edit_metric(edit, "mse", "--edit", "--metric")
+    check_edit_metric("jpeg75", "mse")
 
 
 def test_apply_edit_refuses_bad_images():

@@ -304,8 +304,14 @@ def test_zoo_cell_plan():
     # the same cells with the package's defaults: every table but the settings comparison
     dplan = build_cells(CONFIGS["full-default"], models)
     assert CONFIGS["full-default"].settings == "default"
-    assert [c.id for c in dplan.cells if "tone" not in c.id] == [c.id for c in plan.cells if c.table != "S"]
+    assert [c.id for c in dplan.cells if "tone" not in c.id and "anyedit" not in c.id] == [
+        c.id for c in plan.cells if c.table != "S"]
     tone = {c.id: c for c in dplan.cells if "tone" in c.id}
+    anyedit = {c.id: c for c in dplan.cells if c.id.endswith("-anyedit")}
+    assert set(anyedit) == {f"t8-{m}-{e}-anyedit" for m in ("dcgan-fmnist", "vae-fmnist", "condgan-fmnist")
+                            for e in ("1977", "jpeg75")}
+    c = anyedit["t8-dcgan-fmnist-jpeg75-anyedit"]
+    assert (c.metric, c.profile_edit, c.belonging.edit, c.other.edit) == ("mse-tone", "any", "jpeg75", "jpeg75")
     assert set(tone) == {"t5-dcgan-fmnist-mse-tone"} | {
         f"t8-{m}-{e}{a}" for m in ("dcgan-fmnist", "vae-fmnist", "condgan-fmnist") for e in ("1977", "jpeg75")
         for a in ("-tone", "-aware-tone", "-anytone")}

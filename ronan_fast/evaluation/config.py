@@ -30,7 +30,8 @@ TABLES = {
     "8": "edited belonging images (pilgram 1977 filter, JPEG quality 75) vs real images; '-aware' cells fit the "
          "profile on the model's images edited the same way and edit the real images too; '-tone' cells score "
          "with mse-tone (the MSE left after each image's best affine tone map), '-anytone' cells too, with the "
-         "profile fitted on random tone edits instead of the cell's edit",
+         "profile fitted on random tone edits instead of the cell's edit; '-anyedit' cells too, with the profile "
+         "fitted on random tone edits of which half are then saved as JPEG at a random quality (50 to 95)",
     "S": "inversion settings: the config's preset vs the package's default (multi-start); not a table of the paper",
 }
 
@@ -310,6 +311,12 @@ def build_cells(config: EvalConfig, models: ModelSource) -> CellPlan:
                 belonging=gen(m, nb, edit), profile_edit="tone",
                 note=f"profile fitted on random tone edits of the model's images (edit 'tone'), not on {edit}; "
                      f"the other images are edited by {edit} too")
+            # ... fitted on random tone edits, half of them then JPEG at a random quality (edit 'any')
+            add(f"t8-{m}-{edit}-anyedit", "8", m, ImageSpec("unseen", m, no, seed, edit=edit), metric="mse-tone",
+                belonging=gen(m, nb, edit), profile_edit="any",
+                note=f"profile fitted on random edits of the model's images (edit 'any': tone edits, half of them "
+                     f"then JPEG at a quality from 50 to 95), not on {edit}; the other images are edited by {edit} "
+                     "too")
     # Beyond the paper: the package's default inversion settings instead of the config's preset
     for m in config.settings_models:
         if config.settings != "default":

@@ -18,9 +18,10 @@ __all__ = ["EDITS", "PROFILE_EDITS", "IMAGE_BITS", "quantise", "apply_edit", "to
 IMAGE_BITS = 8
 #: edits of belonging images (Table 8): pilgram's "1977" Instagram filter, JPEG at quality 75
 EDITS = ("1977", "jpeg75")
-#: edits a profile's images may be given: Table 8's, and "tone" (random tone edits) for cells
-#: that fit the profile without knowing which tone edit the belonging images had
-PROFILE_EDITS = EDITS + ("tone",)
+#: edits a profile's images may be given: Table 8's, and "tone" (random tone edits) and "any"
+#: (the same, half of them then JPEG at a random quality) for cells that fit the profile without
+#: knowing which edit the belonging images had
+PROFILE_EDITS = EDITS + ("tone", "any")
 
 
 def quantise(images: Tensor) -> Tensor:
@@ -59,7 +60,7 @@ def apply_edit(images: Tensor, edit: str) -> Tensor:
 
     ``"1977"``: ``pilgram._1977`` (greyscale images go through RGB and back to greyscale).
     ``"jpeg75"``: save as JPEG at quality 75 with Pillow and read back. ``"tone"``: random tone
-    edits (see :mod:`ronan_fast.edits`).
+    edits; ``"any"``: random tone edits, half of them then JPEG (see :mod:`ronan_fast.edits`).
     """
     if edit not in PROFILE_EDITS:
         raise ValueError(f"edit must be one of {PROFILE_EDITS}, got {edit!r}")
