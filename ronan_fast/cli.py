@@ -388,12 +388,22 @@ def apply_state_dict(module, sd: dict, path, option: str = "--weights") -> None:
     module.load_state_dict(sd, strict=True)
 
 
+def _spec_kind(spec: str) -> str:
+    """What a ``--model``/``--reference`` spec names: "diffusers" (``diffusers:FOLDER``), "bundled"
+    ('default' or a zoo model's name) or "factory" (``package.module:factory``)."""
+    from ronan_fast.zoo import ZOO
+
+    if spec.startswith("diffusers:"):
+        return "diffusers"
+    return "bundled" if spec == "default" or spec in ZOO else "factory"
+
+
 def build_generator(spec: str, weights, latent_shape, output_range, option: str = "--model", role: str = "model",
                     class_label: int | None = None):
     """The adapter for a ``--model``/``--reference`` spec: 'default', a zoo model's name, or a
     factory path; with ``class_label`` (``--class-label``), a class-conditional one fixed to that class."""
     adapter = _build_adapter(spec, weights, latent_shape, output_range, option, role, class_label)
-    if class_label is None or spec.startswith("diffusers:"):  # from_folder took the class
+    if class_label is None or _spec_kind(spec) == "diffusers":  # from_folder took the class
         return adapter
     if not callable(getattr(adapter, "with_class", None)) or getattr(adapter, "num_classes", None) is None:
         raise UsageError(f"--class-label {class_label}: {option} {spec} is not class-conditional")
@@ -410,7 +420,8 @@ def _build_adapter(spec, weights, latent_shape, output_range, option, role, clas
     from ronan_fast.zoo import ZOO
 
     wopt = "--weights" if option == "--model" else "--reference-weights"
-    if spec.startswith("diffusers:"):
+    kind = _spec_kind(spec)
+    if kind == "diffusers":
         if latent_shape is not None or output_range is not None or weights is not None:
             raise UsageError(f"{option} {spec}: a diffusers folder holds its own weights and shapes; drop "
                              f"{wopt}, --latent-shape and --output-range")
@@ -427,7 +438,7 @@ def _build_adapter(spec, weights, latent_shape, output_range, option, role, clas
             raise UsageError(f"{option} {spec}: the model is class-conditional ({adapter.num_classes} classes): "
                              "give its class with --class-label K")
         return adapter
-    if spec == "default" or spec in ZOO:
+    if kind == "bundled":
         if latent_shape is not None or output_range is not None:
             raise UsageError(f"{option} {spec} has a fixed latent shape and output range; "
                              "--latent-shape/--output-range apply to factory models")
@@ -496,10 +507,8 @@ def _models(args, reference_default: str):
         ref = reference_default
         if ref == "none":
             return model, None
-    from ronan_fast.zoo import ZOO
-
     # only a factory module takes a latent shape and range
-    factory = ref != "default" and ref not in ZOO and not ref.startswith("diffusers:")
+    factory = _spec_kind(ref) == "factory"
     ref_latent = args.reference_latent_shape or (args.latent_shape if factory else None)
     ref_range = args.reference_output_range or (args.output_range if factory else None)
     reference = build_generator(ref, args.reference_weights, ref_latent, ref_range, option="--reference",
