@@ -89,6 +89,11 @@ CANDIDATES: dict[str, dict] = {
     # sixth, now the default
     "gmres30-cg-drop20-c2": {"settings": "default", "polish_gmres_iters": 30, "polish_min_drop": 0.2,
                              "polish_candidates": 2},
+    # ... and, run to a verdict (--to-verdict), two more starts polished for each image whose
+    # polished starts ended above the line but within 4x of it (its verdict in doubt)
+    "default-esc2": {"settings": "default", "polish_escalate": 2},
+    # ... one polished start per image, three more for those in doubt
+    "c1-esc3": {"settings": "default", "polish_candidates": 1, "polish_escalate": 3},
     # ... after half the Adam steps (300, halving every 50): does the polish need 600?
     "adam300-c2": {"settings": "default", "steps": 300, "halving_every": 50, "patience": 150,
                    "polish_gmres_iters": 30, "polish_min_drop": 0.2, "polish_candidates": 2},

@@ -37,7 +37,8 @@ POLISH_METHODS = ("dense", "cg", "dense-rev")
 #: fields added after the first settings format: :meth:`InversionSettings.to_dict` writes them only
 #: when they differ from these defaults, so earlier profiles and caches keep their identity
 _LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3,
-                 "polish_gmres_iters": 0, "polish_candidates": 1, "stagewise": False}
+                 "polish_gmres_iters": 0, "polish_candidates": 1, "stagewise": False, "polish_escalate": 0,
+                 "escalate_within": 4.0}
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,13 @@ class InversionSettings:
     #: loss after the polish wins. A start whose Adam loss is lowest can still lie in a basin the
     #: polish cannot leave; a second one costs a second polish per image
     polish_candidates: int = 1
+    #: > 0, when a belonging threshold is known (``invert(stop_below=...)``, as when attributing
+    #: with early stop): an image whose polished rows all ended above its threshold but within
+    #: ``escalate_within`` times it (its verdict in doubt) has this many more of its best Adam
+    #: rows polished (the next ones by Adam loss), and the lowest loss wins. Images far above
+    #: their threshold (real images) or under it cost nothing more. Without a threshold: ignored
+    polish_escalate: int = 0
+    escalate_within: float = 4.0
     #: for a multi-step sampler that exposes its steps (``adapter.stage_chain()``, e.g. the zoo's
     #: DDIM sampler): invert its last step as a one-step generator with these settings, then
     #: solve each earlier step for its input by Gauss-Newton (:mod:`ronan_fast.stagewise`); the
@@ -110,7 +118,8 @@ class InversionSettings:
         _positive_int("restarts", self.restarts)
         _positive_int("check_every", self.check_every)
         _positive_int("min_rows", self.min_rows)
-        for name in ("warmup", "halving_every", "patience", "polish_steps", "polish_patience", "polish_gmres_iters"):
+        for name in ("warmup", "halving_every", "patience", "polish_steps", "polish_patience", "polish_gmres_iters",
+                     "polish_escalate"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
@@ -133,6 +142,9 @@ class InversionSettings:
             raise ValueError(f"polish_method must be one of {POLISH_METHODS}, got {self.polish_method!r}")
         if not (isinstance(self.polish_min_drop, (int, float)) and 0 < self.polish_min_drop < 1):
             raise ValueError(f"polish_min_drop must lie in (0, 1), got {self.polish_min_drop!r}")
+        if isinstance(self.escalate_within, bool) or not isinstance(self.escalate_within, (int, float)) \
+                or not 1 < self.escalate_within < float("inf"):
+            raise ValueError(f"escalate_within must be a finite number > 1, got {self.escalate_within!r}")
         if self.rel_tol < 0 or self.penalty < 0:
             raise ValueError("rel_tol and penalty must be >= 0")
         if not isinstance(self.stagewise, bool):
@@ -634,52 +646,78 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     loss_b, row_b = ops.best_over_restarts(final_loss, index, b, impl=impl)
     row_b = torch.where(row_b < 0, torch.arange(b, device=device) * rpi, row_b)  # all-NaN image: keep its first row
     k = min(s.polish_candidates, rpi) if s.polish_steps and polishable else 1
+    ranked = torch.where(torch.isfinite(final_loss), final_loss, torch.full_like(final_loss, float("inf"))).view(b, rpi)
     if k == 1:
         cand = row_b  # [b * k]: the rows whose inputs are polished and scored, image-major
     else:
-        ranked = torch.where(torch.isfinite(final_loss), final_loss, torch.full_like(final_loss, float("inf")))
-        cand = (ranked.view(b, rpi).topk(k, dim=1, largest=False).indices
+        cand = (ranked.topk(k, dim=1, largest=False).indices
                 + torch.arange(b, device=device).unsqueeze(1) * rpi).flatten()
+    target_raw = (target if fused else generator.from_unit(images)) if s.polish_steps and polishable else None
+
+    def polish_rows(cand: Tensor, img: Tensor, per: int):
+        """Polish the inputs of rows ``cand`` (row ``j`` belongs to image ``img[j]``, ``per`` rows
+        per image); returns their inputs, conditions, reconstructions and losses."""
+        inputs = final_latent[cand]
+        cond_c = None if row_cond is None else row_cond[cand]
+        if target_raw is not None:
+            # images already under stop_below have a settled verdict: polishing them would only cost
+            idx = (torch.arange(cand.numel(), device=device) if stop_below is None
+                   else (loss_b[img] >= stop_below[img]).nonzero().squeeze(1))
+            # with several rows per image, once one of an image's rows is under stop_below the others stop too
+            done_groups = None if stop_below is None or per == 1 else torch.zeros(b, dtype=torch.bool, device=device)
+            if idx.numel():
+                stop_raw = None if stop_below is None else stop_below[img[idx]] / scale  # [0, 1] MSE -> raw MSE
+                if s.polish_gmres_iters and inputs.shape[1] == target[0].numel() and metric_name == "mse":
+                    z, open_ = _polish_gmres(generator, inputs[idx], None if cond_c is None else cond_c[idx],
+                                             target_raw[img[idx]], metric_name, s.polish_steps,
+                                             krylov=s.polish_gmres_iters, patience=s.polish_patience,
+                                             min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
+                                             done_groups=done_groups)
+                    inputs[idx] = z
+                    idx = idx[open_]
+                    stop_raw = None if stop_raw is None else stop_raw[open_]
+            if idx.numel():
+                if s.polish_method == "cg":
+                    polish = functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
+                else:
+                    polish = functools.partial(_polish, reverse=s.polish_method == "dense-rev", tone=tone)
+                inputs[idx] = polish(generator, inputs[idx], None if cond_c is None else cond_c[idx],
+                                     target_raw[img[idx]], metric_name, s.polish_steps, patience=s.polish_patience,
+                                     min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
+                                     done_groups=done_groups)
+        with torch.no_grad():
+            recon = generator.to_unit(generator.decode_raw(inputs, cond_c).float())
+            final = _final_loss(recon, images[img], metric_name, metric_obj)
+        return inputs, cond_c, recon, final
+
+    def lowest(final: Tensor, per: int) -> Tensor:
+        """Index of each group of ``per`` consecutive rows' lowest finite loss (the first on ties)."""
+        pick = torch.where(torch.isfinite(final), final, torch.full_like(final, float("inf"))).view(-1, per).argmin(1)
+        return torch.arange(pick.numel(), device=device) * per + pick
+
     img = torch.arange(b, device=device).repeat_interleave(k)  # each candidate's image
-    inputs = final_latent[cand]
-    cond_b = None if row_cond is None else row_cond[cand]
-    if s.polish_steps and polishable:
-        target_raw = target if fused else generator.from_unit(images)
-        # images already under stop_below have a settled verdict: polishing them would only cost
-        idx = (torch.arange(b * k, device=device) if stop_below is None
-               else (loss_b[img] >= stop_below[img]).nonzero().squeeze(1))
-        # with k > 1, once one of an image's candidates is under stop_below the others stop too
-        done_groups = None if stop_below is None or k == 1 else torch.zeros(b, dtype=torch.bool, device=device)
-        if idx.numel():
-            stop_raw = None if stop_below is None else stop_below[img[idx]] / scale  # [0, 1] MSE -> raw MSE
-            if s.polish_gmres_iters and inputs.shape[1] == target[0].numel() and metric_name == "mse":
-                z, open_ = _polish_gmres(generator, inputs[idx], None if cond_b is None else cond_b[idx],
-                                         target_raw[img[idx]], metric_name, s.polish_steps, krylov=s.polish_gmres_iters,
-                                         patience=s.polish_patience, min_drop=s.polish_min_drop, stop_raw=stop_raw,
-                                         group=img[idx], done_groups=done_groups)
-                inputs[idx] = z
-                idx = idx[open_]
-                stop_raw = None if stop_raw is None else stop_raw[open_]
-        if idx.numel():
-            if s.polish_method == "cg":
-                polish = functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
-            else:
-                polish = functools.partial(_polish, reverse=s.polish_method == "dense-rev", tone=tone)
-            inputs[idx] = polish(generator, inputs[idx], None if cond_b is None else cond_b[idx], target_raw[img[idx]],
-                                 metric_name, s.polish_steps, patience=s.polish_patience,
-                                 min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
-                                 done_groups=done_groups)
-    with torch.no_grad():
-        recon = generator.to_unit(generator.decode_raw(inputs, cond_b).float())
-        final = _final_loss(recon, images[img], metric_name, metric_obj)
+    inputs, cond_b, recon, final = polish_rows(cand, img, k)
     if k > 1:  # each image's best candidate after the polish
-        pick = torch.where(torch.isfinite(final), final, torch.full_like(final, float("inf"))).view(b, k).argmin(1)
-        pick = torch.arange(b, device=device) * k + pick
+        pick = lowest(final, k)
         inputs, recon, final = inputs[pick], recon[pick], final[pick]
         cond_b = None if cond_b is None else cond_b[pick]
     # The score is the lowest loss seen; re-measuring in float32 at the winning input makes it
     # consistent with the reconstruction across precisions (identical in float32 up to rounding).
     final = torch.where(torch.isfinite(final), final, loss_b)
+    extra = min(s.polish_escalate, rpi - k) if target_raw is not None and stop_below is not None else 0
+    if extra > 0:
+        # verdicts in doubt: above the threshold, but within escalate_within times it
+        doubt = ((final >= stop_below) & (final < s.escalate_within * stop_below)).nonzero().squeeze(1)
+        if doubt.numel():
+            more = (ranked[doubt].topk(k + extra, dim=1, largest=False).indices[:, k:]
+                    + doubt.unsqueeze(1) * rpi).flatten()
+            in2, cond2, recon2, final2 = polish_rows(more, doubt.repeat_interleave(extra), extra)
+            pick = lowest(final2, extra)
+            better = final2[pick] < final[doubt]  # NaN compares False
+            to, src = doubt[better], pick[better]
+            inputs[to], recon[to], final[to] = in2[src], recon2[src], final2[src]
+            if cond_b is not None:
+                cond_b[to] = cond2[src]
     return final, inputs, recon.clamp(0, 1), cond_b, row_steps
 
 

@@ -323,6 +323,48 @@ def test_polishing_more_candidates_per_image_keeps_the_best(gen, method):
     assert InversionSettings(polish_candidates=2).to_dict()["polish_candidates"] == 2
 
 
+def test_escalation_polishes_more_starts_only_where_the_verdict_is_in_doubt(gen, monkeypatch):
+    """polish_escalate=e: an image whose polished row ended above its stop_below but within
+    escalate_within times it gets its next e best Adam rows polished, the lowest loss winning;
+    images far above their threshold, or under it, are left as they were; no threshold, no
+    escalation."""
+    import ronan_fast.inversion as inv
+
+    own = gen.generate(8, torch.Generator().manual_seed(11)).images
+    images = torch.cat([own, torch.rand(2, *gen.image_shape, generator=torch.Generator().manual_seed(12))])
+    s = quick(steps=3, restarts=6, polish_steps=3, polish_cg_iters=8)
+    plain = invert(gen, images, settings=s, seed=0).loss
+    # images 0-5 in doubt (their polished loss is 2x the threshold), 6-7 far above it (10x), 8-9 under it
+    stop = torch.cat([plain[:6] / 2, plain[6:8] / 10, plain[8:] * 2])
+    groups = []
+    polish = inv._polish
+
+    def spy(generator, inputs, cond, target_raw, metric_name, iters, **kw):
+        groups.append(kw["group"].tolist())
+        return polish(generator, inputs, cond, target_raw, metric_name, iters, **kw)
+
+    monkeypatch.setattr(inv, "_polish", spy)
+    one = invert(gen, images, settings=s, seed=0, stop_below=stop)
+    assert len(groups) == 1
+    groups.clear()
+    esc = invert(gen, images, settings=s.replace(polish_escalate=2), seed=0, stop_below=stop)
+    doubt = [i for i in range(10) if stop[i] <= one.loss[i] < 4 * stop[i]]
+    assert doubt == list(range(6)), (one.loss / stop)
+    # the first polish as before, then the images in doubt, two more starts each
+    assert groups[1] == [i for i in doubt for _ in range(2)], groups
+    torch.testing.assert_close(esc.loss[6:], one.loss[6:], rtol=0, atol=0)
+    assert (esc.loss[:6] <= one.loss[:6]).all() and (esc.loss[:6] < one.loss[:6]).any(), (one.loss, esc.loss)
+    direct = (esc.reconstruction - images).square().flatten(1).mean(1)
+    torch.testing.assert_close(esc.loss, direct, rtol=1e-4, atol=1e-9)  # the reported loss is its reconstruction's
+    # without a threshold nothing is in doubt
+    torch.testing.assert_close(invert(gen, images, settings=s.replace(polish_escalate=2), seed=0).loss, plain,
+                               rtol=0, atol=0)
+    for bad in (dict(polish_escalate=-1), dict(escalate_within=1.0), dict(escalate_within=float("inf"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            InversionSettings(**bad)
+    assert "polish_escalate" not in InversionSettings().to_dict() and "escalate_within" not in InversionSettings().to_dict()
+
+
 @pytest.mark.parametrize("method", ["dense", "cg", "gmres"])
 def test_polished_starts_of_an_image_stop_once_one_settles_its_verdict(gen, method):
     """Grouped rows (the polished starts of one image) leave together once one of them is under
