@@ -218,6 +218,22 @@ def test_image_sets_with_the_same_pixels_share_inversions(tmp_path, inversions):
         assert all((tmp_path / rel).is_file() for rel in rec["loss_files"].values())
 
 
+def test_harness_settings_leave_out_escalation(tmp_path):
+    """The harness inverts in full, without a threshold: escalation (which acts only with one)
+    cannot change its losses and is left out of its settings, so the one-step family default's
+    escalation leaves every cache key as it was."""
+    from ronan_fast.inversion import FAMILY_DEFAULTS
+
+    models = TinyModels()
+    models.adapter("a").family = "consistency"  # an instance attribute: this adapter only
+    ev = Evaluation(EvalConfig("tiny", n_profile=5, n_belonging=4, n_other=4, settings="default"), tmp_path, models,
+                    progress=False)
+    assert FAMILY_DEFAULTS["consistency"].polish_escalate > 0
+    got = ev.settings("a", "mse")
+    assert got == FAMILY_DEFAULTS["consistency"].replace(polish_escalate=0, escalate_within=4.0)
+    assert "polish_escalate" not in got.to_dict() and got.polish_candidates == 2
+
+
 def test_uncalibrated_cell_uses_raw_losses(tmp_path):
     ev = Evaluation(TINY, tmp_path, TinyModels(), progress=False)
     rec = ev.run_cell(_cell(ImageSpec("unseen", "a", 4, 1), reference=None))
