@@ -108,6 +108,9 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
         "ours, CUDA graph": dict(settings=full, impl="auto", early=True, cuda_graph=True),
         # the package's own default for the generator's family (its steps and starts, not --steps/--restarts)
         "ours (family default)": dict(settings=None, impl="auto", early=True),
+        # the generator's forward and backward through torch.compile (the warm-up call compiles)
+        "ours, compiled": dict(settings=full, impl="auto", early=True, compile=True),
+        "ours (family default), compiled": dict(settings=None, impl="auto", early=True, compile=True),
         "ours (family default), CUDA graph": dict(settings=None, impl="auto", early=True, cuda_graph=True),
         "ours, plain schedule": dict(
             settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
@@ -169,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             done = [x for x in rows if x["generator"] == gname and x["name"] == name]
             if done:
                 return done[0]
-            method(batch[:1])  # warm-up: first-call costs (kernel loading, allocator) count in neither figure
+            tw = time.perf_counter()
+            method(batch[:1])  # warm-up: first-call costs (kernel loading, allocator, compiling) count in neither figure
             _sync(a.device)
+            warmup = time.perf_counter() - tw
             _reset_peak()
             t0 = time.perf_counter()
             loss, extra = method(batch)
@@ -184,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             r = dict(run=_run_key(a), generator=gname, name=name, seconds=dt, images=extra.get("images", n_img),
                      peak_mib=_peak_mib(a.device), row_steps=extra.get("row_steps", float("nan")))
             r["latency_s"] = latency
+            r["warmup_s"] = warmup  # the first call on one image, compilation included (in the JSON only)
             r["s_per_image"] = dt / r["images"]
             r["img_per_s"] = r["images"] / dt
             r["s_per_row_step"] = dt / r["row_steps"] if r["row_steps"] == r["row_steps"] else float("nan")
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             def run(x, s=s, v=v, adapter=adapter):
                 stop = stop_thr if v["early"] else None
                 res = invert(adapter, x, settings=s, seed=a.seed, stop_below=stop, impl=v["impl"],
-                             cuda_graph=v.get("cuda_graph", False))
+                             cuda_graph=v.get("cuda_graph", False), compile_generator=v.get("compile", False))
                 return res.loss, {"row_steps": float(res.row_steps.sum())}
 
             try:

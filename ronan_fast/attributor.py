@@ -222,6 +222,9 @@ class Attributor:
         impl: kernel implementation, ``"auto"``, ``"ext"`` or ``"ref"``.
         cuda_graph: capture each Adam step in a CUDA graph (both models must be on a CUDA
             device), see :func:`~ronan_fast.inversion.invert`. Verdicts and losses are the same.
+        compile_generator: run the Adam phase's generator through ``torch.compile`` (both
+            models), see :func:`~ronan_fast.inversion.invert`: faster steps after a first call
+            that compiles; losses the same up to rounding. Not with ``cuda_graph``.
         image_bits: generated images (the profile's, and :meth:`sample`'s) are rounded to this many
             bits per channel, as saving them to an 8-bit PNG would; ``None`` keeps them as floats.
             Images under inspection almost always come from 8-bit files; a profile of unrounded
@@ -254,6 +257,7 @@ class Attributor:
         image_bits: int | None = 8,
         cuda_graph: bool = False,
         profile_retries: int = 2,
+        compile_generator: bool = False,
         **overrides,
     ) -> None:
         if not isinstance(generator, GeneratorAdapter):
@@ -292,6 +296,11 @@ class Attributor:
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
+        if not isinstance(compile_generator, bool):
+            raise ValueError(f"compile_generator must be True or False, got {compile_generator!r}")
+        if compile_generator and cuda_graph:
+            raise ValueError("compile_generator=True and cuda_graph=True: choose one")
+        self.compile_generator = compile_generator
         if isinstance(profile_retries, bool) or not isinstance(profile_retries, int) or profile_retries < 0:
             raise ValueError(f"profile_retries must be an integer >= 0, got {profile_retries!r}")
         self.profile_retries = profile_retries
@@ -316,6 +325,7 @@ class Attributor:
         max_rows: int | None = None,
         impl: str = "auto",
         cuda_graph: bool = False,
+        compile_generator: bool = False,
     ) -> "Attributor":
         """An attributor for a saved profile; refuses a model/reference model the profile was not made for.
 
@@ -337,7 +347,7 @@ class Attributor:
             generator, reference, alpha=profile.alpha if alpha is None else alpha, rule=profile.rule,
             settings=settings, seed=profile.inversion_seed, device=device, early_stop=early_stop,
             image_bits=profile.image_bits,
-            max_rows=max_rows, impl=impl, cuda_graph=cuda_graph,
+            max_rows=max_rows, impl=impl, cuda_graph=cuda_graph, compile_generator=compile_generator,
         )
         att.use_profile(profile)
         return att
@@ -582,6 +592,7 @@ class Attributor:
         return invert(
             model, images, settings=self.settings, seed=self.seed if seed is None else seed, stop_below=stop,
             max_rows=self.max_rows, impl=self.impl, cuda_graph=self.cuda_graph, progress=cb, first_id=first_id,
+            compile_generator=self.compile_generator,
         )
 
     def _check_tensor(self, images: Tensor) -> Tensor:

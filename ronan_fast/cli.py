@@ -112,6 +112,10 @@ def _add_common(p: argparse.ArgumentParser, threads_default: int | None = None) 
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each Adam step of the inversion in a CUDA graph and replay it (fewer kernel "
                         "launches; needs --device cuda and a generator that does not synchronise with the host)")
+    p.add_argument("--compile", action="store_true", dest="compile_generator",
+                   help="run the generator's forward and backward in the inversion's Adam phase through "
+                        "torch.compile: the first images wait while it compiles (seconds to a minute), then each "
+                        "step is faster (on CPU, 1.4-1.7x for the bundled DCGAN); not with --cuda-graph")
     p.add_argument("--threads", type=_positive_int, default=threads_default,
                    help="CPU threads for torch (default: "
                         + ("torch's choice, one per core" if threads_default is None else
@@ -564,6 +568,8 @@ def _setup_device(args):
             raise UsageError(f"--device {args.device}: not usable ({e})") from None
     if getattr(args, "cuda_graph", False) and not (args.device or "cpu").startswith("cuda"):
         raise UsageError(f"--cuda-graph needs --device cuda, got --device {args.device or 'cpu (the default)'}")
+    if getattr(args, "cuda_graph", False) and getattr(args, "compile_generator", False):
+        raise UsageError("--compile and --cuda-graph: choose one")
     return args.device
 
 
@@ -596,6 +602,7 @@ def cmd_profile(args) -> int:
     try:
         att = Attributor(model, reference, alpha=args.alpha, metric=args.metric, rule=rule,
                          settings=args.settings, seed=args.inversion_seed, device=device, cuda_graph=args.cuda_graph,
+                         compile_generator=args.compile_generator,
                          profile_retries=args.retries, **overrides)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
@@ -775,7 +782,8 @@ def cmd_inspect(args) -> int:
         raise UsageError(f"--grid {args.grid}: the grid is written as PNG; use a .png name")
     model, reference = _models(args, _profile_reference(profile))
     att = Attributor.from_profile(profile, model, reference, alpha=args.alpha, device=device,
-                                  early_stop=not args.no_early_stop, cuda_graph=args.cuda_graph)
+                                  early_stop=not args.no_early_stop, cuda_graph=args.cuda_graph,
+                                  compile_generator=args.compile_generator)
     profile = att.profile
     pid = profile.identity()
     files, missing = _expand_inputs(args.images, args.recursive)
@@ -911,7 +919,7 @@ def cmd_demo(args) -> int:
     except FileNotFoundError as e:
         raise UsageError(f"the bundled default models are missing: {e}") from None
     att = Attributor(model, reference, alpha=args.alpha, rule=args.rule, settings=DEMO_SETTINGS, device=device,
-                     cuda_graph=args.cuda_graph, **overrides)
+                     cuda_graph=args.cuda_graph, compile_generator=args.compile_generator, **overrides)
     s = att.settings
     print(f"model:     {model.name}\nreference: {reference.name}")
     print(f"inversion: {s.steps} steps x {s.restarts} starts, lr {s.lr} ({s.schedule}), metric {s.metric}")

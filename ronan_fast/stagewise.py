@@ -138,7 +138,7 @@ def _solve_step(part: StepMap, target: Tensor, max_rows: int) -> tuple[Tensor, T
 def invert_stagewise(generator: GeneratorAdapter, chain: nn.Module, images: Tensor, settings, metric_name: str,
                      metric_obj=None, *, seed: int = 0, conditions: Tensor | None = None,
                      stop_below: Tensor | None = None, max_rows: int | None = None, impl="auto",
-                     cuda_graph: bool = False, progress=None, first_id: int = 0):
+                     cuda_graph: bool = False, progress=None, first_id: int = 0, compile_generator: bool = False):
     """Invert ``generator`` (whose :meth:`~GeneratorAdapter.stage_chain` is ``chain``) step by step.
 
     Called by :func:`~ronan_fast.inversion.invert` for settings with ``stagewise``.
@@ -157,7 +157,8 @@ def invert_stagewise(generator: GeneratorAdapter, chain: nn.Module, images: Tens
     last = FinalStep(generator, chain)
     res = invert(last, images, settings=settings.replace(stagewise=False),
                  metric=metric_obj if metric_obj is not None else metric_name, seed=seed, stop_below=stop_below,
-                 max_rows=max_rows, impl=impl, cuda_graph=cuda_graph, progress=progress, first_id=first_id)
+                 max_rows=max_rows, impl=impl, cuda_graph=cuda_graph, progress=progress, first_id=first_id,
+                 compile_generator=compile_generator)
     rows = max_rows or 4096
     x = res.inputs
     worst = torch.zeros(x.shape[0], device=x.device)

@@ -191,6 +191,21 @@ def test_profile_set_overrides_any_setting(tmp_path, capsys):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_profile_with_a_compiled_generator(tmp_path, capsys):
+    """--compile: the profile's inversions run the generator through torch.compile and give the
+    same profile up to rounding (the same settings, the same images)."""
+    from ronan_fast.profile import BelongingProfile
+
+    argv = ["profile", *MODEL, "--reference", "none", "-n", "4", "--steps", "30", "--restarts", "2", "-q",
+            "--retries", "0"]
+    assert run([*argv, "-o", tmp_path / "e.json"], capsys)[0] == 0
+    code, _, err = run([*argv, "--compile", "-o", tmp_path / "c.json"], capsys)
+    assert code == 0, err
+    eager, compiled = (BelongingProfile.load(tmp_path / f) for f in ("e.json", "c.json"))
+    assert compiled.settings == eager.settings
+    torch.testing.assert_close(torch.tensor(compiled.raw_losses), torch.tensor(eager.raw_losses), rtol=1e-2, atol=1e-7)
+
+
 def test_profile_retries_option(tmp_path, capsys):
     from ronan_fast.profile import BelongingProfile
 

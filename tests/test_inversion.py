@@ -789,3 +789,27 @@ def test_gmres_polish_uses_reverse_mode_products_and_matches_forward_mode(monkey
         l_fwd = (gen.to_unit(gen.decode_raw(z_fwd)) - own).square().flatten(1).mean(1)
     assert torch.isfinite(l_rev).all()
     assert torch.allclose(l_rev, l_fwd, rtol=1e-2, atol=1e-12)
+
+
+def test_compiled_generator_inverts_as_the_eager_one(gen):
+    """compile_generator=True runs the Adam phase's generator through torch.compile (dynamic
+    shapes: rows stop and the batch shrinks without a new compilation): the same inversion up to
+    rounding, the compiled function kept per adapter; refused with cuda_graph or a non-bool."""
+    import ronan_fast.inversion as inv
+
+    g = torch.Generator().manual_seed(5)
+    images = torch.cat([gen.generate(3, g).images, torch.rand(2, *gen.image_shape, generator=g)])
+    # halving and a plateau stop change the batch's size during the run
+    s = quick(steps=60, restarts=4, halving_every=20, min_rows=1, patience=20, polish_steps=2)
+    eager = invert(gen, images, settings=s, seed=0)
+    compiled = invert(gen, images, settings=s, seed=0, compile_generator=True)
+    assert torch.isfinite(compiled.loss).all()
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-2, atol=1e-7)
+    assert (compiled.row_steps > 0).all()
+    fn = inv._COMPILED[gen]
+    invert(gen, images[:1], settings=s, seed=0, compile_generator=True)
+    assert inv._COMPILED[gen] is fn  # made once per adapter
+    with pytest.raises(ValueError, match="choose one"):
+        invert(gen, images, settings=s, compile_generator=True, cuda_graph=True)
+    with pytest.raises(ValueError, match="compile_generator must be True or False"):
+        invert(gen, images, settings=s, compile_generator="yes")
