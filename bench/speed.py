@@ -42,7 +42,7 @@ import torch
 from bench import generators as G
 from bench.baselines import authors_loop, plain_batched
 from ronan_fast.evaluation.store import write_text
-from ronan_fast.inversion import InversionSettings, invert
+from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 
 try:
     from ronan_fast.grubbs import grubbs_critical_value
@@ -111,6 +111,9 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
         # the generator's forward and backward through torch.compile (the warm-up call compiles)
         "ours, compiled": dict(settings=full, impl="auto", early=True, compile=True),
         "ours (family default), compiled": dict(settings=None, impl="auto", early=True, compile=True),
+        # ... without escalating doubtful verdicts to more polished starts (the one-step default's)
+        "ours (family default), no escalation": dict(settings=None, overrides={"polish_escalate": 0}, impl="auto",
+                                                     early=True),
         "ours (family default), CUDA graph": dict(settings=None, impl="auto", early=True, cuda_graph=True),
         "ours, plain schedule": dict(
             settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, v in variants(a.steps, a.restarts).items():
             if v.get("cuda_graph") and a.device != "cuda":
                 continue
-            s = None if v["settings"] is None else InversionSettings(**v["settings"])
+            s = (resolve_settings(bg.adapter, None, **v["overrides"]) if "overrides" in v
+                 else None if v["settings"] is None else InversionSettings(**v["settings"]))
             adapter = channels_last(bg.adapter) if v.get("channels_last") else bg.adapter
 
             def run(x, s=s, v=v, adapter=adapter):
