@@ -114,8 +114,8 @@ def _add_common(p: argparse.ArgumentParser, threads_default: int | None = None) 
                         "launches; needs --device cuda and a generator that does not synchronise with the host)")
     p.add_argument("--compile", action="store_true", dest="compile_generator",
                    help="run the generator's forward and backward in the inversion's Adam phase through "
-                        "torch.compile: the first images wait while it compiles (seconds to a minute), then each "
-                        "step is faster (on CPU, 1.4-1.7x for the bundled DCGAN); not with --cuda-graph")
+                        "torch.compile: the first images wait while it compiles (seconds to a minute), then the "
+                        "inversion runs faster (on CPU, 1.1-1.3x for the zoo's DCGANs); not with --cuda-graph")
     p.add_argument("--threads", type=_positive_int, default=threads_default,
                    help="CPU threads for torch (default: "
                         + ("torch's choice, one per core" if threads_default is None else

@@ -415,8 +415,9 @@ def invert(
         compile_generator: run the Adam phase's generator forward and backward through
             ``torch.compile`` (dynamic shapes: one compilation serves every batch size as rows
             stop; kept per adapter for later calls). The first call compiles (seconds to a minute);
-            then each step is faster where the generator's layers fuse (CPU, one thread: the
-            bundled DCGAN's forward and backward 1.4-1.7x faster; ``bench.speed``). Same arithmetic
+            then each step is faster where the generator's layers fuse (CPU, one thread: the zoo's
+            DCGANs' forward and backward 1.4-1.7x faster at 64-256 rows, whole inversions 1.1-1.3x;
+            bench/results/speed_cpu_compiled.md). Same arithmetic
             up to rounding. The polish phases run the generator as it is (they differentiate twice,
             which compiled graphs do not support). Not with ``cuda_graph``.
     """
