@@ -749,11 +749,14 @@ _COMPILED: "weakref.WeakKeyDictionary[GeneratorAdapter, Callable]" = weakref.Wea
 
 
 def _compiled_decode(generator: GeneratorAdapter) -> Callable:
-    """``generator.decode_raw`` through ``torch.compile`` (dynamic shapes), made once per adapter."""
+    """``generator.decode_raw`` through ``torch.compile`` (dynamic shapes), made once per adapter.
+
+    What is kept is the compiled class function, called with the adapter: a compiled bound
+    method would hold the adapter and keep its weak-keyed entry, and the adapter, alive."""
     fn = _COMPILED.get(generator)
     if fn is None:
-        fn = _COMPILED[generator] = torch.compile(generator.decode_raw, dynamic=True)
-    return fn
+        fn = _COMPILED[generator] = torch.compile(type(generator).decode_raw, dynamic=True)
+    return functools.partial(fn, generator)
 
 
 def _final_loss(recon: Tensor, images: Tensor, metric_name: str, metric_obj) -> Tensor:

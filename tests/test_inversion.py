@@ -809,6 +809,16 @@ def test_compiled_generator_inverts_as_the_eager_one(gen):
     fn = inv._COMPILED[gen]
     invert(gen, images[:1], settings=s, seed=0, compile_generator=True)
     assert inv._COMPILED[gen] is fn  # made once per adapter
+    # ... and forgotten with it: the kept function does not hold the adapter
+    import gc
+
+    other = LatentGenerator(small_dcgan(), 8, (-1, 1))
+    invert(other, images[:1], settings=quick(steps=3, restarts=1), seed=0, compile_generator=True)
+    assert other in inv._COMPILED
+    n = len(inv._COMPILED)
+    del other
+    gc.collect()
+    assert len(inv._COMPILED) == n - 1
     with pytest.raises(ValueError, match="choose one"):
         invert(gen, images, settings=s, compile_generator=True, cuda_graph=True)
     with pytest.raises(ValueError, match="compile_generator must be True or False"):
