@@ -161,6 +161,12 @@ class InversionSettings:
             raise TypeError(f"unknown inversion setting(s): {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
+    def without_escalation(self) -> "InversionSettings":
+        """These settings with the fields that act only given a threshold (``ESCALATION_FIELDS``)
+        at their defaults: the same inversion wherever none is given, under the identity an
+        inversion without those fields had (:meth:`to_dict` leaves them out)."""
+        return self.replace(**{k: _LATER_FIELDS[k] for k in ESCALATION_FIELDS})
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for k, default in _LATER_FIELDS.items():

@@ -43,7 +43,7 @@ from ronan_fast.evaluation.images import IMAGE_BITS, apply_edit, decode_uint8, e
 from ronan_fast.evaluation.models import ModelSource, derived_seed
 from ronan_fast.evaluation.scoring import confusion, roc_auc
 from ronan_fast.evaluation.store import CacheWarning, check, finite_list, read_cache, write_json
-from ronan_fast.inversion import _LATER_FIELDS, ESCALATION_FIELDS, InversionSettings, invert, resolve_settings
+from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 from ronan_fast.profile import RULES, BelongingProfile, ProfileError
 
 __all__ = ["Evaluation", "RunStats", "FORMAT_CELL", "FORMAT_LOSSES", "FORMAT_VERSION", "cell_path", "load_cell"]
@@ -193,7 +193,7 @@ class Evaluation:
         # The harness inverts every image in full, without a belonging threshold (as
         # Attributor.attribute(early_stop=False) does): escalation acts only with a threshold, so
         # it cannot change a loss here, and it is left out of the settings and every key.
-        return s.replace(**{k: _LATER_FIELDS[k] for k in ESCALATION_FIELDS})
+        return s.without_escalation()
 
     def loss_key(self, model: str, spec: ImageSpec, settings: InversionSettings) -> _LossKey:
         key = _hash({
