@@ -738,8 +738,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         # verdicts in doubt: above the threshold, but within escalate_within times it
         doubt = ((final >= stop_below) & (final < s.escalate_within * stop_below)).nonzero().squeeze(1)
         if doubt.numel():
-            more = (ranked[doubt].topk(k + extra, dim=1, largest=False).indices[:, k:]
-                    + doubt.unsqueeze(1) * rpi).flatten()
+            more = _next_ranked(ranked, cand, doubt, extra)
             in2, cond2, recon2, final2 = polish_rows(more, doubt.repeat_interleave(extra), extra)
             pick = lowest(final2, extra)
             better = final2[pick] < final[doubt]  # NaN compares False
@@ -748,6 +747,26 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             if cond_b is not None:
                 cond_b[to] = cond2[src]
     return final, inputs, recon.clamp(0, 1), cond_b, row_steps
+
+
+def _next_ranked(ranked: Tensor, polished: Tensor, images: Tensor, extra: int) -> Tensor:
+    """Rows (flat, image-major) of the ``extra`` lowest losses of each image in ``images`` among
+    its rows not in ``polished``, lowest first.
+
+    ``ranked`` is [b, rpi] (non-finite losses as inf); ``polished`` flat row indices already
+    polished. Leaving them out, rather than taking ranks k.. of a longer ``topk``, never names a
+    polished row again when Adam losses tie (``topk`` orders ties arbitrarily).
+    """
+    b, rpi = ranked.shape
+    done = torch.zeros(b * rpi, dtype=torch.bool, device=ranked.device)
+    done[polished] = True
+    done = done.view(b, rpi)[images]
+    if extra > rpi - int(done.sum(1).max()):
+        raise ValueError(f"extra={extra} rows asked for, but some image has fewer rows left unpolished")
+    # by loss, then (stably) unpolished rows first: polished rows last even behind non-finite losses
+    by_loss = ranked[images].argsort(dim=1, stable=True)
+    order = by_loss.gather(1, done.gather(1, by_loss).to(torch.uint8).argsort(dim=1, stable=True))
+    return (order[:, :extra] + images.unsqueeze(1) * rpi).flatten()
 
 
 #: each adapter's torch.compile'd decode_raw, kept while the adapter lives

@@ -365,6 +365,31 @@ def test_escalation_polishes_more_starts_only_where_the_verdict_is_in_doubt(gen,
     assert "polish_escalate" not in InversionSettings().to_dict() and "escalate_within" not in InversionSettings().to_dict()
 
 
+def test_escalation_never_names_a_polished_row_again_on_tied_losses():
+    """The rows escalation adds are each image's next best among rows not yet polished, also when
+    Adam losses tie exactly (identical starts), where ranks k.. of a longer topk may repeat one."""
+    from ronan_fast.inversion import _next_ranked
+
+    inf = float("inf")
+    ranked = torch.tensor([[1.0, 1.0, 1.0, 1.0],     # all tied
+                           [3.0, 1.0, 1.0, 2.0],     # a tie between the polished row and the next
+                           [0.5, inf, 0.7, 0.6]])    # a non-finite loss ranks last
+    polished = torch.tensor([2, 4 + 1, 8 + 0])       # one polished row per image (k = 1)
+    for images, extra in ((torch.tensor([0, 1, 2]), 2), (torch.tensor([1, 2]), 3), (torch.tensor([0]), 1)):
+        more = _next_ranked(ranked, polished, images, extra).view(-1, extra)
+        for row, i in zip(more.tolist(), images.tolist()):
+            assert len(set(row)) == extra and not set(row) & set(polished.tolist()), (i, row)
+            assert all(i * 4 <= r < i * 4 + 4 for r in row), (i, row)
+            # the lowest losses left, in order
+            left = sorted(ranked[i, j].item() for j in range(4) if i * 4 + j not in polished.tolist())
+            assert [ranked.flatten()[r].item() for r in row] == left[:extra], (i, row)
+    # two polished rows per image (k = 2), tied with the rest
+    more = _next_ranked(ranked[:1], torch.tensor([0, 3]), torch.tensor([0]), 2)
+    assert sorted(more.tolist()) == [1, 2]
+    with pytest.raises(ValueError, match="extra"):
+        _next_ranked(ranked, polished, torch.tensor([0]), 4)
+
+
 @pytest.mark.parametrize("method", ["dense", "cg", "gmres"])
 def test_polished_starts_of_an_image_stop_once_one_settles_its_verdict(gen, method):
     """Grouped rows (the polished starts of one image) leave together once one of them is under
