@@ -682,6 +682,16 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         cand = (ranked.topk(k, dim=1, largest=False).indices
                 + torch.arange(b, device=device).unsqueeze(1) * rpi).flatten()
     target_raw = (target if fused else generator.from_unit(images)) if s.polish_steps and polishable else None
+    settled = loss_b  # each image's loss that decides whether its verdict is settled before the polish
+    if target_raw is not None and stop_below is not None and PRECISIONS[s.precision] is not None:
+        # the Adam phase measured its losses under autocast: an image stopped there as under its
+        # threshold may lie just over it in float32, the precision of its final score; measured
+        # again in float32, such an image is polished instead of leaving with a flipped verdict
+        with torch.no_grad():
+            settled = _final_loss(generator.to_unit(generator.decode_raw(
+                final_latent[row_b], None if row_cond is None else row_cond[row_b]).float()),
+                images, metric_name, metric_obj)
+        settled = torch.where(torch.isfinite(settled), settled, loss_b)
 
     def polish_rows(cand: Tensor, img: Tensor, per: int):
         """Polish the inputs of rows ``cand`` (row ``j`` belongs to image ``img[j]``, ``per`` rows
@@ -691,7 +701,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         if target_raw is not None:
             # images already under stop_below have a settled verdict: polishing them would only cost
             idx = (torch.arange(cand.numel(), device=device) if stop_below is None
-                   else (loss_b[img] >= stop_below[img]).nonzero().squeeze(1))
+                   else (settled[img] >= stop_below[img]).nonzero().squeeze(1))
             # with several rows per image, once one of an image's rows is under stop_below the others stop too
             done_groups = None if stop_below is None or per == 1 else torch.zeros(b, dtype=torch.bool, device=device)
             if idx.numel():

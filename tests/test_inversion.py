@@ -365,6 +365,36 @@ def test_escalation_polishes_more_starts_only_where_the_verdict_is_in_doubt(gen,
     assert "polish_escalate" not in InversionSettings().to_dict() and "escalate_within" not in InversionSettings().to_dict()
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_an_autocast_adam_phase_settles_verdicts_in_float32(gen, monkeypatch, precision):
+    """Under autocast the Adam phase's losses are not the final (float32) score: an image they put
+    under its threshold is measured again in float32 before the polish and polished if it is not
+    under it there. Simulated by making the Adam phase's best losses read 1000x too low."""
+    import ronan_fast.inversion as inv
+
+    images = gen.generate(4, torch.Generator().manual_seed(21)).images
+    s = quick(steps=3, restarts=2, check_every=1, precision=precision, polish_steps=2)
+    adam_end = invert(gen, images, settings=s.replace(polish_steps=0), seed=0).loss  # float32 at Adam's end
+    stop = adam_end * 0.5
+    best = inv.ops.best_over_restarts
+    monkeypatch.setattr(inv.ops, "best_over_restarts", lambda loss, *a, **k: (lambda r: (r[0] * 1e-3, r[1]))(
+        best(loss, *a, **k)))
+    groups = []
+    polish = inv._polish
+
+    def spy(generator, inputs, cond, target_raw, metric_name, iters, **kw):
+        groups.append(sorted(set(kw["group"].tolist())))
+        return polish(generator, inputs, cond, target_raw, metric_name, iters, **kw)
+
+    monkeypatch.setattr(inv, "_polish", spy)
+    res = invert(gen, images, settings=s, seed=0, stop_below=stop)
+    if precision == "bf16":
+        assert groups == [[0, 1, 2, 3]], groups  # all four measured over their threshold, all polished
+        assert (res.loss < adam_end).all()
+    else:
+        assert groups == [], groups  # float32 losses are the score: taken as they are, nothing re-measured
+
+
 def test_escalation_never_names_a_polished_row_again_on_tied_losses():
     """The rows escalation adds are each image's next best among rows not yet polished, also when
     Adam losses tie exactly (identical starts), where ranks k.. of a longer topk may repeat one."""
