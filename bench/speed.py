@@ -115,6 +115,9 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
         "ours (family default), no escalation": dict(settings=None, overrides={"polish_escalate": 0}, impl="auto",
                                                      early=True),
         "ours (family default), CUDA graph": dict(settings=None, impl="auto", early=True, cuda_graph=True),
+        # ... with the Adam phase's generator under bf16 autocast (polish and final score in float32)
+        "ours (family default), bf16 autocast": dict(settings=None, overrides={"precision": "bf16"}, impl="auto",
+                                                     early=True),
         "ours, plain schedule": dict(
             settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
         ),
