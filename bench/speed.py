@@ -118,6 +118,8 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
         # ... with the Adam phase's generator under bf16 autocast (polish and final score in float32)
         "ours (family default), bf16 autocast": dict(settings=None, overrides={"precision": "bf16"}, impl="auto",
                                                      early=True),
+        "ours (family default), compiled, bf16 autocast": dict(settings=None, overrides={"precision": "bf16"},
+                                                               impl="auto", early=True, compile=True),
         "ours, plain schedule": dict(
             settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
         ),
