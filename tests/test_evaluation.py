@@ -320,7 +320,11 @@ def test_zoo_cell_plan():
     # the same cells with the package's defaults: every table but the settings comparison
     dplan = build_cells(CONFIGS["full-default"], models)
     assert CONFIGS["full-default"].settings == "default"
-    assert [c.id for c in dplan.cells if "tone" not in c.id and "anyedit" not in c.id] == [
+    # ... and the one-step model in Tables 6 and 8 too (the diffusion family the DDIM sampler cannot serve)
+    onestep = {f"t6-onestep-fmnist-{k}" for k in ("calibrated", "uncalibrated")} | {
+        f"t8-onestep-fmnist-{e}{a}" for e in ("1977", "jpeg75") for a in ("", "-aware")}
+    assert onestep <= {c.id for c in dplan.cells} and not onestep & {c.id for c in plan.cells}
+    assert [c.id for c in dplan.cells if "tone" not in c.id and "anyedit" not in c.id and c.id not in onestep] == [
         c.id for c in plan.cells if c.table != "S"]
     tone = {c.id: c for c in dplan.cells if "tone" in c.id}
     anyedit = {c.id: c for c in dplan.cells if c.id.endswith("-anyedit")}

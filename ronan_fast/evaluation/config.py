@@ -101,9 +101,12 @@ CONFIGS: dict[str, EvalConfig] = {
     "full": EvalConfig("full", n_profile=100, n_belonging=100, n_other=100, settings="authors", preview=8,
                        edit_models=_FMNIST_ARCHS),
     # the same counts with the package's inversion defaults (the model family's multi-start
-    # settings) in place of the paper's single start: the paper's rule on converged inversions
+    # settings) in place of the paper's single start: the paper's rule on converged inversions;
+    # Tables 6 and 8 also cover the one-step model, the diffusion family that inverts (the DDIM
+    # sampler's range is nearly all of image space)
     "full-default": EvalConfig("full-default", n_profile=100, n_belonging=100, n_other=100, settings="default",
-                               preview=8, edit_models=_FMNIST_ARCHS,
+                               preview=8, calibration_models=_FMNIST_ARCHS + ("onestep-fmnist",),
+                               edit_models=_FMNIST_ARCHS + ("onestep-fmnist",),
                                tone_models=("dcgan-fmnist", "vae-fmnist", "condgan-fmnist")),
 }
 
