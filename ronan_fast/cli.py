@@ -134,7 +134,8 @@ def _add_inversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=_positive_int, help="Adam steps per start")
     g.add_argument("--restarts", type=_positive_int, help="random starts per image")
     g.add_argument("--lr", type=float, help="Adam learning rate")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="generator precision during inversion")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="the generator's precision in the Adam phase "
+                   "(bf16/fp16: autocast; the latents, the polish and the scores stay float32)")
     g.add_argument("--metric", help="reconstruction loss: mse (default), mae, ssim, or mse-tone (MSE after the best "
                    "affine tone map: tolerates brightness, contrast and colour-filter edits)")
     g.add_argument("--rule", default=None, choices=list(RULES),

@@ -59,6 +59,8 @@ class InversionSettings:
     #: for "warm_restarts": number of cosine cycles over ``steps``
     cycles: int = 3
     metric: str = "mse"
+    #: the generator's precision in the Adam phase: "bf16"/"fp16" run it under autocast; the
+    #: latents, the polish and the scores stay float32
     precision: str = "fp32"
     #: successive halving: every ``halving_every`` steps keep the best ``halving_keep`` fraction
     #: of each image's live rows (never fewer than ``min_rows``); 0 turns it off
