@@ -684,15 +684,20 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         cand = (ranked.topk(k, dim=1, largest=False).indices
                 + torch.arange(b, device=device).unsqueeze(1) * rpi).flatten()
     target_raw = (target if fused else generator.from_unit(images)) if s.polish_steps and polishable else None
+
+    def score(inputs: Tensor, cond: Tensor | None, img: Tensor) -> tuple[Tensor, Tensor]:
+        """Float32 reconstructions of ``inputs`` and their losses against images ``img``: the final score."""
+        with torch.no_grad():
+            recon = generator.to_unit(generator.decode_raw(inputs, cond).float())
+            return recon, _final_loss(recon, images[img], metric_name, metric_obj)
+
     settled = loss_b  # each image's loss that decides whether its verdict is settled before the polish
     if target_raw is not None and stop_below is not None and PRECISIONS[s.precision] is not None:
         # the Adam phase measured its losses under autocast: an image stopped there as under its
         # threshold may lie just over it in float32, the precision of its final score; measured
         # again in float32, such an image is polished instead of leaving with a flipped verdict
-        with torch.no_grad():
-            settled = _final_loss(generator.to_unit(generator.decode_raw(
-                final_latent[row_b], None if row_cond is None else row_cond[row_b]).float()),
-                images, metric_name, metric_obj)
+        _, settled = score(final_latent[row_b], None if row_cond is None else row_cond[row_b],
+                           torch.arange(b, device=device))
         settled = torch.where(torch.isfinite(settled), settled, loss_b)
 
     def polish_rows(cand: Tensor, img: Tensor, per: int):
@@ -726,9 +731,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
                                      target_raw[img[idx]], metric_name, s.polish_steps, patience=s.polish_patience,
                                      min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
                                      done_groups=done_groups)
-        with torch.no_grad():
-            recon = generator.to_unit(generator.decode_raw(inputs, cond_c).float())
-            final = _final_loss(recon, images[img], metric_name, metric_obj)
+        recon, final = score(inputs, cond_c, img)
         return inputs, cond_c, recon, final
 
     def lowest(final: Tensor, per: int) -> Tensor:
