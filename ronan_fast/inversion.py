@@ -60,7 +60,8 @@ class InversionSettings:
     cycles: int = 3
     metric: str = "mse"
     #: the generator's precision in the Adam phase: "bf16"/"fp16" run it under autocast; the
-    #: latents, the polish and the scores stay float32
+    #: latents, the polish and the scores stay float32, and a row stops under ``stop_below`` only
+    #: once its input measured in float32 is under it
     precision: str = "fp32"
     #: successive halving: every ``halving_every`` steps keep the best ``halving_keep`` fraction
     #: of each image's live rows (never fewer than ``min_rows``); 0 turns it off
@@ -579,13 +580,23 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     last_best = best_loss.clone()
     stale = torch.zeros(m, dtype=torch.int64, device=device)
     checked_output = False
+    mixed = PRECISIONS[s.precision] is not None  # the Adam phase's losses are not the float32 score
+    # each live row's threshold on its Adam-phase loss: stop_below, lowered for a row whose loss
+    # under autocast read under it while its float32 score did not (see the stopping rules)
+    row_stop = None if stop_below is None else stop_below[index].clone()
+
+    def score(inputs: Tensor, cond: Tensor | None, img: Tensor) -> tuple[Tensor, Tensor]:
+        """Float32 reconstructions of ``inputs`` and their losses against images ``img``: the final score."""
+        with torch.no_grad():
+            recon = generator.to_unit(generator.decode_raw(inputs, cond).float())
+            return recon, _final_loss(recon, images[img], metric_name, metric_obj)
 
     def adam_step() -> None:
         """One Adam step of every live row: reads and writes the row state in place."""
         nonlocal checked_output
         active = torch.ones_like(step, dtype=torch.bool)
-        if stop_below is not None:
-            active = best_loss >= stop_below[live_index]
+        if row_stop is not None:
+            active = best_loss >= row_stop
         zl = z.detach().requires_grad_(True)
         with torch.enable_grad():
             with _autocast(device, s.precision):
@@ -645,10 +656,27 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             continue
         # ---- stopping rules (one host sync per check)
         keep = torch.isfinite(z).all(1)  # a row that diverged to NaN/Inf can only waste steps
-        if stop_below is not None:
-            image_best = torch.full((b,), float("inf"), device=device).scatter_reduce(
-                0, live_index, best_loss, "amin", include_self=True)
-            keep &= image_best[live_index] >= stop_below[live_index]
+        if row_stop is not None:
+            under = best_loss < row_stop
+            if mixed:
+                # a loss measured under autocast settles nothing by itself: each row it puts under
+                # its threshold is measured again in float32 (the final score's precision) and
+                # stops only if under stop_below there too; otherwise it goes on, its threshold
+                # lowered by the gap seen between the two precisions and by a tenth more at each
+                # miss, so that it is not measured again at every check
+                claim = under.nonzero().squeeze(1)
+                if claim.numel():
+                    _, f32 = score(best_latent[claim], None if live_cond is None else live_cond[claim],
+                                   live_index[claim])
+                    goal = stop_below[live_index[claim]]
+                    ok = f32 < goal
+                    under[claim] = ok
+                    ratio = (best_loss[claim] / f32).nan_to_num(0.0).clamp(0.0, 1.0)
+                    lower = torch.minimum(row_stop[claim], goal * ratio) * 0.9
+                    row_stop[claim] = torch.where(ok, row_stop[claim], lower)
+            settled_img = torch.zeros(b, dtype=torch.bool, device=device).scatter_reduce(
+                0, live_index, under, "amax", include_self=True)
+            keep &= ~settled_img[live_index]
         if s.patience:
             improved = best_loss < last_best * (1 - s.rel_tol)
             stale = torch.where(improved, torch.zeros_like(stale), stale + s.check_every)
@@ -668,6 +696,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         rows, z, exp_avg, exp_avg_sq = rows[keep], z[keep].contiguous(), exp_avg[keep].contiguous(), exp_avg_sq[keep].contiguous()
         step, best_loss, best_latent = step[keep].contiguous(), best_loss[keep].contiguous(), best_latent[keep].contiguous()
         last_best, stale, weight = last_best[keep], stale[keep], weight[keep].contiguous()
+        row_stop = None if row_stop is None else row_stop[keep].contiguous()
         live_index = index[rows]
         live_cond = None if row_cond is None else row_cond[rows]
         lr_t = lr_t[: rows.shape[0]].contiguous()
@@ -685,17 +714,12 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
                 + torch.arange(b, device=device).unsqueeze(1) * rpi).flatten()
     target_raw = (target if fused else generator.from_unit(images)) if s.polish_steps and polishable else None
 
-    def score(inputs: Tensor, cond: Tensor | None, img: Tensor) -> tuple[Tensor, Tensor]:
-        """Float32 reconstructions of ``inputs`` and their losses against images ``img``: the final score."""
-        with torch.no_grad():
-            recon = generator.to_unit(generator.decode_raw(inputs, cond).float())
-            return recon, _final_loss(recon, images[img], metric_name, metric_obj)
-
     settled = loss_b  # each image's loss that decides whether its verdict is settled before the polish
-    if target_raw is not None and stop_below is not None and PRECISIONS[s.precision] is not None:
-        # the Adam phase measured its losses under autocast: an image stopped there as under its
-        # threshold may lie just over it in float32, the precision of its final score; measured
-        # again in float32, such an image is polished instead of leaving with a flipped verdict
+    if target_raw is not None and stop_below is not None and mixed:
+        # the Adam phase measured its losses under autocast: an image whose rows ended there (out
+        # of steps, levelled off) with a loss under its threshold may lie just over it in float32,
+        # the precision of its final score (an image stopped by its threshold was confirmed in
+        # float32 already); measured again, such an image is polished, not left with a flipped verdict
         _, settled = score(final_latent[row_b], None if row_cond is None else row_cond[row_b],
                            torch.arange(b, device=device))
         settled = torch.where(torch.isfinite(settled), settled, loss_b)

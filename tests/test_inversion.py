@@ -395,6 +395,39 @@ def test_an_autocast_adam_phase_settles_verdicts_in_float32(gen, monkeypatch, pr
         assert groups == [], groups  # float32 losses are the score: taken as they are, nothing re-measured
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_an_autocast_loss_stops_a_row_only_once_float32_confirms_it(gen, monkeypatch, precision):
+    """Without a polish to catch it, a row whose autocast loss reads under its threshold is measured
+    again in float32 before it stops, and goes on (its threshold lowered) if it is not under it
+    there: its verdict is not flipped by the lower precision. Simulated by making the Adam phase's
+    losses read 1000x too low; in float32 the losses are the score and nothing is measured twice."""
+    import ronan_fast.inversion as inv
+
+    images = gen.generate(4, torch.Generator().manual_seed(22)).images
+    s = quick(steps=150, restarts=2, check_every=5, precision=precision)
+    assert s.polish_steps == 0
+    plain = invert(gen, images, settings=s.replace(steps=60), seed=0)
+    stop = plain.loss * 2  # reached in 60 steps: well before the end of the budget
+    adam = inv.ops.latent_adam_step_
+    if precision == "bf16":
+        monkeypatch.setattr(inv.ops, "latent_adam_step_",
+                            lambda z, g, m, v, st, lr, act, loss, *a, **k: adam(z, g, m, v, st, lr, act, loss * 1e-3,
+                                                                                *a, **k))
+    calls = []
+    final_loss = inv._final_loss
+    monkeypatch.setattr(inv, "_final_loss", lambda *a: calls.append(a[0].shape[0]) or final_loss(*a))
+    res = invert(gen, images, settings=s, seed=0, stop_below=stop)
+    assert (res.loss < stop).all(), (res.loss / stop)  # each image under its threshold, as it really is
+    assert (res.row_steps > 2 * s.check_every).all()  # not stopped at the first check on a loss read too low
+    assert (res.row_steps < 2 * s.steps).all()  # but still stopped early, once confirmed
+    direct = (res.reconstruction - images).square().flatten(1).mean(1)
+    torch.testing.assert_close(res.loss, direct, rtol=1e-4, atol=1e-9)
+    if precision == "fp32":
+        assert calls == [4], calls  # the final score only
+    else:
+        assert len(calls) > 1 and sum(calls[:-1]) >= 8, calls  # every row measured again before stopping
+
+
 def test_escalation_never_names_a_polished_row_again_on_tied_losses():
     """The rows escalation adds are each image's next best among rows not yet polished, also when
     Adam losses tie exactly (identical starts), where ranks k.. of a longer topk may repeat one."""
