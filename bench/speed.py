@@ -147,11 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated subset of rows to run, e.g. "
                    "'authors,ours, bf16 autocast' (a comma followed by a space belongs to a name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="the belonging threshold early stopping uses (a loss on the images' [0, 1] scale, as a "
+                   "profile would supply it); default: 1%% of the real images' median loss under the plain batch. "
+                   "Without the plain batch (--only) and without this, no row stops early")
     p.add_argument("--out", type=Path)
     p.add_argument("--from-json", type=Path, help="only re-render the table of an earlier run's JSON")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --out's JSON (written after every row) and run only the rest")
     a = p.parse_args(argv)
+    if a.threshold is not None and not (math.isfinite(a.threshold) and a.threshold > 0):
+        p.error(f"--threshold must be a positive finite loss, got {a.threshold}")
     if a.from_json:
         print(render(json.loads(a.from_json.read_text()), a))
         return 0
@@ -195,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             latency = time.perf_counter() - t1
             loss = loss.double().cpu()
             r = dict(run=_run_key(a), generator=gname, name=name, seconds=dt, images=extra.get("images", n_img),
-                     peak_mib=_peak_mib(a.device), row_steps=extra.get("row_steps", float("nan")))
+                     peak_mib=_peak_mib(a.device), row_steps=extra.get("row_steps", float("nan")),
+                     stop_below=extra.get("stop_below"))
             r["latency_s"] = latency
             r["warmup_s"] = warmup  # the first call on one image, compilation included (in the JSON only)
             r["s_per_image"] = dt / r["images"]
@@ -222,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         plain = record("plain batched",
                        lambda x: (plain_batched(bg.adapter, x, a.steps, 0.1, a.restarts, a.seed),
                                   {"row_steps": x.shape[0] * a.steps * a.restarts}), images)
-        # The verdict threshold early stopping uses: a profile would supply it; here it is fixed
-        # to 1% of the real images' median loss under the plain batch, the same for every variant.
-        stop_thr = 0.01 * plain["real_median"] if plain else None
+        # The verdict threshold early stopping uses: a profile would supply it; here it is given
+        # (--threshold) or fixed to 1% of the real images' median loss under the plain batch, the
+        # same for every variant.
+        stop_thr = a.threshold if a.threshold is not None else 0.01 * plain["real_median"] if plain else None
         for name, v in variants(a.steps, a.restarts).items():
             if v.get("cuda_graph") and a.device != "cuda":
                 continue
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop = stop_thr if v["early"] else None
                 res = invert(adapter, x, settings=s, seed=a.seed, stop_below=stop, impl=v["impl"],
                              cuda_graph=v.get("cuda_graph", False), compile_generator=v.get("compile", False))
-                return res.loss, {"row_steps": float(res.row_steps.sum())}
+                return res.loss, {"row_steps": float(res.row_steps.sum()), "stop_below": stop}
 
             try:
                 record(name, run, images)
@@ -254,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_key(a) -> dict:
     """What a row's figures depend on besides the generator and the method: rows of one table share it."""
-    return dict(n=a.n, steps=a.steps, restarts=a.restarts, authors_restarts=a.authors_restarts,
-                authors_images=a.authors_images, device=a.device, seed=a.seed, threads=torch.get_num_threads())
+    key = dict(n=a.n, steps=a.steps, restarts=a.restarts, authors_restarts=a.authors_restarts,
+               authors_images=a.authors_images, device=a.device, seed=a.seed, threads=torch.get_num_threads())
+    if a.threshold is not None:  # absent otherwise: earlier runs' JSON (no such option then) still match
+        key["threshold"] = a.threshold
+    return key
 
 
 def render(rows, a) -> str:
@@ -265,6 +276,16 @@ def render(rows, a) -> str:
             f"torch {torch.__version__}; Python {platform.python_version()}). {a.n} generated + {a.n} real images, "
             f"{a.steps} steps, {a.restarts} restarts for batched rows, authors' loop with {a.authors_restarts} "
             f"start(s). Accuracy: leave-one-out Grubbs test (alpha 0.05) on the uncalibrated loss.\n\n")
+    stops = {}
+    for r in rows:
+        if r.get("stop_below") is not None:
+            stops.setdefault(r["generator"], set()).add(r["stop_below"])
+    if stops:
+        how = ("given (--threshold)" if getattr(a, "threshold", None) is not None
+               else "1% of the real images' median loss under the plain batch")
+        head += ("Early stopping's belonging threshold, " + how + ": "
+                 + "; ".join(f"{g} {', '.join(f'{x:.3g}' for x in sorted(v))}" for g, v in stops.items())
+                 + ". Rows without early stopping ignore it.\n\n")
     cols = ["generator", "method", "img/s", "s/img", "latency s", "row-steps/img", "s per row-step", "peak MiB",
             "x authors", "x plain", "x authors latency", "gen median loss", "accuracy"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -192,6 +192,39 @@ def test_speed_table_times_each_method_and_its_single_image_latency(tmp_path, mo
     assert speed.main(["--from-json", str(old), "--device", "cpu"]) == 0
 
 
+def test_speed_threshold_option_lets_rows_stop_early_without_the_plain_batch(tmp_path, monkeypatch):
+    import json
+
+    from bench import generators, speed
+    from bench.generators import BenchGenerator
+    from tiny_models import TinyGenerator
+
+    ad = LatentGenerator(TinyGenerator(seed=0), (3,), (-1.0, 1.0), name="tiny")
+    bg = BenchGenerator("tiny", ad, lambda n: torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(4)),
+                        "random")
+    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
+    common = ["--generators", "tiny", "--n", "4", "--steps", "40", "--restarts", "2", "--device", "cpu",
+              "--only", "ours (full),ours, no early stop"]
+    rows = {}
+    for tag, extra in (("none", []), ("given", ["--threshold", "0.5"])):
+        out = tmp_path / f"{tag}.md"
+        assert speed.main(common + extra + ["--out", str(out)]) == 0
+        rows[tag] = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+        rows[tag]["table"] = out.read_text()
+    assert rows["none"]["ours (full)"]["stop_below"] is None  # no plain batch, no threshold: nothing to stop on
+    assert "Early stopping's belonging threshold" not in rows["none"]["table"]
+    given = rows["given"]
+    assert given["ours (full)"]["stop_below"] == 0.5 and given["ours, no early stop"]["stop_below"] is None
+    assert "given (--threshold): tiny 0.5." in given["table"]
+    # a threshold every image is under from the start (the [0, 1] MSE of a tiny generator's
+    # reconstruction): rows stop at the first check, well before the budget
+    assert given["ours (full)"]["row_steps"] < rows["none"]["ours (full)"]["row_steps"]
+    assert given["ours, no early stop"]["row_steps"] == rows["none"]["ours, no early stop"]["row_steps"]
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            speed.main(common + ["--threshold", bad])
+
+
 def test_large_benchmark_generator_is_tens_of_millions_of_parameters():
     from bench import generators
 
