@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -41,6 +40,7 @@ import torch
 
 from bench import generators as G
 from bench.baselines import authors_loop, plain_batched
+from ronan_fast.adapters import channels_last as _channels_last
 from ronan_fast.evaluation.store import write_text
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 
@@ -128,10 +128,7 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
 
 def channels_last(adapter):
     """A copy of ``adapter`` whose modules hold their 4-D weights in channels-last memory format."""
-    out = copy.deepcopy(adapter)
-    for m in out.modules():
-        m.to(memory_format=torch.channels_last)
-    return out
+    return _channels_last(adapter, copy=True)
 
 
 def main(argv: list[str] | None = None) -> int:

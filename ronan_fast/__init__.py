@@ -42,6 +42,7 @@ _EXPORTS = {
     "LatentGenerator": "ronan_fast.adapters",
     "ConditionalGenerator": "ronan_fast.adapters",
     "GeneratorOutputError": "ronan_fast.adapters",
+    "channels_last": "ronan_fast.adapters",
     # inversion
     "invert": "ronan_fast.inversion",
     "InversionSettings": "ronan_fast.inversion",

@@ -63,6 +63,32 @@ def module_fingerprint(modules: Sequence[nn.Module], extra: dict | None = None) 
     return h.hexdigest()
 
 
+def channels_last(adapter: "GeneratorAdapter", copy: bool = False) -> "GeneratorAdapter":
+    """Hold the generator's 4-D weights and buffers in channels-last (NHWC) memory format.
+
+    Its convolutions then run in NHWC, which is often faster: on CPU (oneDNN) it cut the time
+    per inversion step of the zoo's 64x64 DCGAN by 15% (README, ``speed_cpu_channels_last.md``),
+    and NHWC is what tensor-core convolutions prefer on a GPU. Only the layout changes, not the
+    values: outputs agree up to the convolutions' rounding, and the generator's fingerprint (the
+    one a belonging profile records) is the same, so a profile fitted either way serves both.
+    Other tensors (linear layers' 2-D weights, 5-D ones) are left as they are.
+
+    Args:
+        adapter: the generator.
+        copy: convert a deep copy and leave ``adapter`` untouched (default: convert in place).
+    Returns:
+        The converted adapter (``adapter`` itself unless ``copy``).
+    """
+    import copy as _copy
+
+    if not isinstance(adapter, GeneratorAdapter):
+        raise TypeError(f"adapter must be a GeneratorAdapter, got {type(adapter).__name__}")
+    out = _copy.deepcopy(adapter) if copy else adapter
+    for module in out.modules():
+        module._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+    return out
+
+
 def _freeze(module: nn.Module) -> nn.Module:
     module.eval()
     for p in module.parameters():

@@ -116,6 +116,10 @@ def _add_common(p: argparse.ArgumentParser, threads_default: int | None = None) 
                    help="run the generator's forward and backward in the inversion's Adam phase through "
                         "torch.compile: the first images wait while it compiles (seconds to a minute), then the "
                         "inversion runs faster (on CPU, 1.1-1.3x for the zoo's DCGANs); not with --cuda-graph")
+    p.add_argument("--channels-last", action="store_true",
+                   help="hold the generators' 4-D weights in channels-last (NHWC) memory format: the same "
+                        "values, often faster convolutions (on CPU, 15%% less time per step for a 64x64 DCGAN); a "
+                        "profile fitted with or without it serves both")
     p.add_argument("--threads", type=_positive_int, default=threads_default,
                    help="CPU threads for torch (default: "
                         + ("torch's choice, one per core" if threads_default is None else
@@ -503,6 +507,10 @@ def _profile_reference(profile) -> str:
 def _models(args, reference_default: str):
     model = build_generator(args.model, args.weights, args.latent_shape, args.output_range,
                             class_label=args.class_label)
+    if getattr(args, "channels_last", False):
+        from ronan_fast.adapters import channels_last
+
+        channels_last(model)
     ref = args.reference
     if ref in ("none", "None"):
         if args.reference_weights:
@@ -518,6 +526,10 @@ def _models(args, reference_default: str):
     ref_range = args.reference_output_range or (args.output_range if factory else None)
     reference = build_generator(ref, args.reference_weights, ref_latent, ref_range, option="--reference",
                                 role="reference")
+    if getattr(args, "channels_last", False):
+        from ronan_fast.adapters import channels_last
+
+        channels_last(reference)
     return model, reference
 
 
@@ -917,6 +929,11 @@ def cmd_demo(args) -> int:
         model = calibration.default_generator()
         reference = calibration.default_reference()
         sample_paths = default_sample_paths()
+        if args.channels_last:
+            from ronan_fast.adapters import channels_last
+
+            channels_last(model)
+            channels_last(reference)
     except FileNotFoundError as e:
         raise UsageError(f"the bundled default models are missing: {e}") from None
     att = Attributor(model, reference, alpha=args.alpha, rule=args.rule, settings=DEMO_SETTINGS, device=device,

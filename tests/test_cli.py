@@ -206,6 +206,29 @@ def test_profile_with_a_compiled_generator(tmp_path, capsys):
     torch.testing.assert_close(torch.tensor(compiled.raw_losses), torch.tensor(eager.raw_losses), rtol=1e-2, atol=1e-7)
 
 
+def test_channels_last_option(tmp_path, capsys):
+    """--channels-last: the same profile up to rounding, and either profile serves inspect with or
+    without it (the layout is not part of the generator's fingerprint)."""
+    from ronan_fast.profile import BelongingProfile
+
+    argv = ["profile", "--model", "dcgan-fmnist", "--reference", "none", "-n", "4", "--steps", "30", "--restarts",
+            "2", "-q", "--retries", "0"]
+    assert run([*argv, "-o", tmp_path / "p.json"], capsys)[0] == 0
+    code, _, err = run([*argv, "--channels-last", "-o", tmp_path / "c.json"], capsys)
+    assert code == 0, err
+    plain, nhwc = (BelongingProfile.load(tmp_path / f) for f in ("p.json", "c.json"))
+    assert nhwc.settings == plain.settings and nhwc.generator_fingerprint == plain.generator_fingerprint
+    torch.testing.assert_close(torch.tensor(nhwc.raw_losses), torch.tensor(plain.raw_losses), rtol=1e-2, atol=1e-7)
+    from ronan_fast import zoo
+
+    img = tmp_path / "g.png"
+    save_image(Attributor(zoo.zoo_adapter("dcgan-fmnist"), None).sample(1, seed=5)[0], img)
+    for prof in ("p.json", "c.json"):
+        code, _, err = run(["inspect", "--profile", tmp_path / prof, "--model", "dcgan-fmnist", "--reference",
+                            "none", "--channels-last", img, "-q"], capsys)
+        assert code == 0, err
+
+
 def test_profile_retries_option(tmp_path, capsys):
     from ronan_fast.profile import BelongingProfile
 

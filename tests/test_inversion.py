@@ -911,3 +911,36 @@ def test_compiled_generator_inverts_as_the_eager_one(gen):
         invert(gen, images, settings=s, compile_generator=True, cuda_graph=True)
     with pytest.raises(ValueError, match="compile_generator must be True or False"):
         invert(gen, images, settings=s, compile_generator="yes")
+
+
+def test_channels_last_changes_the_layout_not_the_generator():
+    """channels_last: every 4-D weight in NHWC, others as they were; outputs equal up to rounding
+    and the same fingerprint (a profile serves both); in place by default, a copy on request;
+    inversions agree."""
+    from ronan_fast.adapters import channels_last
+
+    net = nn.Sequential(small_dcgan(), nn.Unflatten(1, (1, 1)), nn.Conv3d(1, 1, 1), nn.Flatten(1, 2))  # 5-D too
+    gen = LatentGenerator(net, 8, (-1, 1))
+    before = gen.fingerprint()
+    z = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = gen.decode_raw(z).clone()
+    copied = channels_last(gen, copy=True)
+    assert copied is not gen
+    assert all(p.is_contiguous() for p in gen.module.parameters())  # the original untouched
+    assert channels_last(gen) is gen
+    four = [t for t in list(gen.module.parameters()) + list(gen.module.buffers()) if t.dim() == 4]
+    assert len(four) == 2 and all(t.is_contiguous(memory_format=torch.channels_last) for t in four)
+    assert not four[0].is_contiguous()  # [32, 16, 4, 4]: NHWC differs from NCHW (not so with one channel)
+    assert all(t.is_contiguous() for t in gen.module.parameters() if t.dim() != 4)
+    assert gen.fingerprint() == copied.fingerprint() == before
+    with torch.no_grad():
+        torch.testing.assert_close(gen.decode_raw(z), out, rtol=1e-5, atol=1e-6)
+    plain = LatentGenerator(small_dcgan(), 8, (-1, 1))
+    images = plain.generate(3, torch.Generator().manual_seed(4)).images
+    s = quick(steps=40)
+    a = invert(plain, images, settings=s, seed=0).loss
+    b = invert(channels_last(plain, copy=True), images, settings=s, seed=0).loss
+    torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-7)
+    with pytest.raises(TypeError, match="adapter"):
+        channels_last(net)
