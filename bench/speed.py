@@ -120,6 +120,9 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
                                                      early=True),
         "ours (family default), compiled, bf16 autocast": dict(settings=None, overrides={"precision": "bf16"},
                                                                impl="auto", early=True, compile=True),
+        # ... and the generator's weights in channels-last memory format: every CPU lever at once
+        "ours (family default), compiled, bf16, channels-last": dict(
+            settings=None, overrides={"precision": "bf16"}, impl="auto", early=True, compile=True, channels_last=True),
         "ours, plain schedule": dict(
             settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
         ),
