@@ -504,13 +504,25 @@ def _profile_reference(profile) -> str:
     return profile.reference_name if profile.reference_name in ZOO else "default"
 
 
-def _models(args, reference_default: str):
-    model = build_generator(args.model, args.weights, args.latent_shape, args.output_range,
-                            class_label=args.class_label)
+def _channels_last(args, *generators) -> None:
+    """``--channels-last``: convert each of ``generators`` (None skipped) in place."""
     if getattr(args, "channels_last", False):
         from ronan_fast.adapters import channels_last
 
-        channels_last(model)
+        for g in generators:
+            if g is not None:
+                channels_last(g)
+
+
+def _models(args, reference_default: str):
+    model, reference = _build_models(args, reference_default)
+    _channels_last(args, model, reference)
+    return model, reference
+
+
+def _build_models(args, reference_default: str):
+    model = build_generator(args.model, args.weights, args.latent_shape, args.output_range,
+                            class_label=args.class_label)
     ref = args.reference
     if ref in ("none", "None"):
         if args.reference_weights:
@@ -526,10 +538,6 @@ def _models(args, reference_default: str):
     ref_range = args.reference_output_range or (args.output_range if factory else None)
     reference = build_generator(ref, args.reference_weights, ref_latent, ref_range, option="--reference",
                                 role="reference")
-    if getattr(args, "channels_last", False):
-        from ronan_fast.adapters import channels_last
-
-        channels_last(reference)
     return model, reference
 
 
@@ -929,11 +937,7 @@ def cmd_demo(args) -> int:
         model = calibration.default_generator()
         reference = calibration.default_reference()
         sample_paths = default_sample_paths()
-        if args.channels_last:
-            from ronan_fast.adapters import channels_last
-
-            channels_last(model)
-            channels_last(reference)
+        _channels_last(args, model, reference)
     except FileNotFoundError as e:
         raise UsageError(f"the bundled default models are missing: {e}") from None
     att = Attributor(model, reference, alpha=args.alpha, rule=args.rule, settings=DEMO_SETTINGS, device=device,
