@@ -412,3 +412,24 @@ def test_command_line_takes_a_diffusers_folder(cm_folder, tmp_path, capsys):
     assert "--class-label 3: class_label must be an int in [0, 3)" in capsys.readouterr().err
     assert cli.main(["profile", "--model", f"diffusers:{cm_folder}", "--class-label", "0", "-o", str(out)]) == 2
     assert "not class-conditional" in capsys.readouterr().err
+
+
+@needs_diffusers
+def test_channels_last_on_diffusers_adapters(kl_folder, cm_folder):
+    """ronan_fast.channels_last converts a diffusers VAE decoder's and a UNet's convolutions: the
+    same images up to rounding and the same fingerprint."""
+    from ronan_fast.adapters import channels_last
+
+    for adapter in (LatentDiffusionDecoder.from_pretrained(kl_folder), OneStepSampler.from_pretrained(cm_folder)):
+        z = _noise(2, adapter.latent_dim)
+        before = adapter.fingerprint()
+        with torch.no_grad():
+            ref = adapter.decode(z)
+        channels_last(adapter)
+        four = [p for m in adapter.modules() for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1
+                and p.shape[2] * p.shape[3] > 1]  # else NHWC and NCHW coincide
+        assert four and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                            for p in four)
+        with torch.no_grad():
+            torch.testing.assert_close(adapter.decode(z), ref, rtol=1e-4, atol=1e-5)
+        assert adapter.fingerprint() == before
