@@ -391,3 +391,31 @@ def test_grids_show_the_tone_fitted_reconstruction_for_mse_tone():
     assert float((shown - images).abs().max()) < 1e-4  # the fitted map undoes the brightening
     torch.testing.assert_close(shown, ToneMSE().fit(recon, images).clamp(0, 1).float())
     assert shown_reconstruction("mse-tone", recon, images[:2]).shape[0] == 2  # fewer previews of one side
+
+
+def test_quick_configuration_on_the_zoo_reproduces_its_committed_cells(tmp_path):
+    """The `quick` configuration on the real zoo and data (a few of its cells: Tables 2, 6 and 8,
+    about a minute on one thread) gives the confusion counts committed in results/eval/quick."""
+    from ronan_fast import data as D
+
+    if not D.FASHION_MNIST_DIR.is_dir():
+        pytest.skip(f"dataset-fashion-mnist not installed at {D.FASHION_MNIST_DIR}")
+    committed = Path(__file__).resolve().parents[1] / "results" / "eval" / "quick" / "cells.csv"
+    cells = "t2-dcgan-fmnist-unseen,t6-dcgan-fmnist-*,t8-dcgan-fmnist-jpeg75"
+    before = torch.get_num_threads()
+    try:
+        assert main(["--config", "quick", "--cells", cells, "--out", str(tmp_path), "--threads", "1",
+                     "--no-progress", "--no-figures"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    ours = _read_csv(tmp_path / "quick" / "cells.csv")
+    ids = {r["cell"] for r in ours}
+    assert ids == {"t2-dcgan-fmnist-unseen", "t6-dcgan-fmnist-calibrated", "t6-dcgan-fmnist-uncalibrated",
+                   "t8-dcgan-fmnist-jpeg75"}
+    assert (tmp_path / "quick" / "summary.md").is_file()
+    want = {(r["cell"], r["rule"]): r for r in _read_csv(committed) if r["cell"] in ids}
+    assert len(want) == len(ours) == 2 * len(ids)
+    for r in ours:
+        w = want[(r["cell"], r["rule"])]
+        assert [r[k] for k in ("tp", "fp", "fn", "tn")] == [w[k] for k in ("tp", "fp", "fn", "tn")], (r, w)
+        assert float(r["auc"]) == pytest.approx(float(w["auc"]), abs=0.02)
