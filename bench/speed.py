@@ -40,7 +40,7 @@ import torch
 
 from bench import generators as G
 from bench.baselines import authors_loop, plain_batched
-from ronan_fast.adapters import channels_last as _channels_last
+from ronan_fast.adapters import channels_last
 from ronan_fast.evaluation.store import write_text
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 
@@ -127,11 +127,6 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
             settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
         ),
     }
-
-
-def channels_last(adapter):
-    """A copy of ``adapter`` whose modules hold their 4-D weights in channels-last memory format."""
-    return _channels_last(adapter, copy=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             s = (resolve_settings(bg.adapter, None, **v["overrides"]) if "overrides" in v
                  else None if v["settings"] is None else InversionSettings(**v["settings"]))
-            adapter = channels_last(bg.adapter) if v.get("channels_last") else bg.adapter
+            adapter = channels_last(bg.adapter, copy=True) if v.get("channels_last") else bg.adapter
 
             def run(x, s=s, v=v, adapter=adapter):
                 stop = stop_thr if v["early"] else None

@@ -937,9 +937,9 @@ def cmd_demo(args) -> int:
         model = calibration.default_generator()
         reference = calibration.default_reference()
         sample_paths = default_sample_paths()
-        _channels_last(args, model, reference)
     except FileNotFoundError as e:
         raise UsageError(f"the bundled default models are missing: {e}") from None
+    _channels_last(args, model, reference)
     att = Attributor(model, reference, alpha=args.alpha, rule=args.rule, settings=DEMO_SETTINGS, device=device,
                      cuda_graph=args.cuda_graph, compile_generator=args.compile_generator, **overrides)
     s = att.settings
