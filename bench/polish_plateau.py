@@ -7,7 +7,8 @@ judged on recorded trajectories without running the polish again. This tool inve
 images the model generated and ``--n`` held-out real images with the family's default Adam
 phase (no polish), polishes every row for ``--steps`` steps of ``--cg-iters`` inner
 iterations (conjugate gradients, or GMRES alone with ``--method gmres``: the phase that
-``polish_gmres_iters`` puts before the CG polish), records each row's MSE after every step,
+``polish_gmres_iters`` puts before the CG polish; or, with ``--method dense``, the GAN family's
+Levenberg-Marquardt steps on Jacobians built by forward-mode AD), records each row's MSE after every step,
 and replays the plateau rule "stop once the loss fell by less than DROP over the last W steps"
 (``polish_patience=W``, ``polish_min_drop=DROP``) for each ``--rules W:DROP`` pair and step cap
 in ``--caps``. For each it reports the generated
@@ -33,7 +34,7 @@ import torch
 from bench import generators as G
 from bench.report import finish
 from ronan_fast.evaluation.store import write_text
-from ronan_fast.inversion import _polish_cg, _polish_gmres, invert, resolve_settings
+from ronan_fast.inversion import _polish, _polish_cg, _polish_gmres, invert, resolve_settings
 
 DEFAULT_RULES = "5:0.3,5:0.5,8:0.3,10:0.2,10:0.3,10:0.4,15:0.3,15:0.4"
 
@@ -58,6 +59,8 @@ def trajectories(generator: str, n: int, steps: int, cg_iters: int, seed: int, m
 
         if method == "cg":
             _polish_cg(ad, res.inputs, None, ad.from_unit(images), "mse", steps, cg_iters=cg_iters, report=report)
+        elif method == "dense":
+            _polish(ad, res.inputs, None, ad.from_unit(images), "mse", steps, report=report)
         else:
             _polish_gmres(ad, res.inputs, None, ad.from_unit(images), "mse", steps, krylov=cg_iters, report=report)
         # a row that the polish solved or gave up on keeps its last value; so does every row after
@@ -84,6 +87,35 @@ def replay(traj: torch.Tensor, cap: int, patience: int, min_drop: float) -> tupl
     return final, used
 
 
+def replay_settle(traj: torch.Tensor, cap: int, line: float, patience: int, min_drop: float,
+                  above: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's loss and polish steps when attributing against threshold ``line`` (as
+    ``inversion._Leaving`` applies it with ``stop_raw`` and ``settle``): a row stops once under
+    the line (its verdict: belonging), or once over ``above`` times it with its loss fallen by
+    less than ``min_drop`` over the last ``patience`` steps (settled: not belonging)."""
+    n = traj.shape[1]
+    cap = min(cap, traj.shape[0] - 1)
+    final = traj[cap].clone()
+    used = torch.full((n,), cap, dtype=torch.float64)
+    for i in range(n):
+        for k in range(cap):
+            t = traj[k, i]
+            if t < line or (k >= patience and t > above * line and t > (1 - min_drop) * traj[k - patience, i]):
+                final[i], used[i] = t, k
+                break
+    return final, used
+
+
+def _settle_rules(text: str) -> list[tuple[int, float, float]]:
+    out = []
+    for part in text.split(","):
+        w, d, m = part.split(":")
+        out.append((int(w), float(d), float(m)))
+        if out[-1][0] < 1 or not 0 < out[-1][1] < 1 or not out[-1][2] > 1:
+            raise ValueError(part)
+    return out
+
+
 def _rules(text: str) -> list[tuple[int, float]]:
     out = []
     for part in text.split(","):
@@ -99,11 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generator", default="onestep-fmnist", help="a zoo name or 'default' (default: %(default)s)")
     p.add_argument("--n", type=int, default=32, help="generated and real images each (default: %(default)s)")
     p.add_argument("--steps", type=int, default=100, help="polish steps recorded (default: %(default)s)")
-    p.add_argument("--method", choices=("cg", "gmres"), default="cg", help="the polish (default: %(default)s)")
+    p.add_argument("--method", choices=("cg", "gmres", "dense"), default="cg",
+                   help="the polish: CG or GMRES steps, or the GAN family's Levenberg-Marquardt steps on "
+                        "Jacobians built by forward-mode AD ('dense') (default: %(default)s)")
     p.add_argument("--cg-iters", type=int, default=100,
-                   help="inner iterations (CG or GMRES) per polish step (default: %(default)s)")
+                   help="inner iterations (CG or GMRES) per polish step; not used by 'dense' (default: %(default)s)")
     p.add_argument("--caps", default="60,80,100", help="comma-separated step caps replayed (default: %(default)s)")
     p.add_argument("--rules", default=DEFAULT_RULES, help="comma-separated W:DROP plateau rules (default: %(default)s)")
+    p.add_argument("--settle", default="",
+                   help="comma-separated W:DROP:ABOVE settle rules (settle_patience, settle_min_drop, settle_above) "
+                        "replayed against a threshold: 1%% of the real images' median at the largest cap, the "
+                        "convergence line (default: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-trajectories", metavar="FILE", help="also save the trajectories (JSON)")
     p.add_argument("--trajectories", metavar="FILE", help="replay saved trajectories instead of computing them")
@@ -113,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--n, --steps and --cg-iters must be at least 1")
     try:
         rules = _rules(a.rules)
+        settle = _settle_rules(a.settle) if a.settle else []
         caps = [int(c) for c in a.caps.split(",")]
     except ValueError as e:
-        p.error(f"--rules must be W:DROP pairs (W >= 1, 0 < DROP < 1) and --caps integers ({e})")
+        p.error(f"--rules must be W:DROP pairs (W >= 1, 0 < DROP < 1), --settle W:DROP:ABOVE triples (ABOVE > 1) "
+                f"and --caps integers ({e})")
     if a.trajectories:
         with open(a.trajectories, encoding="utf-8") as f:
             data = json.load(f)
@@ -135,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{real.shape[1]} real images ({data['data']}); {source}.",
         "",
         f"Adam phase: the family default without its polish ({data['settings']}); then up to "
-        f"{own.shape[0] - 1} polish steps of {data['cg_iters']} {data.get('method', 'cg').upper()} iterations. "
-        "MSE in [0, 1] units.",
+        + (f"{own.shape[0] - 1} Levenberg-Marquardt steps (dense Jacobians by forward-mode AD). "
+           if data.get("method") == "dense" else
+           f"{own.shape[0] - 1} polish steps of {data['cg_iters']} {data.get('method', 'cg').upper()} iterations. ")
+        + "MSE in [0, 1] units.",
         "",
         "| cap | rule (W steps, drop) | own median | own p90 | own worst | real lowest | real median "
         "| worst own / lowest real | own steps | real steps |",
@@ -156,6 +198,38 @@ def main(argv: list[str] | None = None) -> int:
                          f"{fr.min():.1e} | {fr.median():.1e} | {fo.max() / fr.min():.2f} | {uo.mean():.0f} | "
                          f"{ur.mean():.0f} |")
     lines += ["", "A row's steps: polish steps before it stops (the cap when the rule never fires)."]
+    if settle:
+        cap = max(caps)
+        line = 0.01 * float(real[min(cap, real.shape[0] - 1)].median())
+        lines += [
+            "",
+            f"Settle rules against a threshold (attributing with early stop): the line is {line:.3g}, 1% of the "
+            f"real images' median after {cap} steps. A row stops once under the line, or once over ABOVE times "
+            "it with its loss fallen by less than DROP over the last W steps. 'own over the line' counts the "
+            "generated images that end over it (verdicts the rule would flip against polishing to the cap); "
+            "'own closest' is the highest loss ratio over W steps of a generated image while over ABOVE times "
+            "the line (the rule fires above 1 - DROP), 'real lowest' the lowest such ratio of a real image at "
+            "step W.",
+            "",
+            "| rule (W, drop, above) | own over the line | own steps | real steps | own closest | real lowest |",
+            "|---|---|---|---|---|---|",
+        ]
+        base_o, base_uo = replay_settle(own, cap, line, cap + 1, 0.5, 2.0)  # patience past the cap: never fires
+        lines.append(f"| none | {int((base_o >= line).sum())} | {base_uo.mean():.1f} | "
+                     f"{replay_settle(real, cap, line, cap + 1, 0.5, 2.0)[1].mean():.1f} | - | - |")
+        for w, d, m in settle:
+            fo, uo = replay_settle(own, cap, line, w, d, m)
+            fr, ur = replay_settle(real, cap, line, w, d, m)
+            closest = None  # no generated image over ABOVE times the line after W steps
+            for i in range(own.shape[1]):
+                for k in range(w, cap + 1):
+                    if own[k, i] < line or own[k - 1, i] < line:
+                        break
+                    if own[k, i] > m * line:
+                        closest = max(closest or 0.0, float(own[k, i] / own[k - w, i]))
+            lowest = float((real[min(w, real.shape[0] - 1)] / real[0]).min())
+            lines.append(f"| {w}, {d:g}, {m:g} | {int((fo >= line).sum())} | {uo.mean():.1f} | {ur.mean():.1f} | "
+                         f"{'none over' if closest is None else f'{closest:.2f}'} | {lowest:.2f} |")
     finish(lines, "bench.polish_plateau", argv, a.out)
     return 0
 

@@ -39,9 +39,9 @@ POLISH_METHODS = ("dense", "cg", "dense-rev")
 #: when they differ from these defaults, so earlier profiles and caches keep their identity
 _LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3,
                  "polish_gmres_iters": 0, "polish_candidates": 1, "stagewise": False, "polish_escalate": 0,
-                 "escalate_within": 4.0}
+                 "escalate_within": 4.0, "settle_patience": 0, "settle_min_drop": 0.2, "settle_above": 4.0}
 #: the settings that act only when a belonging threshold is given (``invert(stop_below=...)``)
-ESCALATION_FIELDS = ("polish_escalate", "escalate_within")
+THRESHOLD_FIELDS = ("polish_escalate", "escalate_within", "settle_patience", "settle_min_drop", "settle_above")
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,15 @@ class InversionSettings:
     #: their threshold (real images) or under it cost nothing more. Without a threshold: ignored
     polish_escalate: int = 0
     escalate_within: float = 4.0
+    #: > 0, when a belonging threshold is known: a polished row whose loss is above
+    #: ``settle_above`` times its threshold and fell by less than ``settle_min_drop`` (a fraction)
+    #: over the last ``settle_patience`` polish steps leaves the polish: it has levelled off far
+    #: above the line, its verdict (not belonging) is settled. A model's own images start the
+    #: polish a few times above the line and keep falling; real images level off at once, tens
+    #: to hundreds of times above it. Without a threshold: ignored
+    settle_patience: int = 0
+    settle_min_drop: float = 0.2
+    settle_above: float = 4.0
     #: for a multi-step sampler that exposes its steps (``adapter.stage_chain()``, e.g. the zoo's
     #: DDIM sampler): invert its last step as a one-step generator with these settings, then
     #: solve each earlier step for its input by Gauss-Newton (:mod:`ronan_fast.stagewise`); the
@@ -125,7 +134,7 @@ class InversionSettings:
         _positive_int("check_every", self.check_every)
         _positive_int("min_rows", self.min_rows)
         for name in ("warmup", "halving_every", "patience", "polish_steps", "polish_patience", "polish_gmres_iters",
-                     "polish_escalate"):
+                     "polish_escalate", "settle_patience"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
@@ -146,11 +155,14 @@ class InversionSettings:
         _positive_int("polish_candidates", self.polish_candidates)
         if self.polish_method not in POLISH_METHODS:
             raise ValueError(f"polish_method must be one of {POLISH_METHODS}, got {self.polish_method!r}")
-        if not (isinstance(self.polish_min_drop, (int, float)) and 0 < self.polish_min_drop < 1):
-            raise ValueError(f"polish_min_drop must lie in (0, 1), got {self.polish_min_drop!r}")
-        if isinstance(self.escalate_within, bool) or not isinstance(self.escalate_within, (int, float)) \
-                or not 1 < self.escalate_within < float("inf"):
-            raise ValueError(f"escalate_within must be a finite number > 1, got {self.escalate_within!r}")
+        for name in ("polish_min_drop", "settle_min_drop"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v < 1):
+                raise ValueError(f"{name} must lie in (0, 1), got {v!r}")
+        for name in ("escalate_within", "settle_above"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 < v < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 1, got {v!r}")
         if self.rel_tol < 0 or self.penalty < 0:
             raise ValueError("rel_tol and penalty must be >= 0")
         if not isinstance(self.stagewise, bool):
@@ -164,11 +176,11 @@ class InversionSettings:
             raise TypeError(f"unknown inversion setting(s): {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
-    def without_escalation(self) -> "InversionSettings":
-        """These settings with the fields that act only given a threshold (``ESCALATION_FIELDS``)
+    def without_threshold_rules(self) -> "InversionSettings":
+        """These settings with the fields that act only given a threshold (``THRESHOLD_FIELDS``)
         at their defaults: the same inversion wherever none is given, under the identity an
         inversion without those fields had (:meth:`to_dict` leaves them out)."""
-        return self.replace(**{k: _LATER_FIELDS[k] for k in ESCALATION_FIELDS})
+        return self.replace(**{k: _LATER_FIELDS[k] for k in THRESHOLD_FIELDS})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -199,11 +211,15 @@ PRESETS: dict[str, InversionSettings] = {
 #: (dcgan64-photos) the paper's single start converges on 56% of the model's own images; 8
 #: starts halved every 100 steps over 600 cosine steps, then 25 Levenberg-Marquardt steps on
 #: each image's best input, converge on all of them in less wall time per image than the
-#: authors' one-image loop.
+#: authors' one-image loop. Attributing with a threshold, a polished row still over 4x it whose
+#: loss fell by less than 20% over 6 steps leaves the polish (``settle_patience``): on that
+#: DCGAN's per-step polish trajectories (bench/results/polish_plateau_dcgan64_cpu.md) its own
+#: images over 4x the line had fallen to at most 0.48x their loss 6 steps before, real images
+#: to no less than 0.91x, so real images stop after 6 polish steps instead of 25.
 FAMILY_DEFAULTS: dict[str, InversionSettings] = {
     "gan": InversionSettings(
         steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
-        halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=25,
+        halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=25, settle_patience=6,
     ),
     # "consistency": one-step generators whose latent is as wide as the image (a consistency
     # model's f(x_T, T), a distilled one-step sampler). Chosen on the zoo's one-step student
@@ -724,6 +740,9 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
                            torch.arange(b, device=device))
         settled = torch.where(torch.isfinite(settled), settled, loss_b)
 
+    # with a threshold: rows levelled off far above it leave the polish (their verdict is settled)
+    settle = (s.settle_patience, s.settle_min_drop, s.settle_above) if stop_below is not None else None
+
     def polish_rows(cand: Tensor, img: Tensor, per: int):
         """Polish the inputs of rows ``cand`` (row ``j`` belongs to image ``img[j]``, ``per`` rows
         per image); returns their inputs, conditions, reconstructions and losses."""
@@ -742,7 +761,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
                                              target_raw[img[idx]], metric_name, s.polish_steps,
                                              krylov=s.polish_gmres_iters, patience=s.polish_patience,
                                              min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
-                                             done_groups=done_groups)
+                                             done_groups=done_groups, settle=settle)
                     inputs[idx] = z
                     idx = idx[open_]
                     stop_raw = None if stop_raw is None else stop_raw[open_]
@@ -754,7 +773,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
                 inputs[idx] = polish(generator, inputs[idx], None if cond_c is None else cond_c[idx],
                                      target_raw[img[idx]], metric_name, s.polish_steps, patience=s.polish_patience,
                                      min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
-                                     done_groups=done_groups)
+                                     done_groups=done_groups, settle=settle)
         recon, final = score(inputs, cond_c, img)
         return inputs, cond_c, recon, final
 
@@ -848,7 +867,7 @@ def _capture(step: Callable[[], None], generator: GeneratorAdapter) -> "torch.cu
 
 
 def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0, min_drop=0.3, stop_raw=None,
-            group=None, done_groups=None, reverse=False, tone=None):
+            group=None, done_groups=None, reverse=False, tone=None, report=None, settle=None):
     """Levenberg-Marquardt on each image's best input (Jacobian by forward-mode AD, or with
     ``reverse`` by reverse mode, one row at a time in chunks of 128 products), float32.
 
@@ -858,7 +877,10 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0,
 
     A row leaves the loop once it is solved (mean squared residual under 1e-14, float32's floor),
     stuck (damping at its cap), levelled off (``patience``, ``min_drop``) or under its
-    ``stop_raw`` (raw-unit MSE, ``[n]``): the Jacobian, the costly part, is only built for live rows.
+    ``stop_raw`` (raw-unit MSE, ``[n]``), or levelled off far above it (``settle``, see
+    :class:`_Leaving`): the Jacobian, the costly part, is only built for live rows.
+    ``report(k, mse)``, if given, is called after step ``k`` with every row's mean squared
+    residual (rows that left keep their last value).
     """
     if metric_name != ("mse-tone" if tone is not None else "mse"):
         return inputs
@@ -886,11 +908,11 @@ def _polish(generator, inputs, cond, target_raw, metric_name, iters, patience=0,
             _, beta, active = tone_state(z, c, rows)
             return _tone_jacobian(jac, beta, active)
 
-    leaving = _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups)
+    leaving = _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups, settle)
     if reverse:
-        return _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=True, jac_map=jac_map)
+        return _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=True, jac_map=jac_map, report=report)
     with _forward_ad_attention():
-        return _polish_dense(inputs, cond, one, residual, iters, leaving, jac_map=jac_map)
+        return _polish_dense(inputs, cond, one, residual, iters, leaving, jac_map=jac_map, report=report)
 
 
 class _Leaving:
@@ -901,15 +923,23 @@ class _Leaving:
     With ``stop_raw``, rows may be grouped (``group``: each row's image, ``[n]``; ``done_groups``:
     a boolean per image, shared between the polishes of one inversion and updated here): once one
     row of an image is solved or under its ``stop_raw`` the image's verdict is settled and its
-    other rows (the other polished starts) leave too."""
+    other rows (the other polished starts) leave too.
 
-    def __init__(self, n, patience, min_drop, stop_raw, group=None, done_groups=None):
+    ``settle`` ``(patience, min_drop, above)``, with ``stop_raw``: a row whose mean squared
+    residual is over ``above`` times its ``stop_raw`` and fell by less than ``min_drop`` over the
+    last ``patience`` steps leaves too (settled as not belonging; marked in :attr:`dismissed`,
+    so that no later polish takes it up)."""
+
+    def __init__(self, n, patience, min_drop, stop_raw, group=None, done_groups=None, settle=None):
         self.patience, self.keep_frac, self.stop_raw = patience, 1.0 - min_drop, stop_raw
-        # every row's cost at the last patience + 1 steps (a ring: step k at k % (patience + 1))
-        self.hist = None if not patience else [None] * (patience + 1)
+        self.settle = settle if settle is not None and settle[0] and stop_raw is not None else None
+        # every row's cost at the last `span` steps (a ring: step k at k % span)
+        span = 1 + max(patience, self.settle[0] if self.settle else 0)
+        self.hist = None if span == 1 else [None] * span
         self.n = n
         self.group = group if stop_raw is not None and done_groups is not None else None
         self.done_groups = done_groups
+        self.dismissed = None  # rows the settle rule took out (a boolean per row once it has)
 
     def settled(self, mse, live):
         """Rows ``live`` whose mean squared residual ``mse`` is solved (under 1e-14) or under
@@ -925,14 +955,25 @@ class _Leaving:
 
     def __call__(self, k, cost, per_elem, stuck, live):
         """Before step ``k + 1`` (``k`` steps done); ``cost`` holds the live rows' summed squares."""
-        done = self.settled(cost / per_elem, live) | stuck
+        mse = cost / per_elem
+        done = self.settled(mse, live) | stuck
         if self.hist is not None:
             full = torch.full((self.n,), float("nan"), dtype=cost.dtype, device=cost.device)
             full[live] = cost
-            ring = self.patience + 1
+            ring = len(self.hist)
             self.hist[k % ring] = full
-            if k >= self.patience:  # step k - patience sits in the slot step k + 1 will take
-                done |= cost > self.keep_frac * self.hist[(k + 1) % ring][live]  # NaN never: rows only leave
+            # NaN never compares true: a row live now was live at every earlier step (rows only leave)
+            if self.patience and k >= self.patience:
+                done |= cost > self.keep_frac * self.hist[(k - self.patience) % ring][live]
+            if self.settle is not None and k >= self.settle[0]:
+                w, drop, above = self.settle
+                off = (mse > above * self.stop_raw[live]) & (cost > (1.0 - drop) * self.hist[(k - w) % ring][live]) \
+                    & ~done
+                if bool(off.any()):
+                    if self.dismissed is None:
+                        self.dismissed = torch.zeros(self.n, dtype=torch.bool, device=cost.device)
+                    self.dismissed[live[off]] = True
+                    done |= off
         return done
 
     def keep(self, k, cost, per_elem, stuck, live, *state):
@@ -961,7 +1002,7 @@ def _tone_jacobian(jac: Tensor, beta: Tensor, active: Tensor) -> Tensor:
     return (mapped * active.unsqueeze(-1).to(jk.dtype)).reshape(n, ch * p, -1)
 
 
-def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, jac_map=None):
+def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, jac_map=None, report=None):
     from torch.func import jacfwd, jacrev, vmap
 
     z = inputs.clone()
@@ -973,6 +1014,7 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, ja
         cost = r.square().sum(1)
     eye = torch.eye(z.shape[1], device=z.device)
     per_elem = r.shape[1]
+    cost_all = cost.clone()
     for k in range(iters):
         kept = leaving.keep(k, cost, per_elem, lam[:, 0, 0] >= 1e9, live, r, lam)
         if kept is None:
@@ -1003,6 +1045,9 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, ja
             r = torch.where(better[:, None], r_new, r)
             cost = torch.where(better, cost_new, cost)
             lam = torch.where(better[:, None, None], lam * 0.3, lam * 10).clamp(1e-9, 1e9)
+            if report is not None:
+                cost_all[live] = cost
+                report(k + 1, cost_all / per_elem)
     return z
 
 
@@ -1123,7 +1168,7 @@ def _forward_ad_attention():
 
 
 def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters=20, report=None, patience=0,
-               min_drop=0.3, stop_raw=None, group=None, done_groups=None):
+               min_drop=0.3, stop_raw=None, group=None, done_groups=None, settle=None):
     """Matrix-free Levenberg-Marquardt on each image's best input, float32.
 
     Each step solves ``(J^T J + lam I) d = -J^T r`` per row by ``cg_iters`` conjugate-gradient
@@ -1134,7 +1179,8 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
     only where it lowers the row's loss (then ``lam`` shrinks; else it grows). Rows leave the
     loop once solved (mean squared residual under 1e-14), stuck (damping at its cap), levelled
     off (``patience``, ``min_drop``) or under their ``stop_raw`` (raw-unit MSE, ``[n]``), or
-    once another row of their ``group`` is (:class:`_Leaving`). ``report(k, mse)``, if given, is
+    once another row of their ``group`` is, or levelled off far above ``stop_raw`` (``settle``;
+    :class:`_Leaving`). ``report(k, mse)``, if given, is
     called after step ``k`` with every row's mean squared residual (rows that left keep their
     last value).
     """
@@ -1142,7 +1188,7 @@ def _polish_cg(generator, inputs, cond, target_raw, metric_name, iters, cg_iters
         return inputs
     with _forward_ad_attention():
         return _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report,
-                               _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups))
+                               _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups, settle))
 
 
 def _residual_fn(generator, target_raw):
@@ -1211,7 +1257,7 @@ def _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report
 
 
 def _polish_gmres(generator, inputs, cond, target_raw, metric_name, iters, krylov=30, report=None, patience=0,
-                  min_drop=0.3, stop_raw=None, group=None, done_groups=None):
+                  min_drop=0.3, stop_raw=None, group=None, done_groups=None, settle=None):
     """Gauss-Newton steps for square Jacobians, each solved in a Krylov subspace, float32.
 
     For a generator whose latent is exactly as wide as its image (a one-step consistency model
@@ -1226,17 +1272,19 @@ def _polish_gmres(generator, inputs, cond, target_raw, metric_name, iters, krylo
     the six steps does is stuck. GMRES with a short subspace can stall on a row (restarted
     GMRES stagnates on some matrices); the row then levels off or sticks and leaves, and the
     caller hands it to the CG polish. Rows leave as in :func:`_polish_cg`: solved, stuck,
-    levelled off (``patience``, ``min_drop``), under ``stop_raw`` or settled by another row of
-    their ``group``. ``report(k, mse)`` as in :func:`_polish_cg`.
+    levelled off (``patience``, ``min_drop``), under ``stop_raw``, settled by another row of
+    their ``group`` or levelled off far above ``stop_raw`` (``settle``). ``report(k, mse)`` as
+    in :func:`_polish_cg`.
 
     Returns ``(inputs, open)``: ``open`` marks the rows that ended neither solved (mean squared
-    residual under 1e-14) nor under their ``stop_raw`` nor settled by their group.
+    residual under 1e-14) nor under their ``stop_raw`` nor settled by their group nor by the
+    ``settle`` rule.
     """
     if metric_name != "mse":
         return inputs, torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
     with _forward_ad_attention():
         return _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, report,
-                                  _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups))
+                                  _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups, settle))
 
 
 def _gmres(jv, r: Tensor, krylov: int) -> Tensor:
@@ -1314,4 +1362,7 @@ def _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, repor
             cost_all[live] = cost
             if report is not None:
                 report(k + 1, cost_all / per_elem)
-    return z.detach(), ~leaving.settled(cost_all / per_elem, torch.arange(n, device=z.device))
+    closed = leaving.settled(cost_all / per_elem, torch.arange(n, device=z.device))
+    if leaving.dismissed is not None:
+        closed |= leaving.dismissed
+    return z.detach(), ~closed

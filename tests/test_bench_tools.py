@@ -112,13 +112,18 @@ def test_polish_probe_writes_one_row_per_mark(tmp_path):
         polish_probe.main(["--pairs", "10-20"])
 
 
-def test_polish_plateau_replay_matches_the_polish(tmp_path):
+@pytest.mark.parametrize("method", ["cg", "dense"])
+def test_polish_plateau_replay_matches_the_polish(tmp_path, method):
     """Rows of the polish are independent: replaying the plateau rule on recorded trajectories
-    gives the loss the polish with that rule ends at."""
+    gives the loss the polish with that rule ends at (the matrix-free polish and the GAN
+    family's Levenberg-Marquardt polish)."""
+    import functools
     import json
 
     from bench import polish_plateau
-    from ronan_fast.inversion import _polish_cg
+    from ronan_fast.inversion import _polish, _polish_cg
+
+    polish = functools.partial(_polish_cg, cg_iters=6) if method == "cg" else _polish
 
     from ronan_fast.models import DCGANGenerator, dcgan_init_
 
@@ -136,27 +141,43 @@ def test_polish_plateau_replay_matches_the_polish(tmp_path):
     def report(k, mse):
         traj[k] = mse.double()
 
-    _polish_cg(gen, start, None, target, "mse", steps, cg_iters=6, report=report)
+    polish(gen, start, None, target, "mse", steps, report=report)
+    assert not bool(torch.isnan(traj[1]).any())  # every row reported after the first step
     for k in range(1, steps + 1):
         traj[k] = torch.where(torch.isnan(traj[k]), traj[k - 1], traj[k])
     for w, drop in ((2, 0.5), (3, 0.2), (4, 0.9)):
-        z = _polish_cg(gen, start, None, target, "mse", steps, cg_iters=6, patience=w, min_drop=drop)
+        z = polish(gen, start, None, target, "mse", steps, patience=w, min_drop=drop)
         with torch.no_grad():
             got = (gen.decode_raw(z, None) - target).square().flatten(1).mean(1).double()
         want, used = polish_plateau.replay(traj, steps, w, drop)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-12)
         assert bool((used >= w).all()) and bool((used <= steps).all())
+    # the settle rule against a threshold: under it a row stops, far over it and levelled off too
+    line = float(traj[0].min()) * 1e-3  # under every start: the made images reach it, the noise does not
+    dismissed = 0
+    for w, drop, above in ((2, 0.2, 2.0), (3, 0.5, 4.0)):
+        z = polish(gen, start, None, target, "mse", steps, stop_raw=torch.full((4,), line), settle=(w, drop, above))
+        with torch.no_grad():
+            got = (gen.decode_raw(z, None) - target).square().flatten(1).mean(1).double()
+        want, used = polish_plateau.replay_settle(traj, steps, line, w, drop, above)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-12)
+        dismissed += int(((want > above * line) & (used < steps)).sum())
+    assert dismissed > 0  # the rule fired on some row
     # the report from saved trajectories
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"generator": "tiny", "data": "noise", "settings": "{}", "cg_iters": 6,
                                 "own": traj[:, :2].tolist(), "real": traj[:, 2:].tolist()}))
     out = tmp_path / "r.md"
     assert polish_plateau.main(["--trajectories", str(path), "--caps", "8,12", "--rules", "2:0.5,3:0.2",
-                                "--out", str(out)]) == 0
-    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| 8 |") or ln.startswith("| 12 |")]
+                                "--settle", "2:0.2:4,3:0.5:2", "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| 8 |") or ln.startswith("| 12 |")]
     assert len(rows) == 6  # per cap: no rule, and the two rules
-    with pytest.raises(SystemExit):
-        polish_plateau.main(["--rules", "3:1.5"])
+    assert [ln.split(" | ")[0] for ln in text.splitlines() if ln.startswith("| none |") or ln.startswith("| 2, 0.2, 4 |")
+            or ln.startswith("| 3, 0.5, 2 |")] == ["| none", "| 2, 0.2, 4", "| 3, 0.5, 2"]
+    for bad in (["--rules", "3:1.5"], ["--settle", "3:0.2:1"], ["--settle", "3:0.2"]):
+        with pytest.raises(SystemExit):
+            polish_plateau.main(bad)
 
 
 def test_speed_table_times_each_method_and_its_single_image_latency(tmp_path, monkeypatch):

@@ -218,10 +218,11 @@ def test_image_sets_with_the_same_pixels_share_inversions(tmp_path, inversions):
         assert all((tmp_path / rel).is_file() for rel in rec["loss_files"].values())
 
 
-def test_harness_settings_leave_out_escalation(tmp_path):
-    """The harness inverts in full, without a threshold: escalation (which acts only with one)
-    cannot change its losses and is left out of its settings, so the one-step family default's
-    escalation leaves every cache key as it was."""
+def test_harness_settings_leave_out_the_threshold_rules(tmp_path):
+    """The harness inverts in full, without a threshold: escalation and the settle rule (which
+    act only with one) cannot change its losses and are left out of its settings, so the
+    one-step family default's escalation and the GAN default's settle rule leave every cache
+    key as it was."""
     from ronan_fast.inversion import FAMILY_DEFAULTS
 
     models = TinyModels()
@@ -232,6 +233,11 @@ def test_harness_settings_leave_out_escalation(tmp_path):
     got = ev.settings("a", "mse")
     assert got == FAMILY_DEFAULTS["consistency"].replace(polish_escalate=0, escalate_within=4.0)
     assert "polish_escalate" not in got.to_dict() and got.polish_candidates == 2
+    # the GAN default's settle rule, too (its cells were inverted before it existed)
+    assert FAMILY_DEFAULTS["gan"].settle_patience > 0
+    gan = ev.settings("b", "mse")
+    assert gan == FAMILY_DEFAULTS["gan"].replace(settle_patience=0)
+    assert not any(k.startswith("settle_") for k in gan.to_dict())
 
 
 def test_uncalibrated_cell_uses_raw_losses(tmp_path):

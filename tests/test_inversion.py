@@ -365,6 +365,76 @@ def test_escalation_polishes_more_starts_only_where_the_verdict_is_in_doubt(gen,
     assert "polish_escalate" not in InversionSettings().to_dict() and "escalate_within" not in InversionSettings().to_dict()
 
 
+def test_settle_rule_takes_rows_levelled_off_far_above_the_threshold_out_of_the_polish():
+    """_Leaving with ``settle=(w, drop, above)``: a row over ``above`` times its threshold whose
+    loss fell by less than ``drop`` over the last ``w`` steps leaves, marked dismissed; a row
+    still falling, or levelled off within ``above`` times its threshold, stays; no threshold,
+    no rule."""
+    from ronan_fast.inversion import _Leaving
+
+    stop = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    # per step k: row 0 flat at 100x, row 1 falling by half each step, row 2 flat at 3x,
+    # row 3 flat at 100x but solved (under its threshold) at step 2
+    costs = [torch.tensor([100.0, 100.0 * 0.5 ** k, 3.0, 100.0 if k < 2 else 0.5]) for k in range(6)]
+    live = torch.arange(4)
+    leave = _Leaving(4, 0, 0.3, stop, settle=(2, 0.2, 4.0))
+    seen = []
+    for k, c in enumerate(costs):
+        done = leave(k, c[live], 1, torch.zeros(live.numel(), dtype=torch.bool), live)
+        seen.append(live[done].tolist())
+        live = live[~done]
+    assert seen[:3] == [[], [], [0, 3]], seen  # row 0 at step 2 (two steps flat), row 3 solved
+    assert leave.dismissed.tolist() == [True, False, False, False]  # solved is not dismissed
+    assert 2 in live.tolist() and 1 in live.tolist()
+    # without a threshold the rule does nothing
+    bare = _Leaving(4, 0, 0.3, None, settle=(2, 0.2, 4.0))
+    assert not any(bool(bare(k, c, 1, torch.zeros(4, dtype=torch.bool), torch.arange(4)).any())
+                   for k, c in enumerate(costs))
+    assert bare.dismissed is None
+    # with the plateau rule as well: both rings read the right step
+    both = _Leaving(4, 3, 0.5, stop, settle=(1, 0.2, 4.0))
+    got = [both(k, c, 1, torch.zeros(4, dtype=torch.bool), torch.arange(4)).tolist() for k, c in enumerate(costs)]
+    assert got[0] == [False] * 4
+    assert got[1] == [True, False, False, True]  # settled after one flat step: the rows flat at 100x
+    assert got[2] == [True, False, False, True]  # row 2 (3x) is no settle case; the plateau rule waits 3 steps
+    assert got[3] == [True, False, True, True]  # now the plateau (under half off over 3 steps) takes row 2
+
+
+def test_settle_rule_shortens_the_polish_of_images_far_above_their_threshold_only(gen, monkeypatch):
+    """settle_patience=w: with a threshold, noise images (far above it, levelled off) leave the
+    Levenberg-Marquardt polish after a few steps; without one, the inversion is bit-identical."""
+    import ronan_fast.inversion as inv
+
+    noise = torch.rand(3, *gen.image_shape, generator=torch.Generator().manual_seed(12))
+    s = quick(steps=30, restarts=2, polish_steps=30)
+    steps_run = []
+    polish = inv._polish_dense
+
+    def spy(*args, **kw):
+        calls = []
+        kw["report"] = lambda k, mse: calls.append(k)
+        out = polish(*args, **kw)
+        steps_run.append(len(calls))
+        return out
+
+    monkeypatch.setattr(inv, "_polish_dense", spy)
+    stop = torch.full((3,), 1e-9)  # far under any noise image's loss
+    plain = invert(gen, noise, settings=s, seed=0, stop_below=stop)
+    settled = invert(gen, noise, settings=s.replace(settle_patience=3), seed=0, stop_below=stop)
+    assert steps_run[1] < steps_run[0], steps_run
+    assert (settled.loss >= plain.loss * (1 - 1e-5)).all() and (settled.loss < 2 * plain.loss).all()
+    direct = (settled.reconstruction - noise).square().flatten(1).mean(1)
+    torch.testing.assert_close(settled.loss, direct, rtol=1e-4, atol=1e-9)
+    # no threshold: the rule is off
+    torch.testing.assert_close(invert(gen, noise, settings=s.replace(settle_patience=3), seed=0).loss,
+                               invert(gen, noise, settings=s, seed=0).loss, rtol=0, atol=0)
+    for bad in (dict(settle_patience=-1), dict(settle_min_drop=0.0), dict(settle_min_drop=1.0),
+                dict(settle_above=1.0), dict(settle_above=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            InversionSettings(**bad)
+    assert not any(k.startswith("settle_") for k in InversionSettings().to_dict())
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_an_autocast_adam_phase_settles_verdicts_in_float32(gen, monkeypatch, precision):
     """Under autocast the Adam phase's losses are not the final (float32) score: an image they put
@@ -502,8 +572,8 @@ def test_invert_with_two_polished_starts_stops_the_sibling_under_stop_below(gen,
     stop = torch.full((8,), 1e-9)
 
     class Ungrouped(inv._Leaving):  # the same polish with the grouping switched off
-        def __init__(self, n, patience, min_drop, stop_raw, group=None, done_groups=None):
-            super().__init__(n, patience, min_drop, stop_raw)
+        def __init__(self, n, patience, min_drop, stop_raw, group=None, done_groups=None, settle=None):
+            super().__init__(n, patience, min_drop, stop_raw, settle=settle)
 
     counted = []
     real = gen.decode_raw

@@ -191,9 +191,10 @@ class Evaluation:
         s = resolve_settings(self.models.adapter(model), preset or self.config.settings, metric=metric,
                              **dict(self.config.overrides))
         # The harness inverts every image in full, without a belonging threshold (as
-        # Attributor.attribute(early_stop=False) does): escalation acts only with a threshold, so
-        # it cannot change a loss here, and it is left out of the settings and every key.
-        return s.without_escalation()
+        # Attributor.attribute(early_stop=False) does): escalation and the settle rule act only
+        # with a threshold, so they cannot change a loss here, and are left out of the settings
+        # and every key.
+        return s.without_threshold_rules()
 
     def loss_key(self, model: str, spec: ImageSpec, settings: InversionSettings) -> _LossKey:
         key = _hash({
