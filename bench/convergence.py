@@ -97,6 +97,9 @@ CANDIDATES: dict[str, dict] = {
     # the family default with the Adam phase's generator under bfloat16 autocast (the polish
     # and the final score stay float32): CPUs with AVX512-BF16 run convolutions about 2x faster
     "default-bf16": {"settings": "default", "precision": "bf16"},
+    # the family default without the settle rule (with a threshold, a polished row levelled off
+    # far above it leaves the polish; the GAN default's settle_patience)
+    "default-nosettle": {"settings": "default", "settle_patience": 0},
     # ... after half the Adam steps (300, halving every 50): does the polish need 600?
     "adam300-c2": {"settings": "default", "steps": 300, "halving_every": 50, "patience": 150,
                    "polish_gmres_iters": 30, "polish_min_drop": 0.2, "polish_candidates": 2},
@@ -124,16 +127,20 @@ def quantiles(x: torch.Tensor) -> dict[str, float]:
     return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(x.max())}
 
 
-def run_one(bg, settings: InversionSettings, gen_images, real_images, seed: int, to_verdict: bool = False) -> dict:
+def run_one(bg, settings: InversionSettings, gen_images, real_images, seed: int, to_verdict: bool = False,
+            line: float | None = None) -> dict:
     """Invert the generated and the real images with ``settings``; with ``to_verdict`` the real
     images go first and each generated image stops once under the convergence line (1% of their
-    median), as an image stops once under the belonging threshold when attributing."""
+    median), as an image stops once under the belonging threshold when attributing. With
+    ``line`` (and ``to_verdict``) the convergence line is given, and every image, real ones
+    too, is inverted with it as its threshold, as attribution inverts every image it is given."""
     t0 = time.perf_counter()
-    res_r = invert(bg.adapter, real_images, settings=settings, seed=seed + 1)
+    res_r = invert(bg.adapter, real_images, settings=settings, seed=seed + 1,
+                   stop_below=line if to_verdict else None)
     t_real = time.perf_counter() - t0
     r = res_r.loss.double().cpu()
     real_median = float(r.median())
-    thr = 0.01 * real_median
+    thr = 0.01 * real_median if line is None else line
     t0 = time.perf_counter()
     res_g = invert(bg.adapter, gen_images, settings=settings, seed=seed, stop_below=thr if to_verdict else None)
     t_gen = time.perf_counter() - t0
@@ -152,6 +159,7 @@ def run_one(bg, settings: InversionSettings, gen_images, real_images, seed: int,
         "s_per_gen_image": t_gen / g.numel(),
         "s_per_real_image": t_real / r.numel(),
         "to_verdict": to_verdict,
+        "line": thr,
         "row_steps_per_image": float(torch.cat([res_g.row_steps, res_r.row_steps]).double().mean()),
         "gen_losses": g.tolist(),
         "real_losses": r.tolist(),
@@ -187,7 +195,14 @@ def main(argv: list[str] | None = None) -> int:
                         "convergence line (1%% of the real images' median), as attribution stops an image once "
                         "under the belonging threshold: the same convergence, the time to a settled verdict; the "
                         "generated images' quantiles then stop at the line")
+    p.add_argument("--line", type=float, default=None,
+                   help="with --to-verdict: the convergence line itself (a belonging profile's threshold, say) "
+                        "instead of 1%% of the real images' median; every image, real ones too, is then inverted "
+                        "with it as its threshold, as attribution inverts every image it is given")
     a = p.parse_args(argv)
+    if a.line is not None and not (a.to_verdict and math.isfinite(a.line) and a.line > 0):
+        p.error(f"--line must be a finite number > 0 and needs --to-verdict, got {a.line} "
+                f"{'with' if a.to_verdict else 'without'} --to-verdict")
     if a.threads:
         torch.set_num_threads(a.threads)
     names = [c for c in a.candidates.split(",") if c]
@@ -201,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (json_out and json_out.is_file()):
             p.error("--resume needs --out whose .json exists")
         old = json.loads(json_out.read_text())
-        keep = ("n", "n_real", "seed", "authors_images", "to_verdict")
-        if any(old["args"].get(k, str(False) if k == "to_verdict" else None) != raw["args"][k] for k in keep):
+        keep = ("n", "n_real", "seed", "authors_images", "to_verdict", "line")
+        was = {"to_verdict": str(False), "line": str(None)}  # written before these options existed
+        if any(old["args"].get(k, was.get(k)) != raw["args"][k] for k in keep):
             p.error(f"--resume: {json_out} was written with other {keep}: {old['args']}")
         raw["results"] = rows = old["results"]
     for gname in [g for g in a.generators.split(",") if g]:
@@ -219,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             s = settings_for(bg.adapter, CANDIDATES[cname])
             print(f"[{gname}] {cname}: {s}", file=sys.stderr, flush=True)
-            r = run_one(bg, s, gen, real, a.seed, to_verdict=a.to_verdict)
+            r = run_one(bg, s, gen, real, a.seed, to_verdict=a.to_verdict, line=a.line)
             r.update(generator=gname, candidate=cname, settings=s.to_dict(), authors_s_per_image=authors_s)
             rows.append(r)  # raw["results"] is rows
             if json_out:  # after every row: an interrupted run keeps what it finished
@@ -276,9 +292,16 @@ def render(rows: list[dict], mach: dict, a) -> str:
     head = (
         f"Convergence benchmark ({mach['device']}, {mach['cpu_count']} cores, {mach['threads']} threads, "
         f"torch {mach['torch']}, Python {mach['python']}); {a.n} generated + {a.n_real} real images per "
-        f"generator, seed {a.seed}. Converged: best MSE < 1% of the real images' median MSE.\n"
+        f"generator, seed {a.seed}. "
+        + ("Converged: best MSE < 1% of the real images' median MSE.\n" if a.line is None else
+           f"Converged: best MSE < {a.line:.3g}, the line given (`--line`).\n")
     )
-    if a.to_verdict:
+    if a.to_verdict and a.line is not None:
+        head += ("To verdict (`--to-verdict --line`): every image, generated or real, stopped once under the "
+                 "line, as attribution stops an image once under its belonging threshold (the settle rule and "
+                 "escalation act with it); s/img is over generated and real images together, own and real "
+                 "each alone.\n")
+    elif a.to_verdict:
         head += ("To verdict (`--to-verdict`): the real images were inverted first, and each generated image "
                  "stopped once under the convergence line, so the generated images' quantiles stop there; "
                  "s/img is over generated and real images together, own and real each alone.\n")

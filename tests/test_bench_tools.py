@@ -180,6 +180,45 @@ def test_polish_plateau_replay_matches_the_polish(tmp_path, method):
             polish_plateau.main(bad)
 
 
+def test_convergence_to_verdict_with_a_given_line_stops_real_images_too(tmp_path, monkeypatch):
+    """bench.convergence --to-verdict --line X: X is the convergence line and every image's
+    threshold, real images included (as attribution inverts them); without --line the real
+    images are inverted without one and the line is 1% of their median."""
+    import json
+
+    from bench import convergence, generators
+    from bench.generators import BenchGenerator
+    from tiny_models import TinyGenerator
+
+    ad = LatentGenerator(TinyGenerator(seed=0), (3,), (-1.0, 1.0), name="tiny")
+    bg = BenchGenerator("tiny", ad, lambda n: torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(4)),
+                        "random")
+    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
+    monkeypatch.setitem(convergence.CANDIDATES, "q", dict(steps=20, restarts=2, check_every=5, polish_steps=3))
+    seen = []
+    real_invert = convergence.invert
+
+    def spy(adapter, images, **kw):
+        seen.append(kw.get("stop_below"))
+        return real_invert(adapter, images, **kw)
+
+    monkeypatch.setattr(convergence, "invert", spy)
+    common = ["--generators", "tiny", "--n", "3", "--n-real", "3", "--candidates", "q", "--authors-images", "0"]
+    out = tmp_path / "c.md"
+    assert convergence.main(common + ["--to-verdict", "--line", "0.002", "--out", str(out)]) == 0
+    assert seen == [0.002, 0.002]  # real images first, then the generated ones, both with the line
+    row = json.loads(out.with_suffix(".json").read_text())["results"][0]
+    assert row["line"] == 0.002
+    assert row["converged"] == sum(x < 0.002 for x in row["gen_losses"]) / 3
+    assert "the line given (`--line`)" in out.read_text()
+    seen.clear()
+    assert convergence.main(common + ["--to-verdict"]) == 0
+    assert seen[0] is None and seen[1] > 0  # real images without a threshold, own ones with 1% of their median
+    for bad in (["--line", "0.002"], ["--to-verdict", "--line", "0"], ["--to-verdict", "--line", "nan"]):
+        with pytest.raises(SystemExit):
+            convergence.main(common + bad)
+
+
 def test_speed_table_times_each_method_and_its_single_image_latency(tmp_path, monkeypatch):
     import json
 
