@@ -112,7 +112,9 @@ class InversionSettings:
     #: over the last ``settle_patience`` polish steps leaves the polish: it has levelled off far
     #: above the line, its verdict (not belonging) is settled. A model's own images start the
     #: polish a few times above the line and keep falling; real images level off at once, tens
-    #: to hundreds of times above it. Without a threshold: ignored
+    #: to hundreds of times above it. Only in the last polish (``polish_method``'s), not in the
+    #: GMRES phase, where a stall is the method's (restarted GMRES stagnates on some of a
+    #: model's own images) and the CG polish takes the row up. Without a threshold: ignored
     settle_patience: int = 0
     settle_min_drop: float = 0.2
     settle_above: float = 4.0
@@ -761,7 +763,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
                                              target_raw[img[idx]], metric_name, s.polish_steps,
                                              krylov=s.polish_gmres_iters, patience=s.polish_patience,
                                              min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
-                                             done_groups=done_groups, settle=settle)
+                                             done_groups=done_groups)
                     inputs[idx] = z
                     idx = idx[open_]
                     stop_raw = None if stop_raw is None else stop_raw[open_]
@@ -927,8 +929,7 @@ class _Leaving:
 
     ``settle`` ``(patience, min_drop, above)``, with ``stop_raw``: a row whose mean squared
     residual is over ``above`` times its ``stop_raw`` and fell by less than ``min_drop`` over the
-    last ``patience`` steps leaves too (settled as not belonging; marked in :attr:`dismissed`,
-    so that no later polish takes it up)."""
+    last ``patience`` steps leaves too (settled as not belonging; marked in :attr:`dismissed`)."""
 
     def __init__(self, n, patience, min_drop, stop_raw, group=None, done_groups=None, settle=None):
         self.patience, self.keep_frac, self.stop_raw = patience, 1.0 - min_drop, stop_raw
@@ -1257,7 +1258,7 @@ def _polish_cg_loop(generator, inputs, cond, target_raw, iters, cg_iters, report
 
 
 def _polish_gmres(generator, inputs, cond, target_raw, metric_name, iters, krylov=30, report=None, patience=0,
-                  min_drop=0.3, stop_raw=None, group=None, done_groups=None, settle=None):
+                  min_drop=0.3, stop_raw=None, group=None, done_groups=None):
     """Gauss-Newton steps for square Jacobians, each solved in a Krylov subspace, float32.
 
     For a generator whose latent is exactly as wide as its image (a one-step consistency model
@@ -1272,19 +1273,17 @@ def _polish_gmres(generator, inputs, cond, target_raw, metric_name, iters, krylo
     the six steps does is stuck. GMRES with a short subspace can stall on a row (restarted
     GMRES stagnates on some matrices); the row then levels off or sticks and leaves, and the
     caller hands it to the CG polish. Rows leave as in :func:`_polish_cg`: solved, stuck,
-    levelled off (``patience``, ``min_drop``), under ``stop_raw``, settled by another row of
-    their ``group`` or levelled off far above ``stop_raw`` (``settle``). ``report(k, mse)`` as
-    in :func:`_polish_cg`.
+    levelled off (``patience``, ``min_drop``), under ``stop_raw`` or settled by another row of
+    their ``group``. ``report(k, mse)`` as in :func:`_polish_cg`.
 
     Returns ``(inputs, open)``: ``open`` marks the rows that ended neither solved (mean squared
-    residual under 1e-14) nor under their ``stop_raw`` nor settled by their group nor by the
-    ``settle`` rule.
+    residual under 1e-14) nor under their ``stop_raw`` nor settled by their group.
     """
     if metric_name != "mse":
         return inputs, torch.ones(inputs.shape[0], dtype=torch.bool, device=inputs.device)
     with _forward_ad_attention():
         return _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, report,
-                                  _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups, settle))
+                                  _Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups))
 
 
 def _gmres(jv, r: Tensor, krylov: int) -> Tensor:
@@ -1362,7 +1361,4 @@ def _polish_gmres_loop(generator, inputs, cond, target_raw, iters, krylov, repor
             cost_all[live] = cost
             if report is not None:
                 report(k + 1, cost_all / per_elem)
-    closed = leaving.settled(cost_all / per_elem, torch.arange(n, device=z.device))
-    if leaving.dismissed is not None:
-        closed |= leaving.dismissed
-    return z.detach(), ~closed
+    return z.detach(), ~leaving.settled(cost_all / per_elem, torch.arange(n, device=z.device))
