@@ -111,6 +111,14 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
         # the generator's forward and backward through torch.compile (the warm-up call compiles)
         "ours, compiled": dict(settings=full, impl="auto", early=True, compile=True),
         "ours (family default), compiled": dict(settings=None, impl="auto", early=True, compile=True),
+        # ... without the settle rule (the GAN default's: a polished row levelled off far above
+        # the threshold leaves the polish)
+        "ours (family default), no settle": dict(settings=None, overrides={"settle_patience": 0}, impl="auto",
+                                                 early=True),
+        # ... its Adam phase alone (no polish): where the time goes, not a configuration to use
+        # (the polish is what converges a GAN's own images; compare the accuracy)
+        "ours (family default), Adam phase only": dict(settings=None, overrides={"polish_steps": 0}, impl="auto",
+                                                       early=True),
         # ... without escalating doubtful verdicts to more polished starts (the one-step default's)
         "ours (family default), no escalation": dict(settings=None, overrides={"polish_escalate": 0}, impl="auto",
                                                      early=True),
