@@ -193,6 +193,38 @@ def test_reverse_mode_dense_polish_matches_forward_mode(gen):
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-3, atol=1e-10)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_dense_polish_builds_its_jacobians_in_chunks_with_the_same_steps(gen, monkeypatch, reverse):
+    """The dense polish builds J^T J and J^T r a few rows at a time (memory: a chunk of 512
+    images' Jacobians at once would not fit); one row per chunk takes the same steps as all rows
+    in one, plain and conditional."""
+    import ronan_fast.inversion as inv
+    from ronan_fast.inversion import _polish
+
+    batch = gen.generate(5, torch.Generator().manual_seed(11))
+    target = gen.decode_raw(batch.latents, None).detach()
+    start = batch.latents + 0.05 * torch.randn(5, 8, generator=torch.Generator().manual_seed(13))
+    out = target[0].numel()
+    assert inv._dense_rows(8, out) >= 5  # the default: these rows in one chunk
+    whole = _polish(gen, start, None, target, "mse", 4, reverse=reverse)
+    monkeypatch.setattr(inv, "_DENSE_CHUNK_ELEMENTS", 8 * out)  # one row per chunk
+    assert inv._dense_rows(8, out) == 1 and inv._dense_rows(8, 10 * out) == 1
+    split = _polish(gen, start, None, target, "mse", 4, reverse=reverse)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(split, start)
+
+    torch.manual_seed(0)
+    cgen = ConditionalGenerator(CondNet(), 4, num_classes=3)
+    cond = torch.tensor([0, 2, 1])
+    z0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+    ctarget = cgen.decode_raw(z0, cond).detach()
+    cstart = z0 + 0.05 * torch.randn(3, 4, generator=torch.Generator().manual_seed(4))
+    csplit = _polish(cgen, cstart, cond, ctarget, "mse", 3, reverse=reverse)
+    monkeypatch.setattr(inv, "_DENSE_CHUNK_ELEMENTS", 1 << 25)
+    torch.testing.assert_close(csplit, _polish(cgen, cstart, cond, ctarget, "mse", 3, reverse=reverse),
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_matrix_free_polish_leaves_solved_rows_and_solves_the_rest(gen):
     """The conjugate-gradient polish (no Jacobian formed) reaches what the dense one reaches."""
     from ronan_fast.inversion import _polish_cg

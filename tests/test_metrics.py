@@ -385,7 +385,7 @@ def test_invert_runs_with_non_fused_metrics(metric):
     torch.testing.assert_close(res.loss, mobj(res.reconstruction, images), atol=1e-5, rtol=1e-4)
 
 
-def test_invert_with_tone_mse_polishes_tone_edited_images_to_zero():
+def test_invert_with_tone_mse_polishes_tone_edited_images_to_zero(monkeypatch):
     """A generated image under an affine tone edit: plain MSE cannot reach it, "mse-tone" with
     its Levenberg-Marquardt polish (the Jacobian mapped through each row's tone fit) does, with
     two polished candidates per image scored at their own images."""
@@ -412,6 +412,13 @@ def test_invert_with_tone_mse_polishes_tone_edited_images_to_zero():
         after = M.ToneMSE()(gen.to_unit(gen.decode_raw(z)), edited)
     assert bool((after < 1e-10).all()) and bool((before > 1e-4).all()), (before, after)
     assert _polish(gen, start, None, target_raw, "mse-tone", 30) is start  # no tone object: not its residual
+    # the Jacobians built one row at a time (as for large batches): the same steps
+    import ronan_fast.inversion as inv
+
+    few = _polish(gen, start, None, target_raw, "mse-tone", 3, tone=M.ToneMSE())
+    monkeypatch.setattr(inv, "_DENSE_CHUNK_ELEMENTS", gen.latent_dim * edited[0].numel())
+    torch.testing.assert_close(_polish(gen, start, None, target_raw, "mse-tone", 3, tone=M.ToneMSE()), few,
+                               rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
