@@ -51,18 +51,29 @@ def trajectories(generator: str, n: int, steps: int, cg_iters: int, seed: int, m
                                    ("real", bg.real(n), seed + 1)):
         t0 = time.perf_counter()
         res = invert(ad, images, settings=adam, seed=inv_seed)
+        start = res.inputs
         traj = torch.full((steps + 1, n), float("nan"), dtype=torch.float64)
         traj[0] = res.loss.double()
+        if method == "gmres-cg":
+            # the family default's GMRES phase first (its step cap and leaving rule), then CG from
+            # where it left each row: the trajectories of the polish that decides the rows GMRES
+            # leaves unsolved; row 0 is the GMRES phase's loss
+            full = resolve_settings(ad, "default")
+            start, _ = _polish_gmres(ad, start, None, ad.from_unit(images), "mse", full.polish_steps,
+                                     krylov=full.polish_gmres_iters, patience=full.polish_patience,
+                                     min_drop=full.polish_min_drop)
+            with torch.no_grad():
+                traj[0] = (ad.to_unit(ad.decode_raw(start, None).float()) - images).square().flatten(1).mean(1).double()
 
         def report(k, mse, traj=traj):
             traj[k] = (mse / scale).double()
 
-        if method == "cg":
-            _polish_cg(ad, res.inputs, None, ad.from_unit(images), "mse", steps, cg_iters=cg_iters, report=report)
+        if method in ("cg", "gmres-cg"):
+            _polish_cg(ad, start, None, ad.from_unit(images), "mse", steps, cg_iters=cg_iters, report=report)
         elif method == "dense":
-            _polish(ad, res.inputs, None, ad.from_unit(images), "mse", steps, report=report)
+            _polish(ad, start, None, ad.from_unit(images), "mse", steps, report=report)
         else:
-            _polish_gmres(ad, res.inputs, None, ad.from_unit(images), "mse", steps, krylov=cg_iters, report=report)
+            _polish_gmres(ad, start, None, ad.from_unit(images), "mse", steps, krylov=cg_iters, report=report)
         # a row that the polish solved or gave up on keeps its last value; so does every row after
         # an early end of the whole loop
         for k in range(1, steps + 1):
@@ -131,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generator", default="onestep-fmnist", help="a zoo name or 'default' (default: %(default)s)")
     p.add_argument("--n", type=int, default=32, help="generated and real images each (default: %(default)s)")
     p.add_argument("--steps", type=int, default=100, help="polish steps recorded (default: %(default)s)")
-    p.add_argument("--method", choices=("cg", "gmres", "dense"), default="cg",
-                   help="the polish: CG or GMRES steps, or the GAN family's Levenberg-Marquardt steps on "
-                        "Jacobians built by forward-mode AD ('dense') (default: %(default)s)")
+    p.add_argument("--method", choices=("cg", "gmres", "gmres-cg", "dense"), default="cg",
+                   help="the polish: CG or GMRES steps; 'gmres-cg': CG steps after the family default's GMRES "
+                        "phase, as the one-step default runs them; or the GAN family's Levenberg-Marquardt steps "
+                        "on Jacobians built by forward-mode AD ('dense') (default: %(default)s)")
     p.add_argument("--cg-iters", type=int, default=100,
                    help="inner iterations (CG or GMRES) per polish step; not used by 'dense' (default: %(default)s)")
     p.add_argument("--caps", default="60,80,100", help="comma-separated step caps replayed (default: %(default)s)")
@@ -177,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Adam phase: the family default without its polish ({data['settings']}); then up to "
         + (f"{own.shape[0] - 1} Levenberg-Marquardt steps (dense Jacobians by forward-mode AD). "
            if data.get("method") == "dense" else
+           "the family default's GMRES phase, then up to "
+           f"{own.shape[0] - 1} polish steps of {data['cg_iters']} CG iterations (row 0: the GMRES phase's loss). "
+           if data.get("method") == "gmres-cg" else
            f"{own.shape[0] - 1} polish steps of {data['cg_iters']} {data.get('method', 'cg').upper()} iterations. ")
         + "MSE in [0, 1] units.",
         "",

@@ -180,6 +180,30 @@ def test_polish_plateau_replay_matches_the_polish(tmp_path, method):
             polish_plateau.main(bad)
 
 
+def test_polish_plateau_gmres_cg_trajectories_start_where_the_gmres_phase_left_each_row(monkeypatch):
+    """--method gmres-cg: the family default's GMRES phase, then CG steps recorded from where it
+    left each row (row 0 of the trajectory is the GMRES phase's loss, never above Adam's)."""
+    from bench import generators, polish_plateau
+    from bench.generators import BenchGenerator
+    from ronan_fast.inversion import InversionSettings
+    from test_inversion import _square_gen
+
+    gen = _square_gen()
+    bg = BenchGenerator("square", gen, lambda n: torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(4)),
+                        "random")
+    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
+    small = InversionSettings(steps=30, restarts=2, polish_steps=4, polish_gmres_iters=4, polish_method="cg",
+                              polish_cg_iters=4)  # the one-step default's shape, at toy size
+    monkeypatch.setattr(polish_plateau, "resolve_settings", lambda ad, base, **kw: small.replace(**kw))
+    cg = polish_plateau.trajectories("square", 2, 3, 4, 0, method="cg")
+    both = polish_plateau.trajectories("square", 2, 3, 4, 0, method="gmres-cg")
+    for part in ("own", "real"):
+        assert both[part].shape == (4, 2) and bool(torch.isfinite(both[part]).all())
+        assert bool((both[part][0] <= cg[part][0] * (1 + 1e-5)).all())  # GMRES only lowers Adam's loss
+        assert bool((both[part][1:] <= both[part][:-1] * (1 + 1e-6)).all())  # a CG step never raises it
+    assert bool((both["real"][0] < cg["real"][0]).any())
+
+
 def test_convergence_to_verdict_with_a_given_line_stops_real_images_too(tmp_path, monkeypatch):
     """bench.convergence --to-verdict --line X: X is the convergence line and every image's
     threshold, real images included (as attribution inverts them); without --line the real
