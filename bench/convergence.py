@@ -97,6 +97,14 @@ CANDIDATES: dict[str, dict] = {
     # the family default with the Adam phase's generator under bfloat16 autocast (the polish
     # and the final score stay float32): CPUs with AVX512-BF16 run convolutions about 2x faster
     "default-bf16": {"settings": "default", "precision": "bf16"},
+    # the GAN default with a shorter Adam phase and a longer polish: with a threshold, the settle
+    # rule stops real images' polish early, so the polish can carry more of the convergence
+    "gan-adam400-lm40": {"settings": "default", "steps": 400, "halving_every": 80, "patience": 200,
+                         "polish_steps": 40},
+    "gan-adam300-lm40": {"settings": "default", "steps": 300, "halving_every": 50, "patience": 150,
+                         "polish_steps": 40},
+    # the family default with the settle rule (for families that do not set it: the one-step default)
+    "default-settle6": {"settings": "default", "settle_patience": 6},
     # the family default without the settle rule (with a threshold, a polished row levelled off
     # far above it leaves the polish; the GAN default's settle_patience)
     "default-nosettle": {"settings": "default", "settle_patience": 0},
