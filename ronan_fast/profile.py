@@ -265,7 +265,9 @@ class BelongingProfile:
         ``generator`` and ``reference`` are adapters (``reference=None`` for uncalibrated use),
         ``settings`` an :class:`~ronan_fast.inversion.InversionSettings` or its dict. Every
         difference is named: the model fingerprint, the reference model, the metric, and each
-        inversion setting that differs.
+        inversion setting that differs, except those that act only against a belonging threshold
+        (:data:`~ronan_fast.inversion.THRESHOLD_FIELDS`: escalation, the settle rule), which
+        cannot change a profile's losses.
         """
         diffs: list[str] = []
         fp = generator.fingerprint()
@@ -290,9 +292,15 @@ class BelongingProfile:
             diffs.append(f"metric differs (profile: {self.metric!r}, given: {metric!r})")
         given = _settings_dict(settings)
         defaults = _setting_defaults()
+        from ronan_fast.inversion import THRESHOLD_FIELDS
+
         for key in sorted(set(given) | set(self.settings)):
             if key == "metric":
                 continue  # reported above
+            if key in THRESHOLD_FIELDS:
+                # they act only when an image is inverted against a threshold; a profile's images
+                # never are, so they cannot have changed its losses
+                continue
             if key not in self.settings:
                 # a setting added after the profile was made is harmless at its default
                 if key in defaults and given[key] == defaults[key]:

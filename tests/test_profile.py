@@ -209,6 +209,12 @@ def test_check_compatible(models):
     older.check_compatible(g, r, "mse", SETTINGS)
     with pytest.raises(ProfileMismatchError, match="'polish_steps' is not in the profile"):
         older.check_compatible(g, r, "mse", SETTINGS.replace(polish_steps=3))
+    # settings that act only against a threshold (a profile's images are inverted without one)
+    # cannot have changed its losses: a profile serves with or without them
+    p.check_compatible(g, r, "mse", SETTINGS.replace(settle_patience=6, polish_escalate=2, escalate_within=3.0))
+    older.check_compatible(g, r, "mse", SETTINGS.replace(settle_patience=6, settle_above=8.0))
+    with pytest.raises(ProfileMismatchError, match="'polish_candidates' is not in the profile"):
+        p.check_compatible(g, r, "mse", SETTINGS.replace(settle_patience=6, polish_candidates=2))
 
 
 def test_profile_depends_on_weights(models):
