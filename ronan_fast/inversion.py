@@ -1041,8 +1041,9 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, ja
             m, d = zl.shape
             jtj = zl.new_empty(m, d, d)
             jtr = zl.new_empty(m, d)
-            for a in range(0, m, _dense_rows(d, per_elem)):
-                sl = slice(a, a + _dense_rows(d, per_elem))
+            rows = _dense_rows(d, per_elem)
+            for lo in range(0, m, rows):
+                sl = slice(lo, lo + rows)
                 zc, cc = zl[sl], None if cl is None else cl[sl]
                 if reverse:  # row by row: memory for one row's forward and 128 of its backward passes
                     jac = torch.stack([jacrev(lambda q, cr=(None if cc is None else cc[i]): one(q, cr),
