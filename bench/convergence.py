@@ -103,6 +103,12 @@ CANDIDATES: dict[str, dict] = {
                          "polish_steps": 40},
     "gan-adam300-lm40": {"settings": "default", "steps": 300, "halving_every": 50, "patience": 150,
                          "polish_steps": 40},
+    # the GAN default with the matrix-free polish (CG on J^T J, no Jacobian formed) in place of
+    # the dense one (100 forward-mode tangents a step for a 100-wide latent)
+    "gan-cg20": {"settings": "default", "polish_method": "cg", "polish_cg_iters": 20},
+    "gan-cg40": {"settings": "default", "polish_method": "cg", "polish_cg_iters": 40},
+    # ... 20 CG iterations, and two more polished starts for an image whose verdict is in doubt
+    "gan-cg20-esc2": {"settings": "default", "polish_method": "cg", "polish_cg_iters": 20, "polish_escalate": 2},
     # the family default with the settle rule (for families that do not set it: the one-step default)
     "default-settle6": {"settings": "default", "settle_patience": 6},
     # the family default without the settle rule (with a threshold, a polished row levelled off
