@@ -929,7 +929,7 @@ class _Leaving:
 
     ``settle`` ``(patience, min_drop, above)``, with ``stop_raw``: a row whose mean squared
     residual is over ``above`` times its ``stop_raw`` and fell by less than ``min_drop`` over the
-    last ``patience`` steps leaves too (settled as not belonging; marked in :attr:`dismissed`)."""
+    last ``patience`` steps leaves too (settled as not belonging)."""
 
     def __init__(self, n, patience, min_drop, stop_raw, group=None, done_groups=None, settle=None):
         self.patience, self.keep_frac, self.stop_raw = patience, 1.0 - min_drop, stop_raw
@@ -940,7 +940,6 @@ class _Leaving:
         self.n = n
         self.group = group if stop_raw is not None and done_groups is not None else None
         self.done_groups = done_groups
-        self.dismissed = None  # rows the settle rule took out (a boolean per row once it has)
 
     def settled(self, mse, live):
         """Rows ``live`` whose mean squared residual ``mse`` is solved (under 1e-14) or under
@@ -968,13 +967,7 @@ class _Leaving:
                 done |= cost > self.keep_frac * self.hist[(k - self.patience) % ring][live]
             if self.settle is not None and k >= self.settle[0]:
                 w, drop, above = self.settle
-                off = (mse > above * self.stop_raw[live]) & (cost > (1.0 - drop) * self.hist[(k - w) % ring][live]) \
-                    & ~done
-                if bool(off.any()):
-                    if self.dismissed is None:
-                        self.dismissed = torch.zeros(self.n, dtype=torch.bool, device=cost.device)
-                    self.dismissed[live[off]] = True
-                    done |= off
+                done |= (mse > above * self.stop_raw[live]) & (cost > (1.0 - drop) * self.hist[(k - w) % ring][live])
         return done
 
     def keep(self, k, cost, per_elem, stuck, live, *state):

@@ -399,7 +399,7 @@ def test_escalation_polishes_more_starts_only_where_the_verdict_is_in_doubt(gen,
 
 def test_settle_rule_takes_rows_levelled_off_far_above_the_threshold_out_of_the_polish():
     """_Leaving with ``settle=(w, drop, above)``: a row over ``above`` times its threshold whose
-    loss fell by less than ``drop`` over the last ``w`` steps leaves, marked dismissed; a row
+    loss fell by less than ``drop`` over the last ``w`` steps leaves; a row
     still falling, or levelled off within ``above`` times its threshold, stays; no threshold,
     no rule."""
     from ronan_fast.inversion import _Leaving
@@ -416,13 +416,15 @@ def test_settle_rule_takes_rows_levelled_off_far_above_the_threshold_out_of_the_
         seen.append(live[done].tolist())
         live = live[~done]
     assert seen[:3] == [[], [], [0, 3]], seen  # row 0 at step 2 (two steps flat), row 3 solved
-    assert leave.dismissed.tolist() == [True, False, False, False]  # solved is not dismissed
+    # row 3 leaves as solved, by the threshold alone; row 0 only by the settle rule
+    plain = _Leaving(4, 0, 0.3, stop)
+    assert [plain(k, c, 1, torch.zeros(4, dtype=torch.bool), torch.arange(4)).tolist()
+            for k, c in enumerate(costs)][2] == [False, False, False, True]
     assert 2 in live.tolist() and 1 in live.tolist()
     # without a threshold the rule does nothing
     bare = _Leaving(4, 0, 0.3, None, settle=(2, 0.2, 4.0))
     assert not any(bool(bare(k, c, 1, torch.zeros(4, dtype=torch.bool), torch.arange(4)).any())
                    for k, c in enumerate(costs))
-    assert bare.dismissed is None
     # with the plateau rule as well: both rings read the right step
     both = _Leaving(4, 3, 0.5, stop, settle=(1, 0.2, 4.0))
     got = [both(k, c, 1, torch.zeros(4, dtype=torch.bool), torch.arange(4)).tolist() for k, c in enumerate(costs)]
