@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ronan_fast import ops
+from ronan_fast import _heap, ops
 from ronan_fast.adapters import GeneratorAdapter, GeneratorOutputError
 from ronan_fast.metrics import ToneMSE
 
@@ -429,7 +429,9 @@ def invert(
         conditions: per-image known conditions for a conditional generator (class unknown if omitted).
         stop_below: per-image loss (``[B]`` or a scalar) under which an image's rows stop: its
             verdict can no longer change. The reported loss is then the loss at stopping.
-        max_rows: rows per batch chunk (memory budget); default 4096 on CPU, sized to free memory on CUDA.
+        max_rows: rows per batch chunk (memory budget); by default on CPU as many as keep the generator's
+            saved activations under 96 MiB (64 to 4096 rows: faster per row than larger batches), on CUDA
+            sized to free memory.
         impl: kernel implementation, see :mod:`ronan_fast.ops`.
         cuda_graph: on CUDA, capture the Adam step (generator forward and backward, fused loss and
             gradient, latent Adam) in a CUDA graph and replay it, instead of launching every
@@ -504,7 +506,8 @@ def invert(
     out_cond: list[Tensor] = []
     out_steps = torch.zeros(b_total, dtype=torch.int64, device=device)
     per_chunk = max(1, max_rows // rows_per_image)
-    with _flush_denormals():
+    heap = _heap.keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
+    with _flush_denormals(), heap:
         for start in range(0, b_total, per_chunk):
             _run_chunk(generator, images, conditions, stop_below, start, min(b_total, start + per_chunk), s,
                        metric_name, metric_obj, seed, impl, (out_loss, out_inputs, out_recon, out_cond, out_steps),
@@ -537,9 +540,16 @@ def _run_chunk(generator, images, conditions, stop_below, start, stop, s, metric
     out_steps[start:stop] = res[4]
 
 
+#: on CPU, a chunk's rows are chosen so that the activations the generator saves for its
+#: backward pass stay under this many bytes: past it, steps cost more per row (bench/results/cpu_heap.md)
+CPU_CHUNK_SAVED_BYTES = 96 << 20
+#: rows per chunk on CPU: at least (or one image's rows), at most
+CPU_CHUNK_ROWS = (64, 4096)
+
+
 def _default_max_rows(generator: GeneratorAdapter, rows_per_image: int, s: InversionSettings) -> int:
     if generator.device.type != "cuda":
-        return max(rows_per_image, 4096)
+        return max(rows_per_image, _cpu_chunk_rows(generator, s))
     free, _ = torch.cuda.mem_get_info(generator.device)
     # Measure one row's activation memory with a small forward/backward, then fill half of what is free.
     probe = 8
@@ -552,6 +562,37 @@ def _default_max_rows(generator: GeneratorAdapter, rows_per_image: int, s: Inver
     per_row = max(1, (torch.cuda.max_memory_allocated(generator.device) - before) // probe)
     del z, out
     return max(rows_per_image, int(0.5 * free // (per_row * 2)))
+
+
+def _cpu_chunk_rows(generator: GeneratorAdapter, s: InversionSettings) -> int:
+    """Rows per chunk on CPU: as many as keep the activations saved for the backward pass under
+    :data:`CPU_CHUNK_SAVED_BYTES`, within :data:`CPU_CHUNK_ROWS`.
+
+    Larger batches amortise nothing more on CPU once the activations outgrow the caches: on the
+    zoo's 64x64 DCGAN a step costs 1.5x more per row at 512 rows than at 64 to 192, on its
+    one-step generator 1.3x more at 1024 rows than at 128 to 256. Measured per row as the
+    difference between two forward passes of 8 and 16 rows (parameters saved once per pass
+    cancel out).
+    """
+    rng = torch.Generator().manual_seed(0)  # the caller's random stream stays untouched
+
+    def saved(n: int) -> int:
+        total = 0
+
+        def pack(t: Tensor) -> Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        z = generator.sample_latents(n, rng).requires_grad_(True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with _autocast(generator.device, s.precision):
+                generator.decode_raw(z, generator.sample_conditions(n, rng))
+        return total
+
+    per_row = max(1, (saved(16) - saved(8)) // 8)
+    lo, hi = CPU_CHUNK_ROWS
+    return int(min(hi, max(lo, CPU_CHUNK_SAVED_BYTES // per_row)))
 
 
 def _autocast(device: torch.device, precision: str):
@@ -1000,11 +1041,20 @@ def _tone_jacobian(jac: Tensor, beta: Tensor, active: Tensor) -> Tensor:
 #: width x image size; 128 MiB in float32): on the 64x64 DCGAN (12,288 outputs, 100 inputs) 27
 #: rows, about 1.2 GB with the passes that build them (one thread, measured at 44 MB per row)
 _DENSE_CHUNK_ELEMENTS = 1 << 25
+#: on CPU, also at most this many forward-mode passes (rows x latent width) at once: a chunk
+#: runs the generator on rows x width tangents together, and past about a hundred rows a CPU
+#: step costs more per row (bench/results/cpu_heap.md). On the 64x64 DCGAN (width 100) one row
+#: per chunk took 83 ms per row and step against 165 ms for 27 rows (16 rows, one thread).
+_DENSE_CPU_PASSES = 128
 
 
-def _dense_rows(latent_dim: int, out_numel: int) -> int:
-    """Rows per chunk of the dense polish's Jacobians (:data:`_DENSE_CHUNK_ELEMENTS`)."""
-    return max(1, _DENSE_CHUNK_ELEMENTS // (latent_dim * out_numel))
+def _dense_rows(latent_dim: int, out_numel: int, cpu: bool = False) -> int:
+    """Rows per chunk of the dense polish's Jacobians (:data:`_DENSE_CHUNK_ELEMENTS`, and on CPU
+    :data:`_DENSE_CPU_PASSES`)."""
+    rows = _DENSE_CHUNK_ELEMENTS // (latent_dim * out_numel)
+    if cpu:
+        rows = min(rows, _DENSE_CPU_PASSES // latent_dim)
+    return max(1, rows)
 
 
 def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, jac_map=None, report=None):
@@ -1034,7 +1084,7 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, ja
             m, d = zl.shape
             jtj = zl.new_empty(m, d, d)
             jtr = zl.new_empty(m, d)
-            rows = _dense_rows(d, per_elem)
+            rows = _dense_rows(d, per_elem, cpu=zl.device.type == "cpu")
             for lo in range(0, m, rows):
                 sl = slice(lo, lo + rows)
                 zc, cc = zl[sl], None if cl is None else cl[sl]

@@ -206,6 +206,9 @@ def test_dense_polish_builds_its_jacobians_in_chunks_with_the_same_steps(gen, mo
     start = batch.latents + 0.05 * torch.randn(5, 8, generator=torch.Generator().manual_seed(13))
     out = target[0].numel()
     assert inv._dense_rows(8, out) >= 5  # the default: these rows in one chunk
+    assert inv._dense_rows(8, out, cpu=True) >= 5
+    # on CPU at most _DENSE_CPU_PASSES forward-mode passes a chunk: one row of a 100-wide latent
+    assert inv._dense_rows(100, 12288, cpu=True) == 1 and inv._dense_rows(100, 12288) == 27
     whole = _polish(gen, start, None, target, "mse", 4, reverse=reverse)
     monkeypatch.setattr(inv, "_DENSE_CHUNK_ELEMENTS", 8 * out)  # one row per chunk
     assert inv._dense_rows(8, out) == 1 and inv._dense_rows(8, 10 * out) == 1
