@@ -5,6 +5,7 @@ setting off (``RONAN_FAST_CPU_HEAP=0``) and on (:mod:`ronan_fast._heap`):
 
 * ``steps``: one Adam-phase step (generator forward, fused loss and gradient, backward) at each
   batch size, microseconds per row and minor page faults per row;
+* ``polish``: the dense polish's time per row and step by rows per Jacobian chunk;
 * ``invert``: generated and held-out real images inverted to their verdict with the family
   default against a given line, with the old fixed chunk (4096 rows) and with the chunk sized
   by :func:`ronan_fast.inversion._cpu_chunk_rows`; seconds per image, convergence, and how many
@@ -93,9 +94,36 @@ def worker_invert(name: str, n: int, n_real: int, line: float, max_rows: int | N
     }
 
 
+def worker_polish(name: str, rows_list: list[int], n: int, steps: int, seed: int) -> dict:
+    """The dense polish's time per row and step with its Jacobians built ``rows`` rows at a time."""
+    from bench import generators as G
+    from ronan_fast import _heap
+    from ronan_fast import inversion as inv
+
+    bg = G.get(name)
+    g = bg.adapter
+    target = g.from_unit(G.generated(bg, n, seed))
+    start = 0.3 * g.sample_latents(n, torch.Generator().manual_seed(seed + 1))  # far from the images' inputs
+    chosen = inv._dense_rows
+    out = {}
+    try:
+        with _heap.keep_freed_memory():
+            for rows in rows_list:
+                inv._dense_rows = lambda d, p, cpu=False, rows=rows: rows
+                t0 = time.perf_counter()
+                inv._polish(g, start.clone(), None, target, "mse", steps)
+                out[str(rows)] = (time.perf_counter() - t0) / steps / n * 1e3
+    finally:
+        inv._dense_rows = chosen
+    return {"ms_per_row_step": out, "default_rows": chosen(g.latent_dim, target[0].numel(), cpu=True)}
+
+
 def _spawn(args: list[str], heap: bool) -> dict:
-    env = dict(os.environ, RONAN_FAST_CPU_HEAP="1" if heap else "0")
-    p = subprocess.run([sys.executable, "-m", "bench.cpu_heap", *args], env=env, capture_output=True, text=True)
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, RONAN_FAST_CPU_HEAP="1" if heap else "0", PYTHONPATH=path)
+    p = subprocess.run([sys.executable, "-m", "bench.cpu_heap", *args], env=env, cwd=root, capture_output=True,
+                       text=True)
     if p.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -115,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the tables here (and a .json beside it)")
     p.add_argument("--configs", default="off:4096,off:0,on:4096,on:0",
                    help="whole-inversion settings, heap:rows (rows 0: the sized chunk); the first is the baseline")
-    p.add_argument("--worker", choices=("steps", "invert"), help=argparse.SUPPRESS)
+    p.add_argument("--polish", default="", help="generator for the dense polish's chunk table (empty: skip)")
+    p.add_argument("--polish-rows", default="1,4,27", help="rows per Jacobian chunk to time")
+    p.add_argument("--worker", choices=("steps", "invert", "polish"), help=argparse.SUPPRESS)
     p.add_argument("--max-rows", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -124,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.worker == "invert":
         print(json.dumps(worker_invert(a.invert, a.n, a.n_real, a.line, a.max_rows or None, a.seed)))
+        return 0
+    if a.worker == "polish":
+        print(json.dumps(worker_polish(a.polish, [int(r) for r in a.polish_rows.split(",")], 16, 3, a.seed)))
         return 0
     if a.invert and a.line is None:
         p.error("--invert needs --line")
@@ -175,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                    base["gen_losses"] + base["real_losses"]))
             lines.append(f"| {key} | {r['chunk_rows']} | {r['s_own']:.3f} | {r['s_real']:.3f} | {r['s_all']:.3f} | "
                          f"{base['s_all'] / r['s_all']:.2f}x | {conv}/{a.n} | {diff} |")
+        lines.append("")
+    if a.polish:
+        res = _spawn(["--worker", "polish", "--polish", a.polish, "--polish-rows", a.polish_rows, *common], True)
+        report["polish"] = {"generator": a.polish, **res}
+        lines += [f"Dense polish (Levenberg-Marquardt, forward-mode Jacobians), {a.polish}, 16 rows, 3 steps, heap "
+                  f"held: ms per row and step by rows per Jacobian chunk (the CPU default now: "
+                  f"{res['default_rows']}):", "", "| rows per chunk | ms per row-step |", "|---|---|"]
+        lines += [f"| {r} | {v:.1f} |" for r, v in res["ms_per_row_step"].items()]
         lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -1044,7 +1044,7 @@ _DENSE_CHUNK_ELEMENTS = 1 << 25
 #: on CPU, also at most this many forward-mode passes (rows x latent width) at once: a chunk
 #: runs the generator on rows x width tangents together, and past about a hundred rows a CPU
 #: step costs more per row (bench/results/cpu_heap.md). On the 64x64 DCGAN (width 100) one row
-#: per chunk took 83 ms per row and step against 165 ms for 27 rows (16 rows, one thread).
+#: per chunk took 75 ms per row and step against 166 ms for 27 rows (cpu_heap_dense_polish.md).
 _DENSE_CPU_PASSES = 128
 
 

@@ -3,6 +3,9 @@ of bench/ddim_probe.py, and the overhead measurement of bench/overhead.py, on ti
 
 from __future__ import annotations
 
+import json
+import math
+import platform
 import sys
 from pathlib import Path
 
@@ -320,3 +323,24 @@ def test_large_benchmark_generator_is_tens_of_millions_of_parameters():
     assert made.shape == (2, 3, 128, 128) and torch.isfinite(made).all()
     assert float(made.std(dim=(1, 2, 3)).min()) > 0.02  # not a flat image: BatchNorm statistics were set
     assert float((made[0] - made[1]).abs().mean()) > 0.01  # different latents, different images
+
+
+def test_cpu_heap_tables_measure_each_setting_in_its_own_process(tmp_path):
+    from bench import cpu_heap
+
+    out = tmp_path / "heap.md"
+    assert cpu_heap.main(["--generators", "default", "--batches", "4,8", "--rows-per-measure", "16",
+                          "--polish", "default", "--polish-rows", "1,2", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    steps = report["steps"]["default"]
+    assert steps["off"]["held"] is False  # RONAN_FAST_CPU_HEAP=0 reached the worker
+    assert steps["on"]["held"] is (platform.libc_ver()[0] == "glibc")
+    for label in ("off", "on"):
+        for b in ("4", "8"):
+            cell = steps[label]["steps"][b]
+            assert math.isfinite(cell["us_per_row"]) and cell["us_per_row"] > 0 and cell["faults_per_row"] >= 0
+    polish = report["polish"]
+    assert set(polish["ms_per_row_step"]) == {"1", "2"} and all(v > 0 for v in polish["ms_per_row_step"].values())
+    assert polish["default_rows"] == 128 // 32  # the bundled DCGAN's latent is 32 wide
+    text = out.read_text()
+    assert "| default | off |" in text and "| default | on |" in text and "| 2 |" in text
