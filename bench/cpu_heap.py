@@ -40,8 +40,9 @@ def worker_steps(name: str, batches: list[int], rows_per_measure: int) -> dict:
     from bench import generators as G
     from ronan_fast import _heap, ops
 
-    g = G.get(name).adapter
-    shape = G.generated(G.get(name), 1, 0).shape[1:]
+    bg = G.get(name)
+    g = bg.adapter
+    shape = G.generated(bg, 1, 0).shape[1:]
     out = {}
     with _heap.keep_freed_memory() as held:
         for b in batches:

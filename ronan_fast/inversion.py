@@ -494,7 +494,7 @@ def invert(
             raise ValueError(f"conditions must have one entry per image ({b_total}), got {conditions.shape[0]}")
     _, rows_per_image = generator.row_conditions(None if conditions is None else conditions[:1], 1, s.restarts)
     if max_rows is None:
-        max_rows = _default_max_rows(generator, rows_per_image, s)
+        max_rows = _default_max_rows(generator, rows_per_image, s, b_total * rows_per_image)
     if max_rows < rows_per_image:
         raise ValueError(f"max_rows={max_rows} is below one image's rows ({rows_per_image})")
     if stop_below is not None:
@@ -547,8 +547,12 @@ CPU_CHUNK_SAVED_BYTES = 96 << 20
 CPU_CHUNK_ROWS = (64, 4096)
 
 
-def _default_max_rows(generator: GeneratorAdapter, rows_per_image: int, s: InversionSettings) -> int:
+def _default_max_rows(generator: GeneratorAdapter, rows_per_image: int, s: InversionSettings,
+                      rows_needed: int) -> int:
     if generator.device.type != "cuda":
+        smallest = max(rows_per_image, CPU_CHUNK_ROWS[0])
+        if rows_needed <= smallest:  # one chunk whatever the probe says: no need to probe
+            return smallest
         return max(rows_per_image, _cpu_chunk_rows(generator, s))
     free, _ = torch.cuda.mem_get_info(generator.device)
     # Measure one row's activation memory with a small forward/backward, then fill half of what is free.

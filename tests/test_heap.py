@@ -127,3 +127,16 @@ def test_cpu_chunk_probe_leaves_the_global_random_stream_alone():
     state = torch.random.get_rng_state()
     _cpu_chunk_rows(gen, resolve_settings(gen, "authors"))
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_cpu_chunk_probe_is_skipped_when_the_whole_job_fits_the_smallest_chunk(monkeypatch):
+    import ronan_fast.inversion as inv
+
+    gen = _mlp_generator(16, 4)
+    s = resolve_settings(gen, "authors")
+    probed = []
+    monkeypatch.setattr(inv, "_cpu_chunk_rows", lambda g, st: probed.append(1) or 1000)
+    lo = CPU_CHUNK_ROWS[0]
+    assert inv._default_max_rows(gen, 8, s, lo) == lo and not probed  # one chunk either way
+    assert inv._default_max_rows(gen, 2 * lo, s, 2 * lo) == 2 * lo and not probed  # one image's rows
+    assert inv._default_max_rows(gen, 8, s, lo + 1) == 1000 and probed == [1]
