@@ -64,7 +64,8 @@ class InversionSettings:
     #: once its input measured in float32 is under it
     precision: str = "fp32"
     #: successive halving: every ``halving_every`` steps keep the best ``halving_keep`` fraction
-    #: of each image's live rows (never fewer than ``min_rows``); 0 turns it off
+    #: of each image's live rows (never fewer than ``min_rows``); 0 turns it off. It acts at the
+    #: stopping checks (every ``check_every`` steps): at the first check at or after each multiple
     halving_every: int = 0
     halving_keep: float = 0.5
     min_rows: int = 1
@@ -372,6 +373,17 @@ def _check_images(generator: GeneratorAdapter, images: Tensor) -> Tensor:
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
     return images.float()
+
+
+def _halvings_due(done: int, s: InversionSettings) -> int:
+    """How many successive-halving points (multiples of ``halving_every``) fall in the steps since
+    the previous stopping check, ``done`` steps done. Halving acts at the checks (every
+    ``check_every`` steps), so one that falls between two checks acts at the next one; when
+    several fall there (``halving_every < check_every``) the next check keeps ``halving_keep``
+    to their number."""
+    if not s.halving_every:
+        return 0
+    return done // s.halving_every - max(done - s.check_every, 0) // s.halving_every
 
 
 def _halve(best_loss: Tensor, index: Tensor, keep: float, min_rows: int) -> Tensor:
@@ -745,8 +757,9 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             stale = torch.where(improved, torch.zeros_like(stale), stale + s.check_every)
             last_best = torch.where(improved, best_loss, last_best)
             keep &= stale < s.patience
-        if s.halving_every and (t + 1) % s.halving_every == 0 and (t + 1) < s.steps:
-            keep &= _halve(best_loss, live_index, s.halving_keep, s.min_rows)
+        due = _halvings_due(t + 1, s) if (t + 1) < s.steps else 0
+        if due:
+            keep &= _halve(best_loss, live_index, s.halving_keep ** due, s.min_rows)
         if last_step:
             keep = torch.zeros_like(keep)
         if bool(keep.all()):

@@ -111,6 +111,18 @@ def test_successive_halving_and_plateau_save_row_steps(gen):
     assert (halved.loss < 1e-4).all()
 
 
+def test_halving_between_checks_acts_at_the_next_check(gen):
+    """halving_every need not be a multiple of check_every (10 here): a halving point between
+    two checks acts at the next one, two at once keep a quarter."""
+    images = gen.generate(2, torch.Generator().manual_seed(6)).images
+    res = invert(gen, images, settings=quick(restarts=8, steps=100, halving_every=25), seed=0)
+    # points 25, 50, 75 act at checks 30, 50, 80: 8 rows for 30 steps, 4 for 20, 2 for 30, 1 for 20
+    assert (res.row_steps == 8 * 30 + 4 * 20 + 2 * 30 + 1 * 20).all()
+    res = invert(gen, images, settings=quick(restarts=8, steps=100, halving_every=4), seed=0)
+    # two or three points between checks: 8 * 0.5 ** 2 = 2 rows at the first check, then 1
+    assert (res.row_steps == 8 * 10 + 2 * 10 + 1 * 80).all()
+
+
 def test_halve_keeps_best_rows_per_image():
     loss = torch.tensor([5.0, 1.0, 3.0, 2.0, 9.0, 0.5, float("nan"), 4.0])
     index = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
