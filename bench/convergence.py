@@ -109,6 +109,18 @@ CANDIDATES: dict[str, dict] = {
     "gan-cg40": {"settings": "default", "polish_method": "cg", "polish_cg_iters": 40},
     # ... 20 CG iterations, and two more polished starts for an image whose verdict is in doubt
     "gan-cg20-esc2": {"settings": "default", "polish_method": "cg", "polish_cg_iters": 20, "polish_escalate": 2},
+    # half the GAN default's Adam phase (300 steps halved every 50), a polish of up to 40 steps
+    # carrying the rest, and two more polished starts for an image whose verdict is in doubt:
+    # with the dense (Levenberg-Marquardt) polish and with the matrix-free one
+    "gan-adam300-esc2": {"settings": "default", "steps": 300, "halving_every": 50, "patience": 150,
+                         "polish_steps": 40, "polish_escalate": 2},
+    "gan-adam300-cg20-esc2": {"settings": "default", "steps": 300, "halving_every": 50, "patience": 150,
+                              "polish_steps": 40, "polish_method": "cg", "polish_cg_iters": 20,
+                              "polish_escalate": 2},
+    # ... a quarter of it (150 Adam steps halved every 25)
+    "gan-adam150-cg20-esc2": {"settings": "default", "steps": 150, "halving_every": 25, "patience": 75,
+                              "polish_steps": 40, "polish_method": "cg", "polish_cg_iters": 20,
+                              "polish_escalate": 2},
     # the family default with the settle rule (for families that do not set it: the one-step default)
     "default-settle6": {"settings": "default", "settle_patience": 6},
     # the family default without the settle rule (with a threshold, a polished row levelled off
