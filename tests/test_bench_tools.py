@@ -344,3 +344,30 @@ def test_cpu_heap_tables_measure_each_setting_in_its_own_process(tmp_path):
     assert polish["default_rows"] == 128 // 32  # the bundled DCGAN's latent is 32 wide
     text = out.read_text()
     assert "| default | off |" in text and "| default | on |" in text and "| 2 |" in text
+
+
+def test_start_selection_replays_a_halving_policy_on_saved_trajectories(tmp_path, capsys):
+    """bench/start_selection.py: a policy keeps the rows lowest at each checkpoint, so a good start
+    that leads from step 25 survives halving at 25, one that leads only from step 100 does not;
+    row-steps count each phase's live rows."""
+    from bench import start_selection as ss
+
+    cp = ss.CHECKPOINTS
+    R = 4
+    traj = torch.ones(len(cp), 2, R)
+    c25 = cp.index(25)
+    # image 0: start 2 leads from step 25 on and ends good; image 1: start 3 ends good but trails until step 100
+    traj[c25:, 0, 2] = 1e-4
+    traj[cp.index(100):, 1, 3] = 1e-4
+    traj[: cp.index(100), 1, 3] = 2.0
+    fin = traj[-1]
+    p = ss.replay(traj, fin, cp, R, [(25, 2), (50, 1)], good=1e-3, trials=5)
+    assert p.tolist() == [1.0, 0.0]
+    assert ss.replay(traj, fin, cp, R, [(100, 1)], good=1e-3, trials=5).tolist() == [1.0, 1.0]
+    assert ss.row_steps(24, [(25, 12), (50, 6), (75, 3), (100, 2)], 600) == 24 * 25 + 12 * 25 + 6 * 25 + 3 * 25 + 2 * 500
+    path = tmp_path / "traj.pt"
+    torch.save({"idx": [7, 8], "hard": [7], "checkpoints": cp, "traj": traj.view(len(cp), -1), "R": R, "n": 10,
+                "seed": 1}, path)
+    assert ss.main(["simulate", str(path), "--trials", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| 7 | yes |" in out and "expected failures of 10" in out
