@@ -211,7 +211,8 @@ class Attributor:
             "consistency" models, ``"grubbs-log"`` for the others; see
             :data:`~ronan_fast.profile.FAMILY_RULES`).
         settings: inversion settings: ``None``/``"default"`` (the model family's default),
-            ``"authors"`` (the paper's single-start 1500-step loop) or an
+            ``"authors"`` (the paper's single-start 1500-step loop), another name in
+            :data:`~ronan_fast.inversion.PRESETS` (``"stagewise"``, ``"gan-8-starts"``) or an
             :class:`~ronan_fast.inversion.InversionSettings`.
         seed: seed of the inversion's starting points (same seed, same device: same result).
         device: move both models there (e.g. ``"cuda"``); default: where they are.

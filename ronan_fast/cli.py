@@ -130,11 +130,12 @@ def _add_common(p: argparse.ArgumentParser, threads_default: int | None = None) 
 
 def _add_inversion_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inversion and test")
-    g.add_argument("--settings", default="default", choices=["default", "authors", "stagewise"],
+    g.add_argument("--settings", default="default", choices=["default", "authors", "stagewise", "gan-8-starts"],
                    help="inversion preset: 'default' (the model family's tuned settings), 'authors' "
-                        "(the paper's single start, 1500 Adam steps at lr 0.1) or 'stagewise' (a multi-step "
+                        "(the paper's single start, 1500 Adam steps at lr 0.1), 'stagewise' (a multi-step "
                         "sampler such as the zoo's DDIM inverted step by step: its last step by Gauss-Newton, "
-                        "the earlier ones solved exactly) (default: default)")
+                        "the earlier ones solved exactly) or 'gan-8-starts' (the earlier GAN default: 8 starts "
+                        "halved every 100 steps instead of 24 halved every 25) (default: default)")
     g.add_argument("--steps", type=_positive_int, help="Adam steps per start")
     g.add_argument("--restarts", type=_positive_int, help="random starts per image")
     g.add_argument("--lr", type=float, help="Adam learning rate")

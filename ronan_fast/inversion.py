@@ -219,10 +219,21 @@ PRESETS: dict[str, InversionSettings] = {
 #: DCGAN's per-step polish trajectories (bench/results/polish_plateau_dcgan64_cpu.md) its own
 #: images over 4x the line had fallen to at most 0.48x their loss 6 steps before, real images
 #: to no less than 0.91x, so real images stop after 6 polish steps instead of 25.
+#: 8 starts halved every 100 steps converged 200 of one draw of 200 of its images but 195 and 197
+#: of two others (6 of the 8 misses as high as real images: every start the halving kept was in
+#: another basin). Per-start trajectories of such images (bench/results/start_selection_dcgan64_cpu.md)
+#: show the start that ends lowest among the best few by step 25 for all but one, so the GAN
+#: default starts 24 and halves every 25 steps (2104 row-steps per image against 1985): 200 of
+#: 200 on that draw and 199 of 200 on the third, held out from the choice, in about the same time
+#: (bench/results/convergence_cpu_dcgan64_r24_n200.md). Attributing with a
+#: threshold, an image whose polished start ends above it but within 4x of it has two more
+#: polished (``polish_escalate``, as for one-step models). The earlier default is the preset
+#: "gan-8-starts".
 FAMILY_DEFAULTS: dict[str, InversionSettings] = {
     "gan": InversionSettings(
-        steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
+        steps=600, lr=0.1, restarts=24, schedule="cosine", min_lr_frac=0.01, halving_every=25,
         halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=25, settle_patience=6,
+        polish_escalate=2,
     ),
     # "consistency": one-step generators whose latent is as wide as the image (a consistency
     # model's f(x_T, T), a distilled one-step sampler). Chosen on the zoo's one-step student
@@ -256,6 +267,8 @@ FAMILY_DEFAULTS: dict[str, InversionSettings] = {
         polish_candidates=2, polish_escalate=2,
     ),
 }
+#: the GAN family default until 24 starts replaced it: 8 starts halved every 100 steps, no escalation
+PRESETS["gan-8-starts"] = FAMILY_DEFAULTS["gan"].replace(restarts=8, halving_every=100, polish_escalate=0)
 PRESETS["stagewise"] = FAMILY_DEFAULTS["consistency"].replace(
     steps=1, restarts=2, halving_every=0, patience=0, polish_patience=0, stagewise=True)
 _FALLBACK_DEFAULT = InversionSettings(

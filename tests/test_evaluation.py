@@ -236,8 +236,8 @@ def test_harness_settings_leave_out_the_threshold_rules(tmp_path):
     # the GAN default's settle rule, too (its cells were inverted before it existed)
     assert FAMILY_DEFAULTS["gan"].settle_patience > 0
     gan = ev.settings("b", "mse")
-    assert gan == FAMILY_DEFAULTS["gan"].replace(settle_patience=0)
-    assert not any(k.startswith("settle_") for k in gan.to_dict())
+    assert gan == FAMILY_DEFAULTS["gan"].replace(settle_patience=0, polish_escalate=0)
+    assert not any(k.startswith("settle_") for k in gan.to_dict()) and "polish_escalate" not in gan.to_dict()
 
 
 def test_uncalibrated_cell_uses_raw_losses(tmp_path):

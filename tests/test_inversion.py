@@ -669,6 +669,10 @@ def test_authors_preset_and_overrides(gen):
     s = resolve_settings(gen, "authors")
     assert (s.steps, s.lr, s.restarts, s.schedule) == (1500, 0.1, 1, "constant")
     assert resolve_settings(gen, "authors", steps=10).steps == 10
+    # the earlier GAN default stays selectable by name: the current one but for its starts
+    old = resolve_settings(gen, "gan-8-starts")
+    assert (old.restarts, old.halving_every, old.polish_escalate) == (8, 100, 0)
+    assert old.replace(restarts=24, halving_every=25, polish_escalate=2) == resolve_settings(gen, "default")
     with pytest.raises(ValueError, match="settings must be one of"):
         resolve_settings(gen, "fastest")
     with pytest.raises(TypeError, match="unknown inversion setting"):
