@@ -123,6 +123,10 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
         "ours (family default), no escalation": dict(settings=None, overrides={"polish_escalate": 0}, impl="auto",
                                                      early=True),
         "ours (family default), CUDA graph": dict(settings=None, impl="auto", early=True, cuda_graph=True),
+        # for GANs: the GAN default before 24 starts (the preset "gan-8-starts"), for side-by-side runs
+        "ours (family default), 8 starts": dict(settings=None, overrides={"restarts": 8, "halving_every": 100,
+                                                                          "polish_escalate": 0},
+                                                impl="auto", early=True),
         # ... with the Adam phase's generator under bf16 autocast (polish and final score in float32)
         "ours (family default), bf16 autocast": dict(settings=None, overrides={"precision": "bf16"}, impl="auto",
                                                      early=True),
