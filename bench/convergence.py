@@ -129,6 +129,14 @@ CANDIDATES: dict[str, dict] = {
     # (bench/start_selection.py), the start that ends lowest is among the best few by step 25 for
     # all but one. Now the GAN default itself.
     "gan-r24-h25-esc2": {"settings": "default", "restarts": 24, "halving_every": 25, "polish_escalate": 2},
+    # ... with a shorter Adam phase (300 or 150 cosine steps; the halving to 2 starts by step 125
+    # unchanged) and a polish of up to 40 steps carrying the rest: the shorter phases that lost
+    # 6-7 of 200 own images with 8 starts lost them to starts in other basins, which 24 starts
+    # halved every 25 steps avoid
+    "gan-r24-adam300": {"settings": "default", "restarts": 24, "halving_every": 25, "polish_escalate": 2,
+                        "steps": 300, "patience": 150, "polish_steps": 40},
+    "gan-r24-adam150": {"settings": "default", "restarts": 24, "halving_every": 25, "polish_escalate": 2,
+                        "steps": 150, "patience": 75, "polish_steps": 40},
     # the family default with the settle rule (for families that do not set it: the one-step default)
     "default-settle6": {"settings": "default", "settle_patience": 6},
     # the family default without the settle rule (with a threshold, a polished row levelled off
