@@ -543,3 +543,21 @@ def test_demo_on_the_bundled_models_smoke(capsys):
                           "-q"], capsys)
     assert code == 0, err
     assert "TP = " in out and "accuracy" in out
+
+
+def test_settings_choices_are_the_presets():
+    """Every --settings option offers exactly the named presets and "default": a preset added to
+    the package is selectable from the command line, and no name there is unknown to it."""
+    import argparse
+
+    from ronan_fast.inversion import PRESETS
+
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    seen = 0
+    for sub in subs.choices.values():
+        for action in sub._actions:
+            if "--settings" in action.option_strings:
+                assert set(action.choices) == set(PRESETS) | {"default"}
+                seen += 1
+    assert seen >= 1  # profile's (attribute inverts with the profile's settings)
