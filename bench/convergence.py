@@ -137,12 +137,12 @@ CANDIDATES: dict[str, dict] = {
                         "steps": 300, "patience": 150, "polish_steps": 40},
     "gan-r24-adam150": {"settings": "default", "restarts": 24, "halving_every": 25, "polish_escalate": 2,
                         "steps": 150, "patience": 75, "polish_steps": 40},
-    # ... and each image's two best Adam rows polished, the lower result kept (the one-step
-    # default's polish_candidates=2): after 150 steps the start that ends in the right basin is
-    # sometimes second by Adam loss (seed 1's image 124: 2.2e-2 with one polished, 2.2e-5 with two)
     # ... over 200 Adam steps, one polished start (seed 1's image 124: 1.0e-5)
     "gan-r24-adam200": {"settings": "default", "restarts": 24, "halving_every": 25, "polish_escalate": 2,
                         "steps": 200, "patience": 100, "polish_steps": 40},
+    # ... over 150 steps with each image's two best Adam rows polished, the lower result kept (the
+    # one-step default's polish_candidates=2): after 150 steps the start that ends in the right
+    # basin is sometimes second by Adam loss (seed 1's image 124: 2.2e-2 with one polished, 2.2e-5 with two)
     "gan-r24-adam150-c2": {"settings": "default", "restarts": 24, "halving_every": 25, "polish_escalate": 2,
                            "steps": 150, "patience": 75, "polish_steps": 40, "polish_candidates": 2},
     # the family default with the settle rule (for families that do not set it: the one-step default)

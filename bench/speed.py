@@ -124,9 +124,7 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
                                                      early=True),
         "ours (family default), CUDA graph": dict(settings=None, impl="auto", early=True, cuda_graph=True),
         # for GANs: the GAN default before 24 starts (the preset "gan-8-starts"), for side-by-side runs
-        "ours (family default), 8 starts": dict(settings=None, overrides={"restarts": 8, "halving_every": 100,
-                                                                          "polish_escalate": 0},
-                                                impl="auto", early=True),
+        "ours (family default), 8 starts": dict(settings=None, preset="gan-8-starts", impl="auto", early=True),
         # ... with the Adam phase's generator under bf16 autocast (polish and final score in float32)
         "ours (family default), bf16 autocast": dict(settings=None, overrides={"precision": "bf16"}, impl="auto",
                                                      early=True),
@@ -243,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, v in variants(a.steps, a.restarts).items():
             if v.get("cuda_graph") and a.device != "cuda":
                 continue
-            s = (resolve_settings(bg.adapter, None, **v["overrides"]) if "overrides" in v
+            s = (resolve_settings(bg.adapter, v.get("preset"), **v.get("overrides", {}))
+                 if "overrides" in v or "preset" in v
                  else None if v["settings"] is None else InversionSettings(**v["settings"]))
             adapter = channels_last(bg.adapter, copy=True) if v.get("channels_last") else bg.adapter
 

@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from bench import generators as G
+from ronan_fast.inversion import InversionSettings, _lr_factor
 
 CHECKPOINTS = [0, 5, 10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 600]
 
@@ -58,6 +58,7 @@ def collect(a) -> None:
     hard = [int(i) for i in a.hard.split(",") if i]
     idx = hard + [i for i in range(a.n) if i not in hard][: a.images - len(hard)]
     R, T = a.starts, CHECKPOINTS[-1]
+    schedule = InversionSettings(steps=T, schedule="cosine", min_lr_frac=0.01)  # the GAN default's
     target = adapter.from_unit(batch.images[idx])  # raw range
     n = len(idx)
     z0 = torch.randn(n * R, batch.latents.shape[1], generator=torch.Generator().manual_seed(123))
@@ -80,7 +81,7 @@ def collect(a) -> None:
             if t == T:
                 break
             for group in opt.param_groups:
-                group["lr"] = 0.1 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / T)))
+                group["lr"] = 0.1 * _lr_factor(schedule, t)
             opt.zero_grad(set_to_none=True)
             per.sum().backward()
             opt.step()

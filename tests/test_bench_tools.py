@@ -312,6 +312,33 @@ def test_speed_threshold_option_lets_rows_stop_early_without_the_plain_batch(tmp
             speed.main(common + ["--threshold", bad])
 
 
+def test_speed_row_of_the_earlier_gan_default_resolves_its_preset(tmp_path, monkeypatch):
+    """The row "ours (family default), 8 starts" inverts with the preset "gan-8-starts" itself."""
+    from bench import generators, speed
+    from bench.generators import BenchGenerator
+    from ronan_fast import inversion
+    from tiny_models import TinyGenerator
+
+    ad = LatentGenerator(TinyGenerator(seed=0), (3,), (-1.0, 1.0), name="tiny")
+    bg = BenchGenerator("tiny", ad, lambda n: torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(4)),
+                        "random")
+    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
+    seen = []
+
+    def cheap(generator, settings=None, **overrides):  # the real resolution, then a short run
+        got = inversion.resolve_settings(generator, settings, **overrides)
+        seen.append((settings, got))
+        return got.replace(steps=10, patience=0, halving_every=0, restarts=2, polish_steps=1)
+
+    monkeypatch.setattr(speed, "resolve_settings", cheap)
+    out = tmp_path / "p.md"
+    assert speed.main(["--generators", "tiny", "--n", "2", "--steps", "6", "--restarts", "2", "--device", "cpu",
+                       "--authors-images", "2", "--threshold", "0.5", "--out", str(out),
+                       "--only", "ours (family default), 8 starts"]) == 0
+    assert ("gan-8-starts", inversion.PRESETS["gan-8-starts"]) in seen
+    assert "ours (family default), 8 starts" in out.read_text()
+
+
 def test_large_benchmark_generator_is_tens_of_millions_of_parameters():
     from bench import generators
 
