@@ -388,19 +388,23 @@ def _check_images(generator: GeneratorAdapter, images: Tensor) -> Tensor:
     return images.float()
 
 
-def _halvings_due(done: int, s: InversionSettings) -> int:
+def _halvings_due(done, s: InversionSettings):
     """How many successive-halving points (multiples of ``halving_every``) fall in the steps since
-    the previous stopping check, ``done`` steps done. Halving acts at the checks (every
+    the previous stopping check, ``done`` steps done (an int, or a tensor of each row's). Halving acts at the checks (every
     ``check_every`` steps), so one that falls between two checks acts at the next one; when
     several fall there (``halving_every < check_every``) the next check keeps ``halving_keep``
     to their number."""
     if not s.halving_every:
-        return 0
-    return done // s.halving_every - max(done - s.check_every, 0) // s.halving_every
+        return 0 if isinstance(done, int) else torch.zeros_like(done)
+    before = max(done - s.check_every, 0) if isinstance(done, int) else (done - s.check_every).clamp_min(0)
+    return done // s.halving_every - before // s.halving_every
 
 
-def _halve(best_loss: Tensor, index: Tensor, keep: float, min_rows: int) -> Tensor:
-    """Mask of rows to keep: per image, the best ceil(keep * live) rows (at least min_rows)."""
+def _halve(best_loss: Tensor, index: Tensor, keep: float | Tensor, min_rows: int) -> Tensor:
+    """Mask of rows to keep: per image, the best ceil(keep * live) rows (at least min_rows).
+
+    ``keep`` is one fraction for every image, or a per-row float32 tensor (the same value on all
+    of an image's rows; 1 keeps them all)."""
     m = best_loss.shape[0]
     order = torch.argsort(torch.nan_to_num(best_loss, nan=float("inf")), stable=True)
     order = order[torch.argsort(index[order], stable=True)]  # grouped by image, best first
@@ -408,6 +412,9 @@ def _halve(best_loss: Tensor, index: Tensor, keep: float, min_rows: int) -> Tens
     counts = torch.bincount(grouped, minlength=int(index.max()) + 1 if m else 0)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(m, device=index.device) - starts[grouped]
+    if isinstance(keep, Tensor):  # each image's fraction, from its rows
+        keep = torch.ones(counts.shape[0], dtype=torch.float32, device=index.device).scatter_reduce(
+            0, index, keep.float(), "amin", include_self=False)
     quota = torch.clamp(torch.ceil(counts.float() * keep).long(), min=min_rows)
     keep_sorted = rank < quota[grouped]
     mask = torch.empty_like(keep_sorted)
@@ -530,13 +537,15 @@ def invert(
     out_recon = torch.empty_like(images)
     out_cond: list[Tensor] = []
     out_steps = torch.zeros(b_total, dtype=torch.int64, device=device)
-    per_chunk = max(1, max_rows // rows_per_image)
+    # each chunk holds ADMITTED_BATCHES batches' worth of images; they enter its batch of at
+    # most max_rows rows as rows stop (see _invert_chunk)
+    per_chunk = max(1, max_rows // rows_per_image) * ADMITTED_BATCHES
     heap = _heap.keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
     with _flush_denormals(), heap:
         for start in range(0, b_total, per_chunk):
             _run_chunk(generator, images, conditions, stop_below, start, min(b_total, start + per_chunk), s,
                        metric_name, metric_obj, seed, impl, (out_loss, out_inputs, out_recon, out_cond, out_steps),
-                       cuda_graph, first_id, compile_generator)
+                       cuda_graph, first_id, compile_generator, max_rows)
             if progress is not None:
                 progress(min(b_total, start + per_chunk))
     return InversionResult(
@@ -551,19 +560,27 @@ def invert(
 
 
 def _run_chunk(generator, images, conditions, stop_below, start, stop, s, metric_name, metric_obj, seed, impl, outs,
-               cuda_graph=False, first_id=0, compile_generator=False):
-    """Invert images ``start:stop`` (numbered from ``first_id``) and write their results into ``outs``."""
+               cuda_graph=False, first_id=0, compile_generator=False, live_rows=None):
+    """Invert images ``start:stop`` (numbered from ``first_id``) and write their results into
+    ``outs``, with at most ``live_rows`` rows in the batch at once."""
     out_loss, out_inputs, out_recon, out_cond, out_steps = outs
     res = _invert_chunk(
         generator, images[start:stop], torch.arange(start, stop) + first_id,
         None if conditions is None else conditions[start:stop], s, metric_name, metric_obj, seed,
-        None if stop_below is None else stop_below[start:stop], impl, cuda_graph, compile_generator,
+        None if stop_below is None else stop_below[start:stop], impl, cuda_graph, compile_generator, live_rows,
     )
     out_loss[start:stop], out_inputs[start:stop], out_recon[start:stop] = res[0], res[1], res[2]
     if res[3] is not None:
         out_cond.append(res[3])
     out_steps[start:stop] = res[4]
 
+
+#: images per chunk, in batches: a chunk holds this many times as many images as its batch of
+#: ``max_rows`` rows takes at once, and the rest enter the batch as rows stop (successive
+#: halving, early stopping) instead of the batch shrinking towards a few rows per image. On
+#: CPU a step costs more per row in small batches (the zoo's 64x64 DCGAN, two threads: 1.8 ms
+#: per row at 10 rows, 1.3 ms at 120), and the GAN default ends with 2 rows of its 24 per image
+ADMITTED_BATCHES = 8
 
 #: on CPU, a chunk's rows are chosen so that the activations the generator saves for its
 #: backward pass stay under this many bytes: past it, steps cost more per row (bench/results/cpu_heap.md)
@@ -633,7 +650,7 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metric_obj, seed, stop_below, impl,
-                  cuda_graph=False, compile_generator=False):
+                  cuda_graph=False, compile_generator=False, live_rows=None):
     device = images.device
     decode = _compiled_decode(generator) if compile_generator else generator.decode_raw
     b = images.shape[0]
@@ -651,27 +668,68 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     polishable = fused or tone is not None  # the polish solves least squares: MSE, plain or tone-fitted
     target = generator.from_unit(images) if fused else images
 
-    # Row state (compacted as rows stop); `rows` maps live rows back to their original row.
-    rows = torch.arange(m, device=device)
+    # Row state, live rows only (compacted as rows stop, extended as images are admitted);
+    # `rows` maps live rows back to their original row. With ``live_rows``, images enter the
+    # batch as room frees up (rows stopping, halving) instead of all at once, so the batch stays
+    # near the size that is cheapest per row while each image runs its own schedule: every row
+    # counts its own steps (`row_t`), and the stopping rules act on a row at its own checks.
+    z_start = z
+    cap = m if live_rows is None else max(rpi, live_rows)
+    admitted = 0  # images admitted so far (in order)
+    rows = torch.empty(0, dtype=torch.int64, device=device)
+    z = z_start[:0].clone()
     exp_avg = torch.zeros_like(z)
     exp_avg_sq = torch.zeros_like(z)
-    step = torch.zeros(m, dtype=torch.int64, device=device)
-    lr_t = torch.empty(m, dtype=torch.float32, device=device)
-    best_loss = torch.full((m,), float("inf"), dtype=torch.float32, device=device)
+    step = torch.zeros(0, dtype=torch.int64, device=device)
+    row_t = torch.zeros(0, dtype=torch.int64, device=device)
+    lr_t = torch.empty(0, dtype=torch.float32, device=device)
+    best_loss = torch.full((0,), float("inf"), dtype=torch.float32, device=device)
     best_latent = z.clone()
-    weight = torch.ones(m, dtype=torch.float32, device=device)
+    weight = torch.ones(0, dtype=torch.float32, device=device)
     # Finished rows' results, by original row.
     final_loss = torch.full((m,), float("inf"), dtype=torch.float32, device=device)
-    final_latent = z.clone()
+    final_latent = z_start.clone()
     row_steps = torch.zeros(b, dtype=torch.int64, device=device)
-    live_index, live_cond = index, row_cond
     last_best = best_loss.clone()
-    stale = torch.zeros(m, dtype=torch.int64, device=device)
+    stale = torch.zeros(0, dtype=torch.int64, device=device)
     checked_output = False
     mixed = PRECISIONS[s.precision] is not None  # the Adam phase's losses are not the float32 score
     # each live row's threshold on its Adam-phase loss: stop_below, lowered for a row whose loss
     # under autocast read under it while its float32 score did not (see the stopping rules)
-    row_stop = None if stop_below is None else stop_below[index].clone()
+    row_stop = None if stop_below is None else stop_below[:0].clone()
+    lr_table = torch.tensor([s.lr * _lr_factor(s, t) for t in range(s.steps)], dtype=torch.float32, device=device)
+
+    def admit() -> bool:
+        """Bring the next images' rows into the batch while there is room (at least one image
+        when the batch is empty); returns whether any were admitted."""
+        nonlocal admitted, rows, z, exp_avg, exp_avg_sq, step, row_t, best_loss, best_latent, weight
+        nonlocal last_best, stale, row_stop
+        room = (cap - rows.shape[0]) // rpi
+        n_new = min(b - admitted, room if rows.numel() else max(1, room))
+        if n_new <= 0:
+            return False
+        new = torch.arange(admitted * rpi, (admitted + n_new) * rpi, device=device)
+        admitted += n_new
+        k = new.shape[0]
+        rows = torch.cat([rows, new])
+        z = torch.cat([z, z_start[new]])
+        exp_avg = torch.cat([exp_avg, torch.zeros_like(z_start[new])])
+        exp_avg_sq = torch.cat([exp_avg_sq, torch.zeros_like(z_start[new])])
+        step = torch.cat([step, step.new_zeros(k)])
+        row_t = torch.cat([row_t, row_t.new_zeros(k)])
+        best_loss = torch.cat([best_loss, best_loss.new_full((k,), float("inf"))])
+        best_latent = torch.cat([best_latent, z_start[new]])
+        weight = torch.cat([weight, weight.new_ones(k)])
+        last_best = torch.cat([last_best, last_best.new_full((k,), float("inf"))])
+        stale = torch.cat([stale, stale.new_zeros(k)])
+        if row_stop is not None:
+            row_stop = torch.cat([row_stop, stop_below[index[new]]])
+        return True
+
+    admit()
+    live_index = index[rows]
+    live_cond = None if row_cond is None else row_cond[rows]
+    lr_t = torch.empty(rows.shape[0], dtype=torch.float32, device=device)
 
     def score(inputs: Tensor, cond: Tensor | None, img: Tensor) -> tuple[Tensor, Tensor]:
         """Float32 reconstructions of ``inputs`` and their losses against images ``img``: the final score."""
@@ -720,11 +778,12 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         row_steps.index_add_(0, live_index, active.long())
 
     # CUDA graph: the step at the current batch shape, captured after one eager step at that
-    # shape (on a side stream, as capture requires) and dropped when the batch is compacted.
+    # shape (on a side stream, as capture requires) and dropped when the batch changes.
     graph: torch.cuda.CUDAGraph | None = None
     warmed = False
-    for t in range(s.steps):
-        lr_t.fill_(s.lr * _lr_factor(s, t))  # outside the graph: the value changes every step
+    cohorts = [0]  # the step count of each group of images admitted together
+    while True:
+        torch.index_select(lr_table, 0, row_t, out=lr_t)  # outside the graph: the values change every step
         if not cuda_graph or not checked_output:
             adam_step()
         elif not warmed:
@@ -738,14 +797,19 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             if graph is None:
                 graph = _capture(adam_step, generator)
             graph.replay()
-
-        last_step = t == s.steps - 1
-        if (t + 1) % s.check_every and not last_step:
+        row_t += 1
+        # a row's checks come every check_every of its steps and at its last step. The rows
+        # admitted together share their step count, kept here on the host too, so that steps
+        # between checks need no host sync
+        cohorts = [t + 1 for t in cohorts if t + 1 <= s.steps]
+        if not any(t % s.check_every == 0 or t == s.steps for t in cohorts):
             continue
-        # ---- stopping rules (one host sync per check)
+        done_steps = row_t
+        due_check = (done_steps % s.check_every == 0) | (done_steps == s.steps)
+        # ---- stopping rules (one host sync per check), for the rows at a check
         keep = torch.isfinite(z).all(1)  # a row that diverged to NaN/Inf can only waste steps
         if row_stop is not None:
-            under = best_loss < row_stop
+            under = (best_loss < row_stop) & due_check
             if mixed:
                 # a loss measured under autocast settles nothing by itself: each row it puts under
                 # its threshold is measured again in float32 (the final score's precision) and
@@ -767,29 +831,36 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             keep &= ~settled_img[live_index]
         if s.patience:
             improved = best_loss < last_best * (1 - s.rel_tol)
-            stale = torch.where(improved, torch.zeros_like(stale), stale + s.check_every)
-            last_best = torch.where(improved, best_loss, last_best)
+            stale = torch.where(due_check, torch.where(improved, torch.zeros_like(stale), stale + s.check_every), stale)
+            last_best = torch.where(due_check & improved, best_loss, last_best)
             keep &= stale < s.patience
-        due = _halvings_due(t + 1, s) if (t + 1) < s.steps else 0
-        if due:
-            keep &= _halve(best_loss, live_index, s.halving_keep ** due, s.min_rows)
-        if last_step:
-            keep = torch.zeros_like(keep)
-        if bool(keep.all()):
-            continue
-        gone = ~keep
-        final_loss[rows[gone]] = best_loss[gone]
-        final_latent[rows[gone]] = best_latent[gone]
-        if not bool(keep.any()):
+        if s.halving_every:
+            due = torch.where(due_check & (done_steps < s.steps), _halvings_due(done_steps, s), 0)
+            if bool(due.any()):
+                frac = torch.full(due.shape, s.halving_keep, dtype=torch.float32, device=device).pow(due)
+                keep &= _halve(best_loss, live_index, frac, s.min_rows)
+        keep &= done_steps < s.steps  # out of steps
+        keep |= ~due_check  # rows between their checks go on whatever the rules say
+        changed = not bool(keep.all())
+        if changed:
+            gone = ~keep
+            final_loss[rows[gone]] = best_loss[gone]
+            final_latent[rows[gone]] = best_latent[gone]
+            rows, z, exp_avg, exp_avg_sq = rows[keep], z[keep].contiguous(), exp_avg[keep].contiguous(), exp_avg_sq[keep].contiguous()
+            step, row_t = step[keep].contiguous(), row_t[keep].contiguous()
+            best_loss, best_latent = best_loss[keep].contiguous(), best_latent[keep].contiguous()
+            last_best, stale, weight = last_best[keep], stale[keep], weight[keep].contiguous()
+            row_stop = None if row_stop is None else row_stop[keep].contiguous()
+            graph, warmed = None, False
+        if admitted < b and admit():
+            cohorts.append(0)
+            graph, warmed, changed = None, False, True
+        if not rows.numel():
             break
-        rows, z, exp_avg, exp_avg_sq = rows[keep], z[keep].contiguous(), exp_avg[keep].contiguous(), exp_avg_sq[keep].contiguous()
-        step, best_loss, best_latent = step[keep].contiguous(), best_loss[keep].contiguous(), best_latent[keep].contiguous()
-        last_best, stale, weight = last_best[keep], stale[keep], weight[keep].contiguous()
-        row_stop = None if row_stop is None else row_stop[keep].contiguous()
-        live_index = index[rows]
-        live_cond = None if row_cond is None else row_cond[rows]
-        lr_t = lr_t[: rows.shape[0]].contiguous()
-        graph, warmed = None, False
+        if changed:  # the batch is another: so are the step's index, conditions and rates
+            live_index = index[rows]
+            live_cond = None if row_cond is None else row_cond[rows]
+            lr_t = torch.empty(rows.shape[0], dtype=torch.float32, device=device)
 
     graph = None  # its memory pool is not needed by the polish
     loss_b, row_b = ops.best_over_restarts(final_loss, index, b, impl=impl)
@@ -816,6 +887,28 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     # with a threshold: rows levelled off far above it leave the polish (their verdict is settled)
     settle = (s.settle_patience, s.settle_min_drop, s.settle_above) if stop_below is not None else None
 
+    def polish_piece(inputs: Tensor, cond_c: Tensor | None, img: Tensor, idx: Tensor, done_groups) -> None:
+        """Polish rows ``idx`` of ``inputs`` (row ``j`` belongs to image ``img[j]``) in place."""
+        stop_raw = None if stop_below is None else stop_below[img[idx]] / scale  # [0, 1] MSE -> raw MSE
+        if s.polish_gmres_iters and inputs.shape[1] == target[0].numel() and metric_name == "mse":
+            z, open_ = _polish_gmres(generator, inputs[idx], None if cond_c is None else cond_c[idx],
+                                     target_raw[img[idx]], metric_name, s.polish_steps,
+                                     krylov=s.polish_gmres_iters, patience=s.polish_patience,
+                                     min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
+                                     done_groups=done_groups)
+            inputs[idx] = z
+            idx = idx[open_]
+            stop_raw = None if stop_raw is None else stop_raw[open_]
+        if idx.numel():
+            if s.polish_method == "cg":
+                polish = functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
+            else:
+                polish = functools.partial(_polish, reverse=s.polish_method == "dense-rev", tone=tone)
+            inputs[idx] = polish(generator, inputs[idx], None if cond_c is None else cond_c[idx],
+                                 target_raw[img[idx]], metric_name, s.polish_steps, patience=s.polish_patience,
+                                 min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
+                                 done_groups=done_groups, settle=settle)
+
     def polish_rows(cand: Tensor, img: Tensor, per: int):
         """Polish the inputs of rows ``cand`` (row ``j`` belongs to image ``img[j]``, ``per`` rows
         per image); returns their inputs, conditions, reconstructions and losses."""
@@ -827,26 +920,11 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
                    else (settled[img] >= stop_below[img]).nonzero().squeeze(1))
             # with several rows per image, once one of an image's rows is under stop_below the others stop too
             done_groups = None if stop_below is None or per == 1 else torch.zeros(b, dtype=torch.bool, device=device)
-            if idx.numel():
-                stop_raw = None if stop_below is None else stop_below[img[idx]] / scale  # [0, 1] MSE -> raw MSE
-                if s.polish_gmres_iters and inputs.shape[1] == target[0].numel() and metric_name == "mse":
-                    z, open_ = _polish_gmres(generator, inputs[idx], None if cond_c is None else cond_c[idx],
-                                             target_raw[img[idx]], metric_name, s.polish_steps,
-                                             krylov=s.polish_gmres_iters, patience=s.polish_patience,
-                                             min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
-                                             done_groups=done_groups)
-                    inputs[idx] = z
-                    idx = idx[open_]
-                    stop_raw = None if stop_raw is None else stop_raw[open_]
-            if idx.numel():
-                if s.polish_method == "cg":
-                    polish = functools.partial(_polish_cg, cg_iters=s.polish_cg_iters)
-                else:
-                    polish = functools.partial(_polish, reverse=s.polish_method == "dense-rev", tone=tone)
-                inputs[idx] = polish(generator, inputs[idx], None if cond_c is None else cond_c[idx],
-                                     target_raw[img[idx]], metric_name, s.polish_steps, patience=s.polish_patience,
-                                     min_drop=s.polish_min_drop, stop_raw=stop_raw, group=img[idx],
-                                     done_groups=done_groups, settle=settle)
+            # in pieces of as many images as the batch holds at its start (an image's rows stay
+            # together): the polish holds more per row than an Adam step
+            piece = max(1, cap // rpi) * per
+            for p0 in range(0, idx.numel(), piece):
+                polish_piece(inputs, cond_c, img, idx[p0:p0 + piece], done_groups)
         recon, final = score(inputs, cond_c, img)
         return inputs, cond_c, recon, final
 
@@ -1100,6 +1178,12 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, ja
     eye = torch.eye(z.shape[1], device=z.device)
     per_elem = r.shape[1]
     cost_all = cost.clone()
+    d = z.shape[1]
+    # each row's J^T J and J^T r at its current input, by original row: a row whose step was
+    # refused has not moved, so they are reused instead of building its Jacobian again
+    jtj_all = z.new_empty(n, d, d)
+    jtr_all = z.new_empty(n, d)
+    known = torch.zeros(n, dtype=torch.bool, device=z.device)
     for k in range(iters):
         kept = leaving.keep(k, cost, per_elem, lam[:, 0, 0] >= 1e9, live, r, lam)
         if kept is None:
@@ -1111,13 +1195,14 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, ja
             # J^T J and J^T r, the Jacobians built a few rows at a time: a row's Jacobian and the
             # passes that build it take about as much memory as a forward pass of as many rows as
             # the latent is wide, so a chunk of 512 images would not fit in memory at once
-            m, d = zl.shape
-            jtj = zl.new_empty(m, d, d)
-            jtr = zl.new_empty(m, d)
+            fresh = (~known[live]).nonzero().squeeze(1)  # live rows (by position) whose Jacobian is built
+            zf, cf = zl[fresh], None if cl is None else cl[fresh]
+            m = fresh.numel()
             rows = _dense_rows(d, per_elem, cpu=zl.device.type == "cpu")
             for lo in range(0, m, rows):
                 sl = slice(lo, lo + rows)
-                zc, cc = zl[sl], None if cl is None else cl[sl]
+                at = live[fresh[sl]]  # their original rows
+                zc, cc = zf[sl], None if cf is None else cf[sl]
                 if reverse:  # row by row: memory for one row's forward and 128 of its backward passes
                     jac = torch.stack([jacrev(lambda q, cr=(None if cc is None else cc[i]): one(q, cr),
                                               chunk_size=128)(zc[i]) for i in range(zc.shape[0])])
@@ -1126,10 +1211,11 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, ja
                 else:
                     jac = vmap(lambda zr, cr: jacfwd(lambda q: one(q, cr))(zr))(zc, cc)
                 if jac_map is not None:  # the residual's Jacobian from the generator's
-                    jac = jac_map(jac, zc, cc, live[sl])
-                jtj[sl] = jac.transpose(1, 2) @ jac
-                jtr[sl] = (jac.transpose(1, 2) @ r[sl].unsqueeze(2)).squeeze(2)
+                    jac = jac_map(jac, zc, cc, at)
+                jtj_all[at] = jac.transpose(1, 2) @ jac
+                jtr_all[at] = (jac.transpose(1, 2) @ r[fresh[sl]].unsqueeze(2)).squeeze(2)
                 del jac
+            jtj, jtr = jtj_all[live], jtr_all[live]
             diag = torch.diagonal(jtj, dim1=1, dim2=2).unsqueeze(2)
             a = jtj + lam * (diag * eye + 1e-6 * eye)
             delta = torch.linalg.solve(a, -jtr)
@@ -1141,6 +1227,7 @@ def _polish_dense(inputs, cond, one, residual, iters, leaving, reverse=False, ja
             r = torch.where(better[:, None], r_new, r)
             cost = torch.where(better, cost_new, cost)
             lam = torch.where(better[:, None, None], lam * 0.3, lam * 10).clamp(1e-9, 1e9)
+            known[live] = ~better
             if report is not None:
                 cost_all[live] = cost
                 report(k + 1, cost_all / per_elem)

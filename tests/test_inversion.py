@@ -87,6 +87,46 @@ def test_deterministic_and_independent_of_chunking(gen):
             invert(gen, images, settings=s, first_id=bad)
 
 
+@pytest.mark.parametrize("kw", [
+    # successive halving to 2 of 6 rows, a plateau rule, a threshold, a polish with escalation
+    dict(restarts=6, steps=90, halving_every=10, min_rows=2, patience=30, polish_steps=3, polish_escalate=2),
+    # steps not a multiple of check_every: a row's last step is a check of its own
+    dict(restarts=4, steps=47, halving_every=20, min_rows=1, check_every=10),
+])
+def test_images_admitted_as_rows_stop_invert_as_in_one_batch(gen, kw, monkeypatch):
+    """With a row budget, images enter the batch as rows stop (ADMITTED_BATCHES per chunk): each
+    runs its own schedule, checks and halvings, so every image's result is the one it gets in a
+    batch of all images at once, whatever the batch holds beside it."""
+    from ronan_fast import inversion
+
+    own = gen.generate(5, torch.Generator().manual_seed(11)).images
+    noise = torch.rand(4, *gen.image_shape, generator=torch.Generator().manual_seed(12))
+    images = torch.cat([own, noise])
+    s = quick(**kw)
+    stop = torch.full((9,), 2e-4)
+    batches = []
+    real_step = inversion.ops.latent_adam_step_
+
+    def spy(latent, *a, **k):
+        batches.append(latent.shape[0])
+        return real_step(latent, *a, **k)
+
+    monkeypatch.setattr(inversion.ops, "latent_adam_step_", spy)
+    whole = invert(gen, images, settings=s, seed=3, stop_below=stop, max_rows=9 * s.restarts)
+    assert max(batches) == 9 * s.restarts
+    batches.clear()
+    fed = invert(gen, images, settings=s, seed=3, stop_below=stop, max_rows=2 * s.restarts)
+    # the batch never exceeds its budget, and later images ran beside earlier ones: fewer steps
+    # than 5 batches of 2 images one after another
+    assert max(batches) <= 2 * s.restarts
+    assert s.steps < len(batches) < 5 * s.steps
+    assert sum(batches) >= int(fed.row_steps.sum())
+    torch.testing.assert_close(fed.loss, whole.loss, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(fed.inputs, whole.inputs, rtol=1e-4, atol=1e-6)
+    assert torch.equal(fed.row_steps, whole.row_steps)
+    assert (fed.loss[:5] < 2e-4).all() and (fed.loss[5:] > 2e-4).all()
+
+
 def test_stop_below_stops_early_and_keeps_verdict(gen):
     g = torch.Generator().manual_seed(5)
     own = gen.generate(4, g).images
@@ -238,6 +278,41 @@ def test_dense_polish_builds_its_jacobians_in_chunks_with_the_same_steps(gen, mo
     monkeypatch.setattr(inv, "_DENSE_CHUNK_ELEMENTS", 1 << 25)
     torch.testing.assert_close(csplit, _polish(cgen, cstart, cond, ctarget, "mse", 3, reverse=reverse),
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_dense_polish_builds_no_jacobian_again_after_a_refused_step(gen, monkeypatch, reverse):
+    """A row whose Levenberg-Marquardt step was refused has not moved: its J^T J and J^T r are
+    reused (only the damping changes), so Jacobians are built for the first step and after each
+    accepted one only."""
+    import torch.func
+
+    from ronan_fast.inversion import _polish
+
+    built = []
+    real_vmap, real_jacrev = torch.func.vmap, torch.func.jacrev
+
+    def vmap(f, *a, **k):  # forward mode: one call per chunk of rows
+        g = real_vmap(f, *a, **k)
+        return lambda zc, *rest: built.append(zc.shape[0]) or g(zc, *rest)
+
+    def jacrev(f, *a, **k):  # reverse mode: one call per row
+        g = real_jacrev(f, *a, **k)
+        return lambda q: built.append(1) or g(q)
+
+    monkeypatch.setattr(torch.func, "vmap", vmap)
+    monkeypatch.setattr(torch.func, "jacrev", jacrev)
+    # noise targets: no exact preimage, so steps are refused now and then, and no row leaves
+    target = torch.rand(4, *gen.image_shape, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    start = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
+    costs = [gen.decode_raw(start, None).sub(target).square().flatten(1).mean(1)]
+    z = _polish(gen, start, None, target, "mse", 8, reverse=reverse,
+                report=lambda k, mse: costs.append(mse.clone()))
+    assert len(costs) == 9
+    accepted = [(costs[k] < costs[k - 1]).sum().item() for k in range(1, 9)]
+    assert sum(accepted) < 4 * 8  # some steps were refused
+    assert sum(built) == 4 + sum(accepted[:-1])  # the first step, then after each accepted one
+    assert (costs[-1] <= costs[0]).all() and not torch.allclose(z, start)
 
 
 def test_matrix_free_polish_leaves_solved_rows_and_solves_the_rest(gen):
