@@ -219,7 +219,7 @@ class Attributor:
         early_stop: in :meth:`attribute`, stop inverting an image with the model once its loss is
             under the verdict threshold (the verdict can no longer change). Verdicts are the same
             either way; the reported loss is then the loss at stopping.
-        max_rows: inversion rows per batch chunk (memory budget), see :func:`~ronan_fast.inversion.invert`.
+        max_rows: inversion rows in the batch at once (memory budget), see :func:`~ronan_fast.inversion.invert`.
         impl: kernel implementation, ``"auto"``, ``"ext"`` or ``"ref"``.
         cuda_graph: capture each Adam step in a CUDA graph (both models must be on a CUDA
             device), see :func:`~ronan_fast.inversion.invert`. Verdicts and losses are the same.

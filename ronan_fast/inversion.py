@@ -461,9 +461,12 @@ def invert(
         conditions: per-image known conditions for a conditional generator (class unknown if omitted).
         stop_below: per-image loss (``[B]`` or a scalar) under which an image's rows stop: its
             verdict can no longer change. The reported loss is then the loss at stopping.
-        max_rows: rows per batch chunk (memory budget); by default on CPU as many as keep the generator's
-            saved activations under 96 MiB (64 to 4096 rows: faster per row than larger batches), on CUDA
-            sized to free memory.
+        max_rows: rows in the batch at once (memory budget); by default on CPU as many as keep the
+            generator's saved activations under 96 MiB (64 to 4096 rows: faster per row than larger
+            batches), on CUDA sized to free memory. Images are taken in chunks of
+            :data:`ADMITTED_BATCHES` times as many as fit at once; within a chunk, an image enters the
+            batch as soon as rows stopping (halving, early stop) leave room for all of its rows, so
+            the batch stays full. Each image's result does not depend on what runs beside it.
         impl: kernel implementation, see :mod:`ronan_fast.ops`.
         cuda_graph: on CUDA, capture the Adam step (generator forward and backward, fused loss and
             gradient, latent Adam) in a CUDA graph and replay it, instead of launching every
