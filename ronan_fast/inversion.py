@@ -390,10 +390,10 @@ def _check_images(generator: GeneratorAdapter, images: Tensor) -> Tensor:
 
 def _halvings_due(done, s: InversionSettings):
     """How many successive-halving points (multiples of ``halving_every``) fall in the steps since
-    the previous stopping check, ``done`` steps done (an int, or a tensor of each row's). Halving acts at the checks (every
-    ``check_every`` steps), so one that falls between two checks acts at the next one; when
-    several fall there (``halving_every < check_every``) the next check keeps ``halving_keep``
-    to their number."""
+    the previous stopping check, ``done`` steps done (an int, or a tensor of each row's).
+    Halving acts at the checks (every ``check_every`` steps), so one that falls between two
+    checks acts at the next one; when several fall there (``halving_every < check_every``) the
+    next check keeps ``halving_keep`` to their number."""
     if not s.halving_every:
         return 0 if isinstance(done, int) else torch.zeros_like(done)
     before = max(done - s.check_every, 0) if isinstance(done, int) else (done - s.check_every).clamp_min(0)
@@ -849,7 +849,8 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             gone = ~keep
             final_loss[rows[gone]] = best_loss[gone]
             final_latent[rows[gone]] = best_latent[gone]
-            rows, z, exp_avg, exp_avg_sq = rows[keep], z[keep].contiguous(), exp_avg[keep].contiguous(), exp_avg_sq[keep].contiguous()
+            rows, z = rows[keep], z[keep].contiguous()
+            exp_avg, exp_avg_sq = exp_avg[keep].contiguous(), exp_avg_sq[keep].contiguous()
             step, row_t = step[keep].contiguous(), row_t[keep].contiguous()
             best_loss, best_latent = best_loss[keep].contiguous(), best_latent[keep].contiguous()
             last_best, stale, weight = last_best[keep], stale[keep], weight[keep].contiguous()
