@@ -388,16 +388,15 @@ def _check_images(generator: GeneratorAdapter, images: Tensor) -> Tensor:
     return images.float()
 
 
-def _halvings_due(done, s: InversionSettings):
+def _halvings_due(done: Tensor, s: InversionSettings) -> Tensor:
     """How many successive-halving points (multiples of ``halving_every``) fall in the steps since
-    the previous stopping check, ``done`` steps done (an int, or a tensor of each row's).
+    each row's previous stopping check, ``done`` its steps done.
     Halving acts at the checks (every ``check_every`` steps), so one that falls between two
     checks acts at the next one; when several fall there (``halving_every < check_every``) the
     next check keeps ``halving_keep`` to their number."""
     if not s.halving_every:
-        return 0 if isinstance(done, int) else torch.zeros_like(done)
-    before = max(done - s.check_every, 0) if isinstance(done, int) else (done - s.check_every).clamp_min(0)
-    return done // s.halving_every - before // s.halving_every
+        return torch.zeros_like(done)
+    return done // s.halving_every - (done - s.check_every).clamp_min(0) // s.halving_every
 
 
 def _halve(best_loss: Tensor, index: Tensor, keep: float | Tensor, min_rows: int) -> Tensor:
@@ -685,7 +684,6 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
     exp_avg_sq = torch.zeros_like(z)
     step = torch.zeros(0, dtype=torch.int64, device=device)
     row_t = torch.zeros(0, dtype=torch.int64, device=device)
-    lr_t = torch.empty(0, dtype=torch.float32, device=device)
     best_loss = torch.full((0,), float("inf"), dtype=torch.float32, device=device)
     best_latent = z.clone()
     weight = torch.ones(0, dtype=torch.float32, device=device)
@@ -714,14 +712,15 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         new = torch.arange(admitted * rpi, (admitted + n_new) * rpi, device=device)
         admitted += n_new
         k = new.shape[0]
+        z_new = z_start[new]
         rows = torch.cat([rows, new])
-        z = torch.cat([z, z_start[new]])
-        exp_avg = torch.cat([exp_avg, torch.zeros_like(z_start[new])])
-        exp_avg_sq = torch.cat([exp_avg_sq, torch.zeros_like(z_start[new])])
+        z = torch.cat([z, z_new])
+        exp_avg = torch.cat([exp_avg, torch.zeros_like(z_new)])
+        exp_avg_sq = torch.cat([exp_avg_sq, torch.zeros_like(z_new)])
         step = torch.cat([step, step.new_zeros(k)])
         row_t = torch.cat([row_t, row_t.new_zeros(k)])
         best_loss = torch.cat([best_loss, best_loss.new_full((k,), float("inf"))])
-        best_latent = torch.cat([best_latent, z_start[new]])
+        best_latent = torch.cat([best_latent, z_new])
         weight = torch.cat([weight, weight.new_ones(k)])
         last_best = torch.cat([last_best, last_best.new_full((k,), float("inf"))])
         stale = torch.cat([stale, stale.new_zeros(k)])
@@ -807,8 +806,7 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
         cohorts = [t + 1 for t in cohorts if t + 1 <= s.steps]
         if not any(t % s.check_every == 0 or t == s.steps for t in cohorts):
             continue
-        done_steps = row_t
-        due_check = (done_steps % s.check_every == 0) | (done_steps == s.steps)
+        due_check = (row_t % s.check_every == 0) | (row_t == s.steps)
         # ---- stopping rules (one host sync per check), for the rows at a check
         keep = torch.isfinite(z).all(1)  # a row that diverged to NaN/Inf can only waste steps
         if row_stop is not None:
@@ -838,11 +836,11 @@ def _invert_chunk(generator, images, image_ids, conditions, s, metric_name, metr
             last_best = torch.where(due_check & improved, best_loss, last_best)
             keep &= stale < s.patience
         if s.halving_every:
-            due = torch.where(due_check & (done_steps < s.steps), _halvings_due(done_steps, s), 0)
+            due = torch.where(due_check & (row_t < s.steps), _halvings_due(row_t, s), 0)
             if bool(due.any()):
                 frac = torch.full(due.shape, s.halving_keep, dtype=torch.float32, device=device).pow(due)
                 keep &= _halve(best_loss, live_index, frac, s.min_rows)
-        keep &= done_steps < s.steps  # out of steps
+        keep &= row_t < s.steps  # out of steps
         keep |= ~due_check  # rows between their checks go on whatever the rules say
         changed = not bool(keep.all())
         if changed:
