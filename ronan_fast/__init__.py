@@ -43,6 +43,7 @@ _EXPORTS = {
     "ConditionalGenerator": "ronan_fast.adapters",
     "GeneratorOutputError": "ronan_fast.adapters",
     "channels_last": "ronan_fast.adapters",
+    "fold_batchnorm": "ronan_fast.adapters",
     # inversion
     "invert": "ronan_fast.inversion",
     "InversionSettings": "ronan_fast.inversion",

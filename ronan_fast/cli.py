@@ -120,6 +120,10 @@ def _add_common(p: argparse.ArgumentParser, threads_default: int | None = None) 
                    help="hold the generators' 4-D weights in channels-last (NHWC) memory format: the same "
                         "values, often faster convolutions (on CPU, 15%% less time per step for a 64x64 DCGAN); a "
                         "profile fitted with or without it serves both")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="fold the generators' eval-mode BatchNorm layers into the convolutions before them: the "
+                        "same function up to rounding, cheaper steps (on CPU with --channels-last, a 64x64 DCGAN's "
+                        "inversion 1.1-1.3x faster); a profile fitted with or without it serves both")
     p.add_argument("--threads", type=_positive_int, default=threads_default,
                    help="CPU threads for torch (default: "
                         + ("torch's choice, one per core" if threads_default is None else
@@ -505,19 +509,22 @@ def _profile_reference(profile) -> str:
     return profile.reference_name if profile.reference_name in ZOO else "default"
 
 
-def _channels_last(args, *generators) -> None:
-    """``--channels-last``: convert each of ``generators`` (None skipped) in place."""
-    if getattr(args, "channels_last", False):
-        from ronan_fast.adapters import channels_last
+def _transform_generators(args, *generators) -> None:
+    """``--fold-bn``, then ``--channels-last``: convert each of ``generators`` (None skipped) in place."""
+    from ronan_fast.adapters import channels_last, fold_batchnorm
 
-        for g in generators:
-            if g is not None:
-                channels_last(g)
+    for g in generators:
+        if g is None:
+            continue
+        if getattr(args, "fold_bn", False):
+            fold_batchnorm(g)
+        if getattr(args, "channels_last", False):
+            channels_last(g)
 
 
 def _models(args, reference_default: str):
     model, reference = _build_models(args, reference_default)
-    _channels_last(args, model, reference)
+    _transform_generators(args, model, reference)
     return model, reference
 
 
@@ -940,7 +947,7 @@ def cmd_demo(args) -> int:
         sample_paths = default_sample_paths()
     except FileNotFoundError as e:
         raise UsageError(f"the bundled default models are missing: {e}") from None
-    _channels_last(args, model, reference)
+    _transform_generators(args, model, reference)
     att = Attributor(model, reference, alpha=args.alpha, rule=args.rule, settings=DEMO_SETTINGS, device=device,
                      cuda_graph=args.cuda_graph, compile_generator=args.compile_generator, **overrides)
     s = att.settings
