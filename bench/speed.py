@@ -8,7 +8,8 @@ For each generator, the same generated and real images are inverted by
 * ``ours`` variants, each switching one part of the fast path on or off: the reference ops
   instead of the compiled kernels, early stopping, successive halving, bf16 autocast, the
   generator's weights in channels-last memory format (a copy of it; its convolutions then run
-  NHWC), and on CUDA the Adam step captured in a CUDA graph; and
+  NHWC), its eval-mode BatchNorms folded into its convolutions (a copy), and on CUDA the Adam
+  step captured in a CUDA graph; and
   ``ours (family default)``, the package's default settings for the generator's family (their
   own steps and starts, e.g. 600 steps x 8 starts and a Levenberg-Marquardt finish for GANs),
   also with the CUDA graph on CUDA.
@@ -40,7 +41,7 @@ import torch
 
 from bench import generators as G
 from bench.baselines import authors_loop, plain_batched
-from ronan_fast.adapters import channels_last
+from ronan_fast.adapters import channels_last, fold_batchnorm
 from ronan_fast.evaluation.store import write_text
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 
@@ -133,6 +134,16 @@ def variants(steps: int, restarts: int) -> dict[str, dict]:
         # ... and the generator's weights in channels-last memory format: every CPU lever at once
         "ours (family default), compiled, bf16, channels-last": dict(
             settings=None, overrides={"precision": "bf16"}, impl="auto", early=True, compile=True, channels_last=True),
+        # ... with the generator's eval-mode BatchNorms folded into its convolutions (a copy of it)
+        "ours (family default), channels-last": dict(settings=None, impl="auto", early=True, channels_last=True),
+        "ours (family default), folded BN": dict(settings=None, impl="auto", early=True, fold_bn=True),
+        "ours (family default), folded BN, channels-last": dict(settings=None, impl="auto", early=True,
+                                                                fold_bn=True, channels_last=True),
+        "ours (family default), compiled, folded BN, channels-last": dict(
+            settings=None, impl="auto", early=True, compile=True, fold_bn=True, channels_last=True),
+        "ours (family default), compiled, bf16, folded BN, channels-last": dict(
+            settings=None, overrides={"precision": "bf16"}, impl="auto", early=True, compile=True, fold_bn=True,
+            channels_last=True),
         "ours, plain schedule": dict(
             settings=dict(steps=steps, lr=0.1, restarts=restarts, schedule="constant"), impl="auto", early=False
         ),
@@ -244,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             s = (resolve_settings(bg.adapter, v.get("preset"), **v.get("overrides", {}))
                  if "overrides" in v or "preset" in v
                  else None if v["settings"] is None else InversionSettings(**v["settings"]))
-            adapter = channels_last(bg.adapter, copy=True) if v.get("channels_last") else bg.adapter
+            adapter = fold_batchnorm(bg.adapter, copy=True) if v.get("fold_bn") else bg.adapter
+            if v.get("channels_last"):
+                adapter = channels_last(adapter, copy=adapter is bg.adapter)
 
             def run(x, s=s, v=v, adapter=adapter):
                 stop = stop_thr if v["early"] else None

@@ -339,6 +339,46 @@ def test_speed_row_of_the_earlier_gan_default_resolves_its_preset(tmp_path, monk
     assert "ours (family default), 8 starts" in out.read_text()
 
 
+def test_speed_rows_with_folded_batchnorm_invert_a_folded_copy(tmp_path, monkeypatch):
+    """The folded-BN rows invert a copy of the generator with its BatchNorms folded (and in
+    channels-last where the row says so); the benchmark's generator itself stays as it was."""
+    from torch import nn
+
+    from bench import generators, speed
+    from bench.generators import BenchGenerator
+    from ronan_fast.inversion import InversionSettings
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(3, 8, 4, 1, 0), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.ConvTranspose2d(8, 1, 4, 2, 1), nn.Tanh())
+    ad = LatentGenerator(net, (3, 1, 1), (-1.0, 1.0), name="bn")
+    bg = BenchGenerator("bn", ad, lambda n: torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(4)),
+                        "random")
+    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
+    seen = {}
+    real_invert = speed.invert
+
+    def cheap(adapter, images, settings=None, **kw):
+        seen.setdefault(images.shape[0], []).append(adapter)
+        return real_invert(adapter, images, settings=InversionSettings(steps=4, restarts=2), **kw)
+
+    monkeypatch.setattr(speed, "invert", cheap)
+    rows = ["ours (family default)", "ours (family default), folded BN",
+            "ours (family default), folded BN, channels-last"]
+    assert speed.main(["--generators", "bn", "--n", "2", "--steps", "4", "--restarts", "2", "--device", "cpu",
+                       "--threshold", "0.5", "--only", ",".join(rows), "--out", str(tmp_path / "f.md")]) == 0
+    # the 4 images of each row, then the single-image latencies: the plain row inverts the
+    # generator itself, the two folded rows their own copies
+    assert [a is ad for a in seen[4]] == [True, False, False]
+    used = seen[4][1:]
+    assert used[0] is not used[1]
+    assert all(a.folded_batchnorms == 1 and not isinstance(a.module[1], nn.BatchNorm2d) for a in used)
+    assert any(a.module[0].weight.is_contiguous(memory_format=torch.channels_last)
+               and not a.module[0].weight.is_contiguous() for a in used)
+    assert isinstance(ad.module[1], nn.BatchNorm2d) and ad.module[0].weight.is_contiguous()
+    assert all(a.fingerprint() == ad.fingerprint() for a in used)
+
+
 def test_large_benchmark_generator_is_tens_of_millions_of_parameters():
     from bench import generators
 
