@@ -227,6 +227,18 @@ def machine() -> dict:
     }
 
 
+def transformed(bg: G.BenchGenerator, a: argparse.Namespace) -> G.BenchGenerator:
+    """``bg`` with a copy of its generator folded and/or in channels-last, as ``a`` asks."""
+    if not (a.fold_bn or a.channels_last):
+        return bg
+    from ronan_fast.adapters import channels_last, fold_batchnorm
+
+    adapter = fold_batchnorm(bg.adapter, copy=True) if a.fold_bn else bg.adapter
+    if a.channels_last:
+        adapter = channels_last(adapter, copy=adapter is bg.adapter)
+    return dataclasses.replace(bg, adapter=adapter)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generators", default="default", help="comma-separated: default and/or zoo names")
@@ -249,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --to-verdict: the convergence line itself (a belonging profile's threshold, say) "
                         "instead of 1%% of the real images' median; every image, real ones too, is then inverted "
                         "with it as its threshold, as attribution inverts every image it is given")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="invert with a copy of each generator whose eval-mode BatchNorms are folded into its "
+                        "convolutions (ronan_fast.fold_batchnorm); the authors' loop keeps the generator as it is")
+    p.add_argument("--channels-last", action="store_true",
+                   help="invert with a copy of each generator in channels-last memory format (ronan_fast.channels_last)")
     a = p.parse_args(argv)
     if a.line is not None and not (a.to_verdict and math.isfinite(a.line) and a.line > 0):
         p.error(f"--line must be a finite number > 0 and needs --to-verdict, got {a.line} "
@@ -266,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (json_out and json_out.is_file()):
             p.error("--resume needs --out whose .json exists")
         old = json.loads(json_out.read_text())
-        keep = ("n", "n_real", "seed", "authors_images", "to_verdict", "line")
-        was = {"to_verdict": str(False), "line": str(None)}  # written before these options existed
+        keep = ("n", "n_real", "seed", "authors_images", "to_verdict", "line", "fold_bn", "channels_last")
+        was = {k: str(v) for k, v in {"to_verdict": False, "line": None, "fold_bn": False,
+                                      "channels_last": False}.items()}  # written before these options existed
         if any(old["args"].get(k, was.get(k)) != raw["args"][k] for k in keep):
             p.error(f"--resume: {json_out} was written with other {keep}: {old['args']}")
         raw["results"] = rows = old["results"]
@@ -285,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             s = settings_for(bg.adapter, CANDIDATES[cname])
             print(f"[{gname}] {cname}: {s}", file=sys.stderr, flush=True)
-            r = run_one(bg, s, gen, real, a.seed, to_verdict=a.to_verdict, line=a.line)
+            r = run_one(transformed(bg, a), s, gen, real, a.seed, to_verdict=a.to_verdict, line=a.line)
             r.update(generator=gname, candidate=cname, settings=s.to_dict(), authors_s_per_image=authors_s)
             rows.append(r)  # raw["results"] is rows
             if json_out:  # after every row: an interrupted run keeps what it finished
@@ -355,6 +373,10 @@ def render(rows: list[dict], mach: dict, a) -> str:
         head += ("To verdict (`--to-verdict`): the real images were inverted first, and each generated image "
                  "stopped once under the convergence line, so the generated images' quantiles stop there; "
                  "s/img is over generated and real images together, own and real each alone.\n")
+    ways = [w for w, on in (("BatchNorms folded", getattr(a, "fold_bn", False)),
+                            ("channels-last", getattr(a, "channels_last", False))) if on]
+    if ways:
+        head += f"Inverted with a copy of each generator: {', '.join(ways)} (the authors' loop: as it is).\n"
     head += "\n"
     cols = ["generator", "candidate", "converged", "gen p50", "gen p90", "gen p99", "gen max", "real median",
             "overlap", "sigma/mu", "log sigma", "s/img", "own s/img", "real s/img", "authors s/img", "time ratio"]

@@ -246,6 +246,46 @@ def test_convergence_to_verdict_with_a_given_line_stops_real_images_too(tmp_path
             convergence.main(common + bad)
 
 
+def test_convergence_fold_bn_and_channels_last_invert_a_transformed_copy(tmp_path, monkeypatch):
+    """--fold-bn / --channels-last: the inversions get a folded, NHWC copy of the generator (the
+    benchmark's own stays as it was), the table says so, and --resume refuses a file written
+    without them."""
+    from torch import nn
+
+    from bench import convergence, generators
+    from bench.generators import BenchGenerator
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(3, 8, 4, 1, 0), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.ConvTranspose2d(8, 1, 4, 2, 1), nn.Tanh())
+    ad = LatentGenerator(net, (3, 1, 1), (-1.0, 1.0), name="bn")
+    bg = BenchGenerator("bn", ad, lambda n: torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(4)),
+                        "random")
+    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
+    monkeypatch.setitem(convergence.CANDIDATES, "q", dict(steps=10, restarts=2, check_every=5, polish_steps=2))
+    seen = []
+    real_invert = convergence.invert
+
+    def spy(adapter, images, **kw):
+        seen.append(adapter)
+        return real_invert(adapter, images, **kw)
+
+    monkeypatch.setattr(convergence, "invert", spy)
+    common = ["--generators", "bn", "--n", "2", "--n-real", "2", "--candidates", "q", "--authors-images", "0"]
+    out = tmp_path / "c.md"
+    assert convergence.main(common + ["--out", str(out)]) == 0
+    assert seen and all(x is ad for x in seen)
+    seen.clear()
+    folded = tmp_path / "f.md"
+    assert convergence.main(common + ["--fold-bn", "--channels-last", "--out", str(folded)]) == 0
+    assert seen and all(x is not ad and x.folded_batchnorms == 1 for x in seen)
+    assert all(x.module[0].weight.is_contiguous(memory_format=torch.channels_last) for x in seen)
+    assert isinstance(ad.module[1], nn.BatchNorm2d) and ad.module[0].weight.is_contiguous()
+    assert "BatchNorms folded, channels-last" in folded.read_text()
+    with pytest.raises(SystemExit):
+        convergence.main(common + ["--fold-bn", "--out", str(out), "--resume"])
+
+
 def test_speed_table_times_each_method_and_its_single_image_latency(tmp_path, monkeypatch):
     import json
 
