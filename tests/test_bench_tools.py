@@ -207,6 +207,36 @@ def test_polish_plateau_gmres_cg_trajectories_start_where_the_gmres_phase_left_e
     assert bool((both["real"][0] < cg["real"][0]).any())
 
 
+def _spy_invert(monkeypatch, module, record) -> list:
+    """Replace ``module.invert`` by one that appends ``record(adapter, kwargs)`` to the list returned."""
+    seen = []
+    real_invert = module.invert
+
+    def spy(adapter, images, **kw):
+        seen.append(record(adapter, kw))
+        return real_invert(adapter, images, **kw)
+
+    monkeypatch.setattr(module, "invert", spy)
+    return seen
+
+
+def _bn_bench(monkeypatch):
+    """A small generator with one foldable BatchNorm, served by bench.generators.get."""
+    from torch import nn
+
+    from bench import generators
+    from bench.generators import BenchGenerator
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(3, 8, 4, 1, 0), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.ConvTranspose2d(8, 1, 4, 2, 1), nn.Tanh())
+    ad = LatentGenerator(net, (3, 1, 1), (-1.0, 1.0), name="bn")
+    bg = BenchGenerator("bn", ad, lambda n: torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(4)),
+                        "random")
+    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
+    return ad
+
+
 def test_convergence_to_verdict_with_a_given_line_stops_real_images_too(tmp_path, monkeypatch):
     """bench.convergence --to-verdict --line X: X is the convergence line and every image's
     threshold, real images included (as attribution inverts them); without --line the real
@@ -222,14 +252,7 @@ def test_convergence_to_verdict_with_a_given_line_stops_real_images_too(tmp_path
                         "random")
     monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
     monkeypatch.setitem(convergence.CANDIDATES, "q", dict(steps=20, restarts=2, check_every=5, polish_steps=3))
-    seen = []
-    real_invert = convergence.invert
-
-    def spy(adapter, images, **kw):
-        seen.append(kw.get("stop_below"))
-        return real_invert(adapter, images, **kw)
-
-    monkeypatch.setattr(convergence, "invert", spy)
+    seen = _spy_invert(monkeypatch, convergence, lambda adapter, kw: kw.get("stop_below"))
     common = ["--generators", "tiny", "--n", "3", "--n-real", "3", "--candidates", "q", "--authors-images", "0"]
     out = tmp_path / "c.md"
     assert convergence.main(common + ["--to-verdict", "--line", "0.002", "--out", str(out)]) == 0
@@ -252,25 +275,11 @@ def test_convergence_fold_bn_and_channels_last_invert_a_transformed_copy(tmp_pat
     without them."""
     from torch import nn
 
-    from bench import convergence, generators
-    from bench.generators import BenchGenerator
+    from bench import convergence
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.ConvTranspose2d(3, 8, 4, 1, 0), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.ConvTranspose2d(8, 1, 4, 2, 1), nn.Tanh())
-    ad = LatentGenerator(net, (3, 1, 1), (-1.0, 1.0), name="bn")
-    bg = BenchGenerator("bn", ad, lambda n: torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(4)),
-                        "random")
-    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
+    ad = _bn_bench(monkeypatch)
     monkeypatch.setitem(convergence.CANDIDATES, "q", dict(steps=10, restarts=2, check_every=5, polish_steps=2))
-    seen = []
-    real_invert = convergence.invert
-
-    def spy(adapter, images, **kw):
-        seen.append(adapter)
-        return real_invert(adapter, images, **kw)
-
-    monkeypatch.setattr(convergence, "invert", spy)
+    seen = _spy_invert(monkeypatch, convergence, lambda adapter, kw: adapter)
     common = ["--generators", "bn", "--n", "2", "--n-real", "2", "--candidates", "q", "--authors-images", "0"]
     out = tmp_path / "c.md"
     assert convergence.main(common + ["--out", str(out)]) == 0
@@ -384,17 +393,10 @@ def test_speed_rows_with_folded_batchnorm_invert_a_folded_copy(tmp_path, monkeyp
     channels-last where the row says so); the benchmark's generator itself stays as it was."""
     from torch import nn
 
-    from bench import generators, speed
-    from bench.generators import BenchGenerator
+    from bench import speed
     from ronan_fast.inversion import InversionSettings
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.ConvTranspose2d(3, 8, 4, 1, 0), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.ConvTranspose2d(8, 1, 4, 2, 1), nn.Tanh())
-    ad = LatentGenerator(net, (3, 1, 1), (-1.0, 1.0), name="bn")
-    bg = BenchGenerator("bn", ad, lambda n: torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(4)),
-                        "random")
-    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
+    ad = _bn_bench(monkeypatch)
     seen = {}
     real_invert = speed.invert
 
