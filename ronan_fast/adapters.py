@@ -177,7 +177,10 @@ def fold_batchnorm(adapter: "GeneratorAdapter", copy: bool = False) -> "Generato
 
     The adapter's fingerprint stays the unfolded generator's (it is the same function), so a
     belonging profile fitted on one serves the other; once the folded weights are changed, the
-    fingerprint is theirs again.
+    fingerprint is theirs again. Adapters made from the folded one afterwards (``with_class``,
+    copies) keep it too; folding in place changes the module itself, so an adapter made
+    *before* that shares the module sees folded weights under a fingerprint of their own: fold
+    first, or fold a copy.
 
     Args:
         adapter: the generator.
