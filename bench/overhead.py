@@ -6,9 +6,12 @@ For each batch size (images x restarts rows, all live: no early stop, no halving
   runs of ``--steps`` and ``2 * --steps`` steps divided by ``--steps`` (set-up, the final decode and
   the result copy cancel out);
 * ``generator``: one forward and one backward of the generator on the same rows, through
-  autograd with the same output gradient shape, nothing else;
+  autograd with the same output gradient shape, nothing else (under the same conditions as
+  invert: denormals flushed to zero, and on CPU freed memory kept for reuse);
 * ``overhead = 1 - generator / step``: everything else (the fused loss-and-gradient kernel, the
   latent Adam with best-row tracking, the stopping checks, Python), as a share of the step;
+  the three timings are interleaved in rounds (``--repeats``), and step, generator and share
+  are each the median over the rounds (the share from each round's own pair);
 * from a ``torch.profiler`` trace of one more ``--steps`` run, the share of self time in the
   package's own operators (``ronan_fast::*``).
 
@@ -20,7 +23,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
+import statistics
 import sys
 import time
 
@@ -29,7 +34,8 @@ import torch
 from bench import generators as G
 from bench.report import finish, int_list
 from bench.speed import _sync
-from ronan_fast.inversion import invert
+from ronan_fast import _heap
+from ronan_fast.inversion import _flush_denormals, invert
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -50,33 +56,49 @@ def measure(bg: G.BenchGenerator, rows: int, steps: int, restarts: int, repeats:
         # the paper's preset: constant lr, no halving, no plateau stop, so every row runs every step
         invert(ad, images, settings="authors", steps=k, restarts=restarts, seed=0, max_rows=n_img * restarts)
 
-    run(2)  # warm-up
-    # the step time is the difference of two runs; on a tiny model timing noise can swamp it, so
-    # a non-positive difference is measured again, and a third one is an error, not a figure
-    for _ in range(3):
-        short = min(_timed(lambda: run(steps), device) for _ in range(repeats))
-        long = min(_timed(lambda: run(2 * steps), device) for _ in range(repeats))
-        step_s = (long - short) / steps
-        if step_s > 0:
-            break
-    else:
-        raise RuntimeError(f"{bg.name}: {steps} steps are too few to time a step against the timing noise "
-                           f"({2 * steps} steps took {long:.4f} s, {steps} took {short:.4f} s); use more steps")
-
     z = ad.sample_latents(n_img * restarts, torch.Generator().manual_seed(1)).to(device)
     gout = None
 
-    def gen_steps():
+    def gen_steps(k: int = steps):
         nonlocal gout
-        for _ in range(steps):
+        for _ in range(k):
             zl = z.detach().requires_grad_(True)
             raw = ad.decode_raw(zl)
             if gout is None:
                 gout = torch.randn_like(raw)
             torch.autograd.grad(raw, zl, gout)
 
-    gen_steps()
-    gen_s = min(_timed(gen_steps, device) for _ in range(repeats)) / steps
+    def gen_timed() -> float:
+        # the generator alone runs as invert runs it: denormals flushed and, on CPU, freed memory
+        # kept for reuse (without either it can be slower than a whole step of invert); one
+        # untimed step first, as the difference of two runs leaves out invert's first steps
+        heap = _heap.keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
+        with _flush_denormals(), heap:
+            gen_steps(1)
+            return _timed(gen_steps, device)
+
+    run(2)  # warm-up
+    gen_timed()
+    # Rounds interleave the three timings, so that a machine whose speed drifts between minutes
+    # moves all three alike; each round gives its own share, and the median round counts. The
+    # step time is the difference of two runs: on a tiny model timing noise can swamp it, so a
+    # round with a non-positive difference is measured again, up to three times as many rounds
+    # as asked, and none left is an error, not a figure.
+    rounds: list[tuple[float, float]] = []
+    for _ in range(3 * repeats):
+        short = _timed(lambda: run(steps), device)
+        long = _timed(lambda: run(2 * steps), device)
+        if long - short <= 0:
+            continue
+        rounds.append(((long - short) / steps, gen_timed() / steps))
+        if len(rounds) == repeats:
+            break
+    if not rounds:
+        raise RuntimeError(f"{bg.name}: {steps} steps are too few to time a step against the timing noise "
+                           f"({2 * steps} steps took {long:.4f} s, {steps} took {short:.4f} s); use more steps")
+    step_s = statistics.median(r[0] for r in rounds)
+    gen_s = statistics.median(r[1] for r in rounds)
+    share = statistics.median(1 - g / st for st, g in rounds)
 
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -88,7 +110,7 @@ def measure(bg: G.BenchGenerator, rows: int, steps: int, restarts: int, repeats:
     total = sum(getattr(e, attr, 0) for e in events) or float("nan")
     ours = {e.key: getattr(e, attr, 0) / total for e in events if e.key.startswith("ronan_fast::")}
     return {"rows": n_img * restarts, "images": n_img, "restarts": restarts, "step_ms": step_s * 1e3,
-            "generator_ms": gen_s * 1e3, "overhead": 1 - gen_s / step_s, "ops_share": ours}
+            "generator_ms": gen_s * 1e3, "overhead": share, "rounds": len(rounds), "ops_share": ours}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", default="256,1024", help="comma-separated row counts (images x restarts)")
     p.add_argument("--restarts", type=int, default=8)
     p.add_argument("--steps", type=int, default=50, help="steps of the short run (the long one runs twice as many)")
-    p.add_argument("--repeats", type=int, default=3, help="timings per run; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of the three timings (short run, long run, generator alone); the medians count")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="also write the table (Markdown) here")
     a = p.parse_args(argv)
@@ -113,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{platform.machine()}, {torch.get_num_threads()} threads")
     lines = [f"Overhead profile ({'GPU' if dev.type == 'cuda' else 'CPU'}: {where}; torch {torch.__version__}, "
              f"Python {platform.python_version()}); generator {a.generator}, float32, every row live, "
-             f"step = marginal time of {a.steps} more steps of invert, fastest of {a.repeats}.", "",
+             f"step = marginal time of {a.steps} more steps of invert; medians of {a.repeats} interleaved "
+             f"rounds, the share from each round's own pair; the generator alone with denormals flushed "
+             f"(and on CPU freed memory kept), as invert runs it.", "",
              "| rows | images x restarts | step (ms) | generator fwd+bwd (ms) | outside the generator | "
              "ronan_fast ops (profiler self time) |", "|---|---|---|---|---|---|"]
     for b in batches:

@@ -62,9 +62,33 @@ def test_overhead_measure_reports_a_consistent_row():
     r = overhead.measure(bg, rows=16, steps=3, restarts=4, repeats=1)
     assert (r["rows"], r["images"], r["restarts"]) == (16, 4, 4)
     assert r["step_ms"] > 0 and r["generator_ms"] > 0
-    assert r["overhead"] == pytest.approx(1 - r["generator_ms"] / r["step_ms"])
+    assert r["overhead"] == pytest.approx(1 - r["generator_ms"] / r["step_ms"])  # one round: its own pair
+    assert r["rounds"] == 1
     assert set(r["ops_share"]) <= {"ronan_fast::recon_loss_grad", "ronan_fast::latent_adam_step_",
                                    "ronan_fast::best_over_restarts"}
+
+
+def test_overhead_generator_alone_runs_with_denormals_flushed_in_each_round(monkeypatch):
+    """Without the flush invert runs with, a generator whose backward meets denormals runs slower
+    alone than inside a step (a negative overhead)."""
+    import contextlib
+
+    from bench.generators import BenchGenerator
+    from tiny_models import TinyGenerator
+
+    ad = LatentGenerator(TinyGenerator(seed=0), (3,), (-1.0, 1.0), name="tiny")
+    bg = BenchGenerator("tiny", ad, lambda n: torch.rand(n, 1, 8, 8), "random")
+    flushed = []
+
+    @contextlib.contextmanager
+    def recording():
+        flushed.append(torch.set_flush_denormal(True))
+        yield
+
+    monkeypatch.setattr(overhead, "_flush_denormals", recording)
+    r = overhead.measure(bg, rows=16, steps=3, restarts=4, repeats=2)
+    torch.set_flush_denormal(False)
+    assert len(flushed) == 1 + r["rounds"] and 1 <= r["rounds"] <= 2
 
 
 def test_overhead_measure_refuses_a_step_time_lost_in_noise(monkeypatch):
@@ -82,7 +106,7 @@ def test_overhead_measure_refuses_a_step_time_lost_in_noise(monkeypatch):
     monkeypatch.setattr(overhead, "_timed", flat)
     with pytest.raises(RuntimeError, match="too few to time"):
         overhead.measure(bg, rows=16, steps=3, restarts=4, repeats=1)
-    assert len(calls) == 6  # measured three times before giving up
+    assert len(calls) == 1 + 6  # the generator's warm-up, then both runs three times before giving up
 
 
 def test_jacobian_products_table_times_both_modes_and_checks_they_agree(tmp_path):
