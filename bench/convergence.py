@@ -227,18 +227,6 @@ def machine() -> dict:
     }
 
 
-def transformed(bg: G.BenchGenerator, a: argparse.Namespace) -> G.BenchGenerator:
-    """``bg`` with a copy of its generator folded and/or in channels-last, as ``a`` asks."""
-    if not (a.fold_bn or a.channels_last):
-        return bg
-    from ronan_fast.adapters import channels_last, fold_batchnorm
-
-    adapter = fold_batchnorm(bg.adapter, copy=True) if a.fold_bn else bg.adapter
-    if a.channels_last:
-        adapter = channels_last(adapter, copy=adapter is bg.adapter)
-    return dataclasses.replace(bg, adapter=adapter)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generators", default="default", help="comma-separated: default and/or zoo names")
@@ -303,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             s = settings_for(bg.adapter, CANDIDATES[cname])
             print(f"[{gname}] {cname}: {s}", file=sys.stderr, flush=True)
-            r = run_one(transformed(bg, a), s, gen, real, a.seed, to_verdict=a.to_verdict, line=a.line)
+            inverted = dataclasses.replace(bg, adapter=G.transformed(bg.adapter, a.fold_bn, a.channels_last))
+            r = run_one(inverted, s, gen, real, a.seed, to_verdict=a.to_verdict, line=a.line)
             r.update(generator=gname, candidate=cname, settings=s.to_dict(), authors_s_per_image=authors_s)
             rows.append(r)  # raw["results"] is rows
             if json_out:  # after every row: an interrupted run keeps what it finished

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ronan_fast.adapters import GeneratorAdapter, LatentGenerator
+from ronan_fast.adapters import GeneratorAdapter, LatentGenerator, channels_last, fold_batchnorm
 
 
 @dataclass
@@ -87,3 +87,10 @@ def get(name: str, device: str = "cpu") -> BenchGenerator:
 @torch.no_grad()
 def generated(bg: BenchGenerator, n: int, seed: int) -> Tensor:
     return bg.adapter.generate(n, torch.Generator().manual_seed(seed)).images
+
+
+def transformed(adapter: GeneratorAdapter, fold_bn: bool = False, nhwc: bool = False) -> GeneratorAdapter:
+    """``adapter``, or one copy of it with its BatchNorms folded (``fold_bn``) and/or its weights
+    in channels-last memory format (``nhwc``); the original is left as it is."""
+    out = fold_batchnorm(adapter, copy=True) if fold_bn else adapter
+    return channels_last(out, copy=out is adapter) if nhwc else out

@@ -41,7 +41,6 @@ import torch
 
 from bench import generators as G
 from bench.baselines import authors_loop, plain_batched
-from ronan_fast.adapters import channels_last, fold_batchnorm
 from ronan_fast.evaluation.store import write_text
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 
@@ -255,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             s = (resolve_settings(bg.adapter, v.get("preset"), **v.get("overrides", {}))
                  if "overrides" in v or "preset" in v
                  else None if v["settings"] is None else InversionSettings(**v["settings"]))
-            adapter = fold_batchnorm(bg.adapter, copy=True) if v.get("fold_bn") else bg.adapter
-            if v.get("channels_last"):
-                adapter = channels_last(adapter, copy=adapter is bg.adapter)
+            adapter = G.transformed(bg.adapter, v.get("fold_bn", False), v.get("channels_last", False))
 
             def run(x, s=s, v=v, adapter=adapter):
                 stop = stop_thr if v["early"] else None

@@ -193,10 +193,7 @@ def fold_batchnorm(adapter: "GeneratorAdapter", copy: bool = False) -> "Generato
 
     if not isinstance(adapter, GeneratorAdapter):
         raise TypeError(f"adapter must be a GeneratorAdapter, got {type(adapter).__name__}")
-    before = _weights_hash(adapter.modules())
-    earlier = getattr(adapter, "_unfolded_weights", None)  # folded before, and unchanged since
-    if earlier is not None and before.hexdigest() == earlier.folded_digest:
-        before = earlier.unfolded
+    before = adapter._unfolded_weights_hash()
     out = _copy.deepcopy(adapter) if copy else adapter
     folded = 0
     for root in out.modules():
@@ -275,11 +272,16 @@ class GeneratorAdapter(abc.ABC):
         }
 
     def fingerprint(self) -> str:
+        return _finish_fingerprint(self._unfolded_weights_hash(), self.config())
+
+    def _unfolded_weights_hash(self) -> "hashlib._Hash":
+        """A fresh hash of the weights, or of the weights before :func:`fold_batchnorm` while the
+        folded ones are unchanged."""
         h = _weights_hash(self.modules())
-        folded = getattr(self, "_unfolded_weights", None)  # see fold_batchnorm
+        folded = getattr(self, "_unfolded_weights", None)
         if folded is not None and h.hexdigest() == folded.folded_digest:
-            h = folded.unfolded.copy()
-        return _finish_fingerprint(h, self.config())
+            return folded.unfolded.copy()
+        return h
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` rows from the input prior (standard normal), float32 on :attr:`device`."""
