@@ -371,13 +371,104 @@ def save_image(image: Tensor, path: str | os.PathLike) -> Path:
     return _atomic_png(_to_uint8_hwc(image, "image"), path)
 
 
-def save_grid(rows: Sequence[Sequence[Tensor]], path: str | os.PathLike, pad: int = 2, pad_value: float = 1.0) -> Path:
+#: grid labels wider than this many pixels (about 60 characters) are cut, unless label_width says otherwise
+_MAX_LABEL_WIDTH = 360
+#: pixels between a grid's text and the images or the next title
+_TEXT_GAP = 4
+
+
+def _label_font():
+    """PIL's built-in bitmap font (Latin-1, 6 x 11 pixels a character): no font file needed."""
+    from PIL import ImageFont
+
+    loader = getattr(ImageFont, "load_default_imagefont", None)  # Pillow >= 10.1
+    return loader() if loader is not None else ImageFont.load_default()
+
+
+def _drawable(text: str) -> str:
+    """``text`` with what the Latin-1 bitmap font cannot draw written as escapes: ``\\xNN`` for a
+    control character or a byte of a file name that is not UTF-8 (a lone surrogate as
+    ``surrogateescape`` decodes it), ``\\uXXXX`` / ``\\UXXXXXXXX`` for other characters."""
+    out = []
+    for ch in text:
+        c = ord(ch)
+        if 0x20 <= c <= 0x7E or 0xA0 <= c <= 0xFF:
+            out.append(ch)
+        elif 0xDC80 <= c <= 0xDCFF:
+            out.append(f"\\x{c - 0xDC00:02x}")
+        elif c < 0x100:
+            out.append(f"\\x{c:02x}")
+        elif c < 0x10000:
+            out.append(f"\\u{c:04x}")
+        else:
+            out.append(f"\\U{c:08x}")
+    return "".join(out)
+
+
+def _fit_text(text: str, font, width: int) -> str:
+    """``text``, or its longest start followed by "..." that is at most ``width`` pixels wide."""
+    if font.getlength(text) <= width:
+        return text
+    lo, hi = 0, len(text)  # the longest fitting prefix length lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if font.getlength(text[:mid] + "...") <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    cut = text[:lo].rstrip() + "..."
+    return cut if font.getlength(cut) <= width else ""
+
+
+def _check_texts(texts, name: str, count: int | None) -> list[str] | None:
+    if texts is None:
+        return None
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise ValueError(f"{name} must be a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if t is not None and not isinstance(t, str):
+            raise ValueError(f"{name}[{i}] must be a string or None, got {type(t).__name__}")
+    if count is not None and len(texts) != count:
+        raise ValueError(f"{name} has {len(texts)} entries for {count} rows; give one per row")
+    return [_drawable(t or "") for t in texts]
+
+
+def save_grid(
+    rows: Sequence[Sequence[Tensor]],
+    path: str | os.PathLike,
+    pad: int = 2,
+    pad_value: float = 1.0,
+    labels: Sequence[str | None] | None = None,
+    column_titles: Sequence[str | None] | None = None,
+    label_width: int | None = None,
+) -> Path:
     """Write rows of images side by side as one PNG, atomically, e.g. each image beside its reconstruction.
 
     Each row is a list of ``[C, H, W]`` images (or a ``[N, C, H, W]`` tensor). Cells are as large
     as the largest image in their column and row; smaller images sit at the top left. Grey
     images are repeated to RGB when any image is RGB. ``pad`` pixels of ``pad_value`` separate
     and surround the cells; missing cells of short rows are left as padding.
+
+    Text is drawn in PIL's built-in bitmap font (6 x 11 pixels a character, no font file),
+    black on a light ``pad_value`` and white on a dark one. Characters it cannot draw (it has
+    Latin-1 only) are written as escapes such as ``\\u732b`` and, for bytes of file names that
+    are not UTF-8, ``\\xff``.
+
+    Args:
+        labels: one line of text per row (None or "" for none), e.g. ``"cat.png  belongs  G=-1.23"``,
+            drawn in a strip to the right of the rows, vertically centred on its row. The strip
+            is ``label_width`` pixels wide plus a gap of 4 and ``pad``; a label wider than
+            ``label_width`` is cut and ends in "...".
+        column_titles: a title above each column (at most one per column), in a strip of the
+            text's height plus ``pad`` above the first row; a column is widened to its title's
+            width plus 4 pixels.
+        label_width: the label strip's width in pixels; default: the longest label's, at most
+            360 (about 60 characters).
+
+    Without labels and titles the PNG is ``sum(column widths) + pad * (columns + 1)`` wide and
+    ``sum(row heights) + pad * (rows + 1)`` high; a row is at least the text's height (11
+    pixels) high when labelled.
     """
     if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
         raise ValueError(f"pad must be an integer >= 0, got {pad!r}")
@@ -388,6 +479,13 @@ def save_grid(rows: Sequence[Sequence[Tensor]], path: str | os.PathLike, pad: in
     grid_rows = [list(r) for r in rows]
     if not grid_rows or not any(grid_rows):
         raise ValueError("rows holds no images")
+    labels = _check_texts(labels, "labels", len(grid_rows))
+    titles = _check_texts(column_titles, "column_titles", None)
+    if label_width is not None:
+        if labels is None:
+            raise ValueError("label_width is given but labels is None")
+        if not isinstance(label_width, int) or isinstance(label_width, bool) or label_width < 1:
+            raise ValueError(f"label_width must be an integer >= 1 (pixels), got {label_width!r}")
     cells: list[list[np.ndarray]] = []
     for i, row in enumerate(grid_rows):
         cells.append([_to_uint8_hwc(im, f"rows[{i}][{j}]") for j, im in enumerate(row)])
@@ -395,12 +493,25 @@ def save_grid(rows: Sequence[Sequence[Tensor]], path: str | os.PathLike, pad: in
     if any(a.ndim == 3 and a.shape[2] == 4 for r in cells for a in r):
         raise ValueError("save_grid takes grey or RGB images, not RGBA")
     ncols = max(len(r) for r in cells)
+    if titles is not None and len(titles) > ncols:
+        raise ValueError(f"column_titles has {len(titles)} entries for {ncols} columns")
+    font = _label_font() if labels is not None or titles is not None else None
+    text_h = 0 if font is None else font.getbbox("Ag")[3]
     col_w = [max((r[j].shape[1] for r in cells if j < len(r)), default=0) for j in range(ncols)]
+    if titles is not None:
+        col_w = [max(w, math.ceil(font.getlength(titles[j])) + _TEXT_GAP) if j < len(titles) and titles[j] else w
+                 for j, w in enumerate(col_w)]
     row_h = [max((a.shape[0] for a in r), default=0) for r in cells]
-    height = sum(row_h) + pad * (len(cells) + 1)
-    width = sum(col_w) + pad * (ncols + 1)
+    strip_w = 0
+    if labels is not None:
+        row_h = [max(h, text_h) for h in row_h]
+        widest = max((math.ceil(font.getlength(t)) for t in labels), default=0)
+        strip_w = label_width if label_width is not None else min(widest, _MAX_LABEL_WIDTH)
+    title_h = text_h + pad if titles is not None else 0
+    height = title_h + sum(row_h) + pad * (len(cells) + 1)
+    width = sum(col_w) + pad * (ncols + 1) + (_TEXT_GAP + strip_w + pad if strip_w else 0)
     canvas = np.full((height, width, channels), round(float(pad_value) * 255), dtype=np.uint8)
-    y = pad
+    y = pad + title_h
     for r, rh in zip(cells, row_h):
         x = pad
         for j, a in enumerate(r):
@@ -413,4 +524,24 @@ def save_grid(rows: Sequence[Sequence[Tensor]], path: str | os.PathLike, pad: in
         y += rh + pad
     if math.prod(canvas.shape[:2]) == 0:
         raise ValueError("rows holds no images")
+    if font is not None:
+        from PIL import ImageDraw
+
+        image = Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
+        draw = ImageDraw.Draw(image)
+        ink = 0 if float(pad_value) >= 0.5 else 255
+        fill = ink if channels == 1 else (ink, ink, ink)
+        if titles is not None:
+            x = pad
+            for j, title in enumerate(titles):
+                draw.text((x, pad), _fit_text(title, font, col_w[j]), font=font, fill=fill)
+                x += col_w[j] + pad
+        if labels is not None and strip_w:
+            x = pad + sum(col_w) + pad * ncols + _TEXT_GAP
+            y = pad + title_h
+            for label, rh in zip(labels, row_h):
+                draw.text((x, y + (rh - text_h) // 2), _fit_text(label, font, strip_w), font=font, fill=fill)
+                y += rh + pad
+        canvas = np.asarray(image)
+        return _atomic_png(canvas, path)
     return _atomic_png(canvas[..., 0] if channels == 1 else canvas, path)
