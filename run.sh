@@ -90,6 +90,20 @@ ensure_data() {
   fi
 }
 
+ensure_chromium() {
+  # The HTML report's tests open it in a headless Chromium.
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "${RONAN_FAST_CHROMIUM:-}" ] && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing chromium"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+      || log "could not install chromium; the HTML report's browser tests will not run"
+  else
+    log "note: Chromium is missing; install it with: sudo apt-get install chromium"
+  fi
+}
+
 [ $# -ge 1 ] || usage
 cmd=$1
 shift
@@ -98,6 +112,7 @@ case $cmd in
     ensure_python
     ensure_installed
     ensure_data
+    ensure_chromium
     cd "$ROOT"
     # PYTHONSAFEPATH keeps the source tree (which has no compiled _C) from shadowing the
     # installed package; RONAN_FAST_REQUIRE_EXT makes a missing extension a failure.

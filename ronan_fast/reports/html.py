@@ -1,0 +1,774 @@
+"""A report as one self-contained HTML page: run header, profile histogram, sortable verdict table.
+
+:func:`render_html` turns a report's header and records (the format of docs/reports.md) and the
+belonging profile's own calibrated losses into one HTML page that opens offline: the CSS and
+script are inlined, thumbnails are ``data:`` URIs and the histogram is inline SVG. A Content
+Security Policy in the page allows only that inline script and style (by hash) and ``data:``
+images, so the page cannot fetch anything and no script text that slipped into it would run.
+
+Every string from the report (paths, notes, names, settings) is HTML-escaped. Characters that
+cannot be shown faithfully are written as visible escapes: ``\\xNN`` for a byte of a file name
+that is not UTF-8 (a lone surrogate ``U+DC80..U+DCFF``, as Python's ``surrogateescape`` decodes
+it) and for control characters, ``\\uXXXX`` for other lone surrogates and for bidirectional
+text controls (which could make a file name read differently from what it is).
+
+The page's initial sort and filter can be set in the URL fragment, e.g.
+``report.html#sort=calibrated_loss&order=desc&verdict=belongs&q=cat``; clicking a column header
+or changing a filter updates it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import math
+import numbers
+import os
+import re
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ronan_fast._atomic import write_text
+
+__all__ = ["VERDICTS", "SORT_KEYS", "render_html", "write_html", "png_bytes"]
+
+#: the values of a record's ``verdict``
+VERDICTS = ("belongs", "does not belong", "error")
+_RULES = ("grubbs", "grubbs-log")
+_THUMB_KINDS = ("image", "model", "reference")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: thumbnails are shown with their longer side at most this many CSS pixels (small images are
+#: enlarged by a whole factor, pixelated)
+_THUMB_SIZE = 64
+
+# The verdict table's columns: (key, heading, type, tooltip). ``key`` is what the fragment's
+# ``sort=`` names; "thumbs" sorts like "index".
+_COLUMNS = (
+    ("index", "#", "num", "position in the report"),
+    ("thumbs", "image · model · reference", "num",
+     "the image, the model's reconstruction of it and the reference model's"),
+    ("path", "path", "text", "the image file"),
+    ("verdict", "verdict", "text", "belongs when G < G_crit"),
+    ("calibrated_loss", "A′", "num", "calibrated loss A′ = A / A_r (A′ = A uncalibrated)"),
+    ("loss", "A", "num", "the model's reconstruction loss"),
+    ("reference_loss", "A_r", "num", "the reference model's reconstruction loss"),
+    ("statistic", "G", "num", "Grubbs statistic (scale(A′) − μ) / σ"),
+    ("p_value", "p", "num", "one-sided p-value of G under 'the image belongs'"),
+    ("stopped_early", "stopped early", "text", "the model's inversion stopped once the verdict was settled"),
+    ("row_steps", "steps", "num", "inversion steps the image took"),
+    ("notes", "notes", "text", "what loading did to the image, or why it failed"),
+)
+#: the keys the fragment's ``sort=`` accepts
+SORT_KEYS = tuple(c[0] for c in _COLUMNS)
+
+_NUMBER_FIELDS = ("loss", "reference_loss", "calibrated_loss", "statistic", "critical_value", "p_value",
+                  "threshold", "alpha")
+_STRING_FIELDS = ("notes", "error", "rule", "profile_id")
+
+# Characters written as visible escapes: lone surrogates, C0/C1 controls and DEL, bidirectional
+# controls, and the non-characters U+FFFE/U+FFFF.
+_OTHER_UNSAFE = "\ud800-\udfff\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ufffe\uffff"
+_UNSAFE = re.compile(f"[\x00-\x1f{_OTHER_UNSAFE}]")
+_UNSAFE_KEEP_LINES = re.compile(f"[\x00-\x08\x0b-\x1f{_OTHER_UNSAFE}]")  # keeps tabs and newlines
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape_char(ch: str) -> str:
+    c = ord(ch)
+    if ch in _NAMED:
+        return _NAMED[ch]
+    if 0xDC80 <= c <= 0xDCFF:  # surrogateescape: the undecodable byte c - 0xDC00
+        return f"\\x{c - 0xDC00:02x}"
+    if c < 0x80:
+        return f"\\x{c:02x}"
+    return f"\\u{c:04x}"
+
+
+def _plain(text: str, keep_lines: bool = False) -> str:
+    """``text`` with unsafe characters replaced by visible escapes (no HTML escaping)."""
+    pattern = _UNSAFE_KEEP_LINES if keep_lines else _UNSAFE
+    return pattern.sub(lambda m: _escape_char(m.group()), text)
+
+
+def _attr(text: str) -> str:
+    """``text`` for an HTML attribute value (quoted with double quotes)."""
+    return html.escape(_plain(text), quote=True)
+
+
+def _html(text: str, keep_lines: bool = False) -> str:
+    """``text`` as HTML: escaped, unsafe characters as visible escapes marked ``<span class="esc">``."""
+    pattern = _UNSAFE_KEEP_LINES if keep_lines else _UNSAFE
+    out, last = [], 0
+    for m in pattern.finditer(text):
+        out.append(html.escape(text[last:m.start()], quote=False))
+        esc = _escape_char(m.group())
+        out.append(f'<span class="esc" title="{_ESC_TITLE}">{html.escape(esc)}</span>')
+        last = m.end()
+    out.append(html.escape(text[last:], quote=False))
+    return "".join(out)
+
+
+_ESC_TITLE = "a character shown escaped: \\xNN is a byte that is not UTF-8 or a control character"
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def _fmt(x: float | None, spec: str = ".4g") -> str:
+    """A number for people; "—" for a missing one."""
+    if x is None:
+        return "—"
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return format(x, spec)
+
+
+def _fmt_p(p: float | None) -> str:
+    """A p-value for people: never "0" (an underflowed p is "< 1e-300"), tiny ones in scientific notation."""
+    if p is None or math.isnan(p):
+        return "—"
+    if p <= 0:
+        return "< 1e-300"
+    if p < 1e-3:
+        return f"{p:.2e}"
+    text = f"{p:.3g}"
+    return "> 0.999" if p < 1 and float(text) >= 1 else text
+
+
+def _data_value(x: float | None) -> str:
+    """A number as the ``data-v`` sort key the page's script reads ("" for missing)."""
+    if x is None or math.isnan(x):
+        return ""
+    if math.isinf(x):
+        return "Infinity" if x > 0 else "-Infinity"
+    return repr(float(x))
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _number(value, name: str) -> float | None:
+    if value is None:
+        return None
+    if not _is_real(value):
+        raise ValueError(f"{name} must be a number or None, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _string(value, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string or None, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _get(mapping: Mapping, key: str, name: str, kind: str):
+    """``mapping[key]`` checked to be of ``kind`` ("str", "num", "int", "bool", "dict"); None when absent."""
+    value = mapping.get(key)
+    where = f"{name}[{key!r}]"
+    if value is None:
+        return None
+    if kind == "str":
+        return _string(value, where)
+    if kind == "num":
+        return _number(value, where)
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{where} must be an integer or None, got {type(value).__name__} {value!r}")
+        return int(value)
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{where} must be true, false or None, got {type(value).__name__} {value!r}")
+        return bool(value)
+    if kind == "dict":
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} must be an object (dict) or None, got {type(value).__name__}")
+        return value
+    raise AssertionError(kind)
+
+
+def _check_profile(profile) -> dict:
+    from ronan_fast.profile import BelongingProfile
+
+    if isinstance(profile, BelongingProfile):
+        profile = {"rule": profile.rule, "n": profile.n, "mu": profile.mu, "sigma": profile.sigma,
+                   "threshold": profile.threshold, "calibrated_losses": profile.calibrated_losses}
+    if not isinstance(profile, Mapping):
+        raise TypeError(f"profile must be a dict with rule, n, mu, sigma, threshold and calibrated_losses, "
+                        f"got {type(profile).__name__}")
+    missing = [k for k in ("rule", "n", "mu", "sigma", "threshold", "calibrated_losses") if k not in profile]
+    if missing:
+        raise ValueError(f"profile lacks {', '.join(missing)}")
+    rule = profile["rule"]
+    if rule not in _RULES:
+        raise ValueError(f"profile['rule'] must be one of {_RULES}, got {rule!r}")
+    out = {"rule": rule, "n": _get(profile, "n", "profile", "int")}
+    for key in ("mu", "sigma", "threshold"):
+        out[key] = _get(profile, key, "profile", "num")
+    losses = profile["calibrated_losses"]
+    if hasattr(losses, "tolist") and not isinstance(losses, list):  # a NumPy array or a tensor
+        losses = losses.tolist()
+    if isinstance(losses, (str, bytes)) or not isinstance(losses, Sequence):
+        raise ValueError(f"profile['calibrated_losses'] must be a list of numbers, got {type(losses).__name__}")
+    checked = []
+    for i, v in enumerate(losses):
+        if not (_is_real(v) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"profile['calibrated_losses'][{i}] must be a finite number >= 0, got {v!r}")
+        checked.append(float(v))
+    out["calibrated_losses"] = checked
+    return out
+
+
+def _check_record(rec, i: int) -> dict:
+    name = f"records[{i}]"
+    if not isinstance(rec, Mapping):
+        raise ValueError(f"{name} must be a dict, got {type(rec).__name__}")
+    verdict = rec.get("verdict")
+    if verdict not in VERDICTS:
+        raise ValueError(f"{name}['verdict'] must be one of {VERDICTS}, got {verdict!r}")
+    path = rec.get("path")
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    elif isinstance(path, os.PathLike):
+        path = os.fspath(path)
+        path = os.fsdecode(path) if isinstance(path, bytes) else path
+    out = {"verdict": verdict, "path": _string(path, f"{name}['path']")}
+    for key in _NUMBER_FIELDS:
+        out[key] = _get(rec, key, name, "num")
+    for key in _STRING_FIELDS:
+        out[key] = _get(rec, key, name, "str")
+    out["belongs"] = _get(rec, "belongs", name, "bool")
+    out["stopped_early"] = _get(rec, "stopped_early", name, "bool")
+    out["row_steps"] = _get(rec, "row_steps", name, "int")
+    return out
+
+
+def _check_thumbnails(thumbnails, n: int) -> dict[int, dict[str, bytes | None]]:
+    if thumbnails is None:
+        return {}
+    if not isinstance(thumbnails, Mapping):
+        raise TypeError(f"thumbnails must be a dict {{record position: {{'image'|'model'|'reference': PNG bytes}}}}, "
+                        f"got {type(thumbnails).__name__}")
+    out = {}
+    for key, kinds in thumbnails.items():
+        if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key < n:
+            raise ValueError(f"thumbnails key {key!r} must be a record position, an integer in [0, {n})")
+        if not isinstance(kinds, Mapping):
+            raise ValueError(f"thumbnails[{key}] must be a dict of PNG bytes by 'image', 'model', 'reference', "
+                             f"got {type(kinds).__name__}")
+        entry = {}
+        for kind, data in kinds.items():
+            if kind not in _THUMB_KINDS:
+                raise ValueError(f"thumbnails[{key}] has key {kind!r}; expected one of {_THUMB_KINDS}")
+            if data is not None:
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise ValueError(f"thumbnails[{key}][{kind!r}] must be PNG bytes or None, "
+                                     f"got {type(data).__name__}")
+                data = bytes(data)
+                if not data.startswith(_PNG_MAGIC) or len(data) < 24:
+                    raise ValueError(f"thumbnails[{key}][{kind!r}] is not a PNG file's bytes "
+                                     "(make them with png_bytes)")
+            entry[kind] = data
+        out[int(key)] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------- thumbnails
+
+
+def png_bytes(image) -> bytes:
+    """An image as PNG file bytes, for :func:`render_html`'s thumbnails.
+
+    ``image`` is a tensor (or NumPy array) ``[C, H, W]`` with C = 1, 3 or 4, or ``[H, W]``, values
+    in [0, 1] (clamped, rounded to 8 bits).
+    """
+    import io
+
+    from PIL import Image
+
+    from ronan_fast.imageio import _to_uint8_hwc
+
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if isinstance(image, torch.Tensor) and not image.is_floating_point():
+        raise ValueError(f"image must be float in [0, 1], got {image.dtype} (divide 8-bit data by 255)")
+    array = _to_uint8_hwc(image, "image")
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _display_size(width: int, height: int) -> tuple[int, int]:
+    side = max(width, height, 1)
+    if side <= _THUMB_SIZE:
+        k = _THUMB_SIZE // side
+        return width * k, height * k
+    return max(1, round(width * _THUMB_SIZE / side)), max(1, round(height * _THUMB_SIZE / side))
+
+
+def _thumb_cell(i: int, kinds: dict[str, bytes | None] | None) -> str:
+    if not kinds:
+        return f'<td class="thumbs" data-v="{i}">—</td>'
+    figures = []
+    for kind in _THUMB_KINDS:
+        data = kinds.get(kind)
+        if data is None:
+            inner = '<span class="no-thumb">none</span>'
+        else:
+            w, h = _display_size(*_png_size(data))
+            uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+            inner = f'<img src="{uri}" alt="{kind}" width="{w}" height="{h}">'
+        figures.append(f'<figure class="thumb {kind}">{inner}<figcaption>{kind}</figcaption></figure>')
+    return f'<td class="thumbs" data-v="{i}"><div class="trio">{"".join(figures)}</div></td>'
+
+
+# ----------------------------------------------------------------------------- histogram
+
+
+def _nice_step(span: float, target: int = 6) -> float:
+    raw = span / max(target, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def _linear_ticks(lo: float, hi: float) -> list[float]:
+    step = _nice_step(hi - lo)
+    first = math.ceil(lo / step)
+    ticks = []
+    k = first
+    while k * step <= hi + step * 1e-9:
+        ticks.append(round(k * step, 12))
+        k += 1
+    return ticks
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values (not logs) for an axis from 10**lo to 10**hi."""
+    decades = [10.0 ** k for k in range(math.ceil(lo - 1e-9), math.floor(hi + 1e-9) + 1)]
+    if len(decades) > 8:
+        every = math.ceil(len(decades) / 8)
+        decades = [d for j, d in enumerate(decades) if j % every == 0]
+    if len(decades) >= 3:
+        return decades
+    ticks = [m * 10.0 ** k for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if lo - 1e-9 <= math.log10(t) <= hi + 1e-9]
+    if len(ticks) >= 3:
+        return ticks
+    return [t for t in _linear_ticks(10 ** lo, 10 ** hi) if t > 0]
+
+
+def _histogram_svg(profile: dict, records: list[dict]) -> tuple[str, list[str]]:
+    """The profile's histogram of calibrated losses as inline SVG, and notes on what it leaves out."""
+    log = profile["rule"] == "grubbs-log"
+    notes: list[str] = []
+
+    def scaled(v: float | None) -> float | None:
+        if v is None or not math.isfinite(v):
+            return None
+        if log:
+            return math.log10(v) if v > 0 else None
+        return v
+
+    prof = [scaled(v) for v in profile["calibrated_losses"]]
+    if log and any(p is None for p in prof):
+        notes.append(f"{sum(p is None for p in prof)} profile image(s) with A′ = 0 lie off the log axis")
+    prof = [p for p in prof if p is not None]
+    marks = [(i, r) for i, r in enumerate(records) if r["verdict"] != "error" and r["calibrated_loss"] is not None]
+    unmarked = sum(1 for r in records if r["verdict"] != "error" and r["calibrated_loss"] is None)
+    if unmarked:
+        notes.append(f"{unmarked} image(s) without a calibrated loss are not marked")
+    threshold = scaled(profile["threshold"])
+    if threshold is None:
+        notes.append("the threshold is not a finite number" + (" > 0" if log else "") + ": no threshold line")
+    centre = None
+    if profile["mu"] is not None:
+        centre = profile["mu"] / math.log(10) if log else profile["mu"]
+    values = prof + [t for t in (scaled(r["calibrated_loss"]) for _, r in marks) if t is not None]
+    values += [v for v in (threshold, centre) if v is not None and math.isfinite(v)]
+    if values:
+        lo, hi = min(values), max(values)
+    else:
+        lo, hi = (-1.0, 0.0) if log else (0.0, 1.0)
+    if hi - lo < 1e-12 * max(1.0, abs(hi)):
+        half = 0.5 if log else max(abs(hi) * 0.1, 1e-12)
+        lo, hi = lo - half, hi + half
+    pad = (hi - lo) * 0.04
+    lo, hi = lo - pad, hi + pad
+
+    # Layout (pixels): bars above the axis, the inspected images' markers in rows under it,
+    # tick labels under the markers.
+    width, left, right, top, bar_h = 820, 56, 20, 30, 150
+    plot_w = width - left - right
+    base = top + bar_h
+
+    def x_of(t: float) -> float:
+        return left + (t - lo) / (hi - lo) * plot_w
+
+    # markers: greedy rows so that markers closer than 9 px go to different rows
+    level_last: list[float] = []
+    placed = []
+    for i, r in marks:
+        t = scaled(r["calibrated_loss"])
+        x = left - 4.0 if t is None else x_of(t)
+        level = next((k for k, last in enumerate(level_last) if x - last >= 9), None)
+        if level is None:
+            if len(level_last) < 6:
+                level_last.append(x)
+                level = len(level_last) - 1
+            else:
+                level = min(range(len(level_last)), key=lambda k: level_last[k])
+        level_last[level] = x
+        placed.append((i, r, x, t is None, level))
+    n_levels = max(1, len(level_last))
+    strip_top = base + 6
+    strip_h = n_levels * 12 + 4
+    tick_y = strip_top + strip_h + 14
+    height = tick_y + 28
+
+    parts = [f'<svg id="histogram" class="histogram" viewBox="0 0 {width} {height}" '
+             f'width="{width}" height="{height}" role="img" aria-labelledby="histogram-title">',
+             f'<title id="histogram-title">Calibrated losses A′ of the {len(profile["calibrated_losses"])} profile '
+             f'images ({"log" if log else "linear"} axis), the threshold, and {len(marks)} inspected image(s)</title>']
+    # the side of the axis where images do not belong
+    if threshold is not None:
+        xt = x_of(threshold)
+        parts.append(f'<rect class="reject-zone" x="{xt:.2f}" y="{top}" width="{max(0.0, left + plot_w - xt):.2f}" '
+                     f'height="{strip_top + strip_h - top}" fill="#fdecea"/>')
+
+    # bars
+    counts: list[int] = []
+    if prof:
+        pmin, pmax = min(prof), max(prof)
+        k = min(40, max(5, math.ceil(math.sqrt(len(prof))) + 2))
+        if pmax - pmin < 1e-12 * max(1.0, abs(pmax)):
+            edges = [pmin - (hi - lo) / 80, pmin + (hi - lo) / 80]
+            counts = [len(prof)]
+        else:
+            edges = list(np.linspace(pmin, pmax, k + 1))
+            counts = np.histogram(prof, bins=edges)[0].tolist()
+        top_count = max(counts)
+        parts.append('<g class="bars">')
+        for j, c in enumerate(counts):
+            if c == 0:
+                continue
+            x0, x1 = x_of(edges[j]), x_of(edges[j + 1])
+            h = c / top_count * (bar_h - 8)
+            lo_v, hi_v = (10 ** edges[j], 10 ** edges[j + 1]) if log else (edges[j], edges[j + 1])
+            parts.append(f'<rect class="bar" x="{x0:.2f}" y="{base - h:.2f}" width="{max(0.5, x1 - x0 - 1):.2f}" '
+                         f'height="{h:.2f}" fill="#8fa3b8"><title>{c} profile image(s) with A′ in '
+                         f'[{_fmt(lo_v)}, {_fmt(hi_v)}]</title></rect>')
+        parts.append("</g>")
+        parts.append(f'<text class="y-label" x="{left - 6}" y="{base - (bar_h - 8) + 4:.2f}" text-anchor="end">'
+                     f'{top_count}</text>')
+        parts.append(f'<text class="y-label" x="{left - 6}" y="{base + 4}" text-anchor="end">0</text>')
+        parts.append(f'<text class="axis-title" x="{left - 40}" y="{top + bar_h / 2:.0f}" text-anchor="middle" '
+                     f'transform="rotate(-90 {left - 40} {top + bar_h / 2:.0f})">profile images</text>')
+    else:
+        notes.append("the profile's own losses are not available: no histogram bars")
+
+    # axis and ticks
+    parts.append(f'<line class="axis" x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#333"/>')
+    ticks = _log_ticks(lo, hi) if log else _linear_ticks(lo, hi)
+    parts.append('<g class="ticks">')
+    for v in ticks:
+        x = x_of(math.log10(v) if log else v)
+        if not left - 0.5 <= x <= left + plot_w + 0.5:
+            continue
+        parts.append(f'<line x1="{x:.2f}" y1="{base}" x2="{x:.2f}" y2="{strip_top + strip_h}" stroke="#ccc"/>')
+        parts.append(f'<text x="{x:.2f}" y="{tick_y}" text-anchor="middle">{_fmt(v, ".3g")}</text>')
+    parts.append("</g>")
+    axis_name = "calibrated loss A′ = A / A_r" + (" (log scale)" if log else "")
+    parts.append(f'<text class="axis-title" x="{left + plot_w / 2:.0f}" y="{tick_y + 20}" text-anchor="middle">'
+                 f'{axis_name}</text>')
+    parts.append(f'<text class="strip-label" x="{left - 6}" y="{strip_top + 10}" text-anchor="end">images</text>')
+
+    # profile mean (the geometric mean for grubbs-log)
+    if centre is not None and math.isfinite(centre):
+        xc = x_of(centre)
+        what = "exp(μ), μ the mean of ln A′" if log else "μ, the mean of A′"
+        parts.append(f'<line class="mean" x1="{xc:.2f}" y1="{top}" x2="{xc:.2f}" y2="{base}" stroke="#555" '
+                     f'stroke-dasharray="4 3"><title>profile centre {what}: {_fmt(10 ** centre if log else centre)}'
+                     f'</title></line>')
+    # threshold
+    if threshold is not None:
+        xt = x_of(threshold)
+        parts.append(f'<line class="threshold" data-value="{_data_value(profile["threshold"])}" x1="{xt:.2f}" '
+                     f'y1="{top - 6}" x2="{xt:.2f}" y2="{strip_top + strip_h}" stroke="#b42318" stroke-width="2">'
+                     f'<title>threshold A′ = {_fmt(profile["threshold"], ".6g")}: images left of it belong'
+                     '</title></line>')
+        anchor = "end" if xt > left + plot_w * 0.7 else "start"
+        dx = -5 if anchor == "end" else 5
+        parts.append(f'<text class="threshold-label" x="{xt + dx:.2f}" y="{top + 4}" text-anchor="{anchor}">'
+                     f'threshold {_fmt(profile["threshold"], ".4g")}</text>')
+
+    # inspected images
+    parts.append('<g class="markers">')
+    for i, r, x, off_axis, level in placed:
+        y = strip_top + 3 + level * 12
+        cls = "belongs" if r["verdict"] == "belongs" else "not-belongs"
+        if r["verdict"] == "belongs":
+            shape = f'<circle cx="{x:.2f}" cy="{y + 5}" r="4.5"'
+        else:
+            shape = f'<path d="M{x:.2f},{y}l5,5l-5,5l-5,-5z"'
+        label = r["path"] if r["path"] is not None else "(no path)"
+        where = "A′ = 0, off the log axis" if off_axis else f"A′ = {_fmt(r['calibrated_loss'])}"
+        tip = f"#{i + 1} {_plain(label)}: {where}, G = {_fmt(r['statistic'])}, {r['verdict']}"
+        parts.append(f'{shape} class="marker {cls}{" off-axis" if off_axis else ""}" data-index="{i}" '
+                     f'data-verdict="{r["verdict"]}"><title>{html.escape(tip, quote=False)}</title>'
+                     f'{"</circle>" if r["verdict"] == "belongs" else "</path>"}')
+    parts.append("</g></svg>")
+    return "\n".join(parts), notes
+
+
+# ----------------------------------------------------------------------------- page
+
+
+def _asset(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """Replace each ``{{name}}`` in one pass (text put in is never searched again)."""
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in values:
+            raise KeyError(f"template placeholder {{{{{m.group(1)}}}}} has no value")
+        return values[m.group(1)]
+
+    return re.sub(r"\{\{(\w+)\}\}", sub, template)
+
+
+def _dl_row(term: str, value_html: str) -> str:
+    return f"<dt>{term}</dt><dd>{value_html}</dd>"
+
+
+def _text_or_missing(value: str | None) -> str:
+    return '<span class="missing">not recorded</span>' if value is None else _html(value)
+
+
+def _model_html(model: Mapping | None, name: str) -> str:
+    if model is None:
+        return '<span class="missing">not recorded</span>'
+    label = _get(model, "name", name, "str")
+    fp = _get(model, "fingerprint", name, "str")
+    out = _text_or_missing(label)
+    if fp is not None:
+        out += f' <code class="fingerprint" title="{_attr(fp)}">{_html(fp[:16])}</code>'
+    return out
+
+
+def _run_section(header: Mapping, profile: dict, records: list[dict]) -> tuple[str, str, str]:
+    """(summary line, definition list of the run, settings table) as HTML."""
+    rows = []
+    rows.append(_dl_row("tool", _html(f"{header.get('tool') or 'ronan-fast'} "
+                                      f"{_get(header, 'version', 'header', 'str') or '(version not recorded)'}")))
+    rows.append(_dl_row("created", _text_or_missing(_get(header, "created", "header", "str"))))
+    rows.append(_dl_row("model", _model_html(_get(header, "model", "header", "dict"), "header['model']")))
+    if "reference" in header and header["reference"] is None:
+        ref_html = "none: uncalibrated (A′ = A)"
+    else:
+        ref_html = _model_html(_get(header, "reference", "header", "dict"), "header['reference']")
+    rows.append(_dl_row("reference model", ref_html))
+    hp = _get(header, "profile", "header", "dict") or {}
+    pid = _get(hp, "id", "header['profile']", "str")
+    edit = _get(hp, "edit", "header['profile']", "str")
+    gen = _get(hp, "generator_name", "header['profile']", "str")
+    prof_bits = [f"<code>{_html(pid)}</code>" if pid is not None else '<span class="missing">id not recorded</span>']
+    if profile["n"] is not None:
+        prof_bits.append(f"n = {profile['n']}")
+    scale = "ln A′" if profile["rule"] == "grubbs-log" else "A′"
+    prof_bits.append(f"μ = {_fmt(profile['mu'], '.6g')}, σ = {_fmt(profile['sigma'], '.6g')} (of {scale})")
+    if gen:
+        prof_bits.append(f"made with {_html(gen)}")
+    if edit:
+        prof_bits.append(f"images edited by {_html(edit)}")
+    rows.append(_dl_row("belonging profile", ", ".join(prof_bits)))
+    header_rule = _get(header, "rule", "header", "str")
+    if header_rule is not None and header_rule != profile["rule"]:
+        raise ValueError(f"header['rule'] is {header_rule!r} but profile['rule'] is {profile['rule']!r}")
+    test = "one-sided Grubbs test of " + ("ln A′" if profile["rule"] == "grubbs-log" else "A′")
+    rows.append(_dl_row("rule", f"<code>{profile['rule']}</code> ({test})"))
+    alpha = _get(header, "alpha", "header", "num")
+    crit = _get(header, "critical_value", "header", "num")
+    rows.append(_dl_row("alpha", _fmt(alpha, ".4g")))
+    rows.append(_dl_row("critical value", f"G_crit = {_fmt(crit, '.5g')}"))
+    rows.append(_dl_row("threshold", f"images with A′ &lt; {_fmt(profile['threshold'], '.6g')} belong"))
+    seed = _get(header, "seed", "header", "int")
+    early = _get(header, "early_stop", "header", "bool")
+    device = _get(header, "device", "header", "str")
+    rows.append(_dl_row("seed", "—" if seed is None else str(seed)))
+    rows.append(_dl_row("early stop", "—" if early is None else ("on" if early else "off")))
+    rows.append(_dl_row("device", _text_or_missing(device)))
+
+    settings = _get(header, "settings", "header", "dict") or {}
+    srows = []
+    for key, value in settings.items():
+        if not isinstance(key, str):
+            raise ValueError(f"header['settings'] keys must be strings, got {key!r}")
+        if isinstance(value, bool):
+            shown = "true" if value else "false"
+        elif _is_real(value):
+            shown = _fmt(float(value), ".6g") if isinstance(value, float) else str(int(value))
+        elif value is None:
+            shown = "—"
+        elif isinstance(value, str):
+            shown = _html(value)
+        else:
+            raise ValueError(f"header['settings'][{_plain(key)!r}] must be a number, string, bool or None, "
+                             f"got {type(value).__name__}")
+        srows.append(f"<tr><th>{_html(key)}</th><td>{shown}</td></tr>")
+    settings_html = (f'<details class="settings"><summary>inversion settings ({len(srows)})</summary>'
+                     f'<table>{"".join(srows)}</table></details>') if srows else ""
+
+    n = len(records)
+    yes = sum(r["verdict"] == "belongs" for r in records)
+    no = sum(r["verdict"] == "does not belong" for r in records)
+    err = n - yes - no
+    model = _get(header, "model", "header", "dict") or {}
+    model_name = _get(model, "name", "header['model']", "str")
+    summary = (f"{n} image{'s' if n != 1 else ''}: <strong>{yes}</strong> belong{'s' if yes == 1 else ''}"
+               f"{' to ' + _html(model_name) if model_name else ''}, <strong>{no}</strong> "
+               f"{'does' if no == 1 else 'do'} not")
+    if err:
+        summary += f", <strong>{err}</strong> could not be judged"
+    return summary, "<dl>" + "".join(rows) + "</dl>", settings_html
+
+
+def _record_row(i: int, r: dict, thumbs: dict[int, dict], with_thumbs: bool) -> str:
+    verdict = r["verdict"]
+    vclass = {"belongs": "belongs", "does not belong": "not-belongs", "error": "error"}[verdict]
+    path = r["path"]
+    path_plain = _plain(path) if path is not None else ""
+    cells = [f'<td class="num" data-v="{i}">{i + 1}</td>']
+    if with_thumbs:
+        cells.append(_thumb_cell(i, thumbs.get(i)))
+    cells.append(f'<td class="path" data-v="{_attr(path or "")}">'
+                 f'{_html(path) if path is not None else "<span class=missing>(no path)</span>"}</td>')
+    cells.append(f'<td class="verdict" data-v="{verdict}"><span class="badge {vclass}">{verdict}</span></td>')
+    for key in ("calibrated_loss", "loss", "reference_loss", "statistic"):
+        v = r[key]
+        cells.append(f'<td class="num" data-v="{_data_value(v)}" title="{_data_value(v)}">{_fmt(v)}</td>')
+    p = r["p_value"]
+    cells.append(f'<td class="num" data-v="{_data_value(p)}" title="{_data_value(p)}">{_fmt_p(p)}</td>')
+    early = r["stopped_early"]
+    early_text = "" if early is None else ("yes" if early else "no")
+    cells.append(f'<td data-v="{early_text}">{early_text or "—"}</td>')
+    steps = r["row_steps"]
+    cells.append(f'<td class="num" data-v="{"" if steps is None else steps}">{"—" if steps is None else steps}</td>')
+    notes = r["notes"] or ""
+    text = f"{r['error']}" if verdict == "error" and r["error"] else notes
+    if verdict == "error" and r["error"] and notes:
+        text = f"{r['error']} ({notes})"
+    cls = "notes error-text" if verdict == "error" else "notes"
+    cells.append(f'<td class="{cls}" data-v="{_attr(text)}">{_html(text, keep_lines=True)}</td>')
+    return (f'<tr id="r{i}" class="{vclass}" data-index="{i}" data-verdict="{verdict}" '
+            f'data-path="{_attr(path_plain)}">' + "".join(cells) + "</tr>")
+
+
+def render_html(
+    header: Mapping,
+    records: Sequence[Mapping],
+    profile,
+    thumbnails: Mapping[int, Mapping[str, bytes | None]] | None = None,
+) -> str:
+    """The report as one self-contained HTML page (a string).
+
+    Args:
+        header: the report's header (docs/reports.md); fields it lacks are shown as "not recorded".
+        records: the report's records, one per image, error records included.
+        profile: the belonging profile: a dict with ``rule``, ``n``, ``mu``, ``sigma`` (on the
+            rule's scale), ``threshold`` (the calibrated loss at the edge of belonging) and
+            ``calibrated_losses`` (the profile images' own ``A'``), or a
+            :class:`~ronan_fast.profile.BelongingProfile`.
+        thumbnails: per record position, PNG bytes (see :func:`png_bytes`) of the ``"image"``,
+            the model's reconstruction (``"model"``) and the reference model's (``"reference"``,
+            may be None); None: no image column.
+
+    Raises:
+        TypeError / ValueError naming the argument and field that is wrong (e.g. a number field
+        holding a string, a verdict outside :data:`VERDICTS`, thumbnails that are not PNG bytes,
+        a header whose rule differs from the profile's).
+    """
+    if not isinstance(header, Mapping):
+        raise TypeError(f"header must be a dict, got {type(header).__name__}")
+    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Sequence):
+        raise TypeError(f"records must be a list of dicts, got {type(records).__name__}")
+    prof = _check_profile(profile)
+    recs = [_check_record(r, i) for i, r in enumerate(records)]
+    thumbs = _check_thumbnails(thumbnails, len(recs))
+    with_thumbs = bool(thumbs)
+
+    summary, run_html, settings_html = _run_section(header, prof, recs)
+    svg, hist_notes = _histogram_svg(prof, recs)
+    heads = []
+    for key, label, kind, tip in _COLUMNS:
+        if key == "thumbs" and not with_thumbs:
+            continue
+        heads.append(f'<th scope="col" data-key="{key}" data-type="{kind}" title="{html.escape(tip)}" '
+                     f'tabindex="0">{label}</th>')
+    body_rows = [_record_row(i, r, thumbs, with_thumbs) for i, r in enumerate(recs)]
+
+    css, js = _asset("report.css"), _asset("report.js")
+    csp = (f"default-src 'none'; img-src data:; style-src {_csp_hash(css)}; script-src {_csp_hash(js)}; "
+           "base-uri 'none'; form-action 'none'")
+    version = _get(header, "version", "header", "str")
+    model = _get(header, "model", "header", "dict") or {}
+    title = "ronan-fast report" + (f": {_plain(model['name'])}" if isinstance(model.get("name"), str) else "")
+    scale = "ln A′" if prof["rule"] == "grubbs-log" else "A′"
+    hist_note = "".join(f"<li>{_html(n)}</li>" for n in hist_notes)
+    return _fill(_asset("template.html"), {
+        "csp": html.escape(csp, quote=True),
+        "generator": _attr(f"ronan-fast {version or ''}".strip()),
+        "title": html.escape(title),
+        "css": css,
+        "js": js,
+        "summary": summary,
+        "run": run_html,
+        "settings": settings_html,
+        "histogram": svg,
+        "histogram_notes": f'<ul class="notes">{hist_note}</ul>' if hist_note else "",
+        "scale": scale,
+        "n_profile": str(len(prof["calibrated_losses"])),
+        "thead": "".join(heads),
+        "tbody": "\n".join(body_rows),
+        "n_records": str(len(recs)),
+        "version": html.escape(version or "(version not recorded)"),
+        "created": _html(_get(header, "created", "header", "str") or "an unrecorded time"),
+    })
+
+
+def write_html(
+    path: str | os.PathLike,
+    header: Mapping,
+    records: Sequence[Mapping],
+    profile,
+    thumbnails: Mapping[int, Mapping[str, bytes | None]] | None = None,
+) -> Path:
+    """Write :func:`render_html`'s page to ``path`` (``.html`` or ``.htm``), atomically. Returns the path."""
+    path = Path(path)
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"path must end in .html or .htm, got {path}")
+    return write_text(path, render_html(header, records, profile, thumbnails))
