@@ -7,12 +7,20 @@
 * :class:`CondGANGenerator` / :class:`CondGANDiscriminator` -- class-conditional GAN ``G(z, labels)``.
 * :class:`TinyUNet` / :class:`DDIMSampler` -- DDPM noise predictor and its differentiable
   few-step DDIM sampler ``x_T -> x_0``; :class:`OneStepStudent` -- a one-step student of it.
+* :class:`StyleGenerator` / :class:`StyleDiscriminator` -- StyleGAN2-style: mapping network,
+  weight-demodulated convolutions with per-layer styles, constant input, no noise inputs.
+* :class:`UpsampleDCGANGenerator` / :class:`WGANCritic` -- DCGAN with upsample + conv in place
+  of transposed convolutions, and a normalisation-free critic for WGAN-GP.
+* :class:`DeepVAE` -- a VAE whose encoder and decoder mirror the all-convolutional DCGAN (64x64).
+* :class:`CondDeepDCGANGenerator` / :class:`CondDeepDCGANDiscriminator` -- class-conditional
+  all-convolutional DCGAN (64x64) and its projection discriminator.
 
 Weights travel as safetensors with the architecture name and config in the metadata:
 :func:`save_model` / :func:`load_model`.
 """
 
 from ronan_fast.models.condgan import CondGANDiscriminator, CondGANGenerator
+from ronan_fast.models.condgan64 import CondDeepDCGANDiscriminator, CondDeepDCGANGenerator
 from ronan_fast.models.dcgan import (
     DCGANDiscriminator,
     DCGANGenerator,
@@ -22,7 +30,10 @@ from ronan_fast.models.dcgan import (
 )
 from ronan_fast.models.diffusion import DDIMSampler, OneStepStudent, TinyUNet
 from ronan_fast.models.io import load_model, read_metadata, save_model
+from ronan_fast.models.stylegan import StyleDiscriminator, StyleGenerator
+from ronan_fast.models.upconv import UpsampleDCGANGenerator, WGANCritic
 from ronan_fast.models.vae import VAE
+from ronan_fast.models.vae64 import DeepVAE
 
 ARCHITECTURES: dict[str, type] = {
     "DCGANGenerator": DCGANGenerator,
@@ -35,12 +46,26 @@ ARCHITECTURES: dict[str, type] = {
     "TinyUNet": TinyUNet,
     "DDIMSampler": DDIMSampler,
     "OneStepStudent": OneStepStudent,
+    "StyleGenerator": StyleGenerator,
+    "StyleDiscriminator": StyleDiscriminator,
+    "UpsampleDCGANGenerator": UpsampleDCGANGenerator,
+    "WGANCritic": WGANCritic,
+    "DeepVAE": DeepVAE,
+    "CondDeepDCGANGenerator": CondDeepDCGANGenerator,
+    "CondDeepDCGANDiscriminator": CondDeepDCGANDiscriminator,
 }
 
 __all__ = [
     "ARCHITECTURES",
+    "CondDeepDCGANDiscriminator",
+    "CondDeepDCGANGenerator",
     "CondGANDiscriminator",
     "CondGANGenerator",
+    "DeepVAE",
+    "StyleDiscriminator",
+    "StyleGenerator",
+    "UpsampleDCGANGenerator",
+    "WGANCritic",
     "DDIMSampler",
     "OneStepStudent",
     "TinyUNet",

@@ -560,6 +560,17 @@ def _recipes() -> dict[str, Recipe]:
 RECIPES = _recipes()
 
 
+def _benchmark_recipes() -> dict[str, Recipe]:
+    """The 64x64 generator benchmark's recipes (:mod:`ronan_fast.zoo.train64`), registered here so
+    that ``python -m ronan_fast.zoo.train NAME`` stays the one entry point."""
+    from ronan_fast.zoo.train64 import benchmark_recipes
+
+    return benchmark_recipes(Recipe)
+
+
+RECIPES.update(_benchmark_recipes())
+
+
 def write_default_samples(n: int = 16) -> list[Path]:
     """The first ``n`` Fashion-MNIST test images as 8-bit greyscale PNGs under assets/samples/."""
     x, y = D.fashion_mnist("test")

