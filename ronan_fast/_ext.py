@@ -4,7 +4,8 @@ The build writes ``ronan_fast/_build_info.py`` beside ``_C`` with the torch and 
 module was compiled against. They are compared with the running torch *before* ``_C`` is
 imported: a module built for another torch fails with an undefined-symbol trace at best and
 misbehaves at worst. A mismatch raises :class:`ExtensionMismatchError` (an ``ImportError``)
-saying which versions were built for and which are running.
+saying which versions were built for and which are running, and which wheel to install or build
+for the running torch (its local version label and the ``scripts/build_wheel.sh`` command line).
 
 Without ``_build_info`` (the source tree, never built) the package works on the plain PyTorch
 references and :func:`why_unavailable` says why.
@@ -13,6 +14,7 @@ references and :func:`why_unavailable` says why.
 from __future__ import annotations
 
 import os
+import re
 from types import ModuleType
 
 import torch
@@ -28,6 +30,34 @@ class ExtensionMismatchError(ImportError):
 
 def _describe(torch_version: object, cuda_version: object) -> str:
     return f"torch {torch_version} (CUDA {cuda_version or 'none'})"
+
+
+def _what_to_build(running: tuple[str, str | None]) -> str:
+    """What to install or build for the running torch: its wheel's label and the build_wheel.sh command."""
+    from ronan_fast import __version__
+    from ronan_fast._version import build_command, local_label, public_version, wheel_version
+
+    rebuild_here = ("From a source checkout, in this environment: "
+                    "pip install --no-build-isolation --no-deps --force-reinstall .")
+    try:
+        wanted = wheel_version(__version__, *running)
+        label = local_label(*running)
+    except ValueError:  # a torch version the labels do not cover: only the source build applies
+        return "Rebuild it against the running torch. " + rebuild_here
+    local = running[0].partition("+")[2]
+    index = f" --index-url https://download.pytorch.org/whl/{local}" if re.fullmatch(r"cu[0-9]+|cpu", local) else ""
+    advice = (
+        f"Install the ronan_fast wheel labelled {label}, built for the running torch: "
+        f'pip install --no-deps --force-reinstall "ronan-fast=={wanted}" --find-links DIST/ '
+        f"(DIST/ the folder or index that holds it). Build that wheel from a ronan_fast source checkout with: "
+        f"{build_command(running[0], running[1])}{index}. "
+    )
+    if __version__ == wanted:
+        advice += (f"The installed ronan_fast {__version__} carries that label but was built against another torch "
+                   f"release; the wheel must be built against torch {running[0]} itself. ")
+    if public_version(__version__) != __version__:
+        return advice + "See docs/install.md."
+    return advice + rebuild_here + " See docs/install.md."
 
 
 def _load() -> None:
@@ -47,8 +77,7 @@ def _load() -> None:
     if built != running:
         raise ExtensionMismatchError(
             f"ronan_fast._C was built for {_describe(*built)} but {_describe(*running)} is running. "
-            "Rebuild it against the running torch: pip install --no-build-isolation --no-deps --force-reinstall "
-            "<ronan_fast source>"
+            + _what_to_build(running)
         )
     try:
         from ronan_fast import _C as module  # registers the torch.ops.ronan_fast.* ops
