@@ -38,7 +38,7 @@ import torch
 from bench import generators as G
 from bench.baselines import authors_loop
 from ronan_fast.evaluation.store import write_text
-from ronan_fast.inversion import _FALLBACK_DEFAULT, InversionSettings, invert, resolve_settings
+from ronan_fast.inversion import FALLBACK_DEFAULT, InversionSettings, invert, resolve_settings
 
 #: Candidate settings compared by the benchmark. "authors" is the paper's loop, batched.
 CANDIDATES: dict[str, dict] = {
@@ -46,7 +46,7 @@ CANDIDATES: dict[str, dict] = {
     "default": {"settings": "default"},
     # the GAN family default before 24 starts (8 starts halved every 100 steps, no escalation)
     "gan-8-starts": {"settings": "gan-8-starts"},
-    # multi-step samplers inverted step by step (ronan_fast.stagewise); others end to end
+    # multi-step samplers inverted step by step (ronan_fast.inversion.stagewise); others end to end
     "stagewise": {"settings": "stagewise"},
     "r4-cos": dict(steps=1500, lr=0.1, restarts=4, schedule="cosine"),
     "r16-halve": dict(steps=1500, lr=0.1, restarts=16, schedule="cosine", halving_every=100, halving_keep=0.5,
@@ -61,9 +61,9 @@ CANDIDATES: dict[str, dict] = {
     "r8-halve-lm40": dict(steps=400, lr=0.1, restarts=8, schedule="cosine", halving_every=80, halving_keep=0.5,
                           min_rows=2, polish_steps=40),
     # the default of families without one of their own (vae, conditional, diffusion)
-    "fallback": dataclasses.asdict(_FALLBACK_DEFAULT),
+    "fallback": dataclasses.asdict(FALLBACK_DEFAULT),
     # ... with the matrix-free polish (for latents as wide as the image)
-    "fallback-cg60": {**dataclasses.asdict(_FALLBACK_DEFAULT), "polish_steps": 60, "polish_method": "cg",
+    "fallback-cg60": {**dataclasses.asdict(FALLBACK_DEFAULT), "polish_steps": 60, "polish_method": "cg",
                       "polish_cg_iters": 20},
     # 300 Adam steps, then 20 nearly exact polish steps (100 CG iterations each)
     "adam300-cg20x100": dict(steps=300, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=50,

@@ -35,7 +35,8 @@ from bench import generators as G
 from bench.report import finish, int_list
 from bench.speed import _sync
 from ronan_fast import _heap
-from ronan_fast.inversion import _flush_denormals, invert
+from ronan_fast.inversion import invert
+from ronan_fast.inversion.runtime import flush_denormals
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -73,7 +74,7 @@ def measure(bg: G.BenchGenerator, rows: int, steps: int, restarts: int, repeats:
         # kept for reuse (without either it can be slower than a whole step of invert); one
         # untimed step first, as the difference of two runs leaves out invert's first steps
         heap = _heap.keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
-        with _flush_denormals(), heap:
+        with flush_denormals(), heap:
             gen_steps(1)
             return _timed(gen_steps, device)
 

@@ -305,7 +305,7 @@ class GeneratorAdapter(abc.ABC):
         its input to the next step's input, shaped like the latent), ``final_step(x)`` (the
         last step's input to the raw image), ``step_start(i, x_next)`` (a first guess of step
         ``i``'s input) and ``final_start(image_raw, noise)`` (a starting input of the last step);
-        :class:`~ronan_fast.models.DDIMSampler` is one. See :mod:`ronan_fast.stagewise`.
+        :class:`~ronan_fast.models.DDIMSampler` is one. See :mod:`ronan_fast.inversion.stagewise`.
         """
         return None
 

@@ -55,7 +55,7 @@ def _photo_real(n: int) -> torch.Tensor:
 
     out = []
     for k, im in enumerate(load_sample_images().images[:n]):
-        x = torch.from_numpy(im).permute(2, 0, 1).float() / 255
+        x = torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255
         crop = x[:, 100 + 40 * k: 228 + 40 * k, 200: 328]
         out.append(torch.nn.functional.avg_pool2d(crop.unsqueeze(0), 2))
     return torch.round(torch.cat(out) * 255) / 255

@@ -120,11 +120,11 @@ def test_profile_images_are_not_the_inversion_starts(g):
     # Inversion seeds image b's starts with seed * 1_000_003 + b; the profile's images must come
     # from another stream, or inversion would start from the very latents that made them.
     from ronan_fast.attributor import _stream_seed
-    from ronan_fast.inversion import _row_latents
+    from ronan_fast.inversion.starts import row_latents
 
     for seed in (0, 1):
         made = g.sample_latents(8, torch.Generator().manual_seed(_stream_seed("profile", seed)))
-        starts = _row_latents(g, torch.arange(8), 4, 0).view(8, 4, -1)
+        starts = row_latents(g, torch.arange(8), 4, 0).view(8, 4, -1)
         assert not (starts == made[:, None, :]).all(-1).any()
         assert not torch.isin(made, starts).any()
 

@@ -6,13 +6,13 @@ import contextlib
 
 import pytest
 import torch
+from test_inversion import CondNet, small_dcgan
 from torch import nn
 
-from ronan_fast import inversion
 from ronan_fast.adapters import ConditionalGenerator, LatentGenerator
-from ronan_fast.inversion import InversionSettings, invert
-
-from test_inversion import CondNet, small_dcgan
+from ronan_fast.inversion import InversionSettings, adam, invert
+from ronan_fast.inversion.batched import invert_chunk
+from ronan_fast.inversion.problem import Loss, Problem
 
 HAS_CUDA = torch.cuda.is_available()
 need_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
@@ -49,13 +49,13 @@ def test_attributor_checks_its_cuda_graph_flag():
 
 def _count_captures(monkeypatch) -> list:
     seen = []
-    real = inversion._capture
+    real = adam.capture_graph
 
     def counting(step, generator):
         seen.append(1)
         return real(step, generator)
 
-    monkeypatch.setattr(inversion, "_capture", counting)
+    monkeypatch.setattr(adam, "capture_graph", counting)
     return seen
 
 
@@ -68,24 +68,24 @@ def _on_cuda(gen, n, seed):
 
 class _RecordedStep:
     """Stands in for a captured graph on the CPU: replays the step, and fails if any tensor the step
-    reads or writes was replaced since capture (a real graph would go on using the old memory)."""
+    reads or writes (the Adam phase's and its batch's) was replaced since capture (a real graph
+    would go on using the old memory)."""
 
     replays = 0
 
     def __init__(self, step):
         self.step, self.bound = step, self._tensors(step)
 
-    @staticmethod
-    def _tensors(step) -> dict:
-        out = {}
-        for name, cell in zip(step.__code__.co_freevars, step.__closure__):
-            try:
-                v = cell.cell_contents
-            except ValueError:  # not bound yet
-                continue
-            if isinstance(v, torch.Tensor):
-                out[name] = v
-        return out
+    #: what an Adam step reads or writes of the batch (RowBatch)
+    STEP_STATE = ("z", "exp_avg", "exp_avg_sq", "step", "lr", "best_loss", "best_latent", "weight", "stop", "index",
+                  "cond")
+
+    @classmethod
+    def _tensors(cls, step) -> dict:
+        phase = step.__self__  # the AdamPhase whose step was captured
+        out = {f"batch.{k}": getattr(phase.batch, k) for k in cls.STEP_STATE}
+        out.update({k: v for k, v in vars(phase).items() if isinstance(v, torch.Tensor)})
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def replay(self):
         now = self._tensors(self.step)
@@ -109,17 +109,22 @@ def test_graph_control_flow_recaptures_after_each_compaction(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     captures = []
-    monkeypatch.setattr(inversion, "_capture", lambda step, g: captures.append(1) or _RecordedStep(step))
+    monkeypatch.setattr(adam, "capture_graph", lambda step, g: captures.append(1) or _RecordedStep(step))
     _RecordedStep.replays = 0
     gen = LatentGenerator(small_dcgan(), 8, (-1, 1))
     own = gen.generate(3, torch.Generator().manual_seed(5)).images
     images = torch.cat([own, torch.rand(3, *gen.image_shape, generator=torch.Generator().manual_seed(6))])
     s = settings()
     for stop in (None, torch.full((6,), 1e-4)):
-        args = (gen, images, torch.arange(6), None, s, "mse", None, 0, stop, "ref")
-        eager = inversion._invert_chunk(*args, cuda_graph=False)
+        problem = Problem.build(gen, images, None, s, Loss.named("mse"), stop, "ref")
+
+        def chunk(cuda_graph):
+            w, steps = invert_chunk(problem, torch.arange(6), 0, problem.m, gen.decode_raw, cuda_graph=cuda_graph)
+            return w.loss, w.inputs, w.reconstruction, w.conditions, steps
+
+        eager = chunk(False)
         n_before = len(captures)
-        graphed = inversion._invert_chunk(*args, cuda_graph=True)
+        graphed = chunk(True)
         assert len(captures) - n_before >= 3  # one per batch shape
         for a, b in zip(eager, graphed):
             if a is not None:

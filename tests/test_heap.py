@@ -11,7 +11,8 @@ from torch import nn
 
 from ronan_fast import _heap
 from ronan_fast.adapters import LatentGenerator
-from ronan_fast.inversion import CPU_CHUNK_ROWS, CPU_CHUNK_SAVED_BYTES, _cpu_chunk_rows, invert, resolve_settings
+from ronan_fast.inversion import CPU_CHUNK_ROWS, CPU_CHUNK_SAVED_BYTES, budget, invert, resolve_settings
+from ronan_fast.inversion.budget import cpu_chunk_rows
 
 
 class FakeLibc:
@@ -89,13 +90,15 @@ def test_real_glibc_setting_is_taken_and_an_inversion_runs_under_it(monkeypatch)
     seen = []
     net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 16), nn.Unflatten(1, (1, 4, 4)))
     gen = LatentGenerator(net, 4, (-1, 1))
-    real_invert_chunk = __import__("ronan_fast.inversion", fromlist=["_invert_chunk"])._invert_chunk
+    from ronan_fast.inversion import batched
+
+    real_invert_chunk = batched.invert_chunk
 
     def spy(*args, **kw):
         seen.append(_heap.active())
         return real_invert_chunk(*args, **kw)
 
-    monkeypatch.setattr("ronan_fast.inversion._invert_chunk", spy)
+    monkeypatch.setattr(batched, "invert_chunk", spy)
     res = invert(gen, gen.generate(3, torch.Generator().manual_seed(0)).images,
                  settings=resolve_settings(gen, "authors", steps=20), seed=0)
     assert seen == [True] and not _heap.active()
@@ -111,32 +114,30 @@ def _mlp_generator(width: int, size: int) -> LatentGenerator:
 def test_cpu_chunk_rows_follow_the_saved_activations_per_row():
     s = resolve_settings(_mlp_generator(16, 4), "authors")
     lo, hi = CPU_CHUNK_ROWS
-    assert _cpu_chunk_rows(_mlp_generator(16, 4), s) == hi  # tiny rows: the upper bound
+    assert cpu_chunk_rows(_mlp_generator(16, 4), s) == hi  # tiny rows: the upper bound
     # the adapter freezes the parameters, so only what the gradient to the input needs is saved:
     # the ReLU's output (width floats per row) and the weights, saved once per pass (not per row)
     width = 1 << 16
     per_row = 4 * width
-    rows = _cpu_chunk_rows(_mlp_generator(width, 4), s)
+    rows = cpu_chunk_rows(_mlp_generator(width, 4), s)
     assert rows == max(lo, min(hi, CPU_CHUNK_SAVED_BYTES // per_row))
     assert lo <= rows < hi
-    assert _cpu_chunk_rows(_mlp_generator(1 << 20, 2), s) == lo  # huge rows: the lower bound
+    assert cpu_chunk_rows(_mlp_generator(1 << 20, 2), s) == lo  # huge rows: the lower bound
 
 
 def test_cpu_chunk_probe_leaves_the_global_random_stream_alone():
     gen = _mlp_generator(16, 4)
     state = torch.random.get_rng_state()
-    _cpu_chunk_rows(gen, resolve_settings(gen, "authors"))
+    cpu_chunk_rows(gen, resolve_settings(gen, "authors"))
     assert torch.equal(state, torch.random.get_rng_state())
 
 
 def test_cpu_chunk_probe_is_skipped_when_the_whole_job_fits_the_smallest_chunk(monkeypatch):
-    import ronan_fast.inversion as inv
-
     gen = _mlp_generator(16, 4)
     s = resolve_settings(gen, "authors")
     probed = []
-    monkeypatch.setattr(inv, "_cpu_chunk_rows", lambda g, st: probed.append(1) or 1000)
+    monkeypatch.setattr(budget, "cpu_chunk_rows", lambda g, st: probed.append(1) or 1000)
     lo = CPU_CHUNK_ROWS[0]
-    assert inv._default_max_rows(gen, 8, s, lo) == lo and not probed  # one chunk either way
-    assert inv._default_max_rows(gen, 2 * lo, s, 2 * lo) == 2 * lo and not probed  # one image's rows
-    assert inv._default_max_rows(gen, 8, s, lo + 1) == 1000 and probed == [1]
+    assert budget.default_max_rows(gen, 8, s, lo) == lo and not probed  # one chunk either way
+    assert budget.default_max_rows(gen, 2 * lo, s, 2 * lo) == 2 * lo and not probed  # one image's rows
+    assert budget.default_max_rows(gen, 8, s, lo + 1) == 1000 and probed == [1]

@@ -6,8 +6,20 @@ import pytest
 import torch
 from torch import nn
 
+from ronan_fast import ops
 from ronan_fast.adapters import ConditionalGenerator, GeneratorOutputError, LatentGenerator
-from ronan_fast.inversion import InversionSettings, _halve, invert, resolve_settings
+from ronan_fast.inversion import InversionSettings, invert, resolve_settings
+from ronan_fast.inversion.polish import (
+    ConjugateGradientLM,
+    DenseLM,
+    GMRESGaussNewton,
+    Leaving,
+    PolishResult,
+    polish,
+    unsettled,
+)
+from ronan_fast.inversion.polish import dense as dense_polish
+from ronan_fast.inversion.stopping import halve
 
 
 def small_dcgan(nz: int = 8, seed: int = 0) -> nn.Module:
@@ -97,21 +109,19 @@ def test_images_admitted_as_rows_stop_invert_as_in_one_batch(gen, kw, monkeypatc
     """With a row budget, images enter the batch as rows stop (ADMITTED_BATCHES per chunk): each
     runs its own schedule, checks and halvings, so every image's result is the one it gets in a
     batch of all images at once, whatever the batch holds beside it."""
-    from ronan_fast import inversion
-
     own = gen.generate(5, torch.Generator().manual_seed(11)).images
     noise = torch.rand(4, *gen.image_shape, generator=torch.Generator().manual_seed(12))
     images = torch.cat([own, noise])
     s = quick(**kw)
     stop = torch.full((9,), 2e-4)
     batches = []
-    real_step = inversion.ops.latent_adam_step_
+    real_step = ops.latent_adam_step_
 
     def spy(latent, *a, **k):
         batches.append(latent.shape[0])
         return real_step(latent, *a, **k)
 
-    monkeypatch.setattr(inversion.ops, "latent_adam_step_", spy)
+    monkeypatch.setattr(ops, "latent_adam_step_", spy)
     whole = invert(gen, images, settings=s, seed=3, stop_below=stop, max_rows=9 * s.restarts)
     assert max(batches) == 9 * s.restarts
     batches.clear()
@@ -166,9 +176,9 @@ def test_halving_between_checks_acts_at_the_next_check(gen):
 def test_halve_keeps_best_rows_per_image():
     loss = torch.tensor([5.0, 1.0, 3.0, 2.0, 9.0, 0.5, float("nan"), 4.0])
     index = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    keep = _halve(loss, index, 0.5, 1)
+    keep = halve(loss, index, 0.5, 1)
     assert keep.tolist() == [False, True, False, True, False, True, False, True]
-    keep = _halve(loss, index, 0.25, 2)
+    keep = halve(loss, index, 0.25, 2)
     assert keep.sum() == 4
 
 
@@ -199,31 +209,27 @@ def test_levenberg_marquardt_polish_does_not_hurt(gen):
 
 
 def test_polish_leaves_solved_rows_and_solves_the_rest(gen):
-    from ronan_fast.inversion import _polish
-
     batch = gen.generate(3, torch.Generator().manual_seed(11))
     target = gen.decode_raw(batch.latents, None).detach()  # raw-range images, exactly reachable
     start = batch.latents.clone()
     start[1:] += 0.05 * torch.randn(2, 8, generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         before = (gen.decode_raw(start, None) - target).square().flatten(1).mean(1)
-        z = _polish(gen, start, None, target, "mse", 30)
+        z = polish(DenseLM(), gen, start, None, target, 30)
         after = (gen.decode_raw(z, None) - target).square().flatten(1).mean(1)
     assert before[0] == 0 and torch.equal(z[0], start[0])  # solved at the start: left alone
     assert bool((before[1:] > 1e-6).all()) and bool((after[1:] < 1e-10).all()), (before, after)
-    assert _polish(gen, start, None, target, "mae", 30) is start  # MSE only
+    assert polish(DenseLM(), gen, start, None, target, 30, metric="mae") is start  # MSE only
 
 
 def test_reverse_mode_dense_polish_matches_forward_mode(gen):
     """polish_method="dense-rev" builds the same Jacobian by reverse mode (row by row, 128
     products at a time), so it takes the forward-mode polish's steps; conditional rows too."""
-    from ronan_fast.inversion import _polish
-
     batch = gen.generate(3, torch.Generator().manual_seed(11))
     target = gen.decode_raw(batch.latents, None).detach()
     start = batch.latents + 0.05 * torch.randn(3, 8, generator=torch.Generator().manual_seed(13))
-    fwd = _polish(gen, start, None, target, "mse", 6)
-    rev = _polish(gen, start, None, target, "mse", 6, reverse=True)
+    fwd = polish(DenseLM(), gen, start, None, target, 6)
+    rev = polish(DenseLM(reverse=True), gen, start, None, target, 6)
     torch.testing.assert_close(rev, fwd, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(rev, start)
     with torch.no_grad():
@@ -236,8 +242,8 @@ def test_reverse_mode_dense_polish_matches_forward_mode(gen):
     z0 = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
     ctarget = cgen.decode_raw(z0, cond).detach()
     cstart = z0 + 0.05 * torch.randn(2, 4, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(_polish(cgen, cstart, cond, ctarget, "mse", 4, reverse=True),
-                               _polish(cgen, cstart, cond, ctarget, "mse", 4), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(polish(DenseLM(reverse=True), cgen, cstart, cond, ctarget, 4),
+                               polish(DenseLM(), cgen, cstart, cond, ctarget, 4), rtol=1e-4, atol=1e-6)
     s = quick(steps=30, restarts=2, polish_steps=4, polish_method="dense-rev")
     images = gen.generate(2, torch.Generator().manual_seed(9)).images
     a = invert(gen, images, settings=s, seed=0)
@@ -250,21 +256,19 @@ def test_dense_polish_builds_its_jacobians_in_chunks_with_the_same_steps(gen, mo
     """The dense polish builds J^T J and J^T r a few rows at a time (memory: a chunk of 512
     images' Jacobians at once would not fit); one row per chunk takes the same steps as all rows
     in one, plain and conditional."""
-    import ronan_fast.inversion as inv
-    from ronan_fast.inversion import _polish
-
     batch = gen.generate(5, torch.Generator().manual_seed(11))
     target = gen.decode_raw(batch.latents, None).detach()
     start = batch.latents + 0.05 * torch.randn(5, 8, generator=torch.Generator().manual_seed(13))
     out = target[0].numel()
-    assert inv._dense_rows(8, out) >= 5  # the default: these rows in one chunk
-    assert inv._dense_rows(8, out, cpu=True) >= 5
-    # on CPU at most _DENSE_CPU_PASSES forward-mode passes a chunk: one row of a 100-wide latent
-    assert inv._dense_rows(100, 12288, cpu=True) == 1 and inv._dense_rows(100, 12288) == 27
-    whole = _polish(gen, start, None, target, "mse", 4, reverse=reverse)
-    monkeypatch.setattr(inv, "_DENSE_CHUNK_ELEMENTS", 8 * out)  # one row per chunk
-    assert inv._dense_rows(8, out) == 1 and inv._dense_rows(8, 10 * out) == 1
-    split = _polish(gen, start, None, target, "mse", 4, reverse=reverse)
+    rows = dense_polish.dense_rows
+    assert rows(8, out) >= 5  # the default: these rows in one chunk
+    assert rows(8, out, cpu=True) >= 5
+    # on CPU at most DENSE_CPU_PASSES forward-mode passes a chunk: one row of a 100-wide latent
+    assert rows(100, 12288, cpu=True) == 1 and rows(100, 12288) == 27
+    whole = polish(DenseLM(reverse=reverse), gen, start, None, target, 4)
+    monkeypatch.setattr(dense_polish, "DENSE_CHUNK_ELEMENTS", 8 * out)  # one row per chunk
+    assert rows(8, out) == 1 and rows(8, 10 * out) == 1
+    split = polish(DenseLM(reverse=reverse), gen, start, None, target, 4)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(split, start)
 
@@ -274,9 +278,9 @@ def test_dense_polish_builds_its_jacobians_in_chunks_with_the_same_steps(gen, mo
     z0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
     ctarget = cgen.decode_raw(z0, cond).detach()
     cstart = z0 + 0.05 * torch.randn(3, 4, generator=torch.Generator().manual_seed(4))
-    csplit = _polish(cgen, cstart, cond, ctarget, "mse", 3, reverse=reverse)
-    monkeypatch.setattr(inv, "_DENSE_CHUNK_ELEMENTS", 1 << 25)
-    torch.testing.assert_close(csplit, _polish(cgen, cstart, cond, ctarget, "mse", 3, reverse=reverse),
+    csplit = polish(DenseLM(reverse=reverse), cgen, cstart, cond, ctarget, 3)
+    monkeypatch.setattr(dense_polish, "DENSE_CHUNK_ELEMENTS", 1 << 25)
+    torch.testing.assert_close(csplit, polish(DenseLM(reverse=reverse), cgen, cstart, cond, ctarget, 3),
                                rtol=1e-5, atol=1e-7)
 
 
@@ -286,8 +290,6 @@ def test_dense_polish_builds_no_jacobian_again_after_a_refused_step(gen, monkeyp
     reused (only the damping changes), so Jacobians are built for the first step and after each
     accepted one only."""
     import torch.func
-
-    from ronan_fast.inversion import _polish
 
     built = []
     real_vmap, real_jacrev = torch.func.vmap, torch.func.jacrev
@@ -306,8 +308,7 @@ def test_dense_polish_builds_no_jacobian_again_after_a_refused_step(gen, monkeyp
     target = torch.rand(4, *gen.image_shape, generator=torch.Generator().manual_seed(5)) * 2 - 1
     start = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
     costs = [gen.decode_raw(start, None).sub(target).square().flatten(1).mean(1)]
-    z = _polish(gen, start, None, target, "mse", 8, reverse=reverse,
-                report=lambda k, mse: costs.append(mse.clone()))
+    z = polish(DenseLM(reverse=reverse), gen, start, None, target, 8, report=lambda k, mse: costs.append(mse.clone()))
     assert len(costs) == 9
     accepted = [(costs[k] < costs[k - 1]).sum().item() for k in range(1, 9)]
     assert sum(accepted) < 4 * 8  # some steps were refused
@@ -317,21 +318,19 @@ def test_dense_polish_builds_no_jacobian_again_after_a_refused_step(gen, monkeyp
 
 def test_matrix_free_polish_leaves_solved_rows_and_solves_the_rest(gen):
     """The conjugate-gradient polish (no Jacobian formed) reaches what the dense one reaches."""
-    from ronan_fast.inversion import _polish_cg
-
     batch = gen.generate(3, torch.Generator().manual_seed(11))
     target = gen.decode_raw(batch.latents, None).detach()
     start = batch.latents.clone()
     start[1:] += 0.05 * torch.randn(2, 8, generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         before = (gen.decode_raw(start, None) - target).square().flatten(1).mean(1)
-    z = _polish_cg(gen, start, None, target, "mse", 30, cg_iters=8)
+    z = polish(ConjugateGradientLM(cg_iters=8), gen, start, None, target, 30)
     assert not z.requires_grad
     with torch.no_grad():
         after = (gen.decode_raw(z, None) - target).square().flatten(1).mean(1)
     assert before[0] == 0 and torch.equal(z[0], start[0])
     assert bool((before[1:] > 1e-6).all()) and bool((after[1:] < 1e-10).all()), (before, after)
-    assert _polish_cg(gen, start, None, target, "mae", 30) is start
+    assert polish(ConjugateGradientLM(), gen, start, None, target, 30, metric="mae") is start
 
 
 class _Counting:
@@ -347,11 +346,7 @@ class _Counting:
 
 @pytest.mark.parametrize("method", ["dense", "cg"])
 def test_polish_stops_levelled_off_rows_and_rows_under_stop(gen, method):
-    import functools
-
-    from ronan_fast.inversion import _polish, _polish_cg
-
-    polish = _polish if method == "dense" else functools.partial(_polish_cg, cg_iters=8)
+    method = DenseLM() if method == "dense" else ConjugateGradientLM(cg_iters=8)
     batch = gen.generate(2, torch.Generator().manual_seed(11))
     with torch.no_grad():
         reach = gen.decode_raw(batch.latents, None)
@@ -366,7 +361,7 @@ def test_polish_stops_levelled_off_rows_and_rows_under_stop(gen, method):
     runs = {}
     for patience in (0, 3):
         g = _Counting(gen)
-        z = polish(g, start, None, target, "mse", 40, patience=patience, min_drop=0.3)
+        z = polish(method, g, start, None, target, 40, patience=patience, min_drop=0.3)
         runs[patience] = (z, len(g.sizes))
         assert float(mse(z)[0]) < 1e-10  # the reachable row is solved either way
     # without the plateau rule the noise row goes on after the reachable row is solved; with it
@@ -374,7 +369,7 @@ def test_polish_stops_levelled_off_rows_and_rows_under_stop(gen, method):
     assert runs[3][1] < runs[0][1] / 2, (runs[0][1], runs[3][1])
     assert float(mse(runs[3][0])[1]) > 0.1
     # a row already under its stop_below leaves at once and keeps its input
-    z = polish(gen, start, None, target, "mse", 40, stop_raw=torch.tensor([0.0, 10.0]))
+    z = polish(method, gen, start, None, target, 40, stop_raw=torch.tensor([0.0, 10.0]))
     assert torch.equal(z[1], start[1]) and float(mse(z)[0]) < 1e-10
     with pytest.raises(ValueError, match="polish_min_drop must lie in"):
         InversionSettings(polish_min_drop=1.0)
@@ -396,15 +391,13 @@ def test_polish_through_invert_stops_under_stop_below(gen, method):
 
 
 def test_polish_gets_stop_below_in_raw_units(monkeypatch):
-    import ronan_fast.inversion as inv
-
     seen = {}
 
-    def spy(generator, inputs, cond, target_raw, metric_name, iters, **kw):
-        seen.update(kw)
-        return inputs
+    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None):
+        seen.update(stop_raw=leaving.stop_raw, patience=leaving.patience, min_drop=leaving.min_drop)
+        return PolishResult(inputs, torch.zeros(inputs.shape[0]))
 
-    monkeypatch.setattr(inv, "_polish", spy)
+    monkeypatch.setattr(DenseLM, "__call__", spy)
     g = LatentGenerator(small_dcgan(), 8, (-2.0, 1.0))  # raw range 3 wide: raw MSE = 9 x [0, 1] MSE
     images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     invert(g, images, settings=quick(steps=5, polish_steps=3, polish_patience=4, polish_min_drop=0.5), seed=0,
@@ -450,8 +443,6 @@ def test_escalation_polishes_more_starts_only_where_the_verdict_is_in_doubt(gen,
     escalate_within times it gets its next e best Adam rows polished, the lowest loss winning;
     images far above their threshold, or under it, are left as they were; no threshold, no
     escalation."""
-    import ronan_fast.inversion as inv
-
     own = gen.generate(8, torch.Generator().manual_seed(11)).images
     images = torch.cat([own, torch.rand(2, *gen.image_shape, generator=torch.Generator().manual_seed(12))])
     s = quick(steps=3, restarts=6, polish_steps=3, polish_cg_iters=8)
@@ -459,13 +450,13 @@ def test_escalation_polishes_more_starts_only_where_the_verdict_is_in_doubt(gen,
     # images 0-5 in doubt (their polished loss is 2x the threshold), 6-7 far above it (10x), 8-9 under it
     stop = torch.cat([plain[:6] / 2, plain[6:8] / 10, plain[8:] * 2])
     groups = []
-    polish = inv._polish
+    real = DenseLM.__call__
 
-    def spy(generator, inputs, cond, target_raw, metric_name, iters, **kw):
-        groups.append(kw["group"].tolist())
-        return polish(generator, inputs, cond, target_raw, metric_name, iters, **kw)
+    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None):
+        groups.append(leaving.group.tolist())
+        return real(self, generator, inputs, cond, target_raw, steps, leaving, report)
 
-    monkeypatch.setattr(inv, "_polish", spy)
+    monkeypatch.setattr(DenseLM, "__call__", spy)
     one = invert(gen, images, settings=s, seed=0, stop_below=stop)
     assert len(groups) == 1
     groups.clear()
@@ -488,18 +479,16 @@ def test_escalation_polishes_more_starts_only_where_the_verdict_is_in_doubt(gen,
 
 
 def test_settle_rule_takes_rows_levelled_off_far_above_the_threshold_out_of_the_polish():
-    """_Leaving with ``settle=(w, drop, above)``: a row over ``above`` times its threshold whose
+    """Leaving with ``settle=(w, drop, above)``: a row over ``above`` times its threshold whose
     loss fell by less than ``drop`` over the last ``w`` steps leaves; a row
     still falling, or levelled off within ``above`` times its threshold, stays; no threshold,
     no rule."""
-    from ronan_fast.inversion import _Leaving
-
     stop = torch.tensor([1.0, 1.0, 1.0, 1.0])
     # per step k: row 0 flat at 100x, row 1 falling by half each step, row 2 flat at 3x,
     # row 3 flat at 100x but solved (under its threshold) at step 2
     costs = [torch.tensor([100.0, 100.0 * 0.5 ** k, 3.0, 100.0 if k < 2 else 0.5]) for k in range(6)]
     live = torch.arange(4)
-    leave = _Leaving(4, 0, 0.3, stop, settle=(2, 0.2, 4.0))
+    leave = Leaving(4, 0, 0.3, stop, settle=(2, 0.2, 4.0))
     seen = []
     for k, c in enumerate(costs):
         done = leave(k, c[live], 1, torch.zeros(live.numel(), dtype=torch.bool), live)
@@ -507,16 +496,16 @@ def test_settle_rule_takes_rows_levelled_off_far_above_the_threshold_out_of_the_
         live = live[~done]
     assert seen[:3] == [[], [], [0, 3]], seen  # row 0 at step 2 (two steps flat), row 3 solved
     # row 3 leaves as solved, by the threshold alone; row 0 only by the settle rule
-    plain = _Leaving(4, 0, 0.3, stop)
+    plain = Leaving(4, 0, 0.3, stop)
     assert [plain(k, c, 1, torch.zeros(4, dtype=torch.bool), torch.arange(4)).tolist()
             for k, c in enumerate(costs)][2] == [False, False, False, True]
     assert 2 in live.tolist() and 1 in live.tolist()
     # without a threshold the rule does nothing
-    bare = _Leaving(4, 0, 0.3, None, settle=(2, 0.2, 4.0))
+    bare = Leaving(4, 0, 0.3, None, settle=(2, 0.2, 4.0))
     assert not any(bool(bare(k, c, 1, torch.zeros(4, dtype=torch.bool), torch.arange(4)).any())
                    for k, c in enumerate(costs))
     # with the plateau rule as well: both rings read the right step
-    both = _Leaving(4, 3, 0.5, stop, settle=(1, 0.2, 4.0))
+    both = Leaving(4, 3, 0.5, stop, settle=(1, 0.2, 4.0))
     got = [both(k, c, 1, torch.zeros(4, dtype=torch.bool), torch.arange(4)).tolist() for k, c in enumerate(costs)]
     assert got[0] == [False] * 4
     assert got[1] == [True, False, False, True]  # settled after one flat step: the rows flat at 100x
@@ -527,21 +516,18 @@ def test_settle_rule_takes_rows_levelled_off_far_above_the_threshold_out_of_the_
 def test_settle_rule_shortens_the_polish_of_images_far_above_their_threshold_only(gen, monkeypatch):
     """settle_patience=w: with a threshold, noise images (far above it, levelled off) leave the
     Levenberg-Marquardt polish after a few steps; without one, the inversion is bit-identical."""
-    import ronan_fast.inversion as inv
-
     noise = torch.rand(3, *gen.image_shape, generator=torch.Generator().manual_seed(12))
     s = quick(steps=30, restarts=2, polish_steps=30)
     steps_run = []
-    polish = inv._polish_dense
+    real = DenseLM.__call__
 
-    def spy(*args, **kw):
+    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None):
         calls = []
-        kw["report"] = lambda k, mse: calls.append(k)
-        out = polish(*args, **kw)
+        out = real(self, generator, inputs, cond, target_raw, steps, leaving, lambda k, mse: calls.append(k))
         steps_run.append(len(calls))
         return out
 
-    monkeypatch.setattr(inv, "_polish_dense", spy)
+    monkeypatch.setattr(DenseLM, "__call__", spy)
     stop = torch.full((3,), 1e-9)  # far under any noise image's loss
     plain = invert(gen, noise, settings=s, seed=0, stop_below=stop)
     settled = invert(gen, noise, settings=s.replace(settle_patience=3), seed=0, stop_below=stop)
@@ -564,23 +550,21 @@ def test_an_autocast_adam_phase_settles_verdicts_in_float32(gen, monkeypatch, pr
     """Under autocast the Adam phase's losses are not the final (float32) score: an image they put
     under its threshold is measured again in float32 before the polish and polished if it is not
     under it there. Simulated by making the Adam phase's best losses read 1000x too low."""
-    import ronan_fast.inversion as inv
-
     images = gen.generate(4, torch.Generator().manual_seed(21)).images
     s = quick(steps=3, restarts=2, check_every=1, precision=precision, polish_steps=2)
     adam_end = invert(gen, images, settings=s.replace(polish_steps=0), seed=0).loss  # float32 at Adam's end
     stop = adam_end * 0.5
-    best = inv.ops.best_over_restarts
-    monkeypatch.setattr(inv.ops, "best_over_restarts", lambda loss, *a, **k: (lambda r: (r[0] * 1e-3, r[1]))(
+    best = ops.best_over_restarts
+    monkeypatch.setattr(ops, "best_over_restarts", lambda loss, *a, **k: (lambda r: (r[0] * 1e-3, r[1]))(
         best(loss, *a, **k)))
     groups = []
-    polish = inv._polish
+    real = DenseLM.__call__
 
-    def spy(generator, inputs, cond, target_raw, metric_name, iters, **kw):
-        groups.append(sorted(set(kw["group"].tolist())))
-        return polish(generator, inputs, cond, target_raw, metric_name, iters, **kw)
+    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None):
+        groups.append(sorted(set(leaving.group.tolist())))
+        return real(self, generator, inputs, cond, target_raw, steps, leaving, report)
 
-    monkeypatch.setattr(inv, "_polish", spy)
+    monkeypatch.setattr(DenseLM, "__call__", spy)
     res = invert(gen, images, settings=s, seed=0, stop_below=stop)
     if precision == "bf16":
         assert groups == [[0, 1, 2, 3]], groups  # all four measured over their threshold, all polished
@@ -595,21 +579,22 @@ def test_an_autocast_loss_stops_a_row_only_once_float32_confirms_it(gen, monkeyp
     again in float32 before it stops, and goes on (its threshold lowered) if it is not under it
     there: its verdict is not flipped by the lower precision. Simulated by making the Adam phase's
     losses read 1000x too low; in float32 the losses are the score and nothing is measured twice."""
-    import ronan_fast.inversion as inv
+    from ronan_fast.inversion.problem import Loss
 
     images = gen.generate(4, torch.Generator().manual_seed(22)).images
     s = quick(steps=150, restarts=2, check_every=5, precision=precision)
     assert s.polish_steps == 0
     plain = invert(gen, images, settings=s.replace(steps=60), seed=0)
     stop = plain.loss * 2  # reached in 60 steps: well before the end of the budget
-    adam = inv.ops.latent_adam_step_
+    adam = ops.latent_adam_step_
     if precision == "bf16":
-        monkeypatch.setattr(inv.ops, "latent_adam_step_",
+        monkeypatch.setattr(ops, "latent_adam_step_",
                             lambda z, g, m, v, st, lr, act, loss, *a, **k: adam(z, g, m, v, st, lr, act, loss * 1e-3,
                                                                                 *a, **k))
     calls = []
-    final_loss = inv._final_loss
-    monkeypatch.setattr(inv, "_final_loss", lambda *a: calls.append(a[0].shape[0]) or final_loss(*a))
+    on_unit = Loss.on_unit
+    monkeypatch.setattr(Loss, "on_unit", lambda self, recon, images: calls.append(recon.shape[0])
+                        or on_unit(self, recon, images))
     res = invert(gen, images, settings=s, seed=0, stop_below=stop)
     assert (res.loss < stop).all(), (res.loss / stop)  # each image under its threshold, as it really is
     assert (res.row_steps > 2 * s.check_every).all()  # not stopped at the first check on a loss read too low
@@ -625,7 +610,7 @@ def test_an_autocast_loss_stops_a_row_only_once_float32_confirms_it(gen, monkeyp
 def test_escalation_never_names_a_polished_row_again_on_tied_losses():
     """The rows escalation adds are each image's next best among rows not yet polished, also when
     Adam losses tie exactly (identical starts), where ranks k.. of a longer topk may repeat one."""
-    from ronan_fast.inversion import _next_ranked
+    from ronan_fast.inversion.finish import next_ranked
 
     inf = float("inf")
     ranked = torch.tensor([[1.0, 1.0, 1.0, 1.0],     # all tied
@@ -633,7 +618,7 @@ def test_escalation_never_names_a_polished_row_again_on_tied_losses():
                            [0.5, inf, 0.7, 0.6]])    # a non-finite loss ranks last
     polished = torch.tensor([2, 4 + 1, 8 + 0])       # one polished row per image (k = 1)
     for images, extra in ((torch.tensor([0, 1, 2]), 2), (torch.tensor([1, 2]), 3), (torch.tensor([0]), 1)):
-        more = _next_ranked(ranked, polished, images, extra).view(-1, extra)
+        more = next_ranked(ranked, polished, images, extra).view(-1, extra)
         for row, i in zip(more.tolist(), images.tolist()):
             assert len(set(row)) == extra and not set(row) & set(polished.tolist()), (i, row)
             assert all(i * 4 <= r < i * 4 + 4 for r in row), (i, row)
@@ -641,20 +626,16 @@ def test_escalation_never_names_a_polished_row_again_on_tied_losses():
             left = sorted(ranked[i, j].item() for j in range(4) if i * 4 + j not in polished.tolist())
             assert [ranked.flatten()[r].item() for r in row] == left[:extra], (i, row)
     # two polished rows per image (k = 2), tied with the rest
-    more = _next_ranked(ranked[:1], torch.tensor([0, 3]), torch.tensor([0]), 2)
+    more = next_ranked(ranked[:1], torch.tensor([0, 3]), torch.tensor([0]), 2)
     assert sorted(more.tolist()) == [1, 2]
     with pytest.raises(ValueError, match="extra"):
-        _next_ranked(ranked, polished, torch.tensor([0]), 4)
+        next_ranked(ranked, polished, torch.tensor([0]), 4)
 
 
 @pytest.mark.parametrize("method", ["dense", "cg", "gmres"])
 def test_polished_starts_of_an_image_stop_once_one_settles_its_verdict(gen, method):
     """Grouped rows (the polished starts of one image) leave together once one of them is under
     its stop_raw; other images' rows are not affected, and without a stop_raw nothing is grouped."""
-    import functools
-
-    import ronan_fast.inversion as inv
-
     g = _square_gen() if method == "gmres" else gen
     width = 16 if method == "gmres" else 8
     batch = g.generate(2, torch.Generator().manual_seed(11))
@@ -666,36 +647,34 @@ def test_polished_starts_of_an_image_stop_once_one_settles_its_verdict(gen, meth
     target = torch.stack([reach[0], reach[0], reach[1]])
     group = torch.tensor([0, 0, 1])
     stop_raw = torch.full((3,), 1e-8)
-    polish = {"dense": inv._polish, "cg": functools.partial(inv._polish_cg, cg_iters=8),
-              "gmres": lambda *a, **k: inv._polish_gmres(*a, krylov=8, **k)[0]}[method]
+    method = {"dense": DenseLM(), "cg": ConjugateGradientLM(cg_iters=8), "gmres": GMRESGaussNewton(krylov=8)}[method]
     done = torch.zeros(2, dtype=torch.bool)
-    z = polish(g, start, None, target, "mse", 5, stop_raw=stop_raw, group=group, done_groups=done)
+    z = polish(method, g, start, None, target, 5, stop_raw=stop_raw, group=group, done_groups=done)
     assert bool(done[0]) and torch.equal(z[1], start[1])  # left with its sibling, untouched
     assert not torch.equal(z[2], start[2])  # image 1 went on
-    ungrouped = polish(g, start, None, target, "mse", 5, stop_raw=stop_raw)
+    ungrouped = polish(method, g, start, None, target, 5, stop_raw=stop_raw)
     assert not torch.equal(ungrouped[1], start[1])
     torch.testing.assert_close(ungrouped[2], z[2], rtol=1e-5, atol=1e-6)  # batched with other rows: rounding
     # no stop_raw: no verdict to settle, the rows run as without groups
-    free = polish(g, start, None, target, "mse", 5, group=group, done_groups=torch.zeros(2, dtype=torch.bool))
-    torch.testing.assert_close(free, polish(g, start, None, target, "mse", 5), rtol=0, atol=0)
-    if method == "gmres":  # the sibling is reported settled: it is not handed on to the CG polish
-        _, open_ = inv._polish_gmres(g, start, None, target, "mse", 5, krylov=8, stop_raw=stop_raw, group=group,
-                                     done_groups=torch.zeros(2, dtype=torch.bool))
-        assert open_.tolist() == [False, False, True]
+    free = polish(method, g, start, None, target, 5, group=group, done_groups=torch.zeros(2, dtype=torch.bool))
+    torch.testing.assert_close(free, polish(method, g, start, None, target, 5), rtol=0, atol=0)
+    if isinstance(method, GMRESGaussNewton):  # the sibling is reported settled: it is not handed on to CG
+        leaving = Leaving(3, stop_raw=stop_raw, group=group, done_groups=torch.zeros(2, dtype=torch.bool))
+        assert unsettled(method(g, start, None, target, 5, leaving), leaving).tolist() == [False, False, True]
 
 
 def test_invert_with_two_polished_starts_stops_the_sibling_under_stop_below(gen, monkeypatch):
     """Through invert: with stop_below and polish_candidates=2, an image's second polished start
     stops once the first is under stop_below. The verdicts are those of polishing both to the end,
     for fewer generator rows."""
-    import ronan_fast.inversion as inv
+    from ronan_fast.inversion import finish
 
     own = gen.generate(6, torch.Generator().manual_seed(21)).images
     images = torch.cat([own, torch.rand(2, *gen.image_shape, generator=torch.Generator().manual_seed(22))])
     s = quick(steps=20, restarts=4, polish_steps=30, polish_method="cg", polish_cg_iters=8, polish_candidates=2)
     stop = torch.full((8,), 1e-9)
 
-    class Ungrouped(inv._Leaving):  # the same polish with the grouping switched off
+    class Ungrouped(Leaving):  # the same polish with the grouping switched off
         def __init__(self, n, patience, min_drop, stop_raw, group=None, done_groups=None, settle=None):
             super().__init__(n, patience, min_drop, stop_raw, settle=settle)
 
@@ -704,12 +683,12 @@ def test_invert_with_two_polished_starts_stops_the_sibling_under_stop_below(gen,
     monkeypatch.setattr(gen, "decode_raw", lambda z, c=None: counted.append(z.shape[0]) or real(z, c))
 
     def run(leaving_cls):
-        monkeypatch.setattr(inv, "_Leaving", leaving_cls)
+        monkeypatch.setattr(finish, "Leaving", leaving_cls)
         counted.clear()
         res = invert(gen, images, settings=s, seed=0, stop_below=stop)
         return res, sum(counted)
 
-    grouped, n_grouped = run(inv._Leaving)
+    grouped, n_grouped = run(Leaving)
     ungrouped, n_ungrouped = run(Ungrouped)
     assert torch.equal(grouped.loss < stop, ungrouped.loss < stop)
     assert bool((grouped.loss[:6] < stop[:6]).all()), grouped.loss  # own images settle in the polish
@@ -757,7 +736,7 @@ def test_authors_preset_and_overrides(gen):
 def test_family_defaults():
     """Each family's default: the one-step ("consistency") family ends with the matrix-free
     polish; families without a tuned default share the fallback."""
-    from ronan_fast.inversion import _FALLBACK_DEFAULT, FAMILY_DEFAULTS
+    from ronan_fast.inversion import FALLBACK_DEFAULT, FAMILY_DEFAULTS
 
     def adapter(family, width):
         return LatentGenerator(nn.Sequential(nn.Linear(width, 16), nn.Tanh(), nn.Unflatten(1, (1, 4, 4))), width,
@@ -770,7 +749,7 @@ def test_family_defaults():
     assert cons.polish_gmres_iters > 0  # a one-step model's latent is as wide as its image: GMRES first
     assert cons.polish_candidates == 2  # each image's two best starts are polished
     for family in ("vae", "diffusion", "something-new"):
-        assert resolve_settings(adapter(family, 8)) == _FALLBACK_DEFAULT
+        assert resolve_settings(adapter(family, 8)) == FALLBACK_DEFAULT
 
 
 @pytest.mark.parametrize(
@@ -839,7 +818,7 @@ def _square_gen(width: int = 16, seed: int = 0) -> LatentGenerator:
 def test_gmres_minimises_the_residual_over_the_krylov_space():
     """Against float64 references on fresh random systems: with the full space it is J^-1 (-r);
     with k < n iterations it is the least-squares solution over span(r, J r, ... J^(k-1) r)."""
-    from ronan_fast.inversion import _gmres
+    from ronan_fast.inversion.polish.gmres import gmres
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
     m, n = 5, 12
@@ -849,11 +828,11 @@ def test_gmres_minimises_the_residual_over_the_krylov_space():
     def jv(v):
         return (a @ v.unsqueeze(2)).squeeze(2)
 
-    full = _gmres(jv, r, n)
+    full = gmres(jv, r, n)
     exact = torch.linalg.solve(a, -r.unsqueeze(2)).squeeze(2)
     torch.testing.assert_close(full, exact, rtol=1e-8, atol=1e-10)
     k = 4
-    got = _gmres(jv, r, k)
+    got = gmres(jv, r, k)
     krylov = [r]
     for _ in range(k - 1):
         krylov.append(jv(krylov[-1]))
@@ -863,7 +842,7 @@ def test_gmres_minimises_the_residual_over_the_krylov_space():
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
     assert (r + jv(got)).norm(dim=1).lt(r.norm(dim=1)).all()  # it descends
     # float32, the polish's precision: same answer to float32 accuracy, no NaN
-    got32 = _gmres(lambda v: jv(v.double()).float(), r.float(), k)
+    got32 = gmres(lambda v: jv(v.double()).float(), r.float(), k)
     assert torch.isfinite(got32).all()
     torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-5)
 
@@ -871,14 +850,14 @@ def test_gmres_minimises_the_residual_over_the_krylov_space():
 def test_gmres_polish_solves_own_images_of_a_square_generator():
     """With the whole Krylov space, a GMRES step is the Newton step: own images of a square
     generator are solved in a few steps and reported settled."""
-    from ronan_fast.inversion import _polish_gmres
-
     gen = _square_gen()
     own = gen.generate(4, torch.Generator().manual_seed(2)).images
     start = invert(gen, own, settings=quick(steps=20, restarts=1), seed=0)
     seen = []
-    z, open_ = _polish_gmres(gen, start.inputs, None, gen.from_unit(own), "mse", 30, krylov=16,
-                             report=lambda k, mse: seen.append(mse.clone()))
+    leaving = Leaving(4)
+    res = GMRESGaussNewton(krylov=16)(gen, start.inputs, None, gen.from_unit(own), 30, leaving,
+                                      report=lambda k, mse: seen.append(mse.clone()))
+    z, open_ = res.inputs, unsettled(res, leaving)
     with torch.no_grad():
         after = (gen.to_unit(gen.decode_raw(z)) - own).square().flatten(1).mean(1)
     assert bool((after < 1e-12).all()) and bool((start.loss > 1e-6).all()), (start.loss, after)
@@ -891,18 +870,19 @@ def test_gmres_polish_solves_own_images_of_a_square_generator():
 def test_gmres_phase_hands_the_rows_it_leaves_unsolved_to_the_cg_polish(monkeypatch):
     """A short Krylov space (8 of 16) stalls on this generator's rows; they are reported open and
     the CG polish that follows solves them. Settled rows are not polished again."""
-    import ronan_fast.inversion as inv
-
     gen = _square_gen()
     own = gen.generate(4, torch.Generator().manual_seed(2)).images
     start = invert(gen, own, settings=quick(steps=20, restarts=1), seed=0)
-    z, open_ = inv._polish_gmres(gen, start.inputs, None, gen.from_unit(own), "mse", 30, krylov=8, patience=5)
+    leaving = Leaving(4, patience=5)
+    res = GMRESGaussNewton(krylov=8)(gen, start.inputs, None, gen.from_unit(own), 30, leaving)
+    z, open_ = res.inputs, unsettled(res, leaving)
     with torch.no_grad():
         mid = (gen.to_unit(gen.decode_raw(z)) - own).square().flatten(1).mean(1)
     assert bool(open_.all()) and bool((mid > 1e-10).all()), mid
     calls = []
-    real_cg = inv._polish_cg
-    monkeypatch.setattr(inv, "_polish_cg", lambda g, x, *a, **k: calls.append(x.shape[0]) or real_cg(g, x, *a, **k))
+    real_cg = ConjugateGradientLM.__call__
+    monkeypatch.setattr(ConjugateGradientLM, "__call__",
+                        lambda self, g, x, *a, **k: calls.append(x.shape[0]) or real_cg(self, g, x, *a, **k))
     s = quick(steps=20, restarts=1, polish_steps=60, polish_method="cg", polish_cg_iters=16, polish_gmres_iters=8)
     res = invert(gen, own, settings=s, seed=0)
     assert calls == [4] and bool((res.loss < 1e-3 * mid).all()), (mid, res.loss)
@@ -915,9 +895,8 @@ def test_gmres_phase_hands_the_rows_it_leaves_unsolved_to_the_cg_polish(monkeypa
 
 
 def test_gmres_phase_is_skipped_for_a_non_square_generator(gen, monkeypatch):
-    import ronan_fast.inversion as inv
-
-    monkeypatch.setattr(inv, "_polish_gmres", lambda *a, **k: pytest.fail("GMRES phase ran on a non-square Jacobian"))
+    monkeypatch.setattr(GMRESGaussNewton, "__call__",
+                        lambda *a, **k: pytest.fail("GMRES phase ran on a non-square Jacobian"))
     images = gen.generate(2, torch.Generator().manual_seed(2)).images  # latent 8, image 256
     s = quick(steps=30, restarts=2, polish_steps=8, polish_method="cg", polish_cg_iters=8, polish_gmres_iters=4)
     res = invert(gen, images, settings=s, seed=0)
@@ -1009,7 +988,7 @@ class _ConvNet(nn.Module):
 def test_jacobian_products_match_a_float64_jacobian(act, mode):
     """J v and J^T w against the explicit float64 Jacobian, on fresh random points and vectors;
     reverse mode only where the generator's backward is itself differentiable and right."""
-    from ronan_fast.inversion import _JacobianProducts
+    from ronan_fast.inversion.polish.jacobian import JacobianProducts
 
     net = _ConvNet(act)
     z = torch.randn(5, 1, 6, 6)
@@ -1018,7 +997,7 @@ def test_jacobian_products_match_a_float64_jacobian(act, mode):
     def f(q):
         return net(q.view(-1, 1, 6, 6)).flatten(1)
 
-    prod = _JacobianProducts(f, z.flatten(1))
+    prod = JacobianProducts(f, z.flatten(1))
     assert prod.mode == mode
     net64 = _ConvNet(torch.tanh).double()
     net64.load_state_dict(net.state_dict())
@@ -1030,45 +1009,45 @@ def test_jacobian_products_match_a_float64_jacobian(act, mode):
         assert (got_jv - want_jv).norm() <= 1e-5 * want_jv.norm()
         assert (got_jtw - want_jtw).norm() <= 1e-5 * want_jtw.norm()
     # the choice is made once per polish and handed on: a given mode is used as it is
-    assert _JacobianProducts(f, z.flatten(1), "forward").mode == "forward"
+    assert JacobianProducts(f, z.flatten(1), "forward").mode == "forward"
 
 
 def test_jacobian_products_refuse_a_generator_with_no_reliable_rule():
     """No forward-mode rule and a backward whose second differentiation misses the activation's
     term (it runs without a graph, the skip path keeps the rest): the finite-difference check
     refuses it, with the remedy named, instead of polishing with a wrong Jacobian."""
-    from ronan_fast.inversion import _JacobianProducts
+    from ronan_fast.inversion.polish.jacobian import JacobianProducts
 
     net = _ConvNet(_LegacyTanh.apply)
     with pytest.raises(ValueError, match="disagrees with a finite difference.*polish_steps=0"):
-        _JacobianProducts(lambda q: net(q.view(-1, 1, 6, 6)).flatten(1), torch.randn(2, 36))
+        JacobianProducts(lambda q: net(q.view(-1, 1, 6, 6)).flatten(1), torch.randn(2, 36))
     # without the skip the second differentiation has nothing to follow and fails outright
     net = _ConvNet(_LegacyTanh.apply, skip=False)
     with pytest.raises(ValueError, match="neither a differentiable backward.*nor forward-mode AD.*polish_steps=0"):
-        _JacobianProducts(lambda q: net(q.view(-1, 1, 6, 6)).flatten(1), torch.randn(2, 36))
+        JacobianProducts(lambda q: net(q.view(-1, 1, 6, 6)).flatten(1), torch.randn(2, 36))
 
 
 def test_gmres_polish_uses_reverse_mode_products_and_matches_forward_mode(monkeypatch):
     """The Krylov polishes take reverse-mode products when the generator allows, with the same
     result as forward mode up to float32 rounding."""
-    import ronan_fast.inversion as inv
+    from ronan_fast.inversion.polish.jacobian import JacobianProducts
 
     gen = _square_gen()
     own = gen.to_unit(gen.decode_raw(gen.sample_latents(6, torch.Generator().manual_seed(3))))
     start = invert(gen, own, settings=quick(steps=30, restarts=1), seed=0)
     seen = []
-    real_init = inv._JacobianProducts.__init__
+    real_init = JacobianProducts.__init__
 
     def spy(self, f, z, mode=None):
         real_init(self, f, z, mode)
         seen.append(self.mode)
 
-    monkeypatch.setattr(inv._JacobianProducts, "__init__", spy)
-    z_rev, open_rev = inv._polish_gmres(gen, start.inputs, None, gen.from_unit(own), "mse", 6, krylov=8)
+    monkeypatch.setattr(JacobianProducts, "__init__", spy)
+    z_rev = polish(GMRESGaussNewton(krylov=8), gen, start.inputs, None, gen.from_unit(own), 6)
     assert seen and set(seen) == {"reverse"}
-    monkeypatch.setattr(inv._JacobianProducts, "_choose", lambda self: "forward")
+    monkeypatch.setattr(JacobianProducts, "_choose", lambda self: "forward")
     seen.clear()
-    z_fwd, open_fwd = inv._polish_gmres(gen, start.inputs, None, gen.from_unit(own), "mse", 6, krylov=8)
+    z_fwd = polish(GMRESGaussNewton(krylov=8), gen, start.inputs, None, gen.from_unit(own), 6)
     assert set(seen) == {"forward"}
     with torch.no_grad():
         l_rev = (gen.to_unit(gen.decode_raw(z_rev)) - own).square().flatten(1).mean(1)
@@ -1081,7 +1060,7 @@ def test_compiled_generator_inverts_as_the_eager_one(gen):
     """compile_generator=True runs the Adam phase's generator through torch.compile (dynamic
     shapes: rows stop and the batch shrinks without a new compilation): the same inversion up to
     rounding, the compiled function kept per adapter; refused with cuda_graph or a non-bool."""
-    import ronan_fast.inversion as inv
+    from ronan_fast.inversion import runtime
 
     g = torch.Generator().manual_seed(5)
     images = torch.cat([gen.generate(3, g).images, torch.rand(2, *gen.image_shape, generator=g)])
@@ -1092,19 +1071,19 @@ def test_compiled_generator_inverts_as_the_eager_one(gen):
     assert torch.isfinite(compiled.loss).all()
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-2, atol=1e-7)
     assert (compiled.row_steps > 0).all()
-    fn = inv._COMPILED[gen]
+    fn = runtime._COMPILED[gen]
     invert(gen, images[:1], settings=s, seed=0, compile_generator=True)
-    assert inv._COMPILED[gen] is fn  # made once per adapter
+    assert runtime._COMPILED[gen] is fn  # made once per adapter
     # ... and forgotten with it: the kept function does not hold the adapter
     import gc
 
     other = LatentGenerator(small_dcgan(), 8, (-1, 1))
     invert(other, images[:1], settings=quick(steps=3, restarts=1), seed=0, compile_generator=True)
-    assert other in inv._COMPILED
-    n = len(inv._COMPILED)
+    assert other in runtime._COMPILED
+    n = len(runtime._COMPILED)
     del other
     gc.collect()
-    assert len(inv._COMPILED) == n - 1
+    assert len(runtime._COMPILED) == n - 1
     with pytest.raises(ValueError, match="choose one"):
         invert(gen, images, settings=s, compile_generator=True, cuda_graph=True)
     with pytest.raises(ValueError, match="compile_generator must be True or False"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from inversion_pins import PINS, cases, environment, run_case
 
 _RECORDED = json.loads(PINS.read_text())

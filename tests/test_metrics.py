@@ -389,7 +389,9 @@ def test_invert_with_tone_mse_polishes_tone_edited_images_to_zero(monkeypatch):
     """A generated image under an affine tone edit: plain MSE cannot reach it, "mse-tone" with
     its Levenberg-Marquardt polish (the Jacobian mapped through each row's tone fit) does, with
     two polished candidates per image scored at their own images."""
-    from ronan_fast.inversion import InversionSettings, _polish
+    from ronan_fast.inversion import InversionSettings
+    from ronan_fast.inversion.polish import DenseLM, polish
+    from ronan_fast.inversion.polish import dense as dense_polish
 
     gen = _tiny_generator()
     images = gen.generate(3, torch.Generator().manual_seed(2)).images
@@ -406,18 +408,18 @@ def test_invert_with_tone_mse_polishes_tone_edited_images_to_zero(monkeypatch):
     z_true = gen.sample_latents(3, torch.Generator().manual_seed(2))
     start = z_true + 0.3 * torch.randn(z_true.shape, generator=torch.Generator().manual_seed(5))
     target_raw = gen.from_unit(edited)
-    z = _polish(gen, start, None, target_raw, "mse-tone", 30, tone=M.ToneMSE())
+    z = polish(DenseLM(tone=M.ToneMSE()), gen, start, None, target_raw, 30, metric="mse-tone")
     with torch.no_grad():
         before = M.ToneMSE()(gen.to_unit(gen.decode_raw(start)), edited)
         after = M.ToneMSE()(gen.to_unit(gen.decode_raw(z)), edited)
     assert bool((after < 1e-10).all()) and bool((before > 1e-4).all()), (before, after)
-    assert _polish(gen, start, None, target_raw, "mse-tone", 30) is start  # no tone object: not its residual
+    # no tone object: not its residual
+    assert polish(DenseLM(), gen, start, None, target_raw, 30, metric="mse-tone") is start
     # the Jacobians built one row at a time (as for large batches): the same steps
-    import ronan_fast.inversion as inv
-
-    few = _polish(gen, start, None, target_raw, "mse-tone", 3, tone=M.ToneMSE())
-    monkeypatch.setattr(inv, "_DENSE_CHUNK_ELEMENTS", gen.latent_dim * edited[0].numel())
-    torch.testing.assert_close(_polish(gen, start, None, target_raw, "mse-tone", 3, tone=M.ToneMSE()), few,
+    few = polish(DenseLM(tone=M.ToneMSE()), gen, start, None, target_raw, 3, metric="mse-tone")
+    monkeypatch.setattr(dense_polish, "DENSE_CHUNK_ELEMENTS", gen.latent_dim * edited[0].numel())
+    again = polish(DenseLM(tone=M.ToneMSE()), gen, start, None, target_raw, 3, metric="mse-tone")
+    torch.testing.assert_close(again, few,
                                rtol=1e-5, atol=1e-7)
 
 
@@ -427,7 +429,7 @@ def test_tone_polish_jacobian_is_the_fixed_map_residual_jacobian(channels):
     colour map held at its fitted value (float64, random generator, partly clipped target)."""
     from torch.func import jacfwd
 
-    from ronan_fast.inversion import _tone_jacobian
+    from ronan_fast.inversion.polish.dense import tone_jacobian
 
     torch.manual_seed(11)
     d, shape = 5, (channels, 6, 7)
@@ -444,7 +446,7 @@ def test_tone_polish_jacobian_is_the_fixed_map_residual_jacobian(channels):
     r, beta, active = tone.residual(unit(z), target)
     assert 0 < float(active.double().mean()) < 1  # some clipped pixels are inactive
     jac_raw = torch.stack([jacfwd(lambda q: net(q.unsqueeze(0)).flatten())(z[i]) for i in range(3)])
-    got = _tone_jacobian(jac_raw, beta, active)
+    got = tone_jacobian(jac_raw, beta, active)
 
     def fixed_map_residual(q, i):
         y = unit(q.unsqueeze(0)).flatten(2)[0]  # [C, P]

@@ -5,8 +5,8 @@ import torch
 
 from ronan_fast.adapters import LatentGenerator
 from ronan_fast.inversion import FAMILY_DEFAULTS, PRESETS, InversionSettings, invert
+from ronan_fast.inversion.stagewise import FinalStep, StepMap, solve_step
 from ronan_fast.models.diffusion import DDIMSampler, TinyUNet, alphas_cumprod
-from ronan_fast.stagewise import FinalStep, StepMap
 
 
 class _DenoiserLike(TinyUNet):
@@ -78,12 +78,10 @@ def test_step_maps_solve_back_to_the_true_inputs():
     s = _sampler(steps=3)
     ad = _adapter(s)
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    from ronan_fast.stagewise import _solve_step
-
     with torch.no_grad():
         x1 = s.step(0, x_T)
     part = StepMap(ad, s, 0)
-    got, got_res = _solve_step(part, x1.flatten(1), 64)
+    got, got_res = solve_step(part, x1.flatten(1), 64)
     with torch.no_grad():
         res = (part.decode_raw(got) - x1).flatten(1).square().mean(1)
     assert bool((res < 1e-10).all()), res

@@ -30,8 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.inversion.batched import invert_batched
+from ronan_fast.inversion.polish import ConjugateGradientLM, GMRESGaussNewton, Leaving
+from ronan_fast.inversion.problem import Loss
+from ronan_fast.inversion.result import InversionResult
 
-__all__ = ["FinalStep", "StepMap", "invert_stagewise", "PREFIX_GMRES_STEPS", "PREFIX_CG_STEPS", "SOLVED_REL"]
+__all__ = ["FinalStep", "StepMap", "invert_stagewise", "solve_step", "PREFIX_GMRES_STEPS", "PREFIX_CG_STEPS",
+           "SOLVED_REL"]
 
 #: Gauss-Newton steps (30 GMRES iterations each) per earlier step, then Levenberg-Marquardt
 #: steps (100 CG iterations each) for rows still unsolved; the earlier steps of the zoo's DDIM
@@ -107,10 +112,9 @@ class StepMap(_ChainPart):
         return self.chain.step(self.i, self._z(latents))
 
 
-def _solve_step(part: StepMap, target: Tensor, max_rows: int) -> tuple[Tensor, Tensor]:
+def solve_step(part: StepMap, target: Tensor, max_rows: int) -> tuple[Tensor, Tensor]:
     """Inputs x with ``part(x) = target`` (rows of ``target [n, D]``), by Gauss-Newton, and
     each row's mean squared residual at them."""
-    from ronan_fast.inversion import _polish_cg, _polish_gmres
 
     def residual(z: Tensor, tgt: Tensor) -> Tensor:
         with torch.no_grad():
@@ -123,53 +127,49 @@ def _solve_step(part: StepMap, target: Tensor, max_rows: int) -> tuple[Tensor, T
         shaped = tgt.view(-1, *part.latent_shape)
         with torch.no_grad():
             start = part.chain.step_start(part.i, shaped).flatten(1).float()
-        z, _ = _polish_gmres(part, start, None, shaped, "mse", PREFIX_GMRES_STEPS, krylov=30)
+        z = GMRESGaussNewton(krylov=30)(part, start, None, shaped, PREFIX_GMRES_STEPS, Leaving(start.shape[0])).inputs
         res = residual(z, tgt)
         # solved: a root-mean-square residual within float32 rounding of the target's scale
         unsolved = res > SOLVED_REL ** 2 * tgt.square().mean(1).clamp_min(1e-30)
         if bool(unsolved.any()):
             idx = unsolved.nonzero().squeeze(1)
-            z[idx] = _polish_cg(part, z[idx], None, shaped[idx], "mse", PREFIX_CG_STEPS, cg_iters=100)
+            z[idx] = ConjugateGradientLM(cg_iters=100)(part, z[idx], None, shaped[idx], PREFIX_CG_STEPS,
+                                                       Leaving(idx.numel())).inputs
             res[idx] = residual(z[idx], tgt[idx])
         out[a:a + max_rows], out_res[a:a + max_rows] = z, res
     return out, out_res
 
 
-def invert_stagewise(generator: GeneratorAdapter, chain: nn.Module, images: Tensor, settings, metric_name: str,
-                     metric_obj=None, *, seed: int = 0, conditions: Tensor | None = None,
-                     stop_below: Tensor | None = None, max_rows: int | None = None, impl="auto",
-                     cuda_graph: bool = False, progress=None, first_id: int = 0, compile_generator: bool = False):
+def invert_stagewise(generator: GeneratorAdapter, images: Tensor, settings, loss: Loss, *, chain: nn.Module,
+                     seed: int = 0, conditions: Tensor | None = None, stop_below: Tensor | None = None,
+                     max_rows: int | None = None, impl="auto", cuda_graph: bool = False, progress=None,
+                     first_id: int = 0, compile_generator: bool = False) -> InversionResult:
     """Invert ``generator`` (whose :meth:`~GeneratorAdapter.stage_chain` is ``chain``) step by step.
 
     Called by :func:`~ronan_fast.inversion.invert` for settings with ``stagewise``.
     ``images [B, C, H, W]`` in [0, 1] on the generator's device; ``settings`` invert the last
-    step; the loss is ``metric_obj`` if given, else the fused metric ``metric_name`` ("mse" or
-    "mae"). Returns an :class:`~ronan_fast.inversion.InversionResult` whose ``inputs`` are the
+    step. Returns an :class:`~ronan_fast.inversion.InversionResult` whose ``inputs`` are the
     recovered initial noise and whose ``loss`` is the whole sampler's reconstruction loss from
     it. ``extra`` holds ``last_step_loss`` (the loss the last step's inversion reached) and
     ``chain_residual`` (per image, the largest mean squared residual of the earlier steps'
     solves, raw units).
     """
-    from ronan_fast.inversion import InversionResult, _final_loss, invert
-
     if conditions is not None:
         raise ValueError(f"{generator.name} takes no conditions, but conditions were given")
-    last = FinalStep(generator, chain)
-    res = invert(last, images, settings=settings.replace(stagewise=False),
-                 metric=metric_obj if metric_obj is not None else metric_name, seed=seed, stop_below=stop_below,
-                 max_rows=max_rows, impl=impl, cuda_graph=cuda_graph, progress=progress, first_id=first_id,
-                 compile_generator=compile_generator)
+    res = invert_batched(FinalStep(generator, chain), images, settings.replace(stagewise=False), loss, seed=seed,
+                         conditions=None, stop_below=stop_below, max_rows=max_rows, impl=impl, cuda_graph=cuda_graph,
+                         progress=progress, first_id=first_id, compile_generator=compile_generator)
     rows = max_rows or 4096
     x = res.inputs
     worst = torch.zeros(x.shape[0], device=x.device)
     for i in reversed(range(chain.steps - 1)):
-        x, r = _solve_step(StepMap(generator, chain, i), x, rows)
+        x, r = solve_step(StepMap(generator, chain, i), x, rows)
         worst = torch.maximum(worst, r)
     with torch.no_grad():
         recon = torch.cat([generator.to_unit(generator.decode_raw(x[a:a + rows]).float())
                            for a in range(0, x.shape[0], rows)])
-        loss = _final_loss(recon, images, metric_name, metric_obj)
+        final = loss.on_unit(recon, images)
     # the loss is the unclamped output's, the reconstruction clamped to [0, 1], as invert() returns them
-    return InversionResult(loss=loss, inputs=x, reconstruction=recon.clamp(0, 1), conditions=None, row_steps=res.row_steps,
-                           settings=settings, metric=res.metric,
+    return InversionResult(loss=final, inputs=x, reconstruction=recon.clamp(0, 1), conditions=None,
+                           row_steps=res.row_steps, settings=settings, metric=res.metric,
                            extra={**res.extra, "last_step_loss": res.loss, "chain_residual": worst})

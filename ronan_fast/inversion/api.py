@@ -1,0 +1,114 @@
+"""The public entry point: :func:`invert`, Eq. 1 for a batch of images."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ronan_fast import ops
+from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.inversion.batched import invert_batched
+from ronan_fast.inversion.presets import resolve_settings
+from ronan_fast.inversion.problem import Loss, check_images
+from ronan_fast.inversion.result import InversionResult
+from ronan_fast.inversion.settings import InversionSettings
+from ronan_fast.inversion.stagewise import invert_stagewise
+
+__all__ = ["invert"]
+
+
+def invert(
+    generator: GeneratorAdapter,
+    images: Tensor,
+    *,
+    settings: InversionSettings | str | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    restarts: int | None = None,
+    metric=None,
+    precision: str | None = None,
+    seed: int = 0,
+    conditions: Tensor | None = None,
+    stop_below: Tensor | float | None = None,
+    max_rows: int | None = None,
+    impl: ops.Impl = "auto",
+    cuda_graph: bool = False,
+    progress: Callable[[int], None] | None = None,
+    first_id: int = 0,
+    compile_generator: bool = False,
+) -> InversionResult:
+    """Reverse-engineer each image's input: all images times restarts as one batch (in chunks).
+
+    Args:
+        generator: the model, wrapped in a :class:`~ronan_fast.adapters.GeneratorAdapter`.
+        images: ``[B, C, H, W]`` float in [0, 1] at the generator's native shape.
+        settings: a preset name ("authors", "default") or :class:`InversionSettings`; the
+            keyword arguments ``steps``, ``lr``, ``restarts``, ``precision`` and a metric name override it.
+        metric: "mse" (default), "mae", "ssim", "mse-tone" (:class:`~ronan_fast.metrics.ToneMSE`), or a
+            metric object (e.g. ``metrics.LPIPS(backbone)``).
+        seed: starting latents are drawn per image from ``seed``; same seed, same device, same result.
+        first_id: the number of the first image in the seed streams (images are numbered from
+            it): inverting ``images[a:b]`` with ``first_id=a`` draws the same starts as inverting
+            all of ``images`` would for them (a job split into parts, e.g. to save each part).
+        conditions: per-image known conditions for a conditional generator (class unknown if omitted).
+        stop_below: per-image loss (``[B]`` or a scalar) under which an image's rows stop: its
+            verdict can no longer change. The reported loss is then the loss at stopping.
+        max_rows: rows in the batch at once (memory budget); by default on CPU as many as keep the
+            generator's saved activations under 96 MiB (64 to 4096 rows: faster per row than larger
+            batches), on CUDA sized to free memory. Images are taken in chunks of
+            :data:`~ronan_fast.inversion.budget.ADMITTED_BATCHES` times as many as fit at once; within a
+            chunk, an image enters the
+            batch as soon as rows stopping (halving, early stop) leave room for all of its rows, so
+            the batch stays full. Each image's result does not depend on what runs beside it.
+        impl: kernel implementation, see :mod:`ronan_fast.ops`.
+        cuda_graph: on CUDA, capture the Adam step (generator forward and backward, fused loss and
+            gradient, latent Adam) in a CUDA graph and replay it, instead of launching every
+            kernel from Python at every step. A graph is captured for each batch shape (after
+            one eager step at that shape) and captured again after each compaction. Same
+            arithmetic, fewer launches: it pays where steps are launch-bound (small batches,
+            single images). The generator must run without host synchronisation (no ``.item()``,
+            no data-dependent shapes); the polish phases are not captured. Needs a CUDA generator.
+        progress: called with the number of images finished after each chunk.
+        compile_generator: run the Adam phase's generator forward and backward through
+            ``torch.compile`` (dynamic shapes: one compilation serves every batch size as rows
+            stop; kept per adapter for later calls). The first call compiles (seconds to a minute);
+            then each step is faster where the generator's layers fuse (CPU, one thread: the zoo's
+            DCGANs' forward and backward 1.4-1.7x faster at 64-256 rows, whole inversions 1.1-1.3x;
+            bench/results/speed_cpu_compiled.md). Same arithmetic
+            up to rounding. The polish phases run the generator as it is (they differentiate twice,
+            which compiled graphs do not support). Not with ``cuda_graph``.
+    """
+    if metric is not None and not isinstance(metric, str):
+        loss = Loss(getattr(metric, "name", type(metric).__name__), metric)
+        s = resolve_settings(generator, settings, steps=steps, lr=lr, restarts=restarts, precision=precision,
+                             metric=loss.name)
+    else:
+        s = resolve_settings(generator, settings, steps=steps, lr=lr, restarts=restarts, precision=precision,
+                             metric=metric)
+        loss = Loss.named(s.metric)
+    _check_flags(generator, seed, first_id, cuda_graph, compile_generator)
+    images = check_images(generator, images).to(generator.device)
+    chain = generator.stage_chain() if s.stagewise else None
+    run = invert_batched if chain is None else functools.partial(invert_stagewise, chain=chain)
+    return run(generator, images, s, loss, seed=seed, conditions=conditions, stop_below=stop_below, max_rows=max_rows,
+               impl=impl, cuda_graph=cuda_graph, progress=progress, first_id=first_id,
+               compile_generator=compile_generator)
+
+
+def _check_flags(generator: GeneratorAdapter, seed, first_id, cuda_graph, compile_generator) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(first_id, int) or isinstance(first_id, bool) or first_id < 0:
+        raise ValueError(f"first_id must be an integer >= 0, got {first_id!r}")
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    if not isinstance(compile_generator, bool):
+        raise ValueError(f"compile_generator must be True or False, got {compile_generator!r}")
+    if compile_generator and cuda_graph:
+        raise ValueError("compile_generator=True and cuda_graph=True: choose one (a compiled generator brings its own "
+                         "kernels; torch.compile(mode='reduce-overhead') captures CUDA graphs itself)")
+    if cuda_graph and generator.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a generator on a CUDA device, got {generator.name} on "
+                         f"{generator.device}")

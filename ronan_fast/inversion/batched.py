@@ -1,0 +1,107 @@
+"""Batched inversion of many images: chunks of images, each one batch of rows.
+
+Every image gets ``rows_per_image`` rows (its restarts; for a class-conditional generator with
+the class unknown, ``restarts`` rows per candidate class). A chunk's images enter one batch of
+at most ``max_rows`` rows as room frees up; each chunk runs the Adam phase
+(:mod:`~ronan_fast.inversion.adam`), then the polish and the final score
+(:mod:`~ronan_fast.inversion.finish`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ronan_fast import _heap, ops
+from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.inversion.adam import AdamPhase
+from ronan_fast.inversion.budget import ADMITTED_BATCHES, default_max_rows
+from ronan_fast.inversion.finish import Winners, finish
+from ronan_fast.inversion.problem import Loss, Problem
+from ronan_fast.inversion.result import InversionResult
+from ronan_fast.inversion.rows import RowBatch
+from ronan_fast.inversion.runtime import compiled_decode, flush_denormals
+from ronan_fast.inversion.settings import InversionSettings
+from ronan_fast.inversion.starts import row_latents
+
+__all__ = ["invert_batched", "invert_chunk"]
+
+
+def invert_batched(generator: GeneratorAdapter, images: Tensor, s: InversionSettings, loss: Loss, *, seed: int,
+                   conditions: Tensor | None, stop_below: Tensor | float | None, max_rows: int | None,
+                   impl: ops.Impl, cuda_graph: bool, progress: Callable[[int], None] | None, first_id: int,
+                   compile_generator: bool) -> InversionResult:
+    """Invert checked ``images`` (float32 in [0, 1] on the generator's device) end to end."""
+    device = generator.device
+    b_total = images.shape[0]
+    if conditions is not None:
+        conditions = torch.as_tensor(conditions)
+        if conditions.shape[0] != b_total:
+            raise ValueError(f"conditions must have one entry per image ({b_total}), got {conditions.shape[0]}")
+    _, rows_per_image = generator.row_conditions(None if conditions is None else conditions[:1], 1, s.restarts)
+    if max_rows is None:
+        max_rows = default_max_rows(generator, rows_per_image, s, b_total * rows_per_image)
+    if max_rows < rows_per_image:
+        raise ValueError(f"max_rows={max_rows} is below one image's rows ({rows_per_image})")
+    if stop_below is not None:
+        stop_below = torch.as_tensor(stop_below, dtype=torch.float32, device=device).expand(b_total).contiguous()
+    out = _Outputs(images, generator.latent_dim)
+    decode = compiled_decode(generator) if compile_generator else generator.decode_raw
+    # each chunk holds ADMITTED_BATCHES batches' worth of images; they enter its batch of at most
+    # max_rows rows as rows stop
+    per_chunk = max(1, max_rows // rows_per_image) * ADMITTED_BATCHES
+    heap = _heap.keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
+    with flush_denormals(), heap:
+        for start in range(0, b_total, per_chunk):
+            stop = min(b_total, start + per_chunk)
+            cond = None if conditions is None else conditions[start:stop]
+            problem = Problem.build(generator, images[start:stop], cond, s, loss,
+                                    None if stop_below is None else stop_below[start:stop], impl)
+            winners, row_steps = invert_chunk(problem, torch.arange(start, stop) + first_id, seed, max_rows, decode,
+                                              cuda_graph)
+            out.put(start, stop, winners, row_steps)
+            if progress is not None:
+                progress(stop)
+    return InversionResult(loss=out.loss, inputs=out.inputs, reconstruction=out.recon,
+                           conditions=torch.cat(out.cond) if out.cond else None, row_steps=out.steps, settings=s,
+                           metric=loss.name)
+
+
+def invert_chunk(problem: Problem, image_ids: Tensor, seed: int, max_rows: int, decode: Callable,
+                 cuda_graph: bool = False) -> tuple[Winners, Tensor]:
+    """Invert one chunk's images (numbered ``image_ids`` in the seed streams) with at most
+    ``max_rows`` rows in the batch at once; returns the winners and each image's row-steps."""
+    s, generator = problem.settings, problem.generator
+    z = row_latents(generator, image_ids, problem.rows_per_image, seed, problem.images).to(problem.device)
+    radius = generator.prior_radius
+    if s.typical_set == "project" and radius is not None:
+        z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    capacity = max(problem.rows_per_image, max_rows)
+    batch = RowBatch(problem, z, capacity)
+    row_steps = AdamPhase(problem, batch, decode, cuda_graph).run()
+    # the polish holds more per row than an Adam step: it runs in pieces of as many images as the
+    # batch holds at once (an image's rows stay together)
+    winners = finish(problem, batch.final_loss, batch.final_latent, max(1, capacity // problem.rows_per_image))
+    return winners, row_steps
+
+
+class _Outputs:
+    """The per-image results of all chunks, filled chunk by chunk."""
+
+    def __init__(self, images: Tensor, latent_dim: int):
+        b, device = images.shape[0], images.device
+        self.loss = torch.empty(b, dtype=torch.float32, device=device)
+        self.inputs = torch.empty(b, latent_dim, dtype=torch.float32, device=device)
+        self.recon = torch.empty_like(images)
+        self.cond: list[Tensor] = []
+        self.steps = torch.zeros(b, dtype=torch.int64, device=device)
+
+    def put(self, start: int, stop: int, winners: Winners, row_steps: Tensor) -> None:
+        self.loss[start:stop], self.inputs[start:stop] = winners.loss, winners.inputs
+        self.recon[start:stop] = winners.reconstruction
+        if winners.conditions is not None:
+            self.cond.append(winners.conditions)
+        self.steps[start:stop] = row_steps

@@ -1,0 +1,185 @@
+"""Levenberg-Marquardt with dense Jacobians: for latents up to a few hundred wide.
+
+Each step builds every live row's Jacobian, by forward-mode AD (one pass per latent dimension)
+or, with ``reverse``, by reverse mode row by row (vector-Jacobian products, 128 at a time:
+memory bounded for wide latents), and solves the damped normal equations
+``(J^T J + lam (diag(J^T J) + 1e-6) I) d = -J^T r`` exactly. A step is kept only where it lowers
+the row's loss (then ``lam`` shrinks; else it grows, and the row's ``J^T J`` and ``J^T r`` are
+reused instead of built again: it has not moved).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ronan_fast.inversion.polish.base import PolishResult
+from ronan_fast.inversion.runtime import forward_ad_attention
+from ronan_fast.metrics import ToneMSE
+
+__all__ = ["DenseLM", "dense_rows", "tone_jacobian", "DENSE_CHUNK_ELEMENTS", "DENSE_CPU_PASSES"]
+
+
+class DenseLM:
+    """The dense Levenberg-Marquardt polish (``polish_method="dense"``, or "dense-rev" with
+    ``reverse``), float32.
+
+    With ``tone`` (a :class:`~ronan_fast.metrics.ToneMSE`, metric "mse-tone") the residual is the
+    tone-fitted one, in raw units, and its Jacobian is the generator's mapped through each row's
+    current colour map with the map held fixed (the usual Gauss-Newton treatment of such a fit).
+    A row leaves once solved, stuck (damping at its cap) or as ``leaving`` says: the Jacobian,
+    the costly part, is only built for live rows.
+    """
+
+    def __init__(self, reverse: bool = False, tone: ToneMSE | None = None):
+        self.reverse, self.tone = reverse, tone
+
+    def accepts(self, metric: str) -> bool:
+        return metric == ("mse-tone" if self.tone is not None else "mse")
+
+    def __call__(self, generator, inputs, cond, target_raw, steps, leaving, report=None) -> PolishResult:
+        def one(zrow, crow):
+            c = None if crow is None else crow.unsqueeze(0)
+            return generator.decode_raw(zrow.unsqueeze(0), c).flatten().float()
+
+        residual, jac_map = self._residual(generator, target_raw)
+        if self.reverse:
+            return _levenberg_marquardt(inputs, cond, one, residual, steps, leaving, reverse=True, jac_map=jac_map,
+                                        report=report)
+        with forward_ad_attention():
+            return _levenberg_marquardt(inputs, cond, one, residual, steps, leaving, jac_map=jac_map, report=report)
+
+    def _residual(self, generator, target_raw):
+        """``residual(z, c, rows)`` and the map from the generator's Jacobian to the residual's
+        (None: the residual is the output minus the target, its Jacobian the generator's)."""
+        tone = self.tone
+        if tone is None:
+            def residual(z, c, rows):
+                return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
+
+            return residual, None
+        lo, hi = generator.output_range
+        target_unit = generator.to_unit(target_raw)
+
+        def tone_state(z, c, rows):
+            return tone.residual(generator.to_unit(generator.decode_raw(z, c).float()), target_unit[rows])
+
+        def residual(z, c, rows):  # noqa: F811 (the tone-fitted residual)
+            return (tone_state(z, c, rows)[0] * (hi - lo)).flatten(1).float()
+
+        def jac_map(jac, z, c, rows):
+            _, beta, active = tone_state(z, c, rows)
+            return tone_jacobian(jac, beta, active)
+
+        return residual, jac_map
+
+
+def tone_jacobian(jac: Tensor, beta: Tensor, active: Tensor) -> Tensor:
+    """The Jacobian of the tone-fitted residual with each row's colour map held fixed.
+
+    ``jac`` ``[n, C * P, d]``: the generator's raw output by the input; ``beta`` ``[n, C, C + 1]``
+    and ``active`` ``[n, C, P]`` as :meth:`~ronan_fast.metrics.ToneMSE.residual` gives them.
+    Row n, channel c, pixel p: ``active * sum_k beta[c, k] * jac[k, p]`` (a clipped pixel the fit
+    lands on the right side of does not move the loss).
+    """
+    n, ch, p = active.shape
+    jk = jac.view(n, ch, p, -1)
+    mapped = torch.einsum("nck,nkpd->ncpd", beta[:, :, :ch].to(jk.dtype), jk)
+    return (mapped * active.unsqueeze(-1).to(jk.dtype)).reshape(n, ch * p, -1)
+
+
+#: the dense polish builds its Jacobians in chunks of at most this many elements (rows x latent
+#: width x image size; 128 MiB in float32): on the 64x64 DCGAN (12,288 outputs, 100 inputs) 27
+#: rows, about 1.2 GB with the passes that build them (one thread, measured at 44 MB per row)
+DENSE_CHUNK_ELEMENTS = 1 << 25
+#: on CPU, also at most this many forward-mode passes (rows x latent width) at once: a chunk
+#: runs the generator on rows x width tangents together, and past about a hundred rows a CPU
+#: step costs more per row (bench/results/cpu_heap.md). On the 64x64 DCGAN (width 100) one row
+#: per chunk took 75 ms per row and step against 166 ms for 27 rows (cpu_heap_dense_polish.md).
+DENSE_CPU_PASSES = 128
+
+
+def dense_rows(latent_dim: int, out_numel: int, cpu: bool = False) -> int:
+    """Rows per chunk of the dense polish's Jacobians (:data:`DENSE_CHUNK_ELEMENTS`, and on CPU
+    :data:`DENSE_CPU_PASSES`)."""
+    rows = DENSE_CHUNK_ELEMENTS // (latent_dim * out_numel)
+    if cpu:
+        rows = min(rows, DENSE_CPU_PASSES // latent_dim)
+    return max(1, rows)
+
+
+def _levenberg_marquardt(inputs, cond, one, residual, iters, leaving, reverse=False, jac_map=None, report=None):
+    """Levenberg-Marquardt steps on rows ``inputs``; returns the inputs and each row's final mean squared residual."""
+    z = inputs.clone()
+    n = z.shape[0]
+    lam = torch.full((n, 1, 1), 1e-3, device=z.device)
+    live = torch.arange(n, device=z.device)
+    with torch.no_grad():
+        r = residual(z, cond, live)
+        cost = r.square().sum(1)
+    eye = torch.eye(z.shape[1], device=z.device)
+    per_elem = r.shape[1]
+    cost_all = cost.clone()
+    d = z.shape[1]
+    # each row's J^T J and J^T r at its current input, by original row: a row whose step was
+    # refused has not moved, so they are reused instead of building its Jacobian again
+    jtj_all = z.new_empty(n, d, d)
+    jtr_all = z.new_empty(n, d)
+    known = torch.zeros(n, dtype=torch.bool, device=z.device)
+    for k in range(iters):
+        kept = leaving.keep(k, cost, per_elem, lam[:, 0, 0] >= 1e9, live, r, lam)
+        if kept is None:
+            break
+        live, cost, r, lam = kept
+        zl = z[live]
+        cl = None if cond is None else cond[live]
+        with torch.no_grad():
+            fresh = (~known[live]).nonzero().squeeze(1)  # live rows (by position) whose Jacobian is built
+            _normal_equations(one, jac_map, zl, cl, live, fresh, r, jtj_all, jtr_all, reverse)
+            jtj, jtr = jtj_all[live], jtr_all[live]
+            diag = torch.diagonal(jtj, dim1=1, dim2=2).unsqueeze(2)
+            a = jtj + lam * (diag * eye + 1e-6 * eye)
+            delta = torch.linalg.solve(a, -jtr)
+            z_new = zl + delta
+            r_new = residual(z_new, cl, live)
+            cost_new = r_new.square().sum(1)
+            better = cost_new < cost
+            z[live] = torch.where(better[:, None], z_new, zl)
+            r = torch.where(better[:, None], r_new, r)
+            cost = torch.where(better, cost_new, cost)
+            lam = torch.where(better[:, None, None], lam * 0.3, lam * 10).clamp(1e-9, 1e9)
+            known[live] = ~better
+            cost_all[live] = cost
+            if report is not None:
+                report(k + 1, cost_all / per_elem)
+    return PolishResult(z, cost_all / per_elem)
+
+
+def _normal_equations(one, jac_map, zl, cl, live, fresh, r, jtj_all, jtr_all, reverse):
+    """Write ``J^T J`` and ``J^T r`` of live rows ``fresh`` (positions in ``live``) into
+    ``jtj_all`` / ``jtr_all`` at their original rows.
+
+    The Jacobians are built a few rows at a time: a row's Jacobian and the passes that build it
+    take about as much memory as a forward pass of as many rows as the latent is wide, so a
+    chunk of 512 images would not fit in memory at once."""
+    from torch.func import jacfwd, jacrev, vmap
+
+    zf, cf = zl[fresh], None if cl is None else cl[fresh]
+    d, per_elem = zl.shape[1], r.shape[1]
+    rows = dense_rows(d, per_elem, cpu=zl.device.type == "cpu")
+    for lo in range(0, fresh.numel(), rows):
+        sl = slice(lo, lo + rows)
+        at = live[fresh[sl]]  # their original rows
+        zc, cc = zf[sl], None if cf is None else cf[sl]
+        if reverse:  # row by row: memory for one row's forward and 128 of its backward passes
+            jac = torch.stack([jacrev(lambda q, cr=(None if cc is None else cc[i]): one(q, cr),
+                                      chunk_size=128)(zc[i]) for i in range(zc.shape[0])])
+        elif cc is None:
+            jac = vmap(lambda zr: jacfwd(lambda q: one(q, None))(zr))(zc)
+        else:
+            jac = vmap(lambda zr, cr: jacfwd(lambda q: one(q, cr))(zr))(zc, cc)
+        if jac_map is not None:  # the residual's Jacobian from the generator's
+            jac = jac_map(jac, zc, cc, at)
+        jtj_all[at] = jac.transpose(1, 2) @ jac
+        jtr_all[at] = (jac.transpose(1, 2) @ r[fresh[sl]].unsqueeze(2)).squeeze(2)
+        del jac

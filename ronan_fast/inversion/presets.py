@@ -1,0 +1,112 @@
+"""Named inversion settings (presets) and each generator family's default.
+
+``resolve_settings(generator, settings, **overrides)`` says which settings an inversion uses:
+a preset's name, an :class:`~ronan_fast.inversion.settings.InversionSettings`, or (``None`` /
+``"default"``) the default of the generator's family, with any overrides applied. The comments
+say what each default was chosen on; docs/inversion.md has the tables.
+"""
+
+from __future__ import annotations
+
+from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.inversion.settings import InversionSettings
+
+__all__ = ["PRESETS", "FAMILY_DEFAULTS", "FALLBACK_DEFAULT", "resolve_settings"]
+
+#: Named settings. "authors" is the paper's code: one start, 1500 Adam steps at lr 0.1.
+#: "stagewise" inverts a multi-step sampler step by step (:mod:`ronan_fast.inversion.stagewise`; others
+#: get these settings end to end): its last step from two starts at the forward process
+#: (one Adam step), each polished by Gauss-Newton (GMRES, then CG) for up to 80 steps; the
+#: earlier steps solved exactly. On the zoo's 6-step DDIM sampler it takes the model's own
+#: images from a median of 1.8e-4 (end to end) to 1.8e-7 (1.9e-9 to 2.6e-5), and held-out
+#: real images as low or lower, half of them to 1e-14
+#: (bench/results/convergence_cpu_ddim_stagewise.md).
+PRESETS: dict[str, InversionSettings] = {
+    "authors": InversionSettings(steps=1500, lr=0.1, restarts=1, schedule="constant"),
+}
+#: Default settings per generator family (see the README for the benchmark behind them).
+#: "gan": chosen on bench/results/convergence_cpu.md. On the 64x64, nz=100 DCGAN
+#: (dcgan64-photos) the paper's single start converges on 56% of the model's own images; 8
+#: starts halved every 100 steps over 600 cosine steps, then 25 Levenberg-Marquardt steps on
+#: each image's best input, converge on all of them in less wall time per image than the
+#: authors' one-image loop. Attributing with a threshold, a polished row still over 4x it whose
+#: loss fell by less than 20% over 6 steps leaves the polish (``settle_patience``): on that
+#: DCGAN's per-step polish trajectories (bench/results/polish_plateau_dcgan64_cpu.md) its own
+#: images over 4x the line had fallen to at most 0.48x their loss 6 steps before, real images
+#: to no less than 0.91x, so real images stop after 6 polish steps instead of 25.
+#: 8 starts halved every 100 steps converged 200 of one draw of 200 of its images but 195 and 197
+#: of two others (6 of the 8 misses as high as real images: every start the halving kept was in
+#: another basin). Per-start trajectories of such images (bench/results/start_selection_dcgan64_cpu.md)
+#: show the start that ends lowest among the best few by step 25 for all but one, so the GAN
+#: default starts 24 and halves every 25 steps (2104 row-steps per image against 1985): 200 of
+#: 200 on that draw and 199 of 200 on the third, held out from the choice, in about the same time
+#: (bench/results/convergence_cpu_dcgan64_r24_n200.md). Attributing with a
+#: threshold, an image whose polished start ends above it but within 4x of it has two more
+#: polished (``polish_escalate``, as for one-step models). The earlier default is the preset
+#: "gan-8-starts".
+FAMILY_DEFAULTS: dict[str, InversionSettings] = {
+    "gan": InversionSettings(
+        steps=600, lr=0.1, restarts=24, schedule="cosine", min_lr_frac=0.01, halving_every=25,
+        halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=25, settle_patience=6,
+        polish_escalate=2,
+    ),
+    # "consistency": one-step generators whose latent is as wide as the image (a consistency
+    # model's f(x_T, T), a distilled one-step sampler). Chosen on the zoo's one-step student
+    # (bench/results/convergence_cpu_onestep*.md): Adam leaves the model's own images near 1e-4,
+    # where real images also end; nearly exact Gauss-Newton steps (100 CG iterations each) take
+    # its own images on to 1e-7 and below while real ones level off above 1e-6. At equal
+    # generator passes, 10 CG iterations per step separated far less than 40 or 100
+    # (polish_probe_onestep_cpu.md). 20 polish steps left 2 of 32 own images above every real
+    # one: they were slow, not stuck, so the polish runs up to 80 steps, and a row stops once its
+    # loss fell by less than 20% over 10 steps (real images level off after about 20 steps; own
+    # images keep falling), or once under the belonging threshold when attributing. 20% rather
+    # than 30%: 96.0% against 95.0% of 200 own images converged, real losses unchanged
+    # (convergence_cpu_onestep_drop20*.md), for about a tenth more time. Before it, a
+    # GMRES phase (30 Jacobian-vector products a step, about a quarter of a CG step's time) solves
+    # about a third of the own images outright and takes most of the rest further; only the rows
+    # it leaves unsolved go on to CG (bench/results/polish_plateau_onestep_gmres_cpu.md,
+    # convergence_cpu_onestep_gmres.md: 90.6% converged and worst own 2.6e-7, against 84.4% and
+    # 1.2e-6 for the CG polish alone on the same 32 + 32 images). The images still left
+    # unconverged are unlucky in their starts, not unreachable (each converged from another
+    # seed), so each image's two best Adam rows are polished and the lower result kept: 98.5%
+    # against 96.0% of 200 own images converged, worst own 1.4e-7 against 2.5e-6, now below the
+    # lowest real image (convergence_cpu_onestep_c2_n200.md), for 1.2x to 1.7x the time.
+    # Attributing with a threshold (early stop), an image whose two polished starts end above it
+    # but within 4x of it has two more polished: 100% of the 200 converged against 98.5%, own
+    # images in 0.98x the authors' loop's time and 1.29x with real ones, against 1.46x
+    # (convergence_cpu_onestep_esc2_n200.md, convergence_cpu_onestep_verdict_n200.md).
+    "consistency": InversionSettings(
+        steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
+        halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=80, polish_method="cg",
+        polish_cg_iters=100, polish_patience=10, polish_min_drop=0.2, polish_gmres_iters=30,
+        polish_candidates=2, polish_escalate=2,
+    ),
+}
+#: the GAN family default until 24 starts replaced it: 8 starts halved every 100 steps, no escalation
+PRESETS["gan-8-starts"] = FAMILY_DEFAULTS["gan"].replace(restarts=8, halving_every=100, polish_escalate=0)
+PRESETS["stagewise"] = FAMILY_DEFAULTS["consistency"].replace(
+    steps=1, restarts=2, halving_every=0, patience=0, polish_patience=0, stagewise=True)
+FALLBACK_DEFAULT = InversionSettings(
+    steps=1500, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=150,
+    halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3,
+)
+
+
+def resolve_settings(
+    generator: GeneratorAdapter | None, settings: InversionSettings | str | None = None, **overrides
+) -> InversionSettings:
+    """The settings an inversion will use: a preset name, an object, or the family default, plus overrides."""
+    if settings is None or settings == "default":
+        family = getattr(generator, "family", "gan")
+        base = FAMILY_DEFAULTS.get(family, FALLBACK_DEFAULT)
+    elif isinstance(settings, str):
+        if settings not in PRESETS:
+            raise ValueError(f"settings must be one of {sorted(PRESETS) + ['default']} or InversionSettings, "
+                             f"got {settings!r}")
+        base = PRESETS[settings]
+    elif isinstance(settings, InversionSettings):
+        base = settings
+    else:
+        raise TypeError(f"settings must be a preset name or InversionSettings, got {type(settings).__name__}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return base.replace(**overrides) if overrides else base

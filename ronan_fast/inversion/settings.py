@@ -1,0 +1,183 @@
+"""Inversion settings: everything that shapes an inversion's result.
+
+:class:`InversionSettings` is part of a belonging profile's identity: a profile is only valid
+for the settings that made it. Named settings and the per-family defaults are in
+:mod:`ronan_fast.inversion.presets`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["InversionSettings", "SCHEDULES", "PRECISIONS", "TYPICAL_SET", "POLISH_METHODS", "THRESHOLD_FIELDS",
+           "LATER_FIELDS"]
+
+SCHEDULES = ("constant", "cosine", "warm_restarts")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TYPICAL_SET = ("none", "project", "penalty")
+POLISH_METHODS = ("dense", "cg", "dense-rev")
+#: fields added after the first settings format: :meth:`InversionSettings.to_dict` writes them only
+#: when they differ from these defaults, so earlier profiles and caches keep their identity
+LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3,
+                "polish_gmres_iters": 0, "polish_candidates": 1, "stagewise": False, "polish_escalate": 0,
+                "escalate_within": 4.0, "settle_patience": 0, "settle_min_drop": 0.2, "settle_above": 4.0}
+#: the settings that act only when a belonging threshold is given (``invert(stop_below=...)``)
+THRESHOLD_FIELDS = ("polish_escalate", "escalate_within", "settle_patience", "settle_min_drop", "settle_above")
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    """Everything that shapes an inversion's result. Part of a belonging profile's identity."""
+
+    steps: int = 1500
+    lr: float = 0.1
+    restarts: int = 1
+    schedule: str = "constant"
+    #: linear warm-up steps at the start of the schedule
+    warmup: int = 0
+    #: for "cosine"/"warm_restarts": the lowest learning rate, as a fraction of ``lr``
+    min_lr_frac: float = 0.0
+    #: for "warm_restarts": number of cosine cycles over ``steps``
+    cycles: int = 3
+    metric: str = "mse"
+    #: the generator's precision in the Adam phase: "bf16"/"fp16" run it under autocast; the
+    #: latents, the polish and the scores stay float32, and a row stops under ``stop_below`` only
+    #: once its input measured in float32 is under it
+    precision: str = "fp32"
+    #: successive halving: every ``halving_every`` steps keep the best ``halving_keep`` fraction
+    #: of each image's live rows (never fewer than ``min_rows``); 0 turns it off. It acts at the
+    #: stopping checks (every ``check_every`` steps): at the first check at or after each multiple
+    halving_every: int = 0
+    halving_keep: float = 0.5
+    min_rows: int = 1
+    #: a row stops once its best loss has not improved by ``rel_tol`` (relative) for ``patience`` steps; 0: off
+    patience: int = 0
+    rel_tol: float = 1e-3
+    #: "project": keep latents on the prior's typical-set shell; "penalty": pull them towards it
+    typical_set: str = "none"
+    penalty: float = 0.0
+    #: Levenberg-Marquardt iterations polishing each image's best input at the end (MSE and
+    #: "mse-tone"; the "cg" method and the GMRES phase MSE only; images
+    #: already under ``stop_below`` are left as they are: their verdict is settled)
+    polish_steps: int = 0
+    #: how a polish step solves its normal equations: "dense" builds each row's Jacobian by
+    #: forward-mode AD (one pass per latent dimension: for latents up to a few hundred wide);
+    #: "cg" never forms it and runs ``polish_cg_iters`` conjugate-gradient iterations of
+    #: Jacobian-vector and vector-Jacobian products (for latents as wide as the image);
+    #: "dense-rev" builds it row by row in reverse mode (vector-Jacobian products, 128 at a time:
+    #: memory bounded for wide latents) and solves the damped normal equations exactly
+    polish_method: str = "dense"
+    polish_cg_iters: int = 20
+    #: a polished row stops once its loss fell by less than ``polish_min_drop`` (a fraction) over
+    #: the last ``polish_patience`` polish steps (it has levelled off: real images do, a model's
+    #: own images keep falling); 0: off. A row also stops once under ``stop_below``.
+    polish_patience: int = 0
+    polish_min_drop: float = 0.3
+    #: > 0: before that polish, Gauss-Newton steps solved by this many GMRES iterations (``J v``
+    #: products only, far cheaper than a CG step) for generators whose latent is exactly as
+    #: wide as the image (one-step models; ignored for others), under the same leaving rule; only
+    #: the rows it leaves unsolved (levelled off, stuck, out of steps) go on to ``polish_method``
+    polish_gmres_iters: int = 0
+    #: how many of each image's best Adam rows (its lowest-loss starts) are polished; the lowest
+    #: loss after the polish wins. A start whose Adam loss is lowest can still lie in a basin the
+    #: polish cannot leave; a second one costs a second polish per image
+    polish_candidates: int = 1
+    #: > 0, when a belonging threshold is known (``invert(stop_below=...)``, as when attributing
+    #: with early stop): an image whose polished rows all ended above its threshold but within
+    #: ``escalate_within`` times it (its verdict in doubt) has this many more of its best Adam
+    #: rows polished (the next ones by Adam loss), and the lowest loss wins. Images far above
+    #: their threshold (real images) or under it cost nothing more. Without a threshold: ignored
+    polish_escalate: int = 0
+    escalate_within: float = 4.0
+    #: > 0, when a belonging threshold is known: a polished row whose loss is above
+    #: ``settle_above`` times its threshold and fell by less than ``settle_min_drop`` (a fraction)
+    #: over the last ``settle_patience`` polish steps leaves the polish: it has levelled off far
+    #: above the line, its verdict (not belonging) is settled. A model's own images start the
+    #: polish a few times above the line and keep falling; real images level off at once, tens
+    #: to hundreds of times above it. Only in the last polish (``polish_method``'s), not in the
+    #: GMRES phase, where a stall is the method's (restarted GMRES stagnates on some of a
+    #: model's own images) and the CG polish takes the row up. Without a threshold: ignored
+    settle_patience: int = 0
+    settle_min_drop: float = 0.2
+    settle_above: float = 4.0
+    #: for a multi-step sampler that exposes its steps (``adapter.stage_chain()``, e.g. the zoo's
+    #: DDIM sampler): invert its last step as a one-step generator with these settings, then
+    #: solve each earlier step for its input by Gauss-Newton (:mod:`ronan_fast.inversion.stagewise`); the
+    #: loss reported is the whole sampler's from the recovered initial noise. Ignored for
+    #: generators without a stage decomposition
+    stagewise: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    #: how often (in steps) stopping rules are checked and the batch compacted
+    check_every: int = 25
+
+    def __post_init__(self) -> None:
+        _positive_int("steps", self.steps)
+        _positive_int("restarts", self.restarts)
+        _positive_int("check_every", self.check_every)
+        _positive_int("min_rows", self.min_rows)
+        for name in ("warmup", "halving_every", "patience", "polish_steps", "polish_patience", "polish_gmres_iters",
+                     "polish_escalate", "settle_patience"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        if self.typical_set not in TYPICAL_SET:
+            raise ValueError(f"typical_set must be one of {TYPICAL_SET}, got {self.typical_set!r}")
+        if not 0 < self.halving_keep < 1:
+            raise ValueError(f"halving_keep must lie in (0, 1), got {self.halving_keep}")
+        if not 0 <= self.min_lr_frac <= 1:
+            raise ValueError(f"min_lr_frac must lie in [0, 1], got {self.min_lr_frac}")
+        _positive_int("cycles", self.cycles)
+        _positive_int("polish_cg_iters", self.polish_cg_iters)
+        _positive_int("polish_candidates", self.polish_candidates)
+        if self.polish_method not in POLISH_METHODS:
+            raise ValueError(f"polish_method must be one of {POLISH_METHODS}, got {self.polish_method!r}")
+        for name in ("polish_min_drop", "settle_min_drop"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v < 1):
+                raise ValueError(f"{name} must lie in (0, 1), got {v!r}")
+        for name in ("escalate_within", "settle_above"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 < v < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 1, got {v!r}")
+        if self.rel_tol < 0 or self.penalty < 0:
+            raise ValueError("rel_tol and penalty must be >= 0")
+        if not isinstance(self.stagewise, bool):
+            raise ValueError(f"stagewise must be True or False, got {self.stagewise!r}")
+        if not isinstance(self.metric, str):
+            raise ValueError("settings.metric must be a metric name; pass metric objects to invert(metric=...)")
+
+    def replace(self, **changes) -> "InversionSettings":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown inversion setting(s): {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def without_threshold_rules(self) -> "InversionSettings":
+        """These settings with the fields that act only given a threshold (``THRESHOLD_FIELDS``)
+        at their defaults: the same inversion wherever none is given, under the identity an
+        inversion without those fields had (:meth:`to_dict` leaves them out)."""
+        return self.replace(**{k: LATER_FIELDS[k] for k in THRESHOLD_FIELDS})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, default in LATER_FIELDS.items():
+            if d[k] == default:
+                del d[k]
+        return d
+
+
+def _positive_int(name: str, v: object) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
