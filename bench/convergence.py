@@ -126,8 +126,8 @@ CANDIDATES: dict[str, dict] = {
     # the 8-start GAN default with three times the starts, halved every 25 steps instead of every
     # 100 (2125 row-steps per image against 2000), and two more polished starts for an image whose
     # verdict is in doubt: on per-start trajectories of the 64x64 DCGAN's hard images
-    # (bench/start_selection.py), the start that ends lowest is among the best few by step 25 for
-    # all but one. Now the GAN default itself.
+    # (bench/results/start_selection_dcgan64_cpu.md), the start that ends lowest is among the best
+    # few by step 25 for all but one. Now the GAN default itself.
     "gan-r24-h25-esc2": {"settings": "default", "restarts": 24, "halving_every": 25, "polish_escalate": 2},
     # ... with a shorter Adam phase (300 or 150 cosine steps; the halving to 2 starts by step 125
     # unchanged) and a polish of up to 40 steps carrying the rest: the shorter phases that lost

@@ -8,8 +8,7 @@
 # Then the benchmark tables, each against the installed package: bench.speed (both baselines
 # and our variants, on the bundled default generator, the zoo's one-step model and the 28M-
 # parameter large-dcgan128) and bench.overhead (the share of a step outside the generator at
-# batch 256 and up) and bench.jacobian_products (forward- against reverse-mode Jacobian products,
-# which the polishes use), written to $OUT (or bench/results/gpu_run/) as .md and .json. Each table
+# batch 256 and up), written to $OUT (or bench/results/gpu_run/) as .md and .json. Each table
 # runs under its own time limit (BENCH_TIMEOUT seconds, default 100; the large generator gets
 # 1.3 times that); a table cut short keeps and prints the rows it finished.
 # Fails loudly when any build step or check fails.
@@ -130,8 +129,6 @@ if [ "$bench" = quick ]; then
     --only "authors,plain batched,ours (full)"
   run_bench "$limit" bench.overhead --device "$dev" --generator default --batch 16 --steps 3 --repeats 1 \
     --out "$res/overhead_${dev}_default.md" || echo "bench.overhead failed or stopped (exit $?)"
-  run_bench "$limit" bench.jacobian_products --device "$dev" --generators default --rows 4 --calls 1 --repeats 1 \
-    --out "$res/jacobian_products_${dev}.md" || echo "bench.jacobian_products failed or stopped (exit $?)"
 else
   step "benchmark tables"
   speed_table default "$limit" --generators default --n 32 --steps 1500 --restarts 8 --authors-images 4
@@ -139,7 +136,5 @@ else
   run_bench "$limit" bench.overhead --device "$dev" --generator large --batch 256,1024 --steps 20 \
     --out "$res/overhead_${dev}_large.md" || echo "bench.overhead failed or stopped (exit $?)"
   speed_table onestep "$limit" --generators onestep-fmnist --n 32 --steps 1500 --restarts 8 --authors-images 4
-  run_bench "$limit" bench.jacobian_products --device "$dev" --generators onestep-fmnist,large --rows 16,256 \
-    --out "$res/jacobian_products_${dev}.md" || echo "bench.jacobian_products failed or stopped (exit $?)"
 fi
 echo "gpu_check: benchmark tables in $res"

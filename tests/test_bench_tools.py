@@ -1,11 +1,9 @@
-"""The benchmark scripts' own numerics: the matrix-free Gauss-Newton solver and the DDIM inversion
-of bench/ddim_probe.py, and the overhead measurement of bench/overhead.py, on tiny models."""
+"""The benchmarks' own machinery on tiny models: bench/overhead.py's measurement, bench/convergence.py's
+and bench/speed.py's rows and options, and bench/generators.py's large generator."""
 
 from __future__ import annotations
 
 import json
-import math
-import platform
 import sys
 from pathlib import Path
 
@@ -17,40 +15,8 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-from bench import ddim_probe, overhead  # noqa: E402
+from bench import overhead  # noqa: E402
 from ronan_fast.adapters import LatentGenerator  # noqa: E402
-from ronan_fast.models.diffusion import DDIMSampler, TinyUNet  # noqa: E402
-
-
-def test_gauss_newton_cg_solves_linear_least_squares():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(24, 10, generator=g, dtype=torch.float64)
-    z_true = torch.randn(5, 10, generator=g, dtype=torch.float64)
-    z0 = torch.randn(5, 10, generator=g, dtype=torch.float64)
-    target = z_true @ a.T
-    seen = []
-    z = ddim_probe.gauss_newton_cg(lambda q: q @ a.T, z0, target, iters=12, cg_iters=10,
-                                   report=lambda k, mse: seen.append(mse.clone()))
-    assert 2 <= len(seen) <= 12  # one report per step run; solved rows end the loop early
-    assert torch.allclose(z, z_true, atol=1e-6), (z - z_true).abs().max()
-    assert bool((seen[-1] < 1e-12).all()) and bool((seen[-1] <= seen[0]).all())
-
-
-def test_fixed_point_ddim_inversion_recovers_the_noise():
-    torch.manual_seed(0)
-    unet = TinyUNet(ch=8, channels=1, size=8, groups=4, patch=2)
-    with torch.no_grad():  # a small noise prediction keeps each step's fixed point a contraction
-        unet.conv_out.weight.mul_(0.05)
-        unet.conv_out.bias.zero_()
-    sampler = DDIMSampler(unet, steps=3, clip_x0=False).eval()
-    x_t = torch.randn(3, 1, 8, 8)
-    with torch.no_grad():
-        x0 = sampler(x_t)
-    x_rec = ddim_probe.fixed_point_inversion(sampler, x0, iters=40)
-    assert torch.isfinite(x_rec).all()
-    assert torch.allclose(x_rec, x_t, atol=1e-3, rtol=1e-3), (x_rec - x_t).abs().max()
-    # one iteration per step is plain DDIM inversion: an approximation, measurably worse
-    assert (ddim_probe.fixed_point_inversion(sampler, x0, iters=1) - x_t).abs().max() > (x_rec - x_t).abs().max()
 
 
 def test_overhead_measure_reports_a_consistent_row():
@@ -107,128 +73,6 @@ def test_overhead_measure_refuses_a_step_time_lost_in_noise(monkeypatch):
     with pytest.raises(RuntimeError, match="too few to time"):
         overhead.measure(bg, rows=16, steps=3, restarts=4, repeats=1)
     assert len(calls) == 1 + 6  # the generator's warm-up, then both runs three times before giving up
-
-
-def test_jacobian_products_table_times_both_modes_and_checks_they_agree(tmp_path):
-    from bench import jacobian_products
-
-    out = tmp_path / "jp.md"
-    assert jacobian_products.main(["--generators", "default", "--rows", "2,3", "--calls", "1", "--repeats", "1",
-                                   "--device", "cpu", "--out", str(out)]) == 0
-    rows = [ln.split(" | ") for ln in out.read_text().splitlines() if ln.startswith("| default |")]
-    assert [r[1] for r in rows] == ["2", "3"]
-    for r in rows:
-        assert all(float(x) > 0 for x in r[2:9])  # every timing measured
-        assert float(r[9]) < 1e-5  # forward- and reverse-mode J v agree (float32)
-        assert r[10].rstrip(" |") == "reverse"
-    with pytest.raises(SystemExit):
-        jacobian_products.main(["--rows", "0"])
-
-
-def test_polish_probe_writes_one_row_per_mark(tmp_path):
-    from bench import polish_probe
-
-    out = tmp_path / "probe.md"
-    assert polish_probe.main(["--generator", "default", "--n", "2", "--adam-steps", "8", "--pairs", "2:4",
-                              "--out", str(out)]) == 0
-    text = out.read_text()
-    rows = [ln for ln in text.splitlines() if ln.startswith("| 2 |")]
-    assert [ln.split(" | ")[1] for ln in rows] == ["1", "2", "3", "4"]  # a quarter, half, three quarters, end
-    assert "Command: `python -m bench.polish_probe --generator default" in text
-    with pytest.raises(SystemExit):
-        polish_probe.main(["--pairs", "10-20"])
-
-
-@pytest.mark.parametrize("method", ["cg", "dense"])
-def test_polish_plateau_replay_matches_the_polish(tmp_path, method):
-    """Rows of the polish are independent: replaying the plateau rule on recorded trajectories
-    gives the loss the polish with that rule ends at (the matrix-free polish and the GAN
-    family's Levenberg-Marquardt polish)."""
-    import functools
-    import json
-
-    from bench import polish_plateau
-    from ronan_fast.inversion import _polish, _polish_cg
-
-    polish = functools.partial(_polish_cg, cg_iters=6) if method == "cg" else _polish
-
-    from ronan_fast.models import DCGANGenerator, dcgan_init_
-
-    torch.manual_seed(0)
-    gen = LatentGenerator(dcgan_init_(DCGANGenerator(nz=6, ngf=4, channels=1, size=8)).eval(), (6,), (-1.0, 1.0))
-    with torch.no_grad():
-        made = gen.decode_raw(torch.randn(2, 6), None)
-    target = torch.cat([made, torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1])
-    start = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
-    steps = 12
-    traj = torch.full((steps + 1, 4), float("nan"), dtype=torch.float64)
-    with torch.no_grad():
-        traj[0] = (gen.decode_raw(start, None) - target).square().flatten(1).mean(1).double()
-
-    def report(k, mse):
-        traj[k] = mse.double()
-
-    polish(gen, start, None, target, "mse", steps, report=report)
-    assert not bool(torch.isnan(traj[1]).any())  # every row reported after the first step
-    for k in range(1, steps + 1):
-        traj[k] = torch.where(torch.isnan(traj[k]), traj[k - 1], traj[k])
-    for w, drop in ((2, 0.5), (3, 0.2), (4, 0.9)):
-        z = polish(gen, start, None, target, "mse", steps, patience=w, min_drop=drop)
-        with torch.no_grad():
-            got = (gen.decode_raw(z, None) - target).square().flatten(1).mean(1).double()
-        want, used = polish_plateau.replay(traj, steps, w, drop)
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-12)
-        assert bool((used >= w).all()) and bool((used <= steps).all())
-    # the settle rule against a threshold: under it a row stops, far over it and levelled off too
-    line = float(traj[0].min()) * 1e-3  # under every start: the made images reach it, the noise does not
-    dismissed = 0
-    for w, drop, above in ((2, 0.2, 2.0), (3, 0.5, 4.0)):
-        z = polish(gen, start, None, target, "mse", steps, stop_raw=torch.full((4,), line), settle=(w, drop, above))
-        with torch.no_grad():
-            got = (gen.decode_raw(z, None) - target).square().flatten(1).mean(1).double()
-        want, used = polish_plateau.replay_settle(traj, steps, line, w, drop, above)
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-12)
-        dismissed += int(((want > above * line) & (used < steps)).sum())
-    assert dismissed > 0  # the rule fired on some row
-    # the report from saved trajectories
-    path = tmp_path / "t.json"
-    path.write_text(json.dumps({"generator": "tiny", "data": "noise", "settings": "{}", "cg_iters": 6,
-                                "own": traj[:, :2].tolist(), "real": traj[:, 2:].tolist()}))
-    out = tmp_path / "r.md"
-    assert polish_plateau.main(["--trajectories", str(path), "--caps", "8,12", "--rules", "2:0.5,3:0.2",
-                                "--settle", "2:0.2:4,3:0.5:2", "--out", str(out)]) == 0
-    text = out.read_text()
-    rows = [ln for ln in text.splitlines() if ln.startswith("| 8 |") or ln.startswith("| 12 |")]
-    assert len(rows) == 6  # per cap: no rule, and the two rules
-    assert [ln.split(" | ")[0] for ln in text.splitlines() if ln.startswith("| none |") or ln.startswith("| 2, 0.2, 4 |")
-            or ln.startswith("| 3, 0.5, 2 |")] == ["| none", "| 2, 0.2, 4", "| 3, 0.5, 2"]
-    for bad in (["--rules", "3:1.5"], ["--settle", "3:0.2:1"], ["--settle", "3:0.2"]):
-        with pytest.raises(SystemExit):
-            polish_plateau.main(bad)
-
-
-def test_polish_plateau_gmres_cg_trajectories_start_where_the_gmres_phase_left_each_row(monkeypatch):
-    """--method gmres-cg: the family default's GMRES phase, then CG steps recorded from where it
-    left each row (row 0 of the trajectory is the GMRES phase's loss, never above Adam's)."""
-    from bench import generators, polish_plateau
-    from bench.generators import BenchGenerator
-    from ronan_fast.inversion import InversionSettings
-    from test_inversion import _square_gen
-
-    gen = _square_gen()
-    bg = BenchGenerator("square", gen, lambda n: torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(4)),
-                        "random")
-    monkeypatch.setattr(generators, "get", lambda name, device="cpu": bg)
-    small = InversionSettings(steps=30, restarts=2, polish_steps=4, polish_gmres_iters=4, polish_method="cg",
-                              polish_cg_iters=4)  # the one-step default's shape, at toy size
-    monkeypatch.setattr(polish_plateau, "resolve_settings", lambda ad, base, **kw: small.replace(**kw))
-    cg = polish_plateau.trajectories("square", 2, 3, 4, 0, method="cg")
-    both = polish_plateau.trajectories("square", 2, 3, 4, 0, method="gmres-cg")
-    for part in ("own", "real"):
-        assert both[part].shape == (4, 2) and bool(torch.isfinite(both[part]).all())
-        assert bool((both[part][0] <= cg[part][0] * (1 + 1e-5)).all())  # GMRES only lowers Adam's loss
-        assert bool((both[part][1:] <= both[part][:-1] * (1 + 1e-6)).all())  # a CG step never raises it
-    assert bool((both["real"][0] < cg["real"][0]).any())
 
 
 def _spy_invert(monkeypatch, module, record) -> list:
@@ -457,50 +301,3 @@ def test_large_benchmark_generator_is_tens_of_millions_of_parameters():
     assert float(made.std(dim=(1, 2, 3)).min()) > 0.02  # not a flat image: BatchNorm statistics were set
     assert float((made[0] - made[1]).abs().mean()) > 0.01  # different latents, different images
 
-
-def test_cpu_heap_tables_measure_each_setting_in_its_own_process(tmp_path):
-    from bench import cpu_heap
-
-    out = tmp_path / "heap.md"
-    assert cpu_heap.main(["--generators", "default", "--batches", "4,8", "--rows-per-measure", "16",
-                          "--polish", "default", "--polish-rows", "1,2", "--out", str(out)]) == 0
-    report = json.loads(out.with_suffix(".json").read_text())
-    steps = report["steps"]["default"]
-    assert steps["off"]["held"] is False  # RONAN_FAST_CPU_HEAP=0 reached the worker
-    assert steps["on"]["held"] is (platform.libc_ver()[0] == "glibc")
-    for label in ("off", "on"):
-        for b in ("4", "8"):
-            cell = steps[label]["steps"][b]
-            assert math.isfinite(cell["us_per_row"]) and cell["us_per_row"] > 0 and cell["faults_per_row"] >= 0
-    polish = report["polish"]
-    assert set(polish["ms_per_row_step"]) == {"1", "2"} and all(v > 0 for v in polish["ms_per_row_step"].values())
-    assert polish["default_rows"] == 128 // 32  # the bundled DCGAN's latent is 32 wide
-    text = out.read_text()
-    assert "| default | off |" in text and "| default | on |" in text and "| 2 |" in text
-
-
-def test_start_selection_replays_a_halving_policy_on_saved_trajectories(tmp_path, capsys):
-    """bench/start_selection.py: a policy keeps the rows lowest at each checkpoint, so a good start
-    that leads from step 25 survives halving at 25, one that leads only from step 100 does not;
-    row-steps count each phase's live rows."""
-    from bench import start_selection as ss
-
-    cp = ss.CHECKPOINTS
-    R = 4
-    traj = torch.ones(len(cp), 2, R)
-    c25 = cp.index(25)
-    # image 0: start 2 leads from step 25 on and ends good; image 1: start 3 ends good but trails until step 100
-    traj[c25:, 0, 2] = 1e-4
-    traj[cp.index(100):, 1, 3] = 1e-4
-    traj[: cp.index(100), 1, 3] = 2.0
-    fin = traj[-1]
-    p = ss.replay(traj, fin, cp, R, [(25, 2), (50, 1)], good=1e-3, trials=5)
-    assert p.tolist() == [1.0, 0.0]
-    assert ss.replay(traj, fin, cp, R, [(100, 1)], good=1e-3, trials=5).tolist() == [1.0, 1.0]
-    assert ss.row_steps(24, [(25, 12), (50, 6), (75, 3), (100, 2)], 600) == 24 * 25 + 12 * 25 + 6 * 25 + 3 * 25 + 2 * 500
-    path = tmp_path / "traj.pt"
-    torch.save({"idx": [7, 8], "hard": [7], "checkpoints": cp, "traj": traj.view(len(cp), -1), "R": R, "n": 10,
-                "seed": 1}, path)
-    assert ss.main(["simulate", str(path), "--trials", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "| 7 | yes |" in out and "expected failures of 10" in out
