@@ -6,10 +6,18 @@ for inversion (the command line takes a zoo name as ``--model`` / ``--reference`
 ``ronan_fast/zoo/weights/NAME.safetensors`` (``dcgan-fmnist`` and ``dcgan-digits`` are the
 bundled default generator and reference model), and every entry is rebuilt by ``python -m ronan_fast.zoo.train NAME`` (see
 ``ronan_fast/zoo/README.md`` for commands, settings and timings).
+
+Some entries form a benchmark of 64x64 generators that differ in what makes inversion hard
+(architecture, latent width, training data and length, loss): :func:`benchmark_models` lists
+those of the ``"tuning"`` half, on which the inversion's defaults may be chosen, and of the
+``"held-out"`` half, on which they never are (``ZooEntry.split``). One of them,
+``aekl64-photos``, is a ``diffusers.AutoencoderKL`` saved as a folder; its adapter is
+:class:`ronan_fast.diffusers_adapters.LatentDiffusionDecoder` (needs the diffusers extra).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +48,8 @@ class ZooEntry:
         image_shape: ``(C, H, W)`` of one output image.
         evaluated: whether the evaluation harness builds cells for it (the harness's reference
             models are 28x28 grey, so a model of another image shape cannot be calibrated there).
+        split: the generator benchmark's half it belongs to: "tuning" (inversion defaults may be
+            chosen on it) or "held-out" (they never are); None for models outside the benchmark.
     """
 
     architecture: str
@@ -53,6 +63,17 @@ class ZooEntry:
     recipe: str = ""
     image_shape: tuple[int, int, int] = (1, 28, 28)
     evaluated: bool = True
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in (None, *BENCHMARK_SPLITS):
+            raise ValueError(f"split must be None or one of {BENCHMARK_SPLITS}, got {self.split!r}")
+
+
+#: the generator benchmark's two halves (``ZooEntry.split``)
+BENCHMARK_SPLITS = ("tuning", "held-out")
+#: architectures saved as diffusers model folders (``save_pretrained``) rather than ronan_fast safetensors files
+DIFFUSERS_ARCHITECTURES = ("AutoencoderKL",)
 
 
 def _w(name: str) -> Path:
@@ -84,7 +105,14 @@ ZOO: dict[str, ZooEntry] = {
     "dcgan64-photos": ZooEntry("DeepDCGANGenerator", "20,000 colour 64x64 patches of scikit-image / scikit-learn / "
                                "OpenCV photos; the paper's DCGAN architecture (nz=100), ngf=32", (-1.0, 1.0), (100,),
                                "gan", "photo-patches-64rgb", _w("dcgan64-photos"), recipe="dcgan64-photos",
-                               image_shape=(3, 64, 64), evaluated=False),
+                               image_shape=(3, 64, 64), evaluated=False, split="tuning"),
+    # The 64x64 generator benchmark (recipes in ronan_fast/zoo/train64.py; README "Generator
+    # benchmark"): defaults may be tuned on split "tuning", never on "held-out".
+    "dcgan64n-opencv": ZooEntry("DeepDCGANGenerator", "20,000 colour 64x64 patches of OpenCV's sample photos; a "
+                                "narrow all-convolutional DCGAN (nz=64, ngf=16), hinge loss, 1,250 steps (the short "
+                                "twin of dcgan64n-opencv-long)", (-1.0, 1.0), (64,), "gan", "opencv-patches-64rgb",
+                                _w("dcgan64n-opencv"), recipe="dcgan64n-opencv", image_shape=(3, 64, 64),
+                                evaluated=False, split="tuning"),
 }
 for _pct in (50, 60, 70, 80, 90):
     _n = f"dcgan-fmnist-overlap{_pct}"
@@ -96,16 +124,43 @@ for _pct in (50, 60, 70, 80, 90):
 ZOO_REFERENCE = "dcgan-digits"
 
 
+def benchmark_models(split: str | None = None) -> list[str]:
+    """Names of the generator benchmark's models in ``split`` ("tuning" or "held-out"), or of
+    both halves (tuning first) when ``split`` is None; in registry order."""
+    if split is not None and split not in BENCHMARK_SPLITS:
+        raise ValueError(f"split must be None or one of {BENCHMARK_SPLITS}, got {split!r}")
+    splits = BENCHMARK_SPLITS if split is None else (split,)
+    return [n for s in splits for n, e in ZOO.items() if e.split == s]
+
+
+def _missing(name: str, entry: ZooEntry) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"weights of zoo model {name!r} not found at {entry.path}; "
+        f"train them with `python -m ronan_fast.zoo.train {entry.recipe}`"
+    )
+
+
 def load_zoo_module(name: str, device="cpu") -> nn.Module:
-    """Load zoo model ``name`` in eval mode (BatchNorm on running statistics)."""
+    """Load zoo model ``name`` in eval mode (BatchNorm on running statistics).
+
+    A diffusers entry (``aekl64-photos``) loads as the ``diffusers.AutoencoderKL`` itself, its
+    training record in ``module.info``; its generator is the decoder (see :func:`zoo_adapter`).
+    """
     if name not in ZOO:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(sorted(ZOO))}")
     entry = ZOO[name]
+    if entry.architecture in DIFFUSERS_ARCHITECTURES:
+        if not (entry.path / "config.json").is_file():
+            raise _missing(name, entry)
+        from ronan_fast.diffusers_adapters import require_diffusers
+
+        cls = getattr(require_diffusers(), entry.architecture)
+        module = cls.from_pretrained(entry.path, local_files_only=True).to(device).eval()
+        info = entry.path / "training_info.json"
+        module.info = json.loads(info.read_text()) if info.is_file() else None
+        return module
     if not entry.path.is_file():
-        raise FileNotFoundError(
-            f"weights of zoo model {name!r} not found at {entry.path}; "
-            f"train them with `python -m ronan_fast.zoo.train {entry.recipe}`"
-        )
+        raise _missing(name, entry)
     module = load_model(entry.path, device=device, eval=True)
     if type(module).__name__ != entry.architecture:
         raise ValueError(f"{entry.path} holds a {type(module).__name__}, but the zoo says {entry.architecture}")
@@ -115,8 +170,21 @@ def load_zoo_module(name: str, device="cpu") -> nn.Module:
 def zoo_adapter(name: str, device="cpu") -> GeneratorAdapter:
     """Zoo model ``name`` loaded (eval mode) and wrapped for inversion, named ``name``: a
     :class:`~ronan_fast.adapters.ConditionalGenerator` (class unknown unless given) for the
-    conditional family, else a :class:`~ronan_fast.adapters.LatentGenerator` of the entry's
+    conditional family, a :class:`~ronan_fast.diffusers_adapters.LatentDiffusionDecoder`
+    (random starts from its N(0, I) prior on the scaled latent) for a diffusers
+    ``AutoencoderKL``, else a :class:`~ronan_fast.adapters.LatentGenerator` of the entry's
     latent shape, output range, image shape and family."""
+    entry = ZOO.get(name)
+    if entry is not None and entry.architecture in DIFFUSERS_ARCHITECTURES:
+        if not (entry.path / "config.json").is_file():
+            raise _missing(name, entry)
+        from ronan_fast.diffusers_adapters import LatentDiffusionDecoder
+
+        adapter = LatentDiffusionDecoder.from_pretrained(entry.path, name=name).to(device)
+        if tuple(adapter.latent_shape) != tuple(entry.latent_shape) or adapter.family != entry.family:
+            raise ValueError(f"{entry.path} holds a decoder of latent {adapter.latent_shape} ({adapter.family}), "
+                             f"but the zoo says {entry.latent_shape} ({entry.family})")
+        return adapter
     module = load_zoo_module(name, device=device)
     entry = ZOO[name]
     if entry.family == "conditional":
@@ -126,4 +194,5 @@ def zoo_adapter(name: str, device="cpu") -> GeneratorAdapter:
                            image_shape=tuple(entry.image_shape), family=entry.family, name=name)
 
 
-__all__ = ["ZOO", "ZOO_REFERENCE", "ZooEntry", "load_zoo_module", "zoo_adapter"]
+__all__ = ["BENCHMARK_SPLITS", "DIFFUSERS_ARCHITECTURES", "ZOO", "ZOO_REFERENCE", "ZooEntry", "benchmark_models",
+           "load_zoo_module", "zoo_adapter"]
