@@ -242,6 +242,13 @@ def test_linear_axis_for_grubbs_and_uncalibrated_reports():
     dom = parse(render_html(header, [rec], prof))
     assert "log scale" not in dom.by_id("histogram").text
     assert "uncalibrated" in dom.by_id("run").text
+    ticks = [t.text for t in dom.by_id("histogram").find_all("g", "ticks")[0].find_all("text")]
+    assert ticks == ["0.015", "0.02", "0.025", "0.03", "0.035", "0.04"]
+    tiny = prof | {"calibrated_losses": [v * 1e-12 for v in prof["calibrated_losses"]], "threshold": 3e-14,
+                   "mu": 2e-14, "sigma": 5e-15}
+    dom = parse(render_html(header, [rec | {"calibrated_loss": 4e-14}], tiny))
+    ticks = [t.text for t in dom.by_id("histogram").find_all("g", "ticks")[0].find_all("text")]
+    assert len(ticks) >= 4 and len(set(ticks)) == len(ticks) and "0" not in ticks, ticks
 
 
 def test_a_belonging_profile_object_is_taken_as_the_profile():

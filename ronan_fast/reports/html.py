@@ -357,7 +357,7 @@ def _linear_ticks(lo: float, hi: float) -> list[float]:
     ticks = []
     k = first
     while k * step <= hi + step * 1e-9:
-        ticks.append(round(k * step, 12))
+        ticks.append(float(f"{k * step:.12g}"))  # without float noise such as 0.30000000000000004
         k += 1
     return ticks
 
@@ -409,8 +409,8 @@ def _histogram_svg(profile: dict, records: list[dict]) -> tuple[str, list[str]]:
         lo, hi = min(values), max(values)
     else:
         lo, hi = (-1.0, 0.0) if log else (0.0, 1.0)
-    if hi - lo < 1e-12 * max(1.0, abs(hi)):
-        half = 0.5 if log else max(abs(hi) * 0.1, 1e-12)
+    if hi - lo <= 1e-9 * max(abs(hi), abs(lo)):  # one value: widen around it
+        half = 0.5 if log else (abs(hi) * 0.1 or 1.0)
         lo, hi = lo - half, hi + half
     pad = (hi - lo) * 0.04
     lo, hi = lo - pad, hi + pad
@@ -460,7 +460,7 @@ def _histogram_svg(profile: dict, records: list[dict]) -> tuple[str, list[str]]:
     if prof:
         pmin, pmax = min(prof), max(prof)
         k = min(40, max(5, math.ceil(math.sqrt(len(prof))) + 2))
-        if pmax - pmin < 1e-12 * max(1.0, abs(pmax)):
+        if pmax - pmin <= 1e-9 * max(abs(pmax), abs(pmin)):
             edges = [pmin - (hi - lo) / 80, pmin + (hi - lo) / 80]
             counts = [len(prof)]
         else:
