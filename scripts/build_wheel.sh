@@ -119,7 +119,7 @@ rm -rf "$VENV"
 log "fresh build environment in $VENV: torch==$TORCH${INDEX_URL:+ from $INDEX_URL}"
 "$PY" -m venv "$VENV"
 pip_q install "torch==$TORCH" ${INDEX_URL:+--index-url "$INDEX_URL"}
-pip_q install numpy scikit-build-core pybind11 'cmake>=3.26' ninja
+pip_q install numpy 'scikit-build-core>=0.11' pybind11 'cmake>=3.26' ninja
 "$VPY" - "$TORCH" "$CUDA" "$INDEX_URL" <<'EOF' || exit 1
 import sys, torch
 want_torch, want_cuda, index = sys.argv[1:]
@@ -141,8 +141,10 @@ rm -rf "$SRC" "$WORK/wheel"
 mkdir -p "$SRC" "$WORK/wheel"
 # What the wheel is made of (pyproject.toml's readme and license files included), without build
 # products of an in-place build; .gitignore goes along because scikit-build-core honours it.
+parts=(pyproject.toml CMakeLists.txt README.md LICENSE csrc ronan_fast)
+if [ -f "$ROOT/.gitignore" ]; then parts+=(.gitignore); fi
 tar -C "$ROOT" --exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' --exclude=ronan_fast/_build_info.py \
-  -cf - pyproject.toml CMakeLists.txt README.md LICENSE .gitignore csrc ronan_fast | tar -C "$SRC" -xf -
+  -cf - "${parts[@]}" | tar -C "$SRC" -xf -
 stamped=$("$VPY" -I "$SRC/ronan_fast/_version.py" stamp --torch "$TORCH" --cuda "$CUDA" "$SRC/ronan_fast/__init__.py")
 [ "$stamped" = "$VERSION" ] || fail "the source copy says $stamped, expected $VERSION"
 
