@@ -9,7 +9,7 @@ runs the demo and part of this suite against it.
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import re
 import stat
 import subprocess
@@ -29,7 +29,15 @@ from ronan_fast._version import build_command, cuda_tag, local_label, stamp, tor
 ROOT = Path(__file__).resolve().parents[1]
 IN_SOURCE_TREE = (ROOT / "pyproject.toml").is_file() and (ROOT / "scripts" / "build_wheel.sh").is_file()
 needs_source = pytest.mark.skipif(not IN_SOURCE_TREE, reason="needs the source tree (pyproject.toml, scripts/)")
-sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.fixture(scope="module")
+def check_wheel():
+    """scripts/check_wheel.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("check_wheel", ROOT / "scripts" / "check_wheel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------------------- version
@@ -273,19 +281,17 @@ def test_build_wheel_help_lists_every_option():
 # ---------------------------------------------------------------------------- check_wheel.py
 
 
-def test_check_wheel_reads_architecture_lists():
-    import check_wheel
-
+@needs_source
+def test_check_wheel_reads_architecture_lists(check_wheel):
     assert check_wheel.expected_archs("8.0;8.6;9.0+PTX") == ({80, 86, 90}, {90})
     assert check_wheel.expected_archs("9.0a") == ({90}, set())
     with pytest.raises(ValueError, match="--arch"):
         check_wheel.expected_archs("sm_90")
 
 
-def test_check_wheel_finds_what_a_wheel_lacks(tmp_path):
+@needs_source
+def test_check_wheel_finds_what_a_wheel_lacks(tmp_path, check_wheel):
     """A wheel without py.typed, LICENSE or a compiled module, with a _build_info of another torch, fails."""
-    import check_wheel
-
     wheel = tmp_path / "ronan_fast-0.2.0+torch2.13.cpu-cp311-cp311-linux_x86_64.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("ronan_fast/__init__.py", '__version__ = "0.2.0"\n')
