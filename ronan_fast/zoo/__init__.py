@@ -118,6 +118,12 @@ ZOO: dict[str, ZooEntry] = {
                                      "opencv-patches-64rgb", _w("dcgan64n-opencv-long"),
                                      recipe="dcgan64n-opencv-long", image_shape=(3, 64, 64), evaluated=False,
                                      split="held-out"),
+    "stylegan64-photos": ZooEntry("StyleGenerator", "20,000 colour 64x64 patches of scikit-image / scikit-learn / "
+                                  "OpenCV photos (dcgan64-photos' set); StyleGAN2-style: z 512 -> mapping MLP -> w 256, "
+                                  "demodulated convs, constant input, no noise; non-saturating loss + R1, EMA of G",
+                                  (-1.0, 1.0), (512,), "gan", "photo-patches-64rgb", _w("stylegan64-photos"),
+                                  recipe="stylegan64-photos", image_shape=(3, 64, 64), evaluated=False,
+                                  split="held-out"),
 }
 for _pct in (50, 60, 70, 80, 90):
     _n = f"dcgan-fmnist-overlap{_pct}"
