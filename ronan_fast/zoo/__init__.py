@@ -118,6 +118,10 @@ ZOO: dict[str, ZooEntry] = {
                                  "DCGAN (nz=128, ngf=16), projection discriminator, non-saturating loss",
                                  (-1.0, 1.0), (128,), "conditional", "digits", _w("condgan64-digits"), num_classes=10,
                                  recipe="condgan64-digits", image_shape=(1, 64, 64), evaluated=False, split="tuning"),
+    "vae64-fmnist": ZooEntry("DeepVAE", "Fashion-MNIST train, all 60,000 images, upscaled to 64x64; the decoder of a "
+                             "VAE whose encoder and decoder mirror the all-convolutional DCGAN (nz=32, nf=16)",
+                             (0.0, 1.0), (32,), "vae", "fashion-mnist-train", _w("vae64-fmnist"), recipe="vae64-fmnist",
+                             image_shape=(1, 64, 64), evaluated=False, split="tuning"),
     "dcgan64n-opencv-long": ZooEntry("DeepDCGANGenerator", "dcgan64n-opencv trained 3x longer (3,750 steps): same "
                                      "architecture, data, hinge loss and seed", (-1.0, 1.0), (64,), "gan",
                                      "opencv-patches-64rgb", _w("dcgan64n-opencv-long"),
