@@ -133,6 +133,11 @@ ZOO: dict[str, ZooEntry] = {
                                   (-1.0, 1.0), (512,), "gan", "photo-patches-64rgb", _w("stylegan64-photos"),
                                   recipe="stylegan64-photos", image_shape=(3, 64, 64), evaluated=False,
                                   split="held-out"),
+    "upgan64-fmnist": ZooEntry("UpsampleDCGANGenerator", "Fashion-MNIST train, all 60,000 images, upscaled to 64x64; "
+                               "a DCGAN that upsamples (nearest) and convolves (3x3) in place of transposed "
+                               "convolutions (nz=32, ngf=16), WGAN-GP", (-1.0, 1.0), (32,), "gan",
+                               "fashion-mnist-train", _w("upgan64-fmnist"), recipe="upgan64-fmnist",
+                               image_shape=(1, 64, 64), evaluated=False, split="held-out"),
 }
 for _pct in (50, 60, 70, 80, 90):
     _n = f"dcgan-fmnist-overlap{_pct}"

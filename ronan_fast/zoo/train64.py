@@ -546,12 +546,12 @@ def benchmark_recipes(Recipe) -> dict[str, Any]:
     ))
     add(Recipe(
         "upgan64-fmnist", "upsample + conv DCGAN (nz=32, ngf=16) on Fashion-MNIST train upscaled to 64x64, "
-        "WGAN-GP (5 critic steps per generator step)", run_gan64,
-        steps=1000, seed=100, out=zoo("upgan64-fmnist"), grid=grid("upgan64-fmnist"),
+        "WGAN-GP (3 critic steps per generator step)", run_gan64,
+        steps=1200, seed=100, out=zoo("upgan64-fmnist"), grid=grid("upgan64-fmnist"),
         params={"data": data_fmnist64, "prep": fm64,
                 "generator": (UpsampleDCGANGenerator, dict(nz=32, ngf=16, channels=1, size=64)),
                 "discriminator": (WGANCritic, dict(ndf=16, channels=1, size=64)),
-                "train": dict(loss="wgan-gp", batch=32, lr_g=1e-4, lr_d=1e-4, betas=(0.0, 0.9), n_critic=5,
+                "train": dict(loss="wgan-gp", batch=32, lr_g=2e-4, lr_d=2e-4, betas=(0.0, 0.9), n_critic=3,
                               gp_weight=10.0)},
     ))
     add(Recipe(
@@ -573,7 +573,7 @@ def benchmark_recipes(Recipe) -> dict[str, Any]:
     add(Recipe(
         "aekl64-photos", "Stable-Diffusion-style diffusers.AutoencoderKL (64x64 RGB, latent 4x8x8, widths "
         "16-32-32-64) on 20,000 colour 64x64 photo patches, MSE + light KL", run_aekl,
-        steps=1500, seed=130, out=WEIGHTS_DIR / "aekl64-photos", grid=grid("aekl64-photos"),
+        steps=1200, seed=130, out=WEIGHTS_DIR / "aekl64-photos", grid=grid("aekl64-photos"),
         params={"data": data_photos64,
                 "held_out": lambda: D.photo_patches(size=64, n=500, grey=False, seed=999),
                 "recon_grid": RESULTS_DIR / "aekl64-photos-recon.png",
