@@ -3,16 +3,27 @@ generator's native shape (saying what was done), and write PNGs and comparison g
 
 Loading keeps the stored pixel order (EXIF orientation tags are not applied) and reads the first
 frame of animated or multi-page files. Transparent images are composited on white.
+
+Reading is safe with files from anyone: only regular files are opened (never a FIFO, a device or
+a socket), Pillow's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``) refuses decompression bombs,
+every failure is an :class:`ImageLoadError` naming the file and the reason, and
+:func:`load_at_shapes` reads a file straight to a model's shape in memory that does not grow
+with the file's resolution. File names are kept as Python decodes them (not-UTF-8 bytes as
+lone surrogates); :func:`display_path` prints them safely.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
+import stat
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,8 +36,14 @@ from ronan_fast._atomic import atomic_path
 __all__ = [
     "IMAGE_SUFFIXES",
     "ImageLoadError",
+    "ImageList",
+    "LoadedImage",
+    "PLAIN_PIXELS",
+    "DRAFT_MARGIN",
+    "display_path",
     "load_image",
     "load_image_with_note",
+    "load_at_shapes",
     "list_images",
     "to_model_shape",
     "load_images",
@@ -47,23 +64,194 @@ LUMA_601 = (0.299, 0.587, 0.114)
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
+#: :func:`load_at_shapes` reads an image of at most this many pixels whole, as :func:`load_image`
+#: does, and a larger one a strip at a time
+PLAIN_PIXELS = 1 << 20
+#: :func:`load_at_shapes` decodes a large JPEG at 1/2, 1/4 or 1/8 of its size only as far as this
+#: many decoded pixels remain per target pixel along each side
+DRAFT_MARGIN = 8
+#: floats in one strip of :func:`load_at_shapes`'s large-image path (4 MB)
+_STRIP_FLOATS = 1 << 20
+
 
 class ImageLoadError(ValueError):
-    """A file could not be read as an image; ``path`` is the file and ``reason`` what was wrong."""
+    """A file could not be read as an image; ``path`` is the file and ``reason`` what was wrong.
 
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = Path(path)
+    The message is ``"<path>: <reason>"`` with the path as :func:`display_path` shows it, so it
+    can be printed whatever bytes the file name holds; ``path`` keeps the name itself.
+    """
+
+    def __init__(self, path: str | bytes | os.PathLike, reason: str) -> None:
+        self.path = Path(os.fsdecode(path))
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(f"{display_path(self.path)}: {reason}")
 
 
-# --------------------------------------------------------------------------- loading
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """``path`` as text that is safe to print to a terminal or a log, on one line.
+
+    File names on Linux are bytes; Python decodes those that are not UTF-8 with
+    ``surrogateescape``, so ``b"\\xff.png"`` becomes the string ``"\\udcff.png"``, which cannot be
+    encoded for printing. Here such a byte is written ``\\xff``, a control character (a newline,
+    an escape sequence's ESC) ``\\x0a``, ``\\x1b``, and any other character that is not printable
+    (other lone surrogates, format characters such as a right-to-left override, separators other
+    than the space) ``\\uXXXX`` or ``\\UXXXXXXXX``. Printable characters, ``é`` or ``猫``
+    included, are kept. The result is for people to read; keep ``path`` itself to open the file.
+    """
+    text = os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
+    if not isinstance(text, str):  # an os.PathLike giving bytes
+        text = os.fsdecode(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        c = ord(ch)
+        if 0xDC80 <= c <= 0xDCFF:  # a byte that is not UTF-8, as surrogateescape decodes it
+            out.append(f"\\x{c - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        elif c < 0x100:
+            out.append(f"\\x{c:02x}")
+        elif c < 0x10000:
+            out.append(f"\\u{c:04x}")
+        else:
+            out.append(f"\\U{c:08x}")
+    return "".join(out)
+
+
+def _as_path(item) -> Path:
+    if isinstance(item, bytes):
+        return Path(os.fsdecode(item))
+    if isinstance(item, (str, os.PathLike)):
+        return Path(os.fsdecode(os.fspath(item)))
+    raise TypeError(f"image paths must be str, bytes or os.PathLike, got {type(item).__name__}")
+
+
+# --------------------------------------------------------------------------- regular files only
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"),
+)  # fmt: skip
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "a special file of an unknown kind")
+
+
+def _os_reason(e: OSError) -> str:
+    if isinstance(e, PermissionError):
+        return "cannot read: permission denied"
+    if e.errno == errno.ELOOP:
+        return "not a regular file: a loop of symbolic links"
+    return f"cannot read ({e.strerror or e})"
+
+
+def _stat(path: Path) -> os.stat_result:
+    """``os.stat(path)``, following symbolic links; :class:`ImageLoadError` when that fails."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.lexists(path):
+            raise ImageLoadError(path, "not a regular file: a symbolic link to a missing target") from None
+        raise ImageLoadError(path, "file not found") from None
+    except OSError as e:
+        raise ImageLoadError(path, _os_reason(e)) from None
+    except ValueError:  # an embedded NUL character
+        raise ImageLoadError(path, "not a usable file name (it holds a NUL character)") from None
+
+
+def _stat_regular(path: Path) -> os.stat_result:
+    st = _stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageLoadError(path, "is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageLoadError(path, f"not a regular file: {_kind(st.st_mode)}")
+    return st
+
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator:
+    """The file opened for binary reading, only if it is a regular file.
+
+    It is checked with ``os.stat`` before it is opened (a FIFO, a device or a socket is never
+    opened), then opened without blocking and checked again on the open descriptor, so that a
+    file swapped for a FIFO in between cannot make a read wait forever."""
+    _stat_regular(path)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise ImageLoadError(path, "file not found") from None
+        raise ImageLoadError(path, _os_reason(e)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageLoadError(path, f"not a regular file: {_kind(mode)}")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+# --------------------------------------------------------------------------- decoding
+
+#: Pillow formats never opened: Pillow hands an EPS file to Ghostscript, an outside program
+_REFUSED_FORMATS = frozenset({"EPS"})
+
+
+def _formats() -> list[str]:
+    Image.init()
+    return [f for f in Image.ID if f not in _REFUSED_FORMATS]
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """The image file opened by Pillow (not yet decoded); anything that goes wrong while the
+    body reads it becomes an :class:`ImageLoadError` naming what was wrong."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow's warnings about damaged metadata (EXIF, TIFF tags) would print lines of their
+            # own; damaged pixel data is an error below
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with _open_regular(path) as fp, Image.open(fp, formats=_formats()) as img:
+                yield img
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not a recognised image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(path, f"too many pixels (over PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {e}") from None
+    except MemoryError:
+        raise ImageLoadError(path, "not enough memory to decode it") from None
+    except RecursionError:
+        raise ImageLoadError(path, "corrupt image data (nested too deeply to decode)") from None
+    except Exception as e:  # any decoder failure means the file's data is bad
+        msg = " ".join(str(e).split())[:200]
+        raise ImageLoadError(path, f"truncated or corrupt image data ({type(e).__name__}: {msg})") from None
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     """[H, W, k+1] float in [0, 1] with alpha last -> [H, W, k] composited on a white background."""
     colour, alpha = rgba[..., :-1], rgba[..., -1:]
     return colour * alpha + (1.0 - alpha)
+
+
+def _check_int_range(lo: int, hi: int, path: Path) -> None:
+    if lo < 0 or hi > 65535:
+        raise ImageLoadError(path, f"32-bit integer image with values in [{lo}, {hi}], outside the 16-bit range")
+
+
+def _check_float_range(a: np.ndarray, path: Path) -> None:
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise ImageLoadError(path, "32-bit float image with values outside [0, 1] (or NaN/Inf); cannot tell its range")
 
 
 def _pixels(img: Image.Image, path: Path) -> tuple[np.ndarray, str]:
@@ -73,14 +261,11 @@ def _pixels(img: Image.Image, path: Path) -> tuple[np.ndarray, str]:
         return np.array(img, dtype=np.float32)[..., None] / 65535.0, "16-bit grey"
     if mode == "I":
         a = np.array(img)
-        lo, hi = int(a.min()), int(a.max())
-        if lo < 0 or hi > 65535:
-            raise ImageLoadError(path, f"32-bit integer image with values in [{lo}, {hi}], outside the 16-bit range")
+        _check_int_range(int(a.min()), int(a.max()), path)
         return a.astype(np.float32)[..., None] / 65535.0, "16-bit grey"
     if mode == "F":
         a = np.array(img, dtype=np.float32)
-        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-            raise ImageLoadError(path, "32-bit float image with values outside [0, 1] (or NaN/Inf); cannot tell its range")
+        _check_float_range(a, path)
         return a[..., None], "32-bit float grey"
     if mode == "1":
         return np.array(img.convert("L"), dtype=np.float32)[..., None] / 255.0, "1-bit"
@@ -107,93 +292,325 @@ def _pixels(img: Image.Image, path: Path) -> tuple[np.ndarray, str]:
     raise ImageLoadError(path, f"unsupported image mode {mode!r}")
 
 
-def load_image_with_note(path: str | os.PathLike) -> tuple[Tensor, str]:
-    """Like :func:`load_image`, also returning a short note on any conversion ("" when none)."""
-    path = Path(path)
-    if not path.exists():
-        raise ImageLoadError(path, "file not found")
-    if path.is_dir():
-        raise ImageLoadError(path, "is a folder, not an image file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                frames = getattr(img, "n_frames", 1)
-                img.load()  # a full decode, so truncated data is caught here
-                arr, note = _pixels(img, path)
-    except ImageLoadError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageLoadError(path, "not a recognised image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(path, f"too many pixels (over PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {e}") from None
-    except MemoryError:
-        raise
-    except Exception as e:  # any decoder failure means the file's data is bad
-        raise ImageLoadError(path, f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
+def _as_chw(arr: np.ndarray, path: Path) -> Tensor:
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageLoadError(path, f"decoded to an empty or malformed pixel array {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()
+
+
+def _frames_note(note: str, frames: int) -> str:
     if frames > 1:
-        note = ", ".join(filter(None, [note, f"first of {frames} frames"]))
+        return ", ".join(filter(None, [note, f"first of {frames} frames"]))
+    return note
+
+
+def load_image_with_note(path: str | bytes | os.PathLike) -> tuple[Tensor, str]:
+    """Like :func:`load_image`, also returning a short note on any conversion ("" when none)."""
+    path = _as_path(path)
+    with _opened(path) as img:
+        frames = getattr(img, "n_frames", 1)
+        img.load()  # a full decode, so truncated data is caught here
+        arr, note = _pixels(img, path)
+    x = _as_chw(arr, path)
+    note = _frames_note(note, frames)
     if note:
-        log.debug("%s: %s", path, note)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float(), note
+        log.debug("%s: %s", display_path(path), note)
+    return x, note
 
 
-def load_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file as float32 ``[C, H, W]`` in [0, 1], C = 1 (grey) or 3 (colour).
+def load_image(path: str | bytes | os.PathLike) -> Tensor:
+    """Read an image file as float32 ``[C, H, W]`` in [0, 1], C = 1 (grey) or 3 (colour), at its own size.
 
     Handles 8-bit grey, RGB, RGBA/LA and palette images (transparency composited on white),
     16-bit grey (scaled by 65535), 1-bit, CMYK and other colour modes, JPEG, PNG, and whatever
-    else Pillow decodes. Raises :class:`ImageLoadError` for a missing, unreadable, truncated or
-    non-image file, or one with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow only
-    warns between that and twice it; here it is the limit).
+    else Pillow decodes (except EPS, which Pillow would hand to Ghostscript). Only a regular file
+    is opened. Raises :class:`ImageLoadError` for a missing, unreadable, truncated or non-image
+    file, one that is not a regular file (a FIFO, a device, a socket, a dangling symbolic link),
+    or one with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow only warns between that
+    and twice it; here it is the limit).
+
+    The whole image is decoded: memory grows with its size (about 27 bytes a pixel for a
+    colour image). To fit files to a model's shape, :func:`load_at_shapes` reads them
+    reduced and needs far less.
     """
     return load_image_with_note(path)[0]
 
 
-def list_images(paths_or_folders: str | os.PathLike | Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
-    """Expand files and folders into a list of image files.
+class LoadedImage(NamedTuple):
+    """One file read at one or more models' shapes by :func:`load_at_shapes`."""
 
-    A folder contributes its files whose suffix is in :data:`IMAGE_SUFFIXES` (any case), sorted
-    by path, skipping hidden files; sub-folders only with ``recursive=True``. A file named
-    directly is kept whatever its suffix (loading says if it is not an image). Duplicates are
-    dropped, keeping the first.
+    #: ``[C, H, W]`` float32 in [0, 1], one per shape asked for, in order
+    images: list[Tensor]
+    #: what loading did ("" when nothing), e.g. ``"palette, alpha composited on white"``
+    note: str
+    #: per shape, what fitting did, as :func:`to_model_shape` says it (``"unchanged"`` when nothing)
+    fit_notes: list[str]
+
+
+def _draft_scale(w0: int, h0: int, parts: list[tuple[int, int, tuple[int, int, int, int]]]) -> int:
+    """The largest JPEG DCT scale (8, 4, 2; else 1) that leaves every part (``h, w, crop box``)
+    at least :data:`DRAFT_MARGIN` decoded pixels per target pixel along each side."""
+    for s in (8, 4, 2):
+        if all(ch / s >= DRAFT_MARGIN * h and cw / s >= DRAFT_MARGIN * w for h, w, (_, _, ch, cw) in parts):
+            return s
+    return 1
+
+
+def _aa_weights(start: float, length: float, lo: int, hi: int, out: int) -> tuple[Tensor, Tensor]:
+    """Antialiased bilinear resampling of the span ``[start, start + length)`` of a row of pixels
+    to ``out`` samples, reading only pixels ``lo .. hi - 1``: for each sample, the pixels it
+    reads (``[out, K]``, counted from ``lo``) and their weights (``[out, K]``, summing to 1).
+
+    The weights are those of ``F.interpolate(..., mode="bilinear", antialias=True,
+    align_corners=False)`` (a triangle filter as wide as the scale when shrinking); with
+    ``start = lo`` and ``length = hi - lo`` it is that resize of pixels ``lo .. hi - 1``."""
+    scale = length / out
+    support = scale if scale >= 1.0 else 1.0
+    inv = 1.0 / scale if scale >= 1.0 else 1.0
+    centre = start + scale * (np.arange(out) + 0.5)
+    first = np.maximum((centre - support + 0.5).astype(np.int64), lo)  # truncation, as torch's C++ casts
+    stop = np.minimum((centre + support + 0.5).astype(np.int64), hi)
+    k = int(max(1, (stop - first).max()))
+    idx = first[:, None] + np.arange(k)
+    weight = np.clip(1.0 - np.abs((idx - centre[:, None] + 0.5) * inv), 0.0, None)
+    weight[idx >= stop[:, None]] = 0.0
+    total = weight.sum(1, keepdims=True)
+    weight = np.divide(weight, total, out=np.zeros_like(weight), where=total > 0)
+    idx = np.clip(idx, lo, hi - 1) - lo
+    return torch.from_numpy(idx), torch.from_numpy(weight.astype(np.float32))
+
+
+def _fit_in_strips(img: Image.Image, path: Path, c: int, h: int, w: int, box: tuple[float, float, float, float],
+                   scale: float) -> tuple[Tensor, int, str]:
+    """The part ``box`` (``top, left, height, width`` in the file's pixels) of the decoded image
+    ``img`` (``scale`` file pixels a decoded pixel) fitted to ``(c, h, w)``, as :func:`_fit_one`
+    fits the whole image's float copy, without making that copy: a strip of rows at a time is
+    made float, resized along the rows, and added into the output rows it reaches. Returns the
+    ``[c, h, w]`` image, the file's channels and the loading note."""
+    top, left, ch, cw = (v / scale for v in box)
+    x_lo, y_lo = int(math.floor(left)), int(math.floor(top))
+    x_hi, y_hi = min(img.width, math.ceil(left + cw)), min(img.height, math.ceil(top + ch))
+    cols, cols_w = _aa_weights(left, cw, x_lo, x_hi, w)
+    rows, rows_w = _aa_weights(top, ch, y_lo, y_hi, h)
+    # the vertical pass as (output row, input row, weight) triples, by input row
+    pairs = rows_w.reshape(-1) > 0
+    out_row = torch.arange(h).repeat_interleave(rows.shape[1])[pairs]
+    in_row, in_w = rows.reshape(-1)[pairs], rows_w.reshape(-1)[pairs]
+    order = torch.argsort(in_row, stable=True)
+    out_row, in_row, in_w = out_row[order], in_row[order], in_w[order]
+    bounds = torch.searchsorted(in_row, torch.arange(y_hi - y_lo + 1))
+    width = x_hi - x_lo
+    strip = max(1, min(y_hi - y_lo, _STRIP_FLOATS // (3 * (width + w * cols.shape[1]))))
+    out = c0 = note = None
+    for r0 in range(0, y_hi - y_lo, strip):
+        r1 = min(y_hi - y_lo, r0 + strip)
+        arr, note = _pixels(img.crop((x_lo, y_lo + r0, x_hi, y_lo + r1)), path)
+        x = _as_chw(arr, path)
+        del arr
+        c0 = x.shape[0]
+        if c0 == 3 and c == 1:
+            x = _channels(x, 1)
+        x = (x[:, :, cols] * cols_w).sum(-1)  # [C, rows, w]
+        a, b = int(bounds[r0]), int(bounds[r1])
+        if out is None:
+            out = torch.zeros(x.shape[0], h, w)
+        if b > a:
+            out.index_add_(1, out_row[a:b], x[:, in_row[a:b] - r0, :] * in_w[a:b, None])
+    return _channels(out, c), c0, note
+
+
+def load_at_shapes(
+    path: str | bytes | os.PathLike, shapes: Sequence[Sequence[int]], crop: bool = True
+) -> LoadedImage:
+    """Read an image file straight to each of ``shapes``, in memory that does not grow with its resolution.
+
+    The result is what ``to_model_shape(load_image(path), shape, crop)`` gives for each shape:
+    the same channels, centre crop and antialiased bilinear resize, the same notes. An image of
+    at most :data:`PLAIN_PIXELS` pixels (1 megapixel) is read exactly so. A larger one is never
+    made float as a whole:
+
+    * a JPEG is decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling
+      (:meth:`PIL.Image.Image.draft`) as far as every shape keeps at least
+      :data:`DRAFT_MARGIN` (8) decoded pixels per target pixel along each side;
+    * the decoded 8-bit (or 16-bit) pixels are made float a strip of rows at a time, each strip
+      resized along its rows and added into the output rows it reaches, with the weights of
+      :func:`to_model_shape`'s resize over the crop's exact span.
+
+    Peak memory is one file's decoded pixels in their own 8 or 16 bits (a JPEG's reduced while
+    decoded: 1/64 of them at scale 1/8) plus a strip of a few megabytes and the results, instead
+    of a float copy of the whole file (about 27 bytes a pixel for a colour image).
+
+    Where the large-image path rounds differently from a full decode: the DCT-scaled JPEG
+    decode is not the full decode followed by the same filter (on photos fitted to 28x28 and
+    64x64, about 0.1/255 on average and at most a few 255ths at a pixel:
+    ``bench/results/memory_cpu.md``); otherwise the only difference is the order of the float
+    sums (about 1e-6).
+
+    Args:
+        path: the image file (only a regular file is opened).
+        shapes: the ``(C, H, W)`` shapes to fit it to, e.g. the model's and the reference model's.
+        crop: as for :func:`to_model_shape`.
 
     Raises:
-        FileNotFoundError: a path does not exist.
-        ValueError: a folder holds no image files, or nothing was given.
+        ImageLoadError: as :func:`load_image`.
     """
-    if isinstance(paths_or_folders, (str, os.PathLike)):
+    targets = [_check_shape(s) for s in shapes]
+    if not targets:
+        raise ValueError("shapes is empty: give at least one (C, H, W)")
+    path = _as_path(path)
+    images, fit_notes = [], []
+    with _opened(path) as img:
+        frames = getattr(img, "n_frames", 1)
+        w0, h0 = img.size
+        boxes = [_crop_box(h0, w0, h, w, crop) for _, h, w in targets]
+        if w0 * h0 <= PLAIN_PIXELS:
+            img.load()  # a full decode, so truncated data is caught here
+            arr, note = _pixels(img, path)
+            full = _as_chw(arr, path)
+            del arr
+            for c, h, w in targets:
+                x, fit = _fit_one(full, c, h, w, crop)
+                images.append(x.contiguous())
+                fit_notes.append(fit)
+        else:
+            scale = 1
+            if img.format == "JPEG" and frames == 1:
+                scale = _draft_scale(w0, h0, [(h, w, box) for (_, h, w), box in zip(targets, boxes)])
+                if scale > 1:
+                    img.draft(img.mode, (-(-w0 // scale), -(-h0 // scale)))
+            img.load()  # a full decode (at the drafted size), so truncated data is caught here
+            if img.size != (-(-w0 // scale), -(-h0 // scale)):  # the decoder chose another scale
+                scale = max(1, round(w0 / max(1, img.width)))
+                if img.size != (-(-w0 // scale), -(-h0 // scale)):
+                    raise ImageLoadError(path, f"decoded to {img.width}x{img.height} pixels, not the {w0}x{h0} "
+                                               "it declares (or a whole fraction of them)")
+            if img.mode == "I":  # refused as a whole, as _pixels refuses it
+                lo, hi = img.getextrema()
+                _check_int_range(int(lo), int(hi), path)
+            elif img.mode == "F":
+                _check_float_range(np.asarray(img, dtype=np.float32), path)
+            for (c, h, w), box in zip(targets, boxes):
+                x, c0, note = _fit_in_strips(img, path, c, h, w, box, scale)
+                images.append(x.clamp(0, 1).contiguous())
+                fit_notes.append(_fit_note(c0, c, h0, w0, h, w, box, crop))
+    note = _frames_note(note, frames)
+    if note:
+        log.debug("%s: %s", display_path(path), note)
+    return LoadedImage(images, note, fit_notes)
+
+
+class ImageList(list):
+    """The image files :func:`list_images` found (a ``list`` of :class:`~pathlib.Path`), and in
+    ``errors`` an :class:`ImageLoadError` for each input that gave none or part of none: a path
+    that does not exist or is not a regular file or folder, a folder that cannot be listed or
+    holds no image files, an entry of a folder with an image suffix that is not a regular file."""
+
+    def __init__(self, files: Iterable[Path] = (), errors: Iterable[ImageLoadError] = ()) -> None:
+        super().__init__(files)
+        self.errors: list[ImageLoadError] = list(errors)
+
+
+def _wanted(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _folder_entry(path: Path, found: list[Path], errors: list[ImageLoadError]) -> None:
+    """``path``, an entry of a folder with an image suffix: kept if it is a regular file,
+    skipped if it is a folder, an error if it is anything else."""
+    try:
+        mode = _stat(path).st_mode
+    except ImageLoadError as e:
+        errors.append(e)
+        return
+    if stat.S_ISREG(mode):
+        found.append(path)
+    elif not stat.S_ISDIR(mode):
+        errors.append(ImageLoadError(path, f"not a regular file: {_kind(mode)}"))
+
+
+def _scan_folder(folder: Path, recursive: bool, errors: list[ImageLoadError]) -> list[Path]:
+    found: list[Path] = []
+    unlisted: list[ImageLoadError] = []
+    if recursive:
+        def failed(e: OSError) -> None:
+            where = Path(os.fsdecode(e.filename)) if e.filename is not None else folder
+            unlisted.append(ImageLoadError(where, f"cannot list the folder ({_os_reason(e).removeprefix('cannot read: ')})"))
+
+        for root, dirs, names in os.walk(folder, onerror=failed):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in names:
+                if _wanted(name):
+                    _folder_entry(Path(root) / name, found, errors)
+    else:
+        try:
+            with os.scandir(folder) as it:
+                entries = [e.name for e in it if _wanted(e.name)]
+        except OSError as e:
+            unlisted.append(ImageLoadError(folder, f"cannot list the folder ({_os_reason(e).removeprefix('cannot read: ')})"))
+            entries = []
+        for name in entries:
+            _folder_entry(folder / name, found, errors)
+    errors.extend(unlisted)
+    if not found and not unlisted:
+        hint = "" if recursive else " (sub-folders are searched only with recursive=True)"
+        errors.append(ImageLoadError(folder, f"folder holds no image files with suffixes {', '.join(IMAGE_SUFFIXES)}{hint}"))
+    return sorted(found)
+
+
+def list_images(
+    paths_or_folders: str | bytes | os.PathLike | Iterable[str | bytes | os.PathLike], recursive: bool = False
+) -> ImageList:
+    """Expand files and folders into a list of image files, and say what could not be used.
+
+    A folder contributes its regular files whose suffix is in :data:`IMAGE_SUFFIXES` (any case),
+    sorted by path, skipping hidden files; sub-folders only with ``recursive=True`` (symbolic
+    links to folders are not followed). A file named directly is kept whatever its suffix
+    (loading says if it is not an image) if it is a regular file (or a link to one). Duplicates
+    (the same file by its real path) are dropped, keeping the first. File names that are not
+    UTF-8 stay ``str`` as Python decodes them (``surrogateescape``); ``bytes`` paths are decoded so.
+
+    Nothing here stops at a bad input: each one that gives no file is an :class:`ImageLoadError`
+    in the result's ``errors`` -- a path that does not exist, a FIFO, device, socket or dangling
+    symbolic link (named or found in a folder under an image suffix; never opened), a folder
+    that cannot be listed or holds no image files -- and the other inputs are still listed.
+
+    Returns:
+        an :class:`ImageList`: the files (a ``list`` of ``Path``), with ``.errors``.
+
+    Raises:
+        ValueError: nothing was given. TypeError: an item is not a path.
+    """
+    if isinstance(paths_or_folders, (str, bytes, os.PathLike)):
         paths_or_folders = [paths_or_folders]
-    out: list[Path] = []
-    seen: set[Path] = set()
+    result = ImageList()
+    seen: set[str] = set()
     given = 0
     for p in paths_or_folders:
         given += 1
-        path = Path(p)
-        if not path.exists():
-            raise FileNotFoundError(f"image path not found: {path}")
-        if path.is_dir():
-            walker = path.rglob("*") if recursive else path.iterdir()
-            found = sorted(
-                f for f in walker
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                and not any(part.startswith(".") for part in f.relative_to(path).parts)
-            )
-            if not found:
-                hint = "" if recursive else " (sub-folders are searched only with recursive=True)"
-                raise ValueError(f"folder {path} holds no image files with suffixes {', '.join(IMAGE_SUFFIXES)}{hint}")
-        else:
+        path = _as_path(p)
+        if not os.fspath(p):
+            result.errors.append(ImageLoadError(path, "an empty path names no file"))
+            continue
+        try:
+            st = _stat(path)
+        except ImageLoadError as e:
+            result.errors.append(e)
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            found = _scan_folder(path, recursive, result.errors)
+        elif stat.S_ISREG(st.st_mode):
             found = [path]
+        else:
+            result.errors.append(ImageLoadError(path, f"not a regular file: {_kind(st.st_mode)}"))
+            continue
         for f in found:
-            key = f.resolve()
+            key = os.path.normcase(os.path.realpath(f))
             if key not in seen:
                 seen.add(key)
-                out.append(f)
+                result.append(f)
     if given == 0:
         raise ValueError("no image paths or folders given")
-    return out
+    return result
 
 
 # --------------------------------------------------------------------------- fitting to a model
@@ -209,33 +626,54 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     return c, h, w
 
 
-def _fit_one(x: Tensor, c: int, h: int, w: int, crop: bool) -> tuple[Tensor, str]:
+def _crop_box(h0: int, w0: int, h: int, w: int, crop: bool) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the part of an ``h0 x w0`` image that is resized to
+    ``h x w``: with ``crop``, the centred largest part of the target's aspect ratio, else all."""
+    if crop and (h0, w0) != (h, w) and h0 * w != w0 * h:
+        if w0 * h > h0 * w:  # too wide for the target aspect ratio
+            cw = min(w0, max(1, round(h0 * w / h)))
+            return 0, (w0 - cw) // 2, h0, cw
+        ch = min(h0, max(1, round(w0 * h / w)))
+        return (h0 - ch) // 2, 0, ch, w0
+    return 0, 0, h0, w0
+
+
+def _fit_note(c0: int, c: int, h0: int, w0: int, h: int, w: int, box: tuple[int, int, int, int], crop: bool) -> str:
+    """What fitting a ``c0 x h0 x w0`` image to ``(c, h, w)`` does, e.g.
+    ``"RGB->grey, 64x48->28x28 (centre crop to 48x48)"`` (sizes are width x height)."""
     steps = []
-    if x.shape[0] != c:
-        if c == 3:
-            x = x.expand(3, -1, -1)
-            steps.append("grey->RGB")
-        else:
-            luma = torch.tensor(LUMA_601, dtype=x.dtype, device=x.device).view(3, 1, 1)
-            x = (x * luma).sum(0, keepdim=True)
-            steps.append("RGB->grey")
-    h0, w0 = x.shape[1:]
+    if c0 != c:
+        steps.append("grey->RGB" if c == 3 else "RGB->grey")
     if (h0, w0) != (h, w):
-        how = ""
-        if crop and h0 * w != w0 * h:
-            if w0 * h > h0 * w:  # too wide for the target aspect ratio
-                cw = min(w0, max(1, round(h0 * w / h)))
-                left = (w0 - cw) // 2
-                x = x[:, :, left:left + cw]
-            else:
-                ch = min(h0, max(1, round(w0 * h / w)))
-                top = (h0 - ch) // 2
-                x = x[:, top:top + ch, :]
-            how = f" (centre crop to {x.shape[2]}x{x.shape[1]})"
-        if tuple(x.shape[1:]) != (h, w):
-            x = F.interpolate(x.unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+        how = f" (centre crop to {box[3]}x{box[2]})" if crop and h0 * w != w0 * h else ""
         steps.append(f"{w0}x{h0}->{w}x{h}{how}")
-    return x.clamp(0, 1), ", ".join(steps) or "unchanged"
+    return ", ".join(steps) or "unchanged"
+
+
+def _channels(x: Tensor, c: int) -> Tensor:
+    if x.shape[0] == c:
+        return x
+    if c == 3:
+        return x.expand(3, -1, -1)
+    luma = torch.tensor(LUMA_601, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x * luma).sum(0, keepdim=True)
+
+
+def _resize(x: Tensor, h: int, w: int) -> Tensor:
+    return F.interpolate(x.unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def _fit_one(x: Tensor, c: int, h: int, w: int, crop: bool) -> tuple[Tensor, str]:
+    c0, h0, w0 = x.shape
+    box = _crop_box(h0, w0, h, w, crop)
+    note = _fit_note(c0, c, h0, w0, h, w, box, crop)
+    x = _channels(x, c)
+    top, left, ch, cw = box
+    if (ch, cw) != (h0, w0):
+        x = x[:, top:top + ch, left:left + cw]
+    if tuple(x.shape[1:]) != (h, w):
+        x = _resize(x, h, w)
+    return x.clamp(0, 1), note
 
 
 def to_model_shape(
@@ -292,13 +730,16 @@ def to_model_shape(
 
 
 def load_images(
-    paths: Iterable[str | os.PathLike] | str | os.PathLike,
+    paths: Iterable[str | bytes | os.PathLike] | str | bytes | os.PathLike,
     shape: Sequence[int],
     crop: bool = True,
     recursive: bool = False,
     with_notes: bool = False,
 ):
-    """Load image files (or folders of them) fitted to ``shape``, skipping files that fail to load.
+    """Load image files (or folders of them) fitted to ``shape``, skipping what cannot be read.
+
+    Each file is read by :func:`load_at_shapes`, so memory holds one file's pixels at a time
+    (reduced while read) and the fitted images.
 
     Args:
         paths: files and/or folders (expanded by :func:`list_images`).
@@ -308,29 +749,27 @@ def load_images(
 
     Returns:
         ``(images [N, C, H, W], kept_paths, errors)`` -- ``errors`` holds an :class:`ImageLoadError`
-        per file that could not be read -- plus ``notes`` when ``with_notes`` is set. When no file
-        loads, ``images`` is ``[0, C, H, W]``.
+        per input that gave nothing (a missing path, an empty folder: see :func:`list_images`)
+        and per file that could not be read -- plus ``notes`` when ``with_notes`` is set. When
+        no file loads, ``images`` is ``[0, C, H, W]``.
     """
     c, h, w = _check_shape(shape)
-    files = list_images(paths, recursive=recursive)
-    tensors, kept, errors, load_notes = [], [], [], []
-    for f in files:
+    listing = list_images(paths, recursive=recursive)
+    tensors, kept, notes = [], [], []
+    errors: list[ImageLoadError] = list(listing.errors)
+    for f in listing:
         try:
-            x, note = load_image_with_note(f)
+            loaded = load_at_shapes(f, [(c, h, w)], crop=crop)
         except ImageLoadError as e:
             errors.append(e)
             continue
-        tensors.append(x)
+        tensors.append(loaded.images[0])
         kept.append(f)
-        load_notes.append(note)
-    if tensors:
-        images, fit_notes = to_model_shape(tensors, (c, h, w), crop=crop)
-    else:
-        images, fit_notes = torch.empty(0, c, h, w), []
+        notes.append(", ".join(n for n in (loaded.note, loaded.fit_notes[0]) if n and n != "unchanged")
+                     or "unchanged")
+    images = torch.stack(tensors) if tensors else torch.empty(0, c, h, w)
     if not with_notes:
         return images, kept, errors
-    notes = [", ".join(n for n in (ln, fn) if n and n != "unchanged") or "unchanged"
-             for ln, fn in zip(load_notes, fit_notes)]
     return images, kept, errors, notes
 
 

@@ -177,12 +177,16 @@ def test_list_images_folder_sorted_filtered_and_recursive(tmp_path):
     assert [p.name for p in mixed] == ["readme.txt", "a.JPG", "b.png", "c.tiff"]
 
 
-def test_list_images_errors(tmp_path):
+def test_list_images_errors_are_reported_not_raised(tmp_path):
+    """An empty folder or a missing path is an error in the result; the other inputs are still listed."""
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"folder .*empty holds no image files.*recursive=True"):
-        io.list_images(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match=r"image path not found: .*missing"):
-        io.list_images([tmp_path / "missing"])
+    _save(_rgb_array(4, 4), tmp_path / "a.png")
+    found = io.list_images([tmp_path / "empty", tmp_path / "missing", tmp_path / "a.png"])
+    assert found == [tmp_path / "a.png"] and isinstance(found, list)
+    assert [(e.path.name, e.reason.split(" with ")[0]) for e in found.errors] == [
+        ("empty", "folder holds no image files"), ("missing", "file not found")]
+    assert "recursive=True" in found.errors[0].reason
+    assert str(found.errors[1]) == f"{tmp_path / 'missing'}: file not found"
     with pytest.raises(ValueError, match="no image paths"):
         io.list_images([])
 
