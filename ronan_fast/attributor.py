@@ -629,45 +629,44 @@ class Attributor:
         return to_model_shape(images.detach().cpu(), shape)
 
     def _load_files(self, items):
-        from ronan_fast.imageio import ImageLoadError, list_images, load_image_with_note, to_model_shape
+        """Files and folders -> (images at the model's shape, at the reference model's (None
+        uncalibrated), paths, notes, errors). Each file is read straight to the shapes it is
+        needed at (:func:`~ronan_fast.imageio.load_at_shapes`) before the next is opened, so
+        memory holds one file's decoded pixels and the fitted images, whatever the files' size."""
+        from ronan_fast.imageio import ImageLoadError, list_images, load_at_shapes
 
-        if isinstance(items, (str, os.PathLike)):
+        if isinstance(items, (str, bytes, os.PathLike)):
             items = [items]
         items = list(items)
         if not items:
             raise ValueError("no images given: pass a tensor, image files or folders")
-        errors: list[tuple[str, str]] = []
-        present = []
         for item in items:
-            if not isinstance(item, (str, os.PathLike)):
+            if not isinstance(item, (str, bytes, os.PathLike)):
                 raise TypeError(f"images must be a tensor or paths, got an item of type {type(item).__name__}")
-            if Path(item).exists():
-                present.append(item)
-            else:
-                errors.append((str(item), "file not found"))
-        files = list_images(present) if present else []
-        natives, paths, load_notes = [], [], []
-        for f in files:
+        listing = list_images(items)  # a missing path, an empty folder, a FIFO...: an error each
+        errors: list[tuple[str, str]] = [(str(e.path), e.reason) for e in listing.errors]
+        shape = tuple(self.generator.image_shape)
+        ref_shape = None if self.reference is None else tuple(self.reference.image_shape)
+        shapes = [shape] if ref_shape in (None, shape) else [shape, ref_shape]
+        xs, ref_xs, paths, notes = [], [], [], []
+        for f in listing:
             try:
-                x, note = load_image_with_note(f)
+                loaded = load_at_shapes(f, shapes)
             except ImageLoadError as e:
                 errors.append((str(e.path), e.reason))
                 continue
-            natives.append(x)
+            xs.append(loaded.images[0])
             paths.append(str(f))
-            load_notes.append(note)
-        c, h, w = self.generator.image_shape
-        if not natives:
-            return torch.empty(0, c, h, w), None, paths, [], errors
-        x, fit_notes = to_model_shape(natives, self.generator.image_shape)
-        notes = [_join(ln, fn) for ln, fn in zip(load_notes, fit_notes)]
-        ref_x = None
-        if self.reference is not None:
-            if tuple(self.reference.image_shape) == tuple(self.generator.image_shape):
-                ref_x = x
-            else:
-                ref_x, ref_notes = to_model_shape(natives, self.reference.image_shape)
-                notes = [_join(n, f"reference: {rn}" if rn != "unchanged" else "") for n, rn in zip(notes, ref_notes)]
+            note = _join(loaded.note, loaded.fit_notes[0])
+            if len(shapes) > 1:
+                ref_xs.append(loaded.images[1])
+                rn = loaded.fit_notes[1]
+                note = _join(note, f"reference: {rn}" if rn != "unchanged" else "")
+            notes.append(note)
+        if not xs:
+            return torch.empty(0, *shape), None, paths, [], errors
+        x = torch.stack(xs)
+        ref_x = None if ref_shape is None else (x if len(shapes) == 1 else torch.stack(ref_xs))
         return x, ref_x, paths, notes, errors
 
     def _empty_result(self, profile: BelongingProfile, errors) -> AttributionResult:
