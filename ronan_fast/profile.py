@@ -24,6 +24,9 @@ import hashlib
 import json
 import math
 import os
+import reprlib
+import stat
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,6 +51,8 @@ __all__ = [
 
 FORMAT = "ronan-fast belonging profile"
 FORMAT_VERSION = 1
+#: the largest profile file :meth:`BelongingProfile.load` reads (a profile of 100,000 images is about 9 MB)
+MAX_PROFILE_BYTES = 64 * 2**20
 #: the belonging rules: the Grubbs test on A' ("grubbs", the paper's) or on log A'
 RULES = ("grubbs", "grubbs-log")
 #: the rule used when none is given: the Grubbs test on log A'. Over the full evaluation's
@@ -69,6 +74,27 @@ def default_rule(generator: object) -> str:
 
 class ProfileError(ValueError):
     """A profile file or value is missing, unreadable or invalid."""
+
+
+_brief_repr = reprlib.Repr()
+_brief_repr.maxstring = _brief_repr.maxother = 80
+_brief_repr.maxlist = _brief_repr.maxdict = _brief_repr.maxtuple = 6
+_brief_repr.maxlevel = 3
+_brief_repr.maxlong = 40
+
+
+def _brief(value) -> str:
+    """A short one-line ``repr`` of a value read from a file, however large or deep it is."""
+    try:
+        return _brief_repr.repr(value)
+    except (RecursionError, ValueError):  # ValueError: an int too long to write in decimal
+        return f"<{type(value).__name__}>"
+
+
+def _shown(path: Path) -> str:
+    from ronan_fast.imageio import display_path
+
+    return display_path(path)
 
 
 class ProfileMismatchError(ValueError):
@@ -140,6 +166,11 @@ class BelongingProfile:
     #: image's lowest loss over its inversions
     retries: int | None = None
     retried: list[int] | None = None
+    #: how to build the reference model again (None: not known, or uncalibrated): ``{"spec":
+    #: "default" | a zoo name | "package.module:factory" | "diffusers:FOLDER"}``, with, for a
+    #: factory, ``"weights"`` (a path) and ``"weights_sha256"``, ``"latent_shape"`` and
+    #: ``"output_range"``: ``inspect`` rebuilds it from here, so only the model need be given
+    reference_source: dict | None = None
     version: str = field(default_factory=_version)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
@@ -167,6 +198,7 @@ class BelongingProfile:
         edit: str | None = None,
         retries: int | None = None,
         retried: Sequence[int] | None = None,
+        generator_name: str | None = None,
     ) -> "BelongingProfile":
         """A profile from the ``n`` profile images' losses under the model (and the reference model).
 
@@ -208,8 +240,10 @@ class BelongingProfile:
             reference_losses=None if ref is None else ref.tolist(),
             seed=int(seed),
             inversion_seed=int(inversion_seed),
-            generator_name=getattr(generator, "name", "") if generator is not None else "",
+            generator_name=(generator_name if generator_name is not None
+                            else getattr(generator, "name", "") if generator is not None else ""),
             reference_name=None if reference is None else getattr(reference, "name", None),
+            reference_source=None if reference is None else _source(reference),
             image_bits=image_bits,
             edit=edit,
             retries=retries,
@@ -317,7 +351,7 @@ class BelongingProfile:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("edit", "retries", "retried"):
+        for k in ("edit", "retries", "retried", "reference_source"):
             if d[k] is None:
                 del d[k]  # added later: profiles without them keep their earlier identity
         return {"format": FORMAT, **d}
@@ -327,12 +361,12 @@ class BelongingProfile:
         """A profile from :meth:`to_dict`'s output, with clear errors naming ``source``."""
         if not isinstance(data, dict):
             raise ProfileError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        if data.get("format") != FORMAT:
-            raise ProfileError(f"{source}: not a belonging profile (format is {data.get('format')!r}, "
+        if not (isinstance(data.get("format"), str) and data.get("format") == FORMAT):
+            raise ProfileError(f"{source}: not a belonging profile (format is {_brief(data.get('format'))}, "
                                f"expected {FORMAT!r})")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ProfileError(f"{source}: profile format version {version!r} is not supported "
+        if not (_is_int(version) and version == FORMAT_VERSION):
+            raise ProfileError(f"{source}: profile format version {_brief(version)} is not supported "
                                f"(this is ronan_fast {_version()}, reading version {FORMAT_VERSION}); "
                                "fit the profile again")
         names = {f.name: f for f in dataclasses.fields(cls)}
@@ -343,12 +377,14 @@ class BelongingProfile:
             raise ProfileError(f"{source}: missing field(s) {missing}")
         unknown = sorted(set(data) - set(names) - {"format"})
         if unknown:
-            raise ProfileError(f"{source}: unknown field(s) {unknown}")
+            raise ProfileError(f"{source}: unknown field(s) {_brief(unknown)}")
         kwargs = {k: v for k, v in data.items() if k in names}
         try:
             return cls(**kwargs)
         except ProfileError as e:
             raise ProfileError(f"{source}: {e}") from None
+        except (TypeError, ValueError, ArithmeticError, RecursionError) as e:  # a check that met a value it did not expect
+            raise ProfileError(f"{source}: invalid field values ({type(e).__name__}: {_brief(str(e))})") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the profile as JSON to ``path`` atomically (a temporary file, then a rename)."""
@@ -359,25 +395,30 @@ class BelongingProfile:
         return write_text(path, text)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "BelongingProfile":
-        """Read a profile written by :meth:`save`; clear errors for a missing, corrupt or old file."""
-        path = Path(path)
-        if not path.exists():
-            raise ProfileError(f"profile file not found: {path}")
-        if not path.is_file():
-            raise ProfileError(f"profile path is not a file: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ProfileError(f"cannot read profile {path}: {e}") from None
+    def load(cls, path: str | bytes | os.PathLike) -> "BelongingProfile":
+        """Read a profile written by :meth:`save`.
+
+        Whatever the file holds, the outcome is a valid profile or a :class:`ProfileError`
+        with a one-line message naming the file and what is wrong: a missing file, one that is
+        not a regular file (a FIFO or a device is never opened), one over
+        :data:`MAX_PROFILE_BYTES` (64 MB; nothing past that is read), bytes that are not UTF-8,
+        text that is not JSON or is nested too deeply, and any field of the wrong type or value.
+        """
+        path = Path(os.fsdecode(path)) if isinstance(path, bytes) else Path(path)
+        where = f"profile {_shown(path)}"
+        text = _read_capped(path, where)
         if not text.strip():
-            raise ProfileError(f"profile {path} is empty")
+            raise ProfileError(f"{where} is empty")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ProfileError(f"profile {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+            raise ProfileError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
                                "the file is truncated or corrupt") from None
-        return cls.from_dict(data, source=f"profile {path}")
+        except RecursionError:
+            raise ProfileError(f"{where} is not a profile: its JSON is nested too deeply to read") from None
+        except ValueError as e:  # e.g. an integer with more digits than Python converts
+            raise ProfileError(f"{where} is not a profile: its JSON cannot be read ({_brief(str(e))})") from None
+        return cls.from_dict(data, source=where)
 
     def identity(self) -> str:
         """A short hash of the profile's content (reports record it to refuse mixing profiles)."""
@@ -435,6 +476,49 @@ def profile_outliers(calibrated_losses, rule: str, alpha: float = 0.05) -> list[
 # ---------------------------------------------------------------------- helpers
 
 
+def _read_capped(path: Path, where: str) -> str:
+    """The text of the regular file ``path`` (at most :data:`MAX_PROFILE_BYTES`), as UTF-8."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.lexists(path):
+            raise ProfileError(f"{where}: a symbolic link to a missing file") from None
+        raise ProfileError(f"profile file not found: {_shown(path)}") from None
+    except OSError as e:
+        raise ProfileError(f"cannot read {where}: {e.strerror or type(e).__name__}") from None
+    except ValueError:
+        raise ProfileError(f"{where}: not a usable file name (it holds a NUL character)") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ProfileError(f"profile path is not a file but a folder: {_shown(path)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ProfileError(f"profile path is not a file but a FIFO, device or socket: {_shown(path)}")
+    too_big = (f"{where} is over {MAX_PROFILE_BYTES >> 20} MB, more than any profile (one of 100,000 images "
+               "is about 9 MB); not a profile written by ronan-fast")
+    if st.st_size > MAX_PROFILE_BYTES:
+        raise ProfileError(too_big)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ProfileError(f"profile path is not a file but a FIFO, device or socket: {_shown(path)}")
+            raw = f.read(MAX_PROFILE_BYTES + 1)
+    except OSError as e:
+        raise ProfileError(f"cannot read {where}: {e.strerror or type(e).__name__}") from None
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise ProfileError(too_big)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{where} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); "
+                           "not a profile written by ronan-fast") from None
+
+
+def _source(adapter) -> dict | None:
+    source = getattr(adapter, "source", None)
+    return dict(source) if isinstance(source, dict) else None
+
+
 def _setting_defaults() -> dict:
     from ronan_fast.inversion import InversionSettings
 
@@ -476,8 +560,13 @@ def _is_int(x) -> bool:
 
 
 def _validate(p: BelongingProfile) -> None:
+    with np.errstate(all="ignore"):  # overflow in a hostile file's numbers is refused below, not warned about
+        _validate_fields(p)
+
+
+def _validate_fields(p: BelongingProfile) -> None:
     def bad(name: str, why: str):
-        raise ProfileError(f"field {name!r} {why}, got {getattr(p, name)!r}"[:400])
+        raise ProfileError(f"field {name!r} {why}, got {_brief(getattr(p, name))}"[:400])
 
     if p.format_version != FORMAT_VERSION:
         bad("format_version", f"must be {FORMAT_VERSION}")
@@ -529,6 +618,8 @@ def _validate(p: BelongingProfile) -> None:
             bad(name, "must be a string")
     if p.reference_name is not None and not isinstance(p.reference_name, str):
         bad("reference_name", "must be a string or null")
+    if p.image_bits is not None and not (_is_int(p.image_bits) and 1 <= p.image_bits <= 16):
+        bad("image_bits", "must be null or an integer in [1, 16]")
     if p.edit is not None:
         from ronan_fast.edits import EDIT_HELP, check_edit
 
@@ -536,6 +627,13 @@ def _validate(p: BelongingProfile) -> None:
             check_edit(p.edit)
         except ValueError:
             bad("edit", f"must be null or {EDIT_HELP}")
+    if p.reference_source is not None:
+        src = p.reference_source
+        if not (isinstance(src, dict) and isinstance(src.get("spec"), str) and src["spec"]
+                and all(isinstance(k, str) for k in src)):
+            bad("reference_source", "must be null or an object with a 'spec' string")
+        if p.reference_fingerprint is None:
+            bad("reference_source", "must be null in an uncalibrated profile")
     if (p.retries is None) != (p.retried is None):
         bad("retried", "must be given exactly when retries is")
     if p.retries is not None:
@@ -551,3 +649,14 @@ def _validate(p: BelongingProfile) -> None:
     if not (math.isclose(mu, p.mu, rel_tol=1e-9, abs_tol=1e-12) and math.isclose(sigma, p.sigma, rel_tol=1e-9)):
         raise ProfileError(f"mu/sigma ({p.mu!r}, {p.sigma!r}) are not the mean and sample std of the stored "
                            f"calibrated_losses on the {p.rule!r} scale ({mu!r}, {sigma!r})")
+    # the test itself must give numbers: a finite critical value and threshold
+    try:
+        crit = p.critical_value
+        edge = p.mu + crit * p.sigma
+    except (ValueError, ArithmeticError) as e:
+        raise ProfileError(f"n={p.n} and alpha={p.alpha!r} give no Grubbs critical value ({e})") from None
+    if not math.isfinite(crit):
+        bad("alpha", f"gives no finite Grubbs critical value for n={p.n}")
+    if not (math.isfinite(edge) and (p.rule != "grubbs-log" or edge < math.log(sys.float_info.max))):
+        raise ProfileError(f"the belonging threshold (mu + G_crit * sigma = {edge!r} on the {p.rule!r} scale) "
+                           "is not a finite loss")
