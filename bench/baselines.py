@@ -1,7 +1,7 @@
 """The two baselines every ronan_fast figure is measured against.
 
 * :func:`authors_loop`: the paper's code path: one image at a time, a random start
-  z ~ N(0, I), ``torch.optim.Adam([z], lr=0.1)``, ``F.mse_loss`` through autograd, float32,
+  z ~ N(0, I) (drawn as ronan_fast draws an image's starts, from its pixels and the seed), ``torch.optim.Adam([z], lr=0.1)``, ``F.mse_loss`` through autograd, float32,
   1500 steps; the score is the lowest loss seen; R restarts run one after another.
 * :func:`plain_batched`: the best plain-PyTorch version a user could write without us: all
   images times restarts in one batch, ``torch.optim.Adam(fused=True)`` where the device has it,
@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ronan_fast.adapters import GeneratorAdapter
-from ronan_fast.inversion import PRECISIONS, _autocast, _row_latents
+from ronan_fast.inversion import PRECISIONS
+from ronan_fast.inversion.runtime import autocast
+from ronan_fast.inversion.starts import row_latents
 
 
 def authors_loop(
@@ -31,7 +33,7 @@ def authors_loop(
         target = images[b : b + 1].to(device)
         # a class-conditional generator with the class unknown gets `restarts` starts per class
         cond, rows = generator.row_conditions(None, 1, restarts)
-        starts = _row_latents(generator, torch.tensor([b]), rows, seed).to(device)
+        starts = row_latents(generator, images[b : b + 1], rows, seed).to(device)
         best = float("inf")
         for r in range(rows):
             z = starts[r : r + 1].clone().requires_grad_(True)
@@ -63,7 +65,7 @@ def plain_batched(
     b = images.shape[0]
     cond, rows = generator.row_conditions(None, b, restarts)
     target = images.to(device).repeat_interleave(rows, 0)
-    z = _row_latents(generator, torch.arange(b), rows, seed).to(device).requires_grad_(True)
+    z = row_latents(generator, images, rows, seed).to(device).requires_grad_(True)
     try:
         opt = torch.optim.Adam([z], lr=lr, fused=True)
     except (RuntimeError, TypeError):
@@ -72,7 +74,7 @@ def plain_batched(
     assert precision in PRECISIONS
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             pred = generator.to_unit(generator.decode_raw(z, cond))
         per_row = (pred.float() - target).square().flatten(1).mean(1)
         per_row.sum().backward()

@@ -51,7 +51,7 @@ def test_overhead_generator_alone_runs_with_denormals_flushed_in_each_round(monk
         flushed.append(torch.set_flush_denormal(True))
         yield
 
-    monkeypatch.setattr(overhead, "_flush_denormals", recording)
+    monkeypatch.setattr(overhead, "flush_denormals", recording)
     r = overhead.measure(bg, rows=16, steps=3, restarts=4, repeats=2)
     torch.set_flush_denormal(False)
     assert len(flushed) == 1 + r["rounds"] and 1 <= r["rounds"] <= 2

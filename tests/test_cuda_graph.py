@@ -12,6 +12,7 @@ from torch import nn
 from ronan_fast.adapters import ConditionalGenerator, LatentGenerator
 from ronan_fast.inversion import InversionSettings, adam, invert
 from ronan_fast.inversion.batched import invert_chunk
+from ronan_fast.inversion.calls import FixedShapeCalls
 from ronan_fast.inversion.problem import Loss, Problem
 
 HAS_CUDA = torch.cuda.is_available()
@@ -116,10 +117,10 @@ def test_graph_control_flow_recaptures_after_each_compaction(monkeypatch):
     images = torch.cat([own, torch.rand(3, *gen.image_shape, generator=torch.Generator().manual_seed(6))])
     s = settings()
     for stop in (None, torch.full((6,), 1e-4)):
-        problem = Problem.build(gen, images, None, s, Loss.named("mse"), stop, "ref")
+        problem = Problem.build(FixedShapeCalls(gen, 16), images, None, s, Loss.named("mse"), stop, "ref")
 
         def chunk(cuda_graph):
-            w, steps = invert_chunk(problem, torch.arange(6), 0, problem.m, gen.decode_raw, cuda_graph=cuda_graph)
+            w, steps = invert_chunk(problem, 0, problem.m, cuda_graph=cuda_graph)
             return w.loss, w.inputs, w.reconstruction, w.conditions, steps
 
         eager = chunk(False)

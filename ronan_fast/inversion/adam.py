@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ronan_fast import ops
 from ronan_fast.adapters import GeneratorOutputError
+from ronan_fast.inversion.calls import in_blocks
 from ronan_fast.inversion.problem import Problem
 from ronan_fast.inversion.rows import RowBatch
 from ronan_fast.inversion.runtime import autocast, capture_graph
@@ -44,14 +45,15 @@ def lr_factor(s: InversionSettings, t: int) -> float:
 class AdamPhase:
     """Adam on ``batch``'s rows until every row of ``problem`` has stopped.
 
-    ``decode`` is the generator's raw forward (``decode_raw``, or its compiled twin); with
-    ``cuda_graph`` each step at a given batch shape is captured in a CUDA graph (after one eager
+    With ``cuda_graph`` each step at a given batch shape is captured in a CUDA graph (after one eager
     step at that shape, on a side stream) and replayed, and captured again whenever the batch
-    changes. :attr:`row_steps` counts each image's active row-steps (its cost).
+    changes. :attr:`row_steps` counts each image's active row-steps (its cost). ``on_done(n)``,
+    if given, is called whenever the number ``n`` of images whose rows have all stopped grows.
     """
 
-    def __init__(self, problem: Problem, batch: RowBatch, decode: Callable, cuda_graph: bool = False):
-        self.problem, self.batch, self.decode, self.cuda_graph = problem, batch, decode, cuda_graph
+    def __init__(self, problem: Problem, batch: RowBatch, cuda_graph: bool = False,
+                 on_done: Callable[[int], None] | None = None):
+        self.problem, self.batch, self.cuda_graph, self.on_done = problem, batch, cuda_graph, on_done
         s = problem.settings
         device = problem.device
         self.lr_table = torch.tensor([s.lr * lr_factor(s, t) for t in range(s.steps)], dtype=torch.float32,
@@ -90,6 +92,8 @@ class AdamPhase:
             if changed:
                 batch.compact(keep)
                 graph, warmed = None, False
+                if self.on_done is not None:  # images with no row left: their search has ended
+                    self.on_done(batch.admitted - int(torch.unique(self.problem.index[batch.rows]).numel()))
             if not batch.all_admitted and batch.admit():
                 cohorts.append(0)
                 graph, warmed, changed = None, False, True
@@ -124,7 +128,7 @@ class AdamPhase:
         zl = batch.z.detach().requires_grad_(True)
         with torch.enable_grad():
             with autocast(problem.device, problem.settings.precision):
-                raw = self.decode(zl, batch.cond)
+                raw = generator.step_decode_raw(zl, batch.cond)
             if not self.checked_output:
                 generator.check_output(raw, zl.shape[0], check_finite=False)
                 if not raw.requires_grad:
@@ -136,7 +140,8 @@ class AdamPhase:
                                                           loss_fn.name, impl=problem.impl)
                 loss, objective = loss_raw * problem.scale, (raw, gpred)
             else:
-                per_row = loss_fn.module(generator.to_unit(raw.float()), problem.images[batch.index])
+                per_row = in_blocks(loss_fn.module, generator.rows, generator.to_unit(raw.float()),
+                                    problem.images[batch.index])
                 loss, objective = per_row.detach().float(), (per_row.sum(), None)
             if not self.checked_output:
                 if not bool(torch.isfinite(loss).all()):

@@ -10,6 +10,7 @@ from torch import Tensor
 from ronan_fast import ops
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.inversion.batched import invert_batched
+from ronan_fast.inversion.calls import check_call_rows
 from ronan_fast.inversion.presets import resolve_settings
 from ronan_fast.inversion.problem import Loss, check_images
 from ronan_fast.inversion.result import InversionResult
@@ -36,8 +37,8 @@ def invert(
     impl: ops.Impl = "auto",
     cuda_graph: bool = False,
     progress: Callable[[int], None] | None = None,
-    first_id: int = 0,
     compile_generator: bool = False,
+    call_rows: int | None = None,
 ) -> InversionResult:
     """Reverse-engineer each image's input: all images times restarts as one batch (in chunks).
 
@@ -48,20 +49,20 @@ def invert(
             keyword arguments ``steps``, ``lr``, ``restarts``, ``precision`` and a metric name override it.
         metric: "mse" (default), "mae", "ssim", "mse-tone" (:class:`~ronan_fast.metrics.ToneMSE`), or a
             metric object (e.g. ``metrics.LPIPS(backbone)``).
-        seed: starting latents are drawn per image from ``seed``; same seed, same device, same result.
-        first_id: the number of the first image in the seed streams (images are numbered from
-            it): inverting ``images[a:b]`` with ``first_id=a`` draws the same starts as inverting
-            all of ``images`` would for them (a job split into parts, e.g. to save each part).
+        seed: each image's starting latents are drawn from a hash of its pixels and ``seed``
+            (:mod:`~ronan_fast.inversion.starts`): same image, seed, settings, device and
+            ``call_rows``, same result, whatever else is in the batch, wherever the image stands
+            in it and however the job is split.
         conditions: per-image known conditions for a conditional generator (class unknown if omitted).
         stop_below: per-image loss (``[B]`` or a scalar) under which an image's rows stop: its
             verdict can no longer change. The reported loss is then the loss at stopping.
         max_rows: rows in the batch at once (memory budget); by default on CPU as many as keep the
             generator's saved activations under 96 MiB (64 to 4096 rows: faster per row than larger
             batches), on CUDA sized to free memory. Images are taken in chunks of
-            :data:`~ronan_fast.inversion.budget.ADMITTED_BATCHES` times as many as fit at once; within a
-            chunk, an image enters the
-            batch as soon as rows stopping (halving, early stop) leave room for all of its rows, so
-            the batch stays full. Each image's result does not depend on what runs beside it.
+            :data:`~ronan_fast.inversion.budget.ADMITTED_BATCHES` times as many as fit at once; within
+            a chunk, an image enters the batch as soon as rows stopping (halving, early stop) leave
+            room for all of its rows, so the batch stays full. Each image's result does not depend
+            on what runs beside it, nor on ``max_rows``.
         impl: kernel implementation, see :mod:`ronan_fast.ops`.
         cuda_graph: on CUDA, capture the Adam step (generator forward and backward, fused loss and
             gradient, latent Adam) in a CUDA graph and replay it, instead of launching every
@@ -79,6 +80,12 @@ def invert(
             bench/results/speed_cpu_compiled.md). Same arithmetic
             up to rounding. The polish phases run the generator as it is (they differentiate twice,
             which compiled graphs do not support). Not with ``cuda_graph``.
+        call_rows: rows per generator call: every call of the generator (and of a metric module)
+            runs in blocks of exactly this many rows, the last padded, so that an image's
+            arithmetic does not depend on how many rows share its call (kernels choose their
+            algorithm, and rounding, by shape). Default: 8 on CPU; on CUDA a power of two up to
+            256 set by the generator's activations per row (:mod:`~ronan_fast.inversion.calls`).
+            Part of what makes a result reproducible, with the device and the number of threads.
     """
     if metric is not None and not isinstance(metric, str):
         loss = Loss(getattr(metric, "name", type(metric).__name__), metric)
@@ -88,20 +95,20 @@ def invert(
         s = resolve_settings(generator, settings, steps=steps, lr=lr, restarts=restarts, precision=precision,
                              metric=metric)
         loss = Loss.named(s.metric)
-    _check_flags(generator, seed, first_id, cuda_graph, compile_generator)
+    _check_flags(generator, seed, cuda_graph, compile_generator)
+    if call_rows is not None:
+        check_call_rows(call_rows)
     images = check_images(generator, images).to(generator.device)
     chain = generator.stage_chain() if s.stagewise else None
     run = invert_batched if chain is None else functools.partial(invert_stagewise, chain=chain)
     return run(generator, images, s, loss, seed=seed, conditions=conditions, stop_below=stop_below, max_rows=max_rows,
-               impl=impl, cuda_graph=cuda_graph, progress=progress, first_id=first_id,
-               compile_generator=compile_generator)
+               impl=impl, cuda_graph=cuda_graph, progress=progress, compile_generator=compile_generator,
+               call_rows=call_rows)
 
 
-def _check_flags(generator: GeneratorAdapter, seed, first_id, cuda_graph, compile_generator) -> None:
+def _check_flags(generator: GeneratorAdapter, seed, cuda_graph, compile_generator) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not isinstance(first_id, int) or isinstance(first_id, bool) or first_id < 0:
-        raise ValueError(f"first_id must be an integer >= 0, got {first_id!r}")
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
     if not isinstance(compile_generator, bool):

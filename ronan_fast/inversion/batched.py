@@ -19,6 +19,7 @@ from ronan_fast import _heap, ops
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.inversion.adam import AdamPhase
 from ronan_fast.inversion.budget import ADMITTED_BATCHES, default_max_rows
+from ronan_fast.inversion.calls import FixedShapeCalls, call_rows_for
 from ronan_fast.inversion.finish import Winners, finish
 from ronan_fast.inversion.problem import Loss, Problem
 from ronan_fast.inversion.result import InversionResult
@@ -32,9 +33,10 @@ __all__ = ["invert_batched", "invert_chunk"]
 
 def invert_batched(generator: GeneratorAdapter, images: Tensor, s: InversionSettings, loss: Loss, *, seed: int,
                    conditions: Tensor | None, stop_below: Tensor | float | None, max_rows: int | None,
-                   impl: ops.Impl, cuda_graph: bool, progress: Callable[[int], None] | None, first_id: int,
-                   compile_generator: bool) -> InversionResult:
-    """Invert checked ``images`` (float32 in [0, 1] on the generator's device) end to end."""
+                   impl: ops.Impl, cuda_graph: bool, progress: Callable[[int], None] | None,
+                   compile_generator: bool, call_rows: int | None = None) -> InversionResult:
+    """Invert checked ``images`` (float32 in [0, 1] on the generator's device) end to end, every
+    generator call in blocks of ``call_rows`` rows (:mod:`~ronan_fast.inversion.calls`)."""
     device = generator.device
     b_total = images.shape[0]
     if conditions is not None:
@@ -49,7 +51,8 @@ def invert_batched(generator: GeneratorAdapter, images: Tensor, s: InversionSett
     if stop_below is not None:
         stop_below = torch.as_tensor(stop_below, dtype=torch.float32, device=device).expand(b_total).contiguous()
     out = _Outputs(images, generator.latent_dim)
-    decode = compiled_decode(generator) if compile_generator else generator.decode_raw
+    calls = FixedShapeCalls(generator, call_rows_for(device, call_rows, generator, s.precision),
+                            compiled_decode(generator) if compile_generator else None)
     # each chunk holds ADMITTED_BATCHES batches' worth of images; they enter its batch of at most
     # max_rows rows as rows stop
     per_chunk = max(1, max_rows // rows_per_image) * ADMITTED_BATCHES
@@ -58,10 +61,10 @@ def invert_batched(generator: GeneratorAdapter, images: Tensor, s: InversionSett
         for start in range(0, b_total, per_chunk):
             stop = min(b_total, start + per_chunk)
             cond = None if conditions is None else conditions[start:stop]
-            problem = Problem.build(generator, images[start:stop], cond, s, loss,
+            problem = Problem.build(calls, images[start:stop], cond, s, loss,
                                     None if stop_below is None else stop_below[start:stop], impl)
-            winners, row_steps = invert_chunk(problem, torch.arange(start, stop) + first_id, seed, max_rows, decode,
-                                              cuda_graph)
+            done = None if progress is None else (lambda f, start=start: progress(start + f))
+            winners, row_steps = invert_chunk(problem, seed, max_rows, cuda_graph, done)
             out.put(start, stop, winners, row_steps)
             if progress is not None:
                 progress(stop)
@@ -70,21 +73,27 @@ def invert_batched(generator: GeneratorAdapter, images: Tensor, s: InversionSett
                            metric=loss.name)
 
 
-def invert_chunk(problem: Problem, image_ids: Tensor, seed: int, max_rows: int, decode: Callable,
-                 cuda_graph: bool = False) -> tuple[Winners, Tensor]:
-    """Invert one chunk's images (numbered ``image_ids`` in the seed streams) with at most
-    ``max_rows`` rows in the batch at once; returns the winners and each image's row-steps."""
+def invert_chunk(problem: Problem, seed: int, max_rows: int, cuda_graph: bool = False,
+                 progress: Callable[[float], None] | None = None) -> tuple[Winners, Tensor]:
+    """Invert one chunk's images with at most ``max_rows`` rows in the batch at once; returns
+    the winners and each image's row-steps. ``progress(images)``, if given, is called as images
+    get done: those whose search has ended count half while a polish is to come, and whole once
+    polished."""
     s, generator = problem.settings, problem.generator
-    z = row_latents(generator, image_ids, problem.rows_per_image, seed, problem.images).to(problem.device)
+    z = row_latents(generator, problem.images, problem.rows_per_image, seed).to(problem.device)
     radius = generator.prior_radius
     if s.typical_set == "project" and radius is not None:
         z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
     capacity = max(problem.rows_per_image, max_rows)
     batch = RowBatch(problem, z, capacity)
-    row_steps = AdamPhase(problem, batch, decode, cuda_graph).run()
+    share = 0.5 if s.polish_steps and problem.loss.polishable else 1.0  # of an image's work, in its search
+    on_done = None if progress is None else (lambda n: progress(share * n))
+    on_polished = None if progress is None else (lambda n: progress(share * problem.b + (1 - share) * n))
+    row_steps = AdamPhase(problem, batch, cuda_graph, on_done).run()
     # the polish holds more per row than an Adam step: it runs in pieces of as many images as the
     # batch holds at once (an image's rows stay together)
-    winners = finish(problem, batch.final_loss, batch.final_latent, max(1, capacity // problem.rows_per_image))
+    winners = finish(problem, batch.final_loss, batch.final_latent, max(1, capacity // problem.rows_per_image),
+                     on_polished)
     return winners, row_steps
 
 

@@ -9,7 +9,8 @@ from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.inversion.runtime import autocast
 from ronan_fast.inversion.settings import InversionSettings
 
-__all__ = ["ADMITTED_BATCHES", "CPU_CHUNK_SAVED_BYTES", "CPU_CHUNK_ROWS", "default_max_rows", "cpu_chunk_rows"]
+__all__ = ["ADMITTED_BATCHES", "CPU_CHUNK_SAVED_BYTES", "CPU_CHUNK_ROWS", "default_max_rows", "cpu_chunk_rows",
+           "saved_bytes_per_row"]
 
 #: images per chunk, in batches: a chunk holds this many times as many images as its batch of
 #: ``max_rows`` rows takes at once, and the rest enter the batch as rows stop (successive
@@ -58,6 +59,14 @@ def cpu_chunk_rows(generator: GeneratorAdapter, s: InversionSettings) -> int:
     difference between two forward passes of 8 and 16 rows (parameters saved once per pass
     cancel out).
     """
+    lo, hi = CPU_CHUNK_ROWS
+    return int(min(hi, max(lo, CPU_CHUNK_SAVED_BYTES // saved_bytes_per_row(generator, s.precision))))
+
+
+def saved_bytes_per_row(generator: GeneratorAdapter, precision: str = "fp32") -> int:
+    """Bytes of activations the generator saves for its backward pass, per row: the difference
+    between forward passes of 8 and 16 rows (parameters saved once per pass cancel out).
+    Counted, not timed: the same for the same generator and precision."""
     rng = torch.Generator().manual_seed(0)  # the caller's random stream stays untouched
 
     def saved(n: int) -> int:
@@ -70,10 +79,8 @@ def cpu_chunk_rows(generator: GeneratorAdapter, s: InversionSettings) -> int:
 
         z = generator.sample_latents(n, rng).requires_grad_(True)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with autocast(generator.device, s.precision):
+            with autocast(generator.device, precision):
                 generator.decode_raw(z, generator.sample_conditions(n, rng))
         return total
 
-    per_row = max(1, (saved(16) - saved(8)) // 8)
-    lo, hi = CPU_CHUNK_ROWS
-    return int(min(hi, max(lo, CPU_CHUNK_SAVED_BYTES // per_row)))
+    return max(1, (saved(16) - saved(8)) // 8)

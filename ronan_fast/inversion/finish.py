@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,11 @@ class Winners:
     conditions: Tensor | None
 
 
-def finish(problem: Problem, final_loss: Tensor, final_latent: Tensor, piece_images: int) -> Winners:
+def finish(problem: Problem, final_loss: Tensor, final_latent: Tensor, piece_images: int,
+           on_polished: Callable[[int], None] | None = None) -> Winners:
     """Polish and score each image's best rows; ``final_loss`` / ``final_latent`` are every row's
-    best Adam loss and input, ``piece_images`` the images per polish piece."""
+    best Adam loss and input, ``piece_images`` the images per polish piece; ``on_polished(n)``
+    is called after each piece of the polish with the images polished so far."""
     s, b, rpi = problem.settings, problem.b, problem.rows_per_image
     loss_b, row_b = ops.best_over_restarts(final_loss, problem.index, b, impl=problem.impl)
     row_b = torch.where(row_b < 0, torch.arange(b, device=problem.device) * rpi, row_b)  # all-NaN image: its first row
@@ -50,7 +53,7 @@ def finish(problem: Problem, final_loss: Tensor, final_latent: Tensor, piece_ima
     else:
         cand = (ranked.topk(k, dim=1, largest=False).indices
                 + torch.arange(b, device=problem.device).unsqueeze(1) * rpi).flatten()
-    polisher = _Polisher(problem, final_latent, piece_images) if polishing else None
+    polisher = _Polisher(problem, final_latent, piece_images, on_polished) if polishing else None
     if polisher is not None:
         polisher.settled = _settled_losses(problem, final_latent, row_b, loss_b)
     img = torch.arange(b, device=problem.device).repeat_interleave(k)  # each candidate's image
@@ -65,6 +68,7 @@ def finish(problem: Problem, final_loss: Tensor, final_latent: Tensor, piece_ima
     winners = Winners(final, inputs, recon, cond_b)
     extra = min(s.polish_escalate, rpi - k) if polisher is not None and problem.stop_below is not None else 0
     if extra > 0:
+        polisher.on_polished = None  # its images are counted already
         _escalate(problem, polisher, final_latent, ranked, cand, winners, extra)
     winners.reconstruction = winners.reconstruction.clamp(0, 1)
     return winners
@@ -148,8 +152,9 @@ class _Polisher:
     """The polish of one chunk: the methods its settings name, the raw target, and which images'
     verdicts are settled (:attr:`settled`, each image's loss before the polish)."""
 
-    def __init__(self, problem: Problem, final_latent: Tensor, piece_images: int):
-        self.problem = problem
+    def __init__(self, problem: Problem, final_latent: Tensor, piece_images: int,
+                 on_polished: Callable[[int], None] | None = None):
+        self.problem, self.on_polished = problem, on_polished
         s, loss = problem.settings, problem.loss
         self.target_raw = problem.target if loss.fused else problem.generator.from_unit(problem.images)
         self.gmres = GMRESGaussNewton(krylov=s.polish_gmres_iters) if s.polish_gmres_iters else None
@@ -172,6 +177,9 @@ class _Polisher:
         piece = self.piece_images * per
         for p0 in range(0, idx.numel(), piece):
             self._piece(inputs, cond, img, idx[p0:p0 + piece], done_groups)
+            if self.on_polished is not None:  # images settled before the polish count as polished
+                left = idx[p0 + piece:]
+                self.on_polished(problem.b - int(torch.unique(img[left]).numel()))
 
     def _piece(self, inputs: Tensor, cond: Tensor | None, img: Tensor, idx: Tensor, done_groups) -> None:
         """Polish rows ``idx`` of ``inputs`` in place: the GMRES phase, then the last polish."""

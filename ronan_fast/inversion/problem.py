@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ronan_fast import ops
 from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.inversion.calls import FixedShapeCalls, in_blocks
 from ronan_fast.inversion.settings import InversionSettings
 from ronan_fast.metrics import ToneMSE
 
@@ -57,9 +58,12 @@ class Loss:
         lo, hi = output_range
         return 1.0 / (hi - lo) ** 2 if self.name in ("mse", "mse-tone") else 1.0 / (hi - lo)
 
-    def on_unit(self, recon: Tensor, images: Tensor) -> Tensor:
-        """Per-image loss of reconstructions in [0, 1], float32 (the final score's definition)."""
+    def on_unit(self, recon: Tensor, images: Tensor, rows: int | None = None) -> Tensor:
+        """Per-image loss of reconstructions in [0, 1], float32 (the final score's definition);
+        a metric module runs in blocks of ``rows`` images when given (:func:`in_blocks`)."""
         if self.module is not None:
+            if rows is not None:
+                return in_blocks(self.module, rows, recon, images).float()
             return self.module(recon, images).float()
         diff = (recon - images).flatten(1)
         return diff.square().mean(1) if self.name == "mse" else diff.abs().mean(1)
@@ -102,7 +106,7 @@ class Problem:
     is each image's belonging threshold (on the [0, 1] loss) or None.
     """
 
-    generator: GeneratorAdapter
+    generator: FixedShapeCalls
     images: Tensor
     settings: InversionSettings
     loss: Loss
@@ -115,7 +119,7 @@ class Problem:
     scale: float
 
     @classmethod
-    def build(cls, generator: GeneratorAdapter, images: Tensor, conditions: Tensor | None, s: InversionSettings,
+    def build(cls, generator: FixedShapeCalls, images: Tensor, conditions: Tensor | None, s: InversionSettings,
               loss: Loss, stop_below: Tensor | None, impl: ops.Impl) -> "Problem":
         b = images.shape[0]
         row_cond, rpi = generator.row_conditions(conditions, b, s.restarts)
@@ -145,4 +149,4 @@ class Problem:
         generator = self.generator
         with torch.no_grad():
             recon = generator.to_unit(generator.decode_raw(inputs, cond).float())
-            return recon, self.loss.on_unit(recon, self.images[img])
+            return recon, self.loss.on_unit(recon, self.images[img], generator.rows)

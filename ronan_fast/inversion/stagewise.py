@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.inversion.batched import invert_batched
+from ronan_fast.inversion.calls import FixedShapeCalls, call_rows_for
 from ronan_fast.inversion.polish import ConjugateGradientLM, GMRESGaussNewton, Leaving
 from ronan_fast.inversion.problem import Loss
 from ronan_fast.inversion.result import InversionResult
@@ -112,13 +113,14 @@ class StepMap(_ChainPart):
         return self.chain.step(self.i, self._z(latents))
 
 
-def solve_step(part: StepMap, target: Tensor, max_rows: int) -> tuple[Tensor, Tensor]:
+def solve_step(part: StepMap, target: Tensor, max_rows: int, call_rows: int | None = None) -> tuple[Tensor, Tensor]:
     """Inputs x with ``part(x) = target`` (rows of ``target [n, D]``), by Gauss-Newton, and
-    each row's mean squared residual at them."""
+    each row's mean squared residual at them; the step runs in calls of ``call_rows`` rows."""
+    step = FixedShapeCalls(part, call_rows_for(target.device, call_rows, part))
 
     def residual(z: Tensor, tgt: Tensor) -> Tensor:
         with torch.no_grad():
-            return (part.decode_raw(z).flatten(1).float() - tgt).square().mean(1)
+            return (step.decode_raw(z).flatten(1).float() - tgt).square().mean(1)
 
     out = torch.empty_like(target)
     out_res = torch.empty(target.shape[0], device=target.device)
@@ -127,13 +129,13 @@ def solve_step(part: StepMap, target: Tensor, max_rows: int) -> tuple[Tensor, Te
         shaped = tgt.view(-1, *part.latent_shape)
         with torch.no_grad():
             start = part.chain.step_start(part.i, shaped).flatten(1).float()
-        z = GMRESGaussNewton(krylov=30)(part, start, None, shaped, PREFIX_GMRES_STEPS, Leaving(start.shape[0])).inputs
+        z = GMRESGaussNewton(krylov=30)(step, start, None, shaped, PREFIX_GMRES_STEPS, Leaving(start.shape[0])).inputs
         res = residual(z, tgt)
         # solved: a root-mean-square residual within float32 rounding of the target's scale
         unsolved = res > SOLVED_REL ** 2 * tgt.square().mean(1).clamp_min(1e-30)
         if bool(unsolved.any()):
             idx = unsolved.nonzero().squeeze(1)
-            z[idx] = ConjugateGradientLM(cg_iters=100)(part, z[idx], None, shaped[idx], PREFIX_CG_STEPS,
+            z[idx] = ConjugateGradientLM(cg_iters=100)(step, z[idx], None, shaped[idx], PREFIX_CG_STEPS,
                                                        Leaving(idx.numel())).inputs
             res[idx] = residual(z[idx], tgt[idx])
         out[a:a + max_rows], out_res[a:a + max_rows] = z, res
@@ -143,7 +145,7 @@ def solve_step(part: StepMap, target: Tensor, max_rows: int) -> tuple[Tensor, Te
 def invert_stagewise(generator: GeneratorAdapter, images: Tensor, settings, loss: Loss, *, chain: nn.Module,
                      seed: int = 0, conditions: Tensor | None = None, stop_below: Tensor | None = None,
                      max_rows: int | None = None, impl="auto", cuda_graph: bool = False, progress=None,
-                     first_id: int = 0, compile_generator: bool = False) -> InversionResult:
+                     compile_generator: bool = False, call_rows: int | None = None) -> InversionResult:
     """Invert ``generator`` (whose :meth:`~GeneratorAdapter.stage_chain` is ``chain``) step by step.
 
     Called by :func:`~ronan_fast.inversion.invert` for settings with ``stagewise``.
@@ -158,17 +160,17 @@ def invert_stagewise(generator: GeneratorAdapter, images: Tensor, settings, loss
         raise ValueError(f"{generator.name} takes no conditions, but conditions were given")
     res = invert_batched(FinalStep(generator, chain), images, settings.replace(stagewise=False), loss, seed=seed,
                          conditions=None, stop_below=stop_below, max_rows=max_rows, impl=impl, cuda_graph=cuda_graph,
-                         progress=progress, first_id=first_id, compile_generator=compile_generator)
+                         progress=progress, compile_generator=compile_generator, call_rows=call_rows)
     rows = max_rows or 4096
     x = res.inputs
     worst = torch.zeros(x.shape[0], device=x.device)
     for i in reversed(range(chain.steps - 1)):
-        x, r = solve_step(StepMap(generator, chain, i), x, rows)
+        x, r = solve_step(StepMap(generator, chain, i), x, rows, call_rows)
         worst = torch.maximum(worst, r)
+    whole = FixedShapeCalls(generator, call_rows_for(x.device, call_rows, generator))
     with torch.no_grad():
-        recon = torch.cat([generator.to_unit(generator.decode_raw(x[a:a + rows]).float())
-                           for a in range(0, x.shape[0], rows)])
-        final = loss.on_unit(recon, images)
+        recon = torch.cat([whole.to_unit(whole.decode_raw(x[a:a + rows]).float()) for a in range(0, x.shape[0], rows)])
+        final = loss.on_unit(recon, images, whole.rows)
     # the loss is the unclamped output's, the reconstruction clamped to [0, 1], as invert() returns them
     return InversionResult(loss=final, inputs=x, reconstruction=recon.clamp(0, 1), conditions=None,
                            row_steps=res.row_steps, settings=settings, metric=res.metric,

@@ -10,9 +10,12 @@ reused instead of built again: it has not moved).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
+from ronan_fast.inversion.calls import FixedShapeCalls, in_blocks, padded
 from ronan_fast.inversion.polish.base import PolishResult
 from ronan_fast.inversion.runtime import forward_ad_attention
 from ronan_fast.metrics import ToneMSE
@@ -38,11 +41,17 @@ class DenseLM:
         return metric == ("mse-tone" if self.tone is not None else "mse")
 
     def __call__(self, generator, inputs, cond, target_raw, steps, leaving, report=None) -> PolishResult:
+        # one row at a time, under vmap: the chunks of rows are padded to one shape instead
+        decode = generator.base.decode_raw if isinstance(generator, FixedShapeCalls) else generator.decode_raw
+
         def one(zrow, crow):
             c = None if crow is None else crow.unsqueeze(0)
-            return generator.decode_raw(zrow.unsqueeze(0), c).flatten().float()
+            return decode(zrow.unsqueeze(0), c).flatten().float()
 
         residual, jac_map = self._residual(generator, target_raw)
+        block = getattr(generator, "rows", None)
+        if block is not None:  # per-row arithmetic in fixed-shape blocks, as the generator's calls
+            residual = functools.partial(in_blocks, residual, block)
         if self.reverse:
             return _levenberg_marquardt(inputs, cond, one, residual, steps, leaving, reverse=True, jac_map=jac_map,
                                         report=report)
@@ -161,25 +170,37 @@ def _normal_equations(one, jac_map, zl, cl, live, fresh, r, jtj_all, jtr_all, re
 
     The Jacobians are built a few rows at a time: a row's Jacobian and the passes that build it
     take about as much memory as a forward pass of as many rows as the latent is wide, so a
-    chunk of 512 images would not fit in memory at once."""
+    chunk of 512 images would not fit in memory at once. Every forward-mode chunk has the same
+    number of rows (the last padded) and reverse mode goes row by row, so that a row's products
+    do not depend on the rows beside it."""
     from torch.func import jacfwd, jacrev, vmap
 
-    zf, cf = zl[fresh], None if cl is None else cl[fresh]
-    d, per_elem = zl.shape[1], r.shape[1]
-    rows = dense_rows(d, per_elem, cpu=zl.device.type == "cpu")
+    zf, cf, rf = zl[fresh], None if cl is None else cl[fresh], r[fresh]
+    at_all = live[fresh]  # their original rows
+    if reverse:  # row by row: memory for one row's forward and 128 of its backward passes
+        for i in range(fresh.numel()):
+            ci = None if cf is None else cf[i:i + 1]
+            jac = jacrev(lambda q: one(q, None if ci is None else ci[0]), chunk_size=128)(zf[i]).unsqueeze(0)
+            at = at_all[i:i + 1]
+            jtj_all[at], jtr_all[at] = _products(jac_map, jac, zf[i:i + 1], ci, at, rf[i:i + 1])
+        return
+    rows = dense_rows(zl.shape[1], r.shape[1], cpu=zl.device.type == "cpu")
     for lo in range(0, fresh.numel(), rows):
-        sl = slice(lo, lo + rows)
-        at = live[fresh[sl]]  # their original rows
-        zc, cc = zf[sl], None if cf is None else cf[sl]
-        if reverse:  # row by row: memory for one row's forward and 128 of its backward passes
-            jac = torch.stack([jacrev(lambda q, cr=(None if cc is None else cc[i]): one(q, cr),
-                                      chunk_size=128)(zc[i]) for i in range(zc.shape[0])])
-        elif cc is None:
+        at = at_all[lo:lo + rows]
+        k = at.numel()
+        zc, cc, rc, at_p = (None if t is None else padded(t[lo:lo + rows], rows) for t in (zf, cf, rf, at_all))
+        if cc is None:
             jac = vmap(lambda zr: jacfwd(lambda q: one(q, None))(zr))(zc)
         else:
             jac = vmap(lambda zr, cr: jacfwd(lambda q: one(q, cr))(zr))(zc, cc)
-        if jac_map is not None:  # the residual's Jacobian from the generator's
-            jac = jac_map(jac, zc, cc, at)
-        jtj_all[at] = jac.transpose(1, 2) @ jac
-        jtr_all[at] = (jac.transpose(1, 2) @ r[fresh[sl]].unsqueeze(2)).squeeze(2)
+        jtj, jtr = _products(jac_map, jac, zc, cc, at_p, rc)
+        jtj_all[at], jtr_all[at] = jtj[:k], jtr[:k]
         del jac
+
+
+def _products(jac_map, jac, z, c, at, r):
+    """``J^T J`` and ``J^T r`` of rows whose generator Jacobian is ``jac`` (mapped to the
+    residual's by ``jac_map``, if given)."""
+    if jac_map is not None:  # the residual's Jacobian from the generator's
+        jac = jac_map(jac, z, c, at)
+    return jac.transpose(1, 2) @ jac, (jac.transpose(1, 2) @ r.unsqueeze(2)).squeeze(2)

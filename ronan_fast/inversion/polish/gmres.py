@@ -74,10 +74,10 @@ def gmres(jv, r: Tensor, krylov: int) -> Tensor:
         hn = w.norm(dim=1)
         h[:, j + 1, j] = hn
         basis.append(w / hn.clamp_min(1e-30)[:, None])
-    e1 = r.new_zeros(m, krylov + 1, 1)
-    e1[:, 0, 0] = beta
-    y = torch.linalg.pinv(h, rtol=1e-6) @ e1  # [m, k, 1]
-    return (torch.stack(basis[:krylov], 2) @ y).squeeze(2)
+    # y = pinv(h) (beta e_1), and the step = basis y, row by row without batched matrix products
+    # (whose rounding varies with the number of rows)
+    y = torch.linalg.pinv(h, rtol=1e-6)[:, :, 0] * beta[:, None]  # [m, k]
+    return (torch.stack(basis[:krylov], 2) * y[:, None, :]).sum(2)
 
 
 def _gmres_gauss_newton(generator, inputs, cond, target_raw, iters, krylov, report, leaving):

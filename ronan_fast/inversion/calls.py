@@ -1,0 +1,143 @@
+"""Generator calls of one fixed shape, so that an image's arithmetic does not depend on its company.
+
+A CPU or GPU kernel picks its algorithm, and so its rounding, by the shape it is given: the same
+input row run through a convolution in a batch of 3 and in a batch of 64 gives different low
+bits. Inverting an image beside others would then give it another loss than inverting it alone,
+and its verdict could change with the batch. So every call of the generator (and of a metric
+module) during inversion is cut into blocks of exactly ``rows`` rows, the last block padded
+with copies of its first row: a row's result depends only on its own input and the block
+shape, not on which rows share its block or how many there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ronan_fast.adapters import GeneratorAdapter
+
+__all__ = ["DEFAULT_CALL_ROWS", "FixedShapeCalls", "call_rows_for", "check_call_rows", "in_blocks", "padded"]
+
+#: rows per generator call on CPU. A block pads up to ``rows - 1`` rows when few are left (an
+#: image alone at the end of its search, a polish of a few rows), and a small block costs more
+#: per row when many are: 8 is the compromise measured on the zoo's generators (GAN default, one
+#: thread: the bundled DCGAN 0.28 s per image in a batch of 32 and 0.57 s alone, against 0.17 s
+#: and 0.46 s at 16 rows; the 64x64 DCGAN 3.3 s and 5.2 s, against 3.6 s and 5.6 s at 16 rows)
+DEFAULT_CALL_ROWS = 8
+#: on a GPU, as many rows per call (a power of two, at most :data:`CUDA_MAX_CALL_ROWS`) as keep the
+#: activations one call saves for its backward pass under this many bytes: a small generator's
+#: calls fill the device, a large one's pad little for a lone image
+CUDA_CALL_SAVED_BYTES = 2 << 30
+CUDA_MAX_CALL_ROWS = 256
+
+
+def call_rows_for(device: torch.device, call_rows: int | None = None, generator: GeneratorAdapter | None = None,
+                  precision: str = "fp32") -> int:
+    """Rows per generator call on ``device``: ``call_rows`` when given, else the device's default
+    (on CPU :data:`DEFAULT_CALL_ROWS`; on a GPU from ``generator``'s activations per row)."""
+    if call_rows is not None:
+        check_call_rows(call_rows)
+        return call_rows
+    if device.type != "cuda" or generator is None:
+        return DEFAULT_CALL_ROWS
+    from ronan_fast.inversion.budget import saved_bytes_per_row
+
+    rows = max(1, CUDA_CALL_SAVED_BYTES // saved_bytes_per_row(generator, precision))
+    return int(min(CUDA_MAX_CALL_ROWS, 1 << (rows.bit_length() - 1)))
+
+
+def check_call_rows(call_rows: object) -> None:
+    if isinstance(call_rows, bool) or not isinstance(call_rows, int) or call_rows < 1:
+        raise ValueError(f"call_rows must be an integer >= 1, got {call_rows!r}")
+
+
+def in_blocks(fn: Callable[..., Tensor], rows: int, *tensors: Tensor | None) -> Tensor:
+    """``fn(*tensors)`` computed in blocks of exactly ``rows`` rows along the first dimension.
+
+    The last block is padded with copies of its first row and the padding's results are dropped;
+    ``None`` arguments are passed as they are. Differentiable (forward and reverse mode)."""
+    n = next(t for t in tensors if t is not None).shape[0]
+    out = []
+    for a in range(0, n, rows):
+        k = min(rows, n - a)
+        block = [None if t is None else padded(t[a:a + k], rows) for t in tensors]
+        res = fn(*block)
+        out.append(res if k == rows else res[:k])
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def padded(t: Tensor, rows: int) -> Tensor:
+    """``t`` with copies of its first row appended up to ``rows`` rows."""
+    k = t.shape[0]
+    if k == rows:
+        return t
+    return torch.cat([t, t[:1].expand(rows - k, *t.shape[1:])])
+
+
+class FixedShapeCalls(GeneratorAdapter):
+    """``generator`` with every :meth:`decode_raw` call run in blocks of ``rows`` rows.
+
+    Everything else is the wrapped adapter's (:attr:`base`). ``step_decode``, if given, computes
+    a block in :meth:`step_decode_raw`, the Adam phase's calls, in place of
+    ``generator.decode_raw`` (e.g. its ``torch.compile``'d twin; the polish differentiates
+    twice, which compiled graphs do not support, so it keeps the plain one).
+    """
+
+    def __init__(self, generator: GeneratorAdapter, rows: int, step_decode: Callable | None = None):
+        self.base, self.rows = generator, rows
+        self._step_decode = generator.decode_raw if step_decode is None else step_decode
+
+    def __getattr__(self, name: str):
+        return getattr(self.base, name)
+
+    # attributes the base class defines: the wrapped adapter's
+    latent_dim = property(lambda self: self.base.latent_dim)
+    image_shape = property(lambda self: self.base.image_shape)
+    output_range = property(lambda self: self.base.output_range)
+    family = property(lambda self: self.base.family)
+    name = property(lambda self: self.base.name)
+    device = property(lambda self: self.base.device)
+    prior_radius = property(lambda self: self.base.prior_radius)
+
+    def decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
+        return in_blocks(self.base.decode_raw, self.rows, latents, conditions)
+
+    def step_decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
+        """The Adam phase's forward: :meth:`decode_raw` through ``step_decode``."""
+        return in_blocks(self._step_decode, self.rows, latents, conditions)
+
+    def modules(self):
+        return self.base.modules()
+
+    def config(self) -> dict:
+        return self.base.config()
+
+    def fingerprint(self) -> str:
+        return self.base.fingerprint()
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.base.sample_latents(n, generator)
+
+    def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+        return self.base.sample_conditions(n, generator)
+
+    def stage_chain(self):
+        return self.base.stage_chain()
+
+    def row_conditions(self, conditions, batch, restarts):
+        return self.base.row_conditions(conditions, batch, restarts)
+
+    def to_unit(self, raw: Tensor) -> Tensor:
+        return self.base.to_unit(raw)
+
+    def from_unit(self, images: Tensor) -> Tensor:
+        return self.base.from_unit(images)
+
+    def check_output(self, out: Tensor, rows: int, check_finite: bool = True) -> None:
+        self.base.check_output(out, rows, check_finite)
+
+    def to(self, device):
+        self.base.to(device)
+        return self
