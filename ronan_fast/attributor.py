@@ -36,15 +36,15 @@ from ronan_fast.edits import apply_edit, check_edit, check_edit_metric
 from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule, profile_outliers
+from ronan_fast.progress import ImageProgress, ProgressFn
 
 __all__ = ["Attributor", "AttributionResult", "CheckpointError", "ProgressFn"]
-
-#: ``progress(stage, done, total)``: stage is "generate", "reference" or "model"; counts are images
-ProgressFn = Callable[[str, int, int], None]
 
 #: early stop: a row stops once its loss is this far (relative) under the verdict threshold, so
 #: that re-measuring the loss in float32 at the end cannot move it back over the threshold
 _STOP_MARGIN = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
+#: a profile of fewer images than this gets a warning: its threshold rests on too few losses
+SMALL_PROFILE = 30
 #: a reference loss of exactly 0 (the reference reconstructs the image perfectly) is raised to this
 _REFERENCE_FLOOR = 1e-30
 
@@ -52,8 +52,8 @@ _REFERENCE_FLOOR = 1e-30
 def _stream_seed(purpose: str, seed: int) -> int:
     """A 63-bit seed for generating images, unrelated to the seeds inversion draws its starts from.
 
-    Inversion seeds image ``b``'s starting latents with ``seed * 1_000_003 + b``; generating the
-    profile images from the same small integers would hand inversion the true latents.
+    Generating the profile images from the inversion's own seed could hand inversion the true
+    latents; a stream of its own per purpose keeps them apart.
     """
     digest = hashlib.sha256(f"ronan_fast/{purpose}/{int(seed)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -115,7 +115,8 @@ class AttributionResult:
         critical_value: ``G_crit`` for the profile's ``n`` and ``alpha`` (the same for every image).
         p_value: ``[B]`` one-sided p-value of the statistic under "the image belongs" (at stopping
             for an image that stopped early: a little over ``alpha``, a lower bound).
-        belonging: ``[B]`` bool, ``statistic < critical_value``.
+        belongs: ``[B]`` bool, ``statistic < critical_value``: the verdict (the same name as the
+            records' ``belongs`` and :meth:`BelongingProfile.belongs`).
         threshold: the calibrated loss at the edge of belonging.
         reconstruction / reference_reconstruction: ``[B, C, H, W]`` the best reconstructions.
         images: ``[B, C, H, W]`` the inputs at the model's shape.
@@ -130,7 +131,7 @@ class AttributionResult:
     statistic: Tensor
     critical_value: float
     p_value: Tensor
-    belonging: Tensor
+    belongs: Tensor
     threshold: float
     alpha: float
     rule: str
@@ -148,18 +149,18 @@ class AttributionResult:
 
     @property
     def verdicts(self) -> list[str]:
-        return ["belongs" if b else "does not belong" for b in self.belonging.tolist()]
+        return ["belongs" if b else "does not belong" for b in self.belongs.tolist()]
 
-    def to_records(self, include_errors: bool = True) -> list[dict]:
-        """One JSON-safe dict per image (non-finite numbers become None), then one per unreadable file."""
+    def to_records(self, include_errors: bool = True, profile_id: str | None = None) -> list[dict]:
+        """One JSON-safe dict per image (non-finite numbers become None), then one per unreadable
+        file: the report records of docs/reports.md, tagged with ``profile_id``."""
         records = []
         ref = None if self.reference_loss is None else self.reference_loss.tolist()
         for i in range(len(self)):
-            rec = {
-                "index": i,
+            records.append({
                 "path": None if self.paths is None else self.paths[i],
-                "belongs": bool(self.belonging[i]),
-                "verdict": "belongs" if bool(self.belonging[i]) else "does not belong",
+                "verdict": "belongs" if bool(self.belongs[i]) else "does not belong",
+                "belongs": bool(self.belongs[i]),
                 "loss": _json_float(self.loss[i]),
                 "reference_loss": None if ref is None else _json_float(ref[i]),
                 "calibrated_loss": _json_float(self.calibrated_loss[i]),
@@ -173,17 +174,18 @@ class AttributionResult:
                 "row_steps": int(self.row_steps[i]),
                 "notes": self.notes[i] if i < len(self.notes) else "",
                 "error": None,
-            }
-            records.append(rec)
+                "profile_id": profile_id,
+            })
         if include_errors:
             for path, message in self.errors:
-                records.append({"index": None, "path": path, "belongs": None, "verdict": "error", "error": message})
+                records.append({"path": path, "verdict": "error", "belongs": None, "error": message,
+                                "profile_id": profile_id})
         return records
 
     def summary(self) -> str:
         """One line: how many images belong, the test used, and how many files failed."""
         n = len(self)
-        yes = int(self.belonging.sum()) if n else 0
+        yes = int(self.belongs.sum()) if n else 0
         text = (f"{n} image{'s' if n != 1 else ''}: {yes} belong{'s' if yes == 1 else ''} to the model, "
                 f"{n - yes} {'does' if n - yes == 1 else 'do'} not "
                 f"(one-sided Grubbs test, rule {self.rule}, alpha={self.alpha}, G_crit={self.critical_value:.4f})")
@@ -226,6 +228,9 @@ class Attributor:
         compile_generator: run the Adam phase's generator through ``torch.compile`` (both
             models), see :func:`~ronan_fast.inversion.invert`: faster steps after a first call
             that compiles; losses the same up to rounding. Not with ``cuda_graph``.
+        call_rows: rows per generator call (default: 8 on CPU; on CUDA set by the generator), see
+            :func:`~ronan_fast.inversion.invert`: with the same value, device and threads, an
+            image gets the same loss whatever it is inverted with.
         image_bits: generated images (the profile's, and :meth:`sample`'s) are rounded to this many
             bits per channel, as saving them to an 8-bit PNG would; ``None`` keeps them as floats.
             Images under inspection almost always come from 8-bit files; a profile of unrounded
@@ -259,6 +264,8 @@ class Attributor:
         cuda_graph: bool = False,
         profile_retries: int = 2,
         compile_generator: bool = False,
+        call_rows: int | None = None,
+        name: str | None = None,
         **overrides,
     ) -> None:
         if not isinstance(generator, GeneratorAdapter):
@@ -269,9 +276,10 @@ class Attributor:
         if isinstance(reference, str):
             if reference != "default":
                 raise ValueError(f"reference must be 'default', a GeneratorAdapter or None, got {reference!r}")
-            from ronan_fast.calibration import default_reference
+            from ronan_fast.calibration import check_reference_fits, default_reference
 
             reference = default_reference()
+            check_reference_fits(generator, reference)
         elif reference is not None and not isinstance(reference, GeneratorAdapter):
             raise TypeError(f"reference must be 'default', a GeneratorAdapter or None, got {type(reference).__name__}")
         if rule is None:
@@ -302,6 +310,11 @@ class Attributor:
         if compile_generator and cuda_graph:
             raise ValueError("compile_generator=True and cuda_graph=True: choose one")
         self.compile_generator = compile_generator
+        if call_rows is not None:
+            from ronan_fast.inversion.calls import check_call_rows
+
+            check_call_rows(call_rows)
+        self.call_rows = call_rows
         if isinstance(profile_retries, bool) or not isinstance(profile_retries, int) or profile_retries < 0:
             raise ValueError(f"profile_retries must be an integer >= 0, got {profile_retries!r}")
         self.profile_retries = profile_retries
@@ -309,6 +322,10 @@ class Attributor:
             self.generator.to(device)
             if self.reference is not None:
                 self.reference.to(device)
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        #: the model's name in every message and report (default: the adapter's)
+        self.name = generator.name if name is None else name
         self.profile: BelongingProfile | None = None
 
     # ------------------------------------------------------------------ profiles
@@ -327,11 +344,15 @@ class Attributor:
         impl: str = "auto",
         cuda_graph: bool = False,
         compile_generator: bool = False,
+        call_rows: int | None = None,
+        name: str | None = None,
     ) -> "Attributor":
         """An attributor for a saved profile; refuses a model/reference model the profile was not made for.
 
-        ``reference="auto"`` takes the bundled default reference model when the profile is
-        calibrated and none when it is not; anything else is checked against the profile.
+        ``reference="auto"`` builds the reference model the profile records (the bundled one or a
+        zoo model by name; a reference built by a factory of your own must be passed as an
+        adapter) and none when the profile is uncalibrated; anything else is checked against the
+        profile. ``name`` defaults to the name the profile was fitted under.
         The inversion settings, metric, rule and seed come from the profile; ``alpha`` may be
         changed (the test is valid at any level). Raises
         :class:`~ronan_fast.profile.ProfileMismatchError` naming every difference.
@@ -339,7 +360,7 @@ class Attributor:
         if not isinstance(profile, BelongingProfile):
             profile = BelongingProfile.load(profile)
         if isinstance(reference, str) and reference == "auto":
-            reference = "default" if profile.calibrated else None
+            reference = _profile_reference(profile)
         try:
             settings = InversionSettings(**profile.settings)
         except (TypeError, ValueError) as e:
@@ -349,6 +370,7 @@ class Attributor:
             settings=settings, seed=profile.inversion_seed, device=device, early_stop=early_stop,
             image_bits=profile.image_bits,
             max_rows=max_rows, impl=impl, cuda_graph=cuda_graph, compile_generator=compile_generator,
+            call_rows=call_rows, name=name if name is not None else (profile.generator_name or None),
         )
         att.use_profile(profile)
         return att
@@ -366,6 +388,35 @@ class Attributor:
             raise RuntimeError("no belonging profile: call .fit() or use Attributor.from_profile(...)")
         return self.profile
 
+    def report_header(self) -> dict:
+        """The header of a report of this attributor's verdicts (docs/reports.md): tool version,
+        model and reference model (names and fingerprints), the profile (its id, statistics and
+        own calibrated losses), the test (rule, alpha, critical value, threshold), the inversion
+        settings, seed and how it ran (device, threads, rows per generator call), and the time."""
+        from datetime import datetime, timezone
+
+        from ronan_fast import __version__
+        from ronan_fast.inversion.calls import call_rows_for
+        from ronan_fast.reports.files import FORMAT, FORMAT_VERSION
+
+        profile = self._require_profile()
+        ref = self.reference
+        device = self.generator.device
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "tool": "ronan-fast", "version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": self.name, "fingerprint": self.generator.fingerprint()},
+            "reference": None if ref is None else {"name": ref.name, "fingerprint": ref.fingerprint()},
+            "profile": {"id": profile.identity(), "n": profile.n, "mu": profile.mu, "sigma": profile.sigma,
+                        "rule": profile.rule, "edit": profile.edit, "generator_name": profile.generator_name,
+                        "calibrated_losses": list(profile.calibrated_losses)},
+            "rule": profile.rule, "alpha": profile.alpha, "critical_value": profile.critical_value,
+            "threshold": profile.threshold, "settings": self.settings.to_dict(), "seed": self.seed,
+            "early_stop": self.early_stop, "device": str(device),
+            "call_rows": call_rows_for(device, self.call_rows, self.generator, self.settings.precision),
+            "threads": torch.get_num_threads(),
+        }
+
     # ------------------------------------------------------------------ generation
 
     def sample(self, n: int, seed: int = 0, purpose: str = "sample") -> Tensor:
@@ -375,13 +426,15 @@ class Attributor:
         names the stream; :meth:`fit` uses ``"profile"``). They are rounded to ``image_bits``.
         """
         gen = torch.Generator(device="cpu").manual_seed(_stream_seed(purpose, seed))
-        images = self.generator.generate(n, generator=gen).images.detach().cpu()
+        batch = self.generator.generate(n, generator=gen)
+        _check_output_range(self.generator, batch, self.name)
+        images = batch.images.detach().cpu()
         if self.image_bits is not None:
             levels = 2**self.image_bits - 1
             images = torch.round(images * levels) / levels
         return images
 
-    def fit(self, n: int = 100, seed: int = 0, progress: ProgressFn | None = None,
+    def fit(self, n: int = 100, seed: int = 0, progress: ProgressFn | bool | None = None,
             edit: str | None = None, checkpoint: str | os.PathLike | None = None,
             checkpoint_every: int = 50) -> BelongingProfile:
         """Build the belonging profile from ``n`` images the model generates (seeded by ``seed``).
@@ -399,13 +452,10 @@ class Attributor:
         ``checkpoint``: a JSON file (written atomically) that keeps the losses of every finished
         part of ``checkpoint_every`` images; called again with the same file and job (model,
         reference, settings, ``n``, seeds, edit, part size), the fit resumes after the last finished
-        part, and an interrupted fit loses at most one part. Each part draws the same starts as
-        one batch would (``invert``'s ``first_id``), but a batch of another size rounds
-        differently, and where the polish is sensitive to rounding the losses differ too (one-step
-        zoo model, 50 images: parts of 25 against one batch, each loss 0.3x to 1.8x the batch's,
-        losses 4e-15 to 1e-7, mu 2.5e-7 against 2.3e-7); smaller parts cost throughput (there:
-        1.15x the time; 2-core CPU, torch 2.13.0+cpu, one thread each, run side by side). A file
-        of another job, or an unreadable one, raises :class:`CheckpointError`. The file is left in
+        part, and an interrupted fit loses at most one part. Each image's inversion does not
+        depend on the part it is in (starts drawn from its pixels, fixed-shape generator calls:
+        see :func:`~ronan_fast.inversion.invert`), so the profile is the one a single batch gives,
+        bit for bit on CPU; smaller parts cost some throughput. A file of another job, or an unreadable one, raises :class:`CheckpointError`. The file is left in
         place: delete it once the profile is saved. The retries run after the last part and are
         not kept in it.
         """
@@ -418,6 +468,23 @@ class Attributor:
         if edit is not None:
             check_edit(edit)
             check_edit_metric(edit, self.metric)
+        if n < SMALL_PROFILE:
+            _warn_small_profile(n, self.alpha)
+        bar = None
+        if progress is True:  # a bar of our own on stderr
+            bar = ImageProgress(n, "profile", enabled=True)
+            progress = bar.part(0, self.stages())
+        try:
+            return self._fit(n, seed, progress or None, edit, checkpoint, checkpoint_every)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def stages(self) -> tuple[str, ...]:
+        """The inversion stages each image goes through ("reference" if calibrated, then "model")."""
+        return ("model",) if self.reference is None else ("reference", "model")
+
+    def _fit(self, n, seed, progress, edit, checkpoint, checkpoint_every) -> BelongingProfile:
         if progress:
             progress("generate", 0, n)
         images = self.sample(n, seed, purpose="profile")
@@ -440,7 +507,7 @@ class Attributor:
             raw, ref, alpha=self.alpha, rule=self.rule, metric=self.metric, settings=self.settings,
             generator=self.generator, reference=self.reference, seed=seed, inversion_seed=self.seed,
             image_bits=self.image_bits, edit=edit,
-            retries=self.profile_retries or None, retried=retried,
+            retries=self.profile_retries or None, retried=retried, generator_name=self.name,
         )
         return self.profile
 
@@ -464,9 +531,9 @@ class Attributor:
                 if self.reference is not None:
                     ref_images, _ = self._fit_shape(images[a:b], self.reference)
                     part["reference"] = self._invert(self.reference, ref_images, None, stage("reference", a),
-                                                     "reference", first_id=a).loss.cpu().double().tolist()
-                part["model"] = self._invert(self.generator, images[a:b], None, stage("model", a), "model",
-                                             first_id=a).loss.cpu().double().tolist()
+                                                     "reference").loss.cpu().double().tolist()
+                part["model"] = self._invert(self.generator, images[a:b], None, stage("model", a),
+                                             "model").loss.cpu().double().tolist()
                 if path is not None:
                     done[str(a)] = part
                     write_text(path, json.dumps({"key": key, "job": job, "parts": done}))
@@ -508,7 +575,7 @@ class Attributor:
     def attribute(
         self,
         images: Tensor | str | os.PathLike | Sequence[str | os.PathLike],
-        progress: ProgressFn | None = None,
+        progress: ProgressFn | bool | None = None,
     ) -> AttributionResult:
         """Judge each image: does it belong to the model?
 
@@ -518,12 +585,26 @@ class Attributor:
                 each model's native shape separately (channels, centre crop, resize), with a
                 note per image; a file that cannot be read is reported in ``errors`` and the
                 others are still processed.
-            progress: ``progress(stage, done, total)`` after each inversion chunk.
+            progress: ``progress(stage, done, total)`` as images get done (``done`` may be
+                fractional: an image half way through its inversion), or ``True`` for a bar with
+                an ETA on stderr.
 
         Raises ``ValueError`` for a tensor of the wrong shape, with NaN/Inf or outside [0, 1],
         and for an empty input.
         """
         profile = self._require_profile()
+        bar = None
+        try:
+            if progress is True:  # a bar of our own on stderr
+                bar = ImageProgress(len(images) if isinstance(images, Tensor) and images.dim() == 4 else 1,
+                                    "images", enabled=True)
+                progress = bar.part(0, self.stages())
+            return self._attribute(images, profile, progress or None, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _attribute(self, images, profile: BelongingProfile, progress, bar) -> AttributionResult:
         paths = None
         errors: list[tuple[str, str]] = []
         if isinstance(images, Tensor):
@@ -536,6 +617,8 @@ class Attributor:
             x, ref_x, paths, notes, errors = self._load_files(images)
             if x.shape[0] == 0:
                 return self._empty_result(profile, errors)
+            if bar is not None:
+                bar.total = x.shape[0]
 
         ref_loss = ref_recon = None
         if self.reference is not None:
@@ -567,7 +650,7 @@ class Attributor:
             statistic=statistic,
             critical_value=crit,
             p_value=p,
-            belonging=statistic < crit,
+            belongs=statistic < crit,
             threshold=threshold,
             alpha=profile.alpha,
             rule=profile.rule,
@@ -583,8 +666,7 @@ class Attributor:
 
     # ------------------------------------------------------------------ helpers
 
-    def _invert(self, model: GeneratorAdapter, images: Tensor, stop, progress, stage, seed: int | None = None,
-                first_id: int = 0):
+    def _invert(self, model: GeneratorAdapter, images: Tensor, stop, progress, stage, seed: int | None = None):
         total = images.shape[0]
         cb = None
         if progress:
@@ -592,8 +674,8 @@ class Attributor:
             cb = lambda done: progress(stage, done, total)  # noqa: E731
         return invert(
             model, images, settings=self.settings, seed=self.seed if seed is None else seed, stop_below=stop,
-            max_rows=self.max_rows, impl=self.impl, cuda_graph=self.cuda_graph, progress=cb, first_id=first_id,
-            compile_generator=self.compile_generator,
+            max_rows=self.max_rows, impl=self.impl, cuda_graph=self.cuda_graph, progress=cb,
+            compile_generator=self.compile_generator, call_rows=self.call_rows,
         )
 
     def _check_tensor(self, images: Tensor) -> Tensor:
@@ -675,11 +757,64 @@ class Attributor:
         return AttributionResult(
             loss=empty, reference_loss=None if self.reference is None else empty.clone(), calibrated_loss=empty.clone(),
             statistic=empty.clone(), critical_value=profile.critical_value, p_value=empty.clone(),
-            belonging=torch.empty(0, dtype=torch.bool), threshold=profile.threshold, alpha=profile.alpha,
+            belongs=torch.empty(0, dtype=torch.bool), threshold=profile.threshold, alpha=profile.alpha,
             rule=profile.rule, stopped_early=torch.empty(0, dtype=torch.bool),
             row_steps=torch.empty(0, dtype=torch.int64), images=torch.empty(0, c, h, w),
             reconstruction=torch.empty(0, c, h, w), paths=[], notes=[], errors=errors,
         )
+
+
+def _profile_reference(profile: BelongingProfile):
+    """What ``reference="auto"`` means for ``profile``: None if uncalibrated, else the reference
+    model it records (the bundled one, a zoo model), or the bundled one for a profile that
+    records none (made before profiles recorded it)."""
+    if not profile.calibrated:
+        return None
+    spec = (profile.reference_source or {}).get("spec", "default")
+    if spec == "default":
+        return "default"
+    from ronan_fast.zoo import ZOO, zoo_adapter
+
+    if spec in ZOO:
+        adapter = zoo_adapter(spec)
+        adapter.source = {"spec": spec}
+        return adapter
+    raise ProfileError(f"the profile was calibrated with reference model {spec!r} ({profile.reference_name}), which "
+                       "cannot be built here from its name: pass it as reference=")
+
+
+#: a model's output may overshoot its declared range by this fraction of the range (rounding)
+_RANGE_SLACK = 1e-3
+
+
+def _check_output_range(generator: GeneratorAdapter, batch, name: str) -> None:
+    """Refuse a generator whose images leave its declared ``output_range``: mapped to [0, 1] and
+    clipped, they would profile a model that does not exist."""
+    lo, hi = generator.output_range
+    seen = (math.inf, -math.inf)
+    with torch.no_grad():
+        for a in range(0, batch.latents.shape[0], 256):
+            c = None if batch.conditions is None else batch.conditions[a:a + 256]
+            raw = generator.decode_raw(batch.latents[a:a + 256], c)
+            seen = (min(seen[0], float(raw.min())), max(seen[1], float(raw.max())))
+    slack = _RANGE_SLACK * (hi - lo)
+    if seen[0] < lo - slack or seen[1] > hi + slack:
+        raise ValueError(f"{name} makes values in [{seen[0]:.4g}, {seen[1]:.4g}], outside its declared output range "
+                         f"({lo:g}, {hi:g}): declare the range it makes (output_range= / --output-range LOW HIGH), "
+                         "or end the model in tanh (-1, 1) or a sigmoid (0, 1)")
+
+
+def _warn_small_profile(n: int, alpha: float) -> None:
+    """Say what a profile of few images does to the threshold."""
+    import warnings
+
+    from ronan_fast.grubbs import grubbs_critical_value
+
+    text = (f"a belonging profile of {n} images: its standard deviation is known only to about "
+            f"+-{100 / math.sqrt(2 * (n - 1)):.0f}% and the critical value G_crit={grubbs_critical_value(n, alpha):.2f} "
+            f"(n=100: {grubbs_critical_value(100, alpha):.2f}), so the threshold can sit far from where the model's "
+            "images fall and reject some of them; fit it on at least 30 images (the paper uses 100)")
+    warnings.warn(text, UserWarning, stacklevel=3)
 
 
 def _join(*parts: str) -> str:

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ronan_fast.adapters import LatentGenerator
 
-__all__ = ["calibrate", "default_generator", "default_reference", "DEFAULT_GENERATOR_NAME", "DEFAULT_REFERENCE_NAME"]
+__all__ = ["calibrate", "default_generator", "default_reference", "check_reference_fits", "DEFAULT_GENERATOR_NAME",
+           "DEFAULT_REFERENCE_NAME"]
 
 DEFAULT_GENERATOR_NAME = "default (DCGAN, Fashion-MNIST)"
 DEFAULT_REFERENCE_NAME = "reference (DCGAN, MNIST digits)"
@@ -79,7 +80,9 @@ def default_generator(device: str | torch.device = "cpu") -> LatentGenerator:
     """The bundled default generator: a DCGAN trained on Fashion-MNIST (``z [32] -> 1x28x28``)."""
     from ronan_fast import default
 
-    return _default_adapter(default.default_generator_module(device=device), DEFAULT_GENERATOR_NAME)
+    adapter = _default_adapter(default.default_generator_module(device=device), DEFAULT_GENERATOR_NAME)
+    adapter.source = {"spec": "default"}
+    return adapter
 
 
 def default_reference(device: str | torch.device = "cpu") -> LatentGenerator:
@@ -91,4 +94,30 @@ def default_reference(device: str | torch.device = "cpu") -> LatentGenerator:
     """
     from ronan_fast import default
 
-    return _default_adapter(default.default_reference_module(device=device), DEFAULT_REFERENCE_NAME)
+    adapter = _default_adapter(default.default_reference_module(device=device), DEFAULT_REFERENCE_NAME)
+    adapter.source = {"spec": "default"}
+    return adapter
+
+
+def check_reference_fits(generator, reference, option: str = "reference") -> None:
+    """Refuse the bundled reference model for a generator whose images it does not fit.
+
+    The bundled reference makes 1x28x28 greyscale images: calibrating another model's images with
+    it would first resize and recolour them, and the calibrated loss would measure that more than
+    the image. ``option`` names how the caller passes another (``reference`` in Python,
+    ``--reference`` on the command line)."""
+    from ronan_fast import default
+
+    if getattr(reference, "source", None) != {"spec": "default"}:
+        return
+    have, want = tuple(generator.image_shape), tuple(default.IMAGE_SHAPE)
+    if have != want:
+        shape = "x".join(str(v) for v in have)
+        raise ValueError(
+            f"the bundled reference model makes {want[0]}x{want[1]}x{want[2]} greyscale images but {generator.name} "
+            f"makes {shape}: it does not fit. Pass {option}= a generator of {shape} images trained on other data "
+            f"(the same kind of model as {generator.name}), or {option}=None for uncalibrated attribution"
+            if option == "reference" else
+            f"the bundled reference model makes {want[0]}x{want[1]}x{want[2]} greyscale images but {generator.name} "
+            f"makes {shape}: it does not fit. Give a reference model of {shape} images trained on other data with "
+            f"{option} SPEC (and --reference-weights), or {option} none for uncalibrated attribution")

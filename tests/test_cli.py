@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from ronan_fast.reports.files import read_report, write_report
 import torch
 
 from ronan_fast import cli
@@ -145,7 +147,7 @@ def test_profile_resumes_after_an_interruption(tmp_path, capsys, monkeypatch):
     real_invert = Attributor._invert
 
     def failing(self, model, images, *args, **kwargs):
-        calls.append(kwargs.get("first_id"))
+        calls.append(images.shape[0])
         if fail[0] and len(calls) == 4:  # the second part's model inversion
             fail[0] = False
             raise KeyboardInterrupt
@@ -158,13 +160,13 @@ def test_profile_resumes_after_an_interruption(tmp_path, capsys, monkeypatch):
     calls.clear()
     code, _, err = run(argv, capsys)
     assert code == 0, err
-    assert calls == [4, 4, 8, 8]  # reference and model for the parts not saved
+    assert calls == [4, 4, 1, 1]  # reference and model for the parts not saved (4 and the last 1)
     assert out.exists() and not partial.exists()
     first = json.loads(out.read_text())["raw_losses"]
 
     calls.clear()
     code, _, _ = run(argv, capsys)  # no partial file: every part inverted again, same losses
-    assert code == 0 and calls == [0, 0, 4, 4, 8, 8] and json.loads(out.read_text())["raw_losses"] == first
+    assert code == 0 and calls == [4, 4, 4, 4, 1, 1] and json.loads(out.read_text())["raw_losses"] == first
     partial.write_text(json.dumps({"key": "another job", "parts": {}}))
     code, _, err = run(argv, capsys)
     assert code == 0 and "left by a profile run with other options" in err and not partial.exists()
@@ -305,7 +307,7 @@ def test_zoo_models_by_name(tmp_path, capsys):
     report = tmp_path / "r.jsonl"
     code, _, err = run(["inspect", "--profile", out, "--model", "vae-fmnist", img, "-q", "-o", report], capsys)
     assert code == 0, err
-    rec = json.loads(report.read_text().splitlines()[0])
+    rec = read_report(report)[1][0]
     assert rec["verdict"] in ("belongs", "does not belong") and rec["reference_loss"] > 0
     code, _, err = run(["inspect", "--profile", out, "--model", "vae-fmnist", "--reference", "default", img], capsys)
     assert code == 3 and "reference model differs" in err
@@ -425,8 +427,9 @@ def test_inspect_end_to_end(profile_path, image_folder, tmp_path, capsys):
     code, out, err = run(["inspect", "--profile", profile_path, *MODEL, *REF, folder, "-o", report, "--grid", grid,
                           "--batch", "4", "-q"], capsys)
     assert code == 1  # the broken file
-    records = [json.loads(line) for line in report.read_text().splitlines()]
-    assert len(records) == 7
+    header, records = read_report(report)
+    assert len(records) == 7 and header["format"] == "ronan-fast report"
+    assert header["model"]["name"] == "generator" and header["profile"]["n"] > 0
     by_name = {Path(r["path"]).name: r for r in records}
     assert by_name["c_broken.png"]["error"] and by_name["c_broken.png"]["verdict"] == "error"
     for i in range(3):
@@ -447,7 +450,7 @@ def test_inspect_resume(profile_path, image_folder, tmp_path, capsys, monkeypatc
     code, _, _ = run([*base, *files[:3]], capsys)  # the first run stops half-way
     assert code == 0
     first = report.read_text().splitlines()
-    assert len(first) == 3
+    assert len(first) == 4  # the header, then a record per image
     # an interrupted append leaves a cut line; it is dropped on resume
     with report.open("a") as f:
         f.write('{"path": "cut')
@@ -464,7 +467,8 @@ def test_inspect_resume(profile_path, image_folder, tmp_path, capsys, monkeypatc
     assert "resuming: 3 of 6 images already in" in err
     assert seen == [f.name for f in files[3:]]
     lines = report.read_text().splitlines()
-    assert lines[:3] == first and len(lines) == 6
+    assert len(lines) == 7 and [json.loads(x)["path"] for x in lines[1:]] == [str(f) for f in files]
+    assert lines[1:4] == first[1:]  # the records of the first run, kept as they were
     # a third run has nothing left to do
     seen.clear()
     code, out, err = run([*base, image_folder], capsys)
@@ -480,12 +484,16 @@ def test_inspect_csv_json_reports(profile_path, image_folder, tmp_path, capsys, 
     assert report.exists() and not (tmp_path / f"report{suffix}.partial.jsonl").exists()
     code, _, err = run([*base, *files], capsys)
     assert code == 0 and "resuming: 2 of 6" in err
+    header, records = read_report(report)
     if suffix == ".json":
-        records = json.loads(report.read_text())
+        assert set(json.loads(report.read_text())) == {"header", "records"}
     else:
+        first = report.read_text().splitlines()[0]
+        assert first.startswith("# ronan-fast report {")
         with report.open(newline="") as f:
-            records = list(csv.DictReader(f))
-    assert len(records) == 6
+            f.readline()
+            assert len(list(csv.DictReader(f))) == 6
+    assert len(records) == 6 and header["profile"]["id"] == records[0]["profile_id"]
     assert {Path(r["path"]).name for r in records} == {f.name for f in files}
 
 
@@ -506,11 +514,12 @@ def test_inspect_refusals(profile_path, image_folder, tmp_path, capsys):
     code, _, err = run(["inspect", "--profile", tmp_path / "none.json", *MODEL, *REF, img], capsys)
     assert code == 2 and "not found" in err
     code, _, err = run(["inspect", "--profile", profile_path, *MODEL, *REF, img, "-o", tmp_path / "r.txt"], capsys)
-    assert code == 2 and ".jsonl, .json or .csv" in err
+    assert code == 2 and "must end in .jsonl or .json or .csv" in err
+    # an empty folder among the inputs is an error record; the other images are still judged
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, *REF, empty], capsys)
-    assert code == 2 and "holds no image files" in err
+    code, out, err = run(["inspect", "--profile", profile_path, *MODEL, *REF, "-q", empty, img], capsys)
+    assert code == 1 and "holds no image files" in out and "1 images judged" in out
 
 
 def test_inspect_missing_file_among_good(profile_path, image_folder, tmp_path, capsys):
@@ -521,12 +530,27 @@ def test_inspect_missing_file_among_good(profile_path, image_folder, tmp_path, c
 
 
 def test_inspect_with_another_report_profile(profile_path, image_folder, tmp_path, capsys):
+    # a file that is not a report of ours is never overwritten or trusted
     report = tmp_path / "r.jsonl"
-    report.write_text(json.dumps({"path": "x.png", "profile_id": "0123456789abcdef"}) + "\n")
-    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, *REF, "-q", "-o", report,
-                        image_folder / "b_noise1.png"], capsys)
-    assert code == 2 and "another profile" in err
-    assert report.read_text().count("\n") == 1  # nothing lost
+    foreign = json.dumps({"path": "x.png", "profile_id": "0123456789abcdef"}) + "\n"
+    report.write_text(foreign)
+    args = ["inspect", "--profile", profile_path, *MODEL, *REF, "-q", "-o", report, image_folder / "b_noise1.png"]
+    code, _, err = run(args, capsys)
+    assert code == 2 and "is not a ronan-fast report" in err and report.read_text() == foreign
+    # a report of ours made with another profile is refused too
+    header, records = read_report(_one_report(profile_path, image_folder, tmp_path, capsys))
+    header["profile"]["id"] = "0123456789abcdef"
+    write_report(report, header, records)
+    before = report.read_text()
+    code, _, err = run(args, capsys)
+    assert code == 2 and "another profile_id" in err and report.read_text() == before
+
+
+def _one_report(profile_path, image_folder, tmp_path, capsys) -> Path:
+    out = tmp_path / "one.jsonl"
+    assert run(["inspect", "--profile", profile_path, *MODEL, *REF, "-q", "-o", out, image_folder / "b_noise0.png"],
+               capsys)[0] == 0
+    return out
 
 
 # ---------------------------------------------------------------------------- demo

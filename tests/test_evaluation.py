@@ -194,7 +194,7 @@ def test_verdicts_match_the_attributor_and_stale_cells_are_recomputed(tmp_path, 
         res = att.attribute(ev.images(spec))
         np.testing.assert_allclose(res.loss.numpy(), rec[side]["loss"], rtol=1e-6)
         np.testing.assert_allclose(res.calibrated_loss.numpy(), rec[side]["calibrated_loss"], rtol=1e-6)
-        assert res.belonging.tolist() == rec["rules"]["grubbs"][f"belongs_{side}"]
+        assert res.belongs.tolist() == rec["rules"]["grubbs"][f"belongs_{side}"]
 
     # other settings make the cached cell stale: it is recomputed, with a warning
     steps40 = EvalConfig("tiny", n_profile=5, n_belonging=4, n_other=4, overrides=(("steps", 40),), preview=3)

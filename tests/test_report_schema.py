@@ -50,16 +50,13 @@ def result_records() -> list[dict]:
     stat = torch.tensor([-0.5, 4.0, float("inf")], dtype=torch.float64)
     res = AttributionResult(
         loss=loss, reference_loss=ref, calibrated_loss=cal, statistic=stat, critical_value=3.2,
-        p_value=torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), belonging=stat < 3.2, threshold=0.07,
+        p_value=torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), belongs=stat < 3.2, threshold=0.07,
         alpha=0.05, rule="grubbs-log", stopped_early=torch.tensor([True, False, False]),
         row_steps=torch.tensor([120, 300, 300]), images=torch.zeros(n, 1, 4, 4),
         reconstruction=torch.zeros(n, 1, 4, 4), paths=["a.png", "b <c>.png", "bad\udcff.png"],
         notes=["", "RGB->grey", ""], errors=[("gone.png", "file not found")],
     )
-    records = res.to_records()
-    for r in records:
-        r["profile_id"] = PROFILE_ID
-    return records
+    return res.to_records(profile_id=PROFILE_ID)
 
 
 def report(records=None, **header_changes) -> dict:
