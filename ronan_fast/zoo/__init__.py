@@ -138,6 +138,11 @@ ZOO: dict[str, ZooEntry] = {
                                "convolutions (nz=32, ngf=16), WGAN-GP", (-1.0, 1.0), (32,), "gan",
                                "fashion-mnist-train", _w("upgan64-fmnist"), recipe="upgan64-fmnist",
                                image_shape=(1, 64, 64), evaluated=False, split="held-out"),
+    "aekl64-photos": ZooEntry("AutoencoderKL", "20,000 colour 64x64 patches of scikit-image / scikit-learn / OpenCV "
+                              "photos (dcgan64-photos' set); the decoder of a Stable-Diffusion-style "
+                              "diffusers.AutoencoderKL (latent 4x8x8, MSE + light KL), a diffusers folder",
+                              (-1.0, 1.0), (4, 8, 8), "vae", "photo-patches-64rgb", WEIGHTS_DIR / "aekl64-photos",
+                              recipe="aekl64-photos", image_shape=(3, 64, 64), evaluated=False, split="held-out"),
 }
 for _pct in (50, 60, 70, 80, 90):
     _n = f"dcgan-fmnist-overlap{_pct}"

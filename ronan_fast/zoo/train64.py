@@ -399,10 +399,15 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
     """A small Stable-Diffusion-style ``diffusers.AutoencoderKL`` (``params["config"]``) trained
     with MSE + a light KL term (``params["kl_weight"]``), Adam with a linear warm-up.
 
-    Afterwards, as Stable Diffusion chose its ``scaling_factor`` (and SD3 its ``shift_factor``),
-    the encoder's posterior means over ``params["stat_images"]`` training images set
-    ``shift_factor`` = their mean and ``scaling_factor`` = 1 / their standard deviation, so the
-    scaled latents the inversion optimises have mean 0 and variance 1 like its N(0, I) prior.
+    Afterwards, as Stable Diffusion chose its ``scaling_factor``, the encoder's posterior means
+    over ``params["stat_images"]`` training images set the latent's scaling, so that the scaled
+    latents the inversion optimises have mean 0 and variance 1 like its N(0, I) prior: with
+    ``params["latent_stats"] == "per-channel"``, per-channel ``latents_mean`` / ``latents_std``
+    (the config fields some diffusers pipelines use) and ``scaling_factor`` 1; otherwise one
+    ``shift_factor`` (their mean, as SD3) and ``scaling_factor`` (1 / their standard deviation).
+    Per channel matters: this autoencoder's channel means differ by more than their spread
+    (about +-2.8 against 1.7-2.7), so one global scale leaves the prior's draws too wide on some
+    channels, whose decodes then overshoot the (-1, 1) range on about 15% of pixels.
     Saved with ``save_pretrained`` (config.json + safetensors) to the folder ``recipe.out``,
     with the training record in ``training_info.json``; the grid shows decodes of 64 prior
     latents, and ``params["recon_grid"]`` held-out patches beside their reconstructions.
@@ -449,14 +454,20 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
     stat_x = D.to_signed(x[torch.randperm(x.shape[0], generator=g)[: p.get("stat_images", 2000)]])
     means = _encoder_means(ae, stat_x)
     shift, std = float(means.mean()), float(means.std())
-    ae.register_to_config(scaling_factor=1.0 / std, shift_factor=shift)
+    ch_mean = means.mean((0, 2, 3)).tolist()
+    ch_std = means.std((0, 2, 3)).tolist()
+    if p.get("latent_stats", "global") == "per-channel":
+        ae.register_to_config(scaling_factor=1.0, shift_factor=None, latents_mean=ch_mean, latents_std=ch_std)
+    else:
+        ae.register_to_config(scaling_factor=1.0 / std, shift_factor=shift)
     held = D.to_signed(p["held_out"]()) if "held_out" in p else None
     held_mse = _reconstruction_mse(ae, held) if held is not None else None
     info = {**T._base_info(recipe, seed, steps, x), "loss": "MSE (pixels in [-1, 1]) + kl_weight * KL / pixels",
             "kl_weight": kl_weight, "optimizer": "Adam", "lr": lr, "warmup": warmup, "batch": batch,
             "grad_clip": 1.0, "steps_done": done, "final_loss_ema": ema[0], "final_mse_ema": ema[1],
-            "final_kl_ema": ema[2], "latent_mean": shift, "latent_std": std, "scaling_factor": 1.0 / std,
-            "shift_factor": shift, "seconds": seconds, "architecture": "diffusers.AutoencoderKL",
+            "final_kl_ema": ema[2], "latent_mean": shift, "latent_std": std, "latent_channel_means": ch_mean,
+            "latent_channel_stds": ch_std, "latent_stats": p.get("latent_stats", "global"),
+            "scaling_factor": ae.config.scaling_factor, "shift_factor": ae.config.shift_factor, "seconds": seconds, "architecture": "diffusers.AutoencoderKL",
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in p["config"].items()}}
     if held is not None:
         info.update(held_out_images=int(held.shape[0]), held_out_recon_mse=held_mse,
@@ -488,7 +499,11 @@ def save_autoencoder(ae: nn.Module, folder: str | os.PathLike, info: dict[str, A
     try:
         ae.save_pretrained(tmp, safe_serialization=True)
         (tmp / AEKL_INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True, default=str) + "\n")
-        os.chmod(tmp, 0o755)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # readable like any new folder and file, not mkdtemp's 0o700
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
         old = None
         if folder.exists():
             old = folder.parent / f".{folder.name}.old"
@@ -573,7 +588,7 @@ def benchmark_recipes(Recipe) -> dict[str, Any]:
     add(Recipe(
         "aekl64-photos", "Stable-Diffusion-style diffusers.AutoencoderKL (64x64 RGB, latent 4x8x8, widths "
         "16-32-32-64) on 20,000 colour 64x64 photo patches, MSE + light KL", run_aekl,
-        steps=1200, seed=130, out=WEIGHTS_DIR / "aekl64-photos", grid=grid("aekl64-photos"),
+        steps=2400, seed=130, out=WEIGHTS_DIR / "aekl64-photos", grid=grid("aekl64-photos"),
         params={"data": data_photos64,
                 "held_out": lambda: D.photo_patches(size=64, n=500, grey=False, seed=999),
                 "recon_grid": RESULTS_DIR / "aekl64-photos-recon.png",
@@ -581,7 +596,8 @@ def benchmark_recipes(Recipe) -> dict[str, Any]:
                                block_out_channels=(16, 32, 32, 64), layers_per_block=1, norm_num_groups=8,
                                down_block_types=("DownEncoderBlock2D",) * 4,
                                up_block_types=("UpDecoderBlock2D",) * 4),
-                "batch": 16, "lr": 1e-3, "warmup": 200, "kl_weight": 1e-4, "stat_images": 2000},
+                "batch": 16, "lr": 1e-3, "warmup": 200, "kl_weight": 1e-4, "stat_images": 2000,
+                "latent_stats": "per-channel"},
     ))
     return r
 
