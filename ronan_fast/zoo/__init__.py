@@ -185,7 +185,8 @@ def load_zoo_module(name: str, device="cpu") -> nn.Module:
         from ronan_fast.diffusers_adapters import require_diffusers
 
         cls = getattr(require_diffusers(), entry.architecture)
-        module = cls.from_pretrained(entry.path, local_files_only=True).to(device).eval()
+        # low_cpu_mem_usage=False: what diffusers falls back to without accelerate, minus its warning
+        module = cls.from_pretrained(entry.path, local_files_only=True, low_cpu_mem_usage=False).to(device).eval()
         info = entry.path / "training_info.json"
         module.info = json.loads(info.read_text()) if info.is_file() else None
         return module
@@ -210,7 +211,7 @@ def zoo_adapter(name: str, device="cpu") -> GeneratorAdapter:
             raise _missing(name, entry)
         from ronan_fast.diffusers_adapters import LatentDiffusionDecoder
 
-        adapter = LatentDiffusionDecoder.from_pretrained(entry.path, name=name).to(device)
+        adapter = LatentDiffusionDecoder.from_pretrained(entry.path, name=name, low_cpu_mem_usage=False).to(device)
         if tuple(adapter.latent_shape) != tuple(entry.latent_shape) or adapter.family != entry.family:
             raise ValueError(f"{entry.path} holds a decoder of latent {adapter.latent_shape} ({adapter.family}), "
                              f"but the zoo says {entry.latent_shape} ({entry.family})")
