@@ -17,6 +17,7 @@ import errno
 import io
 import json
 import os
+import stat
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -106,8 +107,9 @@ class ReportLock:
             os.close(self._fd)
             self._fd = None
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ReportLocked(f"another ronan-fast run is writing {path} (it holds {self.path}); wait for it "
-                                   "to finish, pass --wait, or choose another output file") from None
+                raise ReportLocked(f"another ronan-fast run is writing {_shown(path)} (it holds "
+                                   f"{_shown(self.path)}); wait for it to finish, pass --wait, or choose another "
+                                   "output file") from None
             raise
         os.ftruncate(self._fd, 0)
         os.write(self._fd, f"{os.getpid()}\n".encode())
@@ -142,7 +144,7 @@ class ReportLog:
         self.records: list[dict] = []
         if self.path.exists():
             found, self.records = _read_jsonl(self.path, repair=True)
-            check_header(found, str(self.path), header)
+            check_header(found, _shown(self.path), header)
             self._file = self.path.open("a", encoding="utf-8")
         else:
             self._file = self.path.open("x", encoding="utf-8")
@@ -177,14 +179,42 @@ def _json_line(obj: dict) -> str:
 # ---------------------------------------------------------------------------- reading
 
 
+def _shown(path: Path) -> str:
+    from ronan_fast.imageio import display_path
+
+    return display_path(path)
+
+
 def _text(path: Path) -> str:
-    size = path.stat().st_size
-    if size > MAX_REPORT_BYTES:
-        raise ReportError(f"{path} is {size} bytes, more than a report may be ({MAX_REPORT_BYTES}); not read")
+    """The file's text, or :class:`ReportError`: only a regular file is read (a FIFO or a device
+    is opened without blocking and refused), and at most :data:`MAX_REPORT_BYTES`."""
     try:
-        return path.read_text(encoding="utf-8", errors="surrogateescape")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise ReportError(f"{path} cannot be read ({e.strerror or e})") from None
+        why = "not found" if isinstance(e, FileNotFoundError) else (e.strerror or type(e).__name__)
+        raise ReportError(f"{_shown(path)}: cannot be read ({why})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReportError(f"{_shown(path)}: not a regular file (a FIFO, device or folder is not a report)")
+        if st.st_size > MAX_REPORT_BYTES:
+            raise ReportError(f"{_shown(path)} is {st.st_size} bytes, more than a report may be "
+                              f"({MAX_REPORT_BYTES}); not read")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_REPORT_BYTES + 1)
+    except OSError as e:
+        raise ReportError(f"{_shown(path)}: cannot be read ({e.strerror or type(e).__name__})") from None
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _loads(text: str):
+    """JSON, or None for text that is not (malformed, nested too deeply, numbers too long)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; so is a 100,000-digit integer
+        return None
 
 
 def _read_jsonl(path: Path, repair: bool = False) -> tuple[dict, list[dict]]:
@@ -196,29 +226,30 @@ def _read_jsonl(path: Path, repair: bool = False) -> tuple[dict, list[dict]]:
     for i, line in enumerate(lines):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+        obj = _loads(line)
+        if obj is None:
             last = i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1:])
             if last and header is not None and not text.endswith("\n"):  # cut short by a crash
                 if repair:
                     write_text(path, "".join(g + "\n" for g in good))
                 break
-            raise ReportError(f"{path}: line {i + 1} is not valid JSON" +
-                              ("" if header is not None else f"; {path} is not a {FORMAT}")) from None
+            raise ReportError(f"{_shown(path)}: line {i + 1} is not valid JSON" +
+                              ("" if header is not None else f"; it is not a {FORMAT}"))
         if header is None:
-            header = check_header(obj.get("header") if isinstance(obj, dict) else None, str(path))
+            header = check_header(obj.get("header") if isinstance(obj, dict) else None, _shown(path))
         else:
             records.append(_check_record(obj, path, i + 1))
         good.append(line)
     if header is None:
-        raise ReportError(f"{path} is empty, not a {FORMAT}; it is left as it is: choose another output file")
+        raise ReportError(f"{_shown(path)} is empty, not a {FORMAT}; it is left as it is: choose another output "
+                          "file")
     return header, records
 
 
 def _check_record(obj: object, path: Path, line: int) -> dict:
     if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or "verdict" not in obj:
-        raise ReportError(f"{path}: line {line} is not a report record (a JSON object with a path and a verdict)")
+        raise ReportError(f"{_shown(path)}: line {line} is not a report record (a JSON object with a path and a "
+                          "verdict)")
     return obj
 
 
@@ -228,18 +259,15 @@ def read_report(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise ReportError(f"{path}: a report ends in {', '.join(SUFFIXES)}")
+        raise ReportError(f"{_shown(path)}: a report ends in {', '.join(SUFFIXES)}")
     if suffix == ".jsonl":
         return _read_jsonl(path)
     text = _text(path)
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
-            raise ReportError(f"{path} is not valid JSON; it is not a {FORMAT}") from None
+        data = _loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-            raise ReportError(f"{path} is not a {FORMAT} (expected an object with a header and records)")
-        header = check_header(data.get("header"), str(path))
+            raise ReportError(f"{_shown(path)} is not a {FORMAT} (expected a JSON object with a header and records)")
+        header = check_header(data.get("header"), _shown(path))
         return header, [_check_record(r, path, i + 1) for i, r in enumerate(data["records"])]
     return _read_csv(path, text)
 
@@ -247,20 +275,17 @@ def read_report(path: str | os.PathLike) -> tuple[dict, list[dict]]:
 def _read_csv(path: Path, text: str) -> tuple[dict, list[dict]]:
     first, _, rest = text.partition("\n")
     if not first.startswith(_CSV_PREFIX):
-        raise ReportError(f"{path} is not a {FORMAT} (its first line is not '{_CSV_PREFIX.strip()} {{header}}')")
-    try:
-        header = json.loads(first[len(_CSV_PREFIX):])
-    except (json.JSONDecodeError, RecursionError):
-        raise ReportError(f"{path}: the header line is not valid JSON") from None
-    header = check_header(header, str(path))
+        raise ReportError(f"{_shown(path)} is not a {FORMAT} (its first line is not "
+                          f"'{_CSV_PREFIX.strip()} {{header}}')")
+    header = check_header(_loads(first[len(_CSV_PREFIX):]), _shown(path))
     try:
         rows = list(csv.DictReader(io.StringIO(rest, newline="")))
     except csv.Error as e:
-        raise ReportError(f"{path}: not a readable CSV table ({e})") from None
+        raise ReportError(f"{_shown(path)}: not a readable CSV table ({' '.join(str(e).split())})") from None
     records = []
     for i, row in enumerate(rows):
-        if None in row or set(row) != set(CSV_FIELDS):
-            raise ReportError(f"{path}: row {i + 1} does not have the report's columns")
+        if None in row or set(row) != set(CSV_FIELDS) or any(v is None for v in row.values()):
+            raise ReportError(f"{_shown(path)}: row {i + 1} does not have the report's columns")
         records.append(_check_record({k: _csv_value(k, v) for k, v in row.items()}, path, i + 2))
     return header, records
 
@@ -305,7 +330,7 @@ def write_report(path: str | os.PathLike, header: dict, records: Sequence[dict])
             w.writerow({k: _csv_cell(r.get(k)) for k in CSV_FIELDS})
         text = buf.getvalue()
     else:
-        raise ReportError(f"{path}: a report ends in {', '.join(SUFFIXES)}")
+        raise ReportError(f"{_shown(path)}: a report ends in {', '.join(SUFFIXES)}")
     # surrogateescape: a file name that is not UTF-8 is written with its own bytes (CSV)
     return _write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
