@@ -281,6 +281,8 @@ def build_adapter(spec, weights, latent_shape, output_range, option, role, class
         except FileNotFoundError as e:
             raise UsageError(f"{option} {spec}: {e}") from None
         if weights is not None:
+            if not hasattr(adapter, "module"):
+                raise UsageError(f"{wopt}: {spec} is a diffusers model saved with its weights; it takes no {wopt}")
             apply_state_dict(adapter.module, load_state_dict_file(weights, wopt), weights, wopt)
         return adapter
     factory = import_factory(spec, option)

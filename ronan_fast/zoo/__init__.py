@@ -199,6 +199,14 @@ def load_zoo_module(name: str, device="cpu") -> nn.Module:
 
 
 def zoo_adapter(name: str, device="cpu") -> GeneratorAdapter:
+    """Zoo model ``name``, ready for inversion (see :func:`_zoo_adapter`); it records its name as
+    its ``source``, so a profile it calibrates says how to build it again."""
+    adapter = _zoo_adapter(name, device)
+    adapter.source = {"spec": name}
+    return adapter
+
+
+def _zoo_adapter(name: str, device="cpu") -> GeneratorAdapter:
     """Zoo model ``name`` loaded (eval mode) and wrapped for inversion, named ``name``: a
     :class:`~ronan_fast.adapters.ConditionalGenerator` (class unknown unless given) for the
     conditional family, a :class:`~ronan_fast.diffusers_adapters.LatentDiffusionDecoder`
