@@ -365,13 +365,18 @@ class Attributor:
             settings = InversionSettings(**profile.settings)
         except (TypeError, ValueError) as e:
             raise ProfileError(f"the profile's inversion settings are not usable here: {e}") from None
-        att = cls(
-            generator, reference, alpha=profile.alpha if alpha is None else alpha, rule=profile.rule,
-            settings=settings, seed=profile.inversion_seed, device=device, early_stop=early_stop,
-            image_bits=profile.image_bits,
-            max_rows=max_rows, impl=impl, cuda_graph=cuda_graph, compile_generator=compile_generator,
-            call_rows=call_rows, name=name if name is not None else (profile.generator_name or None),
-        )
+        try:
+            att = cls(
+                generator, reference, alpha=profile.alpha if alpha is None else alpha, rule=profile.rule,
+                settings=settings, seed=profile.inversion_seed, device=device, early_stop=early_stop,
+                image_bits=profile.image_bits, max_rows=max_rows, impl=impl, cuda_graph=cuda_graph,
+                compile_generator=compile_generator, call_rows=call_rows,
+                name=name if name is not None else (profile.generator_name or None),
+            )
+        except ProfileError:
+            raise
+        except ValueError as e:  # a value the profile holds that this attributor cannot take
+            raise ProfileError(f"the profile cannot be used here: {e}") from None
         att.use_profile(profile)
         return att
 
@@ -455,21 +460,12 @@ class Attributor:
         part, and an interrupted fit loses at most one part. Each image's inversion does not
         depend on the part it is in (starts drawn from its pixels, fixed-shape generator calls:
         see :func:`~ronan_fast.inversion.invert`), so the profile is the one a single batch gives,
-        bit for bit on CPU; smaller parts cost some throughput. A file of another job, or an unreadable one, raises :class:`CheckpointError`. The file is left in
+        bit for bit on CPU; smaller parts cost some throughput. A file of another job, or an
+        unreadable or damaged one, raises :class:`CheckpointError`. The file is left in
         place: delete it once the profile is saved. The retries run after the last part and are
         not kept in it.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 3:
-            raise ValueError(f"n (profile images) must be an integer >= 3, got {n!r}; the paper uses 100")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
-        if edit is not None:
-            check_edit(edit)
-            check_edit_metric(edit, self.metric)
-        if n < SMALL_PROFILE:
-            _warn_small_profile(n, self.alpha)
+        self._check_fit(n, seed, edit, checkpoint_every, "checkpoint_every")
         bar = None
         if progress is True:  # a bar of our own on stderr
             bar = ImageProgress(n, "profile", enabled=True)
@@ -480,11 +476,32 @@ class Attributor:
             if bar is not None:
                 bar.close()
 
+    def _check_fit(self, n, seed, edit, every, every_name: str) -> None:
+        """``ValueError`` for a fit's bad arguments; a warning for a small profile."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 3:
+            raise ValueError(f"n (profile images) must be an integer >= 3, got {n!r}; the paper uses 100")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{every_name} must be an integer >= 1, got {every!r}")
+        if edit is not None:
+            check_edit(edit)
+            check_edit_metric(edit, self.metric)
+        if n < SMALL_PROFILE:
+            _warn_small_profile(n, self.alpha)
+
     def stages(self) -> tuple[str, ...]:
         """The inversion stages each image goes through ("reference" if calibrated, then "model")."""
         return ("model",) if self.reference is None else ("reference", "model")
 
     def _fit(self, n, seed, progress, edit, checkpoint, checkpoint_every) -> BelongingProfile:
+        images = self._profile_images(n, seed, edit, progress)
+        path = None if checkpoint is None else Path(checkpoint)  # None: one part, nothing saved
+        raw, ref_loss = self._fit_in_parts(images, seed, edit, path, n if path is None else checkpoint_every, progress)
+        return self._profile_from_losses(images, raw, ref_loss, seed, edit, progress)
+
+    def _profile_images(self, n: int, seed: int, edit: str | None, progress: ProgressFn | None) -> Tensor:
+        """The ``n`` profile images (CPU), edited by ``edit``."""
         if progress:
             progress("generate", 0, n)
         images = self.sample(n, seed, purpose="profile")
@@ -492,8 +509,12 @@ class Attributor:
             images = apply_edit(images, edit)
         if progress:
             progress("generate", n, n)
-        path = None if checkpoint is None else Path(checkpoint)  # None: one part, nothing saved
-        raw, ref_loss = self._fit_in_parts(images, seed, edit, path, n if path is None else checkpoint_every, progress)
+        return images
+
+    def _profile_from_losses(self, images: Tensor, raw: Tensor, ref_loss: Tensor | None, seed: int,
+                             edit: str | None, progress: ProgressFn | None) -> BelongingProfile:
+        """The profile from its images' losses (model, reference): the retries, then the statistics.
+        Keeps it as :attr:`profile`."""
         ref = None if ref_loss is None else ref_loss.clamp_min(_REFERENCE_FLOOR)
         retried = None
         if self.profile_retries:
@@ -522,18 +543,11 @@ class Attributor:
             key, job, done = self._saved_parts(images, seed, edit, path, every)
         raw = torch.empty(n, dtype=torch.float64)
         ref = None if self.reference is None else torch.empty(n, dtype=torch.float64)
-        stage = lambda name, a: (lambda st, d, t: progress(name, a + d, n)) if progress else None  # noqa: E731
         for a in range(0, n, every):
             b = min(n, a + every)
             part = done.get(str(a))
             if part is None:
-                part = {}
-                if self.reference is not None:
-                    ref_images, _ = self._fit_shape(images[a:b], self.reference)
-                    part["reference"] = self._invert(self.reference, ref_images, None, stage("reference", a),
-                                                     "reference").loss.cpu().double().tolist()
-                part["model"] = self._invert(self.generator, images[a:b], None, stage("model", a),
-                                             "model").loss.cpu().double().tolist()
+                part = self._part_losses(images, a, b, progress)
                 if path is not None:
                     done[str(a)] = part
                     write_text(path, json.dumps({"key": key, "job": job, "parts": done}))
@@ -542,10 +556,56 @@ class Attributor:
                 ref[a:b] = torch.tensor(part["reference"], dtype=torch.float64)
         return raw, ref
 
+    def _part_losses(self, images: Tensor, a: int, b: int, progress: ProgressFn | None) -> dict[str, list[float]]:
+        """The losses of profile images ``a`` to ``b`` (of all ``images``): ``{"model": [...]}``,
+        with ``"reference"`` when calibrated; progress counts them from ``a``."""
+        n = images.shape[0]
+        stage = lambda name: (lambda st, d, t: progress(name, a + d, n)) if progress else None  # noqa: E731
+        part = {}
+        if self.reference is not None:
+            ref_images, _ = self._fit_shape(images[a:b], self.reference)
+            part["reference"] = self._invert(self.reference, ref_images, None, stage("reference"),
+                                             "reference").loss.cpu().double().tolist()
+        part["model"] = self._invert(self.generator, images[a:b], None, stage("model"),
+                                     "model").loss.cpu().double().tolist()
+        return part
+
     def _saved_parts(self, images: Tensor, seed: int, edit: str | None, path: Path,
                      every: int) -> tuple[str, dict, dict[str, dict]]:
         """This job's key and description, and the parts ``path`` holds for it (none if it does
         not exist); ``CheckpointError`` when it is unreadable or holds another job."""
+        key, job = self._profile_job(images, seed, edit, every)
+        if not path.exists():
+            return key, job, {}
+        try:
+            saved = json.loads(path.read_text())
+            ok = isinstance(saved, dict) and isinstance(saved.get("parts"), dict)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
+        if not ok:
+            raise CheckpointError(f"checkpoint {path}: not a profile checkpoint")
+        if saved.get("key") != key:
+            raise CheckpointError(
+                f"checkpoint {path} holds another profile job (model, reference, settings, n, seeds, edit or "
+                "part size differ); delete it or choose another file")
+        for start, part in saved["parts"].items():
+            if not self._valid_part(start, part, images.shape[0], every):
+                raise CheckpointError(f"checkpoint {path}: part {str(start)[:20]!r} is damaged; delete the file")
+        return key, job, saved["parts"]
+
+    def _valid_part(self, start: object, part: object, n: int, every: int) -> bool:
+        """Whether a saved part holds a loss for each of its images (model, and reference when calibrated)."""
+        if not (isinstance(start, str) and start.isdigit() and int(start) % every == 0 and int(start) < n):
+            return False
+        size = min(n, int(start) + every) - int(start)
+        kinds = ("model",) if self.reference is None else ("model", "reference")
+        return isinstance(part, dict) and all(
+            isinstance(part.get(k), list) and len(part[k]) == size
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part[k]) for k in kinds)
+
+    def _profile_job(self, images: Tensor, seed: int, edit: str | None, every: int) -> tuple[str, dict]:
+        """A profile job's description (model, reference, settings, images, seeds, edit, part size)
+        and its key, a hash of it: saved parts are reused only by a job of the same key."""
         n = images.shape[0]
         job = {
             "format": 1, "n": n, "seed": seed, "inversion_seed": self.seed, "edit": edit, "every": every,
@@ -554,21 +614,7 @@ class Attributor:
             "generator": self.generator.fingerprint(),
             "reference": None if self.reference is None else self.reference.fingerprint(),
         }
-        key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
-        if not path.exists():
-            return key, job, {}
-        try:
-            saved = json.loads(path.read_text())
-            ok = isinstance(saved, dict) and isinstance(saved.get("parts"), dict)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-        if not ok:
-            raise CheckpointError(f"checkpoint {path}: not a profile checkpoint")
-        if saved.get("key") != key:
-            raise CheckpointError(
-                f"checkpoint {path} holds another profile job (model, reference, settings, n, seeds, edit or "
-                "part size differ); delete it or choose another file")
-        return key, job, saved["parts"]
+        return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest(), job
 
     # ------------------------------------------------------------------ attribution
 
@@ -811,10 +857,11 @@ def _warn_small_profile(n: int, alpha: float) -> None:
     from ronan_fast.grubbs import grubbs_critical_value
 
     text = (f"a belonging profile of {n} images: its standard deviation is known only to about "
-            f"+-{100 / math.sqrt(2 * (n - 1)):.0f}% and the critical value G_crit={grubbs_critical_value(n, alpha):.2f} "
+            f"+-{100 / math.sqrt(2 * (n - 1)):.0f}% and the critical value "
+            f"G_crit={grubbs_critical_value(n, alpha):.2f} "
             f"(n=100: {grubbs_critical_value(100, alpha):.2f}), so the threshold can sit far from where the model's "
             "images fall and reject some of them; fit it on at least 30 images (the paper uses 100)")
-    warnings.warn(text, UserWarning, stacklevel=3)
+    warnings.warn(text, UserWarning, stacklevel=4)
 
 
 def _join(*parts: str) -> str:
