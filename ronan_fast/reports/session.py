@@ -76,23 +76,29 @@ class ReportSession:
         self.log.append(records)
 
     def merged(self, order: Sequence[str | os.PathLike]) -> list[dict]:
-        """Every record found or written, the latest per image, images of ``order`` first in that
-        order, then the others as they came."""
+        """Every record found or written, one per image, images of ``order`` first in that
+        order, then the others as they came. An image's record is the latest that judged it, or
+        if none did its latest error: logs of several workers hold no common time order, and an
+        image once judged is never judged again (:meth:`judged`)."""
         latest: dict[str, dict] = {}
         for r in self.earlier + self.log.records:
-            latest.pop(record_key(r["path"]), None)  # re-inserted: the latest keeps its place last
-            latest[record_key(r["path"])] = r
+            k = record_key(r["path"])
+            if r.get("error") and k in latest and not latest[k].get("error"):
+                continue  # an error does not replace a verdict
+            latest.pop(k, None)  # re-inserted: the latest keeps its place last
+            latest[k] = r
         first = [k for k in dict.fromkeys(record_key(p) for p in order) if k in latest]
         rest = [k for k in latest if k not in set(first)]
         return [latest[k] for k in first + rest]
 
-    def merge(self, order: Sequence[str | os.PathLike], wait: bool = False) -> list[dict]:
+    def merge(self, order: Sequence[str | os.PathLike], wait: bool = False, reread: bool = False) -> list[dict]:
         """Write the finished report (all records, :meth:`merged`) atomically, then remove the
         logs it holds. Returns the records written. On a failed write the logs stay, and the
-        error says where the finished results are."""
+        error says where the finished results are. ``reread``: read every log again first, as
+        the writer that merges a job spread over processes does while it holds the lock."""
         lock = None if self._locks_output else ReportLock(self.output, wait=wait)
         try:
-            if lock is not None:  # other workers have logged since the start: read everything again
+            if lock is not None or reread:  # other workers have logged since the start: read everything again
                 self.earlier = self._read_earlier()
             records = self.merged(order)
             try:
