@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ronan_fast.cli import sharded
 from ronan_fast.cli.common import (
     EXIT_CODES_TEXT,
     EXIT_OK,
@@ -106,10 +107,11 @@ def run(args) -> int:
     from ronan_fast.attributor import Attributor
     from ronan_fast.profile import BelongingProfile
 
-    device = setup_device(args)
     output = check_output(args.output, "-o", SUFFIXES)
     html = check_output(args.html, "--html", (".html", ".htm"))
     grid = check_output(args.grid, "--grid", (".png",))
+    worker = sharded.join(args, "inspect", output)  # under torchrun: this worker (its device in args.device)
+    device = setup_device(args)
     profile = BelongingProfile.load(args.profile)
     model, reference = models(args, profile=profile)
     att = Attributor.from_profile(profile, model, reference, alpha=args.alpha, device=device,
@@ -117,6 +119,8 @@ def run(args) -> int:
                                   compile_generator=args.compile_generator, call_rows=args.call_rows,
                                   max_rows=args.max_rows, name=args.name)
     header = att.report_header()
+    if worker is not None:
+        return sharded.inspect(worker, att, header, args, output, html, grid)
     files, unreadable = expand_inputs(args.images, args.recursive)
     extras = _Extras(args.grid_max if grid else 0, args.html_max if html else 0)
     records = _judge(att, header, files, unreadable, output, extras, args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ronan_fast import distributed
+from ronan_fast.cli import sharded
 from ronan_fast.cli.common import (
     EXIT_CODES_TEXT,
     EXIT_OK,
@@ -68,8 +70,9 @@ def run(args) -> int:
     from ronan_fast.attributor import Attributor
     from ronan_fast.reports.files import ReportLock
 
-    device = setup_device(args)
     out = check_output(args.output, "-o", (".json",))
+    worker = sharded.join(args, "profile", out)  # under torchrun: this worker (its device in args.device)
+    device = setup_device(args)
     if args.retries < 0:
         raise UsageError(f"--retries {args.retries}: expected a number of rounds >= 0")
     if args.n < 3:
@@ -93,6 +96,8 @@ def run(args) -> int:
                          profile_retries=args.retries, name=args.name, **overrides)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
+    if worker is not None:
+        return sharded.profile(worker, att, args, out)
     t0 = time.perf_counter()
     with ReportLock(out, wait=args.wait):
         try:
@@ -100,7 +105,7 @@ def run(args) -> int:
         except ValueError as e:  # what the model makes (its range, its outputs) is not usable
             raise UsageError(str(e)) from None
         profile.save(out)
-        Path(f"{out}.partial.json").unlink(missing_ok=True)
+        sharded.remove_parts(out)  # OUT.partial.json, and OUT.parts/ of a job spread over workers
     print(profile.describe())
     print(f"saved {out} ({time.perf_counter() - t0:.1f} s)")
     return EXIT_OK
@@ -110,6 +115,8 @@ def _fit(att, args, out: Path):
     """The fit, its finished parts kept in OUTPUT.partial.json for a resume."""
     from ronan_fast.attributor import CheckpointError
 
+    if distributed.parts_dir(out).is_dir():  # left by a job spread over workers: resume from its parts
+        return sharded.fit(att, args, out)
     partial = Path(f"{out}.partial.json")
     progress = Progress(args.quiet, args.n, "profile")
 
