@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ronan_fast import cli, distributed
-from ronan_fast.reports.files import read_report
+from ronan_fast.reports.files import ReportError, read_report
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -174,8 +174,11 @@ def _kill_worker_once_it_logged(proc, report: Path, rank: int = 1, timeout_s: fl
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the job ended before its worker could be killed:\n" + proc.stderr.read()[-3000:]
-        if log.exists() and len(log.read_text().splitlines()) >= 2 and lock.exists():
-            logged = _records_in([log])
+        try:  # a line being written is not a record yet
+            logged = _records_in([log]) if log.exists() else []
+        except ReportError:  # its header is being written
+            logged = []
+        if logged:
             os.kill(int(lock.read_text()), signal.SIGKILL)  # the lock file holds its writer's pid
             return logged
         time.sleep(0.02)
