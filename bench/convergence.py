@@ -38,7 +38,7 @@ import torch
 from bench import generators as G
 from bench.baselines import authors_loop
 from ronan_fast.evaluation.store import write_text
-from ronan_fast.inversion import FALLBACK_DEFAULT, InversionSettings, invert, resolve_settings
+from ronan_fast.inversion import FALLBACK_DEFAULT, PRESETS, InversionSettings, invert, resolve_settings
 
 #: Candidate settings compared by the benchmark. "authors" is the paper's loop, batched.
 CANDIDATES: dict[str, dict] = {
@@ -167,8 +167,8 @@ CANDIDATES: dict[str, dict] = {
 def settings_for(adapter, spec: dict) -> InversionSettings:
     spec = dict(spec)
     base = spec.pop("settings", None)
-    if base is None:
-        return InversionSettings(**spec)
+    if base is None:  # a spec of its own: the paper's loop with the fields it names changed
+        return PRESETS["authors"].replace(**spec)
     return resolve_settings(adapter, base, **spec)
 
 

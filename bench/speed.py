@@ -42,7 +42,7 @@ import torch
 from bench import generators as G
 from bench.baselines import authors_loop, plain_batched
 from ronan_fast.evaluation.store import write_text
-from ronan_fast.inversion import InversionSettings, invert, resolve_settings
+from ronan_fast.inversion import PRESETS, invert, resolve_settings
 
 try:
     from ronan_fast.grubbs import grubbs_critical_value
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             s = (resolve_settings(bg.adapter, v.get("preset"), **v.get("overrides", {}))
                  if "overrides" in v or "preset" in v
-                 else None if v["settings"] is None else InversionSettings(**v["settings"]))
+                 else None if v["settings"] is None else PRESETS["authors"].replace(**v["settings"]))
             adapter = G.transformed(bg.adapter, v.get("fold_bn", False), v.get("channels_last", False))
 
             def run(x, s=s, v=v, adapter=adapter):

@@ -362,7 +362,7 @@ class Attributor:
         if isinstance(reference, str) and reference == "auto":
             reference = _profile_reference(profile)
         try:
-            settings = InversionSettings(**profile.settings)
+            settings = InversionSettings.from_dict(profile.settings)
         except (TypeError, ValueError) as e:
             raise ProfileError(f"the profile's inversion settings are not usable here: {e}") from None
         try:

@@ -105,10 +105,21 @@ class ProfileMismatchError(ValueError):
 
     def __init__(self, differences: Sequence[str]):
         self.differences = list(differences)
-        super().__init__(
-            "the belonging profile does not match: " + "; ".join(self.differences)
-            + ". Fit a new profile for this combination."
-        )
+        super().__init__("the belonging profile does not match: " + "; ".join(self.differences) + ". "
+                         + " ".join(dict.fromkeys(_remedy(d) for d in self.differences)))
+
+
+def _remedy(difference: str) -> str:
+    """What fixes one difference between a profile and what it is used with."""
+    if difference.startswith("model fingerprint"):
+        return ("Use the model (and weights: --weights) the profile was fitted for, or fit a profile for this "
+                "one.")
+    if "reference model" in difference or difference.startswith("the profile is uncalibrated"):
+        return ("Give the reference model the profile was fitted with (reference=..., or on the command line "
+                "leave --reference out to rebuild it from the profile, or --reference SPEC --reference-weights "
+                "FILE), or fit a profile with this one.")
+    return ("The metric and inversion settings come from the profile: drop the options that change them "
+            "(--metric, --steps, --set, ...), or fit a profile with these.")
 
 
 def _version() -> str:
@@ -520,10 +531,11 @@ def _source(adapter) -> dict | None:
 
 
 def _setting_defaults() -> dict:
-    from ronan_fast.inversion import InversionSettings
+    """The values a setting added after a profile was made had before it existed (a profile that
+    lacks it was made with that value)."""
+    from ronan_fast.inversion.settings import LATER_FIELDS
 
-    return {f.name: f.default for f in dataclasses.fields(InversionSettings)
-            if f.default is not dataclasses.MISSING}
+    return dict(LATER_FIELDS)
 
 
 def _as_list(values) -> list[float]:

@@ -78,7 +78,7 @@ def _case(model: Callable, images: Callable, settings, **kwargs) -> dict:
 
 
 def cases() -> dict[str, dict]:
-    from ronan_fast.inversion import FAMILY_DEFAULTS, PRESETS, InversionSettings
+    from ronan_fast.inversion import FAMILY_DEFAULTS, PRESETS
 
     onestep = FAMILY_DEFAULTS["consistency"].replace(steps=150, polish_steps=12)
     small = dict(steps=120, lr=0.1, restarts=6, schedule="cosine", min_lr_frac=0.01, halving_every=30,
@@ -89,15 +89,15 @@ def cases() -> dict[str, dict]:
         "bundled-default-threshold": _case(_bundled, bundled, "default", stop_below=2e-4),
         "bundled-authors-short": _case(_bundled, bundled, "authors", steps=150),
         "bundled-bf16-threshold": _case(_bundled, bundled, "default", precision="bf16", stop_below=2e-4),
-        "bundled-admission": _case(_bundled, bundled, InversionSettings(**small, polish_steps=4), max_rows=12),
-        "bundled-features": _case(_bundled, bundled, InversionSettings(
+        "bundled-admission": _case(_bundled, bundled, PRESETS["authors"].replace(**small, polish_steps=4), max_rows=12),
+        "bundled-features": _case(_bundled, bundled, PRESETS["authors"].replace(
             **{**small, "schedule": "warm_restarts", "cycles": 2, "warmup": 5}, typical_set="penalty",
             penalty=0.1, polish_steps=3, polish_method="dense-rev", polish_candidates=2)),
-        "bundled-project-cg": _case(_bundled, bundled, InversionSettings(
+        "bundled-project-cg": _case(_bundled, bundled, PRESETS["authors"].replace(
             **small, typical_set="project", polish_steps=3, polish_method="cg", polish_cg_iters=5)),
-        "bundled-mae": _case(_bundled, bundled, InversionSettings(**small), metric="mae"),
-        "bundled-ssim": _case(_bundled, bundled, InversionSettings(**{**small, "steps": 40}), metric="ssim"),
-        "bundled-tone": _case(_bundled, bundled, InversionSettings(**small, polish_steps=3), metric="mse-tone"),
+        "bundled-mae": _case(_bundled, bundled, PRESETS["authors"].replace(**small), metric="mae"),
+        "bundled-ssim": _case(_bundled, bundled, PRESETS["authors"].replace(**{**small, "steps": 40}), metric="ssim"),
+        "bundled-tone": _case(_bundled, bundled, PRESETS["authors"].replace(**small, polish_steps=3), metric="mse-tone"),
         "dcgan64-default-threshold": _case(
             lambda: _zoo("dcgan64-photos"),
             lambda: torch.cat([_own(_zoo("dcgan64-photos"), 2, 5), _photo_real(1)]), "default", stop_below=1e-4),
@@ -109,7 +109,7 @@ def cases() -> dict[str, dict]:
             onestep, stop_below=3e-6),
         "condgan-search": _case(
             lambda: _zoo("condgan-fmnist"), lambda: torch.cat([_own(_zoo("condgan-fmnist"), 2, 3), _fmnist_real(1)]),
-            InversionSettings(**{**small, "restarts": 2}, polish_steps=2, polish_method="dense-rev")),
+            PRESETS["authors"].replace(**{**small, "restarts": 2}, polish_steps=2, polish_method="dense-rev")),
         "ddim-stagewise": _case(
             lambda: _zoo("ddim-fmnist"), lambda: _own(_zoo("ddim-fmnist"), 1, 2),
             PRESETS["stagewise"].replace(polish_steps=10)),

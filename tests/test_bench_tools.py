@@ -262,7 +262,7 @@ def test_speed_rows_with_folded_batchnorm_invert_a_folded_copy(tmp_path, monkeyp
     from torch import nn
 
     from bench import speed
-    from ronan_fast.inversion import InversionSettings
+    from ronan_fast.inversion import PRESETS
 
     ad = _bn_bench(monkeypatch)
     seen = {}
@@ -270,7 +270,7 @@ def test_speed_rows_with_folded_batchnorm_invert_a_folded_copy(tmp_path, monkeyp
 
     def cheap(adapter, images, settings=None, **kw):
         seen.setdefault(images.shape[0], []).append(adapter)
-        return real_invert(adapter, images, settings=InversionSettings(steps=4, restarts=2), **kw)
+        return real_invert(adapter, images, settings=PRESETS["authors"].replace(steps=4, restarts=2), **kw)
 
     monkeypatch.setattr(speed, "invert", cheap)
     rows = ["ours (family default)", "ours (family default), folded BN",

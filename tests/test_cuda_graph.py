@@ -10,7 +10,7 @@ from test_inversion import CondNet, small_dcgan
 from torch import nn
 
 from ronan_fast.adapters import ConditionalGenerator, LatentGenerator
-from ronan_fast.inversion import InversionSettings, adam, invert
+from ronan_fast.inversion import PRESETS, InversionSettings, adam, invert
 from ronan_fast.inversion.batched import invert_chunk
 from ronan_fast.inversion.calls import FixedShapeCalls
 from ronan_fast.inversion.problem import Loss, Problem
@@ -25,7 +25,7 @@ def settings(**kw) -> InversionSettings:
     base = dict(steps=120, lr=0.1, restarts=4, schedule="cosine", min_lr_frac=0.01, halving_every=30,
                 halving_keep=0.5, min_rows=1, patience=40, rel_tol=1e-2, check_every=10)
     base.update(kw)
-    return InversionSettings(**base)
+    return PRESETS["authors"].replace(**base)
 
 
 def test_cuda_graph_is_refused_off_cuda():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ronan_fast.adapters import LatentGenerator, channels_last, fold_batchnorm
-from ronan_fast.inversion import InversionSettings, invert
+from ronan_fast.inversion import PRESETS, invert
 
 
 class Mixed(nn.Module):
@@ -195,7 +195,7 @@ def test_fingerprint_of_a_folded_conditional_generator_follows_its_class():
 def test_inversion_of_a_folded_generator_agrees():
     plain = LatentGenerator(small_dcgan64ish(), (8, 1, 1), (-1, 1))
     images = plain.generate(3, torch.Generator().manual_seed(4)).images
-    s = InversionSettings(steps=60, lr=0.1, restarts=2, schedule="cosine", check_every=10)
+    s = PRESETS["authors"].replace(steps=60, lr=0.1, restarts=2, schedule="cosine", check_every=10)
     a = invert(plain, images, settings=s, seed=0)
     b = invert(channels_last(fold_batchnorm(plain, copy=True)), images, settings=s, seed=0)
     assert torch.isfinite(b.loss).all()

@@ -519,13 +519,13 @@ def test_eps_is_never_handed_to_ghostscript(tmp_path):
 @lru_cache(maxsize=None)
 def valid_profile() -> dict:
     from ronan_fast.adapters import LatentGenerator
-    from ronan_fast.inversion import InversionSettings
+    from ronan_fast.inversion import PRESETS
 
     g = LatentGenerator(tiny_models.generator(), tiny_models.LATENT, name="tiny")
     r = LatentGenerator(tiny_models.reference(), tiny_models.LATENT, name="tiny ref")
     rng = np.random.default_rng(3)
     p = BelongingProfile.from_losses(rng.lognormal(-8, 1.0, 12), rng.uniform(0.05, 0.2, 12), rule="grubbs-log",
-                                     settings=InversionSettings(steps=50, restarts=2), generator=g, reference=r,
+                                     settings=PRESETS["authors"].replace(steps=50, restarts=2), generator=g, reference=r,
                                      image_bits=8, retries=2, retried=[3])
     return json.loads(json.dumps(p.to_dict()))
 

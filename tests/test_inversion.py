@@ -8,7 +8,7 @@ from torch import nn
 
 from ronan_fast import ops
 from ronan_fast.adapters import ConditionalGenerator, GeneratorOutputError, LatentGenerator
-from ronan_fast.inversion import InversionSettings, invert, resolve_settings
+from ronan_fast.inversion import FAMILY_DEFAULTS, PRESETS, InversionSettings, invert, resolve_settings
 from ronan_fast.inversion.polish import (
     ConjugateGradientLM,
     DenseLM,
@@ -57,7 +57,7 @@ def gen():
 def quick(**kw) -> InversionSettings:
     base = dict(steps=200, lr=0.1, restarts=2, schedule="cosine", check_every=10)
     base.update(kw)
-    return InversionSettings(**base)
+    return PRESETS["authors"].replace(**base)  # the paper's loop, with these fields changed
 
 
 def test_generated_images_reconstruct_far_better_than_noise(gen):
@@ -465,7 +465,9 @@ def test_escalation_polishes_more_starts_only_where_the_verdict_is_in_doubt(gen,
     for bad in (dict(polish_escalate=-1), dict(escalate_within=1.0), dict(escalate_within=float("inf"))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             InversionSettings(**bad)
-    assert "polish_escalate" not in InversionSettings().to_dict() and "escalate_within" not in InversionSettings().to_dict()
+    authors = PRESETS["authors"].to_dict()  # settings made before escalation keep their identity
+    assert "polish_escalate" not in authors and "escalate_within" not in authors
+    assert InversionSettings().to_dict()["polish_escalate"] == 2  # the package default escalates
 
 
 def test_settle_rule_takes_rows_levelled_off_far_above_the_threshold_out_of_the_polish():
@@ -532,7 +534,7 @@ def test_settle_rule_shortens_the_polish_of_images_far_above_their_threshold_onl
                 dict(settle_above=1.0), dict(settle_above=float("nan"))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             InversionSettings(**bad)
-    assert not any(k.startswith("settle_") for k in InversionSettings().to_dict())
+    assert not any(k.startswith("settle_") for k in PRESETS["authors"].to_dict())
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
@@ -698,9 +700,9 @@ def test_matrix_free_polish_through_invert_and_its_settings(gen):
         InversionSettings(polish_cg_iters=0)
     # fields added later are written only when set, so earlier identities stay the same
     d = InversionSettings().to_dict()
-    assert "polish_method" not in d and "polish_cg_iters" not in d and InversionSettings(**d) == InversionSettings()
+    assert "polish_method" not in d and "polish_cg_iters" not in d and InversionSettings.from_dict(d) == InversionSettings()
     cg = InversionSettings(polish_method="cg", polish_cg_iters=5)
-    assert cg.to_dict()["polish_method"] == "cg" and InversionSettings(**cg.to_dict()) == cg
+    assert cg.to_dict()["polish_method"] == "cg" and InversionSettings.from_dict(cg.to_dict()) == cg
 
 
 def test_precision_bf16_runs_and_stays_close(gen):
@@ -726,13 +728,19 @@ def test_authors_preset_and_overrides(gen):
 def test_family_defaults():
     """Each family's default: the one-step ("consistency") family ends with the matrix-free
     polish; families without a tuned default share the fallback."""
-    from ronan_fast.inversion import FALLBACK_DEFAULT, FAMILY_DEFAULTS
+    from ronan_fast.inversion import FALLBACK_DEFAULT
 
     def adapter(family, width):
         return LatentGenerator(nn.Sequential(nn.Linear(width, 16), nn.Tanh(), nn.Unflatten(1, (1, 4, 4))), width,
                                family=family)
 
-    assert resolve_settings(adapter("gan", 8)) == FAMILY_DEFAULTS["gan"]
+    assert resolve_settings(adapter("gan", 8)) == FAMILY_DEFAULTS["gan"] == InversionSettings()  # the package's
+    # the paper's loop keeps the identity profiles fitted with it have always had
+    assert PRESETS["authors"].to_dict() == {
+        "steps": 1500, "lr": 0.1, "restarts": 1, "schedule": "constant", "warmup": 0, "min_lr_frac": 0.0, "cycles": 3,
+        "metric": "mse", "precision": "fp32", "halving_every": 0, "halving_keep": 0.5, "min_rows": 1, "patience": 0,
+        "rel_tol": 0.001, "typical_set": "none", "penalty": 0.0, "polish_steps": 0, "beta1": 0.9, "beta2": 0.999,
+        "eps": 1e-08, "check_every": 25}
     assert resolve_settings(adapter("gan", 8)).polish_method == "dense"
     cons = resolve_settings(adapter("consistency", 16), "default")
     assert cons == FAMILY_DEFAULTS["consistency"] and cons.polish_method == "cg" and cons.polish_steps > 0
@@ -894,7 +902,10 @@ def test_gmres_phase_is_skipped_for_a_non_square_generator(gen, monkeypatch):
     with pytest.raises(ValueError, match="polish_gmres_iters must be an integer >= 0"):
         InversionSettings(polish_gmres_iters=-1)
     assert "polish_gmres_iters" not in InversionSettings().to_dict()
-    assert InversionSettings(**s.to_dict()) == s and s.to_dict()["polish_gmres_iters"] == 4
+    assert InversionSettings.from_dict(s.to_dict()) == s and s.to_dict()["polish_gmres_iters"] == 4
+    # what to_dict leaves out is read back at the value it had, not at the class's default
+    for preset in (*PRESETS.values(), *FAMILY_DEFAULTS.values()):
+        assert InversionSettings.from_dict(preset.to_dict()) == preset
 
 
 class _OnceDifferentiableTanh(torch.autograd.Function):

@@ -389,14 +389,14 @@ def test_invert_with_tone_mse_polishes_tone_edited_images_to_zero(monkeypatch):
     """A generated image under an affine tone edit: plain MSE cannot reach it, "mse-tone" with
     its Levenberg-Marquardt polish (the Jacobian mapped through each row's tone fit) does, with
     two polished candidates per image scored at their own images."""
-    from ronan_fast.inversion import InversionSettings
+    from ronan_fast.inversion import PRESETS
     from ronan_fast.inversion.polish import DenseLM, polish
     from ronan_fast.inversion.polish import dense as dense_polish
 
     gen = _tiny_generator()
     images = gen.generate(3, torch.Generator().manual_seed(2)).images
     edited = (images * 1.25 - 0.05).clamp(0, 1)
-    s = InversionSettings(steps=150, lr=0.1, restarts=4, schedule="cosine", polish_steps=15, polish_candidates=2)
+    s = PRESETS["authors"].replace(steps=150, lr=0.1, restarts=4, schedule="cosine", polish_steps=15, polish_candidates=2)
     plain = invert(gen, edited, settings=s, seed=0)
     assert bool((plain.loss > 1e-4).all())
     adam_only = invert(gen, edited, settings=s.replace(polish_steps=0), metric="mse-tone", seed=0)
@@ -475,8 +475,8 @@ def test_tone_mse_and_its_polish_on_a_device(device):
     gen = _tiny_generator().to(device)
     images = gen.generate(2, torch.Generator().manual_seed(2)).images
     edited = (images * 0.8 + 0.1).clamp(0, 1)
-    from ronan_fast.inversion import InversionSettings
+    from ronan_fast.inversion import PRESETS
 
-    s = InversionSettings(steps=150, lr=0.1, restarts=4, schedule="cosine", polish_steps=15)
+    s = PRESETS["authors"].replace(steps=150, lr=0.1, restarts=4, schedule="cosine", polish_steps=15)
     res = invert(gen, edited, settings=s, metric="mse-tone", seed=0)
     assert res.loss.device.type == device and bool((res.loss < 1e-8).all()), res.loss

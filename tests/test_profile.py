@@ -10,7 +10,7 @@ import pytest
 
 from ronan_fast import grubbs_critical_value
 from ronan_fast.adapters import LatentGenerator
-from ronan_fast.inversion import InversionSettings
+from ronan_fast.inversion import PRESETS
 from ronan_fast.profile import (
     DEFAULT_RULE,
     FORMAT_VERSION,
@@ -22,7 +22,7 @@ from ronan_fast.profile import (
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_models  # noqa: E402
 
-SETTINGS = InversionSettings(steps=50, restarts=2)
+SETTINGS = PRESETS["authors"].replace(steps=50, restarts=2)
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +205,14 @@ def test_check_compatible(models):
     assert len(e.value.differences) == 2
     # a profile from before a setting existed: fine at the setting's default, refused otherwise
     older = make(models)
-    del older.settings["polish_steps"]
+    assert "polish_candidates" not in older.settings  # it has the value it had before it existed
     older.check_compatible(g, r, "mse", SETTINGS)
+    with pytest.raises(ProfileMismatchError, match="'polish_candidates' is not in the profile"):
+        older.check_compatible(g, r, "mse", SETTINGS.replace(polish_candidates=3))
+    damaged = make(models)
+    del damaged.settings["polish_steps"]  # a field of the first format is always there
     with pytest.raises(ProfileMismatchError, match="'polish_steps' is not in the profile"):
-        older.check_compatible(g, r, "mse", SETTINGS.replace(polish_steps=3))
+        damaged.check_compatible(g, r, "mse", SETTINGS)
     # settings that act only against a threshold (a profile's images are inverted without one)
     # cannot have changed its losses: a profile serves with or without them
     p.check_compatible(g, r, "mse", SETTINGS.replace(settle_patience=6, polish_escalate=2, escalate_within=3.0))

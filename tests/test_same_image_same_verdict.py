@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ronan_fast.inversion import FAMILY_DEFAULTS, InversionSettings, invert
+from ronan_fast.inversion import FAMILY_DEFAULTS, PRESETS, invert
 
 SMALL = dict(steps=80, lr=0.1, restarts=6, schedule="cosine", min_lr_frac=0.01, halving_every=20, halving_keep=0.5,
              min_rows=2, patience=40, rel_tol=1e-3, check_every=10)
@@ -50,11 +50,11 @@ CASES = {
     "one-step-default-threshold": (lambda: _zoo("onestep-fmnist"), lambda: FAMILY_DEFAULTS["consistency"].replace(
         steps=40, restarts=4, halving_every=10, polish_steps=4, polish_cg_iters=10, polish_gmres_iters=8,
         polish_escalate=1), dict(stop_below=3e-6)),
-    "conditional-search-reverse-polish": (lambda: _zoo("condgan-fmnist"), lambda: InversionSettings(
+    "conditional-search-reverse-polish": (lambda: _zoo("condgan-fmnist"), lambda: PRESETS["authors"].replace(
         **{**SMALL, "restarts": 2}, polish_steps=2, polish_method="dense-rev"), {}),
-    "tone-polish": (lambda: _zoo("vae-fmnist"), lambda: InversionSettings(**SMALL, polish_steps=3),
+    "tone-polish": (lambda: _zoo("vae-fmnist"), lambda: PRESETS["authors"].replace(**SMALL, polish_steps=3),
                     dict(metric="mse-tone")),
-    "ssim": (lambda: _zoo("vae-fmnist"), lambda: InversionSettings(**{**SMALL, "steps": 30}), dict(metric="ssim")),
+    "ssim": (lambda: _zoo("vae-fmnist"), lambda: PRESETS["authors"].replace(**{**SMALL, "steps": 30}), dict(metric="ssim")),
 }
 
 

@@ -22,7 +22,10 @@ __all__ = ["PRESETS", "FAMILY_DEFAULTS", "FALLBACK_DEFAULT", "resolve_settings"]
 #: real images as low or lower, half of them to 1e-14
 #: (bench/results/convergence_cpu_ddim_stagewise.md).
 PRESETS: dict[str, InversionSettings] = {
-    "authors": InversionSettings(steps=1500, lr=0.1, restarts=1, schedule="constant"),
+    "authors": InversionSettings(
+        steps=1500, lr=0.1, restarts=1, schedule="constant", min_lr_frac=0.0, halving_every=0, min_rows=1,
+        patience=0, polish_steps=0, settle_patience=0, polish_escalate=0,
+    ),
 }
 #: Default settings per generator family (see the README for the benchmark behind them).
 #: "gan": chosen on bench/results/convergence_cpu.md. On the 64x64, nz=100 DCGAN
@@ -45,11 +48,7 @@ PRESETS: dict[str, InversionSettings] = {
 #: polished (``polish_escalate``, as for one-step models). The earlier default is the preset
 #: "gan-8-starts".
 FAMILY_DEFAULTS: dict[str, InversionSettings] = {
-    "gan": InversionSettings(
-        steps=600, lr=0.1, restarts=24, schedule="cosine", min_lr_frac=0.01, halving_every=25,
-        halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=25, settle_patience=6,
-        polish_escalate=2,
-    ),
+    "gan": InversionSettings(),
     # "consistency": one-step generators whose latent is as wide as the image (a consistency
     # model's f(x_T, T), a distilled one-step sampler). Chosen on the zoo's one-step student
     # (bench/results/convergence_cpu_onestep*.md): Adam leaves the model's own images near 1e-4,
@@ -79,7 +78,7 @@ FAMILY_DEFAULTS: dict[str, InversionSettings] = {
         steps=600, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=100,
         halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=80, polish_method="cg",
         polish_cg_iters=100, polish_patience=10, polish_min_drop=0.2, polish_gmres_iters=30,
-        polish_candidates=2, polish_escalate=2,
+        polish_candidates=2, polish_escalate=2, settle_patience=0,
     ),
 }
 #: the GAN family default until 24 starts replaced it: 8 starts halved every 100 steps, no escalation
@@ -88,7 +87,7 @@ PRESETS["stagewise"] = FAMILY_DEFAULTS["consistency"].replace(
     steps=1, restarts=2, halving_every=0, patience=0, polish_patience=0, stagewise=True)
 FALLBACK_DEFAULT = InversionSettings(
     steps=1500, lr=0.1, restarts=8, schedule="cosine", min_lr_frac=0.01, halving_every=150,
-    halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3,
+    halving_keep=0.5, min_rows=2, patience=300, rel_tol=1e-3, polish_steps=0, settle_patience=0, polish_escalate=0,
 )
 
 

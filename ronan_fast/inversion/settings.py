@@ -31,16 +31,22 @@ THRESHOLD_FIELDS = ("polish_escalate", "escalate_within", "settle_patience", "se
 
 @dataclass(frozen=True)
 class InversionSettings:
-    """Everything that shapes an inversion's result. Part of a belonging profile's identity."""
+    """Everything that shapes an inversion's result. Part of a belonging profile's identity.
 
-    steps: int = 1500
+    ``InversionSettings()`` is the package's default, the GAN family's (24 starts halved down to
+    2 over 600 cosine Adam steps, then a Levenberg-Marquardt polish; see
+    :mod:`~ronan_fast.inversion.presets` for what it was chosen on); the paper's loop (one start,
+    1500 constant-rate Adam steps) is ``PRESETS["authors"]``, ``settings="authors"``.
+    """
+
+    steps: int = 600
     lr: float = 0.1
-    restarts: int = 1
-    schedule: str = "constant"
+    restarts: int = 24
+    schedule: str = "cosine"
     #: linear warm-up steps at the start of the schedule
     warmup: int = 0
     #: for "cosine"/"warm_restarts": the lowest learning rate, as a fraction of ``lr``
-    min_lr_frac: float = 0.0
+    min_lr_frac: float = 0.01
     #: for "warm_restarts": number of cosine cycles over ``steps``
     cycles: int = 3
     metric: str = "mse"
@@ -51,11 +57,11 @@ class InversionSettings:
     #: successive halving: every ``halving_every`` steps keep the best ``halving_keep`` fraction
     #: of each image's live rows (never fewer than ``min_rows``); 0 turns it off. It acts at the
     #: stopping checks (every ``check_every`` steps): at the first check at or after each multiple
-    halving_every: int = 0
+    halving_every: int = 25
     halving_keep: float = 0.5
-    min_rows: int = 1
+    min_rows: int = 2
     #: a row stops once its best loss has not improved by ``rel_tol`` (relative) for ``patience`` steps; 0: off
-    patience: int = 0
+    patience: int = 300
     rel_tol: float = 1e-3
     #: "project": keep latents on the prior's typical-set shell; "penalty": pull them towards it
     typical_set: str = "none"
@@ -63,7 +69,7 @@ class InversionSettings:
     #: Levenberg-Marquardt iterations polishing each image's best input at the end (MSE and
     #: "mse-tone"; the "cg" method and the GMRES phase MSE only; images
     #: already under ``stop_below`` are left as they are: their verdict is settled)
-    polish_steps: int = 0
+    polish_steps: int = 25
     #: how a polish step solves its normal equations: "dense" builds each row's Jacobian by
     #: forward-mode AD (one pass per latent dimension: for latents up to a few hundred wide);
     #: "cg" never forms it and runs ``polish_cg_iters`` conjugate-gradient iterations of
@@ -91,7 +97,7 @@ class InversionSettings:
     #: ``escalate_within`` times it (its verdict in doubt) has this many more of its best Adam
     #: rows polished (the next ones by Adam loss), and the lowest loss wins. Images far above
     #: their threshold (real images) or under it cost nothing more. Without a threshold: ignored
-    polish_escalate: int = 0
+    polish_escalate: int = 2
     escalate_within: float = 4.0
     #: > 0, when a belonging threshold is known: a polished row whose loss is above
     #: ``settle_above`` times its threshold and fell by less than ``settle_min_drop`` (a fraction)
@@ -101,7 +107,7 @@ class InversionSettings:
     #: to hundreds of times above it. Only in the last polish (``polish_method``'s), not in the
     #: GMRES phase, where a stall is the method's (restarted GMRES stagnates on some of a
     #: model's own images) and the CG polish takes the row up. Without a threshold: ignored
-    settle_patience: int = 0
+    settle_patience: int = 6
     settle_min_drop: float = 0.2
     settle_above: float = 4.0
     #: for a multi-step sampler that exposes its steps (``adapter.stage_chain()``, e.g. the zoo's
@@ -169,6 +175,13 @@ class InversionSettings:
         at their defaults: the same inversion wherever none is given, under the identity an
         inversion without those fields had (:meth:`to_dict` leaves them out)."""
         return self.replace(**{k: LATER_FIELDS[k] for k in THRESHOLD_FIELDS})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InversionSettings":
+        """The settings :meth:`to_dict` wrote: fields it left out are at their values in
+        :data:`LATER_FIELDS` (those of settings made before the field existed), not the class's
+        defaults."""
+        return cls(**{**LATER_FIELDS, **d})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
