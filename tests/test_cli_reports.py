@@ -211,3 +211,21 @@ def test_reports_carry_a_header_and_the_json_report_follows_its_schema(profile_p
     page = html.read_text()
     assert "a_gen0.png" in page and "gone.png" in page and "data:image/png;base64," in page
     assert "http://" not in page and "https://" not in page
+
+
+def test_report_turns_a_report_or_a_log_into_html_and_other_formats(profile_path, images, tmp_path, capsys):
+    src = tmp_path / "r.csv"
+    assert run(inspect(profile_path, images, "-o", src), capsys)[0] == 0
+    out, html = tmp_path / "r.json", tmp_path / "r.html"
+    code, printed, _ = run(["report", src, "-o", out, "--html", html], capsys)
+    assert code == 0 and "html:" in printed
+    assert read_report(out) == read_report(src)
+    page = html.read_text()
+    assert all(f.name in page for f in images.glob("*.png")) and "data:image/png;base64," in page
+    code, _, err = run(["report", src], capsys)
+    assert code == 2 and "nothing to write" in err
+    code, _, err = run(["report", src, "-o", src], capsys)
+    assert code == 2 and "is the report being read" in err
+    (tmp_path / "foreign.jsonl").write_text('{"path": "x"}\n')
+    code, _, err = run(["report", tmp_path / "foreign.jsonl", "--html", html], capsys)
+    assert code == 2 and "not a ronan-fast report" in err

@@ -1,14 +1,17 @@
-"""The ``ronan-fast`` command: fit a belonging profile, inspect images, run the offline demo.
+"""The ``ronan-fast`` command: fit a belonging profile, inspect images, turn reports into HTML,
+run the offline demo.
 
 One module per subcommand (:mod:`~ronan_fast.cli.profile_cmd`, :mod:`~ronan_fast.cli.inspect_cmd`,
-:mod:`~ronan_fast.cli.demo_cmd`), each with ``add_parser(sub, fmt)`` and ``run(args)``, over a
-shared core: :mod:`~ronan_fast.cli.common` (exit codes, option groups, devices),
-:mod:`~ronan_fast.cli.models` (model specs), :mod:`~ronan_fast.cli.progress` and
-:mod:`~ronan_fast.cli.report_files` (report files).
+:mod:`~ronan_fast.cli.report_cmd`, :mod:`~ronan_fast.cli.demo_cmd`), each with
+``add_parser(sub, fmt)`` and ``run(args)``, over a shared core: :mod:`~ronan_fast.cli.common`
+(exit codes, option groups, output checks, devices), :mod:`~ronan_fast.cli.models` (model
+specs), :mod:`~ronan_fast.cli.progress` and :mod:`~ronan_fast.cli.report_files` (what the
+terminal shows).
 
 Exit codes: 0 success; 1 some images could not be processed (the others are reported);
-2 usage or input error (bad arguments, unimportable model, unreadable profile or weights);
-3 the profile does not match the model, reference model or settings.
+2 usage or input error (bad arguments, unimportable model, unreadable profile, report or
+weights, an output that cannot be written); 3 the profile does not match the model, reference
+model or settings; 4 another run is writing the same report.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ronan_fast.cli import demo_cmd, inspect_cmd, profile_cmd
+from ronan_fast.cli import demo_cmd, inspect_cmd, profile_cmd, report_cmd
 from ronan_fast.cli.common import EXIT_CODES_TEXT, EXIT_LOCKED, EXIT_MISMATCH, EXIT_USAGE, UsageError, err
 from ronan_fast.cli.models import build_generator, load_state_dict_file
 
 __all__ = ["main", "build_parser", "build_generator", "load_state_dict_file", "UsageError"]
 
 #: the subcommands, each a module with ``add_parser(sub, fmt)`` and ``run(args)``
-COMMANDS = {"profile": profile_cmd, "inspect": inspect_cmd, "demo": demo_cmd}
+COMMANDS = {"profile": profile_cmd, "inspect": inspect_cmd, "report": report_cmd, "demo": demo_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -303,15 +303,16 @@ def build_adapter(spec, weights, latent_shape, output_range, option, role, class
         return obj
     if isinstance(obj, nn.Module):
         if latent_shape is None:
-            raise UsageError(f"{option} {spec!r} returned a torch module: give its latent shape with "
-                             f"{'--latent-shape' if role == 'model' else '--reference-latent-shape (or --latent-shape)'}")
+            shape_option = "--latent-shape" if role == "model" else "--reference-latent-shape (or --latent-shape)"
+            raise UsageError(f"{option} {spec!r} returned a torch module: give its latent shape with {shape_option}")
         if weights is not None:
             apply_state_dict(obj, load_state_dict_file(weights, wopt), weights, wopt)
         try:
             return LatentGenerator(obj, tuple(latent_shape), output_range=tuple(output_range or (-1.0, 1.0)),
                                    name=spec.rpartition(":")[2])
         except Exception as e:
-            raise UsageError(f"{option} {spec!r}: cannot use the module as a generator ({type(e).__name__}: {e})") from None
+            raise UsageError(f"{option} {spec!r}: cannot use the module as a generator "
+                             f"({type(e).__name__}: {e})") from None
     raise UsageError(f"{option} {spec!r}: the factory returned {type(obj).__name__}, expected a torch.nn.Module "
                      "or a ronan_fast GeneratorAdapter")
 
@@ -340,7 +341,8 @@ def _check_weights_hash(source: dict, option: str) -> None:
                          f"give it with {option} SPEC --reference-weights FILE")
     if file_sha256(path) != want:
         raise UsageError(f"the profile's reference weights {path} changed since the profile was fitted (another "
-                         f"sha256): give the reference model it was fitted with, {option} SPEC --reference-weights FILE")
+                         f"sha256): give the reference model it was fitted with, {option} SPEC "
+                         "--reference-weights FILE")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
