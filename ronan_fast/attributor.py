@@ -20,8 +20,10 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,8 @@ __all__ = ["Attributor", "AttributionResult", "CheckpointError", "ProgressFn"]
 #: early stop: a row stops once its loss is this far (relative) under the verdict threshold, so
 #: that re-measuring the loss in float32 at the end cannot move it back over the threshold
 _STOP_MARGIN = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
+_log = logging.getLogger("ronan_fast")
+
 #: a profile of fewer images than this gets a warning: its threshold rests on too few losses
 SMALL_PROFILE = 30
 #: a reference loss of exactly 0 (the reference reconstructs the image perfectly) is raised to this
@@ -718,11 +722,15 @@ class Attributor:
         if progress:
             progress(stage, 0, total)
             cb = lambda done: progress(stage, done, total)  # noqa: E731
-        return invert(
+        t0 = time.perf_counter()
+        res = invert(
             model, images, settings=self.settings, seed=self.seed if seed is None else seed, stop_below=stop,
             max_rows=self.max_rows, impl=self.impl, cuda_graph=self.cuda_graph, progress=cb,
             compile_generator=self.compile_generator, call_rows=self.call_rows,
         )
+        _log.info("%s: %d image%s inverted by %s in %.1f s (%d row-steps)", stage, total, "" if total == 1 else "s",
+                  model.name, time.perf_counter() - t0, int(res.row_steps.sum()))
+        return res
 
     def _check_tensor(self, images: Tensor) -> Tensor:
         shape = tuple(self.generator.image_shape)

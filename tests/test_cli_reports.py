@@ -229,3 +229,55 @@ def test_report_turns_a_report_or_a_log_into_html_and_other_formats(profile_path
     (tmp_path / "foreign.jsonl").write_text('{"path": "x"}\n')
     code, _, err = run(["report", tmp_path / "foreign.jsonl", "--html", html], capsys)
     assert code == 2 and "not a ronan-fast report" in err
+
+
+def test_a_killed_inspect_loses_no_finished_record(profile_path, images, tmp_path):
+    """inspect killed (SIGKILL) at random moments, then run again: every image is in the report
+    once, with the verdict an uninterrupted run gives it."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "ronan_fast.cli", "inspect", "--profile", str(profile_path), *MODEL, "-q",
+            "--batch", "1", "--threads", "1", str(images)]
+    whole = tmp_path / "whole.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "PYTHONSAFEPATH": "1"}
+    assert subprocess.run([*argv, "-o", str(whole)], env=env, capture_output=True).returncode == 0
+    report = tmp_path / "r.jsonl"
+    rng = random.Random(int(time.time()))
+    for _ in range(3):  # killed somewhere between start-up and the end
+        p = subprocess.Popen([*argv, "-o", str(report)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 6.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    done = subprocess.run([*argv, "-o", str(report)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    records = read_report(report)[1]
+    assert sorted(r["path"] for r in records) == sorted(str(f) for f in images.glob("*.png"))  # each once
+    want = {r["path"]: (r["loss"], r["verdict"]) for r in read_report(whole)[1]}
+    assert {r["path"]: (r["loss"], r["verdict"]) for r in records} == want
+
+
+def test_progress_bar_and_log_level(profile_path, images, capsys):
+    """progress=True draws one bar of images with an ETA on stderr; --log-level debug shows what
+    ronan_fast logs."""
+    att = Attributor.from_profile(profile_path, LatentGenerator(tiny_models.generator(), 3, name="generator"),
+                                  LatentGenerator(tiny_models.reference(), 3, name="reference"))
+    res = att.attribute(sorted(images.glob("*.png"))[:2], progress=True)
+    err = capsys.readouterr().err
+    assert len(res) == 2 and "images:" in err and "2.0/2" in err and "<" in err  # elapsed<remaining
+    from ronan_fast.progress import ImageProgress
+
+    bar = ImageProgress(10, enabled=False)
+    report = bar.part(4, ("reference", "model"))
+    report("reference", 2, 2)
+    report("model", 1, 2)
+    assert bar._done == {"reference": 6, "model": 5}  # 5.5 of 10 images: the bar's count
+    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, "--log-level", "nonsense", images], capsys)
+    assert code == 2 and "--log-level" in err
+    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, "-q", "--log-level", "info", images], capsys)
+    assert code == 0 and "ronan-fast: model: 6 images inverted by generator in" in err
+    code, _, err = run(["inspect", "--profile", profile_path, *MODEL, "-q", images], capsys)
+    assert code == 0 and "inverted by" not in err  # the default level: warnings only

@@ -203,12 +203,23 @@ def check_output(path: str | os.PathLike | None, option: str, suffixes: Sequence
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message comes (not when the handler was made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: str) -> None:
     """ronan_fast's log messages on stderr at ``level``."""
     logger = logging.getLogger("ronan_fast")
     logger.setLevel(level.upper())
-    if not any(getattr(h, "_ronan_fast_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("ronan-fast: %(message)s"))
-        handler._ronan_fast_cli = True
         logger.addHandler(handler)
