@@ -83,7 +83,6 @@ print(json.dumps({"peak": max(peak, status("VmHWM")) / 1024, "growth": (status("
 def legacy_load_files(self, items):
     """``Attributor._load_files`` as it was before files were read at the model's shape: every
     file decoded whole to float and kept until the batch is fitted (for the "before" column)."""
-    import torch
 
     from ronan_fast.attributor import _join
     from ronan_fast.imageio import list_images, load_image_with_note, to_model_shape

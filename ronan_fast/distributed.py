@@ -556,7 +556,7 @@ def parts_dir(output: str | os.PathLike) -> Path:
     return output.with_name(output.name + ".parts")
 
 
-def _read_parts(folder: Path, key: str, n: int, part: int) -> dict[int, dict]:
+def _read_parts(folder: Path, key: str, n: int, part: int, calibrated: bool) -> dict[int, dict]:
     """The parts ``folder`` holds for the job ``key``: first image's index -> losses. A file of
     another job or a damaged one: :class:`~ronan_fast.attributor.CheckpointError`."""
     from ronan_fast.attributor import CheckpointError
@@ -577,12 +577,11 @@ def _read_parts(folder: Path, key: str, n: int, part: int) -> dict[int, dict]:
         a, b = data.get("start"), data.get("stop")
         ok = (isinstance(a, int) and isinstance(b, int) and a % part == 0 and 0 <= a < n and b == min(n, a + part)
               and f.name == f"part-{a}.json")
-        for name in ("model", "reference"):
+        for name in ("model", "reference") if calibrated else ("model",):
             values = data.get(name)
-            if values is not None:
-                ok = ok and isinstance(values, list) and len(values) == b - a and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if not ok or not isinstance(data.get("model"), list):
+            ok = ok and isinstance(values, list) and len(values) == b - a and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if not ok:
             raise CheckpointError(f"profile part {f}: damaged (its images or losses do not fit the job)")
         done[a] = {k: data[k] for k in ("model", "reference") if data.get(k) is not None}
     return done
@@ -628,7 +627,7 @@ def fit(
         def plan():
             images = attributor._profile_images(n, seed, edit, None)
             key, job = attributor._profile_job(images, seed, edit, part)
-            done = _read_parts(folder, key, n, part)
+            done = _read_parts(folder, key, n, part, attributor.reference is not None)
             if checkpoint is not None:
                 _, _, saved = attributor._saved_parts(images, seed, edit, Path(checkpoint), part)
                 done.update({int(a): p for a, p in saved.items() if int(a) not in done})
@@ -654,7 +653,7 @@ def fit(
         def finish():
             import torch
 
-            found = {**done, **_read_parts(folder, key, n, part)}
+            found = {**done, **_read_parts(folder, key, n, part, attributor.reference is not None)}
             missing = [a for a in range(0, n, part) if a not in found]
             if missing:
                 raise RuntimeError(f"profile parts starting at {missing} are missing from {folder} after every "

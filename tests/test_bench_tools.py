@@ -109,7 +109,6 @@ def test_convergence_to_verdict_with_a_given_line_stops_real_images_too(tmp_path
     """bench.convergence --to-verdict --line X: X is the convergence line and every image's
     threshold, real images included (as attribution inverts them); without --line the real
     images are inverted without one and the line is 1% of their median."""
-    import json
 
     from bench import convergence, generators
     from bench.generators import BenchGenerator
@@ -164,7 +163,6 @@ def test_convergence_fold_bn_and_channels_last_invert_a_transformed_copy(tmp_pat
 
 
 def test_speed_table_times_each_method_and_its_single_image_latency(tmp_path, monkeypatch):
-    import json
 
     from bench import generators, speed
     from bench.generators import BenchGenerator
@@ -197,7 +195,6 @@ def test_speed_table_times_each_method_and_its_single_image_latency(tmp_path, mo
 
 
 def test_speed_threshold_option_lets_rows_stop_early_without_the_plain_batch(tmp_path, monkeypatch):
-    import json
 
     from bench import generators, speed
     from bench.generators import BenchGenerator

@@ -254,6 +254,10 @@ def test_parts_of_another_job_are_refused(tmp_path):
     distributed.fit(att, 4, 0, parts, part=2, progress=False)
     with pytest.raises(CheckpointError, match="another profile job"):
         distributed.fit(att, 4, 1, parts, part=2, progress=False)  # another seed: other images
+    saved = json.loads((parts / "part-2.json").read_text())
+    (parts / "part-2.json").write_text(json.dumps({**saved, "model": saved["model"][:1]}))
+    with pytest.raises(CheckpointError, match="damaged"):
+        distributed.fit(att, 4, 0, parts, part=2, progress=False)
     (parts / "part-0.json").write_text("{")
     with pytest.raises(CheckpointError, match="not readable"):
         distributed.fit(att, 4, 0, parts, part=2, progress=False)

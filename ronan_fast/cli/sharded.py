@@ -132,8 +132,10 @@ def fit(att, args, out: Path, worker: distributed.Worker | None = None):
         try:
             return go()
         except CheckpointError as e:
+            note = f"note: {e}; starting afresh"
+
             def clear():
-                err(f"note: {e}; starting afresh")
+                err(note)
                 remove_parts(out)
 
             distributed.on_rank0(clear)
