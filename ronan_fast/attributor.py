@@ -40,7 +40,7 @@ from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule, profile_outliers
 from ronan_fast.progress import ImageProgress, ProgressFn
 
-__all__ = ["Attributor", "AttributionResult", "CheckpointError", "ProgressFn"]
+__all__ = ["Attributor", "AttributionResult", "CheckpointError", "ProgressFn", "load_profile_encoder"]
 
 #: early stop: a row stops once its loss is this far (relative) under the verdict threshold, so
 #: that re-measuring the loss in float32 at the end cannot move it back over the threshold
@@ -247,6 +247,10 @@ class Attributor:
             images. 0: the paper's profile, as inverted. Recorded in the profile. Over the full
             evaluation's 35 attribution cells the retries took the family rules' FPR from 1.5% to
             0.2% at TPR 98.8% -> 98.5% (``bench/results/profile_retry_full_default_cpu.md``).
+        warm_start: a :class:`~ronan_fast.warmstart.WarmStartEncoder` trained for ``generator``
+            (:func:`~ronan_fast.warmstart.train_encoder`): the model's inversions start each image's
+            first row at the encoder's guess (the other starts stay random), as :class:`~ronan_fast.
+            warmstart.WarmStarted` does. The profile records its digest and refuses another encoder.
         **overrides: any :class:`~ronan_fast.inversion.InversionSettings` field, e.g. ``steps=300``,
             ``restarts=4``, ``lr=0.05``, ``precision="bf16"``.
     """
@@ -270,6 +274,7 @@ class Attributor:
         compile_generator: bool = False,
         call_rows: int | None = None,
         name: str | None = None,
+        warm_start=None,
         **overrides,
     ) -> None:
         if not isinstance(generator, GeneratorAdapter):
@@ -330,6 +335,15 @@ class Attributor:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         #: the model's name in every message and report (default: the adapter's)
         self.name = generator.name if name is None else name
+        if warm_start is not None:
+            from ronan_fast.warmstart import WarmStartEncoder
+
+            if not isinstance(warm_start, WarmStartEncoder):
+                raise TypeError(f"warm_start must be a ronan_fast.warmstart.WarmStartEncoder or None, got "
+                                f"{type(warm_start).__name__}")
+            warm_start.check(generator)
+        #: the learned warm start of the model's inversions (None: random starts only)
+        self.warm_start = warm_start
         self.profile: BelongingProfile | None = None
 
     # ------------------------------------------------------------------ profiles
@@ -350,19 +364,27 @@ class Attributor:
         compile_generator: bool = False,
         call_rows: int | None = None,
         name: str | None = None,
+        warm_start="auto",
     ) -> "Attributor":
         """An attributor for a saved profile; refuses a model/reference model the profile was not made for.
 
         ``reference="auto"`` builds the reference model the profile records (the bundled one or a
         zoo model by name; a reference built by a factory of your own must be passed as an
         adapter) and none when the profile is uncalibrated; anything else is checked against the
-        profile. ``name`` defaults to the name the profile was fitted under.
+        profile. ``name`` defaults to the name the profile was fitted under. ``warm_start="auto"``
+        reads the encoder a warm-started profile was fitted with from beside its file
+        (``PROFILE.encoder.safetensors``, :func:`~ronan_fast.warmstart.encoder_path`; the profile
+        must then be given as a path); otherwise pass the encoder, or None for a profile without one.
         The inversion settings, metric, rule and seed come from the profile; ``alpha`` may be
         changed (the test is valid at any level). Raises
         :class:`~ronan_fast.profile.ProfileMismatchError` naming every difference.
         """
+        path = None
         if not isinstance(profile, BelongingProfile):
+            path = profile
             profile = BelongingProfile.load(profile)
+        if isinstance(warm_start, str) and warm_start == "auto":
+            warm_start = load_profile_encoder(profile, path, generator)
         if isinstance(reference, str) and reference == "auto":
             reference = _profile_reference(profile)
         try:
@@ -375,7 +397,7 @@ class Attributor:
                 settings=settings, seed=profile.inversion_seed, device=device, early_stop=early_stop,
                 image_bits=profile.image_bits, max_rows=max_rows, impl=impl, cuda_graph=cuda_graph,
                 compile_generator=compile_generator, call_rows=call_rows,
-                name=name if name is not None else (profile.generator_name or None),
+                name=name if name is not None else (profile.generator_name or None), warm_start=warm_start,
             )
         except ProfileError:
             raise
@@ -386,7 +408,7 @@ class Attributor:
 
     def use_profile(self, profile: BelongingProfile) -> None:
         """Adopt a profile after checking it matches this model, reference model, metric and settings."""
-        profile.check_compatible(self.generator, self.reference, self.metric, self.settings)
+        profile.check_compatible(self.generator, self.reference, self.metric, self.settings, self.warm_start)
         if profile.alpha != self.alpha:
             profile = dataclasses.replace(profile, alpha=self.alpha)
         self.profile = profile
@@ -533,6 +555,7 @@ class Attributor:
             generator=self.generator, reference=self.reference, seed=seed, inversion_seed=self.seed,
             image_bits=self.image_bits, edit=edit,
             retries=self.profile_retries or None, retried=retried, generator_name=self.name,
+            warm_start=None if self.warm_start is None else self.warm_start.describe(),
         )
         return self.profile
 
@@ -618,6 +641,8 @@ class Attributor:
             "generator": self.generator.fingerprint(),
             "reference": None if self.reference is None else self.reference.fingerprint(),
         }
+        if self.warm_start is not None:  # only then: earlier jobs keep their key
+            job["warm_start"] = self.warm_start.digest()
         return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest(), job
 
     # ------------------------------------------------------------------ attribution
@@ -723,6 +748,10 @@ class Attributor:
             progress(stage, 0, total)
             cb = lambda done: progress(stage, done, total)  # noqa: E731
         t0 = time.perf_counter()
+        if model is self.generator and self.warm_start is not None:
+            from ronan_fast.warmstart import WarmStarted
+
+            model = WarmStarted(model, self.warm_start)
         res = invert(
             model, images, settings=self.settings, seed=self.seed if seed is None else seed, stop_below=stop,
             max_rows=self.max_rows, impl=self.impl, cuda_graph=self.cuda_graph, progress=cb,
@@ -839,6 +868,29 @@ def _profile_reference(profile: BelongingProfile):
 
 #: a model's output may overshoot its declared range by this fraction of the range (rounding)
 _RANGE_SLACK = 1e-3
+
+
+def load_profile_encoder(profile: BelongingProfile, path, generator: GeneratorAdapter):
+    """The encoder a warm-started profile read from ``path`` was fitted with (None for a profile
+    without one): the file beside it (``PROFILE.encoder.safetensors``), checked against the
+    model and the profile's digest; :class:`~ronan_fast.profile.ProfileError` when it is missing
+    or another."""
+    if profile.warm_start is None:
+        return None
+    from ronan_fast.warmstart import EncoderError, encoder_path, load_encoder
+
+    if path is None:
+        raise ProfileError("the profile was fitted with a learned warm start: give the profile as a path (its "
+                           "encoder file sits beside it) or pass warm_start=ronan_fast.warmstart.load_encoder(...)")
+    where = encoder_path(path)
+    try:
+        enc = load_encoder(where, generator)
+    except EncoderError as e:
+        raise ProfileError(f"the profile was fitted with the learned warm start {where}: {e}") from None
+    if enc.digest() != profile.warm_start["sha256"]:
+        raise ProfileError(f"{where} is not the encoder the profile was fitted with (sha256 "
+                           f"{enc.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]})")
+    return enc
 
 
 def _check_output_range(generator: GeneratorAdapter, batch, name: str) -> None:

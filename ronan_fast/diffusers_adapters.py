@@ -250,6 +250,12 @@ class LatentDiffusionDecoder(GeneratorAdapter):
             h = self.vae.encode(x).latent_dist.mean
         return self._scale(h.float()).reshape(images.shape[0], -1)
 
+    @property
+    def guided_starts(self) -> bool:
+        """Whether each image's first start is a guess (the encoder's), not a draw: screening
+        (``InversionSettings.screen``) keeps it."""
+        return self.init == "encoder"
+
     def initial_latents(self, images: Tensor, rows_per_image: int, generator: torch.Generator | None = None) -> Tensor:
         """Starting rows for inverting ``images`` ``[B, C, H, W]``: ``[B * rows_per_image, D]``, image-major.
 

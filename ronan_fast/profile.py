@@ -182,6 +182,11 @@ class BelongingProfile:
     #: factory, ``"weights"`` (a path) and ``"weights_sha256"``, ``"latent_shape"`` and
     #: ``"output_range"``: ``inspect`` rebuilds it from here, so only the model need be given
     reference_source: dict | None = None
+    #: the learned warm start the model's inversions began at (None: random starts only):
+    #: ``{"sha256": the encoder's digest, "recipe": ..., "cost": ...}``
+    #: (:meth:`ronan_fast.warmstart.WarmStartEncoder.describe`); the encoder file sits beside
+    #: the profile (``PROFILE.encoder.safetensors``) and images are judged with the same one
+    warm_start: dict | None = None
     version: str = field(default_factory=_version)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
@@ -210,6 +215,7 @@ class BelongingProfile:
         retries: int | None = None,
         retried: Sequence[int] | None = None,
         generator_name: str | None = None,
+        warm_start: dict | None = None,
     ) -> "BelongingProfile":
         """A profile from the ``n`` profile images' losses under the model (and the reference model).
 
@@ -259,6 +265,7 @@ class BelongingProfile:
             edit=edit,
             retries=retries,
             retried=None if retried is None else [int(i) for i in retried],
+            warm_start=warm_start,
         )
 
     # ------------------------------------------------------------------ the test
@@ -304,7 +311,7 @@ class BelongingProfile:
 
     # ------------------------------------------------------------------ compatibility
 
-    def check_compatible(self, generator, reference, metric: str, settings) -> None:
+    def check_compatible(self, generator, reference, metric: str, settings, warm_start=None) -> None:
         """Raise :class:`ProfileMismatchError` unless this profile was made for exactly these.
 
         ``generator`` and ``reference`` are adapters (``reference=None`` for uncalibrated use),
@@ -312,9 +319,23 @@ class BelongingProfile:
         difference is named: the model fingerprint, the reference model, the metric, and each
         inversion setting that differs, except those that act only against a belonging threshold
         (:data:`~ronan_fast.inversion.THRESHOLD_FIELDS`: escalation, the settle rule), which
-        cannot change a profile's losses.
+        cannot change a profile's losses, and the learned warm start (``warm_start``: a
+        :class:`~ronan_fast.warmstart.WarmStartEncoder` or None).
         """
         diffs: list[str] = []
+        mine = None if self.warm_start is None else self.warm_start.get("sha256")
+        given_ws = None if warm_start is None else warm_start.digest()
+        if mine != given_ws:
+            if given_ws is None:
+                diffs.append(f"the profile's inversions start at a learned encoder's guesses (sha256 {mine[:12]}) "
+                             "but no encoder was given: keep PROFILE.encoder.safetensors beside the profile "
+                             "(or pass warm_start=ronan_fast.warmstart.load_encoder(...))")
+            elif mine is None:
+                diffs.append("an encoder was given but the profile was fitted with random starts only: "
+                             "fit the profile with it (profile --warm-start) or judge without it")
+            else:
+                diffs.append(f"the encoder differs (profile: sha256 {mine[:12]}, given: {given_ws[:12]}): "
+                             "use the encoder file the profile was fitted with")
         fp = generator.fingerprint()
         if fp != self.generator_fingerprint:
             diffs.append(
@@ -362,7 +383,7 @@ class BelongingProfile:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("edit", "retries", "retried", "reference_source"):
+        for k in ("edit", "retries", "retried", "reference_source", "warm_start"):
             if d[k] is None:
                 del d[k]  # added later: profiles without them keep their earlier identity
         return {"format": FORMAT, **d}
@@ -646,6 +667,11 @@ def _validate_fields(p: BelongingProfile) -> None:
             bad("reference_source", "must be null or an object with a 'spec' string")
         if p.reference_fingerprint is None:
             bad("reference_source", "must be null in an uncalibrated profile")
+    if p.warm_start is not None:
+        ws = p.warm_start
+        if not (isinstance(ws, dict) and isinstance(ws.get("sha256"), str) and len(ws["sha256"]) == 64
+                and all(isinstance(k, str) for k in ws)):
+            bad("warm_start", "must be null or an object with a 64-digit 'sha256' string")
     if (p.retries is None) != (p.retried is None):
         bad("retried", "must be given exactly when retries is")
     if p.retries is not None:

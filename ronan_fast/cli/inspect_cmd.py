@@ -104,7 +104,7 @@ class _Extras:
 
 
 def run(args) -> int:
-    from ronan_fast.attributor import Attributor
+    from ronan_fast.attributor import Attributor, load_profile_encoder
     from ronan_fast.profile import BelongingProfile
 
     output = check_output(args.output, "-o", SUFFIXES)
@@ -114,7 +114,8 @@ def run(args) -> int:
     device = setup_device(args)
     profile = BelongingProfile.load(args.profile)
     model, reference = models(args, profile=profile)
-    att = Attributor.from_profile(profile, model, reference, alpha=args.alpha, device=device,
+    encoder = load_profile_encoder(profile, args.profile, model)  # a warm-started profile's, from beside it
+    att = Attributor.from_profile(profile, model, reference, alpha=args.alpha, device=device, warm_start=encoder,
                                   early_stop=not args.no_early_stop, cuda_graph=args.cuda_graph,
                                   compile_generator=args.compile_generator, call_rows=args.call_rows,
                                   max_rows=args.max_rows, name=args.name)

@@ -60,6 +60,15 @@ def add_parser(sub, fmt) -> None:
                         "0: none, as in the paper (default: 2)")
     p.add_argument("--edit", metavar="EDIT",
                    help=f"edit the profile images before inverting them, for images known to reach you so edited: {EDIT_HELP}")
+    p.add_argument("--warm-start", action="store_true",
+                   help="start each image's inversion at a learned encoder's guess (the other starts stay random): "
+                        "the encoder is trained on the model's own samples and saved beside the profile as "
+                        "PROFILE.encoder.safetensors (reused when one for this model and recipe is already there); "
+                        "inspect then uses it; docs/inversion.md#learned-warm-starts")
+    p.add_argument("--encoder-samples", type=positive_int, default=8192, metavar="N",
+                   help="with --warm-start: the model's samples the encoder learns from (default: 8192)")
+    p.add_argument("--encoder-steps", type=positive_int, default=1000, metavar="N",
+                   help="with --warm-start: the encoder's training steps (default: 1000)")
     p.add_argument("-o", "--output", required=True, metavar="PROFILE.json", help="where to write the profile")
     p.add_argument("--wait", action="store_true",
                    help="if another run is writing the same profile, wait for it instead of stopping (exit code 4)")
@@ -84,6 +93,7 @@ def run(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
     model, reference = models(args)
+    encoder = _warm_start(model, args, out, device) if args.warm_start else None
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
     overrides.update(setting_overrides(args.set_fields, overrides))
     # random tone edits spread the profile over decades, which the log rule turns into false
@@ -93,7 +103,7 @@ def run(args) -> int:
         att = Attributor(model, reference, alpha=args.alpha, metric=args.metric, rule=rule,
                          settings=args.settings, seed=args.inversion_seed, device=device, cuda_graph=args.cuda_graph,
                          compile_generator=args.compile_generator, call_rows=args.call_rows, max_rows=args.max_rows,
-                         profile_retries=args.retries, name=args.name, **overrides)
+                         profile_retries=args.retries, name=args.name, warm_start=encoder, **overrides)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     if worker is not None:
@@ -109,6 +119,42 @@ def run(args) -> int:
     print(profile.describe())
     print(f"saved {out} ({time.perf_counter() - t0:.1f} s)")
     return EXIT_OK
+
+
+def _warm_start(model, args, out: Path, device):
+    """The encoder of ``--warm-start``: the one beside the profile when it was trained for this
+    model with this recipe, else one trained now (on rank 0 under torchrun) and saved there."""
+    from ronan_fast.warmstart import EncoderError, EncoderMismatchError, encoder_path, load_encoder, train_encoder
+
+    path = check_output(encoder_path(out), "--warm-start (the encoder file)", (".safetensors",))
+    if device is not None:
+        model.to(device)
+    recipe = {"samples": args.encoder_samples, "steps": args.encoder_steps}
+
+    def usable():
+        if not path.exists():
+            return None
+        try:
+            enc = load_encoder(path, model)
+        except EncoderMismatchError as e:
+            raise UsageError(f"{path} holds an encoder for another model ({e}); remove it to train one") from None
+        except EncoderError as e:
+            raise UsageError(f"--warm-start: {e}; remove it to train one") from None
+        return enc if all(enc.recipe.get(k) == v for k, v in recipe.items()) else None
+
+    def train():
+        if usable() is not None:
+            return
+        if not args.quiet:
+            err(f"training a warm-start encoder for {args.name or model.name} on {args.encoder_samples} of its "
+                f"samples, {args.encoder_steps} steps")
+        t0 = time.perf_counter()
+        train_encoder(model, **recipe).save(path)
+        if not args.quiet:
+            err(f"encoder saved to {path} ({time.perf_counter() - t0:.0f} s)")
+
+    distributed.on_rank0(train)
+    return usable()
 
 
 def _fit(att, args, out: Path):

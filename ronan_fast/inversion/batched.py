@@ -26,7 +26,7 @@ from ronan_fast.inversion.result import InversionResult
 from ronan_fast.inversion.rows import RowBatch
 from ronan_fast.inversion.runtime import compiled_decode, flush_denormals
 from ronan_fast.inversion.settings import InversionSettings
-from ronan_fast.inversion.starts import row_latents
+from ronan_fast.inversion.starts import start_latents
 
 __all__ = ["invert_batched", "invert_chunk"]
 
@@ -80,7 +80,7 @@ def invert_chunk(problem: Problem, seed: int, max_rows: int, cuda_graph: bool = 
     get done: those whose search has ended count half while a polish is to come, and whole once
     polished."""
     s, generator = problem.settings, problem.generator
-    z = row_latents(generator, problem.images, problem.rows_per_image, seed).to(problem.device)
+    z = start_latents(problem, seed).to(problem.device)
     radius = generator.prior_radius
     if s.typical_set == "project" and radius is not None:
         z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))

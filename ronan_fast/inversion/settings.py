@@ -24,7 +24,8 @@ POLISH_METHODS = ("dense", "cg", "dense-rev")
 #: when they differ from these defaults, so earlier profiles and caches keep their identity
 LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3,
                 "polish_gmres_iters": 0, "polish_candidates": 1, "stagewise": False, "polish_escalate": 0,
-                "escalate_within": 4.0, "settle_patience": 0, "settle_min_drop": 0.2, "settle_above": 4.0}
+                "escalate_within": 4.0, "settle_patience": 0, "settle_min_drop": 0.2, "settle_above": 4.0,
+                "screen": 0}
 #: the settings that act only when a belonging threshold is given (``invert(stop_below=...)``)
 THRESHOLD_FIELDS = ("polish_escalate", "escalate_within", "settle_patience", "settle_min_drop", "settle_above")
 
@@ -110,6 +111,12 @@ class InversionSettings:
     settle_patience: int = 6
     settle_min_drop: float = 0.2
     settle_above: float = 4.0
+    #: > 1: each start is the best of this many candidates by the loss of one forward pass (run in
+    #: blocks of one shape), drawn from the image's own stream before the Adam phase: each block
+    #: of ``restarts`` starts (one per class searched) is the ``restarts`` lowest of its
+    #: ``restarts * screen`` candidates. A guided first start (an encoder's guess,
+    #: :class:`~ronan_fast.warmstart.WarmStarted`) is kept as it is; the others are screened. 0, 1: off
+    screen: int = 0
     #: for a multi-step sampler that exposes its steps (``adapter.stage_chain()``, e.g. the zoo's
     #: DDIM sampler): invert its last step as a one-step generator with these settings, then
     #: solve each earlier step for its input by Gauss-Newton (:mod:`ronan_fast.inversion.stagewise`); the
@@ -128,7 +135,7 @@ class InversionSettings:
         _positive_int("check_every", self.check_every)
         _positive_int("min_rows", self.min_rows)
         for name in ("warmup", "halving_every", "patience", "polish_steps", "polish_patience", "polish_gmres_iters",
-                     "polish_escalate", "settle_patience"):
+                     "polish_escalate", "settle_patience", "screen"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")

@@ -10,13 +10,17 @@ split, resumed or spread over processes: with the fixed-shape generator calls of
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ronan_fast.adapters import GeneratorAdapter
 
-__all__ = ["row_latents", "image_seed"]
+if TYPE_CHECKING:
+    from ronan_fast.inversion.problem import Problem
+
+__all__ = ["row_latents", "image_seed", "start_latents", "screened"]
 
 
 def image_seed(image: Tensor, seed: int) -> int:
@@ -44,3 +48,41 @@ def row_latents(generator: GeneratorAdapter, images: Tensor, rows_per_image: int
         else:
             out.append(generator.sample_latents(rows_per_image, g))
     return torch.cat(out)
+
+
+def start_latents(problem: "Problem", seed: int) -> Tensor:
+    """The starting rows of ``problem``'s images, image-major: :func:`row_latents`, each start
+    screened from ``settings.screen`` candidates when that is above 1 (:func:`screened`)."""
+    s = problem.settings
+    if s.screen <= 1:
+        return row_latents(problem.generator, problem.images, problem.rows_per_image, seed)
+    return torch.cat([screened(problem, k, seed) for k in range(problem.b)])
+
+
+def screened(problem: "Problem", k: int, seed: int) -> Tensor:
+    """Image ``k``'s ``rows_per_image`` starts, screened: its stream gives ``screen`` times as
+    many candidates, one forward pass each scores them (the final score's loss, generator
+    calls in blocks of one shape), and each block of ``restarts`` starts (one block per class
+    searched) keeps its ``restarts`` lowest, lowest first. A guided generator's first
+    candidate of each block (``generator.guided_starts``: an encoder's guess) is kept first
+    whatever its loss. Depends on the image and ``seed`` only, not on the rest of the batch."""
+    s, generator = problem.settings, problem.generator
+    rpi, per = problem.rows_per_image, problem.settings.restarts
+    blocks = rpi // per
+    many = per * s.screen
+    cand = row_latents(generator, problem.images[k : k + 1], blocks * many, seed).to(problem.device)
+    cond = None
+    if problem.row_cond is not None:  # each block's condition, for each of its candidates
+        first = problem.row_cond[k * rpi : (k + 1) * rpi : per]
+        cond = first.repeat_interleave(many, dim=0)
+    img = torch.full((cand.shape[0],), k, dtype=torch.long, device=problem.device)
+    _, loss = problem.score(cand, cond, img)
+    loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("inf"))).view(blocks, many)
+    guided = bool(getattr(generator, "guided_starts", False))
+    if guided:
+        rest = loss[:, 1:].argsort(dim=1, stable=True)[:, : per - 1] + 1
+        pick = torch.cat([torch.zeros(blocks, 1, dtype=torch.long, device=loss.device), rest], dim=1)
+    else:
+        pick = loss.argsort(dim=1, stable=True)[:, :per]
+    rows = (pick + torch.arange(blocks, device=loss.device).unsqueeze(1) * many).flatten()
+    return cand[rows]

@@ -1,0 +1,377 @@
+"""Held-out convergence benchmark: do the inversion's settings converge on generators they were never tuned on?
+
+For each generator of the 64x64 generator benchmark (``ronan_fast.zoo.benchmark_models``; ``--suite
+tuning``, ``held-out`` or ``all``):
+
+1. ``--n`` of its own images, generated and rounded to 8 bits (as a saved PNG holds them), and
+   ``--n-real`` real images at the model's shape, rounded the same way (:func:`real_images`
+   says which, images the model never saw where any exist);
+2. the authors' loop (``bench.baselines.authors_loop``: one start, 1500 Adam steps at lr 0.1,
+   one image at a time) on every real image, **before** the candidates, and on the first
+   ``--authors-own`` own images, **after** them (so that a change of the machine's load over
+   the run falls on both sides); its time per image is the baseline of every ratio;
+3. the convergence line: 1% of the authors' loop's median loss over the real images (one line
+   per generator, the same for every candidate and every run of the same images and seed);
+4. each candidate inverts the real images, then the own images, to the verdict: every image
+   with the line as its belonging threshold (``invert(stop_below=line)``), as attribution
+   inverts every image it is given (early stop, the settle rule and escalation act).
+
+Reported per generator and candidate: own images converged (loss under the line), the worst own
+image (its loss and its ratio to the line), the real images' median and lowest loss and how many
+fell under the line, and the time to the verdict per image against the authors' loop (own images,
+real images, and the mean of the two, each as the authors' time per image over the candidate's:
+"5.0" is five times shorter). Wall-clock and process CPU-time ratios are both given: one thread
+on a shared machine; CPU time is what another process's load moves least.
+
+Candidates with ``"warm": "encoder"`` start each image's first row (of each class, for a
+class-searching conditional generator) at a learned encoder's guess
+(:mod:`ronan_fast.warmstart`); the encoder is trained on the model's own samples once per
+generator (or read from ``--encoders DIR`` when one for this generator and training recipe is
+there), and its training cost is reported apart. For a latent-diffusion decoder the model's own
+encoder is the warm start (``LatentDiffusionDecoder(init="encoder")``).
+
+Usage::
+
+    python -m bench.heldout --suite held-out --n 16 --n-real 8 --authors-own 8 --candidates default \\
+        --threads 1 --out bench/results/heldout_baseline_heldout.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.baselines import authors_loop
+from bench.convergence import CANDIDATES as CONVERGENCE_CANDIDATES
+from bench.convergence import machine, settings_for
+from ronan_fast.evaluation.store import write_text
+from ronan_fast.inversion import invert
+
+#: candidates of this benchmark: bench.convergence's, and those with a learned warm start
+#: ("warm": "encoder"), screened starts (``screen``) or other escalation settings
+CANDIDATES: dict[str, dict] = {
+    **CONVERGENCE_CANDIDATES,
+    # the package default with the first start of each image at a learned encoder's guess
+    "warm": {"settings": "default", "warm": "encoder"},
+    # the package default, each start the best of 8 candidates by one forward pass
+    "screen8": {"settings": "default", "screen": 8},
+    # both
+    "warm-screen8": {"settings": "default", "warm": "encoder", "screen": 8},
+    # a lean search behind the encoder: 4 starts (its guess and the 3 best of 24 screened draws),
+    # 300 Adam steps halved every 50, then the family's polish
+    "warm-lean": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
+                  "halving_every": 50},
+}
+
+#: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
+ENCODER_RECIPE: dict = {"samples": 8192, "steps": 1000, "batch": 64, "lr": 1e-3, "width": 16, "image_steps": 200,
+                        "seed": 0}
+
+
+def round8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as an 8-bit file holds them."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+def _fmnist_held_out(n: int, size: int) -> torch.Tensor:
+    from ronan_fast.evaluation.models import _FMNIST_HELD_OUT, _fmnist, _subset
+
+    lo, hi = _FMNIST_HELD_OUT
+    x = _fmnist("test")[lo + _subset(hi - lo, n, 12345, "fmnist-test-held-out")]
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def _digits(n: int, size: int) -> torch.Tensor:
+    from ronan_fast.evaluation.models import _digits as digits
+    from ronan_fast.evaluation.models import _subset
+
+    pool = digits()
+    x = pool[_subset(pool.shape[0], n, 12345, "digits")]
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+#: where each benchmark model's real images come from, in words (the model's training data -> real images)
+REAL_SOURCES = {
+    "photo-patches-64rgb": "other 64x64 crops (seed 999) of the photos it trained on (no unseen photo ships)",
+    "opencv-patches-64rgb": "64x64 crops (seed 999) of the scikit-image and scikit-learn photos, which it never saw",
+    "fashion-mnist-train": "Fashion-MNIST test[16:5000] (never trained on), bilinear to 64x64 as in training",
+    "digits": "the zoo's digits, bilinear to 64x64 (all of them are in its training set: none unseen ships)",
+}
+
+
+def real_images(name: str, n: int) -> torch.Tensor:
+    """``n`` real images at zoo model ``name``'s shape, in [0, 1] (rounded by the caller)."""
+    from ronan_fast.data import photo_patches
+    from ronan_fast.zoo import ZOO
+
+    entry = ZOO[name]
+    c, h, w = entry.image_shape
+    data = entry.training_data
+    if data == "photo-patches-64rgb":
+        x = photo_patches(size=h, n=n, grey=c == 1, seed=999)
+    elif data == "opencv-patches-64rgb":
+        x = photo_patches(size=h, n=n, grey=c == 1, seed=999, sources=("skimage", "sklearn"))
+    elif data == "fashion-mnist-train":
+        x = _fmnist_held_out(n, h)
+    elif data == "digits":
+        x = _digits(n, h)
+    else:
+        raise ValueError(f"no real images known for {name}'s data {data!r}")
+    return x
+
+
+def own_images(adapter, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` images ``adapter`` generates (latents from ``seed``), rounded to 8 bits, and their conditions."""
+    with torch.no_grad():
+        out = adapter.generate(n, torch.Generator().manual_seed(seed))
+    return round8(out.images), out.conditions
+
+
+def _timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def authors_run(adapter, images: torch.Tensor, seed: int, steps: int = 1500) -> dict:
+    """The authors' loop on ``images``, one at a time: losses and per-image wall and CPU seconds."""
+    losses, wall, cpu = [], [], []
+    for k in range(images.shape[0]):
+        loss, w, c = _timed(lambda: authors_loop(adapter, images[k : k + 1], steps=steps, lr=0.1, restarts=1,
+                                                 seed=seed))
+        losses.append(float(loss[0]))
+        wall.append(w)
+        cpu.append(c)
+    return {"losses": losses, "wall": wall, "cpu": cpu}
+
+
+def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: Path | None) -> tuple[object, dict | None]:
+    """The adapter a candidate inverts with (a warm-started one for ``"warm"``) and the encoder's cost."""
+    warm = spec.get("warm")
+    if not warm:
+        return adapter, None
+    if warm != "encoder":
+        raise ValueError(f"unknown warm start {warm!r}")
+    if type(adapter).__name__ == "LatentDiffusionDecoder":  # its own encoder, as LatentTracer starts
+        own = copy.copy(adapter)
+        own.init = "encoder"
+        return own, {"encoder": "the autoencoder's own (posterior mean)", "train_s": 0.0, "samples": 0}
+    from ronan_fast import warmstart
+
+    key = (name, json.dumps(ENCODER_RECIPE, sort_keys=True))
+    if key not in encoders:
+        path = None if enc_dir is None else enc_dir / f"{name}.encoder.safetensors"
+        enc = None
+        if path is not None and path.is_file():
+            enc = warmstart.load_encoder(path, adapter)
+            if {k: enc.recipe.get(k) for k in ENCODER_RECIPE} != ENCODER_RECIPE:
+                enc = None
+        if enc is None:
+            print(f"[{name}] training an encoder: {ENCODER_RECIPE}", file=sys.stderr, flush=True)
+            enc = warmstart.train_encoder(adapter, **ENCODER_RECIPE)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                enc.save(path)
+        encoders[key] = enc
+    enc = encoders[key]
+    return warmstart.WarmStarted(adapter, enc), dict(enc.cost)
+
+
+def summarise(own: list[float], real: list[float], line: float) -> dict:
+    worst = max(own)
+    return {
+        "own_converged": sum(v < line for v in own),
+        "own_n": len(own),
+        "own_worst": worst,
+        "own_worst_ratio": worst / line,
+        "own_median": statistics.median(own),
+        "real_median": statistics.median(real),
+        "real_min": min(real),
+        "real_under_line": sum(v < line for v in real),
+    }
+
+
+def run_generator(name: str, a, names: list[str], done: dict, save) -> None:
+    from ronan_fast.zoo import ZOO, zoo_adapter
+
+    rec = done.setdefault(name, {"generator": name, "split": ZOO[name].split, "candidates": {}})
+    adapter = zoo_adapter(name)
+    own, _ = own_images(adapter, a.n, 10_000 + a.seed)
+    real = round8(real_images(name, a.n_real))
+    rec["real_source"] = REAL_SOURCES[ZOO[name].training_data]
+    if "authors_real" not in rec:
+        print(f"[{name}] authors' loop on {a.n_real} real images", file=sys.stderr, flush=True)
+        rec["authors_real"] = authors_run(adapter, real, a.seed, a.authors_steps)
+        save()
+    line = 0.01 * statistics.median(rec["authors_real"]["losses"])
+    rec["line"] = line
+    encoders: dict = {}
+    for cname in names:
+        if cname in rec["candidates"]:
+            continue
+        spec = dict(CANDIDATES[cname])
+        inv_adapter, enc_cost = candidate_adapter(name, adapter, spec, encoders, a.encoders)
+        spec.pop("warm", None)
+        s = settings_for(adapter, spec)
+        print(f"[{name}] {cname}: {s}", file=sys.stderr, flush=True)
+        res_r, wr, cr = _timed(lambda: invert(inv_adapter, real, settings=s, seed=a.seed + 1, stop_below=line))
+        res_o, wo, co = _timed(lambda: invert(inv_adapter, own, settings=s, seed=a.seed, stop_below=line))
+        own_l, real_l = res_o.loss.double().tolist(), res_r.loss.double().tolist()
+        rec["candidates"][cname] = {
+            "settings": s.to_dict(), "encoder": enc_cost, "own_losses": own_l, "real_losses": real_l,
+            "own_wall": wo, "own_cpu": co, "real_wall": wr, "real_cpu": cr,
+            "own_row_steps": float(res_o.row_steps.double().mean()),
+            "real_row_steps": float(res_r.row_steps.double().mean()),
+            **summarise(own_l, real_l, line),
+        }
+        save()
+        r = rec["candidates"][cname]
+        print(f"[{name}] {cname}: own {r['own_converged']}/{r['own_n']}, worst {r['own_worst']:.2e} "
+              f"({r['own_worst_ratio']:.2g}x line {line:.2e}), real median {r['real_median']:.2e}, "
+              f"{wo / a.n:.2f} s/own, {wr / a.n_real:.2f} s/real", file=sys.stderr, flush=True)
+    if "authors_own" not in rec and a.authors_own:
+        print(f"[{name}] authors' loop on {a.authors_own} own images", file=sys.stderr, flush=True)
+        rec["authors_own"] = authors_run(adapter, own[: a.authors_own], a.seed, a.authors_steps)
+        save()
+
+
+def ratios(rec: dict, r: dict, a_n: int, a_real: int) -> dict:
+    """Authors' seconds per image over the candidate's (own, real, their mean), wall and CPU."""
+    out = {}
+    for clock in ("wall", "cpu"):
+        auth = rec["authors_real"][clock] + rec.get("authors_own", {}).get(clock, [])
+        per = sum(auth) / len(auth)
+        own, real = r[f"own_{clock}"] / a_n, r[f"real_{clock}"] / a_real
+        out[clock] = {"authors": per, "own": per / own, "real": per / real, "mean": per / ((own + real) / 2),
+                      "own_s": own, "real_s": real}
+    return out
+
+
+def render(raw: dict) -> str:
+    a = raw["args"]
+    m = raw["machine"]
+    n, n_real = int(a["n"]), int(a["n_real"])
+    head = [
+        f"# Held-out convergence benchmark: {a['suite']}",
+        "",
+        f"Machine: {m['machine']}, {m['cpu_count']} cores (shared), {m['threads']} torch thread(s), torch "
+        f"{m['torch']}, Python {m['python']}, CPU only, under `nice -n 5`. Command: `{raw['command']}`.",
+        "",
+        f"{n} own images per generator (generated from seed {10_000 + int(a['seed'])}, rounded to 8 bits) and "
+        f"{n_real} real images (rounded to 8 bits), inverted to the verdict: every image with the line as its "
+        "threshold. **Line** = 1% of the authors' loop's median loss over the real images. Own converged = "
+        "own images under the line. The authors' loop (one start, 1500 Adam steps, lr 0.1, one image at a time) "
+        f"ran on the {n_real} real images before the candidates and on the first {a['authors_own']} own images "
+        "after them; **x authors** = the authors' loop's seconds per image over the candidate's (own images, "
+        "real images, and the mean of the two per-image times), wall clock (CPU time in brackets).",
+        "",
+    ]
+    lines = []
+    for split in ("tuning", "held-out"):
+        recs = [r for r in raw["results"].values() if r["split"] == split]
+        if not recs:
+            continue
+        lines += [f"## {split}", "",
+                  "| generator | candidate | own converged | worst own (x line) | line | real median | real lowest "
+                  "| real under line | s/own | s/real | authors s/img | x authors own | x authors real "
+                  "| x authors mean | row-steps own / real |",
+                  "|" + "---|" * 15]
+        for rec in recs:
+            for cname, r in rec["candidates"].items():
+                q = ratios(rec, r, r["own_n"], len(r["real_losses"]))
+                w, c = q["wall"], q["cpu"]
+                lines.append(
+                    f"| {rec['generator']} | {cname} | {r['own_converged']}/{r['own_n']} "
+                    f"| {r['own_worst']:.2e} ({r['own_worst_ratio']:.3g}x) | {rec['line']:.2e} "
+                    f"| {r['real_median']:.2e} | {r['real_min']:.2e} | {r['real_under_line']}/{len(r['real_losses'])} "
+                    f"| {w['own_s']:.2f} | {w['real_s']:.2f} | {w['authors']:.2f} "
+                    f"| {w['own']:.2f} ({c['own']:.2f}) | {w['real']:.2f} ({c['real']:.2f}) "
+                    f"| **{w['mean']:.2f}** ({c['mean']:.2f}) | {r['own_row_steps']:.0f} / {r['real_row_steps']:.0f} |")
+        lines.append("")
+        lines += ["| generator | real images | authors' loop: own converged, worst own (x line) | real median, lowest |",
+                  "|---|---|---|---|"]
+        for rec in recs:
+            ar = rec["authors_real"]["losses"]
+            ao = rec.get("authors_own", {}).get("losses", [])
+            own_txt = (f"{sum(v < rec['line'] for v in ao)}/{len(ao)}, {max(ao):.2e} ({max(ao) / rec['line']:.3g}x)"
+                       if ao else "not run")
+            lines.append(f"| {rec['generator']} | {rec['real_source']} | {own_txt} "
+                         f"| {statistics.median(ar):.2e}, {min(ar):.2e} |")
+        lines.append("")
+    enc = [(rec["generator"], cname, r["encoder"]) for rec in raw["results"].values()
+           for cname, r in rec["candidates"].items() if r.get("encoder")]
+    if enc:
+        lines += ["## Encoders", "", "| generator | candidate | encoder | samples | training s (wall) |", "|---|---|---|---|---|"]
+        for g, cname, e in enc:
+            lines.append(f"| {g} | {cname} | {e.get('encoder', 'learned')} | {e.get('samples', 0)} "
+                         f"| {e.get('train_s', 0.0):.0f} |")
+        lines.append("")
+    return "\n".join(head + lines)
+
+
+#: arguments a resumed run must share with the run it continues
+_SAME = ("n", "n_real", "seed", "authors_own", "authors_steps")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=("tuning", "held-out", "all"), default="tuning")
+    p.add_argument("--generators", default="", help="comma-separated subset of the suite's generators")
+    p.add_argument("--candidates", default="default", help=f"comma-separated from {sorted(CANDIDATES)}")
+    p.add_argument("--n", type=int, default=16, help="own images per generator")
+    p.add_argument("--n-real", type=int, default=8, help="real images per generator")
+    p.add_argument("--authors-own", type=int, default=8, help="own images the authors' loop also inverts (after the candidates)")
+    p.add_argument("--authors-steps", type=int, default=1500, help="the authors' loop's steps (1500, the paper's; "
+                   "fewer only to try the benchmark out: its ratios and line then mean nothing)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--encoders", type=Path, default=None, help="folder to keep and reuse trained encoders in")
+    p.add_argument("--out", type=Path, required=True, help="Markdown table; the .json beside it has every loss")
+    p.add_argument("--resume", action="store_true", help="keep what --out's .json holds and run the rest")
+    a = p.parse_args(argv)
+    from ronan_fast.zoo import benchmark_models
+
+    torch.set_num_threads(a.threads)
+    names = [c for c in a.candidates.split(",") if c]
+    for c in names:
+        if c not in CANDIDATES:
+            p.error(f"--candidates: unknown {c!r}; choose from {sorted(CANDIDATES)}")
+    gens = benchmark_models(None if a.suite == "all" else a.suite)
+    if a.generators:
+        want = [g for g in a.generators.split(",") if g]
+        bad = [g for g in want if g not in gens]
+        if bad:
+            p.error(f"--generators: {bad} not in the {a.suite} suite {gens}")
+        gens = want
+    json_out = a.out.with_suffix(".json")
+    args = {k: str(v) for k, v in vars(a).items() if k not in ("resume", "out", "candidates", "generators")}
+    raw = {"machine": machine(), "args": args, "command": "python -m bench.heldout " + " ".join(sys.argv[1:] if argv is None else argv),
+           "platform": platform.platform(), "results": {}}
+    if a.resume and json_out.is_file():
+        old = json.loads(json_out.read_text())
+        if {k: old["args"].get(k) for k in _SAME} != {k: args[k] for k in _SAME}:
+            p.error(f"--resume: {json_out} was written with other n/n_real/seed/authors_own: {old['args']}")
+        raw["results"] = old["results"]
+        raw["command"] = old.get("command", "") + " ; --resume: " + raw["command"]
+
+    def save() -> None:
+        write_text(json_out, json.dumps(raw, indent=1))
+
+    for g in gens:
+        run_generator(g, a, names, raw["results"], save)
+        write_text(a.out, render(raw))
+    print(render(raw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
