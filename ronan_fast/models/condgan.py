@@ -13,8 +13,13 @@ def _embed(emb: nn.Embedding, labels: Tensor, num_classes: int, n: int) -> Tenso
     if labels.dim() == 1 and not labels.is_floating_point():
         if labels.shape[0] != n:
             raise ValueError(f"labels must have {n} entries, got {labels.shape[0]}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
+        if labels.numel():
+            try:
+                lo, hi = int(labels.min()), int(labels.max())
+            except RuntimeError:  # a label inside torch.func.vmap (the polish's per-row Jacobians) has no
+                lo, hi = 0, 0  # value to read; nn.Embedding still refuses an index out of range
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(f"labels must lie in [0, {num_classes}), got range [{lo}, {hi}]")
         return emb(labels)
     if labels.dim() == 2 and labels.is_floating_point() and labels.shape == (n, num_classes):
         return labels @ emb.weight
