@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import statistics
 import sys
@@ -66,10 +67,18 @@ CANDIDATES: dict[str, dict] = {
     "screen8": {"settings": "default", "screen": 8},
     # both
     "warm-screen8": {"settings": "default", "warm": "encoder", "screen": 8},
+    # the family default with the GAN family's polish (25 dense Levenberg-Marquardt steps, the
+    # settle rule and escalation with a threshold): for the families without a polish of their own
+    "polish25": {"settings": "default", "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
+                 "polish_escalate": 2},
     # a lean search behind the encoder: 4 starts (its guess and the 3 best of 24 screened draws),
     # 300 Adam steps halved every 50, then the family's polish
     "warm-lean": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
                   "halving_every": 50},
+    # ... with the GAN family's polish, for the families without one
+    "warm-lean-p25": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
+                      "halving_every": 50, "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
+                      "polish_escalate": 2},
 }
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -307,13 +316,27 @@ def render(raw: dict) -> str:
             lines.append(f"| {rec['generator']} | {rec['real_source']} | {own_txt} "
                          f"| {statistics.median(ar):.2e}, {min(ar):.2e} |")
         lines.append("")
-    enc = [(rec["generator"], cname, r["encoder"]) for rec in raw["results"].values()
-           for cname, r in rec["candidates"].items() if r.get("encoder")]
+    enc = [(rec, cname, r) for rec in raw["results"].values() for cname, r in rec["candidates"].items()
+           if r.get("encoder")]
     if enc:
-        lines += ["## Encoders", "", "| generator | candidate | encoder | samples | training s (wall) |", "|---|---|---|---|---|"]
-        for g, cname, e in enc:
-            lines.append(f"| {g} | {cname} | {e.get('encoder', 'learned')} | {e.get('samples', 0)} "
-                         f"| {e.get('train_s', 0.0):.0f} |")
+        lines += ["## Encoders", "",
+                  "Training cost of each warm start's encoder (samples generated and the encoder trained on one "
+                  "thread, wall clock), and the images after which it has paid for itself: its training time over "
+                  "the time the candidate saves per image against the `default` candidate (the mean of the own and "
+                  "real images' seconds per image; \"never\" where it saves none).", "",
+                  "| generator | candidate | encoder | samples | training s (wall) | s/img saved vs default "
+                  "| break-even images |", "|---|---|---|---|---|---|---|"]
+        for rec, cname, r in enc:
+            e = r["encoder"]
+            base = rec["candidates"].get("default")
+            saved, even = "", ""
+            if base is not None:
+                per = lambda c: (c["own_wall"] / c["own_n"] + c["real_wall"] / len(c["real_losses"])) / 2  # noqa: E731
+                d = per(base) - per(r)
+                saved = f"{d:.2f}"
+                even = f"{math.ceil(e.get('train_s', 0.0) / d)}" if d > 0 else "never"
+            lines.append(f"| {rec['generator']} | {cname} | {e.get('encoder', 'learned')} | {e.get('samples', 0)} "
+                         f"| {e.get('train_s', 0.0):.0f} | {saved} | {even} |")
         lines.append("")
     return "\n".join(head + lines)
 
@@ -337,7 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoders", type=Path, default=None, help="folder to keep and reuse trained encoders in")
     p.add_argument("--out", type=Path, required=True, help="Markdown table; the .json beside it has every loss")
     p.add_argument("--resume", action="store_true", help="keep what --out's .json holds and run the rest")
+    p.add_argument("--render", action="store_true", help="only write --out again from the .json beside it")
     a = p.parse_args(argv)
+    if a.render:
+        write_text(a.out, render(json.loads(a.out.with_suffix(".json").read_text())))
+        return 0
     from ronan_fast.zoo import benchmark_models
 
     torch.set_num_threads(a.threads)

@@ -250,7 +250,9 @@ class Attributor:
         warm_start: a :class:`~ronan_fast.warmstart.WarmStartEncoder` trained for ``generator``
             (:func:`~ronan_fast.warmstart.train_encoder`): the model's inversions start each image's
             first row at the encoder's guess (the other starts stay random), as :class:`~ronan_fast.
-            warmstart.WarmStarted` does. The profile records its digest and refuses another encoder.
+            warmstart.WarmStarted` does, and the default settings are the family's
+            :data:`~ronan_fast.inversion.presets.WARM_DEFAULTS` where it has one (fewer starts and
+            steps). The profile records the encoder's digest and refuses another encoder.
         **overrides: any :class:`~ronan_fast.inversion.InversionSettings` field, e.g. ``steps=300``,
             ``restarts=4``, ``lr=0.05``, ``precision="bf16"``.
     """
@@ -301,7 +303,17 @@ class Attributor:
         self.rule = rule
         self.generator = generator
         self.reference = reference
-        self.settings = resolve_settings(generator, settings, metric=metric, **overrides)
+        searched = generator
+        if warm_start is not None:
+            from ronan_fast.warmstart import WarmStartEncoder, WarmStarted
+
+            if not isinstance(warm_start, WarmStartEncoder):
+                raise TypeError(f"warm_start must be a ronan_fast.warmstart.WarmStartEncoder or None, got "
+                                f"{type(warm_start).__name__}")
+            searched = WarmStarted(generator, warm_start)  # checks that it was trained for this generator
+        #: the learned warm start of the model's inversions (None: random starts only)
+        self.warm_start = warm_start
+        self.settings = resolve_settings(searched, settings, metric=metric, **overrides)
         self.metric = self.settings.metric
         self.seed = seed
         self.early_stop = bool(early_stop)
@@ -335,15 +347,6 @@ class Attributor:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         #: the model's name in every message and report (default: the adapter's)
         self.name = generator.name if name is None else name
-        if warm_start is not None:
-            from ronan_fast.warmstart import WarmStartEncoder
-
-            if not isinstance(warm_start, WarmStartEncoder):
-                raise TypeError(f"warm_start must be a ronan_fast.warmstart.WarmStartEncoder or None, got "
-                                f"{type(warm_start).__name__}")
-            warm_start.check(generator)
-        #: the learned warm start of the model's inversions (None: random starts only)
-        self.warm_start = warm_start
         self.profile: BelongingProfile | None = None
 
     # ------------------------------------------------------------------ profiles

@@ -727,7 +727,8 @@ def test_authors_preset_and_overrides(gen):
 
 def test_family_defaults():
     """Each family's default: the one-step ("consistency") family ends with the matrix-free
-    polish; families without a tuned default share the fallback."""
+    polish; the class-conditional family adds the GAN family's polish to the fallback; families
+    without a tuned default share the fallback."""
     from ronan_fast.inversion import FALLBACK_DEFAULT
 
     def adapter(family, width):
@@ -748,6 +749,10 @@ def test_family_defaults():
     assert cons.polish_candidates == 2  # each image's two best starts are polished
     for family in ("vae", "diffusion", "something-new"):
         assert resolve_settings(adapter(family, 8)) == FALLBACK_DEFAULT
+    # class-conditional: the fallback's Adam phase, then the GAN family's dense polish
+    cond = resolve_settings(adapter("conditional", 8))
+    assert cond == FALLBACK_DEFAULT.replace(polish_steps=25, polish_method="dense", settle_patience=6,
+                                            polish_escalate=2)
 
 
 @pytest.mark.parametrize(

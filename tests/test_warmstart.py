@@ -319,3 +319,26 @@ def test_cli_profile_warm_start_trains_saves_and_inspect_uses_it(tmp_path, monke
     enc_file.unlink()
     assert main(["inspect", "--profile", "p.json", "--model", "default", "own0.png", "-q", "-o", "r2.jsonl"]) == 2
     assert "p.encoder.safetensors" in capsys.readouterr().err
+
+
+def test_a_warm_start_brings_its_familys_lean_default(trained):
+    """With an encoder and no settings, a GAN is inverted with WARM_DEFAULTS['gan'] (4 starts,
+    screened, 300 steps); settings given explicitly are kept; a family without a warm default
+    keeps its own."""
+    from ronan_fast import Attributor
+    from ronan_fast.inversion import FAMILY_DEFAULTS, resolve_settings
+    from ronan_fast.inversion.presets import WARM_DEFAULTS
+
+    g, enc = trained
+    assert Attributor(g, None, warm_start=enc).settings == WARM_DEFAULTS["gan"]
+    assert Attributor(g, None).settings == FAMILY_DEFAULTS["gan"]
+    assert Attributor(g, None, warm_start=enc, settings="authors").settings == PRESETS["authors"]
+    assert Attributor(g, None, warm_start=enc, steps=50).settings == WARM_DEFAULTS["gan"].replace(steps=50)
+    assert WARM_DEFAULTS["gan"].restarts == 4 and WARM_DEFAULTS["gan"].screen == 8
+    assert resolve_settings(W.WarmStarted(g, enc), None) == WARM_DEFAULTS["gan"]
+    one_step = W.WarmStarted(g, enc)
+    one_step.base.family = "consistency"
+    try:
+        assert resolve_settings(one_step, None) == FAMILY_DEFAULTS["consistency"]
+    finally:
+        one_step.base.family = "gan"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.inversion.settings import InversionSettings
 
-__all__ = ["PRESETS", "FAMILY_DEFAULTS", "FALLBACK_DEFAULT", "resolve_settings"]
+__all__ = ["PRESETS", "FAMILY_DEFAULTS", "FALLBACK_DEFAULT", "WARM_DEFAULTS", "resolve_settings"]
 
 #: Named settings. "authors" is the paper's code: one start, 1500 Adam steps at lr 0.1.
 #: "stagewise" inverts a multi-step sampler step by step (:mod:`ronan_fast.inversion.stagewise`; others
@@ -91,13 +91,45 @@ FALLBACK_DEFAULT = InversionSettings(
 )
 
 
+#: "conditional" (class-conditional generators, each class searched): the fallback's Adam phase,
+#: then the GAN family's polish (25 dense Levenberg-Marquardt steps on each image's best start;
+#: with a threshold the settle rule and escalation). Chosen on the tuning half of the generator
+#: benchmark: on the 64x64 class-conditional DCGAN (condgan64-digits) Adam alone left all 16 own
+#: 8-bit images above the convergence line (worst 6.7x it), the polish took all 16 under it, in
+#: the same time to the verdict (bench/results/heldout_tuning.md).
+FAMILY_DEFAULTS["conditional"] = FALLBACK_DEFAULT.replace(
+    polish_steps=25, polish_method="dense", settle_patience=6, polish_escalate=2)
+
+#: The default of a family when each image's first start is a learned guess (a generator with
+#: ``guided_starts``: :class:`~ronan_fast.warmstart.WarmStarted`, ``Attributor(warm_start=...)``,
+#: ``profile --warm-start``): 4 starts (the guess and the 3 best of 24 draws screened by one
+#: forward pass), 300 cosine Adam steps halved every 50, then the family's polish. Chosen on the
+#: tuning half of the generator benchmark (bench/results/heldout_tuning.md; 16 own 8-bit images
+#: and 4 real ones per generator, run to the verdict): on the two GANs every own image converged,
+#: as with the family default, in 3.5x and 12x shorter time than the authors' loop against 2.0x
+#: and 2.1x; on the VAE decoder likewise (12.7x against 2.1x), and on the class-conditional
+#: DCGAN with its family's polish (14.0x against 2.6x, all 16 converged as with the polish alone).
+#: Families not listed keep their default (docs/performance.md#held-out-generators has the
+#: held-out half).
+WARM_DEFAULTS: dict[str, InversionSettings] = {
+    "gan": FAMILY_DEFAULTS["gan"].replace(restarts=4, screen=8, steps=300, halving_every=50),
+    "vae": FALLBACK_DEFAULT.replace(restarts=4, screen=8, steps=300, halving_every=50),
+    "conditional": FAMILY_DEFAULTS["conditional"].replace(restarts=4, screen=8, steps=300, halving_every=50),
+}
+
+
 def resolve_settings(
     generator: GeneratorAdapter | None, settings: InversionSettings | str | None = None, **overrides
 ) -> InversionSettings:
-    """The settings an inversion will use: a preset name, an object, or the family default, plus overrides."""
+    """The settings an inversion will use: a preset name, an object, or the family default, plus overrides.
+
+    The family default is :data:`WARM_DEFAULTS`' where the generator's first starts are a learned
+    guess (``guided_starts``) and its family has one there."""
     if settings is None or settings == "default":
         family = getattr(generator, "family", "gan")
         base = FAMILY_DEFAULTS.get(family, FALLBACK_DEFAULT)
+        if getattr(generator, "guided_starts", False) and family in WARM_DEFAULTS:
+            base = WARM_DEFAULTS[family]
     elif isinstance(settings, str):
         if settings not in PRESETS:
             raise ValueError(f"settings must be one of {sorted(PRESETS) + ['default']} or InversionSettings, "
