@@ -64,7 +64,9 @@ def add_parser(sub, fmt) -> None:
                    help="start each image's inversion at a learned encoder's guess (the other starts stay random): "
                         "the encoder is trained on the model's own samples and saved beside the profile as "
                         "PROFILE.encoder.safetensors (reused when one for this model and recipe is already there); "
-                        "inspect then uses it; docs/inversion.md#learned-warm-starts")
+                        "inspect then uses it. Without --settings, GANs, VAEs and conditional models are then "
+                        "inverted with their lean warm-start default (4 screened starts, 300 steps); "
+                        "docs/inversion.md#learned-warm-starts")
     p.add_argument("--encoder-samples", type=positive_int, default=8192, metavar="N",
                    help="with --warm-start: the model's samples the encoder learns from (default: 8192)")
     p.add_argument("--encoder-steps", type=positive_int, default=1000, metavar="N",
