@@ -232,7 +232,7 @@ class Attributor:
         compile_generator: run the Adam phase's generator through ``torch.compile`` (both
             models), see :func:`~ronan_fast.inversion.invert`: faster steps after a first call
             that compiles; losses the same up to rounding. Not with ``cuda_graph``.
-        call_rows: rows per generator call (default: 8 on CPU; on CUDA set by the generator), see
+        call_rows: rows per generator call (default: set by the generator's size; on CPU 8 or 16), see
             :func:`~ronan_fast.inversion.invert`: with the same value, device and threads, an
             image gets the same loss whatever it is inverted with.
         image_bits: generated images (the profile's, and :meth:`sample`'s) are rounded to this many

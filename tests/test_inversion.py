@@ -677,7 +677,7 @@ def test_invert_with_two_polished_starts_stops_the_sibling_under_stop_below(gen,
     def run(leaving_cls):
         monkeypatch.setattr(finish, "Leaving", leaving_cls)
         counted.clear()
-        res = invert(gen, images, settings=s, seed=0, stop_below=stop)
+        res = invert(gen, images, settings=s, seed=0, stop_below=stop, call_rows=1)  # count rows, not blocks
         return res, sum(counted)
 
     grouped, n_grouped = run(Leaving)

@@ -81,8 +81,8 @@ def add_common_args(p: argparse.ArgumentParser, threads_default: int | None = No
                            "cores") + ")")
     p.add_argument("--call-rows", type=positive_int, metavar="N",
                    help="rows per generator call: every call runs in blocks of exactly N rows, so that an image's "
-                        "result does not depend on what else is inverted with it (default: 8 on CPU; on CUDA set by "
-                        "the model's size). The same N, device and threads give the same losses")
+                        "result does not depend on what else is inverted with it (default: set by the model's size: "
+                        "on CPU 16 for a small model, else 8; on CUDA up to 256). The same N, device and threads give the same losses")
     p.add_argument("--max-rows", type=positive_int, metavar="N",
                    help="inversion rows in memory at once (default: sized to the device); lower it to bound memory")
     p.add_argument("-q", "--quiet", action="store_true",

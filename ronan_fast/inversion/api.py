@@ -83,8 +83,9 @@ def invert(
         call_rows: rows per generator call: every call of the generator (and of a metric module)
             runs in blocks of exactly this many rows, the last padded, so that an image's
             arithmetic does not depend on how many rows share its call (kernels choose their
-            algorithm, and rounding, by shape). Default: 8 on CPU; on CUDA a power of two up to
-            256 set by the generator's activations per row (:mod:`~ronan_fast.inversion.calls`).
+            algorithm, and rounding, by shape). Default: set by the generator's activations per row
+            (:mod:`~ronan_fast.inversion.calls`): on CPU 16 for a small generator (the bundled
+            DCGAN), else 8; on CUDA a power of two up to 256.
             Part of what makes a result reproducible, with the device and the number of threads.
     """
     if metric is not None and not isinstance(metric, str):

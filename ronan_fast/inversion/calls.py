@@ -18,14 +18,20 @@ from torch import Tensor
 
 from ronan_fast.adapters import GeneratorAdapter
 
-__all__ = ["DEFAULT_CALL_ROWS", "FixedShapeCalls", "call_rows_for", "check_call_rows", "in_blocks", "padded"]
+__all__ = ["CPU_CALL_ROWS_SMALL", "CPU_CALL_SAVED_BYTES", "DEFAULT_CALL_ROWS", "FixedShapeCalls", "call_rows_for", "check_call_rows", "in_blocks", "padded"]
 
 #: rows per generator call on CPU. A block pads up to ``rows - 1`` rows when few are left (an
 #: image alone at the end of its search, a polish of a few rows), and a small block costs more
-#: per row when many are: 8 is the compromise measured on the zoo's generators (GAN default, one
-#: thread: the bundled DCGAN 0.28 s per image in a batch of 32 and 0.57 s alone, against 0.17 s
-#: and 0.46 s at 16 rows; the 64x64 DCGAN 3.3 s and 5.2 s, against 3.6 s and 5.6 s at 16 rows)
+#: per row when many are: measured on the zoo's generators (GAN default, one thread), the 64x64
+#: DCGAN took 3.3 s per image in a batch of 32 and 5.2 s alone at 8 rows, against 3.6 s and 5.6 s
+#: at 16; the bundled 28x28 DCGAN 0.28 s and 0.57 s at 8 rows, against 0.17 s and 0.46 s at 16
+#: (and 0.23 s and 0.93 s at 32; measured again on a quiet core: 16 of its images in 5.0 s at 16
+#: rows against 6.3 s at 8, one image alone in 1.69 s against 1.44 s, the same losses). So a
+#: generator whose activations saved for the backward pass take at most
+#: :data:`CPU_CALL_SAVED_BYTES` for 16 rows gets 16 rows a call, any other 8.
 DEFAULT_CALL_ROWS = 8
+CPU_CALL_ROWS_SMALL = 16
+CPU_CALL_SAVED_BYTES = 1 << 20
 #: on a GPU, as many rows per call (a power of two, at most :data:`CUDA_MAX_CALL_ROWS`) as keep the
 #: activations one call saves for its backward pass under this many bytes: a small generator's
 #: calls fill the device, a large one's pad little for a lone image
@@ -35,16 +41,20 @@ CUDA_MAX_CALL_ROWS = 256
 
 def call_rows_for(device: torch.device, call_rows: int | None = None, generator: GeneratorAdapter | None = None,
                   precision: str = "fp32") -> int:
-    """Rows per generator call on ``device``: ``call_rows`` when given, else the device's default
-    (on CPU :data:`DEFAULT_CALL_ROWS`; on a GPU from ``generator``'s activations per row)."""
+    """Rows per generator call on ``device``: ``call_rows`` when given, else the device's default,
+    set by ``generator``'s activations per row (on CPU 16 for a small generator, else 8; on a GPU
+    up to 256). The same generator, precision and device always get the same number."""
     if call_rows is not None:
         check_call_rows(call_rows)
         return call_rows
-    if device.type != "cuda" or generator is None:
+    if generator is None:
         return DEFAULT_CALL_ROWS
     from ronan_fast.inversion.budget import saved_bytes_per_row
 
-    rows = max(1, CUDA_CALL_SAVED_BYTES // saved_bytes_per_row(generator, precision))
+    per_row = saved_bytes_per_row(generator, precision)
+    if device.type != "cuda":
+        return CPU_CALL_ROWS_SMALL if CPU_CALL_ROWS_SMALL * per_row <= CPU_CALL_SAVED_BYTES else DEFAULT_CALL_ROWS
+    rows = max(1, CUDA_CALL_SAVED_BYTES // per_row)
     return int(min(CUDA_MAX_CALL_ROWS, 1 << (rows.bit_length() - 1)))
 
 
