@@ -228,8 +228,8 @@ def train_encoder(
     last ``image_steps`` of them the loss also has ``image_weight`` times the image's
     reconstruction error through the generator (its weights fixed), which helps where several
     inputs make one image (a mapping network); None: the last fifth. Deterministic for a given ``seed`` and thread count.
-    The defaults are the recipe of the held-out benchmark (bench/results/heldout_*.md): about a
-    minute on one CPU thread for the zoo's 64x64 generators.
+    The defaults are the recipe of the held-out benchmark (bench/results/heldout_*.md): one to two
+    minutes on one CPU thread for the zoo's 64x64 generators.
     """
     for name, v in (("samples", samples), ("steps", steps), ("batch", batch), ("width", width), ("hidden", hidden)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
