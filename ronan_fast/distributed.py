@@ -367,27 +367,6 @@ class _JobBar:
 # ---------------------------------------------------------------------------- inspect
 
 
-def _list_inputs(items: Sequence[str | os.PathLike], recursive: bool) -> tuple[list[Path], list[dict]]:
-    """The image files ``items`` name, each once, in order, and an error record for each item
-    that gives none (as ``ronan-fast inspect`` lists them)."""
-    from ronan_fast.imageio import list_images
-    from ronan_fast.reports.files import record_key
-
-    files: list[Path] = []
-    errors: list[dict] = []
-    seen: set[str] = set()
-    for item in items:
-        found = list_images([item], recursive=recursive)
-        errors.extend({"path": str(e.path), "belongs": None, "verdict": "error", "error": e.reason}
-                      for e in found.errors)
-        for f in found:
-            k = record_key(f)
-            if k not in seen:
-                seen.add(k)
-                files.append(f)
-    return files, errors
-
-
 class _Kept:
     """What one worker keeps of its images for the HTML page and the grid: the first
     ``html_max`` (``grid_max``) it judged, each with its position in the job's list. The first
@@ -452,7 +431,7 @@ def attribute_files(
     images (None: when stderr is a terminal).
     """
     from ronan_fast.reports.files import SUFFIXES, ReportLock, ReportLog, record_key
-    from ronan_fast.reports.session import ReportSession, worker_log_path
+    from ronan_fast.reports.session import ReportSession, list_inputs, worker_log_path
 
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
@@ -471,7 +450,7 @@ def attribute_files(
 
     def plan():
         header = attributor.report_header()
-        files, unreadable = _list_inputs(paths, recursive)
+        files, unreadable = list_inputs(paths, recursive)
         for r in unreadable:
             r["profile_id"] = header["profile"]["id"]
         session = ReportSession(output, header, log=worker_log_path(output, 0), wait=wait)

@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 from ronan_fast.imageio import display_path
-from ronan_fast.reports.files import record_key
+from ronan_fast.reports.session import list_inputs as expand_inputs
 
-
-def expand_inputs(items: Sequence[str], recursive: bool) -> tuple[list[Path], list[dict]]:
-    """The image files ``items`` name (files, folders), each once, and an error record for each
-    item that gives none (a missing path, an empty or unreadable folder, a FIFO...)."""
-    from ronan_fast.imageio import list_images
-
-    files: list[Path] = []
-    errors: list[dict] = []
-    seen: set[str] = set()
-    for item in items:
-        found = list_images([item], recursive=recursive)  # a missing path, an empty folder...: in .errors
-        errors.extend({"path": str(e.path), "belongs": None, "verdict": "error", "error": e.reason}
-                      for e in found.errors)
-        for f in found:
-            k = record_key(f)
-            if k not in seen:
-                seen.add(k)
-                files.append(f)
-    return files, errors
+__all__ = ["expand_inputs", "fmt", "fmt_p", "print_summary", "print_table"]  # expand_inputs: inspect's inputs
 
 
 def fmt(v, spec: str = ".3g") -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ronan_fast.reports.files import ReportLock, ReportLog, check_header, read_report, record_key, write_report
 
-__all__ = ["ReportSession", "log_path", "worker_log_path"]
+__all__ = ["ReportSession", "list_inputs", "log_path", "worker_log_path"]
 
 
 def log_path(output: Path) -> Path:
@@ -127,3 +127,24 @@ class ReportSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def list_inputs(items: Sequence[str | os.PathLike], recursive: bool) -> tuple[list[Path], list[dict]]:
+    """The image files ``items`` name (files, folders), each once, in order, and an error record
+    for each item that gives none (a missing path, an empty or unreadable folder, a FIFO...):
+    the inputs of one ``inspect`` job, in one process or spread over workers."""
+    from ronan_fast.imageio import list_images
+
+    files: list[Path] = []
+    errors: list[dict] = []
+    seen: set[str] = set()
+    for item in items:
+        found = list_images([item], recursive=recursive)  # a missing path, an empty folder...: in .errors
+        errors.extend({"path": str(e.path), "belongs": None, "verdict": "error", "error": e.reason}
+                      for e in found.errors)
+        for f in found:
+            k = record_key(f)
+            if k not in seen:
+                seen.add(k)
+                files.append(f)
+    return files, errors
