@@ -122,6 +122,12 @@ ZOO: dict[str, ZooEntry] = {
                              "VAE whose encoder and decoder mirror the all-convolutional DCGAN (nz=32, nf=16)",
                              (0.0, 1.0), (32,), "vae", "fashion-mnist-train", _w("vae64-fmnist"), recipe="vae64-fmnist",
                              image_shape=(1, 64, 64), evaluated=False, split="tuning"),
+    "stylegan64-opencv": ZooEntry("StyleGenerator", "20,000 colour 64x64 patches of OpenCV's sample photos; "
+                                  "StyleGAN2-style: z 256 -> mapping MLP -> w 128, demodulated convs, constant "
+                                  "input, no noise; non-saturating loss + R1, EMA of G (the tuning half's StyleGAN)",
+                                  (-1.0, 1.0), (256,), "gan", "opencv-patches-64rgb", _w("stylegan64-opencv"),
+                                  recipe="stylegan64-opencv", image_shape=(3, 64, 64), evaluated=False,
+                                  split="tuning"),
     "dcgan64n-opencv-long": ZooEntry("DeepDCGANGenerator", "dcgan64n-opencv trained 3x longer (3,750 steps): same "
                                      "architecture, data, hinge loss and seed", (-1.0, 1.0), (64,), "gan",
                                      "opencv-patches-64rgb", _w("dcgan64n-opencv-long"),

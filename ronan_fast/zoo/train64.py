@@ -560,6 +560,19 @@ def benchmark_recipes(Recipe) -> dict[str, Any]:
                               r1_every=4, ema_half_life=5000, ema_rampup=0.05)},
     ))
     add(Recipe(
+        "stylegan64-opencv", "StyleGAN2-style generator (z 256 -> 4-layer mapping -> w 128, modulated and "
+        "demodulated 3x3 convs, constant 4x4 input, no noise, skip toRGB; widths 64-8) on 20,000 colour 64x64 "
+        "patches of OpenCV's sample photos; non-saturating loss + lazy R1, EMA of G (the tuning half's "
+        "StyleGAN: other data, widths and seed than stylegan64-photos)", run_gan64,
+        steps=1500, seed=95, out=zoo("stylegan64-opencv"), grid=grid("stylegan64-opencv"),
+        params={"data": data_opencv64, "dcgan_init": False,
+                "generator": (StyleGenerator, dict(nz=256, w_dim=128, n_mlp=4, base=64, min_ch=8, channels=3,
+                                                   size=64, lr_mul=0.01)),
+                "discriminator": (StyleDiscriminator, dict(base=64, min_ch=8, channels=3, size=64)),
+                "train": dict(loss="ns", batch=16, lr_g=2e-3, lr_d=2e-3, betas=(0.0, 0.99), r1_gamma=0.1,
+                              r1_every=4, ema_half_life=5000, ema_rampup=0.05)},
+    ))
+    add(Recipe(
         "upgan64-fmnist", "upsample + conv DCGAN (nz=32, ngf=16) on Fashion-MNIST train upscaled to 64x64, "
         "WGAN-GP (3 critic steps per generator step)", run_gan64,
         steps=1200, seed=100, out=zoo("upgan64-fmnist"), grid=grid("upgan64-fmnist"),
