@@ -84,6 +84,14 @@ CANDIDATES: dict[str, dict] = {
                       "polish_escalate": 2},
 }
 
+CANDIDATES.update({
+    # a StyleGAN-style generator's first start found through its mapping network
+    # (ronan_fast.mapping_start: synthesis inverted over w, then mapping(z) = w solved), then the
+    # family's warm-start default over z (WARM_DEFAULTS["gan"]: 4 screened starts, 300 steps halved every 50)
+    "mapped": {"settings": "default", "warm": "mapping", "restarts": 4, "screen": 8, "steps": 300,
+               "halving_every": 50},
+})
+
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
 ENCODER_RECIPE: dict = {"samples": 8192, "steps": 1000, "batch": 64, "lr": 1e-3, "width": 16, "image_steps": 200,
                         "seed": 0}
@@ -171,6 +179,12 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
     warm = spec.get("warm")
     if not warm:
         return adapter, None
+    if warm == "mapping":  # a StyleGAN-style generator's starts found through w (nothing trained)
+        from ronan_fast.mapping_start import mapping_start
+        from ronan_fast.warmstart import WarmStarted
+
+        return WarmStarted(adapter, mapping_start(adapter)), {"encoder": "through the mapping network (none trained)",
+                                                             "train_s": 0.0, "samples": 0}
     if warm != "encoder":
         raise ValueError(f"unknown warm start {warm!r}")
     if type(adapter).__name__ == "LatentDiffusionDecoder":  # its own encoder, as LatentTracer starts
@@ -321,7 +335,7 @@ def render(raw: dict) -> str:
                          f"| {statistics.median(ar):.2e}, {min(ar):.2e} |")
         lines.append("")
     enc = [(rec, cname, r) for rec in raw["results"].values() for cname, r in rec["candidates"].items()
-           if r.get("encoder")]
+           if r.get("encoder") and CANDIDATES.get(cname, {}).get("warm") == "encoder"]  # not trained: no row
     if enc:
         lines += ["## Encoders", "",
                   "Training cost of each warm start's encoder (samples generated and the encoder trained on one "

@@ -252,7 +252,9 @@ class Attributor:
             first row at the encoder's guess (the other starts stay random), as :class:`~ronan_fast.
             warmstart.WarmStarted` does, and the default settings are the family's
             :data:`~ronan_fast.inversion.presets.WARM_DEFAULTS` where it has one (fewer starts and
-            steps). The profile records the encoder's digest and refuses another encoder.
+            steps). The profile records the encoder's digest and refuses another encoder. Or a
+            :class:`~ronan_fast.mapping_start.MappingStart` for a StyleGAN-style generator (first
+            starts found through its mapping network; nothing trained), recorded the same way.
         **overrides: any :class:`~ronan_fast.inversion.InversionSettings` field, e.g. ``steps=300``,
             ``restarts=4``, ``lr=0.05``, ``precision="bf16"``.
     """
@@ -305,11 +307,12 @@ class Attributor:
         self.reference = reference
         searched = generator
         if warm_start is not None:
+            from ronan_fast.mapping_start import MappingStart
             from ronan_fast.warmstart import WarmStartEncoder, WarmStarted
 
-            if not isinstance(warm_start, WarmStartEncoder):
-                raise TypeError(f"warm_start must be a ronan_fast.warmstart.WarmStartEncoder or None, got "
-                                f"{type(warm_start).__name__}")
+            if not isinstance(warm_start, (WarmStartEncoder, MappingStart)):
+                raise TypeError(f"warm_start must be a ronan_fast.warmstart.WarmStartEncoder, a "
+                                f"ronan_fast.mapping_start.MappingStart or None, got {type(warm_start).__name__}")
             searched = WarmStarted(generator, warm_start)  # checks that it was trained for this generator
         #: the learned warm start of the model's inversions (None: random starts only)
         self.warm_start = warm_start
@@ -377,7 +380,8 @@ class Attributor:
         profile. ``name`` defaults to the name the profile was fitted under. ``warm_start="auto"``
         reads the encoder a warm-started profile was fitted with from beside its file
         (``PROFILE.encoder.safetensors``, :func:`~ronan_fast.warmstart.encoder_path`; the profile
-        must then be given as a path); otherwise pass the encoder, or None for a profile without one.
+        must then be given as a path), or rebuilds the :class:`~ronan_fast.mapping_start.MappingStart`
+        a profile records from ``generator``; otherwise pass the encoder, or None for a profile without one.
         The inversion settings, metric, rule and seed come from the profile; ``alpha`` may be
         changed (the test is valid at any level). Raises
         :class:`~ronan_fast.profile.ProfileMismatchError` naming every difference.
@@ -880,6 +884,8 @@ def load_profile_encoder(profile: BelongingProfile, path, generator: GeneratorAd
     or another."""
     if profile.warm_start is None:
         return None
+    if (profile.warm_start.get("recipe") or {}).get("kind") == "mapping":
+        return _rebuild_mapping_start(profile, generator)
     from ronan_fast.warmstart import EncoderError, encoder_path, load_encoder
 
     if path is None:
@@ -894,6 +900,27 @@ def load_profile_encoder(profile: BelongingProfile, path, generator: GeneratorAd
         raise ProfileError(f"{where} is not the encoder the profile was fitted with (sha256 "
                            f"{enc.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]})")
     return enc
+
+
+def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapter):
+    """The :class:`~ronan_fast.mapping_start.MappingStart` a profile was fitted with, rebuilt from
+    its recorded recipe for ``generator`` (a module with ``mapping_net`` and ``synthesis``) and
+    checked against the profile's digest."""
+    from ronan_fast.inversion.settings import InversionSettings
+    from ronan_fast.mapping_start import mapping_start
+
+    r = profile.warm_start["recipe"]
+    try:
+        ms = mapping_start(generator, w_settings=InversionSettings.from_dict(r["w_settings"]),
+                           mapping_steps=r["mapping_steps"], mapping_starts=r["mapping_starts"], seed=r["seed"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ProfileError(f"the profile was fitted with starts through a mapping network, which cannot be rebuilt "
+                           f"for {generator.name}: {e}; pass warm_start=ronan_fast.mapping_start.MappingStart(...)"
+                           ) from None
+    if ms.digest() != profile.warm_start["sha256"]:
+        raise ProfileError(f"the mapping start rebuilt for {generator.name} is not the one the profile was fitted "
+                           f"with (sha256 {ms.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]})")
+    return ms
 
 
 def _check_output_range(generator: GeneratorAdapter, batch, name: str) -> None:

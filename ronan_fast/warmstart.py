@@ -135,6 +135,11 @@ class WarmStartEncoder:
                 f"the encoder was trained for the generator with fingerprint {self.fingerprint[:16]}..., not for "
                 f"{generator.name} ({fp[:16]}...): train one for this generator (ronan_fast.warmstart.train_encoder)")
 
+    def to(self, device) -> "WarmStartEncoder":
+        """Move the encoder's network to ``device``; returns self."""
+        self.module.to(device)
+        return self
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the encoder as one safetensors file (atomically), with its generator's fingerprint,
         architecture, recipe and training cost in the metadata."""
@@ -297,7 +302,7 @@ class WarmStarted(GeneratorAdapter):
             raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
         encoder.check(generator)
         self.base, self.encoder = generator, encoder
-        encoder.module.to(generator.device)
+        encoder.to(generator.device)
 
     def __getattr__(self, name: str):
         if name in ("base", "encoder"):
@@ -350,7 +355,7 @@ class WarmStarted(GeneratorAdapter):
 
     def to(self, device):
         self.base.to(device)
-        self.encoder.module.to(device)
+        self.encoder.to(device)
         return self
 
     def initial_latents(self, images: Tensor, rows_per_image: int, generator: torch.Generator | None = None) -> Tensor:

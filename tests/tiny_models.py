@@ -43,6 +43,15 @@ def rgb_generator():
     return TinyGenerator(seed=3, shape=(3, 12, 12))
 
 
+def style_generator():
+    """A tiny StyleGAN-style generator (z 16 -> mapping -> w 8 -> 1 x 16 x 16), random weights."""
+    from ronan_fast.models.stylegan import StyleGenerator
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return StyleGenerator(nz=16, w_dim=8, n_mlp=2, base=16, min_ch=8, channels=1, size=16)
+
+
 def adapter():
     from ronan_fast.adapters import LatentGenerator
 

@@ -60,17 +60,20 @@ def add_parser(sub, fmt) -> None:
                         "0: none, as in the paper (default: 2)")
     p.add_argument("--edit", metavar="EDIT",
                    help=f"edit the profile images before inverting them, for images known to reach you so edited: {EDIT_HELP}")
-    p.add_argument("--warm-start", action="store_true",
-                   help="start each image's inversion at a learned encoder's guess (the other starts stay random): "
-                        "the encoder is trained on the model's own samples and saved beside the profile as "
-                        "PROFILE.encoder.safetensors (reused when one for this model and recipe is already there); "
-                        "inspect then uses it. Without --settings, GANs, VAEs and conditional models are then "
-                        "inverted with their lean warm-start default (4 screened starts, 300 steps); "
-                        "docs/inversion.md#learned-warm-starts")
+    p.add_argument("--warm-start", nargs="?", const="encoder", choices=("encoder", "mapping"), default=None,
+                   metavar="{encoder,mapping}",
+                   help="start each image's inversion at a guess (the other starts stay random). encoder (the "
+                        "default of a bare --warm-start): a learned encoder's guess; the encoder is trained on the "
+                        "model's own samples and saved beside the profile as PROFILE.encoder.safetensors (reused "
+                        "when one for this model and recipe is already there). mapping: for a StyleGAN-style model "
+                        "(a module with mapping_net and synthesis), the image inverted over w, then the mapping "
+                        "solved for z; nothing trained. inspect then uses the same start. Without --settings, GANs, "
+                        "VAEs and conditional models are then inverted with their lean warm-start default "
+                        "(4 screened starts, 300 steps); docs/inversion.md#learned-warm-starts")
     p.add_argument("--encoder-samples", type=positive_int, default=8192, metavar="N",
-                   help="with --warm-start: the model's samples the encoder learns from (default: 8192)")
+                   help="with --warm-start encoder: the model's samples the encoder learns from (default: 8192)")
     p.add_argument("--encoder-steps", type=positive_int, default=1000, metavar="N",
-                   help="with --warm-start: the encoder's training steps (default: 1000)")
+                   help="with --warm-start encoder: the encoder's training steps (default: 1000)")
     p.add_argument("-o", "--output", required=True, metavar="PROFILE.json", help="where to write the profile")
     p.add_argument("--wait", action="store_true",
                    help="if another run is writing the same profile, wait for it instead of stopping (exit code 4)")
@@ -95,7 +98,16 @@ def run(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
     model, reference = models(args)
-    encoder = _warm_start(model, args, out, device) if args.warm_start else None
+    encoder = None
+    if args.warm_start == "encoder":
+        encoder = _warm_start(model, args, out, device)
+    elif args.warm_start == "mapping":
+        from ronan_fast.mapping_start import mapping_start
+
+        try:
+            encoder = mapping_start(model.to(device) if device is not None else model)
+        except TypeError as e:
+            raise UsageError(f"--warm-start mapping: {e}") from None
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
     overrides.update(setting_overrides(args.set_fields, overrides))
     # random tone edits spread the profile over decades, which the log rule turns into false

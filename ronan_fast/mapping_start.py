@@ -1,0 +1,253 @@
+"""Starts through a mapping network: invert ``synthesis`` over ``w``, then ``mapping`` for ``z``.
+
+A StyleGAN-style generator is ``G(z) = synthesis(mapping(z))``: an MLP maps the input ``z`` to
+an intermediate latent ``w`` that styles every layer. The mapping folds the input space: the
+search over ``z`` that Eq. 1 asks for gets stuck in other basins far more often than a search
+over ``w`` for the same image. Belonging is still decided over ``z`` -- the model's input -- so
+``w`` only tells the search where to begin:
+
+1. ``synthesis`` is inverted over ``w`` for the image (the package's inversion with
+   :data:`W_SETTINGS`; its random starts are ``mapping`` of prior draws, from the image's own
+   stream), giving ``w*``;
+2. ``mapping`` is inverted for ``w*`` (``z`` minimising ``|mapping(z) - w*|^2 / |w*|^2``: a
+   small MLP, so a few hundred Adam steps on several prior draws cost little), giving ``z*``;
+3. ``z*`` is the image's first start of the ordinary inversion over ``z``
+   (:class:`ronan_fast.warmstart.WarmStarted`), whose other starts stay random and whose loss,
+   over the model's input, is the one reported.
+
+:class:`MappingStart` has the interface of a learned encoder
+(:class:`ronan_fast.warmstart.WarmStartEncoder`: ``guess``, ``check``, ``digest``,
+``describe``), so it goes wherever one does: ``WarmStarted(generator, MappingStart(...))`` or
+``Attributor(warm_start=MappingStart(...))``. Nothing is trained: its cost is per image, inside
+the time to the verdict. :func:`mapping_start` builds one for a module with ``mapping_net`` and
+``synthesis`` methods (the zoo's :class:`~ronan_fast.models.stylegan.StyleGenerator`); for
+another StyleGAN pass the two functions, e.g. for NVIDIA's StyleGAN2-ADA networks
+``mapping=lambda z: G.mapping(z, None)[:, 0]`` and
+``synthesis=lambda w: G.synthesis(w[:, None].repeat(1, G.num_ws, 1))``.
+
+Each image's guess is computed from that image alone (its starts come from its pixels and the
+seed), so the same image gets the same guess in any batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ronan_fast.adapters import GeneratorAdapter, LatentGenerator
+from ronan_fast.inversion.presets import FAMILY_DEFAULTS
+from ronan_fast.inversion.settings import InversionSettings
+from ronan_fast.warmstart import EncoderError, EncoderMismatchError
+
+__all__ = ["MappingStart", "mapping_start", "W_SETTINGS", "MAPPING_STEPS", "MAPPING_STARTS", "MAPPING_LM_STEPS"]
+
+#: the search over ``w``: the GAN family default (24 starts halved every 25 steps, then 25 dense
+#: Levenberg-Marquardt steps) with 300 Adam steps instead of 600. Chosen on the tuning half's
+#: StyleGAN (stylegan64-opencv, 6 own 8-bit images): it took all 6 to the 8-bit floor over ``w``
+#: in 11.4 s per image (600 steps: 14.4 s); 8 or 16 starts missed 1 or 2 of them, and 10 polish
+#: steps 3 of them
+W_SETTINGS = FAMILY_DEFAULTS["gan"].replace(steps=300)
+#: Adam steps and prior draws of the search over ``z`` for ``mapping(z) = w*``
+MAPPING_STEPS = 300
+MAPPING_STARTS = 8
+#: at most this many Levenberg-Marquardt steps after the Adam steps
+MAPPING_LM_STEPS = 30
+
+
+class _Synthesis(nn.Module):
+    """``synthesis`` as a module over ``w [N, w_dim]`` (the generator's modules registered for
+    device moves and freezing)."""
+
+    def __init__(self, synthesis: Callable[[Tensor], Tensor], modules: list[nn.Module]):
+        super().__init__()
+        self.fn = synthesis
+        self.owners = nn.ModuleList(modules)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.fn(w)
+
+
+class _WGenerator(LatentGenerator):
+    """``synthesis`` as a generator of ``w``; its prior draws are ``mapping`` of the base's."""
+
+    def __init__(self, base: GeneratorAdapter, mapping: Callable[[Tensor], Tensor], module: _Synthesis,
+                 w_dim: int):
+        super().__init__(module, (w_dim,), output_range=base.output_range, image_shape=base.image_shape,
+                         family=base.family, name=f"{base.name} (synthesis over w)")
+        self.base, self.mapping = base, mapping
+
+    @property
+    def prior_radius(self) -> float | None:
+        return None  # w is not drawn from a Gaussian prior
+
+    @torch.no_grad()
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        z = self.base.sample_latents(n, generator).to(self.device)
+        return self.mapping(z.view(n, *self.base.latent_shape)).reshape(n, -1).float()
+
+
+class MappingStart:
+    """First starts for a ``synthesis(mapping(z))`` generator, found through ``w`` (module docstring).
+
+    Args:
+        generator: the adapter whose input is ``z`` (``generator.decode`` must equal
+            ``synthesis(mapping(z))``; :meth:`check` verifies it on prior draws).
+        mapping: ``z [N, *latent_shape] -> w [N, w_dim]``.
+        synthesis: ``w [N, w_dim] -> images`` in the generator's output range.
+        w_dim: the width of ``w``.
+        modules: the modules the two functions use (for the device and the fingerprint).
+        w_settings: the search over ``w`` (default :data:`W_SETTINGS`).
+        mapping_steps / mapping_starts: the search over ``z`` for ``mapping(z) = w*``.
+        seed: seeds both searches (with each image's pixels).
+    """
+
+    #: what a profile's ``warm_start`` record calls this kind of start
+    kind = "mapping"
+
+    def __init__(self, generator: GeneratorAdapter, mapping: Callable[[Tensor], Tensor],
+                 synthesis: Callable[[Tensor], Tensor], w_dim: int, modules: list[nn.Module] | None = None, *,
+                 w_settings: InversionSettings | None = None, mapping_steps: int = MAPPING_STEPS,
+                 mapping_starts: int = MAPPING_STARTS, seed: int = 0):
+        if not isinstance(generator, GeneratorAdapter):
+            raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
+        if not callable(mapping) or not callable(synthesis):
+            raise TypeError("mapping and synthesis must be callables (z -> w and w -> images)")
+        for name, v in (("w_dim", w_dim), ("mapping_steps", mapping_steps), ("mapping_starts", mapping_starts)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if w_settings is not None and not isinstance(w_settings, InversionSettings):
+            raise TypeError(f"w_settings must be InversionSettings or None, got {type(w_settings).__name__}")
+        self.generator = generator
+        self.mapping, self.w_dim = mapping, int(w_dim)
+        self.w_settings = w_settings or W_SETTINGS
+        self.mapping_steps, self.mapping_starts, self.seed = int(mapping_steps), int(mapping_starts), int(seed)
+        self.fingerprint = generator.fingerprint()
+        self._w = _WGenerator(generator, mapping, _Synthesis(synthesis, list(modules or generator.modules())),
+                              self.w_dim)
+
+    @property
+    def recipe(self) -> dict:
+        return {"kind": self.kind, "w_dim": self.w_dim, "w_settings": self.w_settings.to_dict(),
+                "mapping_steps": self.mapping_steps, "mapping_starts": self.mapping_starts, "seed": self.seed}
+
+    @property
+    def cost(self) -> dict:
+        return {"samples": 0, "train_s": 0.0, "generate_s": 0.0}
+
+    def digest(self) -> str:
+        """sha256 of the recipe and the generator's fingerprint: what a profile records."""
+        h = hashlib.sha256(b"ronan_fast/mapping_start/v1")
+        h.update(json.dumps({"recipe": self.recipe, "fingerprint": self.fingerprint}, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"sha256": self.digest(), "recipe": self.recipe, "cost": self.cost}
+
+    def to(self, device) -> "MappingStart":
+        """Nothing of its own to move: the functions are the generator's (moved with it); returns self."""
+        return self
+
+    @torch.no_grad()
+    def check(self, generator: GeneratorAdapter) -> None:
+        """Raise :class:`EncoderMismatchError` unless ``generator`` is the one this start was made
+        for and ``synthesis(mapping(z))`` reproduces it on two prior draws."""
+        fp = generator.fingerprint()
+        if fp != self.fingerprint:
+            raise EncoderMismatchError(
+                f"the mapping start was made for the generator with fingerprint {self.fingerprint[:16]}..., not for "
+                f"{generator.name} ({fp[:16]}...)")
+        z = generator.sample_latents(2, torch.Generator().manual_seed(0)).to(generator.device)
+        direct = generator.decode(z)
+        staged = self._w.decode(self._w.mapping(z.view(2, *generator.latent_shape)).reshape(2, -1))
+        err = float((direct - staged).abs().max())
+        if not err <= 1e-4:
+            raise EncoderMismatchError(
+                f"synthesis(mapping(z)) differs from {generator.name}(z) by up to {err:.3g} (of pixels in [0, 1]): "
+                "pass the generator's own mapping and synthesis")
+
+    def guess(self, images: Tensor) -> Tensor:
+        """``[B, latent_dim]``: each image's ``z*`` (module docstring), float32."""
+        from ronan_fast.inversion import invert
+        from ronan_fast.inversion.starts import image_seed
+
+        shape = tuple(self.generator.image_shape)
+        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != shape:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise EncoderError(f"images must be [B, {', '.join(map(str, shape))}], got {got}")
+        w = invert(self._w, images, settings=self.w_settings, seed=self.seed).inputs
+        out = []
+        for k in range(images.shape[0]):
+            g = torch.Generator(device="cpu").manual_seed(image_seed(images[k], self.seed + 1))
+            out.append(self._solve_mapping(w[k], g))
+        return torch.stack(out)
+
+    def _map(self, z: Tensor) -> Tensor:
+        return self.mapping(z.view(z.shape[0], *self.generator.latent_shape)).reshape(z.shape[0], -1)
+
+    def _solve_mapping(self, w_target: Tensor, g: torch.Generator) -> Tensor:
+        """``z`` with ``mapping(z)`` closest to ``w_target`` (relative squared error): from
+        :attr:`mapping_starts` prior draws, :attr:`mapping_steps` Adam steps, then
+        Levenberg-Marquardt steps on each draw (the mapping is a small network: its Jacobian, one
+        backward pass per ``w`` coordinate, costs little); the best draw."""
+        base = self.generator
+        dev = base.device
+        target = w_target.to(dev, torch.float32).reshape(1, -1)
+        scale = target.square().sum().clamp_min(1e-12)
+        z = base.sample_latents(self.mapping_starts, g).to(dev, torch.float32).requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=0.05)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.mapping_steps, eta_min=5e-4)
+        with torch.enable_grad():
+            for _ in range(self.mapping_steps):
+                opt.zero_grad(set_to_none=True)
+                err = (self._map(z) - target).square().sum(1) / scale
+                err.sum().backward()
+                opt.step()
+                sched.step()
+        z = self._levenberg_marquardt(z.detach(), target, scale)
+        with torch.no_grad():
+            err = (self._map(z) - target).square().sum(1) / scale
+        return z[int(torch.argmin(err))].float()
+
+    def _levenberg_marquardt(self, z: Tensor, target: Tensor, scale: Tensor) -> Tensor:
+        """Up to :data:`MAPPING_LM_STEPS` damped Gauss-Newton steps on every row of ``z`` at once
+        for ``mapping(z) = target``; a row's step is taken only where it lowers its error."""
+        rows, w_dim = z.shape[0], target.shape[1]
+        lam = torch.full((rows,), 1e-3, device=z.device)
+        eye = torch.eye(w_dim, device=z.device)
+        with torch.no_grad():
+            err = (self._map(z) - target).square().sum(1)
+        for _ in range(MAPPING_LM_STEPS):
+            if float(err.max() / scale) < 1e-12:
+                break
+            zz = z.detach().requires_grad_(True)
+            with torch.enable_grad():
+                w = self._map(zz)
+                jac = torch.stack([torch.autograd.grad(w[:, j].sum(), zz, retain_graph=j < w_dim - 1)[0]
+                                   for j in range(w_dim)], 1)  # [rows, w_dim, D]
+            r = (w.detach() - target)  # [rows, w_dim]
+            jjt = jac @ jac.transpose(1, 2)  # [rows, w_dim, w_dim]
+            damp = lam[:, None, None] * (jjt.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye + 1e-12 * eye)
+            step = -(jac.transpose(1, 2) @ torch.linalg.solve(jjt + damp, r[:, :, None])).squeeze(2)
+            with torch.no_grad():
+                new_err = (self._map(z + step) - target).square().sum(1)
+            better = torch.isfinite(new_err) & (new_err < err)
+            z = torch.where(better[:, None], z + step, z)
+            err = torch.where(better, new_err, err)
+            lam = torch.where(better, (lam / 3).clamp_min(1e-9), lam * 4)
+        return z
+
+
+def mapping_start(generator: GeneratorAdapter, **kwargs) -> MappingStart:
+    """A :class:`MappingStart` for an adapter whose module has ``mapping_net(z) -> w`` and
+    ``synthesis(w) -> images`` and a ``w_dim`` (the zoo's StyleGAN-style generators);
+    ``kwargs`` go to :class:`MappingStart`."""
+    module = getattr(generator, "module", None)
+    if module is None or not all(callable(getattr(module, a, None)) for a in ("mapping_net", "synthesis")) \
+            or not isinstance(getattr(module, "w_dim", None), int):
+        raise TypeError(f"{getattr(generator, 'name', generator)!r} has no module with mapping_net, synthesis and "
+                        "w_dim: build MappingStart(generator, mapping=..., synthesis=..., w_dim=...) yourself")
+    return MappingStart(generator, module.mapping_net, module.synthesis, module.w_dim, [module], **kwargs)

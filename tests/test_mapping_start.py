@@ -1,0 +1,156 @@
+"""Starts through a mapping network (ronan_fast.mapping_start) for StyleGAN-style generators.
+
+The start is checked against the generator it was made for (fingerprint, and synthesis(mapping(z))
+against the generator's own output), is the same for an image alone or in a batch, lands the
+model's own images far closer than prior draws, and a profile fitted with it records it and
+rebuilds it from the generator alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from ronan_fast.adapters import LatentGenerator
+from ronan_fast.inversion import InversionSettings, invert
+from ronan_fast.mapping_start import MappingStart, mapping_start
+from ronan_fast.models.stylegan import StyleGenerator
+from ronan_fast.warmstart import EncoderError, EncoderMismatchError, WarmStarted
+
+FAST_W = InversionSettings(steps=60, lr=0.1, restarts=4, halving_every=20, polish_steps=0, polish_escalate=0,
+                           settle_patience=0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _style(seed: int = 0) -> LatentGenerator:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = StyleGenerator(nz=16, w_dim=8, n_mlp=2, base=16, min_ch=8, channels=1, size=16)
+    return LatentGenerator(module, (16,), output_range=(-1, 1), name=f"style{seed}")
+
+
+def _own(g, n: int, seed: int = 7) -> torch.Tensor:
+    return (g.generate(n, torch.Generator().manual_seed(seed)).images * 255).round() / 255
+
+
+def _mse(g, z, x):
+    with torch.no_grad():
+        return (g.decode(z) - x).square().flatten(1).mean(1)
+
+
+def test_the_guess_lands_own_images_far_closer_than_prior_draws():
+    g = _style()
+    ms = mapping_start(g, w_settings=FAST_W, mapping_steps=100)
+    x = _own(g, 4)
+    guess = _mse(g, ms.guess(x), x)
+    drawn = _mse(g, g.sample_latents(4, torch.Generator().manual_seed(0)), x)
+    assert torch.isfinite(guess).all()
+    assert float(guess.median()) < 0.2 * float(drawn.median())
+
+
+def test_each_image_gets_the_same_guess_alone_or_in_a_batch():
+    g = _style()
+    ms = mapping_start(g, w_settings=FAST_W, mapping_steps=50)
+    x = _own(g, 3)
+    together = ms.guess(x)
+    assert torch.equal(ms.guess(x[2:3])[0], together[2])
+    assert torch.equal(ms.guess(x.flip(0))[0], together[2])
+    r = invert(WarmStarted(g, ms), x, settings=FAST_W.replace(restarts=2), seed=0)
+    alone = invert(WarmStarted(g, ms), x[1:2], settings=FAST_W.replace(restarts=2), seed=0)
+    assert torch.equal(r.loss[1:2], alone.loss)
+
+
+def test_it_is_refused_for_another_generator_or_functions_that_are_not_the_generators():
+    g, other = _style(0), _style(1)
+    ms = mapping_start(g)
+    ms.check(g)
+    with pytest.raises(EncoderMismatchError, match="fingerprint"):
+        WarmStarted(other, ms)
+    wrong = MappingStart(g, g.module.mapping_net, lambda w: other.module.synthesis(w), 8, [g.module])
+    with pytest.raises(EncoderMismatchError, match="synthesis\\(mapping\\(z\\)\\) differs"):
+        wrong.check(g)
+    with pytest.raises(EncoderError, match=r"images must be \[B, 1, 16, 16\]"):
+        ms.guess(torch.zeros(2, 3, 16, 16))
+
+
+def test_bad_arguments_are_named():
+    g = _style()
+    m = g.module
+    with pytest.raises(ValueError, match="w_dim must be a positive int"):
+        MappingStart(g, m.mapping_net, m.synthesis, 0)
+    with pytest.raises(ValueError, match="mapping_steps must be a positive int"):
+        MappingStart(g, m.mapping_net, m.synthesis, 8, mapping_steps=-1)
+    with pytest.raises(TypeError, match="mapping and synthesis must be callables"):
+        MappingStart(g, m.mapping_net, "synthesis", 8)
+    with pytest.raises(TypeError, match="w_settings must be InversionSettings"):
+        MappingStart(g, m.mapping_net, m.synthesis, 8, w_settings={"steps": 3})
+    plain = LatentGenerator(torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Unflatten(1, (1, 8, 8))), 4)
+    with pytest.raises(TypeError, match="no module with mapping_net"):
+        mapping_start(plain)
+
+
+def test_a_profile_records_it_and_rebuilds_it_from_the_generator(tmp_path):
+    from ronan_fast import Attributor
+    from ronan_fast.profile import ProfileError, ProfileMismatchError
+
+    g = _style()
+    ms = mapping_start(g, w_settings=FAST_W, mapping_steps=50)
+    att = Attributor(g, None, warm_start=ms, steps=30, restarts=2, polish_steps=0)
+    assert att.settings.screen == 8  # a guided first start brings the family's warm-start default
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a small profile
+        prof = att.fit(n=5, seed=1)
+    assert prof.warm_start["sha256"] == ms.digest() and prof.warm_start["recipe"]["kind"] == "mapping"
+    path = prof.save(tmp_path / "p.json")
+    again = Attributor.from_profile(path, g, None)  # rebuilt from the recipe; no file beside the profile
+    assert isinstance(again.warm_start, MappingStart) and again.warm_start.digest() == ms.digest()
+    x = _own(g, 2, seed=9)
+    assert torch.equal(again.attribute(x).loss, att.attribute(x).loss)
+    with pytest.raises(ProfileMismatchError, match="no encoder was given"):
+        Attributor.from_profile(prof, g, None, warm_start=None)
+    with pytest.raises(ProfileMismatchError, match="the encoder differs"):
+        Attributor.from_profile(prof, g, None, warm_start=mapping_start(g, mapping_steps=7))
+    plain = LatentGenerator(torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.Unflatten(1, (1, 16, 16)),
+                                                torch.nn.Tanh()), 16)
+    with pytest.raises((ProfileError, ProfileMismatchError), match="mapping network|fingerprint"):
+        Attributor.from_profile(path, plain, None)
+
+
+def test_cli_profile_warm_start_mapping_and_inspect_rebuild_it(tmp_path, monkeypatch, capsys):
+    """profile --warm-start mapping records the start in the profile (no file beside it);
+    inspect rebuilds it from the model; a model without a mapping network is refused by name."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from ronan_fast.cli import main
+    from ronan_fast.imageio import save_image
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    monkeypatch.chdir(tmp_path)
+    model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+    args = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0",
+            "--warm-start", "mapping", "-q", "-o", "p.json"]
+    assert main(args) == 0
+    ws = json.loads((tmp_path / "p.json").read_text())["warm_start"]
+    assert ws["recipe"]["kind"] == "mapping" and len(ws["sha256"]) == 64
+    assert not (tmp_path / "p.encoder.safetensors").exists()
+    sys.modules.pop("tiny_models", None)
+    import tiny_models
+
+    g = LatentGenerator(tiny_models.style_generator(), 16)
+    save_image(_own(g, 1)[0], tmp_path / "own.png")
+    capsys.readouterr()
+    assert main(["inspect", "own.png", "--profile", "p.json", *model[:4], "-q", "-o", "r.jsonl"]) == 0
+    assert main(["profile", "--model", "tiny_models:generator", "--latent-shape", "3", "--reference", "none",
+                 "-n", "4", "--warm-start", "mapping", "-q", "-o", "q.json"]) == 2
+    assert "--warm-start mapping" in capsys.readouterr().err
