@@ -1,6 +1,23 @@
-"""Shared test setup: say in the report header which ronan_fast and which kernels are under test."""
+"""Shared test setup: say in the report header which ronan_fast and which kernels are under test;
+run a module's tests on one torch thread where it sets ``ONE_THREAD = True``."""
 
 from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(request):
+    """One torch thread while a module with ``ONE_THREAD = True`` runs (before its own fixtures)."""
+    if not getattr(request.module, "ONE_THREAD", False):
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_report_header(config) -> list[str]:

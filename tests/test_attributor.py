@@ -16,13 +16,9 @@ FAST = dict(steps=200, restarts=2)
 N_PROFILE = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches: one thread is as fast, and much faster on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one torch thread for this module's tests (tests/conftest.py): tiny batches run as fast on one
+#: thread, and much faster on shared cores
+ONE_THREAD = True
 
 
 def adapter(factory, name):

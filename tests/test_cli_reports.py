@@ -23,12 +23,9 @@ REF = ["--reference", "tiny_models:reference"]
 FAST = ["--steps", "100", "--restarts", "2", "-q"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one torch thread for this module's tests (tests/conftest.py): tiny batches run as fast on one
+#: thread, and much faster on shared cores
+ONE_THREAD = True
 
 
 @pytest.fixture(autouse=True)

@@ -34,12 +34,9 @@ TINY = ["--model", "tiny_models:generator", "--latent-shape", "3", "--reference"
 TIMEOUT_S = 240
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one torch thread for this module's tests (tests/conftest.py): tiny batches run as fast on one
+#: thread, and much faster on shared cores
+ONE_THREAD = True
 
 
 def torchrun(workers: int, argv, cwd: Path, max_restarts: int = 0, wait: bool = True):

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from ronan_fast import Attributor, LatentGenerator
 from ronan_fast import _atomic
@@ -36,12 +35,9 @@ FAST = dict(steps=60, restarts=2)
 KILLS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one torch thread for this module's tests (tests/conftest.py): tiny batches run as fast on one
+#: thread, and much faster on shared cores
+ONE_THREAD = True
 
 
 @pytest.fixture(scope="module")

@@ -48,12 +48,9 @@ SHAPES = [(1, 8, 8), (3, 12, 10)]
 HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one torch thread for this module's tests (tests/conftest.py): tiny batches run as fast on one
+#: thread, and much faster on shared cores
+ONE_THREAD = True
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,8 @@ FAST_W = InversionSettings(steps=60, lr=0.1, restarts=4, halving_every=20, polis
                            settle_patience=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: one torch thread for this module's tests (tests/conftest.py)
+ONE_THREAD = True
 
 
 def _style(seed: int = 0) -> LatentGenerator:
