@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "GeneratorAdapter",
+    "DelegatingAdapter",
     "GeneratedBatch",
     "LatentGenerator",
     "ConditionalGenerator",
@@ -551,3 +552,68 @@ class ConditionalGenerator(GeneratorAdapter):
         # Unknown class: every image gets `restarts` rows for each candidate class.
         classes = torch.arange(self.num_classes, device=self.device).repeat_interleave(restarts)
         return classes.repeat(batch), restarts * self.num_classes
+
+
+class DelegatingAdapter(GeneratorAdapter):
+    """An adapter that is ``generator`` (:attr:`base`) in everything it does not override: the
+    base for wrappers that change one aspect of a model's use (how its calls are blocked, where
+    its inversions start) and keep its function, fingerprint and prior."""
+
+    def __init__(self, generator: GeneratorAdapter):
+        if not isinstance(generator, GeneratorAdapter):
+            raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
+        self.base = generator
+
+    def __getattr__(self, name: str):
+        if name == "base":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    # attributes the base class defines: the wrapped adapter's
+    latent_dim = property(lambda self: self.base.latent_dim)
+    image_shape = property(lambda self: self.base.image_shape)
+    output_range = property(lambda self: self.base.output_range)
+    family = property(lambda self: self.base.family)
+    name = property(lambda self: self.base.name)
+    device = property(lambda self: self.base.device)
+    prior_radius = property(lambda self: self.base.prior_radius)
+
+    def decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
+        return self.base.decode_raw(latents, conditions)
+
+    def modules(self) -> list[nn.Module]:
+        return self.base.modules()
+
+    def config(self) -> dict:
+        return self.base.config()
+
+    def fingerprint(self) -> str:
+        return self.base.fingerprint()
+
+    def _unfolded_weights_hash(self) -> "hashlib._Hash":
+        return self.base._unfolded_weights_hash()
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.base.sample_latents(n, generator)
+
+    def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
+        return self.base.sample_conditions(n, generator)
+
+    def stage_chain(self) -> nn.Module | None:
+        return self.base.stage_chain()
+
+    def row_conditions(self, conditions: Tensor | None, batch: int, restarts: int) -> tuple[Tensor | None, int]:
+        return self.base.row_conditions(conditions, batch, restarts)
+
+    def to_unit(self, raw: Tensor) -> Tensor:
+        return self.base.to_unit(raw)
+
+    def from_unit(self, images: Tensor) -> Tensor:
+        return self.base.from_unit(images)
+
+    def check_output(self, out: Tensor, rows: int, check_finite: bool = True) -> None:
+        self.base.check_output(out, rows, check_finite)
+
+    def to(self, device: torch.device | str) -> "DelegatingAdapter":
+        self.base.to(device)
+        return self

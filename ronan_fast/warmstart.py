@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.adapters import DelegatingAdapter, GeneratorAdapter
 
 __all__ = ["LatentEncoder", "WarmStartEncoder", "WarmStarted", "EncoderError", "EncoderMismatchError",
            "train_encoder", "load_encoder", "encoder_path", "FORMAT"]
@@ -284,74 +284,26 @@ def train_encoder(
     return WarmStartEncoder(module, generator.fingerprint(), recipe, cost)
 
 
-class WarmStarted(GeneratorAdapter):
+class WarmStarted(DelegatingAdapter):
     """``generator`` whose inversion starts each image's first row (of each class searched) at
     ``encoder``'s guess for it; everything else is the wrapped adapter's (:attr:`base`).
 
     The other rows are exactly the random starts the image gets without the encoder (the
     image's own stream, :func:`ronan_fast.inversion.starts.row_latents`). The fingerprint is the
     generator's: the encoder changes where a search begins, not the function searched.
-    Raises :class:`EncoderMismatchError` for an encoder trained for another generator.
+    ``encoder`` is a :class:`WarmStartEncoder` or anything with its ``guess``, ``check`` and
+    ``to`` (a :class:`~ronan_fast.mapping_start.MappingStart`). Raises
+    :class:`EncoderMismatchError` for an encoder made for another generator.
     """
 
     #: the first row of each block of starts is a guess, not a draw (screening keeps it)
     guided_starts = True
 
     def __init__(self, generator: GeneratorAdapter, encoder: WarmStartEncoder):
-        if not isinstance(generator, GeneratorAdapter):
-            raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
+        super().__init__(generator)
         encoder.check(generator)
-        self.base, self.encoder = generator, encoder
+        self.encoder = encoder
         encoder.to(generator.device)
-
-    def __getattr__(self, name: str):
-        if name in ("base", "encoder"):
-            raise AttributeError(name)
-        return getattr(self.base, name)
-
-    latent_dim = property(lambda self: self.base.latent_dim)
-    image_shape = property(lambda self: self.base.image_shape)
-    output_range = property(lambda self: self.base.output_range)
-    family = property(lambda self: self.base.family)
-    name = property(lambda self: self.base.name)
-    device = property(lambda self: self.base.device)
-    prior_radius = property(lambda self: self.base.prior_radius)
-
-    def decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
-        return self.base.decode_raw(latents, conditions)
-
-    def modules(self):
-        return self.base.modules()
-
-    def config(self) -> dict:
-        return self.base.config()
-
-    def fingerprint(self) -> str:
-        return self.base.fingerprint()
-
-    def _unfolded_weights_hash(self):
-        return self.base._unfolded_weights_hash()
-
-    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return self.base.sample_latents(n, generator)
-
-    def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
-        return self.base.sample_conditions(n, generator)
-
-    def stage_chain(self):
-        return self.base.stage_chain()
-
-    def row_conditions(self, conditions, batch, restarts):
-        return self.base.row_conditions(conditions, batch, restarts)
-
-    def to_unit(self, raw: Tensor) -> Tensor:
-        return self.base.to_unit(raw)
-
-    def from_unit(self, images: Tensor) -> Tensor:
-        return self.base.from_unit(images)
-
-    def check_output(self, out: Tensor, rows: int, check_finite: bool = True) -> None:
-        self.base.check_output(out, rows, check_finite)
 
     def to(self, device):
         self.base.to(device)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.adapters import DelegatingAdapter, GeneratorAdapter
 
 __all__ = ["CPU_CALL_ROWS_SMALL", "CPU_CALL_SAVED_BYTES", "DEFAULT_CALL_ROWS", "FixedShapeCalls", "call_rows_for", "check_call_rows", "in_blocks", "padded"]
 
@@ -86,7 +86,7 @@ def padded(t: Tensor, rows: int) -> Tensor:
     return torch.cat([t, t[:1].expand(rows - k, *t.shape[1:])])
 
 
-class FixedShapeCalls(GeneratorAdapter):
+class FixedShapeCalls(DelegatingAdapter):
     """``generator`` with every :meth:`decode_raw` call run in blocks of ``rows`` rows.
 
     Everything else is the wrapped adapter's (:attr:`base`). ``step_decode``, if given, computes
@@ -96,20 +96,9 @@ class FixedShapeCalls(GeneratorAdapter):
     """
 
     def __init__(self, generator: GeneratorAdapter, rows: int, step_decode: Callable | None = None):
-        self.base, self.rows = generator, rows
+        super().__init__(generator)
+        self.rows = rows
         self._step_decode = generator.decode_raw if step_decode is None else step_decode
-
-    def __getattr__(self, name: str):
-        return getattr(self.base, name)
-
-    # attributes the base class defines: the wrapped adapter's
-    latent_dim = property(lambda self: self.base.latent_dim)
-    image_shape = property(lambda self: self.base.image_shape)
-    output_range = property(lambda self: self.base.output_range)
-    family = property(lambda self: self.base.family)
-    name = property(lambda self: self.base.name)
-    device = property(lambda self: self.base.device)
-    prior_radius = property(lambda self: self.base.prior_radius)
 
     def decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
         return in_blocks(self.base.decode_raw, self.rows, latents, conditions)
@@ -117,37 +106,3 @@ class FixedShapeCalls(GeneratorAdapter):
     def step_decode_raw(self, latents: Tensor, conditions: Tensor | None = None) -> Tensor:
         """The Adam phase's forward: :meth:`decode_raw` through ``step_decode``."""
         return in_blocks(self._step_decode, self.rows, latents, conditions)
-
-    def modules(self):
-        return self.base.modules()
-
-    def config(self) -> dict:
-        return self.base.config()
-
-    def fingerprint(self) -> str:
-        return self.base.fingerprint()
-
-    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return self.base.sample_latents(n, generator)
-
-    def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
-        return self.base.sample_conditions(n, generator)
-
-    def stage_chain(self):
-        return self.base.stage_chain()
-
-    def row_conditions(self, conditions, batch, restarts):
-        return self.base.row_conditions(conditions, batch, restarts)
-
-    def to_unit(self, raw: Tensor) -> Tensor:
-        return self.base.to_unit(raw)
-
-    def from_unit(self, images: Tensor) -> Tensor:
-        return self.base.from_unit(images)
-
-    def check_output(self, out: Tensor, rows: int, check_finite: bool = True) -> None:
-        self.base.check_output(out, rows, check_finite)
-
-    def to(self, device):
-        self.base.to(device)
-        return self
