@@ -103,20 +103,24 @@ def display_path(path: str | bytes | os.PathLike) -> str:
         text = os.fsdecode(text)
     if text.isprintable():
         return text
-    out = []
-    for ch in text:
-        c = ord(ch)
-        if 0xDC80 <= c <= 0xDCFF:  # a byte that is not UTF-8, as surrogateescape decodes it
-            out.append(f"\\x{c - 0xDC00:02x}")
-        elif ch.isprintable():
-            out.append(ch)
-        elif c < 0x100:
-            out.append(f"\\x{c:02x}")
-        elif c < 0x10000:
-            out.append(f"\\u{c:04x}")
-        else:
-            out.append(f"\\U{c:08x}")
-    return "".join(out)
+    return _escaped(text, str.isprintable)
+
+
+def _escape(ch: str) -> str:
+    """One character as an escape: ``\\xNN`` for a byte of a file name that is not UTF-8 (a lone
+    surrogate as ``surrogateescape`` decodes it) or a character under U+0100, else ``\\uXXXX`` /
+    ``\\UXXXXXXXX``."""
+    c = ord(ch)
+    if 0xDC80 <= c <= 0xDCFF:
+        return f"\\x{c - 0xDC00:02x}"
+    if c < 0x100:
+        return f"\\x{c:02x}"
+    return f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}"
+
+
+def _escaped(text: str, keep) -> str:
+    """``text`` with every character ``keep`` refuses written as :func:`_escape` writes it."""
+    return "".join(ch if keep(ch) else _escape(ch) for ch in text)
 
 
 def _as_path(item) -> Path:
@@ -828,20 +832,7 @@ def _drawable(text: str) -> str:
     """``text`` with what the Latin-1 bitmap font cannot draw written as escapes: ``\\xNN`` for a
     control character or a byte of a file name that is not UTF-8 (a lone surrogate as
     ``surrogateescape`` decodes it), ``\\uXXXX`` / ``\\UXXXXXXXX`` for other characters."""
-    out = []
-    for ch in text:
-        c = ord(ch)
-        if 0x20 <= c <= 0x7E or 0xA0 <= c <= 0xFF:
-            out.append(ch)
-        elif 0xDC80 <= c <= 0xDCFF:
-            out.append(f"\\x{c - 0xDC00:02x}")
-        elif c < 0x100:
-            out.append(f"\\x{c:02x}")
-        elif c < 0x10000:
-            out.append(f"\\u{c:04x}")
-        else:
-            out.append(f"\\U{c:08x}")
-    return "".join(out)
+    return _escaped(text, lambda ch: 0x20 <= ord(ch) <= 0x7E or 0xA0 <= ord(ch) <= 0xFF)
 
 
 def _fit_text(text: str, font, width: int) -> str:
