@@ -28,7 +28,9 @@ class-searching conditional generator) at a learned encoder's guess
 (:mod:`ronan_fast.warmstart`); the encoder is trained on the model's own samples once per
 generator (or read from ``--encoders DIR`` when one for this generator and training recipe is
 there), and its training cost is reported apart. For a latent-diffusion decoder the model's own
-encoder is the warm start (``LatentDiffusionDecoder(init="encoder")``).
+encoder is the warm start (``LatentDiffusionDecoder(init="encoder")``). Candidates with
+``"warm": "mapping"`` start a StyleGAN-style generator's images through its mapping network
+(:mod:`ronan_fast.mapping_start`; nothing trained, its cost inside the time to the verdict).
 
 Usage::
 
