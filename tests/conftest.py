@@ -9,7 +9,7 @@ import pytest
 @pytest.fixture(scope="module", autouse=True)
 def one_thread(request):
     """One torch thread while a module with ``ONE_THREAD = True`` runs (before its own fixtures)."""
-    if not getattr(request.module, "ONE_THREAD", False):
+    if getattr(request.module, "ONE_THREAD", False) is not True:
         yield
         return
     import torch

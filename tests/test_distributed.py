@@ -28,7 +28,7 @@ sys.path.insert(0, str(TESTS))
 
 import tiny_models  # noqa: E402
 
-ONE_THREAD = ["--threads", "1", "--call-rows", "8", "-q"]
+CLI_ONE_THREAD = ["--threads", "1", "--call-rows", "8", "-q"]
 DEFAULT_FAST = ["--settings", "authors", "--steps", "100"]
 TINY = ["--model", "tiny_models:generator", "--latent-shape", "3", "--reference", "tiny_models:reference"]
 TIMEOUT_S = 240
@@ -86,7 +86,7 @@ def default_job(tmp_path_factory):
     for p in default_sample_paths()[:5]:
         shutil.copy(p, images / p.name)
     (images / "broken.png").write_text("not an image")
-    code = cli.main(["profile", "--model", "default", *DEFAULT_FAST, "-n", "6", "--part", "2", *ONE_THREAD,
+    code = cli.main(["profile", "--model", "default", *DEFAULT_FAST, "-n", "6", "--part", "2", *CLI_ONE_THREAD,
                      "-o", str(root / "profile.json")])
     assert code == 0
     return root
@@ -94,7 +94,7 @@ def default_job(tmp_path_factory):
 
 def test_sharded_inspect_gives_the_single_process_report(default_job, tmp_path, capsys):
     args = ["inspect", "--profile", default_job / "profile.json", "--model", "default", default_job / "images",
-            "missing.png", "--batch", "2", *ONE_THREAD]
+            "missing.png", "--batch", "2", *CLI_ONE_THREAD]
     code, out, _ = one_process([*args, "-o", tmp_path / "one.json", "--html", tmp_path / "one.html",
                                 "--grid", tmp_path / "one.png", "--grid-max", "4", "--html-max", "7"], capsys)
     assert code == 1  # the broken file and the missing path
@@ -120,7 +120,7 @@ def test_sharded_inspect_gives_the_single_process_report(default_job, tmp_path, 
 
 
 def test_sharded_profile_is_the_single_process_profile(default_job, tmp_path, capsys):
-    args = ["profile", "--model", "default", *DEFAULT_FAST, "-n", "7", "--part", "2", "--seed", "3", *ONE_THREAD]
+    args = ["profile", "--model", "default", *DEFAULT_FAST, "-n", "7", "--part", "2", "--seed", "3", *CLI_ONE_THREAD]
     code, _, _ = one_process([*args, "-o", tmp_path / "one.json"], capsys)
     assert code == 0
     p = torchrun(2, [*args, "-o", "two.json"], cwd=tmp_path)
@@ -149,15 +149,15 @@ def tiny_job(tmp_path_factory):
         save_image(own[i], images / f"own{i:02d}.png")
         save_image(torch.rand(*tiny_models.SHAPE, generator=torch.Generator().manual_seed(i)),
                    images / f"noise{i:02d}.png")
-    assert cli.main(["profile", *TINY, "--steps", "100", "--restarts", "2", "-n", "10", *ONE_THREAD,
+    assert cli.main(["profile", *TINY, "--steps", "100", "--restarts", "2", "-n", "10", *CLI_ONE_THREAD,
                      "-o", str(root / "profile.json")]) == 0
     assert cli.main(["inspect", "--profile", str(root / "profile.json"), *TINY, str(images), "--batch", "1",
-                     *ONE_THREAD, "-o", str(root / "one.json")]) == 0
+                     *CLI_ONE_THREAD, "-o", str(root / "one.json")]) == 0
     return root
 
 
 def _inspect_tiny(job: Path) -> list:
-    return ["inspect", "--profile", job / "profile.json", *TINY, job / "images", "--batch", "1", *ONE_THREAD]
+    return ["inspect", "--profile", job / "profile.json", *TINY, job / "images", "--batch", "1", *CLI_ONE_THREAD]
 
 
 def _records_in(paths) -> list[dict]:
@@ -217,7 +217,7 @@ def test_torchrun_restarts_resume_from_the_logs(tiny_job, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:a belonging profile of")
 def test_a_single_process_resumes_a_sharded_profile_from_its_parts(tmp_path, capsys):
-    args = ["profile", *TINY, "--steps", "60", "--restarts", "2", "-n", "9", "--part", "2", *ONE_THREAD]
+    args = ["profile", *TINY, "--steps", "60", "--restarts", "2", "-n", "9", "--part", "2", *CLI_ONE_THREAD]
     assert one_process([*args, "-o", tmp_path / "whole.json"], capsys)[0] == 0
     # parts as a job spread over workers leaves them (here written by a job of one), one of them marked
     from ronan_fast import Attributor, LatentGenerator
