@@ -25,7 +25,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +33,12 @@ from torch import Tensor
 
 from ronan_fast._atomic import write_text
 from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.attribution_result import AttributionResult
 from ronan_fast.edits import apply_edit, check_edit, check_edit_metric
 from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule, profile_outliers
+from ronan_fast.profile_loading import _profile_reference, load_profile_encoder
 from ronan_fast.progress import ImageProgress, ProgressFn
 
 __all__ = ["Attributor", "AttributionResult", "CheckpointError", "ProgressFn", "load_profile_encoder"]
@@ -97,108 +98,6 @@ def retry_profile_outliers(
 
 
 # ---------------------------------------------------------------------------- result
-
-
-def _json_float(x: float) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-@dataclass
-class AttributionResult:
-    """Per-image outcome of :meth:`Attributor.attribute` (one entry per image that could be processed).
-
-    Attributes:
-        loss: ``[B]`` float64, the reconstruction loss ``A`` under the model. With early stop an
-            image whose loss fell clearly under the verdict threshold stopped there
-            (``stopped_early``), and its loss is the loss at stopping, not the lowest reachable.
-        reference_loss: ``[B]`` float64 ``A_r`` under the reference model (None uncalibrated).
-        calibrated_loss: ``[B]`` ``A' = A / A_r`` (``= A`` uncalibrated).
-        statistic: ``[B]`` the Grubbs statistic ``(A' - mu) / sigma`` (on ``log A'`` for "grubbs-log");
-            for an image that stopped early, the statistic at stopping, a little under ``critical_value``.
-        critical_value: ``G_crit`` for the profile's ``n`` and ``alpha`` (the same for every image).
-        p_value: ``[B]`` one-sided p-value of the statistic under "the image belongs" (at stopping
-            for an image that stopped early: a little over ``alpha``, a lower bound).
-        belongs: ``[B]`` bool, ``statistic < critical_value``: the verdict (the same name as the
-            records' ``belongs`` and :meth:`BelongingProfile.belongs`).
-        threshold: the calibrated loss at the edge of belonging.
-        reconstruction / reference_reconstruction: ``[B, C, H, W]`` the best reconstructions.
-        images: ``[B, C, H, W]`` the inputs at the model's shape.
-        paths: the image files when attributing files, else None.
-        notes: per image, what loading and shape conversion did ("" when nothing).
-        errors: ``(path, message)`` of each file that could not be read.
-    """
-
-    loss: Tensor
-    reference_loss: Tensor | None
-    calibrated_loss: Tensor
-    statistic: Tensor
-    critical_value: float
-    p_value: Tensor
-    belongs: Tensor
-    threshold: float
-    alpha: float
-    rule: str
-    stopped_early: Tensor
-    row_steps: Tensor
-    images: Tensor
-    reconstruction: Tensor
-    reference_reconstruction: Tensor | None = None
-    paths: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
-    errors: list[tuple[str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.loss.shape[0])
-
-    @property
-    def verdicts(self) -> list[str]:
-        return ["belongs" if b else "does not belong" for b in self.belongs.tolist()]
-
-    def to_records(self, include_errors: bool = True, profile_id: str | None = None) -> list[dict]:
-        """One JSON-safe dict per image (non-finite numbers become None), then one per unreadable
-        file: the report records of docs/reports.md, tagged with ``profile_id``."""
-        records = []
-        ref = None if self.reference_loss is None else self.reference_loss.tolist()
-        for i in range(len(self)):
-            records.append({
-                "path": None if self.paths is None else self.paths[i],
-                "verdict": "belongs" if bool(self.belongs[i]) else "does not belong",
-                "belongs": bool(self.belongs[i]),
-                "loss": _json_float(self.loss[i]),
-                "reference_loss": None if ref is None else _json_float(ref[i]),
-                "calibrated_loss": _json_float(self.calibrated_loss[i]),
-                "statistic": _json_float(self.statistic[i]),
-                "critical_value": _json_float(self.critical_value),
-                "p_value": _json_float(self.p_value[i]),
-                "threshold": _json_float(self.threshold),
-                "alpha": self.alpha,
-                "rule": self.rule,
-                "stopped_early": bool(self.stopped_early[i]),
-                "row_steps": int(self.row_steps[i]),
-                "notes": self.notes[i] if i < len(self.notes) else "",
-                "error": None,
-                "profile_id": profile_id,
-            })
-        if include_errors:
-            for path, message in self.errors:
-                records.append({"path": path, "verdict": "error", "belongs": None, "error": message,
-                                "profile_id": profile_id})
-        return records
-
-    def summary(self) -> str:
-        """One line: how many images belong, the test used, and how many files failed."""
-        n = len(self)
-        yes = int(self.belongs.sum()) if n else 0
-        text = (f"{n} image{'s' if n != 1 else ''}: {yes} belong{'s' if yes == 1 else ''} to the model, "
-                f"{n - yes} {'does' if n - yes == 1 else 'do'} not "
-                f"(one-sided Grubbs test, rule {self.rule}, alpha={self.alpha}, G_crit={self.critical_value:.4f})")
-        if self.errors:
-            text += f"; {len(self.errors)} file{'s' if len(self.errors) != 1 else ''} could not be read"
-        return text
-
-
-# ---------------------------------------------------------------------------- attributor
 
 
 class Attributor:
@@ -854,73 +753,8 @@ class Attributor:
         )
 
 
-def _profile_reference(profile: BelongingProfile):
-    """What ``reference="auto"`` means for ``profile``: None if uncalibrated, else the reference
-    model it records (the bundled one, a zoo model), or the bundled one for a profile that
-    records none (made before profiles recorded it)."""
-    if not profile.calibrated:
-        return None
-    spec = (profile.reference_source or {}).get("spec", "default")
-    if spec == "default":
-        return "default"
-    from ronan_fast.zoo import ZOO, zoo_adapter
-
-    if spec in ZOO:
-        adapter = zoo_adapter(spec)
-        adapter.source = {"spec": spec}
-        return adapter
-    raise ProfileError(f"the profile was calibrated with reference model {spec!r} ({profile.reference_name}), which "
-                       "cannot be built here from its name: pass it as reference=")
-
-
 #: a model's output may overshoot its declared range by this fraction of the range (rounding)
 _RANGE_SLACK = 1e-3
-
-
-def load_profile_encoder(profile: BelongingProfile, path, generator: GeneratorAdapter):
-    """The encoder a warm-started profile read from ``path`` was fitted with (None for a profile
-    without one): the file beside it (``PROFILE.encoder.safetensors``), checked against the
-    model and the profile's digest; :class:`~ronan_fast.profile.ProfileError` when it is missing
-    or another."""
-    if profile.warm_start is None:
-        return None
-    if (profile.warm_start.get("recipe") or {}).get("kind") == "mapping":
-        return _rebuild_mapping_start(profile, generator)
-    from ronan_fast.warmstart import EncoderError, encoder_path, load_encoder
-
-    if path is None:
-        raise ProfileError("the profile was fitted with a learned warm start: give the profile as a path (its "
-                           "encoder file sits beside it) or pass warm_start=ronan_fast.warmstart.load_encoder(...)")
-    where = encoder_path(path)
-    try:
-        enc = load_encoder(where, generator)
-    except EncoderError as e:
-        raise ProfileError(f"the profile was fitted with the learned warm start {where}: {e}") from None
-    if enc.digest() != profile.warm_start["sha256"]:
-        raise ProfileError(f"{where} is not the encoder the profile was fitted with (sha256 "
-                           f"{enc.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]})")
-    return enc
-
-
-def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapter):
-    """The :class:`~ronan_fast.mapping_start.MappingStart` a profile was fitted with, rebuilt from
-    its recorded recipe for ``generator`` (a module with ``mapping_net`` and ``synthesis``) and
-    checked against the profile's digest."""
-    from ronan_fast.inversion.settings import InversionSettings
-    from ronan_fast.mapping_start import mapping_start
-
-    r = profile.warm_start["recipe"]
-    try:
-        ms = mapping_start(generator, w_settings=InversionSettings.from_dict(r["w_settings"]),
-                           mapping_steps=r["mapping_steps"], mapping_starts=r["mapping_starts"], seed=r["seed"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise ProfileError(f"the profile was fitted with starts through a mapping network, which cannot be rebuilt "
-                           f"for {generator.name}: {e}; pass warm_start=ronan_fast.mapping_start.MappingStart(...)"
-                           ) from None
-    if ms.digest() != profile.warm_start["sha256"]:
-        raise ProfileError(f"the mapping start rebuilt for {generator.name} is not the one the profile was fitted "
-                           f"with (sha256 {ms.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]})")
-    return ms
 
 
 def _check_output_range(generator: GeneratorAdapter, batch, name: str) -> None:

@@ -1,0 +1,74 @@
+"""What a belonging profile names beside itself, rebuilt for :meth:`Attributor.from_profile
+<ronan_fast.attributor.Attributor.from_profile>`: its reference model and its warm start."""
+
+from __future__ import annotations
+
+from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.profile import BelongingProfile, ProfileError
+
+__all__ = ["load_profile_encoder"]
+
+
+def _profile_reference(profile: BelongingProfile):
+    """What ``reference="auto"`` means for ``profile``: None if uncalibrated, else the reference
+    model it records (the bundled one, a zoo model), or the bundled one for a profile that
+    records none (made before profiles recorded it)."""
+    if not profile.calibrated:
+        return None
+    spec = (profile.reference_source or {}).get("spec", "default")
+    if spec == "default":
+        return "default"
+    from ronan_fast.zoo import ZOO, zoo_adapter
+
+    if spec in ZOO:
+        adapter = zoo_adapter(spec)
+        adapter.source = {"spec": spec}
+        return adapter
+    raise ProfileError(f"the profile was calibrated with reference model {spec!r} ({profile.reference_name}), which "
+                       "cannot be built here from its name: pass it as reference=")
+
+
+def load_profile_encoder(profile: BelongingProfile, path, generator: GeneratorAdapter):
+    """The encoder a warm-started profile read from ``path`` was fitted with (None for a profile
+    without one): the file beside it (``PROFILE.encoder.safetensors``), checked against the
+    model and the profile's digest; :class:`~ronan_fast.profile.ProfileError` when it is missing
+    or another."""
+    if profile.warm_start is None:
+        return None
+    if (profile.warm_start.get("recipe") or {}).get("kind") == "mapping":
+        return _rebuild_mapping_start(profile, generator)
+    from ronan_fast.warmstart import EncoderError, encoder_path, load_encoder
+
+    if path is None:
+        raise ProfileError("the profile was fitted with a learned warm start: give the profile as a path (its "
+                           "encoder file sits beside it) or pass warm_start=ronan_fast.warmstart.load_encoder(...)")
+    where = encoder_path(path)
+    try:
+        enc = load_encoder(where, generator)
+    except EncoderError as e:
+        raise ProfileError(f"the profile was fitted with the learned warm start {where}: {e}") from None
+    if enc.digest() != profile.warm_start["sha256"]:
+        raise ProfileError(f"{where} is not the encoder the profile was fitted with (sha256 "
+                           f"{enc.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]})")
+    return enc
+
+
+def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapter):
+    """The :class:`~ronan_fast.mapping_start.MappingStart` a profile was fitted with, rebuilt from
+    its recorded recipe for ``generator`` (a module with ``mapping_net`` and ``synthesis``) and
+    checked against the profile's digest."""
+    from ronan_fast.inversion.settings import InversionSettings
+    from ronan_fast.mapping_start import mapping_start
+
+    r = profile.warm_start["recipe"]
+    try:
+        ms = mapping_start(generator, w_settings=InversionSettings.from_dict(r["w_settings"]),
+                           mapping_steps=r["mapping_steps"], mapping_starts=r["mapping_starts"], seed=r["seed"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise ProfileError(f"the profile was fitted with starts through a mapping network, which cannot be rebuilt "
+                           f"for {generator.name}: {e}; pass warm_start=ronan_fast.mapping_start.MappingStart(...)"
+                           ) from None
+    if ms.digest() != profile.warm_start["sha256"]:
+        raise ProfileError(f"the mapping start rebuilt for {generator.name} is not the one the profile was fitted "
+                           f"with (sha256 {ms.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]})")
+    return ms
