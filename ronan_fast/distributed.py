@@ -170,13 +170,44 @@ def _attempt_store(world: int, timeout):
     return dist.PrefixStore(f"ronan_fast/attempt-{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", base)
 
 
+#: at most this long a worker leaving the job waits for the others to leave too (seconds)
+LEAVE_TIMEOUT_S = 30.0
+
+
 def shutdown() -> None:
-    """Leave the job: destroy the default process group if there is one."""
+    """Leave the job: wait (through the store, at most :data:`LEAVE_TIMEOUT_S`) until every
+    worker has got here, then destroy the default process group if there is one.
+
+    A worker that tore down its gloo connections while a peer was still finishing the last
+    collective with it could abort the peer (``terminate called without an active exception``),
+    and torchrun would then fail a finished job; leaving together leaves no collective in flight."""
     if _dist_ready():
         import torch.distributed as dist
 
+        _leave_together(LEAVE_TIMEOUT_S)
         dist.destroy_process_group()
         _OBJECT_GROUPS.clear()
+
+
+def _leave_together(timeout_s: float) -> None:
+    """Count this worker out in the store and wait until every worker has, or ``timeout_s``
+    passed; best effort (a store gone with its host ends the wait)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    world = dist.get_world_size()
+    if world < 2:
+        return
+    key = (f"ronan_fast/{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}/"
+           f"restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/leaving")
+    try:
+        store = distributed_c10d._get_default_store()
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+    except Exception:  # the store's host (rank 0 without torchrun's agent store) may be gone
+        pass
 
 
 # ---------------------------------------------------------------------------- one call's channel
