@@ -162,7 +162,7 @@ class MappingStart:
                 f"{generator.name} ({fp[:16]}...)")
         z = generator.sample_latents(2, torch.Generator().manual_seed(0)).to(generator.device)
         direct = generator.decode(z)
-        staged = self._w.decode(self._w.mapping(z.view(2, *generator.latent_shape)).reshape(2, -1))
+        staged = self._w.decode(self._map(z))
         err = float((direct - staged).abs().max())
         if not err <= 1e-4:
             raise EncoderMismatchError(
@@ -207,14 +207,13 @@ class MappingStart:
                 err.sum().backward()
                 opt.step()
                 sched.step()
-        z = self._levenberg_marquardt(z.detach(), target, scale)
-        with torch.no_grad():
-            err = (self._map(z) - target).square().sum(1) / scale
+        z, err = self._levenberg_marquardt(z.detach(), target, scale)
         return z[int(torch.argmin(err))].float()
 
-    def _levenberg_marquardt(self, z: Tensor, target: Tensor, scale: Tensor) -> Tensor:
+    def _levenberg_marquardt(self, z: Tensor, target: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         """Up to :data:`MAPPING_LM_STEPS` damped Gauss-Newton steps on every row of ``z`` at once
-        for ``mapping(z) = target``; a row's step is taken only where it lowers its error."""
+        for ``mapping(z) = target``; a row's step is taken only where it lowers its error. Returns
+        ``z`` and each row's squared error."""
         rows, w_dim = z.shape[0], target.shape[1]
         lam = torch.full((rows,), 1e-3, device=z.device)
         eye = torch.eye(w_dim, device=z.device)
@@ -238,7 +237,7 @@ class MappingStart:
             z = torch.where(better[:, None], z + step, z)
             err = torch.where(better, new_err, err)
             lam = torch.where(better, (lam / 3).clamp_min(1e-9), lam * 4)
-        return z
+        return z, err
 
 
 def mapping_start(generator: GeneratorAdapter, **kwargs) -> MappingStart:

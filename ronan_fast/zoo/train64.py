@@ -547,17 +547,21 @@ def benchmark_recipes(Recipe) -> dict[str, Any]:
         "and seed", run_gan64,
         steps=3750, seed=80, out=zoo("dcgan64n-opencv-long"), grid=grid("dcgan64n-opencv-long"), params=twin,
     ))
+    def style_params(data, nz: int, w_dim: int) -> dict:
+        """The StyleGAN-style models' recipe (both trained the same way): their data and widths apart."""
+        return {"data": data, "dcgan_init": False,
+                "generator": (StyleGenerator, dict(nz=nz, w_dim=w_dim, n_mlp=4, base=64, min_ch=8, channels=3,
+                                                   size=64, lr_mul=0.01)),
+                "discriminator": (StyleDiscriminator, dict(base=64, min_ch=8, channels=3, size=64)),
+                "train": dict(loss="ns", batch=16, lr_g=2e-3, lr_d=2e-3, betas=(0.0, 0.99), r1_gamma=0.1,
+                              r1_every=4, ema_half_life=5000, ema_rampup=0.05)}
+
     add(Recipe(
         "stylegan64-photos", "StyleGAN2-style generator (z 512 -> 4-layer mapping -> w 256, modulated and "
         "demodulated 3x3 convs, constant 4x4 input, no noise, skip toRGB; widths 64-8) on 20,000 colour 64x64 "
         "photo patches; non-saturating loss + lazy R1, EMA of G", run_gan64,
         steps=1500, seed=90, out=zoo("stylegan64-photos"), grid=grid("stylegan64-photos"),
-        params={"data": data_photos64, "dcgan_init": False,
-                "generator": (StyleGenerator, dict(nz=512, w_dim=256, n_mlp=4, base=64, min_ch=8, channels=3,
-                                                   size=64, lr_mul=0.01)),
-                "discriminator": (StyleDiscriminator, dict(base=64, min_ch=8, channels=3, size=64)),
-                "train": dict(loss="ns", batch=16, lr_g=2e-3, lr_d=2e-3, betas=(0.0, 0.99), r1_gamma=0.1,
-                              r1_every=4, ema_half_life=5000, ema_rampup=0.05)},
+        params=style_params(data_photos64, nz=512, w_dim=256),
     ))
     add(Recipe(
         "stylegan64-opencv", "StyleGAN2-style generator (z 256 -> 4-layer mapping -> w 128, modulated and "
@@ -565,12 +569,7 @@ def benchmark_recipes(Recipe) -> dict[str, Any]:
         "patches of OpenCV's sample photos; non-saturating loss + lazy R1, EMA of G (the tuning half's "
         "StyleGAN: other data, widths and seed than stylegan64-photos)", run_gan64,
         steps=1500, seed=95, out=zoo("stylegan64-opencv"), grid=grid("stylegan64-opencv"),
-        params={"data": data_opencv64, "dcgan_init": False,
-                "generator": (StyleGenerator, dict(nz=256, w_dim=128, n_mlp=4, base=64, min_ch=8, channels=3,
-                                                   size=64, lr_mul=0.01)),
-                "discriminator": (StyleDiscriminator, dict(base=64, min_ch=8, channels=3, size=64)),
-                "train": dict(loss="ns", batch=16, lr_g=2e-3, lr_d=2e-3, betas=(0.0, 0.99), r1_gamma=0.1,
-                              r1_every=4, ema_half_life=5000, ema_rampup=0.05)},
+        params=style_params(data_opencv64, nz=256, w_dim=128),
     ))
     add(Recipe(
         "upgan64-fmnist", "upsample + conv DCGAN (nz=32, ngf=16) on Fashion-MNIST train upscaled to 64x64, "
