@@ -41,7 +41,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import platform
@@ -189,11 +188,13 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
                                                              "train_s": 0.0, "samples": 0}
     if warm != "encoder":
         raise ValueError(f"unknown warm start {warm!r}")
-    if type(adapter).__name__ == "LatentDiffusionDecoder":  # its own encoder, as LatentTracer starts
-        own = copy.copy(adapter)
-        own.init = "encoder"
-        return own, {"encoder": "the autoencoder's own (posterior mean)", "train_s": 0.0, "samples": 0}
     from ronan_fast import warmstart
+
+    if callable(getattr(adapter, "encoder_latents", None)):  # its own encoder, as LatentTracer starts
+        from ronan_fast.autoencoder_start import autoencoder_start
+
+        return warmstart.WarmStarted(adapter, autoencoder_start(adapter)), {
+            "encoder": "the autoencoder's own (posterior mean)", "train_s": 0.0, "samples": 0}
 
     key = (name, json.dumps(ENCODER_RECIPE, sort_keys=True))
     if key not in encoders:

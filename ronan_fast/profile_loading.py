@@ -35,8 +35,11 @@ def load_profile_encoder(profile: BelongingProfile, path, generator: GeneratorAd
     or another."""
     if profile.warm_start is None:
         return None
-    if (profile.warm_start.get("recipe") or {}).get("kind") == "mapping":
+    kind = (profile.warm_start.get("recipe") or {}).get("kind")
+    if kind == "mapping":
         return _rebuild_mapping_start(profile, generator)
+    if kind == "autoencoder":
+        return _rebuild_autoencoder_start(profile, generator)
     from ronan_fast.warmstart import EncoderError, encoder_path, load_encoder
 
     if path is None:
@@ -51,6 +54,22 @@ def load_profile_encoder(profile: BelongingProfile, path, generator: GeneratorAd
         raise ProfileError(f"{where} is not the encoder the profile was fitted with (sha256 "
                            f"{enc.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]})")
     return enc
+
+
+def _rebuild_autoencoder_start(profile: BelongingProfile, generator: GeneratorAdapter):
+    """The :class:`~ronan_fast.autoencoder_start.AutoencoderStart` a profile was fitted with,
+    rebuilt for ``generator`` (a latent-diffusion decoder) and checked against the profile's digest."""
+    from ronan_fast.autoencoder_start import autoencoder_start
+
+    try:
+        start = autoencoder_start(generator)
+    except TypeError as e:
+        raise ProfileError(f"the profile was fitted with starts from an autoencoder's own encoder: {e}") from None
+    if start.digest() != profile.warm_start["sha256"]:
+        raise ProfileError(f"the autoencoder start rebuilt for {generator.name} is not the one the profile was fitted "
+                           f"with (sha256 {start.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]}): "
+                           "another autoencoder")
+    return start
 
 
 def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapter):

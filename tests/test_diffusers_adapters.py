@@ -176,6 +176,85 @@ def test_encoder_start_reconstructs_better_than_random(kl_folder):
 
 
 @needs_diffusers
+def test_the_autoencoder_start_is_the_encoder_start_wherever_a_warm_start_goes(kl_folder):
+    """AutoencoderStart puts the encoder's latent in each image's first start: the same starts,
+    bit for bit, as init="encoder"; it refuses another autoencoder and a model without an encoder."""
+    from ronan_fast.adapters import LatentGenerator
+    from ronan_fast.autoencoder_start import AutoencoderStart, autoencoder_start
+    from ronan_fast.warmstart import EncoderError, EncoderMismatchError, WarmStarted
+
+    plain = LatentDiffusionDecoder.from_pretrained(kl_folder)
+    start = autoencoder_start(plain)
+    images = plain.generate(3, torch.Generator().manual_seed(2)).images
+    torch.testing.assert_close(start.guess(images), plain.encoder_latents(images), rtol=1e-5, atol=1e-6)
+    # one image's guess is the same alone or in a batch, to the bit
+    assert torch.equal(start.guess(images[1:2])[0], start.guess(images)[1])
+    warm = WarmStarted(plain, start)
+    own = LatentDiffusionDecoder.from_pretrained(kl_folder, init="encoder")
+    assert warm.guided_starts and warm.fingerprint() == plain.fingerprint()
+    for k in range(3):  # as the inversion asks for them: one image at a time, from its own stream
+        g1, g2 = torch.Generator().manual_seed(5 + k), torch.Generator().manual_seed(5 + k)
+        assert torch.equal(warm.initial_latents(images[k:k + 1], 4, g1), own.initial_latents(images[k:k + 1], 4, g2))
+    assert start.describe()["recipe"] == {"kind": "autoencoder"} and len(start.digest()) == 64
+    other = LatentDiffusionDecoder(_kl(scaling_factor=0.7))
+    assert autoencoder_start(other).digest() != start.digest()
+    with pytest.raises(EncoderMismatchError, match="made for the model with fingerprint"):
+        WarmStarted(other, start)
+    with pytest.raises(EncoderError, match=r"images must be \[B, 3, 16, 16\]"):
+        start.guess(torch.rand(2, 1, 16, 16))
+    with pytest.raises(TypeError, match="no encoder of its own"):
+        AutoencoderStart(LatentGenerator(torch.nn.Sequential(torch.nn.Linear(4, 12), torch.nn.Tanh(),
+                                                             torch.nn.Unflatten(1, (3, 2, 2))), 4))
+
+
+@needs_diffusers
+def test_a_profile_with_the_autoencoder_start_is_rebuilt_from_the_model(tmp_path, capsys):
+    """On the zoo's AutoencoderKL (a diffusers folder; its decoder overshoots [-1, 1] on some
+    pixels, which clip_aware settings accept): the profile records the start; from_profile and
+    inspect rebuild it from the model alone; profile --warm-start on the folder uses its own
+    encoder (nothing trained)."""
+    import json
+    import warnings
+
+    from ronan_fast import Attributor, cli
+    from ronan_fast.autoencoder_start import AutoencoderStart, autoencoder_start
+    from ronan_fast.imageio import save_image
+    from ronan_fast.profile import ProfileError
+    from ronan_fast.zoo import ZOO
+
+    kl_folder = ZOO["aekl64-photos"].path
+    model = LatentDiffusionDecoder.from_pretrained(kl_folder)
+    att = Attributor(model, None, warm_start=autoencoder_start(model), steps=20, polish_steps=0)
+    assert att.settings.restarts == 4 and att.settings.screen == 8  # the vae family's warm-start default
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a small profile
+        prof = att.fit(n=4, seed=1)
+    assert prof.warm_start["recipe"] == {"kind": "autoencoder"}
+    path = prof.save(tmp_path / "p.json")
+    again = Attributor.from_profile(path, model, None)
+    assert isinstance(again.warm_start, AutoencoderStart)
+    x = model.generate(2, torch.Generator().manual_seed(9)).images
+    assert torch.equal(again.attribute(x).loss, att.attribute(x).loss)
+    with pytest.raises(ProfileError, match="another autoencoder|fingerprint"):
+        Attributor.from_profile(path, LatentDiffusionDecoder(_kl(sample_size=64)), None)
+    # the command line: a bare --warm-start on a latent-diffusion decoder takes its own encoder
+    out = tmp_path / "cli.json"
+    argv = ["profile", "--model", f"diffusers:{kl_folder}", "--reference", "none", "-n", "4", "--steps", "10",
+            "--retries", "0", "--warm-start", "-q", "-o", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["warm_start"]["recipe"] == {"kind": "autoencoder"}
+    assert not (tmp_path / "cli.encoder.safetensors").exists()
+    save_image(x[0], tmp_path / "x.png")
+    capsys.readouterr()
+    assert cli.main(["inspect", "--profile", str(out), "--model", f"diffusers:{kl_folder}", str(tmp_path / "x.png"),
+                     "-q"]) == 0, capsys.readouterr().err
+    # asked of a model without an encoder of its own: refused by name
+    assert cli.main(["profile", "--model", "default", "--reference", "none", "-n", "4", "--warm-start",
+                     "autoencoder", "-q", "-o", str(tmp_path / "b.json")]) == 2
+    assert "--warm-start autoencoder" in capsys.readouterr().err
+
+
+@needs_diffusers
 def test_vq_decoder_matches_diffusers(tmp_path):
     vq = _vq()
     vq.save_pretrained(tmp_path / "vq")

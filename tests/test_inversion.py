@@ -383,7 +383,7 @@ def test_polish_through_invert_stops_under_stop_below(gen, method):
 def test_polish_gets_stop_below_in_raw_units(monkeypatch):
     seen = {}
 
-    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None):
+    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None, clip=None):
         seen.update(stop_raw=leaving.stop_raw, patience=leaving.patience, min_drop=leaving.min_drop)
         return PolishResult(inputs, torch.zeros(inputs.shape[0]))
 
@@ -442,9 +442,9 @@ def test_escalation_polishes_more_starts_only_where_the_verdict_is_in_doubt(gen,
     groups = []
     real = DenseLM.__call__
 
-    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None):
+    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None, clip=None):
         groups.append(leaving.group.tolist())
-        return real(self, generator, inputs, cond, target_raw, steps, leaving, report)
+        return real(self, generator, inputs, cond, target_raw, steps, leaving, report, clip)
 
     monkeypatch.setattr(DenseLM, "__call__", spy)
     one = invert(gen, images, settings=s, seed=0, stop_below=stop)
@@ -513,7 +513,7 @@ def test_settle_rule_shortens_the_polish_of_images_far_above_their_threshold_onl
     steps_run = []
     real = DenseLM.__call__
 
-    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None):
+    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None, clip=None):
         calls = []
         out = real(self, generator, inputs, cond, target_raw, steps, leaving, lambda k, mse: calls.append(k))
         steps_run.append(len(calls))
@@ -552,9 +552,9 @@ def test_an_autocast_adam_phase_settles_verdicts_in_float32(gen, monkeypatch, pr
     groups = []
     real = DenseLM.__call__
 
-    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None):
+    def spy(self, generator, inputs, cond, target_raw, steps, leaving, report=None, clip=None):
         groups.append(sorted(set(leaving.group.tolist())))
-        return real(self, generator, inputs, cond, target_raw, steps, leaving, report)
+        return real(self, generator, inputs, cond, target_raw, steps, leaving, report, clip)
 
     monkeypatch.setattr(DenseLM, "__call__", spy)
     res = invert(gen, images, settings=s, seed=0, stop_below=stop)

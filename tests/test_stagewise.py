@@ -5,6 +5,7 @@ import torch
 
 from ronan_fast.adapters import LatentGenerator
 from ronan_fast.inversion import FAMILY_DEFAULTS, PRESETS, InversionSettings, invert
+from ronan_fast.inversion.clipped import ClippedPixels
 from ronan_fast.inversion.stagewise import FinalStep, StepMap, solve_step
 from ronan_fast.models.diffusion import DDIMSampler, TinyUNet, alphas_cumprod
 
@@ -95,11 +96,14 @@ def test_stagewise_inversion_reconstructs_own_images_through_the_whole_sampler()
     assert 0.05 < float(gen.images.mean()) < 0.95 and float(((gen.images <= 0) | (gen.images >= 1)).float().mean()) < 0.2
     r = invert(ad, gen.images, settings=PRESETS["stagewise"].replace(polish_steps=10), seed=0)
     assert r.inputs.shape == (2, 64) and r.reconstruction.shape == gen.images.shape
-    # the reported loss is the whole sampler's, from the recovered initial noise
+    # the reported loss is the whole sampler's, from the recovered initial noise (one-sided at
+    # the images' pixels at 0 and 1, clip_aware), and the reconstruction its output clamped
     with torch.no_grad():
         again = ad.decode(r.inputs)
-    torch.testing.assert_close(r.loss, (again - gen.images).flatten(1).square().mean(1), rtol=1e-4, atol=1e-12)
-    torch.testing.assert_close(r.reconstruction, again)
+    clipped = ClippedPixels.of(gen.images)
+    torch.testing.assert_close(r.loss, (clipped.output(again, gen.images) - gen.images).flatten(1).square().mean(1),
+                               rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(r.reconstruction, again.clamp(0, 1))
     assert bool((r.extra["chain_residual"] < 1e-10).all()), r.extra["chain_residual"]
     # the earlier steps are solved exactly: the whole chain loses nothing against its last step
     torch.testing.assert_close(r.loss, r.extra["last_step_loss"], rtol=1e-2, atol=1e-11)

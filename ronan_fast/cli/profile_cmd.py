@@ -60,16 +60,19 @@ def add_parser(sub, fmt) -> None:
                         "0: none, as in the paper (default: 2)")
     p.add_argument("--edit", metavar="EDIT",
                    help=f"edit the profile images before inverting them, for images known to reach you so edited: {EDIT_HELP}")
-    p.add_argument("--warm-start", nargs="?", const="encoder", choices=("encoder", "mapping"), default=None,
-                   metavar="{encoder,mapping}",
-                   help="start each image's inversion at a guess (the other starts stay random). encoder (the "
-                        "default of a bare --warm-start): a learned encoder's guess; the encoder is trained on the "
-                        "model's own samples and saved beside the profile as PROFILE.encoder.safetensors (reused "
-                        "when one for this model and recipe is already there). mapping: for a StyleGAN-style model "
-                        "(a module with mapping_net and synthesis), the image inverted over w, then the mapping "
-                        "solved for z; nothing trained. inspect then uses the same start. Without --settings, GANs, "
-                        "VAEs and conditional models are then inverted with their lean warm-start default "
-                        "(4 screened starts, 300 steps); docs/inversion.md#learned-warm-starts")
+    p.add_argument("--warm-start", nargs="?", const="auto", choices=("auto", "encoder", "mapping", "autoencoder"),
+                   default=None, metavar="{encoder,mapping,autoencoder}",
+                   help="start each image's inversion at a guess (the other starts stay random). encoder: a "
+                        "learned encoder's guess; the encoder is trained on the model's own samples and saved "
+                        "beside the profile as PROFILE.encoder.safetensors (reused when one for this model and "
+                        "recipe is already there). mapping: for a StyleGAN-style model (a module with mapping_net "
+                        "and synthesis), the image inverted over w, then the mapping solved for z; nothing trained. "
+                        "autoencoder: for a latent-diffusion decoder (a diffusers autoencoder folder), its "
+                        "autoencoder's own encoder; nothing trained. A bare --warm-start is autoencoder for a "
+                        "latent-diffusion decoder and encoder for any other model. inspect then uses the same "
+                        "start. Without --settings, GANs, VAEs (latent-diffusion decoders too) and conditional "
+                        "models are then inverted with their lean warm-start default (4 screened starts, 300 "
+                        "steps); docs/inversion.md#learned-warm-starts")
     p.add_argument("--encoder-samples", type=positive_int, default=8192, metavar="N",
                    help="with --warm-start encoder: the model's samples the encoder learns from (default: 8192)")
     p.add_argument("--encoder-steps", type=positive_int, default=1000, metavar="N",
@@ -99,9 +102,19 @@ def run(args) -> int:
             raise UsageError(str(e)) from None
     model, reference = models(args)
     encoder = None
-    if args.warm_start == "encoder":
+    kind = args.warm_start
+    if kind == "auto":
+        kind = "autoencoder" if callable(getattr(model, "encoder_latents", None)) else "encoder"
+    if kind == "encoder":
         encoder = _warm_start(model, args, out, device)
-    elif args.warm_start == "mapping":
+    elif kind == "autoencoder":
+        from ronan_fast.autoencoder_start import autoencoder_start
+
+        try:
+            encoder = autoencoder_start(model.to(device) if device is not None else model)
+        except TypeError as e:
+            raise UsageError(f"--warm-start autoencoder: {e}") from None
+    elif kind == "mapping":
         from ronan_fast.mapping_start import mapping_start
 
         try:

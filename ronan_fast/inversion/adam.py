@@ -136,8 +136,9 @@ class AdamPhase:
                         f"{generator.name}'s output does not depend on its input (no gradient): nothing to invert")
             if loss_fn.fused:
                 with torch.no_grad():
-                    loss_raw, gpred = ops.recon_loss_grad(raw, problem.target, batch.index, batch.weight,
-                                                          loss_fn.name, impl=problem.impl)
+                    # matched clipped pixels (clip_aware) compare equal: their loss and gradient are 0
+                    loss_raw, gpred = ops.recon_loss_grad(problem.raw_for_loss(raw, batch.index), problem.target,
+                                                          batch.index, batch.weight, loss_fn.name, impl=problem.impl)
                 loss, objective = loss_raw * problem.scale, (raw, gpred)
             else:
                 per_row = in_blocks(loss_fn.module, generator.rows, generator.to_unit(raw.float()),

@@ -186,16 +186,18 @@ class _Polisher:
         problem, s = self.problem, self.problem.settings
         name = problem.loss.name
         stop_raw = None if problem.stop_below is None else problem.stop_below[img[idx]] / problem.scale  # raw MSE
+        clip = None if problem.clipped is None else problem.clipped[img[idx]]
         if self.gmres is not None and inputs.shape[1] == problem.target[0].numel() and name == "mse":
             leaving = Leaving(idx.numel(), s.polish_patience, s.polish_min_drop, stop_raw, img[idx], done_groups)
             res = self.gmres(problem.generator, inputs[idx], None if cond is None else cond[idx],
-                             self.target_raw[img[idx]], s.polish_steps, leaving)
+                             self.target_raw[img[idx]], s.polish_steps, leaving, clip=clip)
             open_ = unsettled(res, leaving)
             inputs[idx] = res.inputs
             idx = idx[open_]
             stop_raw = None if stop_raw is None else stop_raw[open_]
+            clip = None if clip is None else clip[open_]
         if idx.numel() and self.last.accepts(name):
             leaving = Leaving(idx.numel(), s.polish_patience, s.polish_min_drop, stop_raw, img[idx], done_groups,
                               self.settle)
             inputs[idx] = self.last(problem.generator, inputs[idx], None if cond is None else cond[idx],
-                                    self.target_raw[img[idx]], s.polish_steps, leaving).inputs
+                                    self.target_raw[img[idx]], s.polish_steps, leaving, clip=clip).inputs

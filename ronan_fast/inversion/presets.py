@@ -13,7 +13,8 @@ from ronan_fast.inversion.settings import InversionSettings
 
 __all__ = ["PRESETS", "FAMILY_DEFAULTS", "FALLBACK_DEFAULT", "WARM_DEFAULTS", "resolve_settings"]
 
-#: Named settings. "authors" is the paper's code: one start, 1500 Adam steps at lr 0.1.
+#: Named settings. "authors" is the paper's code: one start, 1500 Adam steps at lr 0.1, the plain
+#: loss (``clip_aware=False``).
 #: "stagewise" inverts a multi-step sampler step by step (:mod:`ronan_fast.inversion.stagewise`; others
 #: get these settings end to end): its last step from two starts at the forward process
 #: (one Adam step), each polished by Gauss-Newton (GMRES, then CG) for up to 80 steps; the
@@ -24,7 +25,7 @@ __all__ = ["PRESETS", "FAMILY_DEFAULTS", "FALLBACK_DEFAULT", "WARM_DEFAULTS", "r
 PRESETS: dict[str, InversionSettings] = {
     "authors": InversionSettings(
         steps=1500, lr=0.1, restarts=1, schedule="constant", min_lr_frac=0.0, halving_every=0, min_rows=1,
-        patience=0, polish_steps=0, settle_patience=0, polish_escalate=0,
+        patience=0, polish_steps=0, settle_patience=0, polish_escalate=0, clip_aware=False,
     ),
 }
 #: Default settings per generator family (see the README for the benchmark behind them).

@@ -16,6 +16,7 @@ from torch import Tensor
 from ronan_fast import ops
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.inversion.calls import FixedShapeCalls, in_blocks
+from ronan_fast.inversion.clipped import ClippedPixels
 from ronan_fast.inversion.settings import InversionSettings
 from ronan_fast.metrics import ToneMSE
 
@@ -103,7 +104,9 @@ class Problem:
     the rows of a conditional generator, or None); ``target`` is what the generator's raw output
     is compared with (the images mapped to its output range for a fused loss, else the images);
     ``scale`` turns a fused loss on raw outputs into the loss on [0, 1] images; ``stop_below``
-    is each image's belonging threshold (on the [0, 1] loss) or None.
+    is each image's belonging threshold (on the [0, 1] loss) or None; ``clipped`` the images'
+    pixels at an end of the range, whose residual counts one-sided (``settings.clip_aware``,
+    fused losses; None where off or no pixel is at an end).
     """
 
     generator: FixedShapeCalls
@@ -117,6 +120,7 @@ class Problem:
     index: Tensor
     target: Tensor
     scale: float
+    clipped: ClippedPixels | None = None
 
     @classmethod
     def build(cls, generator: FixedShapeCalls, images: Tensor, conditions: Tensor | None, s: InversionSettings,
@@ -125,8 +129,9 @@ class Problem:
         row_cond, rpi = generator.row_conditions(conditions, b, s.restarts)
         index = torch.arange(b, device=images.device).repeat_interleave(rpi)
         target = generator.from_unit(images) if loss.fused else images
+        clipped = ClippedPixels.of(images) if s.clip_aware and loss.fused else None
         return cls(generator, images, s, loss, stop_below, impl, row_cond, rpi, index, target,
-                   loss.raw_scale(generator.output_range))
+                   loss.raw_scale(generator.output_range), clipped)
 
     @property
     def b(self) -> int:
@@ -149,4 +154,13 @@ class Problem:
         generator = self.generator
         with torch.no_grad():
             recon = generator.to_unit(generator.decode_raw(inputs, cond).float())
-            return recon, self.loss.on_unit(recon, self.images[img], generator.rows)
+            images = self.images[img]
+            scored = recon if self.clipped is None else self.clipped[img].output(recon, images)
+            return recon, self.loss.on_unit(scored, images, generator.rows)
+
+    def raw_for_loss(self, raw: Tensor, img: Tensor) -> Tensor:
+        """Raw outputs ``raw`` (row ``j`` of image ``img[j]``) as the fused loss compares them with
+        the target: unchanged, or with the pixels a clipped image pixel matches set to the target."""
+        if self.clipped is None:
+            return raw
+        return self.clipped[img].output(raw, self.target[img])

@@ -25,7 +25,7 @@ POLISH_METHODS = ("dense", "cg", "dense-rev")
 LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3,
                 "polish_gmres_iters": 0, "polish_candidates": 1, "stagewise": False, "polish_escalate": 0,
                 "escalate_within": 4.0, "settle_patience": 0, "settle_min_drop": 0.2, "settle_above": 4.0,
-                "screen": 0}
+                "screen": 0, "clip_aware": False}
 #: the settings that act only when a belonging threshold is given (``invert(stop_below=...)``)
 THRESHOLD_FIELDS = ("polish_escalate", "escalate_within", "settle_patience", "settle_min_drop", "settle_above")
 
@@ -123,6 +123,12 @@ class InversionSettings:
     #: loss reported is the whole sampler's from the recovered initial noise. Ignored for
     #: generators without a stage decomposition
     stagewise: bool = False
+    #: for "mse" and "mae": a pixel the image holds at exactly 0 or 1 (an image is saved
+    #: clipped) is matched by any output at or beyond that end, its residual counted on
+    #: the inner side only (:mod:`ronan_fast.inversion.clipped`). Changes nothing for generators
+    #: whose output stays in range (tanh GANs); a decoder that overshoots gets its own images'
+    #: inputs back at the 8-bit rounding's loss. False: the plain loss, as the paper's code
+    clip_aware: bool = True
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -166,8 +172,9 @@ class InversionSettings:
                 raise ValueError(f"{name} must be a finite number > 1, got {v!r}")
         if self.rel_tol < 0 or self.penalty < 0:
             raise ValueError("rel_tol and penalty must be >= 0")
-        if not isinstance(self.stagewise, bool):
-            raise ValueError(f"stagewise must be True or False, got {self.stagewise!r}")
+        for name in ("stagewise", "clip_aware"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.metric, str):
             raise ValueError("settings.metric must be a metric name; pass metric objects to invert(metric=...)")
 

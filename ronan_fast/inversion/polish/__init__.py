@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ronan_fast.inversion.clipped import ClippedPixels
 from ronan_fast.inversion.polish.base import PolishMethod, PolishResult, Report
 from ronan_fast.inversion.polish.cg import ConjugateGradientLM
 from ronan_fast.inversion.polish.dense import DenseLM
@@ -37,11 +38,12 @@ def last_polish(s: InversionSettings, tone: ToneMSE | None = None) -> PolishMeth
 def polish(method: PolishMethod, generator, inputs: Tensor, cond: Tensor | None, target_raw: Tensor, steps: int,
            *, metric: str = "mse", patience: int = 0, min_drop: float = 0.3, stop_raw: Tensor | None = None,
            group: Tensor | None = None, done_groups: Tensor | None = None, settle=None,
-           report: Report | None = None) -> Tensor:
+           report: Report | None = None, clip: ClippedPixels | None = None) -> Tensor:
     """Polish ``inputs`` with ``method`` under the leaving rules given (see
     :class:`~ronan_fast.inversion.polish.leaving.Leaving`); the inputs as they are when the
-    method does not solve ``metric``."""
+    method does not solve ``metric``; with ``clip`` (the rows' images' pixels at 0 or 1) the
+    residual counts one-sided there."""
     if not method.accepts(metric):
         return inputs
     leaving = Leaving(inputs.shape[0], patience, min_drop, stop_raw, group, done_groups, settle)
-    return method(generator, inputs, cond, target_raw, steps, leaving, report).inputs
+    return method(generator, inputs, cond, target_raw, steps, leaving, report, clip=clip).inputs

@@ -33,13 +33,14 @@ class ConjugateGradientLM:
     def accepts(self, metric: str) -> bool:
         return metric == "mse"
 
-    def __call__(self, generator, inputs, cond, target_raw, steps, leaving, report=None) -> PolishResult:
+    def __call__(self, generator, inputs, cond, target_raw, steps, leaving, report=None, clip=None) -> PolishResult:
         with forward_ad_attention():
-            return _cg_levenberg_marquardt(generator, inputs, cond, target_raw, steps, self.cg_iters, report, leaving)
+            return _cg_levenberg_marquardt(generator, inputs, cond, target_raw, steps, self.cg_iters, report, leaving,
+                                           clip)
 
 
-def _cg_levenberg_marquardt(generator, inputs, cond, target_raw, iters, cg_iters, report, leaving):
-    residual = raw_residual(generator, target_raw)
+def _cg_levenberg_marquardt(generator, inputs, cond, target_raw, iters, cg_iters, report, leaving, clip=None):
+    residual = raw_residual(generator, target_raw, clip)
     mode = None  # how Jacobian products are taken: decided at the first step (JacobianProducts)
 
     z = inputs.clone()

@@ -40,7 +40,7 @@ class DenseLM:
     def accepts(self, metric: str) -> bool:
         return metric == ("mse-tone" if self.tone is not None else "mse")
 
-    def __call__(self, generator, inputs, cond, target_raw, steps, leaving, report=None) -> PolishResult:
+    def __call__(self, generator, inputs, cond, target_raw, steps, leaving, report=None, clip=None) -> PolishResult:
         # one row at a time, under vmap: the chunks of rows are padded to one shape instead
         decode = generator.base.decode_raw if isinstance(generator, FixedShapeCalls) else generator.decode_raw
 
@@ -48,7 +48,7 @@ class DenseLM:
             c = None if crow is None else crow.unsqueeze(0)
             return decode(zrow.unsqueeze(0), c).flatten().float()
 
-        residual, jac_map = self._residual(generator, target_raw)
+        residual, jac_map = self._residual(generator, target_raw, clip)
         block = getattr(generator, "rows", None)
         if block is not None:  # per-row arithmetic in fixed-shape blocks, as the generator's calls
             residual = functools.partial(in_blocks, residual, block)
@@ -58,15 +58,32 @@ class DenseLM:
         with forward_ad_attention():
             return _levenberg_marquardt(inputs, cond, one, residual, steps, leaving, jac_map=jac_map, report=report)
 
-    def _residual(self, generator, target_raw):
+    def _residual(self, generator, target_raw, clip=None):
         """``residual(z, c, rows)`` and the map from the generator's Jacobian to the residual's
-        (None: the residual is the output minus the target, its Jacobian the generator's)."""
+        (None: the residual is the output minus the target, its Jacobian the generator's; with
+        ``clip``, the residual is one-sided at clipped pixels and the Jacobian's rows of the
+        pixels matched there are 0)."""
         tone = self.tone
         if tone is None:
-            def residual(z, c, rows):
-                return (generator.decode_raw(z, c).float() - target_raw[rows]).flatten(1)
+            def diff(z, c, rows):
+                return generator.decode_raw(z, c).float() - target_raw[rows]
 
-            return residual, None
+            if clip is None:
+                def residual(z, c, rows):
+                    return diff(z, c, rows).flatten(1)
+
+                return residual, None
+
+            def clipped_residual(z, c, rows):
+                return clip[rows].residual(diff(z, c, rows)).flatten(1)
+
+            def clipped_jacobian(jac, z, c, rows):
+                with torch.no_grad():
+                    matched = clip[rows].beyond(diff(z, c, rows)).flatten(1)
+                # untouched where nothing matches: the same products, bit for bit, as without clip
+                return jac.masked_fill(matched.unsqueeze(-1), 0) if bool(matched.any()) else jac
+
+            return clipped_residual, clipped_jacobian
         lo, hi = generator.output_range
         target_unit = generator.to_unit(target_raw)
 

@@ -43,9 +43,9 @@ class GMRESGaussNewton:
     def accepts(self, metric: str) -> bool:
         return metric == "mse"
 
-    def __call__(self, generator, inputs, cond, target_raw, steps, leaving, report=None) -> PolishResult:
+    def __call__(self, generator, inputs, cond, target_raw, steps, leaving, report=None, clip=None) -> PolishResult:
         with forward_ad_attention():
-            return _gmres_gauss_newton(generator, inputs, cond, target_raw, steps, self.krylov, report, leaving)
+            return _gmres_gauss_newton(generator, inputs, cond, target_raw, steps, self.krylov, report, leaving, clip)
 
 
 def unsettled(result: PolishResult, leaving: Leaving) -> Tensor:
@@ -80,8 +80,8 @@ def gmres(jv, r: Tensor, krylov: int) -> Tensor:
     return (torch.stack(basis[:krylov], 2) * y[:, None, :]).sum(2)
 
 
-def _gmres_gauss_newton(generator, inputs, cond, target_raw, iters, krylov, report, leaving):
-    residual = raw_residual(generator, target_raw)
+def _gmres_gauss_newton(generator, inputs, cond, target_raw, iters, krylov, report, leaving, clip=None):
+    residual = raw_residual(generator, target_raw, clip)
     mode = None  # how Jacobian products are taken: decided at the first step (JacobianProducts)
 
     z = inputs.clone()

@@ -115,13 +115,16 @@ class JacobianProducts:
             return (self.f(self.z + h * v) - self.f(self.z - h * v)) / (2 * h)
 
 
-def raw_residual(generator, target_raw):
-    """``residual(z, c, rows)``: the float32 raw-unit residual of rows ``rows``, flattened ``[n, C*H*W]``."""
+def raw_residual(generator, target_raw, clip=None):
+    """``residual(z, c, rows)``: the float32 raw-unit residual of rows ``rows``, flattened
+    ``[n, C*H*W]``; one-sided at the clipped pixels of ``clip`` (a ``ClippedPixels`` aligned
+    with ``target_raw``) when given."""
 
     def residual(z, c, rows):
         out = generator.decode_raw(z, c)
         if out.dtype in (torch.float16, torch.bfloat16):
             out = out.float()
-        return (out - target_raw[rows]).flatten(1)
+        diff = out - target_raw[rows]
+        return (diff if clip is None else clip[rows].residual(diff)).flatten(1)
 
     return residual
