@@ -14,6 +14,7 @@ is imported when an adapter is built, so this module imports without it.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -65,6 +66,15 @@ def _local_folder(folder: str | os.PathLike, subfolder: str | None = None) -> Pa
 def _autoencoder_subfolder(root: Path) -> str | None:
     """The sub-folder of a pipeline folder that holds its autoencoder (``vae`` or ``vqvae``), if any."""
     return next((s for s in ("vae", "vqvae") if (root / s / "config.json").is_file()), None)
+
+
+def _load_kwargs(load_kwargs: dict) -> dict:
+    """diffusers' ``from_pretrained`` arguments: local files only, and without ``accelerate``
+    installed the plain loading (which diffusers would fall back to after a warning on every load)."""
+    out = {**load_kwargs, "local_files_only": True}
+    if importlib.util.find_spec("accelerate") is None:
+        out.setdefault("low_cpu_mem_usage", False)
+    return out
 
 
 def _image_hw(size: int | Sequence[int], arg: str) -> tuple[int, int]:
@@ -184,8 +194,7 @@ class LatentDiffusionDecoder(GeneratorAdapter):
         loaders = {"AutoencoderKL": diffusers.AutoencoderKL, "VQModel": diffusers.VQModel}
         if class_name not in loaders:
             raise ValueError(f"{config_path} describes {class_name!r}; expected one of {sorted(loaders)}")
-        load_kwargs["local_files_only"] = True
-        vae = loaders[class_name].from_pretrained(root, subfolder=subfolder, **load_kwargs)
+        vae = loaders[class_name].from_pretrained(root, subfolder=subfolder, **_load_kwargs(load_kwargs))
         return cls(vae, image_size, init=init, quantize=quantize, name=name or f"{class_name}:{root.name}")
 
     # ---------------------------------------------------------------- the map
@@ -377,8 +386,7 @@ class OneStepSampler(GeneratorAdapter):
         root = _local_folder(folder)
         for sub in ("unet", "scheduler"):
             _local_folder(root, sub)
-        load_kwargs["local_files_only"] = True
-        unet = diffusers.UNet2DModel.from_pretrained(root, subfolder="unet", **load_kwargs)
+        unet = diffusers.UNet2DModel.from_pretrained(root, subfolder="unet", **_load_kwargs(load_kwargs))
         scheduler = diffusers.CMStochasticIterativeScheduler.from_pretrained(
             root, subfolder="scheduler", local_files_only=True
         )
