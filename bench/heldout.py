@@ -79,6 +79,10 @@ CANDIDATES: dict[str, dict] = {
     # 300 Adam steps halved every 50, then the family's polish
     "warm-lean": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
                   "halving_every": 50},
+    # ... with the generator's Adam steps in bfloat16 (autocast; a row stops under its threshold
+    # only once float32 confirms it, and the polish and scores stay float32)
+    "warm-lean-bf16": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
+                       "halving_every": 50, "precision": "bf16"},
     # ... with the GAN family's polish, for the families without one
     "warm-lean-p25": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
                       "halving_every": 50, "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
