@@ -175,13 +175,15 @@ def test_profile_set_overrides_any_setting(tmp_path, capsys):
     out = tmp_path / "s.json"
     code, _, _ = run(["profile", *MODEL, "--reference", "none", "-n", "4", "--steps", "30", "--restarts", "2", "-q",
                       "--set", "schedule=cosine", "--set", "min_lr_frac=0.05", "--set", "check_every=10",
-                      "-o", out], capsys)
+                      "--set", "clip_aware=False", "-o", out], capsys)
     assert code == 0
     s = BelongingProfile.load(out).settings
     assert (s["schedule"], s["min_lr_frac"], s["check_every"], s["steps"]) == ("cosine", 0.05, 10, 30)
+    assert s.get("clip_aware", False) is False  # a true/false field, read as one
     for pair, message in [("polish_candidates", "expected FIELD=VALUE"), ("warp=3", "'warp' is not an inversion setting"),
                           ("steps=5", "steps is given twice"), ("check_every=often", "takes a whole number"),
                           ("lr=fast", "takes a number"), ("metric=mae", "its own option, --metric"),
+                          ("clip_aware=maybe", "clip_aware takes true or false, got 'maybe'"),
                           ("polish_candidates=0", "polish_candidates must be")]:
         code, _, err = run(["profile", *MODEL, "--reference", "none", "-n", "4", "--steps", "30", "-q",
                             "--set", pair, "-o", tmp_path / "bad.json"], capsys)

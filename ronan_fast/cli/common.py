@@ -113,7 +113,12 @@ def add_inversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=probability, default=0.05, help="significance level (default: 0.05)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="set_fields",
                    help="override any other field of ronan_fast.InversionSettings, e.g. --set "
-                        "polish_candidates=1 or --set schedule=cosine; repeatable")
+                        "polish_candidates=1, --set schedule=cosine or --set clip_aware=false (a true/false "
+                        "field takes true/false, 1/0, yes/no or on/off); repeatable")
+
+
+#: the words ``--set`` reads as a true/false setting's value
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 def setting_overrides(pairs: Sequence[str], given: dict) -> dict:
@@ -137,6 +142,12 @@ def setting_overrides(pairs: Sequence[str], given: dict) -> dict:
         if name in given or name in out:
             raise UsageError(f"--set {pair!r}: {name} is given twice")
         kind = fields[name]
+        if kind is bool:
+            flag = _BOOLS.get(text.strip().lower())
+            if flag is None:
+                raise UsageError(f"--set {pair!r}: {name} takes true or false, got {text!r}")
+            out[name] = flag
+            continue
         try:
             out[name] = kind(text) if kind in (int, float) else text
         except ValueError:
