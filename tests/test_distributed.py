@@ -132,6 +132,36 @@ def test_sharded_profile_is_the_single_process_profile(default_job, tmp_path, ca
     assert p.stdout.count("saved two.json") == 1 and p.stderr.count("warning: a belonging profile of 7") == 1
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("diffusers") is None, reason="needs diffusers")
+def test_a_warm_started_latent_diffusion_job_spread_over_workers_is_the_single_process_one(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """The zoo's AutoencoderKL (a diffusers folder) with its own encoder as the warm start: the
+    profile and the verdicts of two workers are those of one process, bit for bit."""
+    from ronan_fast.imageio import save_image
+    from ronan_fast.zoo import ZOO, zoo_adapter
+
+    model = ["--model", f"diffusers:{ZOO['aekl64-photos'].path}", "--reference", "none"]
+    args = ["profile", *model, "-n", "4", "--part", "2", "--steps", "20", "--retries", "0", "--warm-start",
+            *CLI_ONE_THREAD]
+    code, _, err = one_process([*args, "-o", tmp_path / "one.json"], capsys)
+    assert code == 0, err
+    p = torchrun(2, [*args, "-o", "two.json"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["warm_start"]["recipe"] == {"kind": "autoencoder"}
+    assert _without_created(json.loads((tmp_path / "two.json").read_text())) == _without_created(one)
+    own = zoo_adapter("aekl64-photos").generate(2, torch.Generator().manual_seed(5)).images
+    for k in range(2):
+        save_image(own[k], tmp_path / f"own{k}.png")
+    inspect = ["inspect", "--profile", "one.json", *model, "own0.png", "own1.png", *CLI_ONE_THREAD]
+    monkeypatch.chdir(tmp_path)
+    code, _, err = one_process([*inspect, "-o", "one.jsonl"], capsys)
+    assert code == 0, err
+    p = torchrun(2, [*inspect, "-o", "two.jsonl"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert read_report(tmp_path / "two.jsonl")[1] == read_report(tmp_path / "one.jsonl")[1]
+
+
 # ---------------------------------------------------------------------------- faults and resume
 
 
