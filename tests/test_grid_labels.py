@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ronan_fast.imageio import _drawable, _fit_text, _label_font, save_grid
+from ronan_fast.imageio import save_grid
+from ronan_fast.imageio.writing import _drawable, _fit_text, _label_font
 
 PAD = 2
 TEXT_H = 11  # PIL's bitmap font: 6 x 11 pixels a character

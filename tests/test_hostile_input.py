@@ -34,6 +34,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ronan_fast import imageio as io
+from ronan_fast.imageio import files as io_files
+from ronan_fast.imageio import large as io_large
 from ronan_fast.cli import main as cli_main
 from ronan_fast.cli.common import UsageError
 from ronan_fast.cli.models import load_state_dict_file
@@ -179,8 +181,8 @@ def test_a_file_swapped_for_a_fifo_after_the_check_does_not_block(tmp_path, monk
     place between the check and the open cannot make the read wait forever."""
     fifo = tmp_path / "swap.png"
     os.mkfifo(fifo)
-    real_stat = io._stat_regular
-    monkeypatch.setattr(io, "_stat_regular", lambda p: real_stat(TESTS / "tiny_models.py"))  # "looked regular"
+    real_stat = io_files._stat_regular
+    monkeypatch.setattr(io_files, "_stat_regular", lambda p: real_stat(TESTS / "tiny_models.py"))  # "looked regular"
     with watchdog(30), pytest.raises(io.ImageLoadError, match="not a regular file: a FIFO"):
         io.load_image(fifo)
 
@@ -265,7 +267,7 @@ def test_large_files_are_read_at_the_models_shape_as_to_model_shape_reads_them(t
         img.save(tmp_path / name, **({"transparency": 3} if name == "pal_t.png" else {}))
     shapes = [(1, 28, 28), (3, 64, 64), (3, 40, 90), (1, 200, 150), (3, 119, 161)]
     for crop in (True, False):
-        monkeypatch.setattr(io, "PLAIN_PIXELS", 0)  # every file takes the large-image path
+        monkeypatch.setattr(io_large, "PLAIN_PIXELS", 0)  # every file takes the large-image path
         for name in files:
             got = io.load_at_shapes(tmp_path / name, shapes, crop=crop)
             x, note = io.load_image_with_note(tmp_path / name)
@@ -295,7 +297,7 @@ def test_reading_is_deterministic(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
-    monkeypatch.setattr(io, "PLAIN_PIXELS", 0)
+    monkeypatch.setattr(io_large, "PLAIN_PIXELS", 0)
     shapes = [(1, 28, 28), (3, 64, 64), (3, 250, 90)]
     for name in ("a.png", "a.jpg"):
         first = io.load_at_shapes(tmp_path / name, shapes).images
@@ -394,9 +396,9 @@ MAGICS = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"RIFF\x00\x00\x
 
 def image_outcome(path: Path, shapes=SHAPES, large_path: bool = False) -> str:
     """Read ``path``; it must end as images of the asked shapes or as an ImageLoadError."""
-    saved = io.PLAIN_PIXELS
+    saved = io_large.PLAIN_PIXELS
     if large_path:
-        io.PLAIN_PIXELS = 0
+        io_large.PLAIN_PIXELS = 0
     try:
         with watchdog(120):
             try:
@@ -407,7 +409,7 @@ def image_outcome(path: Path, shapes=SHAPES, large_path: bool = False) -> str:
                 outcome_event("image: ImageLoadError")
                 return "error"
     finally:
-        io.PLAIN_PIXELS = saved
+        io_large.PLAIN_PIXELS = saved
     assert len(got.images) == len(shapes) == len(got.fit_notes)
     for x, shape in zip(got.images, shapes):
         assert tuple(x.shape) == shape and x.dtype == torch.float32

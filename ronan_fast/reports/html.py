@@ -298,7 +298,7 @@ def png_bytes(image) -> bytes:
 
     from PIL import Image
 
-    from ronan_fast.imageio import _to_uint8_hwc
+    from ronan_fast.imageio.writing import _to_uint8_hwc
 
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
