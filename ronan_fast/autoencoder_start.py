@@ -21,19 +21,17 @@ of 100 own 8-bit images at 5.7x the authors' loop's speed to the verdict
 
 from __future__ import annotations
 
-import hashlib
-import json
 
 import torch
 from torch import Tensor
 
 from ronan_fast.adapters import GeneratorAdapter
-from ronan_fast.warmstart import EncoderError, EncoderMismatchError
+from ronan_fast.warmstart import EncoderError, ModelDerivedStart
 
 __all__ = ["AutoencoderStart", "autoencoder_start"]
 
 
-class AutoencoderStart:
+class AutoencoderStart(ModelDerivedStart):
     """Each image's first start at its autoencoder encoder's latent (module docstring).
 
     Args:
@@ -43,6 +41,8 @@ class AutoencoderStart:
 
     #: what a profile's ``warm_start`` record calls this kind of start
     kind = "autoencoder"
+    _DIGEST_TAG = b"ronan_fast/autoencoder_start/v1"
+    _MADE_FOR = "the autoencoder start was made for the model"
 
     def __init__(self, generator: GeneratorAdapter):
         if not isinstance(generator, GeneratorAdapter):
@@ -58,32 +58,10 @@ class AutoencoderStart:
     def recipe(self) -> dict:
         return {"kind": self.kind}
 
-    @property
-    def cost(self) -> dict:
-        return {"samples": 0, "train_s": 0.0, "generate_s": 0.0}
-
-    def digest(self) -> str:
-        """sha256 of the recipe and the generator's fingerprint (its encoder's weights included)."""
-        h = hashlib.sha256(b"ronan_fast/autoencoder_start/v1")
-        h.update(json.dumps({"recipe": self.recipe, "fingerprint": self.fingerprint}, sort_keys=True).encode())
-        return h.hexdigest()
-
-    def describe(self) -> dict:
-        return {"sha256": self.digest(), "recipe": self.recipe, "cost": self.cost}
-
-    def to(self, device) -> "AutoencoderStart":
-        """Nothing of its own to move: the encoder is the generator's (moved with it); returns self."""
-        return self
-
     def check(self, generator: GeneratorAdapter) -> None:
         """Raise :class:`~ronan_fast.warmstart.EncoderMismatchError` unless ``generator`` is the
-        autoencoder this start was made for."""
-        fp = generator.fingerprint() if isinstance(generator, GeneratorAdapter) else None
-        if fp != self.fingerprint:
-            name = getattr(generator, "name", type(generator).__name__)
-            raise EncoderMismatchError(
-                f"the autoencoder start was made for the model with fingerprint {self.fingerprint[:16]}..., not for "
-                f"{name} ({(fp or 'none')[:16]}...)")
+        autoencoder this start was made for (the fingerprint covers its encoder's weights)."""
+        self._check_fingerprint(generator)
 
     def guess(self, images: Tensor) -> Tensor:
         """``[B, latent_dim]``: each image's encoder latent, float32, computed from that image alone."""

@@ -31,8 +31,6 @@ seed), so the same image gets the same guess in any batch.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 
 import torch
@@ -41,7 +39,7 @@ from torch import Tensor, nn
 from ronan_fast.adapters import GeneratorAdapter, LatentGenerator
 from ronan_fast.inversion.presets import FAMILY_DEFAULTS
 from ronan_fast.inversion.settings import InversionSettings
-from ronan_fast.warmstart import EncoderError, EncoderMismatchError
+from ronan_fast.warmstart import EncoderError, EncoderMismatchError, ModelDerivedStart
 
 __all__ = ["MappingStart", "mapping_start", "W_SETTINGS", "MAPPING_STEPS", "MAPPING_STARTS", "MAPPING_LM_STEPS"]
 
@@ -90,7 +88,7 @@ class _WGenerator(LatentGenerator):
         return self.mapping(z.view(n, *self.base.latent_shape)).reshape(n, -1).float()
 
 
-class MappingStart:
+class MappingStart(ModelDerivedStart):
     """First starts for a ``synthesis(mapping(z))`` generator, found through ``w`` (module docstring).
 
     Args:
@@ -107,6 +105,8 @@ class MappingStart:
 
     #: what a profile's ``warm_start`` record calls this kind of start
     kind = "mapping"
+    _DIGEST_TAG = b"ronan_fast/mapping_start/v1"
+    _MADE_FOR = "the mapping start was made for the generator"
 
     def __init__(self, generator: GeneratorAdapter, mapping: Callable[[Tensor], Tensor],
                  synthesis: Callable[[Tensor], Tensor], w_dim: int, modules: list[nn.Module] | None = None, *,
@@ -134,32 +134,11 @@ class MappingStart:
         return {"kind": self.kind, "w_dim": self.w_dim, "w_settings": self.w_settings.to_dict(),
                 "mapping_steps": self.mapping_steps, "mapping_starts": self.mapping_starts, "seed": self.seed}
 
-    @property
-    def cost(self) -> dict:
-        return {"samples": 0, "train_s": 0.0, "generate_s": 0.0}
-
-    def digest(self) -> str:
-        """sha256 of the recipe and the generator's fingerprint: what a profile records."""
-        h = hashlib.sha256(b"ronan_fast/mapping_start/v1")
-        h.update(json.dumps({"recipe": self.recipe, "fingerprint": self.fingerprint}, sort_keys=True).encode())
-        return h.hexdigest()
-
-    def describe(self) -> dict:
-        return {"sha256": self.digest(), "recipe": self.recipe, "cost": self.cost}
-
-    def to(self, device) -> "MappingStart":
-        """Nothing of its own to move: the functions are the generator's (moved with it); returns self."""
-        return self
-
     @torch.no_grad()
     def check(self, generator: GeneratorAdapter) -> None:
         """Raise :class:`EncoderMismatchError` unless ``generator`` is the one this start was made
         for and ``synthesis(mapping(z))`` reproduces it on two prior draws."""
-        fp = generator.fingerprint()
-        if fp != self.fingerprint:
-            raise EncoderMismatchError(
-                f"the mapping start was made for the generator with fingerprint {self.fingerprint[:16]}..., not for "
-                f"{generator.name} ({fp[:16]}...)")
+        self._check_fingerprint(generator)
         z = generator.sample_latents(2, torch.Generator().manual_seed(0)).to(generator.device)
         direct = generator.decode(z)
         staged = self._w.decode(self._map(z))

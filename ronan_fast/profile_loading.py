@@ -65,11 +65,7 @@ def _rebuild_autoencoder_start(profile: BelongingProfile, generator: GeneratorAd
         start = autoencoder_start(generator)
     except TypeError as e:
         raise ProfileError(f"the profile was fitted with starts from an autoencoder's own encoder: {e}") from None
-    if start.digest() != profile.warm_start["sha256"]:
-        raise ProfileError(f"the autoencoder start rebuilt for {generator.name} is not the one the profile was fitted "
-                           f"with (sha256 {start.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]}): "
-                           "another autoencoder")
-    return start
+    return _as_recorded(start, profile, generator, "the autoencoder start", ": another autoencoder")
 
 
 def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapter):
@@ -87,7 +83,14 @@ def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapte
         raise ProfileError(f"the profile was fitted with starts through a mapping network, which cannot be rebuilt "
                            f"for {generator.name}: {e}; pass warm_start=ronan_fast.mapping_start.MappingStart(...)"
                            ) from None
-    if ms.digest() != profile.warm_start["sha256"]:
-        raise ProfileError(f"the mapping start rebuilt for {generator.name} is not the one the profile was fitted "
-                           f"with (sha256 {ms.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]})")
-    return ms
+    return _as_recorded(ms, profile, generator, "the mapping start")
+
+
+def _as_recorded(start, profile: BelongingProfile, generator: GeneratorAdapter, what: str, why: str = ""):
+    """``start`` (rebuilt for ``generator``) if its digest is the one the profile recorded, else
+    :class:`~ronan_fast.profile.ProfileError`."""
+    recorded = profile.warm_start["sha256"]
+    if start.digest() != recorded:
+        raise ProfileError(f"{what} rebuilt for {generator.name} is not the one the profile was fitted with (sha256 "
+                           f"{start.digest()[:12]}, the profile's {recorded[:12]}){why}")
+    return start

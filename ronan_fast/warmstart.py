@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from ronan_fast.adapters import DelegatingAdapter, GeneratorAdapter
 
-__all__ = ["LatentEncoder", "WarmStartEncoder", "WarmStarted", "EncoderError", "EncoderMismatchError",
-           "train_encoder", "load_encoder", "encoder_path", "FORMAT"]
+__all__ = ["LatentEncoder", "WarmStartEncoder", "ModelDerivedStart", "WarmStarted", "EncoderError",
+           "EncoderMismatchError", "train_encoder", "load_encoder", "encoder_path", "FORMAT"]
 
 #: the file format's name, in every encoder file's metadata
 FORMAT = "ronan_fast.encoder/v1"
@@ -282,6 +282,51 @@ def train_encoder(
     cost = {"samples": samples, "generator_calls": calls, "steps": steps, "train_s": time.perf_counter() - t0,
             "generate_s": t_gen, "threads": torch.get_num_threads()}
     return WarmStartEncoder(module, generator.fingerprint(), recipe, cost)
+
+
+class ModelDerivedStart:
+    """What a warm start made from the model itself shares (nothing trained, no file beside the
+    profile: :class:`~ronan_fast.mapping_start.MappingStart`,
+    :class:`~ronan_fast.autoencoder_start.AutoencoderStart`): its identity is its ``recipe`` and
+    the model's ``fingerprint``, which a profile records as :meth:`digest` and rebuilds it from.
+
+    A subclass sets ``kind``, ``_DIGEST_TAG`` (bytes opening the digest) and ``_MADE_FOR`` (how
+    a refusal names it), ``fingerprint`` in its constructor, and defines ``recipe``, ``check``
+    and ``guess``."""
+
+    kind: str
+    _DIGEST_TAG: bytes
+    _MADE_FOR: str
+    fingerprint: str
+
+    @property
+    def recipe(self) -> dict:
+        raise NotImplementedError
+
+    @property
+    def cost(self) -> dict:
+        return {"samples": 0, "train_s": 0.0, "generate_s": 0.0}
+
+    def digest(self) -> str:
+        """sha256 of the recipe and the model's fingerprint: what a profile records."""
+        h = hashlib.sha256(self._DIGEST_TAG)
+        h.update(json.dumps({"recipe": self.recipe, "fingerprint": self.fingerprint}, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"sha256": self.digest(), "recipe": self.recipe, "cost": self.cost}
+
+    def to(self, device):
+        """Nothing of its own to move: what it runs is the model's (moved with it); returns self."""
+        return self
+
+    def _check_fingerprint(self, generator) -> None:
+        """Raise :class:`EncoderMismatchError` unless ``generator`` is the model this start was made for."""
+        fp = generator.fingerprint() if isinstance(generator, GeneratorAdapter) else None
+        if fp != self.fingerprint:
+            name = getattr(generator, "name", type(generator).__name__)
+            raise EncoderMismatchError(f"{self._MADE_FOR} with fingerprint {self.fingerprint[:16]}..., not for "
+                                       f"{name} ({(fp or 'none')[:16]}...)")
 
 
 class WarmStarted(DelegatingAdapter):

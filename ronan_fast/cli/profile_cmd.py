@@ -107,20 +107,15 @@ def run(args) -> int:
         kind = "autoencoder" if callable(getattr(model, "encoder_latents", None)) else "encoder"
     if kind == "encoder":
         encoder = _warm_start(model, args, out, device)
-    elif kind == "autoencoder":
+    elif kind is not None:  # made from the model itself: nothing trained
         from ronan_fast.autoencoder_start import autoencoder_start
-
-        try:
-            encoder = autoencoder_start(model.to(device) if device is not None else model)
-        except TypeError as e:
-            raise UsageError(f"--warm-start autoencoder: {e}") from None
-    elif kind == "mapping":
         from ronan_fast.mapping_start import mapping_start
 
+        build = {"autoencoder": autoencoder_start, "mapping": mapping_start}[kind]
         try:
-            encoder = mapping_start(model.to(device) if device is not None else model)
+            encoder = build(model.to(device) if device is not None else model)
         except TypeError as e:
-            raise UsageError(f"--warm-start mapping: {e}") from None
+            raise UsageError(f"--warm-start {kind}: {e}") from None
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
     overrides.update(setting_overrides(args.set_fields, overrides))
     # random tone edits spread the profile over decades, which the log rule turns into false
