@@ -208,11 +208,9 @@ class Attributor:
         self.reference = reference
         searched = generator
         if warm_start is not None:
-            from ronan_fast.autoencoder_start import AutoencoderStart
-            from ronan_fast.mapping_start import MappingStart
-            from ronan_fast.warmstart import WarmStartEncoder, WarmStarted
+            from ronan_fast.warmstart import ModelDerivedStart, WarmStartEncoder, WarmStarted
 
-            if not isinstance(warm_start, (WarmStartEncoder, MappingStart, AutoencoderStart)):
+            if not isinstance(warm_start, (WarmStartEncoder, ModelDerivedStart)):
                 raise TypeError(f"warm_start must be a ronan_fast.warmstart.WarmStartEncoder, a "
                                 f"ronan_fast.mapping_start.MappingStart, a ronan_fast.autoencoder_start."
                                 f"AutoencoderStart or None, got {type(warm_start).__name__}")
