@@ -59,9 +59,18 @@ class Loss:
         lo, hi = output_range
         return 1.0 / (hi - lo) ** 2 if self.name in ("mse", "mse-tone") else 1.0 / (hi - lo)
 
-    def on_unit(self, recon: Tensor, images: Tensor, rows: int | None = None) -> Tensor:
+    def clipped_pixels(self, images: Tensor, settings: InversionSettings) -> ClippedPixels | None:
+        """The pixels of ``images`` this loss counts one-sided (``settings.clip_aware``, fused
+        losses; None where none)."""
+        return ClippedPixels.of(images) if settings.clip_aware and self.fused else None
+
+    def on_unit(self, recon: Tensor, images: Tensor, rows: int | None = None,
+                clipped: ClippedPixels | None = None) -> Tensor:
         """Per-image loss of reconstructions in [0, 1], float32 (the final score's definition);
-        a metric module runs in blocks of ``rows`` images when given (:func:`in_blocks`)."""
+        a metric module runs in blocks of ``rows`` images when given (:func:`in_blocks`); one-sided
+        at the ``clipped`` pixels of ``images`` when given (:meth:`clipped_pixels`)."""
+        if clipped is not None:
+            recon = clipped.output(recon, images)
         if self.module is not None:
             if rows is not None:
                 return in_blocks(self.module, rows, recon, images).float()
@@ -129,9 +138,8 @@ class Problem:
         row_cond, rpi = generator.row_conditions(conditions, b, s.restarts)
         index = torch.arange(b, device=images.device).repeat_interleave(rpi)
         target = generator.from_unit(images) if loss.fused else images
-        clipped = ClippedPixels.of(images) if s.clip_aware and loss.fused else None
         return cls(generator, images, s, loss, stop_below, impl, row_cond, rpi, index, target,
-                   loss.raw_scale(generator.output_range), clipped)
+                   loss.raw_scale(generator.output_range), loss.clipped_pixels(images, s))
 
     @property
     def b(self) -> int:
@@ -154,9 +162,8 @@ class Problem:
         generator = self.generator
         with torch.no_grad():
             recon = generator.to_unit(generator.decode_raw(inputs, cond).float())
-            images = self.images[img]
-            scored = recon if self.clipped is None else self.clipped[img].output(recon, images)
-            return recon, self.loss.on_unit(scored, images, generator.rows)
+            clipped = None if self.clipped is None else self.clipped[img]
+            return recon, self.loss.on_unit(recon, self.images[img], generator.rows, clipped)
 
     def raw_for_loss(self, raw: Tensor, img: Tensor) -> Tensor:
         """Raw outputs ``raw`` (row ``j`` of image ``img[j]``) as the fused loss compares them with

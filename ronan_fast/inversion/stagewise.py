@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.inversion.batched import invert_batched
 from ronan_fast.inversion.calls import FixedShapeCalls, call_rows_for
-from ronan_fast.inversion.clipped import ClippedPixels
 from ronan_fast.inversion.polish import ConjugateGradientLM, GMRESGaussNewton, Leaving
 from ronan_fast.inversion.problem import Loss
 from ronan_fast.inversion.result import InversionResult
@@ -171,8 +170,7 @@ def invert_stagewise(generator: GeneratorAdapter, images: Tensor, settings, loss
     whole = FixedShapeCalls(generator, call_rows_for(x.device, call_rows, generator))
     with torch.no_grad():
         recon = torch.cat([whole.to_unit(whole.decode_raw(x[a:a + rows]).float()) for a in range(0, x.shape[0], rows)])
-        clipped = ClippedPixels.of(images) if settings.clip_aware and loss.fused else None
-        final = loss.on_unit(recon if clipped is None else clipped.output(recon, images), images, whole.rows)
+        final = loss.on_unit(recon, images, whole.rows, loss.clipped_pixels(images, settings))
     # the loss is the output's (one-sided at clipped pixels with clip_aware), the reconstruction
     # clamped to [0, 1], as invert() returns them
     return InversionResult(loss=final, inputs=x, reconstruction=recon.clamp(0, 1), conditions=None,
