@@ -585,8 +585,8 @@ def test_an_autocast_loss_stops_a_row_only_once_float32_confirms_it(gen, monkeyp
                                                                                 *a, **k))
     calls = []
     on_unit = Loss.on_unit
-    monkeypatch.setattr(Loss, "on_unit", lambda self, recon, images, rows=None: calls.append(recon.shape[0])
-                        or on_unit(self, recon, images, rows))
+    monkeypatch.setattr(Loss, "on_unit", lambda self, recon, images, rows=None, clipped=None: calls.append(
+                        recon.shape[0]) or on_unit(self, recon, images, rows, clipped))
     res = invert(gen, images, settings=s, seed=0, stop_below=stop)
     assert (res.loss < stop).all(), (res.loss / stop)  # each image under its threshold, as it really is
     assert (res.row_steps > 2 * s.check_every).all()  # not stopped at the first check on a loss read too low
