@@ -17,14 +17,12 @@ small greyscale images); ``reference=None`` is the uncalibrated ablation (``A' =
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,9 @@ from ronan_fast.attribution_result import AttributionResult
 from ronan_fast.edits import apply_edit, check_edit, check_edit_metric
 from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
-from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule, profile_outliers
+from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule
+from ronan_fast.profile_fitting import (CheckpointError, check_output_range, profile_job, read_checkpoint,
+                                       retry_profile_outliers, stream_seed, warn_small_profile)
 from ronan_fast.profile_loading import _profile_reference, load_profile_encoder
 from ronan_fast.progress import ImageProgress, ProgressFn
 
@@ -52,49 +52,6 @@ _log = logging.getLogger("ronan_fast")
 SMALL_PROFILE = 30
 #: a reference loss of exactly 0 (the reference reconstructs the image perfectly) is raised to this
 _REFERENCE_FLOOR = 1e-30
-
-
-def _stream_seed(purpose: str, seed: int) -> int:
-    """A 63-bit seed for generating images, unrelated to the seeds inversion draws its starts from.
-
-    Generating the profile images from the inversion's own seed could hand inversion the true
-    latents; a stream of its own per purpose keeps them apart.
-    """
-    digest = hashlib.sha256(f"ronan_fast/{purpose}/{int(seed)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class CheckpointError(ValueError):
-    """A profile checkpoint file that cannot be resumed: unreadable, or written for another job."""
-
-
-def retry_profile_outliers(
-    raw: Tensor, reference: Tensor | None, rule: str, alpha: float, rounds: int,
-    invert_again: Callable[[Tensor, int], Tensor], inversion_seed: int,
-) -> tuple[Tensor, list[int]]:
-    """Profile losses with their outliers inverted again, and the images that were.
-
-    Each round finds the profile images whose calibrated loss (``raw / reference``, or ``raw``
-    uncalibrated) fails the belonging test against the others
-    (:func:`~ronan_fast.profile.profile_outliers`) and calls ``invert_again(indices, seed)`` for
-    their new losses, inverted with that ``seed``: a seed of its own for each round, derived
-    from ``inversion_seed`` (the profile's), so the starts differ from the first inversion's and
-    from every other round's. Each image keeps its lower loss. Stops after ``rounds`` rounds or
-    once no image is an outlier. Returns the losses (float64, CPU) and the indices inverted
-    again, round after round.
-    """
-    raw = raw.detach().cpu().double().clone()
-    retried: list[int] = []
-    for r in range(1, rounds + 1):
-        cal = raw if reference is None else raw / reference
-        out = profile_outliers(cal.numpy(), rule, alpha)
-        if not out:
-            break
-        idx = torch.tensor(out, dtype=torch.long)
-        again = invert_again(idx, _stream_seed(f"retry{r}", inversion_seed)).detach().cpu().double()
-        raw[idx] = torch.minimum(raw[idx], torch.where(torch.isfinite(again), again, raw[idx]))
-        retried.extend(out)
-    return raw, retried
 
 
 # ---------------------------------------------------------------------------- result
@@ -364,9 +321,9 @@ class Attributor:
         The images for seed ``s`` differ from the profile's for the same ``s`` (``purpose``
         names the stream; :meth:`fit` uses ``"profile"``). They are rounded to ``image_bits``.
         """
-        gen = torch.Generator(device="cpu").manual_seed(_stream_seed(purpose, seed))
+        gen = torch.Generator(device="cpu").manual_seed(stream_seed(purpose, seed))
         batch = self.generator.generate(n, generator=gen)
-        _check_output_range(self.generator, batch, self.name, self.settings.clip_aware)
+        check_output_range(self.generator, batch, self.name, self.settings.clip_aware)
         images = batch.images.detach().cpu()
         if self.image_bits is not None:
             levels = 2**self.image_bits - 1
@@ -422,7 +379,7 @@ class Attributor:
             check_edit(edit)
             check_edit_metric(edit, self.metric)
         if n < SMALL_PROFILE:
-            _warn_small_profile(n, self.alpha)
+            warn_small_profile(n, self.alpha)
 
     def stages(self) -> tuple[str, ...]:
         """The inversion stages each image goes through ("reference" if calibrated, then "model")."""
@@ -475,7 +432,8 @@ class Attributor:
         n = images.shape[0]
         done: dict[str, dict] = {}  # finished parts: first image's index (a string) -> losses
         if path is not None:
-            key, job, done = self._saved_parts(images, seed, edit, path, every)
+            key, job = profile_job(self, images, seed, edit, every)
+            done = read_checkpoint(path, key, n, every, self.reference is not None)
         raw = torch.empty(n, dtype=torch.float64)
         ref = None if self.reference is None else torch.empty(n, dtype=torch.float64)
         for a in range(0, n, every):
@@ -504,54 +462,6 @@ class Attributor:
         part["model"] = self._invert(self.generator, images[a:b], None, stage("model"),
                                      "model").loss.cpu().double().tolist()
         return part
-
-    def _saved_parts(self, images: Tensor, seed: int, edit: str | None, path: Path,
-                     every: int) -> tuple[str, dict, dict[str, dict]]:
-        """This job's key and description, and the parts ``path`` holds for it (none if it does
-        not exist); ``CheckpointError`` when it is unreadable or holds another job."""
-        key, job = self._profile_job(images, seed, edit, every)
-        if not path.exists():
-            return key, job, {}
-        try:
-            saved = json.loads(path.read_text())
-            ok = isinstance(saved, dict) and isinstance(saved.get("parts"), dict)
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CheckpointError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
-        if not ok:
-            raise CheckpointError(f"checkpoint {path}: not a profile checkpoint")
-        if saved.get("key") != key:
-            raise CheckpointError(
-                f"checkpoint {path} holds another profile job (model, reference, settings, n, seeds, edit or "
-                "part size differ); delete it or choose another file")
-        for start, part in saved["parts"].items():
-            if not self._valid_part(start, part, images.shape[0], every):
-                raise CheckpointError(f"checkpoint {path}: part {str(start)[:20]!r} is damaged; delete the file")
-        return key, job, saved["parts"]
-
-    def _valid_part(self, start: object, part: object, n: int, every: int) -> bool:
-        """Whether a saved part holds a loss for each of its images (model, and reference when calibrated)."""
-        if not (isinstance(start, str) and start.isdigit() and int(start) % every == 0 and int(start) < n):
-            return False
-        size = min(n, int(start) + every) - int(start)
-        kinds = ("model",) if self.reference is None else ("model", "reference")
-        return isinstance(part, dict) and all(
-            isinstance(part.get(k), list) and len(part[k]) == size
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part[k]) for k in kinds)
-
-    def _profile_job(self, images: Tensor, seed: int, edit: str | None, every: int) -> tuple[str, dict]:
-        """A profile job's description (model, reference, settings, images, seeds, edit, part size)
-        and its key, a hash of it: saved parts are reused only by a job of the same key."""
-        n = images.shape[0]
-        job = {
-            "format": 1, "n": n, "seed": seed, "inversion_seed": self.seed, "edit": edit, "every": every,
-            "settings": self.settings.to_dict(),
-            "images": hashlib.sha256(images.detach().cpu().float().numpy().tobytes()).hexdigest(),
-            "generator": self.generator.fingerprint(),
-            "reference": None if self.reference is None else self.reference.fingerprint(),
-        }
-        if self.warm_start is not None:  # only then: earlier jobs keep their key
-            job["warm_start"] = self.warm_start.digest()
-        return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest(), job
 
     # ------------------------------------------------------------------ attribution
 
@@ -753,56 +663,6 @@ class Attributor:
             row_steps=torch.empty(0, dtype=torch.int64), images=torch.empty(0, c, h, w),
             reconstruction=torch.empty(0, c, h, w), paths=[], notes=[], errors=errors,
         )
-
-
-#: a model's output may overshoot its declared range by this fraction of the range (rounding)
-_RANGE_SLACK = 1e-3
-#: with ``clip_aware`` settings, the share of output values that may lie beyond the declared
-#: range (further than the slack): a decoder's overshoot, clipped when its images are saved and
-#: counted one-sided by the loss (the zoo's AutoencoderKL: 0.4% of 256 images' values, at most
-#: 3.8% of one image's). A range declared wrong puts a quarter to all of them outside.
-CLIPPED_SHARE = 0.05
-
-
-def _check_output_range(generator: GeneratorAdapter, batch, name: str, clip_aware: bool = False) -> None:
-    """Refuse a generator whose images leave its declared ``output_range``: mapped to [0, 1] and
-    clipped, they would profile a model that does not exist. With ``clip_aware`` settings a
-    decoder's overshoot is the model's own (its saved images are clipped, and so is the loss's
-    view of them): up to :data:`CLIPPED_SHARE` of the values may lie outside."""
-    lo, hi = generator.output_range
-    slack = _RANGE_SLACK * (hi - lo)
-    seen, outside, total = (math.inf, -math.inf), 0, 0
-    with torch.no_grad():
-        for a in range(0, batch.latents.shape[0], 256):
-            c = None if batch.conditions is None else batch.conditions[a:a + 256]
-            raw = generator.decode_raw(batch.latents[a:a + 256], c)
-            seen = (min(seen[0], float(raw.min())), max(seen[1], float(raw.max())))
-            outside += int(((raw < lo - slack) | (raw > hi + slack)).sum())
-            total += raw.numel()
-    if not outside:
-        return
-    share = outside / max(total, 1)
-    if clip_aware and share <= CLIPPED_SHARE:
-        return
-    why = (f"{share:.1%} of its values lie outside, more than a decoder's overshoot ({CLIPPED_SHARE:.0%})"
-           if clip_aware else "and the settings have clip_aware=False")
-    raise ValueError(f"{name} makes values in [{seen[0]:.4g}, {seen[1]:.4g}], outside its declared output range "
-                     f"({lo:g}, {hi:g}); {why}: declare the range it makes (output_range= / --output-range LOW HIGH), "
-                     "or end the model in tanh (-1, 1) or a sigmoid (0, 1)")
-
-
-def _warn_small_profile(n: int, alpha: float) -> None:
-    """Say what a profile of few images does to the threshold."""
-    import warnings
-
-    from ronan_fast.grubbs import grubbs_critical_value
-
-    text = (f"a belonging profile of {n} images: its standard deviation is known only to about "
-            f"+-{100 / math.sqrt(2 * (n - 1)):.0f}% and the critical value "
-            f"G_crit={grubbs_critical_value(n, alpha):.2f} "
-            f"(n=100: {grubbs_critical_value(100, alpha):.2f}), so the threshold can sit far from where the model's "
-            "images fall and reject some of them; fit it on at least 30 images (the paper uses 100)")
-    warnings.warn(text, UserWarning, stacklevel=4)
 
 
 def _join(*parts: str) -> str:

@@ -566,37 +566,6 @@ def parts_dir(output: str | os.PathLike) -> Path:
     return output.with_name(output.name + ".parts")
 
 
-def _read_parts(folder: Path, key: str, n: int, part: int, calibrated: bool) -> dict[int, dict]:
-    """The parts ``folder`` holds for the job ``key``: first image's index -> losses. A file of
-    another job or a damaged one: :class:`~ronan_fast.attributor.CheckpointError`."""
-    from ronan_fast.attributor import CheckpointError
-
-    done: dict[int, dict] = {}
-    if not folder.is_dir():
-        return done
-    for f in sorted(folder.glob(PART_GLOB)):
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"profile part {f}: not readable ({type(e).__name__}: {e})") from None
-        if not isinstance(data, dict) or "key" not in data:
-            raise CheckpointError(f"profile part {f}: not a profile part")
-        if data["key"] != key:
-            raise CheckpointError(f"profile part {f} belongs to another profile job (model, reference, settings, n, "
-                                  f"seeds, edit or part size differ); delete {folder} or choose another output")
-        a, b = data.get("start"), data.get("stop")
-        ok = (isinstance(a, int) and isinstance(b, int) and a % part == 0 and 0 <= a < n and b == min(n, a + part)
-              and f.name == f"part-{a}.json")
-        for name in ("model", "reference") if calibrated else ("model",):
-            values = data.get(name)
-            ok = ok and isinstance(values, list) and len(values) == b - a and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if not ok:
-            raise CheckpointError(f"profile part {f}: damaged (its images or losses do not fit the job)")
-        done[a] = {k: data[k] for k in ("model", "reference") if data.get(k) is not None}
-    return done
-
-
 def fit(
     attributor,
     n: int = 100,
@@ -622,8 +591,10 @@ def fit(
     ``Attributor.fit`` gives (losses bit for bit on CPU with the same threads per process and
     ``call_rows``). ``parts``: default ``PROFILE.parts`` is the caller's to choose; the folder is
     left in place. A part of another job or a damaged one raises
-    :class:`~ronan_fast.attributor.CheckpointError`. ``progress``: rank 0's bar.
+    :class:`~ronan_fast.profile_fitting.CheckpointError`. ``progress``: rank 0's bar.
     """
+    from ronan_fast.profile_fitting import profile_job, read_checkpoint, read_part_files
+
     if parts is None:
         raise ValueError("parts: the folder where each finished part of the profile is saved")
     folder = Path(parts)
@@ -636,10 +607,10 @@ def fit(
     try:
         def plan():
             images = attributor._profile_images(n, seed, edit, None)
-            key, job = attributor._profile_job(images, seed, edit, part)
-            done = _read_parts(folder, key, n, part, attributor.reference is not None)
+            key, job = profile_job(attributor, images, seed, edit, part)
+            done = read_part_files(folder, key, n, part, attributor.reference is not None)
             if checkpoint is not None:
-                _, _, saved = attributor._saved_parts(images, seed, edit, Path(checkpoint), part)
+                saved = read_checkpoint(Path(checkpoint), key, n, part, attributor.reference is not None)
                 done.update({int(a): p for a, p in saved.items() if int(a) not in done})
             folder.mkdir(parents=True, exist_ok=True)
             todo = [a for a in range(0, n, part) if a not in done]
@@ -663,7 +634,7 @@ def fit(
         def finish():
             import torch
 
-            found = {**done, **_read_parts(folder, key, n, part, attributor.reference is not None)}
+            found = {**done, **read_part_files(folder, key, n, part, attributor.reference is not None)}
             missing = [a for a in range(0, n, part) if a not in found]
             if missing:
                 raise RuntimeError(f"profile parts starting at {missing} are missing from {folder} after every "

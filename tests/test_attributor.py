@@ -115,11 +115,11 @@ def test_determinism(g, r):
 def test_profile_images_are_not_the_inversion_starts(g):
     # Inversion draws an image's starts from its pixels and the inversion seed; the profile's
     # images come from a stream of their own, so no start is the very latent that made its image.
-    from ronan_fast.attributor import _stream_seed
+    from ronan_fast.profile_fitting import stream_seed
     from ronan_fast.inversion.starts import row_latents
 
     for seed in (0, 1):
-        made = g.sample_latents(8, torch.Generator().manual_seed(_stream_seed("profile", seed)))
+        made = g.sample_latents(8, torch.Generator().manual_seed(stream_seed("profile", seed)))
         with torch.no_grad():
             images = g.decode(made)
         starts = row_latents(g, images, 4, 0).view(8, 4, -1)

@@ -190,7 +190,7 @@ def test_an_overshooting_decoder_is_profiled_with_clip_aware_settings_only():
     clipped, and the loss counts them one-sided); without clip_aware, or with a share of values
     outside that only a range declared wrong gives, it is refused by name."""
     from ronan_fast import Attributor
-    from ronan_fast.attributor import CLIPPED_SHARE
+    from ronan_fast.profile_fitting import CLIPPED_SHARE
 
     few = LatentGenerator(Spiked(0.02), (6,), (-1, 1), name="few")
     images = Attributor(few, None).sample(4)

@@ -360,7 +360,7 @@ def test_profile_retries_in_the_harness_match_the_attributor_helper(tmp_path, in
     retry_profile_outliers (Attributor.fit's code) does; without it the keys stay as before."""
     import dataclasses
 
-    from ronan_fast.attributor import retry_profile_outliers
+    from ronan_fast.profile_fitting import retry_profile_outliers
     from ronan_fast.inversion import invert
 
     models = TinyModels()

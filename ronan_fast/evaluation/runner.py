@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ronan_fast.attributor import retry_profile_outliers
+from ronan_fast.profile_fitting import retry_profile_outliers
 from ronan_fast.evaluation.config import Cell, EvalConfig, ImageSpec
 from ronan_fast.evaluation.images import IMAGE_BITS, apply_edit, decode_uint8, encode_uint8, images_sha256, quantise
 from ronan_fast.evaluation.models import ModelSource, derived_seed
