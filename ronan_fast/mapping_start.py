@@ -41,7 +41,7 @@ from ronan_fast.inversion.presets import FAMILY_DEFAULTS
 from ronan_fast.inversion.settings import InversionSettings
 from ronan_fast.warmstart import EncoderError, EncoderMismatchError, ModelDerivedStart
 
-__all__ = ["MappingStart", "mapping_start", "W_SETTINGS", "MAPPING_STEPS", "MAPPING_STARTS", "MAPPING_LM_STEPS"]
+__all__ = ["MappingStart", "mapping_start", "has_mapping_network", "W_SETTINGS", "MAPPING_STEPS", "MAPPING_STARTS", "MAPPING_LM_STEPS"]
 
 #: the search over ``w``: the GAN family default (24 starts halved every 25 steps, then 25 dense
 #: Levenberg-Marquardt steps) with 300 Adam steps instead of 600. Chosen on the tuning half's
@@ -219,13 +219,20 @@ class MappingStart(ModelDerivedStart):
         return z, err
 
 
+def has_mapping_network(generator: GeneratorAdapter) -> bool:
+    """Whether :func:`mapping_start` can build a start for ``generator``: its module has
+    ``mapping_net(z) -> w``, ``synthesis(w) -> images`` and an int ``w_dim``."""
+    module = getattr(generator, "module", None)
+    return module is not None and all(callable(getattr(module, a, None)) for a in ("mapping_net", "synthesis")) \
+        and isinstance(getattr(module, "w_dim", None), int)
+
+
 def mapping_start(generator: GeneratorAdapter, **kwargs) -> MappingStart:
     """A :class:`MappingStart` for an adapter whose module has ``mapping_net(z) -> w`` and
     ``synthesis(w) -> images`` and a ``w_dim`` (the zoo's StyleGAN-style generators);
     ``kwargs`` go to :class:`MappingStart`."""
     module = getattr(generator, "module", None)
-    if module is None or not all(callable(getattr(module, a, None)) for a in ("mapping_net", "synthesis")) \
-            or not isinstance(getattr(module, "w_dim", None), int):
+    if not has_mapping_network(generator):
         raise TypeError(f"{getattr(generator, 'name', generator)!r} has no module with mapping_net, synthesis and "
                         "w_dim: build MappingStart(generator, mapping=..., synthesis=..., w_dim=...) yourself")
     return MappingStart(generator, module.mapping_net, module.synthesis, module.w_dim, [module], **kwargs)

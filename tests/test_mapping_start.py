@@ -150,3 +150,28 @@ def test_cli_profile_warm_start_mapping_and_inspect_rebuild_it(tmp_path, monkeyp
     assert main(["profile", "--model", "tiny_models:generator", "--latent-shape", "3", "--reference", "none",
                  "-n", "4", "--warm-start", "mapping", "-q", "-o", "q.json"]) == 2
     assert "--warm-start mapping" in capsys.readouterr().err
+
+
+def test_a_bare_warm_start_means_mapping_for_a_stylegan_and_an_encoder_otherwise(tmp_path, monkeypatch):
+    """A bare --warm-start on a model with mapping_net/synthesis/w_dim records the mapping start
+    (nothing trained, no encoder file); any other GAN gets a learned encoder."""
+    import json
+    from pathlib import Path
+
+    from ronan_fast.cli import main
+    from ronan_fast.cli.profile_cmd import _auto_warm_start
+    from ronan_fast.mapping_start import has_mapping_network
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    monkeypatch.chdir(tmp_path)
+    import tiny_models
+
+    style = LatentGenerator(tiny_models.style_generator(), 16)
+    plain = LatentGenerator(tiny_models.generator(), 3)
+    assert has_mapping_network(style) and not has_mapping_network(plain)
+    assert _auto_warm_start(style) == "mapping" and _auto_warm_start(plain) == "encoder"
+    args = ["profile", "--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none",
+            "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "--warm-start", "-q", "-o", "p.json"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]["kind"] == "mapping"
+    assert not (tmp_path / "p.encoder.safetensors").exists()

@@ -69,7 +69,8 @@ def add_parser(sub, fmt) -> None:
                         "and synthesis), the image inverted over w, then the mapping solved for z; nothing trained. "
                         "autoencoder: for a latent-diffusion decoder (a diffusers autoencoder folder), its "
                         "autoencoder's own encoder; nothing trained. A bare --warm-start is autoencoder for a "
-                        "latent-diffusion decoder and encoder for any other model. inspect then uses the same "
+                        "latent-diffusion decoder, mapping for a StyleGAN-style model and encoder for any other "
+                        "model. inspect then uses the same "
                         "start. Without --settings, GANs, VAEs (latent-diffusion decoders too) and conditional "
                         "models are then inverted with their lean warm-start default (4 screened starts, 300 "
                         "steps); docs/inversion.md#learned-warm-starts")
@@ -81,6 +82,18 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--wait", action="store_true",
                    help="if another run is writing the same profile, wait for it instead of stopping (exit code 4)")
     add_common_args(p)
+
+
+def _auto_warm_start(model) -> str:
+    """What a bare ``--warm-start`` means for ``model``: the start made from the model itself
+    where it has one (a latent-diffusion decoder's autoencoder; a StyleGAN's mapping network,
+    which converged 15 of 16 own images of the tuning half's StyleGAN where a learned encoder
+    converged 1: bench/results/heldout_tuning_mapping.md), else a learned encoder."""
+    from ronan_fast.mapping_start import has_mapping_network
+
+    if callable(getattr(model, "encoder_latents", None)):
+        return "autoencoder"
+    return "mapping" if has_mapping_network(model) else "encoder"
 
 
 def run(args) -> int:
@@ -104,7 +117,7 @@ def run(args) -> int:
     encoder = None
     kind = args.warm_start
     if kind == "auto":
-        kind = "autoencoder" if callable(getattr(model, "encoder_latents", None)) else "encoder"
+        kind = _auto_warm_start(model)
     if kind == "encoder":
         encoder = _warm_start(model, args, out, device)
     elif kind is not None:  # made from the model itself: nothing trained
