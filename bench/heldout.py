@@ -95,6 +95,9 @@ CANDIDATES.update({
     # family's warm-start default over z (WARM_DEFAULTS["gan"]: 4 screened starts, 300 steps halved every 50)
     "mapped": {"settings": "default", "warm": "mapping", "restarts": 4, "screen": 8, "steps": 300,
                "halving_every": 50},
+    # ... with the search over w's starts screened (each the best of 16 mapping draws by one forward pass)
+    "mapped-wscreen16": {"settings": "default", "warm": "mapping", "w_screen": 16, "restarts": 4, "screen": 8,
+                         "steps": 300, "halving_every": 50},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -185,10 +188,12 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
     if not warm:
         return adapter, None
     if warm == "mapping":  # a StyleGAN-style generator's starts found through w (nothing trained)
-        from ronan_fast.mapping_start import mapping_start
+        from ronan_fast.mapping_start import W_SETTINGS, mapping_start
         from ronan_fast.warmstart import WarmStarted
 
-        return WarmStarted(adapter, mapping_start(adapter)), {"encoder": "through the mapping network (none trained)",
+        w_screen = spec.pop("w_screen", None)
+        kw = {} if w_screen is None else {"w_settings": W_SETTINGS.replace(screen=w_screen)}
+        return WarmStarted(adapter, mapping_start(adapter, **kw)), {"encoder": "through the mapping network (none trained)",
                                                              "train_s": 0.0, "samples": 0}
     if warm != "encoder":
         raise ValueError(f"unknown warm start {warm!r}")
