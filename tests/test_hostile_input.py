@@ -661,7 +661,7 @@ def test_hostile_profile_files_end_in_one_line_and_exit_code_2(tmp_path, capsys,
 def test_an_unforeseen_check_failure_is_still_a_profile_error(tmp_path, monkeypatch):
     """The checks' own net: a check meeting a value of a kind no one foresaw (here made to raise
     TypeError) still ends as a ProfileError naming the file."""
-    from ronan_fast import profile as profile_module
+    from ronan_fast import profile_checks
 
     path = tmp_path / "p.json"
     path.write_text(json.dumps(valid_profile()))
@@ -669,7 +669,7 @@ def test_an_unforeseen_check_failure_is_still_a_profile_error(tmp_path, monkeypa
     def check(p):
         raise TypeError("'<' not supported between instances of 'dict' and 'int'")
 
-    monkeypatch.setattr(profile_module, "_validate_fields", check)
+    monkeypatch.setattr(profile_checks, "_validate_fields", check)
     with pytest.raises(ProfileError, match=r"p\.json: invalid field values \(TypeError: "):
         BelongingProfile.load(path)
 
