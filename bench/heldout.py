@@ -198,10 +198,9 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
     if warm != "encoder":
         raise ValueError(f"unknown warm start {warm!r}")
     from ronan_fast import warmstart
+    from ronan_fast.autoencoder_start import autoencoder_start, has_own_encoder
 
-    if callable(getattr(adapter, "encoder_latents", None)):  # its own encoder, as LatentTracer starts
-        from ronan_fast.autoencoder_start import autoencoder_start
-
+    if has_own_encoder(adapter):  # its own encoder, as LatentTracer starts
         return warmstart.WarmStarted(adapter, autoencoder_start(adapter)), {
             "encoder": "the autoencoder's own (posterior mean)", "train_s": 0.0, "samples": 0}
 

@@ -21,14 +21,13 @@ of 100 own 8-bit images at 5.7x the authors' loop's speed to the verdict
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.warmstart import EncoderError, ModelDerivedStart
 
-__all__ = ["AutoencoderStart", "autoencoder_start"]
+__all__ = ["AutoencoderStart", "autoencoder_start", "has_own_encoder"]
 
 
 class AutoencoderStart(ModelDerivedStart):
@@ -47,7 +46,7 @@ class AutoencoderStart(ModelDerivedStart):
     def __init__(self, generator: GeneratorAdapter):
         if not isinstance(generator, GeneratorAdapter):
             raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
-        if not callable(getattr(generator, "encoder_latents", None)):
+        if not has_own_encoder(generator):
             raise TypeError(f"{generator.name!r} has no encoder of its own (encoder_latents): the autoencoder start "
                             "is for latent-diffusion decoders (ronan_fast.diffusers_adapters.LatentDiffusionDecoder); "
                             "train one with ronan_fast.warmstart.train_encoder instead")
@@ -73,6 +72,12 @@ class AutoencoderStart(ModelDerivedStart):
             return torch.cat([self.generator.encoder_latents(images[k:k + 1]).float() for k in range(images.shape[0])])
         except ValueError as e:
             raise EncoderError(str(e)) from None
+
+
+def has_own_encoder(generator: GeneratorAdapter) -> bool:
+    """Whether ``generator`` carries an encoder of its own (``encoder_latents(images)``, as a
+    latent-diffusion decoder does): what :class:`AutoencoderStart` needs."""
+    return callable(getattr(generator, "encoder_latents", None))
 
 
 def autoencoder_start(generator: GeneratorAdapter) -> AutoencoderStart:

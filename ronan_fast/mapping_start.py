@@ -41,7 +41,8 @@ from ronan_fast.inversion.presets import FAMILY_DEFAULTS
 from ronan_fast.inversion.settings import InversionSettings
 from ronan_fast.warmstart import EncoderError, EncoderMismatchError, ModelDerivedStart
 
-__all__ = ["MappingStart", "mapping_start", "has_mapping_network", "W_SETTINGS", "MAPPING_STEPS", "MAPPING_STARTS", "MAPPING_LM_STEPS"]
+__all__ = ["MappingStart", "mapping_start", "has_mapping_network", "W_SETTINGS", "MAPPING_STEPS", "MAPPING_STARTS",
+           "MAPPING_LM_STEPS"]
 
 #: the search over ``w``: the GAN family default (24 starts halved every 25 steps, then 25 dense
 #: Levenberg-Marquardt steps) with 300 Adam steps instead of 600. Chosen on the tuning half's

@@ -194,7 +194,7 @@ def check_output_range(generator: GeneratorAdapter, batch, name: str, clip_aware
                      "or end the model in tanh (-1, 1) or a sigmoid (0, 1)")
 
 
-def warn_small_profile(n: int, alpha: float, stacklevel: int = 4) -> None:
+def warn_small_profile(n: int, alpha: float) -> None:
     """Say what a profile of few images does to the threshold."""
     from ronan_fast.grubbs import grubbs_critical_value
 
@@ -203,4 +203,4 @@ def warn_small_profile(n: int, alpha: float, stacklevel: int = 4) -> None:
             f"G_crit={grubbs_critical_value(n, alpha):.2f} "
             f"(n=100: {grubbs_critical_value(100, alpha):.2f}), so the threshold can sit far from where the model's "
             "images fall and reject some of them; fit it on at least 30 images (the paper uses 100)")
-    warnings.warn(text, UserWarning, stacklevel=stacklevel)
+    warnings.warn(text, UserWarning, stacklevel=4)  # the caller of Attributor.fit

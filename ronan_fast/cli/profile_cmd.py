@@ -89,9 +89,10 @@ def _auto_warm_start(model) -> str:
     where it has one (a latent-diffusion decoder's autoencoder; a StyleGAN's mapping network,
     which converged 15 of 16 own images of the tuning half's StyleGAN where a learned encoder
     converged 1: bench/results/heldout_tuning_mapping.md), else a learned encoder."""
+    from ronan_fast.autoencoder_start import has_own_encoder
     from ronan_fast.mapping_start import has_mapping_network
 
-    if callable(getattr(model, "encoder_latents", None)):
+    if has_own_encoder(model):
         return "autoencoder"
     return "mapping" if has_mapping_network(model) else "encoder"
 
