@@ -112,7 +112,8 @@ class Attributor:
             :class:`~ronan_fast.mapping_start.MappingStart` for a StyleGAN-style generator (first
             starts found through its mapping network; nothing trained), or an
             :class:`~ronan_fast.autoencoder_start.AutoencoderStart` for a latent-diffusion decoder
-            (its autoencoder's own encoder), recorded the same way.
+            (its autoencoder's own encoder), recorded the same way; a decoder built with
+            ``init="encoder"`` gets that start when ``warm_start`` is None (and refuses another).
         **overrides: any :class:`~ronan_fast.inversion.InversionSettings` field, e.g. ``steps=300``,
             ``restarts=4``, ``lr=0.05``, ``precision="bf16"``.
     """
@@ -163,6 +164,7 @@ class Attributor:
         self.rule = rule
         self.generator = generator
         self.reference = reference
+        warm_start = _own_encoder_start(generator, warm_start)
         searched = generator
         if warm_start is not None:
             from ronan_fast.warmstart import ModelDerivedStart, WarmStartEncoder, WarmStarted
@@ -663,6 +665,23 @@ class Attributor:
             row_steps=torch.empty(0, dtype=torch.int64), images=torch.empty(0, c, h, w),
             reconstruction=torch.empty(0, c, h, w), paths=[], notes=[], errors=errors,
         )
+
+
+def _own_encoder_start(generator: GeneratorAdapter, warm_start):
+    """The warm start an ``init="encoder"`` latent-diffusion decoder implies: its autoencoder
+    start, so that the profile records where the inversions began (the decoder's own starts would
+    otherwise go unrecorded, and a profile fitted with random starts would accept them)."""
+    from ronan_fast.autoencoder_start import AutoencoderStart, has_own_encoder
+
+    if getattr(generator, "init", None) != "encoder" or not has_own_encoder(generator):
+        return warm_start
+    if warm_start is None:
+        return AutoencoderStart(generator)
+    if not isinstance(warm_start, AutoencoderStart):
+        raise ValueError(f"generator was built with init='encoder' (its autoencoder's encoder starts each image) "
+                         f"and warm_start is a {type(warm_start).__name__}: choose one (init='random' with that "
+                         "warm start, or warm_start=None)")
+    return warm_start
 
 
 def _join(*parts: str) -> str:

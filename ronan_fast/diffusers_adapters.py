@@ -106,7 +106,10 @@ class LatentDiffusionDecoder(GeneratorAdapter):
         vae: a loaded ``diffusers.AutoencoderKL`` or ``diffusers.VQModel``; frozen and put in eval mode.
         image_size: the image size to invert at, an int or (H, W); default the config's ``sample_size``.
         init: "random" (inversion starts from the prior) or "encoder" (:meth:`initial_latents`
-            puts each image's first row at the encoder's mean latent).
+            puts each image's first row at the encoder's mean latent, computed for that image
+            alone). An :class:`~ronan_fast.Attributor` given an ``init="encoder"`` decoder uses
+            :class:`~ronan_fast.autoencoder_start.AutoencoderStart` as its warm start, so that the
+            profile records it.
         quantize: for a ``VQModel``, quantise the latent to the codebook before decoding (as
             ``VQModel.decode`` does by default; gradients pass straight through). Ignored for
             ``AutoencoderKL``.
@@ -276,9 +279,9 @@ class LatentDiffusionDecoder(GeneratorAdapter):
             raise ValueError(f"rows_per_image must be an integer >= 1, got {rows_per_image!r}")
         b = images.shape[0]
         z = self.sample_latents(b * rows_per_image, generator)
-        if self.init == "encoder":
+        if self.init == "encoder":  # one image at a time: its start is the same in any batch
             z = z.view(b, rows_per_image, -1).clone()
-            z[:, 0] = self.encoder_latents(images).to(z)
+            z[:, 0] = torch.cat([self.encoder_latents(images[k:k + 1]) for k in range(b)]).to(z)
             z = z.view(b * rows_per_image, -1)
         return z
 

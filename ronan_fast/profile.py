@@ -34,8 +34,8 @@ import numpy as np
 from ronan_fast._atomic import write_text
 from ronan_fast.grubbs import grubbs_critical_value, grubbs_p_value
 from ronan_fast.profile_checks import MAX_PROFILE_BYTES  # noqa: F401  (the file cap, importable from here as before)
-from ronan_fast.profile_checks import (FORMAT, FORMAT_VERSION, RULES, ProfileError, _brief, _is_int, _moments,
-                                      _read_capped, _shown, _validate)
+from ronan_fast.profile_checks import (_START_NAMES, FORMAT, FORMAT_VERSION, RULES, ProfileError, _brief, _is_int,
+                                      _moments, _read_capped, _shown, _validate)
 
 __all__ = [
     "BelongingProfile",
@@ -300,8 +300,9 @@ class BelongingProfile:
                              "but no encoder was given: keep PROFILE.encoder.safetensors beside the profile "
                              "(or pass warm_start=ronan_fast.warmstart.load_encoder(...))")
             elif mine is None:
-                diffs.append("an encoder was given but the profile was fitted with random starts only: "
-                             "fit the profile with it (profile --warm-start) or judge without it")
+                what = _START_NAMES.get((warm_start.describe().get("recipe") or {}).get("kind"), "a learned encoder")
+                diffs.append(f"the inversions here would start at {what} but the profile was fitted with random "
+                             "starts only: fit the profile with that start (profile --warm-start) or judge without it")
             else:
                 diffs.append(f"the encoder differs (profile: sha256 {mine[:12]}, given: {given_ws[:12]}): "
                              "use the encoder file the profile was fitted with")

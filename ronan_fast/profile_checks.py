@@ -24,6 +24,9 @@ FORMAT_VERSION = 1
 MAX_PROFILE_BYTES = 64 * 2**20
 #: the belonging rules: the Grubbs test on A' ("grubbs", the paper's) or on log A'
 RULES = ("grubbs", "grubbs-log")
+#: how a mismatch message names a warm start of each recorded ``kind`` (a learned encoder has none)
+_START_NAMES = {"autoencoder": "the autoencoder's own encoder (--warm-start autoencoder, or a decoder built with "
+                               "init='encoder')", "mapping": "starts through the mapping network (--warm-start mapping)"}
 
 
 class ProfileError(ValueError):

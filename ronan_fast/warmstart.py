@@ -21,7 +21,9 @@ generator changes; the encoder only chooses where the search begins.
   it does not depend on the batch. Random starts remain for the images the encoder misses.
 
 For a latent-diffusion decoder the autoencoder's own encoder is the warm start
-(:class:`ronan_fast.diffusers_adapters.LatentDiffusionDecoder` with ``init="encoder"``).
+(:class:`ronan_fast.autoencoder_start.AutoencoderStart`, which an
+:class:`~ronan_fast.Attributor` also uses for a
+:class:`~ronan_fast.diffusers_adapters.LatentDiffusionDecoder` built with ``init="encoder"``).
 """
 
 from __future__ import annotations

@@ -208,6 +208,43 @@ def test_the_autoencoder_start_is_the_encoder_start_wherever_a_warm_start_goes(k
 
 
 @needs_diffusers
+def test_an_init_encoder_decoder_is_judged_with_the_autoencoder_start_its_profile_records(kl_folder):
+    """A decoder built with init="encoder" starts each image from its encoder in any batch, and an
+    Attributor records that start in the profile (AutoencoderStart); a profile fitted with random
+    starts refuses it by name, and a second warm start is refused."""
+    import warnings
+
+    from ronan_fast import Attributor
+    from ronan_fast.autoencoder_start import AutoencoderStart, autoencoder_start
+    from ronan_fast.profile import ProfileMismatchError
+    from ronan_fast.warmstart import train_encoder
+
+    own = LatentDiffusionDecoder.from_pretrained(kl_folder, init="encoder")
+    plain = LatentDiffusionDecoder.from_pretrained(kl_folder)
+    images = plain.generate(3, torch.Generator().manual_seed(4)).images
+    batch = own.initial_latents(images, 2, torch.Generator().manual_seed(0)).view(3, 2, -1)
+    guess = autoencoder_start(plain).guess(images)
+    for k in range(3):  # each image's first start, to the bit, is its guess computed alone
+        assert torch.equal(batch[k, 0], guess[k])
+        assert torch.equal(own.initial_latents(images[k:k + 1], 2, torch.Generator().manual_seed(0))[0], guess[k])
+    att = Attributor(own, None, steps=5, polish_steps=0)
+    assert isinstance(att.warm_start, AutoencoderStart)
+    assert att.settings == Attributor(plain, None, warm_start=autoencoder_start(plain), steps=5,
+                                      polish_steps=0).settings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a small profile
+        prof = att.fit(n=3, seed=1)
+        random_prof = Attributor(plain, None, steps=5, polish_steps=0).fit(n=3, seed=1)
+    assert prof.warm_start["recipe"] == {"kind": "autoencoder"}
+    assert isinstance(Attributor.from_profile(prof, plain, None).warm_start, AutoencoderStart)
+    with pytest.raises(ProfileMismatchError, match="autoencoder's own encoder.*init='encoder'.*random starts only"):
+        Attributor.from_profile(random_prof, own, None)
+    enc = train_encoder(plain, samples=16, steps=2, batch=8)
+    with pytest.raises(ValueError, match="init='encoder'.*warm_start is a WarmStartEncoder: choose one"):
+        Attributor(own, None, warm_start=enc)
+
+
+@needs_diffusers
 def test_a_profile_with_the_autoencoder_start_is_rebuilt_from_the_model(tmp_path, capsys):
     """On the zoo's AutoencoderKL (a diffusers folder; its decoder overshoots [-1, 1] on some
     pixels, which clip_aware settings accept): the profile records the start; from_profile and
