@@ -37,7 +37,8 @@ from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule
 from ronan_fast.profile_fitting import (CheckpointError, check_output_range, profile_job, read_checkpoint,
-                                       retry_profile_outliers, stream_seed, warn_small_profile)
+                                       retry_profile_outliers, stream_seed, warn_small_profile,
+                                       warn_weak_profile)
 from ronan_fast.profile_loading import _profile_reference, load_profile_encoder
 from ronan_fast.progress import ImageProgress, ProgressFn
 
@@ -276,6 +277,7 @@ class Attributor:
     def use_profile(self, profile: BelongingProfile) -> None:
         """Adopt a profile after checking it matches this model, reference model, metric and settings."""
         profile.check_compatible(self.generator, self.reference, self.metric, self.settings, self.warm_start)
+        warn_weak_profile(profile)
         if profile.alpha != self.alpha:
             profile = dataclasses.replace(profile, alpha=self.alpha)
         self.profile = profile
@@ -424,6 +426,7 @@ class Attributor:
             retries=self.profile_retries or None, retried=retried, generator_name=self.name,
             warm_start=None if self.warm_start is None else self.warm_start.describe(),
         )
+        warn_weak_profile(self.profile)
         return self.profile
 
     def _fit_in_parts(self, images: Tensor, seed: int, edit: str | None, path: Path | None, every: int,

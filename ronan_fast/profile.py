@@ -35,7 +35,7 @@ from ronan_fast._atomic import write_text
 from ronan_fast.grubbs import grubbs_critical_value, grubbs_p_value
 from ronan_fast.profile_checks import MAX_PROFILE_BYTES  # noqa: F401  (the file cap, importable from here as before)
 from ronan_fast.profile_checks import (_START_NAMES, FORMAT, FORMAT_VERSION, RULES, ProfileError, _brief, _is_int,
-                                      _moments, _read_capped, _shown, _validate)
+                                      _moments, _read_capped, _shown, _validate, weak_threshold_text)
 
 __all__ = [
     "BelongingProfile",
@@ -258,6 +258,12 @@ class BelongingProfile:
         edge = self.mu + self.critical_value * self.sigma
         return math.exp(edge) if self.rule == "grubbs-log" else edge
 
+    @property
+    def weakness(self) -> str | None:
+        """Why this profile's verdicts can hardly tell the model's images from others (its
+        calibrated threshold is at least :data:`~ronan_fast.profile_checks.WEAK_THRESHOLD`), or None."""
+        return weak_threshold_text(self.calibrated, self.threshold, self.rule, self.sigma)
+
     def to_scale(self, calibrated_loss) -> np.ndarray:
         """Calibrated losses on the rule's scale (``log`` for "grubbs-log"; a loss of 0 gives -inf)."""
         a = np.asarray(calibrated_loss, dtype=np.float64)
@@ -438,7 +444,7 @@ class BelongingProfile:
             f"{'' if not self.retried else f', {len(set(self.retried))} image(s) inverted again'}\n"
             f"  rule {self.rule} on {scale}, n={self.n}, alpha={self.alpha}, metric={self.metric}\n"
             f"  mu={self.mu:.6g}  sigma={self.sigma:.6g}  G_crit={self.critical_value:.4f}  "
-            f"threshold A' < {self.threshold:.6g}"
+            f"threshold A' < {self.threshold:.6g}" + ("" if self.weakness is None else f"\n  warning: {self.weakness}")
         )
 
 

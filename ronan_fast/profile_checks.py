@@ -24,6 +24,12 @@ FORMAT_VERSION = 1
 MAX_PROFILE_BYTES = 64 * 2**20
 #: the belonging rules: the Grubbs test on A' ("grubbs", the paper's) or on log A'
 RULES = ("grubbs", "grubbs-log")
+#: a calibrated profile whose threshold A' reaches this judges an image the model's own even where
+#: the model reconstructs it only a few times better than the reference model does. On the
+#: evaluation's cells (bench/results/profile_retry_full_default_cpu.md: 56 cells, both rules, after
+#: the retries) the 9 thresholds from 0.49 up admitted 91-100% of the other images, the 103 up to
+#: 0.065 at most 15%. A threshold under it is no guarantee: before the retries, one of 0.051 admitted 67%.
+WEAK_THRESHOLD = 0.2
 #: how a mismatch message names a warm start of each recorded ``kind`` (a learned encoder has none)
 _START_NAMES = {"autoencoder": "the autoencoder's own encoder (--warm-start autoencoder, or a decoder built with "
                                "init='encoder')", "mapping": "starts through the mapping network (--warm-start mapping)"}
@@ -225,3 +231,18 @@ def _validate_fields(p: BelongingProfile) -> None:
     if not (math.isfinite(edge) and (p.rule != "grubbs-log" or edge < math.log(sys.float_info.max))):
         raise ProfileError(f"the belonging threshold (mu + G_crit * sigma = {edge!r} on the {p.rule!r} scale) "
                            "is not a finite loss")
+
+
+def weak_threshold_text(calibrated: bool, threshold: float, rule: str, sigma: float) -> str | None:
+    """What a calibrated profile whose threshold is at least :data:`WEAK_THRESHOLD` means for its
+    verdicts (None for any other profile)."""
+    if not calibrated or not threshold >= WEAK_THRESHOLD:
+        return None
+    scale = "log A'" if rule == "grubbs-log" else "A'"
+    return (f"the profile's threshold is A' < {threshold:.3g}: an image whose loss under this model is "
+            f"{threshold:.2g} times its loss under the reference model would be judged this model's, so the test can "
+            f"hardly tell the model's images from others (in the evaluation, every profile with a threshold from 0.49 "
+            f"up admitted 91-100% of the other images). Either the inversion missed many of the model's own images "
+            f"(sigma {sigma:.3g} on {scale}; docs/performance.md#held-out-generators names the models it does not "
+            "converge on: try --warm-start or more restarts), or the reference model reconstructs them nearly as "
+            "well as this one (an edit that removes their detail, a reference too like the model)")

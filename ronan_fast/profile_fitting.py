@@ -204,3 +204,10 @@ def warn_small_profile(n: int, alpha: float) -> None:
             f"(n=100: {grubbs_critical_value(100, alpha):.2f}), so the threshold can sit far from where the model's "
             "images fall and reject some of them; fit it on at least 30 images (the paper uses 100)")
     warnings.warn(text, UserWarning, stacklevel=4)  # the caller of Attributor.fit
+
+
+def warn_weak_profile(profile) -> None:
+    """Warn where a profile's threshold tells the model's images poorly from others
+    (:attr:`~ronan_fast.profile.BelongingProfile.weakness`)."""
+    if profile.weakness is not None:
+        warnings.warn(profile.weakness, UserWarning, stacklevel=3)

@@ -297,3 +297,35 @@ def test_retry_fields_round_trip_and_validate(models, tmp_path):
         data = {**q.to_dict(), **change}
         with pytest.raises(ProfileError, match=message):
             BelongingProfile.from_dict(data)
+
+
+def test_a_profile_whose_threshold_admits_reference_like_images_says_so(models):
+    """A calibrated threshold of A' >= WEAK_THRESHOLD (a model whose inversions missed many of its
+    own images: half of them 1000x higher, as on a StyleGAN from random starts) is named in the
+    profile's description and warned of where an attributor adopts it; a converged profile and an
+    uncalibrated one are not."""
+    import warnings
+
+    from ronan_fast import Attributor
+    from ronan_fast.profile_checks import WEAK_THRESHOLD
+
+    g, r, _ = models
+    healthy = make(models, rule="grubbs-log")
+    assert healthy.threshold < WEAK_THRESHOLD and healthy.weakness is None and "warning" not in healthy.describe()
+    rng = np.random.default_rng(0)
+    raw = np.concatenate([rng.lognormal(np.log(1e-6), 0.3, 50), rng.lognormal(np.log(1e-3), 0.7, 50)])
+    ref = rng.lognormal(np.log(5e-3), 0.3, 100)
+    weak = BelongingProfile.from_losses(raw, ref, alpha=0.05, rule="grubbs-log", metric="mse", settings=SETTINGS,
+                                        generator=g, reference=r, seed=7, inversion_seed=0)
+    assert weak.threshold >= WEAK_THRESHOLD
+    assert "hardly tell the model's images from others" in weak.weakness
+    assert f"warning: {weak.weakness}" in weak.describe()
+    uncal = BelongingProfile.from_losses(raw * 1e3, None, alpha=0.05, rule="grubbs-log", metric="mse",
+                                         settings=SETTINGS, generator=g, reference=None, seed=7, inversion_seed=0)
+    assert uncal.threshold >= WEAK_THRESHOLD and uncal.weakness is None  # no reference: no anchor for A'
+    att = Attributor(g, r, settings=SETTINGS)
+    with pytest.warns(UserWarning, match="hardly tell the model's images from others"):
+        att.use_profile(weak)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        att.use_profile(healthy)
