@@ -84,7 +84,7 @@ def legacy_load_files(self, items):
     """``Attributor._load_files`` as it was before files were read at the model's shape: every
     file decoded whole to float and kept until the batch is fitted (for the "before" column)."""
 
-    from ronan_fast.attributor import _join
+    from ronan_fast.attribution_inputs import _join
     from ronan_fast.imageio import list_images, load_image_with_note, to_model_shape
 
     natives, paths, load_notes = [], [], []

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ronan_fast._atomic import write_text
 from ronan_fast.adapters import GeneratorAdapter
+from ronan_fast.attribution_inputs import check_images, fit_to_model, load_image_files
 from ronan_fast.attribution_result import AttributionResult
 from ronan_fast.edits import apply_edit, check_edit, check_edit_metric
 from ronan_fast.grubbs import _check_alpha
@@ -461,7 +462,7 @@ class Attributor:
         stage = lambda name: (lambda st, d, t: progress(name, a + d, n)) if progress else None  # noqa: E731
         part = {}
         if self.reference is not None:
-            ref_images, _ = self._fit_shape(images[a:b], self.reference)
+            ref_images, _ = fit_to_model(images[a:b], self.reference)
             part["reference"] = self._invert(self.reference, ref_images, None, stage("reference"),
                                              "reference").loss.cpu().double().tolist()
         part["model"] = self._invert(self.generator, images[a:b], None, stage("model"),
@@ -506,8 +507,8 @@ class Attributor:
         paths = None
         errors: list[tuple[str, str]] = []
         if isinstance(images, Tensor):
-            x = self._check_tensor(images)
-            ref_x, ref_notes = (None, None) if self.reference is None else self._fit_shape(x, self.reference)
+            x = check_images(images, self.generator)
+            ref_x, ref_notes = (None, None) if self.reference is None else fit_to_model(x, self.reference)
             notes = ["" for _ in range(x.shape[0])]
             if ref_notes is not None:
                 notes = [f"reference: {n}" if n != "unchanged" else "" for n in ref_notes]
@@ -584,78 +585,9 @@ class Attributor:
                   model.name, time.perf_counter() - t0, int(res.row_steps.sum()))
         return res
 
-    def _check_tensor(self, images: Tensor) -> Tensor:
-        shape = tuple(self.generator.image_shape)
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4:
-            raise ValueError(f"images must be a tensor [B, C, H, W], got shape {tuple(images.shape)}")
-        if images.shape[0] == 0:
-            raise ValueError("images is empty: nothing to attribute")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be a float tensor in [0, 1], got {images.dtype} (divide 8-bit data by 255)")
-        if tuple(images.shape[1:]) != shape:
-            raise ValueError(
-                f"images have shape {tuple(images.shape[1:])} per image but {self.generator.name} makes {shape}; "
-                "convert them with ronan_fast.imageio.to_model_shape(images, shape) or pass image files"
-            )
-        finite = torch.isfinite(images).flatten(1).all(1)
-        if not bool(finite.all()):
-            raise ValueError(f"images contain NaN or Inf (images {(~finite).nonzero().flatten().tolist()[:10]})")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-        return images.detach().float().clamp(0, 1)
-
-    @staticmethod
-    def _fit_shape(images: Tensor, model: GeneratorAdapter) -> tuple[Tensor, list[str]]:
-        shape = tuple(model.image_shape)
-        if tuple(images.shape[1:]) == shape:
-            return images, ["unchanged"] * images.shape[0]
-        from ronan_fast.imageio import to_model_shape
-
-        return to_model_shape(images.detach().cpu(), shape)
-
     def _load_files(self, items):
-        """Files and folders -> (images at the model's shape, at the reference model's (None
-        uncalibrated), paths, notes, errors). Each file is read straight to the shapes it is
-        needed at (:func:`~ronan_fast.imageio.load_at_shapes`) before the next is opened, so
-        memory holds one file's decoded pixels and the fitted images, whatever the files' size."""
-        from ronan_fast.imageio import ImageLoadError, list_images, load_at_shapes
-
-        if isinstance(items, (str, bytes, os.PathLike)):
-            items = [items]
-        items = list(items)
-        if not items:
-            raise ValueError("no images given: pass a tensor, image files or folders")
-        for item in items:
-            if not isinstance(item, (str, bytes, os.PathLike)):
-                raise TypeError(f"images must be a tensor or paths, got an item of type {type(item).__name__}")
-        listing = list_images(items)  # a missing path, an empty folder, a FIFO...: an error each
-        errors: list[tuple[str, str]] = [(str(e.path), e.reason) for e in listing.errors]
-        shape = tuple(self.generator.image_shape)
-        ref_shape = None if self.reference is None else tuple(self.reference.image_shape)
-        shapes = [shape] if ref_shape in (None, shape) else [shape, ref_shape]
-        xs, ref_xs, paths, notes = [], [], [], []
-        for f in listing:
-            try:
-                loaded = load_at_shapes(f, shapes)
-            except ImageLoadError as e:
-                errors.append((str(e.path), e.reason))
-                continue
-            xs.append(loaded.images[0])
-            paths.append(str(f))
-            note = _join(loaded.note, loaded.fit_notes[0])
-            if len(shapes) > 1:
-                ref_xs.append(loaded.images[1])
-                rn = loaded.fit_notes[1]
-                note = _join(note, f"reference: {rn}" if rn != "unchanged" else "")
-            notes.append(note)
-        if not xs:
-            return torch.empty(0, *shape), None, paths, [], errors
-        x = torch.stack(xs)
-        ref_x = None if ref_shape is None else (x if len(shapes) == 1 else torch.stack(ref_xs))
-        return x, ref_x, paths, notes, errors
+        """:func:`~ronan_fast.attribution_inputs.load_image_files` for this model and reference model."""
+        return load_image_files(items, self.generator, self.reference)
 
     def _empty_result(self, profile: BelongingProfile, errors) -> AttributionResult:
         c, h, w = self.generator.image_shape
@@ -685,7 +617,3 @@ def _own_encoder_start(generator: GeneratorAdapter, warm_start):
                          f"and warm_start is a {type(warm_start).__name__}: choose one (init='random' with that "
                          "warm start, or warm_start=None)")
     return warm_start
-
-
-def _join(*parts: str) -> str:
-    return ", ".join(p for p in parts if p and p != "unchanged")
