@@ -278,9 +278,9 @@ class Attributor:
     def use_profile(self, profile: BelongingProfile) -> None:
         """Adopt a profile after checking it matches this model, reference model, metric and settings."""
         profile.check_compatible(self.generator, self.reference, self.metric, self.settings, self.warm_start)
-        warn_weak_profile(profile)
         if profile.alpha != self.alpha:
             profile = dataclasses.replace(profile, alpha=self.alpha)
+        warn_weak_profile(profile)  # at the alpha, hence the threshold, that will judge
         self.profile = profile
         self.rule = profile.rule
 
@@ -292,7 +292,8 @@ class Attributor:
     def report_header(self) -> dict:
         """The header of a report of this attributor's verdicts (docs/reports.md): tool version,
         model and reference model (names and fingerprints), the profile (its id, statistics and
-        own calibrated losses), the test (rule, alpha, critical value, threshold), the inversion
+        own calibrated losses, and its ``warning`` where its threshold can hardly tell the model's
+        images from others, else None), the test (rule, alpha, critical value, threshold), the inversion
         settings, seed and how it ran (device, threads, rows per generator call), and the time."""
         from datetime import datetime, timezone
 
@@ -310,7 +311,7 @@ class Attributor:
             "reference": None if ref is None else {"name": ref.name, "fingerprint": ref.fingerprint()},
             "profile": {"id": profile.identity(), "n": profile.n, "mu": profile.mu, "sigma": profile.sigma,
                         "rule": profile.rule, "edit": profile.edit, "generator_name": profile.generator_name,
-                        "calibrated_losses": list(profile.calibrated_losses)},
+                        "calibrated_losses": list(profile.calibrated_losses), "warning": profile.weakness},
             "rule": profile.rule, "alpha": profile.alpha, "critical_value": profile.critical_value,
             "threshold": profile.threshold, "settings": self.settings.to_dict(), "seed": self.seed,
             "early_stop": self.early_stop, "device": str(device),

@@ -291,6 +291,31 @@ def test_bad_input_is_named():
         png_bytes(torch.zeros(1, 4, 4, dtype=torch.uint8))
 
 
+def test_a_profile_that_can_hardly_tell_is_named_in_the_run_and_the_summary():
+    """The header's profile warning is shown in red under the threshold and the summary line; a
+    report that does not record one gets the warning its calibrated threshold calls for (A' >= 0.2),
+    an uncalibrated one none, and a recorded null means none."""
+    recs, prof = make_records(), make_profile()
+    strong = prof | {"mu": -6.0, "threshold": math.exp(-6.0 + 2.5 * 0.4)}
+    said = "the profile's threshold is A' < 1: recorded by the writer"
+
+    def warnings_of(header, profile):
+        dom = parse(render_html(header, recs, profile))
+        return ([n.text for n in dom.by_id("run").find_all("span", "warning")],
+                [n.text for n in dom.by_id("summary").find_all("span", "warning")])
+
+    recorded = make_header(profile=make_header()["profile"] | {"warning": said})
+    run, summary = warnings_of(recorded, prof)
+    assert run == [said] and len(summary) == 1 and "hardly tell" in summary[0]
+    run, summary = warnings_of(make_header(), prof)  # none recorded: the threshold 1.0 calls for it
+    assert len(run) == 1 and "hardly tell the model's images from others" in run[0] and len(summary) == 1
+    assert warnings_of(make_header(), strong) == ([], [])  # threshold 0.0067
+    assert warnings_of(make_header(reference=None), prof) == ([], [])  # uncalibrated: no anchor
+    assert warnings_of(make_header(profile=make_header()["profile"] | {"warning": None}), prof) == ([], [])
+    with pytest.raises(ValueError, match=r"header\['profile'\]\['warning'\]"):
+        render_html(make_header(profile=make_header()["profile"] | {"warning": 3}), recs, prof)
+
+
 def test_write_html_is_atomic_and_readable(tmp_path):
     out = write_html(tmp_path / "sub" / "report.html", make_header(), make_records(), make_profile())
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")

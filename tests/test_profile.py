@@ -326,6 +326,8 @@ def test_a_profile_whose_threshold_admits_reference_like_images_says_so(models):
     att = Attributor(g, r, settings=SETTINGS)
     with pytest.warns(UserWarning, match="hardly tell the model's images from others"):
         att.use_profile(weak)
+    assert att.report_header()["profile"]["warning"] == weak.weakness  # what a report records and shows
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         att.use_profile(healthy)
+    assert att.report_header()["profile"]["warning"] is None

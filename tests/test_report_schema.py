@@ -89,6 +89,16 @@ def test_uncalibrated_edited_and_empty_reports_validate():
     assert errors_of(report(records=[rec])) == []
 
 
+def test_the_profile_warning_is_text_or_null():
+    for value in ("the profile's threshold is A' < 1.29: ...", None):
+        doc = report()
+        doc["header"]["profile"]["warning"] = value
+        assert errors_of(doc) == []
+    doc = report()
+    doc["header"]["profile"]["warning"] = 1.29
+    assert errors_of(doc)
+
+
 def test_unknown_fields_are_allowed_for_newer_writers():
     doc = report()
     doc["header"]["command"] = "ronan-fast inspect ..."

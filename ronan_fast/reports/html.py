@@ -303,6 +303,18 @@ def _model_html(model: Mapping | None, name: str) -> str:
     return out
 
 
+def _profile_warning(header: Mapping, hp: Mapping, profile: dict) -> str | None:
+    """The profile's warning (``header['profile']['warning']``), or, for a report that does not
+    record one, the one its calibrated threshold calls for
+    (:func:`~ronan_fast.profile_checks.weak_threshold_text`)."""
+    from ronan_fast.profile_checks import weak_threshold_text
+
+    if "warning" in hp:
+        return _get(hp, "warning", "header['profile']", "str")
+    calibrated = isinstance(header.get("reference"), Mapping)
+    return weak_threshold_text(calibrated, profile["threshold"], profile["rule"], profile["sigma"])
+
+
 def _run_section(header: Mapping, profile: dict, records: list[dict]) -> tuple[str, str, str]:
     """(summary line, definition list of the run, settings table) as HTML."""
     rows = []
@@ -339,6 +351,9 @@ def _run_section(header: Mapping, profile: dict, records: list[dict]) -> tuple[s
     rows.append(_dl_row("alpha", _fmt(alpha, ".4g")))
     rows.append(_dl_row("critical value", f"G_crit = {_fmt(crit, '.5g')}"))
     rows.append(_dl_row("threshold", f"images with A′ &lt; {_fmt(profile['threshold'], '.6g')} belong"))
+    warning = _profile_warning(header, hp, profile)
+    if warning is not None:
+        rows.append(_dl_row("warning", f'<span class="warning">{_html(warning)}</span>'))
     seed = _get(header, "seed", "header", "int")
     early = _get(header, "early_stop", "header", "bool")
     device = _get(header, "device", "header", "str")
@@ -377,6 +392,9 @@ def _run_section(header: Mapping, profile: dict, records: list[dict]) -> tuple[s
                f"{'does' if no == 1 else 'do'} not")
     if err:
         summary += f", <strong>{err}</strong> could not be judged"
+    if warning is not None:
+        summary += ('<span class="warning">warning: the profile\'s threshold can hardly tell the model\'s images '
+                    'from others, so a verdict of "belongs" is worth little (see Run)</span>')
     return summary, "<dl>" + "".join(rows) + "</dl>", settings_html
 
 
