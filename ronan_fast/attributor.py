@@ -80,9 +80,11 @@ class Attributor:
             :class:`~ronan_fast.inversion.InversionSettings`.
         seed: seed of the inversion's starting points (same seed, same device: same result).
         device: move both models there (e.g. ``"cuda"``); default: where they are.
-        early_stop: in :meth:`attribute`, stop inverting an image with the model once its loss is
-            under the verdict threshold (the verdict can no longer change). Verdicts are the same
-            either way; the reported loss is then the loss at stopping.
+        early_stop: in :meth:`attribute`, invert each image with the model against its verdict
+            threshold: stop once its loss is under it (the verdict can no longer change; the
+            reported loss is then the loss at stopping), and apply the rules that need a threshold
+            (the settle rule, escalation: ``THRESHOLD_FIELDS``). False: every image runs the
+            whole schedule without them (docs/attribution.md#early-stop).
         max_rows: inversion rows in the batch at once (memory budget), see :func:`~ronan_fast.inversion.invert`.
         impl: kernel implementation, ``"auto"``, ``"ext"`` or ``"ref"``.
         cuda_graph: capture each Adam step in a CUDA graph (both models must be on a CUDA

@@ -241,9 +241,12 @@ def test_fold_bn_option(tmp_path, capsys):
     assert code == 0, err
     plain, folded = (BelongingProfile.load(tmp_path / f) for f in ("p.json", "f.json"))
     assert folded.settings == plain.settings and folded.generator_fingerprint == plain.generator_fingerprint
-    # near the 8-bit floor a polish step taken in one run and refused in the other (rounding)
-    # moves a loss by about a tenth: seen 6.2e-6 against 5.5e-6, the other two equal to 1e-6
-    torch.testing.assert_close(torch.tensor(folded.raw_losses), torch.tensor(plain.raw_losses), rtol=0.25, atol=1e-7)
+    # 20 Adam steps leave the inversion far from converged, where rounding sends the two runs down
+    # different paths: seen 6.2e-6 against 5.5e-6 on one CPU, 1.26e-6 against 1.89e-6 and 1.65e-4
+    # against 1.37e-4 on another. Each loss within a factor of 2 of the other's; that the folded
+    # generator computes the same images is tests/test_fold.py's to check, to float rounding
+    ratio = torch.tensor(folded.raw_losses) / torch.tensor(plain.raw_losses)
+    assert ((ratio > 0.5) & (ratio < 2)).all(), (folded.raw_losses, plain.raw_losses)
     from ronan_fast import zoo
 
     img = tmp_path / "g.png"

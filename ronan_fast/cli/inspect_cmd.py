@@ -69,8 +69,8 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--batch", type=positive_int, default=64, help="images per batch (default: 64)")
     p.add_argument("--alpha", type=probability, help="significance level (default: the profile's)")
     p.add_argument("--no-early-stop", action="store_true",
-                   help="invert every image to the end even once its verdict is settled (same verdicts, "
-                        "lowest losses, slower)")
+                   help="invert every image to the end of the schedule even once its verdict is settled, "
+                        "without the rules that act against the threshold (settle, escalation); slower")
     add_common_args(p)
 
 
