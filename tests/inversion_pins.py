@@ -9,11 +9,16 @@ settle rule), bf16 autocast and its float32 confirmation, admission under a smal
 each polish method (dense forward and reverse mode, CG, GMRES, tone-fitted), the non-fused
 metrics, a class-conditional model with its class searched, and stagewise inversion.
 
-Rounding depends on the CPU's instruction set and torch's version, so the pins hold where
-they were recorded (:func:`environment`); elsewhere the test says so and skips. Record again,
-deliberately, only when the arithmetic is meant to change:
+Rounding depends on torch's version and on the CPU: its instruction set, and which kernels
+oneDNN and MKL pick on it (two CPUs that torch both calls "AVX512", an AMD EPYC and an Intel
+Xeon with AMX, round differently). The pins file holds one record per environment
+(:func:`environment`); the test runs the record of the machine it is on, and skips where there
+is none. Record deliberately: for a new environment when the inversion's arithmetic is known
+unchanged since the last recording (the same code passing its pins elsewhere), or everywhere
+when the arithmetic is meant to change:
 
-    python tests/inversion_pins.py            # writes tests/data/inversion_pins.json
+    python tests/inversion_pins.py            # (re)writes this environment's record, every case
+    python tests/inversion_pins.py NAME ...   # only these cases of it
 """
 
 from __future__ import annotations
@@ -29,10 +34,45 @@ import torch
 PINS = Path(__file__).resolve().parent / "data" / "inversion_pins.json"
 
 
+#: CPU features that change which kernels oneDNN and MKL run, hence the rounding
+_CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
+                 "amx_int8")
+
+
+def _cpu() -> str:
+    """The CPU's vendor and the features of :data:`_CPU_FEATURES` it has (from /proc/cpuinfo;
+    the platform's processor string elsewhere)."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    first = info.split("\n\n", 1)[0]  # the first processor's block
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    return " ".join([fields.get("vendor_id", platform.machine())] + [f for f in _CPU_FEATURES if f in flags])
+
+
 def environment() -> dict:
     """What the bits depend on besides the code."""
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": _cpu(),
             "threads": 1}
+
+
+def recorded(env: dict | None = None) -> dict | None:
+    """The pinned cases recorded in ``env`` (default: this environment), or None."""
+    env = environment() if env is None else env
+    if not PINS.exists():
+        return None
+    for rec in json.loads(PINS.read_text())["records"]:
+        if rec["environment"] == env:
+            return rec["cases"]
+    return None
+
+
+def recorded_environments() -> list[dict]:
+    return [rec["environment"] for rec in json.loads(PINS.read_text())["records"]] if PINS.exists() else []
 
 
 def _own(adapter, n: int, seed: int) -> torch.Tensor:
@@ -140,16 +180,24 @@ def run_case(case: dict) -> dict:
 
 
 def record(names: list[str] | None = None) -> None:
-    table = cases()
-    out = json.loads(PINS.read_text()) if PINS.exists() and names else {"environment": environment(), "cases": {}}
-    if out["environment"] != environment():
-        raise SystemExit(f"{PINS} was recorded in {out['environment']}, this is {environment()}: record all cases")
+    """(Re)record this environment's cases: all of them, or ``names`` in its existing record."""
+    table, env = cases(), environment()
+    unknown = sorted(set(names or ()) - set(table))
+    if unknown:
+        raise SystemExit(f"no such case: {', '.join(unknown)} (cases: {', '.join(sorted(table))})")
+    records = json.loads(PINS.read_text())["records"] if PINS.exists() else []
+    mine = recorded(env) if names else {}
+    if mine is None:
+        raise SystemExit(f"{PINS} holds no record of {env}: record all cases")
     for name in names or list(table):
         print(f"recording {name} ...", flush=True)
-        out["cases"][name] = run_case(table[name])
+        mine[name] = run_case(table[name])
+    records = [rec for rec in records if rec["environment"] != env] + [{"environment": env, "cases": mine}]
     PINS.parent.mkdir(parents=True, exist_ok=True)
-    PINS.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {PINS}")
+    tmp = PINS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"records": records}, indent=1) + "\n")
+    tmp.replace(PINS)
+    print(f"wrote {PINS} ({len(records)} environment(s))")
 
 
 if __name__ == "__main__":
