@@ -1,5 +1,6 @@
-"""The images an :class:`~ronan_fast.Attributor` is given: a tensor checked, files and folders
-read at the shapes the model and the reference model make.
+"""The images an :class:`~ronan_fast.Attributor` is given, at the shapes the model and the
+reference model make: files and folders read, a tensor fitted to the reference model (a tensor
+is checked as :func:`~ronan_fast.inversion.invert` checks it).
 
 A file is read straight to the shapes it is needed at before the next one is opened
 (:func:`~ronan_fast.imageio.load_at_shapes`); one that cannot be read is an error of its own,
@@ -15,33 +16,7 @@ from torch import Tensor
 
 from ronan_fast.adapters import GeneratorAdapter
 
-__all__ = ["check_images", "fit_to_model", "load_image_files"]
-
-
-def check_images(images: Tensor, generator: GeneratorAdapter) -> Tensor:
-    """``images`` as ``[B, C, H, W]`` float32 in [0, 1] at ``generator``'s image shape, or a
-    ``ValueError`` that says what is wrong with them."""
-    shape = tuple(generator.image_shape)
-    if images.dim() == 3:
-        images = images.unsqueeze(0)
-    if images.dim() != 4:
-        raise ValueError(f"images must be a tensor [B, C, H, W], got shape {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError("images is empty: nothing to attribute")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a float tensor in [0, 1], got {images.dtype} (divide 8-bit data by 255)")
-    if tuple(images.shape[1:]) != shape:
-        raise ValueError(
-            f"images have shape {tuple(images.shape[1:])} per image but {generator.name} makes {shape}; "
-            "convert them with ronan_fast.imageio.to_model_shape(images, shape) or pass image files"
-        )
-    finite = torch.isfinite(images).flatten(1).all(1)
-    if not bool(finite.all()):
-        raise ValueError(f"images contain NaN or Inf (images {(~finite).nonzero().flatten().tolist()[:10]})")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    return images.detach().float().clamp(0, 1)
+__all__ = ["fit_to_model", "load_image_files"]
 
 
 def fit_to_model(images: Tensor, model: GeneratorAdapter) -> tuple[Tensor, list[str]]:

@@ -31,11 +31,12 @@ from torch import Tensor
 
 from ronan_fast._atomic import write_text
 from ronan_fast.adapters import GeneratorAdapter
-from ronan_fast.attribution_inputs import check_images, fit_to_model, load_image_files
+from ronan_fast.attribution_inputs import fit_to_model, load_image_files
 from ronan_fast.attribution_result import AttributionResult
 from ronan_fast.edits import apply_edit, check_edit, check_edit_metric
 from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
+from ronan_fast.inversion.problem import check_images
 from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule
 from ronan_fast.profile_fitting import (CheckpointError, check_output_range, profile_job, read_checkpoint,
                                        retry_profile_outliers, stream_seed, warn_small_profile,
@@ -510,7 +511,7 @@ class Attributor:
         paths = None
         errors: list[tuple[str, str]] = []
         if isinstance(images, Tensor):
-            x = check_images(images, self.generator)
+            x = check_images(self.generator, images).detach().clamp(0, 1)
             ref_x, ref_notes = (None, None) if self.reference is None else fit_to_model(x, self.reference)
             notes = ["" for _ in range(x.shape[0])]
             if ref_notes is not None:

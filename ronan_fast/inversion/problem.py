@@ -88,11 +88,13 @@ def check_images(generator: GeneratorAdapter, images: Tensor) -> Tensor:
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if not images.is_floating_point():
-        raise ValueError(f"images must be a float tensor in [0, 1], got {images.dtype}")
+        raise ValueError(f"images must be a float tensor in [0, 1], got {images.dtype} (divide 8-bit data by 255)")
     if tuple(images.shape[1:]) != tuple(generator.image_shape):
+        shape = tuple(generator.image_shape)
         raise ValueError(
-            f"images have shape {tuple(images.shape[1:])} but {generator.name} makes {tuple(generator.image_shape)}; "
-            "resize/convert them first (ronan_fast.imageio.to_model_shape)"
+            f"images have shape {tuple(images.shape[1:])} per image but {generator.name} makes {shape}; resize/convert "
+            "them first with ronan_fast.imageio.to_model_shape(images, shape), or give Attributor.attribute the image "
+            "files (it converts them)"
         )
     if images.shape[0] == 0:
         raise ValueError("images is empty")
