@@ -27,7 +27,7 @@ from torch import Tensor
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.warmstart import EncoderError, ModelDerivedStart
 
-__all__ = ["AutoencoderStart", "autoencoder_start", "has_own_encoder"]
+__all__ = ["AutoencoderStart", "autoencoder_start", "encoder_latents_each", "has_own_encoder"]
 
 
 class AutoencoderStart(ModelDerivedStart):
@@ -68,10 +68,16 @@ class AutoencoderStart(ModelDerivedStart):
         if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != shape:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise EncoderError(f"images must be [B, {', '.join(map(str, shape))}], got {got}")
-        try:  # one image at a time: its guess is the same in any batch
-            return torch.cat([self.generator.encoder_latents(images[k:k + 1]).float() for k in range(images.shape[0])])
+        try:
+            return encoder_latents_each(self.generator, images)
         except ValueError as e:
             raise EncoderError(str(e)) from None
+
+
+def encoder_latents_each(generator: GeneratorAdapter, images: Tensor) -> Tensor:
+    """``generator.encoder_latents`` of each image computed from that image alone, float32
+    ``[B, D]``: an image's latent is then the same in any batch."""
+    return torch.cat([generator.encoder_latents(images[k:k + 1]).float() for k in range(images.shape[0])])
 
 
 def has_own_encoder(generator: GeneratorAdapter) -> bool:

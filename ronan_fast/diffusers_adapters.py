@@ -279,9 +279,11 @@ class LatentDiffusionDecoder(GeneratorAdapter):
             raise ValueError(f"rows_per_image must be an integer >= 1, got {rows_per_image!r}")
         b = images.shape[0]
         z = self.sample_latents(b * rows_per_image, generator)
-        if self.init == "encoder":  # one image at a time: its start is the same in any batch
+        if self.init == "encoder":
+            from ronan_fast.autoencoder_start import encoder_latents_each  # its start is the same in any batch
+
             z = z.view(b, rows_per_image, -1).clone()
-            z[:, 0] = torch.cat([self.encoder_latents(images[k:k + 1]) for k in range(b)]).to(z)
+            z[:, 0] = encoder_latents_each(self, images).to(z)
             z = z.view(b * rows_per_image, -1)
         return z
 
