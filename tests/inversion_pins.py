@@ -60,19 +60,14 @@ def environment() -> dict:
             "threads": 1}
 
 
-def recorded(env: dict | None = None) -> dict | None:
-    """The pinned cases recorded in ``env`` (default: this environment), or None."""
-    env = environment() if env is None else env
-    if not PINS.exists():
-        return None
-    for rec in json.loads(PINS.read_text())["records"]:
-        if rec["environment"] == env:
-            return rec["cases"]
-    return None
+def records() -> list[dict]:
+    """The pins file's records, each ``{"environment": ..., "cases": ...}`` (none if it does not exist)."""
+    return json.loads(PINS.read_text())["records"] if PINS.exists() else []
 
 
-def recorded_environments() -> list[dict]:
-    return [rec["environment"] for rec in json.loads(PINS.read_text())["records"]] if PINS.exists() else []
+def recorded(env: dict, in_records: list[dict]) -> dict | None:
+    """The pinned cases ``in_records`` holds for ``env``, or None."""
+    return next((rec["cases"] for rec in in_records if rec["environment"] == env), None)
 
 
 def _own(adapter, n: int, seed: int) -> torch.Tensor:
@@ -185,19 +180,19 @@ def record(names: list[str] | None = None) -> None:
     unknown = sorted(set(names or ()) - set(table))
     if unknown:
         raise SystemExit(f"no such case: {', '.join(unknown)} (cases: {', '.join(sorted(table))})")
-    records = json.loads(PINS.read_text())["records"] if PINS.exists() else []
-    mine = recorded(env) if names else {}
+    saved = records()
+    mine = recorded(env, saved) if names else {}
     if mine is None:
         raise SystemExit(f"{PINS} holds no record of {env}: record all cases")
     for name in names or list(table):
         print(f"recording {name} ...", flush=True)
         mine[name] = run_case(table[name])
-    records = [rec for rec in records if rec["environment"] != env] + [{"environment": env, "cases": mine}]
+    saved = [rec for rec in saved if rec["environment"] != env] + [{"environment": env, "cases": mine}]
     PINS.parent.mkdir(parents=True, exist_ok=True)
     tmp = PINS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"records": records}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"records": saved}, indent=1) + "\n")
     tmp.replace(PINS)
-    print(f"wrote {PINS} ({len(records)} environment(s))")
+    print(f"wrote {PINS} ({len(saved)} environment(s))")
 
 
 if __name__ == "__main__":

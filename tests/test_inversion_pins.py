@@ -8,19 +8,21 @@ bit for bit as recorded; a change meant to alter the arithmetic records the pins
 from __future__ import annotations
 
 import pytest
-from inversion_pins import cases, environment, recorded, recorded_environments, run_case
+from inversion_pins import cases, environment, recorded, records, run_case
 
-_MINE = recorded()
+_RECORDS = records()
+_MINE = recorded(environment(), _RECORDS)
 
 
 @pytest.mark.parametrize("name", sorted(cases()))
 def test_inversion_is_bit_for_bit_as_recorded(name):
     if _MINE is None:
-        pytest.skip(f"no pins recorded in {environment()} (recorded: {recorded_environments()}): rounding may differ")
+        pytest.skip(f"no pins recorded in {environment()} (recorded: {[r['environment'] for r in _RECORDS]}): "
+                    "rounding may differ")
     assert run_case(cases()[name]) == _MINE[name]
 
 
 def test_every_case_is_recorded_in_every_environment():
-    assert recorded_environments(), "no pins recorded"
-    for env in recorded_environments():
-        assert sorted(recorded(env)) == sorted(cases()), env
+    assert _RECORDS, "no pins recorded"
+    for rec in _RECORDS:
+        assert sorted(rec["cases"]) == sorted(cases()), rec["environment"]
