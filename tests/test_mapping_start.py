@@ -140,7 +140,7 @@ def test_cli_profile_warm_start_mapping_and_inspect_rebuild_it(tmp_path, monkeyp
     ws = json.loads((tmp_path / "p.json").read_text())["warm_start"]
     assert ws["recipe"]["kind"] == "mapping" and len(ws["sha256"]) == 64
     assert not (tmp_path / "p.encoder.safetensors").exists()
-    sys.modules.pop("tiny_models", None)
+    monkeypatch.delitem(sys.modules, "tiny_models", raising=False)  # put back after the test
     import tiny_models
 
     g = LatentGenerator(tiny_models.style_generator(), 16)
