@@ -243,6 +243,32 @@ def _base_info(recipe: Recipe, seed: int, steps: int, x: Tensor) -> dict[str, An
             "threads": torch.get_num_threads(), "torch": torch.__version__, "train_images": int(x.shape[0])}
 
 
+def train_steps(steps: int, cap: float | None, step: Callable[[], tuple[float, ...]],
+                report: Callable[[int, tuple[float, ...], float], None],
+                every: int = 250) -> tuple[tuple[float, ...], int]:
+    """Call ``step()`` (one optimiser step; returns its losses as floats) for steps 1 to ``steps``.
+
+    Keeps an exponential moving average of the losses (0.02 on the newest), calls
+    ``report(step, average, seconds so far)`` every ``every`` steps and after the last, and
+    stops early, saying so, once ``cap`` seconds (the ``--minutes`` cap) have passed. Returns
+    the average and the number of steps done.
+    """
+    t0 = time.perf_counter()
+    ema: tuple[float, ...] | None = None
+    done = 0
+    for i in range(1, steps + 1):
+        cur = step()
+        ema = cur if ema is None else tuple(0.98 * a + 0.02 * b for a, b in zip(ema, cur))
+        done = i
+        el = time.perf_counter() - t0
+        if i % every == 0 or i == steps:
+            report(i, ema, el)
+        if cap is not None and el > cap:
+            log(f"stopping at step {i}: wall-clock cap reached")
+            break
+    return ema, done
+
+
 def run_condgan(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     x, y = recipe.params["data"]()
     seed, steps, cap = _seed_steps(recipe, args)
@@ -280,25 +306,20 @@ def run_vae(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed + 1)
     log(f"{recipe.name}: {recipe.description}")
     log(f"data {tuple(x.shape)}, params {sum(p.numel() for p in model.parameters())}, seed {seed}, steps {steps}")
-    model.train()
-    t0 = time.perf_counter()
-    ema = None
-    done = 0
-    for step in range(1, steps + 1):
+    def step() -> tuple[float, float, float]:
         xb = x[torch.randint(0, x.shape[0], (batch,), generator=gen)]
         total, recon, kl = model.loss(xb, generator=gen)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        cur = (total.item(), recon.item(), kl.item())
-        ema = cur if ema is None else tuple(0.98 * a + 0.02 * b for a, b in zip(ema, cur))
-        done = step
-        el = time.perf_counter() - t0
-        if step % 250 == 0 or step == steps:
-            log(f"step {step:6d}/{steps}  -ELBO {ema[0]:.2f}  recon {ema[1]:.2f}  KL {ema[2]:.2f}  ({el:.0f} s)")
-        if cap is not None and el > cap:
-            log(f"stopping at step {step}: wall-clock cap reached")
-            break
+        return total.item(), recon.item(), kl.item()
+
+    def report(i: int, ema: tuple[float, ...], el: float) -> None:
+        log(f"step {i:6d}/{steps}  -ELBO {ema[0]:.2f}  recon {ema[1]:.2f}  KL {ema[2]:.2f}  ({el:.0f} s)")
+
+    model.train()
+    t0 = time.perf_counter()
+    ema, done = train_steps(steps, cap, step, report)
     info = {**_base_info(recipe, seed, steps, x), "loss": "negative ELBO (Bernoulli pixels)", "optimizer": "Adam",
             "lr": lr, "batch": batch, "steps_done": done, "final_neg_elbo_ema": ema[0], "final_recon_ema": ema[1],
             "final_kl_ema": ema[2], "seconds": round(time.perf_counter() - t0, 1)}
@@ -340,11 +361,7 @@ def run_ddim(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     log(f"{recipe.name}: {recipe.description}")
     log(f"data {tuple(x.shape)}, UNet params {sum(p.numel() for p in unet.parameters())}, seed {seed}, "
         f"steps {steps}, sampler timesteps {sampler.timesteps.tolist()}")
-    unet.train()
-    t0 = time.perf_counter()
-    ema_loss = None
-    done = 0
-    for step in range(1, steps + 1):
+    def step() -> tuple[float]:
         x0 = x[torch.randint(0, x.shape[0], (batch,), generator=gen)]
         half = batch // 2
         t_uniform = torch.randint(0, T, (batch - half,), generator=gen)
@@ -360,14 +377,14 @@ def run_ddim(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         with torch.no_grad():
             for pe, p in zip(ema_model.parameters(), sampler.parameters()):
                 pe.lerp_(p, 1.0 - decay)
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        done = step
-        el = time.perf_counter() - t0
-        if step % 250 == 0 or step == steps:
-            log(f"step {step:6d}/{steps}  eps-MSE {ema_loss:.4f}  ({el:.0f} s, {el / step * 1e3:.0f} ms/step)")
-        if cap is not None and el > cap:
-            log(f"stopping at step {step}: wall-clock cap reached")
-            break
+        return (loss.item(),)
+
+    def report(i: int, ema: tuple[float, ...], el: float) -> None:
+        log(f"step {i:6d}/{steps}  eps-MSE {ema[0]:.4f}  ({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
+
+    unet.train()
+    t0 = time.perf_counter()
+    (ema_loss,), done = train_steps(steps, cap, step, report)
     info = {**_base_info(recipe, seed, steps, x), "loss": "DDPM epsilon MSE (half the batch at sampler timesteps)",
             "optimizer": "Adam", "lr": lr, "warmup": warmup, "batch": batch, "ema_decay": decay, "steps_done": done,
             "final_eps_mse_ema": ema_loss, "seconds": round(time.perf_counter() - t0, 1)}
@@ -444,11 +461,7 @@ def run_distill(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
             return float(sum(F.mse_loss(model(v_T[i:i + 500]), v_0[i:i + 500], reduction="sum")
                              for i in range(0, n_val, 500)) / v_0.numel())
 
-    student.train()
-    t1 = time.perf_counter()
-    ema_loss = None
-    done = 0
-    for step in range(1, steps + 1):
+    def step() -> tuple[float]:
         idx = torch.randint(0, n_pairs, (batch,), generator=gen)
         loss = F.mse_loss(student(x_T[idx]), x_0[idx])
         opt.zero_grad(set_to_none=True)
@@ -459,15 +472,14 @@ def run_distill(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         with torch.no_grad():
             for pe, p in zip(ema_model.parameters(), student.parameters()):
                 pe.lerp_(p, 1.0 - decay)
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        done = step
-        el = time.perf_counter() - t1
-        if step % 500 == 0 or step == steps:
-            log(f"step {step:6d}/{steps}  train MSE {ema_loss:.5f}  held-out MSE (EMA weights) "
-                f"{held_out_mse(ema_model):.5f}  ({el:.0f} s, {el / step * 1e3:.0f} ms/step)")
-        if cap is not None and el > cap:
-            log(f"stopping at step {step}: wall-clock cap reached")
-            break
+        return (loss.item(),)
+
+    def report(i: int, ema: tuple[float, ...], el: float) -> None:
+        log(f"step {i:6d}/{steps}  train MSE {ema[0]:.5f}  held-out MSE (EMA weights) "
+            f"{held_out_mse(ema_model):.5f}  ({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
+
+    student.train()
+    (ema_loss,), done = train_steps(steps, cap, step, report, every=500)
     ema_model.eval()
     val = held_out_mse(ema_model)
     info = {**_base_info(recipe, seed, steps, x_0), "teacher": teacher_path.name,

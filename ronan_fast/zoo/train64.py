@@ -327,26 +327,21 @@ def run_vae64(recipe, args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed + 1)
     T.log(f"{recipe.name}: {recipe.description}")
     T.log(f"data {tuple(x.shape)} ({prep.__doc__ or 'as is'}), params {_n_params(model)}, seed {seed}, steps {steps}")
-    model.train()
-    t0 = time.perf_counter()
-    ema = None
-    done = 0
-    for step in range(1, steps + 1):
+    def step() -> tuple[float, float, float]:
         xb = prep(x[torch.randint(0, x.shape[0], (batch,), generator=gen)])
         total, recon, kl = model.loss(xb, generator=gen)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        cur = (total.item(), recon.item(), kl.item())
-        ema = cur if ema is None else tuple(0.98 * a + 0.02 * b for a, b in zip(ema, cur))
-        done = step
-        el = time.perf_counter() - t0
-        if step % 250 == 0 or step == steps:
-            T.log(f"step {step:6d}/{steps}  -ELBO {ema[0]:.1f}  recon {ema[1]:.1f}  KL {ema[2]:.2f}  "
-                  f"({el:.0f} s, {el / step * 1e3:.0f} ms/step)")
-        if cap is not None and el > cap:
-            T.log(f"stopping at step {step}: wall-clock cap reached")
-            break
+        return total.item(), recon.item(), kl.item()
+
+    def report(i: int, ema: tuple[float, ...], el: float) -> None:
+        T.log(f"step {i:6d}/{steps}  -ELBO {ema[0]:.1f}  recon {ema[1]:.1f}  KL {ema[2]:.2f}  "
+              f"({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
+
+    model.train()
+    t0 = time.perf_counter()
+    ema, done = T.train_steps(steps, cap, step, report)
     info = {**T._base_info(recipe, seed, steps, x), "loss": "negative ELBO (Bernoulli pixels)", "optimizer": "Adam",
             "lr": lr, "batch": batch, "steps_done": done, "final_neg_elbo_ema": ema[0], "final_recon_ema": ema[1],
             "final_kl_ema": ema[2], "seconds": round(time.perf_counter() - t0, 1)}
@@ -426,11 +421,7 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
     T.log(f"{recipe.name}: {recipe.description}")
     T.log(f"data {tuple(x.shape)}, params {_n_params(ae)} (decoder {_n_params(ae.decoder) + _n_params(ae.post_quant_conv)}), "
           f"seed {seed}, steps {steps}, batch {batch}, kl_weight {kl_weight}")
-    ae.train()
-    t0 = time.perf_counter()
-    ema = None
-    done = 0
-    for step in range(1, steps + 1):
+    def step() -> tuple[float, float, float]:
         xb = D.to_signed(x[torch.randint(0, x.shape[0], (batch,), generator=gen)])
         total, mse, kl = _aekl_loss(ae, xb, kl_weight, gen)
         opt.zero_grad(set_to_none=True)
@@ -438,16 +429,15 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
         opt.step()
         sched.step()
-        cur = (total.item(), mse.item(), kl.item())
-        ema = cur if ema is None else tuple(0.98 * a + 0.02 * b for a, b in zip(ema, cur))
-        done = step
-        el = time.perf_counter() - t0
-        if step % 250 == 0 or step == steps:
-            T.log(f"step {step:6d}/{steps}  loss {ema[0]:.5f}  MSE {ema[1]:.5f}  KL {ema[2]:.1f} nats/image  "
-                  f"({el:.0f} s, {el / step * 1e3:.0f} ms/step)")
-        if cap is not None and el > cap:
-            T.log(f"stopping at step {step}: wall-clock cap reached")
-            break
+        return total.item(), mse.item(), kl.item()
+
+    def report(i: int, ema: tuple[float, ...], el: float) -> None:
+        T.log(f"step {i:6d}/{steps}  loss {ema[0]:.5f}  MSE {ema[1]:.5f}  KL {ema[2]:.1f} nats/image  "
+              f"({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
+
+    ae.train()
+    t0 = time.perf_counter()
+    ema, done = T.train_steps(steps, cap, step, report)
     seconds = round(time.perf_counter() - t0, 1)
     ae.eval()
     g = torch.Generator().manual_seed(seed + 2)
