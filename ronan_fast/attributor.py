@@ -17,30 +17,24 @@ small greyscale images); ``reference=None`` is the uncalibrated ablation (``A' =
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ronan_fast._atomic import write_text
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.attribution_inputs import fit_to_model, load_image_files
 from ronan_fast.attribution_result import AttributionResult
-from ronan_fast.edits import apply_edit, check_edit, check_edit_metric
 from ronan_fast.grubbs import _check_alpha
 from ronan_fast.inversion import InversionSettings, invert, resolve_settings
 from ronan_fast.inversion.problem import check_images
 from ronan_fast.profile import RULES, BelongingProfile, ProfileError, default_rule
-from ronan_fast.profile_fitting import (CheckpointError, check_output_range, profile_job, read_checkpoint,
-                                       retry_profile_outliers, stream_seed, warn_small_profile,
-                                       warn_weak_profile)
+from ronan_fast.profile_fitting import (_REFERENCE_FLOOR, CheckpointError, ProfileFitting, check_output_range,
+                                       stream_seed, warn_weak_profile)
 from ronan_fast.profile_loading import _profile_reference, load_profile_encoder
 from ronan_fast.progress import ImageProgress, ProgressFn
 
@@ -51,16 +45,12 @@ __all__ = ["Attributor", "AttributionResult", "CheckpointError", "ProgressFn", "
 _STOP_MARGIN = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
 _log = logging.getLogger("ronan_fast")
 
-#: a profile of fewer images than this gets a warning: its threshold rests on too few losses
-SMALL_PROFILE = 30
-#: a reference loss of exactly 0 (the reference reconstructs the image perfectly) is raised to this
-_REFERENCE_FLOOR = 1e-30
 
 
 # ---------------------------------------------------------------------------- result
 
 
-class Attributor:
+class Attributor(ProfileFitting):
     """RONAN for one model: fit its belonging profile, then attribute images to it.
 
     Args:
@@ -339,139 +329,9 @@ class Attributor:
             images = torch.round(images * levels) / levels
         return images
 
-    def fit(self, n: int = 100, seed: int = 0, progress: ProgressFn | bool | None = None,
-            edit: str | None = None, checkpoint: str | os.PathLike | None = None,
-            checkpoint_every: int = 50) -> BelongingProfile:
-        """Build the belonging profile from ``n`` images the model generates (seeded by ``seed``).
-
-        The images are inverted with the model and, when calibrated, the reference model (the
-        class of a class-conditional model is searched, as it is for images under test).
-        ``edit`` (see :mod:`ronan_fast.edits`, e.g. ``"jpeg75"``) first applies that edit to the
-        profile's images (as 8-bit images): the profile then tests "made by the model, then
-        edited so", for images known to reach the inspector edited; it is recorded in the profile.
-        ``edit="tone"`` (random tone edits, for a tone edit not known in advance) and ``edit="any"``
-        (the same, half of them then saved as JPEG at a random quality, for an edit not known at
-        all) need the metric ``"mse-tone"`` and work best with ``rule="grubbs"`` (README, Table 8).
-        Returns the profile and keeps it as :attr:`profile`.
-
-        ``checkpoint``: a JSON file (written atomically) that keeps the losses of every finished
-        part of ``checkpoint_every`` images; called again with the same file and job (model,
-        reference, settings, ``n``, seeds, edit, part size), the fit resumes after the last finished
-        part, and an interrupted fit loses at most one part. Each image's inversion does not
-        depend on the part it is in (starts drawn from its pixels, fixed-shape generator calls:
-        see :func:`~ronan_fast.inversion.invert`), so the profile is the one a single batch gives,
-        bit for bit on CPU; smaller parts cost some throughput. A file of another job, or an
-        unreadable or damaged one, raises :class:`CheckpointError`. The file is left in
-        place: delete it once the profile is saved. The retries run after the last part and are
-        not kept in it.
-        """
-        self._check_fit(n, seed, edit, checkpoint_every, "checkpoint_every")
-        bar = None
-        if progress is True:  # a bar of our own on stderr
-            bar = ImageProgress(n, "profile", enabled=True)
-            progress = bar.part(0, self.stages())
-        try:
-            return self._fit(n, seed, progress or None, edit, checkpoint, checkpoint_every)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def _check_fit(self, n, seed, edit, every, every_name: str) -> None:
-        """``ValueError`` for a fit's bad arguments; a warning for a small profile."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 3:
-            raise ValueError(f"n (profile images) must be an integer >= 3, got {n!r}; the paper uses 100")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"{every_name} must be an integer >= 1, got {every!r}")
-        if edit is not None:
-            check_edit(edit)
-            check_edit_metric(edit, self.metric)
-        if n < SMALL_PROFILE:
-            warn_small_profile(n, self.alpha)
-
     def stages(self) -> tuple[str, ...]:
         """The inversion stages each image goes through ("reference" if calibrated, then "model")."""
         return ("model",) if self.reference is None else ("reference", "model")
-
-    def _fit(self, n, seed, progress, edit, checkpoint, checkpoint_every) -> BelongingProfile:
-        images = self._profile_images(n, seed, edit, progress)
-        path = None if checkpoint is None else Path(checkpoint)  # None: one part, nothing saved
-        raw, ref_loss = self._fit_in_parts(images, seed, edit, path, n if path is None else checkpoint_every, progress)
-        return self._profile_from_losses(images, raw, ref_loss, seed, edit, progress)
-
-    def _profile_images(self, n: int, seed: int, edit: str | None, progress: ProgressFn | None) -> Tensor:
-        """The ``n`` profile images (CPU), edited by ``edit``."""
-        if progress:
-            progress("generate", 0, n)
-        images = self.sample(n, seed, purpose="profile")
-        if edit is not None:
-            images = apply_edit(images, edit)
-        if progress:
-            progress("generate", n, n)
-        return images
-
-    def _profile_from_losses(self, images: Tensor, raw: Tensor, ref_loss: Tensor | None, seed: int,
-                             edit: str | None, progress: ProgressFn | None) -> BelongingProfile:
-        """The profile from its images' losses (model, reference): the retries, then the statistics.
-        Keeps it as :attr:`profile`."""
-        ref = None if ref_loss is None else ref_loss.clamp_min(_REFERENCE_FLOOR)
-        retried = None
-        if self.profile_retries:
-            rounds = itertools.count(1)  # a progress stage per round
-            raw, retried = retry_profile_outliers(
-                raw, ref, self.rule, self.alpha, self.profile_retries,
-                lambda idx, seed: self._invert(self.generator, images[idx], None, progress,
-                                               f"model, again ({next(rounds)})", seed=seed).loss,
-                self.seed)
-        self.profile = BelongingProfile.from_losses(
-            raw, ref, alpha=self.alpha, rule=self.rule, metric=self.metric, settings=self.settings,
-            generator=self.generator, reference=self.reference, seed=seed, inversion_seed=self.seed,
-            image_bits=self.image_bits, edit=edit,
-            retries=self.profile_retries or None, retried=retried, generator_name=self.name,
-            warm_start=None if self.warm_start is None else self.warm_start.describe(),
-        )
-        warn_weak_profile(self.profile)
-        return self.profile
-
-    def _fit_in_parts(self, images: Tensor, seed: int, edit: str | None, path: Path | None, every: int,
-                      progress: ProgressFn | None) -> tuple[Tensor, Tensor | None]:
-        """The profile images' losses (model, reference; float64, CPU), ``every`` images at a
-        time, each part saved to ``path`` as it finishes and skipped when ``path`` already holds
-        it (``path`` None: nothing saved or read)."""
-        n = images.shape[0]
-        done: dict[str, dict] = {}  # finished parts: first image's index (a string) -> losses
-        if path is not None:
-            key, job = profile_job(self, images, seed, edit, every)
-            done = read_checkpoint(path, key, n, every, self.reference is not None)
-        raw = torch.empty(n, dtype=torch.float64)
-        ref = None if self.reference is None else torch.empty(n, dtype=torch.float64)
-        for a in range(0, n, every):
-            b = min(n, a + every)
-            part = done.get(str(a))
-            if part is None:
-                part = self._part_losses(images, a, b, progress)
-                if path is not None:
-                    done[str(a)] = part
-                    write_text(path, json.dumps({"key": key, "job": job, "parts": done}))
-            raw[a:b] = torch.tensor(part["model"], dtype=torch.float64)
-            if ref is not None:
-                ref[a:b] = torch.tensor(part["reference"], dtype=torch.float64)
-        return raw, ref
-
-    def _part_losses(self, images: Tensor, a: int, b: int, progress: ProgressFn | None) -> dict[str, list[float]]:
-        """The losses of profile images ``a`` to ``b`` (of all ``images``): ``{"model": [...]}``,
-        with ``"reference"`` when calibrated; progress counts them from ``a``."""
-        n = images.shape[0]
-        stage = lambda name: (lambda st, d, t: progress(name, a + d, n)) if progress else None  # noqa: E731
-        part = {}
-        if self.reference is not None:
-            ref_images, _ = fit_to_model(images[a:b], self.reference)
-            part["reference"] = self._invert(self.reference, ref_images, None, stage("reference"),
-                                             "reference").loss.cpu().double().tolist()
-        part["model"] = self._invert(self.generator, images[a:b], None, stage("model"),
-                                     "model").loss.cpu().double().tolist()
-        return part
 
     # ------------------------------------------------------------------ attribution
 
