@@ -27,8 +27,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 
 from bench import generators as G
 from bench.baselines import authors_loop
+from bench.machine import machine
 from ronan_fast.evaluation.store import write_text
 from ronan_fast.inversion import FALLBACK_DEFAULT, PRESETS, InversionSettings, invert, resolve_settings
 
@@ -213,17 +212,6 @@ def run_one(bg, settings: InversionSettings, gen_images, real_images, seed: int,
         "row_steps_per_image": float(torch.cat([res_g.row_steps, res_r.row_steps]).double().mean()),
         "gen_losses": g.tolist(),
         "real_losses": r.tolist(),
-    }
-
-
-def machine() -> dict:
-    return {
-        "machine": platform.node() and platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": "cpu",
     }
 
 

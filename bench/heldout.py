@@ -54,7 +54,8 @@ import torch.nn.functional as F
 
 from bench.baselines import authors_loop
 from bench.convergence import CANDIDATES as CONVERGENCE_CANDIDATES
-from bench.convergence import machine, settings_for
+from bench.convergence import settings_for
+from bench.machine import machine
 from ronan_fast.evaluation.store import write_text
 from ronan_fast.inversion import invert
 

@@ -42,6 +42,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.machine import cpu_name
 from bench.report import finish, int_list
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field", "camera")
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{fmt} {loader:6} {count:3d} photos: peak {r['peak']:.0f} MB, growth {r['growth']:.0f} MB, "
                           f"{r['seconds']:.1f} s", file=sys.stderr)
             accurate[fmt] = accuracy(folder)  # after the children: it grows this process
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_name()
     files = ", ".join(f"{fmt.upper()} {mb:.1f} MB" for fmt, mb in sizes.items())
     lines = [
         f"Peak memory of attributing {width}x{height} photos ({width * height / 1e6:.0f} megapixels; a file: "

@@ -32,6 +32,7 @@ import time
 import torch
 
 from bench import generators as G
+from bench.machine import cpu_name
 from bench.report import finish, int_list
 from bench.speed import _sync
 from ronan_fast import _heap
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     bg = G.get(a.generator, a.device)
     dev = torch.device(a.device)
     where = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-             f"{platform.machine()}, {torch.get_num_threads()} threads")
+             f"{cpu_name()}, {torch.get_num_threads()} threads")
     lines = [f"Overhead profile ({'GPU' if dev.type == 'cuda' else 'CPU'}: {where}; torch {torch.__version__}, "
              f"Python {platform.python_version()}); generator {a.generator}, float32, every row live, "
              f"step = marginal time of {a.steps} more steps of invert; medians of {a.repeats} interleaved "

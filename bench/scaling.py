@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import cpu_name
 from bench.report import finish, int_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,16 +50,6 @@ def _load() -> float:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return float("nan")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _commit() -> str:
@@ -237,7 +228,7 @@ def _bench(args, workers: list[int], use_gpu: bool, gpus: int, work: Path) -> tu
     lines = [
         "# Scaling `ronan-fast inspect` over workers (torchrun) on CPU",
         "",
-        f"Machine: {os.cpu_count()} CPU cores ({_cpu_name()}, {platform.machine()}), "
+        f"Machine: {os.cpu_count()} CPU cores ({cpu_name()}, {platform.machine()}), "
         + (f"{gpus} CUDA GPU(s): {torch.cuda.get_device_name(0)}" if gpus else "no GPU") + "; "
         f"Python {platform.python_version()}, torch {torch.__version__}, ronan_fast {ronan_fast.__version__} "
         f"(commit {_commit()}).",
