@@ -35,8 +35,8 @@ from ronan_fast.edits import apply_edit, check_edit, check_edit_metric
 from ronan_fast.profile import BelongingProfile, profile_outliers
 from ronan_fast.progress import ImageProgress, ProgressFn
 
-__all__ = ["ProfileFitting", "CheckpointError", "profile_job", "read_checkpoint", "read_part_files", "retry_profile_outliers",
-           "check_output_range", "CLIPPED_SHARE"]
+__all__ = ["ProfileFitting", "CheckpointError", "profile_job", "read_checkpoint", "read_part_files",
+           "retry_profile_outliers", "check_output_range", "CLIPPED_SHARE"]
 
 
 class CheckpointError(ValueError):
