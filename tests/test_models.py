@@ -255,7 +255,7 @@ def test_load_errors(tmp_path):
 
 
 def test_overlap_split_construction():
-    from ronan_fast.zoo.train import OVERLAP_SIZE, overlap_indices
+    from ronan_fast.zoo.datasets import OVERLAP_SIZE, overlap_indices
 
     prev_tr, prev_te = None, None
     for pct in (50, 60, 70, 80, 90):

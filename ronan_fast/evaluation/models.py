@@ -85,14 +85,14 @@ def _fmnist(split: str) -> Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> Tensor:
-    from ronan_fast.zoo.train import data_digits
+    from ronan_fast.zoo.datasets import data_digits
 
     return data_digits()[0]
 
 
 @functools.lru_cache(maxsize=8)
 def _overlap(pct: int) -> Tensor:
-    from ronan_fast.zoo.train import data_fmnist_overlap
+    from ronan_fast.zoo.datasets import data_fmnist_overlap
 
     return data_fmnist_overlap(pct / 100)()[0]
 

@@ -153,7 +153,7 @@ ZOO: dict[str, ZooEntry] = {
 for _pct in (50, 60, 70, 80, 90):
     _n = f"dcgan-fmnist-overlap{_pct}"
     ZOO[_n] = ZooEntry(_DCGAN, f"10,000 Fashion-MNIST images, {_pct}% of them from the default generator's "
-                       "training set and the rest from test[5000:10000] (ronan_fast.zoo.train.overlap_indices)",
+                       "training set and the rest from test[5000:10000] (ronan_fast.zoo.datasets.overlap_indices)",
                        (-1.0, 1.0), (32,), "gan", f"fashion-mnist-overlap{_pct}", _w(_n), recipe=_n)
 
 #: the zoo's reference model for calibration: trained on data unlike every Fashion-MNIST model's

