@@ -182,13 +182,13 @@ def _base_info(recipe: Recipe, seed: int, steps: int, x: Tensor) -> dict[str, An
 
 def train_steps(steps: int, cap: float | None, step: Callable[[], tuple[float, ...]],
                 report: Callable[[int, tuple[float, ...], float], None],
-                every: int = 250) -> tuple[tuple[float, ...], int]:
+                every: int = 250) -> tuple[tuple[float, ...], int, float]:
     """Call ``step()`` (one optimiser step; returns its losses as floats) for steps 1 to ``steps``.
 
     Keeps an exponential moving average of the losses (0.02 on the newest), calls
     ``report(step, average, seconds so far)`` every ``every`` steps and after the last, and
     stops early, saying so, once ``cap`` seconds (the ``--minutes`` cap) have passed. Returns
-    the average and the number of steps done.
+    the average, the number of steps done and the seconds they took.
     """
     t0 = time.perf_counter()
     ema: tuple[float, ...] | None = None
@@ -203,7 +203,7 @@ def train_steps(steps: int, cap: float | None, step: Callable[[], tuple[float, .
         if cap is not None and el > cap:
             log(f"stopping at step {i}: wall-clock cap reached")
             break
-    return ema, done
+    return ema, done, time.perf_counter() - t0
 
 
 def run_condgan(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
@@ -243,6 +243,7 @@ def run_vae(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed + 1)
     log(f"{recipe.name}: {recipe.description}")
     log(f"data {tuple(x.shape)}, params {sum(p.numel() for p in model.parameters())}, seed {seed}, steps {steps}")
+
     def step() -> tuple[float, float, float]:
         xb = x[torch.randint(0, x.shape[0], (batch,), generator=gen)]
         total, recon, kl = model.loss(xb, generator=gen)
@@ -255,11 +256,10 @@ def run_vae(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         log(f"step {i:6d}/{steps}  -ELBO {ema[0]:.2f}  recon {ema[1]:.2f}  KL {ema[2]:.2f}  ({el:.0f} s)")
 
     model.train()
-    t0 = time.perf_counter()
-    ema, done = train_steps(steps, cap, step, report)
+    ema, done, seconds = train_steps(steps, cap, step, report)
     info = {**_base_info(recipe, seed, steps, x), "loss": "negative ELBO (Bernoulli pixels)", "optimizer": "Adam",
             "lr": lr, "batch": batch, "steps_done": done, "final_neg_elbo_ema": ema[0], "final_recon_ema": ema[1],
-            "final_kl_ema": ema[2], "seconds": round(time.perf_counter() - t0, 1)}
+            "final_kl_ema": ema[2], "seconds": round(seconds, 1)}
     model.eval()
     save_model(model, recipe.out, info=info)
     log(f"wrote {recipe.out}")
@@ -298,6 +298,7 @@ def run_ddim(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     log(f"{recipe.name}: {recipe.description}")
     log(f"data {tuple(x.shape)}, UNet params {sum(p.numel() for p in unet.parameters())}, seed {seed}, "
         f"steps {steps}, sampler timesteps {sampler.timesteps.tolist()}")
+
     def step() -> tuple[float]:
         x0 = x[torch.randint(0, x.shape[0], (batch,), generator=gen)]
         half = batch // 2
@@ -320,11 +321,10 @@ def run_ddim(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         log(f"step {i:6d}/{steps}  eps-MSE {ema[0]:.4f}  ({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
 
     unet.train()
-    t0 = time.perf_counter()
-    (ema_loss,), done = train_steps(steps, cap, step, report)
+    (ema_loss,), done, seconds = train_steps(steps, cap, step, report)
     info = {**_base_info(recipe, seed, steps, x), "loss": "DDPM epsilon MSE (half the batch at sampler timesteps)",
             "optimizer": "Adam", "lr": lr, "warmup": warmup, "batch": batch, "ema_decay": decay, "steps_done": done,
-            "final_eps_mse_ema": ema_loss, "seconds": round(time.perf_counter() - t0, 1)}
+            "final_eps_mse_ema": ema_loss, "seconds": round(seconds, 1)}
     ema_model.eval()
     save_model(ema_model, recipe.out, info=info)
     log(f"wrote {recipe.out}")
@@ -416,7 +416,7 @@ def run_distill(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
             f"{held_out_mse(ema_model):.5f}  ({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
 
     student.train()
-    (ema_loss,), done = train_steps(steps, cap, step, report, every=500)
+    (ema_loss,), done, _ = train_steps(steps, cap, step, report, every=500)
     ema_model.eval()
     val = held_out_mse(ema_model)
     info = {**_base_info(recipe, seed, steps, x_0), "teacher": teacher_path.name,

@@ -287,6 +287,7 @@ def run_vae64(recipe, args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed + 1)
     T.log(f"{recipe.name}: {recipe.description}")
     T.log(f"data {tuple(x.shape)} ({prep.__doc__ or 'as is'}), params {_n_params(model)}, seed {seed}, steps {steps}")
+
     def step() -> tuple[float, float, float]:
         xb = prep(x[torch.randint(0, x.shape[0], (batch,), generator=gen)])
         total, recon, kl = model.loss(xb, generator=gen)
@@ -300,11 +301,10 @@ def run_vae64(recipe, args: argparse.Namespace) -> dict[str, Any]:
               f"({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
 
     model.train()
-    t0 = time.perf_counter()
-    ema, done = T.train_steps(steps, cap, step, report)
+    ema, done, seconds = T.train_steps(steps, cap, step, report)
     info = {**T._base_info(recipe, seed, steps, x), "loss": "negative ELBO (Bernoulli pixels)", "optimizer": "Adam",
             "lr": lr, "batch": batch, "steps_done": done, "final_neg_elbo_ema": ema[0], "final_recon_ema": ema[1],
-            "final_kl_ema": ema[2], "seconds": round(time.perf_counter() - t0, 1)}
+            "final_kl_ema": ema[2], "seconds": round(seconds, 1)}
     model.eval()
     save_model(model, recipe.out, info=info)
     T.log(f"wrote {recipe.out}")
@@ -381,6 +381,7 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
     T.log(f"{recipe.name}: {recipe.description}")
     T.log(f"data {tuple(x.shape)}, params {_n_params(ae)} (decoder {_n_params(ae.decoder) + _n_params(ae.post_quant_conv)}), "
           f"seed {seed}, steps {steps}, batch {batch}, kl_weight {kl_weight}")
+
     def step() -> tuple[float, float, float]:
         xb = D.to_signed(x[torch.randint(0, x.shape[0], (batch,), generator=gen)])
         total, mse, kl = _aekl_loss(ae, xb, kl_weight, gen)
@@ -396,9 +397,7 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
               f"({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
 
     ae.train()
-    t0 = time.perf_counter()
-    ema, done = T.train_steps(steps, cap, step, report)
-    seconds = round(time.perf_counter() - t0, 1)
+    ema, done, seconds = T.train_steps(steps, cap, step, report)
     ae.eval()
     g = torch.Generator().manual_seed(seed + 2)
     stat_x = D.to_signed(x[torch.randperm(x.shape[0], generator=g)[: p.get("stat_images", 2000)]])
@@ -417,7 +416,7 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
             "grad_clip": 1.0, "steps_done": done, "final_loss_ema": ema[0], "final_mse_ema": ema[1],
             "final_kl_ema": ema[2], "latent_mean": shift, "latent_std": std, "latent_channel_means": ch_mean,
             "latent_channel_stds": ch_std, "latent_stats": p.get("latent_stats", "global"),
-            "scaling_factor": ae.config.scaling_factor, "shift_factor": ae.config.shift_factor, "seconds": seconds, "architecture": "diffusers.AutoencoderKL",
+            "scaling_factor": ae.config.scaling_factor, "shift_factor": ae.config.shift_factor, "seconds": round(seconds, 1), "architecture": "diffusers.AutoencoderKL",
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in p["config"].items()}}
     if held is not None:
         info.update(held_out_images=int(held.shape[0]), held_out_recon_mse=held_mse,
