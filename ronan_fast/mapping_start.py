@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ronan_fast.adapters import GeneratorAdapter, LatentGenerator
+from ronan_fast.inversion.linalg import solve_damped
 from ronan_fast.inversion.presets import FAMILY_DEFAULTS
 from ronan_fast.inversion.settings import InversionSettings
 from ronan_fast.warmstart import EncoderError, EncoderMismatchError, ModelDerivedStart
@@ -210,7 +211,8 @@ class MappingStart(ModelDerivedStart):
             r = (w.detach() - target)  # [rows, w_dim]
             jjt = jac @ jac.transpose(1, 2)  # [rows, w_dim, w_dim]
             damp = lam[:, None, None] * (jjt.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye + 1e-12 * eye)
-            step = -(jac.transpose(1, 2) @ torch.linalg.solve(jjt + damp, r[:, :, None])).squeeze(2)
+            # NaN where Cholesky refuses the matrix: a refused step
+            step = -(jac.transpose(1, 2) @ solve_damped(jjt + damp, r[:, :, None])).squeeze(2)
             with torch.no_grad():
                 new_err = (self._map(z + step) - target).square().sum(1)
             better = torch.isfinite(new_err) & (new_err < err)

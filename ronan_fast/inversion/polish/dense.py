@@ -3,7 +3,8 @@
 Each step builds every live row's Jacobian, by forward-mode AD (one pass per latent dimension)
 or, with ``reverse``, by reverse mode row by row (vector-Jacobian products, 128 at a time:
 memory bounded for wide latents), and solves the damped normal equations
-``(J^T J + lam (diag(J^T J) + 1e-6) I) d = -J^T r`` exactly. A step is kept only where it lowers
+``(J^T J + lam (diag(J^T J) + 1e-6) I) d = -J^T r`` exactly (by Cholesky:
+:func:`~ronan_fast.inversion.linalg.solve_damped`). A step is kept only where it lowers
 the row's loss (then ``lam`` shrinks; else it grows, and the row's ``J^T J`` and ``J^T r`` are
 reused instead of built again: it has not moved).
 """
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ronan_fast.inversion.calls import FixedShapeCalls, in_blocks, padded
+from ronan_fast.inversion.linalg import solve_damped
 from ronan_fast.inversion.polish.base import PolishResult
 from ronan_fast.inversion.runtime import forward_ad_attention
 from ronan_fast.metrics import ToneMSE
@@ -165,7 +167,7 @@ def _levenberg_marquardt(inputs, cond, one, residual, iters, leaving, reverse=Fa
             jtj, jtr = jtj_all[live], jtr_all[live]
             diag = torch.diagonal(jtj, dim1=1, dim2=2).unsqueeze(2)
             a = jtj + lam * (diag * eye + 1e-6 * eye)
-            delta = torch.linalg.solve(a, -jtr)
+            delta = solve_damped(a, -jtr)  # NaN for a matrix Cholesky refuses: a refused step
             z_new = zl + delta
             r_new = residual(z_new, cl, live)
             cost_new = r_new.square().sum(1)
