@@ -99,6 +99,10 @@ CANDIDATES.update({
     # ... with the search over w's starts screened (each the best of 16 mapping draws by one forward pass)
     "mapped-wscreen16": {"settings": "default", "warm": "mapping", "w_screen": 16, "restarts": 4, "screen": 8,
                          "steps": 300, "halving_every": 50},
+    # ... with a learned encoder's guess of w (ENCODER_RECIPE, trained on mapping(z) and the images
+    # it makes) as the first start of the search over w
+    "mapped-wenc": {"settings": "default", "warm": "mapping", "w_encoder": True, "restarts": 4, "screen": 8,
+                    "steps": 300, "halving_every": 50},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -189,13 +193,19 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
     if not warm:
         return adapter, None
     if warm == "mapping":  # a StyleGAN-style generator's starts found through w (nothing trained)
-        from ronan_fast.mapping_start import W_SETTINGS, mapping_start
+        from ronan_fast.mapping_start import W_SETTINGS, mapping_start, train_w_encoder
         from ronan_fast.warmstart import WarmStarted
 
         w_screen = spec.pop("w_screen", None)
         kw = {} if w_screen is None else {"w_settings": W_SETTINGS.replace(screen=w_screen)}
-        return WarmStarted(adapter, mapping_start(adapter, **kw)), {"encoder": "through the mapping network (none trained)",
-                                                             "train_s": 0.0, "samples": 0}
+        if not spec.pop("w_encoder", False):
+            return WarmStarted(adapter, mapping_start(adapter, **kw)), {
+                "encoder": "through the mapping network (none trained)", "train_s": 0.0, "samples": 0}
+        start = mapping_start(adapter, **kw)
+        enc = _cached_encoder(f"{name}.w", start.w_generator, encoders, enc_dir,
+                              lambda: train_w_encoder(start, **ENCODER_RECIPE))
+        start = mapping_start(adapter, w_encoder=enc, **kw)
+        return WarmStarted(adapter, start), dict(enc.cost, encoder="of w, through the mapping network")
     if warm != "encoder":
         raise ValueError(f"unknown warm start {warm!r}")
     from ronan_fast import warmstart
@@ -204,6 +214,15 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
     if has_own_encoder(adapter):  # its own encoder, as LatentTracer starts
         return warmstart.WarmStarted(adapter, autoencoder_start(adapter)), {
             "encoder": "the autoencoder's own (posterior mean)", "train_s": 0.0, "samples": 0}
+
+    enc = _cached_encoder(name, adapter, encoders, enc_dir, lambda: warmstart.train_encoder(adapter, **ENCODER_RECIPE))
+    return warmstart.WarmStarted(adapter, enc), dict(enc.cost)
+
+
+def _cached_encoder(name: str, adapter, encoders: dict, enc_dir: Path | None, train):
+    """The encoder of ``ENCODER_RECIPE`` for ``adapter``: from this run, from ``enc_dir`` (its
+    recipe checked), or ``train()``ed (and saved there)."""
+    from ronan_fast import warmstart
 
     key = (name, json.dumps(ENCODER_RECIPE, sort_keys=True))
     if key not in encoders:
@@ -215,13 +234,12 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
                 enc = None
         if enc is None:
             print(f"[{name}] training an encoder: {ENCODER_RECIPE}", file=sys.stderr, flush=True)
-            enc = warmstart.train_encoder(adapter, **ENCODER_RECIPE)
+            enc = train()
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 enc.save(path)
         encoders[key] = enc
-    enc = encoders[key]
-    return warmstart.WarmStarted(adapter, enc), dict(enc.cost)
+    return encoders[key]
 
 
 def summarise(own: list[float], real: list[float], line: float) -> dict:

@@ -8,7 +8,8 @@ over ``w`` for the same image. Belonging is still decided over ``z`` -- the mode
 
 1. ``synthesis`` is inverted over ``w`` for the image (the package's inversion with
    :data:`W_SETTINGS`; its random starts are ``mapping`` of prior draws, from the image's own
-   stream), giving ``w*``;
+   stream; with a ``w_encoder``, a learned encoder's guess of ``w`` is the first of them),
+   giving ``w*``;
 2. ``mapping`` is inverted for ``w*`` (``z`` minimising ``|mapping(z) - w*|^2 / |w*|^2``: a
    small MLP, so a few hundred Adam steps on several prior draws cost little), giving ``z*``;
 3. ``z*`` is the image's first start of the ordinary inversion over ``z``
@@ -18,8 +19,10 @@ over ``w`` for the same image. Belonging is still decided over ``z`` -- the mode
 :class:`MappingStart` has the interface of a learned encoder
 (:class:`ronan_fast.warmstart.WarmStartEncoder`: ``guess``, ``check``, ``digest``,
 ``describe``), so it goes wherever one does: ``WarmStarted(generator, MappingStart(...))`` or
-``Attributor(warm_start=MappingStart(...))``. Nothing is trained: its cost is per image, inside
-the time to the verdict. :func:`mapping_start` builds one for a module with ``mapping_net`` and
+``Attributor(warm_start=MappingStart(...))``. Nothing need be trained: its cost is per image,
+inside the time to the verdict. :func:`train_w_encoder` trains an encoder from images to ``w``
+on the model's own samples (pairs of ``mapping(z)`` and the image it makes), for the search over
+``w`` to begin at its guess (``MappingStart(..., w_encoder=...)``). :func:`mapping_start` builds one for a module with ``mapping_net`` and
 ``synthesis`` methods (the zoo's :class:`~ronan_fast.models.stylegan.StyleGenerator`); for
 another StyleGAN pass the two functions, e.g. for NVIDIA's StyleGAN2-ADA networks
 ``mapping=lambda z: G.mapping(z, None)[:, 0]`` and
@@ -40,10 +43,10 @@ from ronan_fast.adapters import GeneratorAdapter, LatentGenerator
 from ronan_fast.inversion.linalg import solve_damped
 from ronan_fast.inversion.presets import FAMILY_DEFAULTS
 from ronan_fast.inversion.settings import InversionSettings
-from ronan_fast.warmstart import EncoderError, EncoderMismatchError, ModelDerivedStart
+from ronan_fast.warmstart import EncoderError, EncoderMismatchError, ModelDerivedStart, WarmStarted, WarmStartEncoder
 
-__all__ = ["MappingStart", "mapping_start", "has_mapping_network", "W_SETTINGS", "MAPPING_STEPS", "MAPPING_STARTS",
-           "MAPPING_LM_STEPS"]
+__all__ = ["MappingStart", "mapping_start", "has_mapping_network", "train_w_encoder", "W_SETTINGS", "MAPPING_STEPS",
+           "MAPPING_STARTS", "MAPPING_LM_STEPS"]
 
 #: the search over ``w``: the GAN family default (24 starts halved every 25 steps, then 25 dense
 #: Levenberg-Marquardt steps) with 300 Adam steps instead of 600. Chosen on the tuning half's
@@ -102,6 +105,8 @@ class MappingStart(ModelDerivedStart):
         modules: the modules the two functions use (for the device and the fingerprint).
         w_settings: the search over ``w`` (default :data:`W_SETTINGS`).
         mapping_steps / mapping_starts: the search over ``z`` for ``mapping(z) = w*``.
+        w_encoder: a learned encoder from images to ``w`` (:func:`train_w_encoder`) whose guess
+            is the first start of the search over ``w``; None: every start is a mapping draw.
         seed: seeds both searches (with each image's pixels).
     """
 
@@ -113,7 +118,7 @@ class MappingStart(ModelDerivedStart):
     def __init__(self, generator: GeneratorAdapter, mapping: Callable[[Tensor], Tensor],
                  synthesis: Callable[[Tensor], Tensor], w_dim: int, modules: list[nn.Module] | None = None, *,
                  w_settings: InversionSettings | None = None, mapping_steps: int = MAPPING_STEPS,
-                 mapping_starts: int = MAPPING_STARTS, seed: int = 0):
+                 mapping_starts: int = MAPPING_STARTS, w_encoder: WarmStartEncoder | None = None, seed: int = 0):
         if not isinstance(generator, GeneratorAdapter):
             raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
         if not callable(mapping) or not callable(synthesis):
@@ -130,11 +135,37 @@ class MappingStart(ModelDerivedStart):
         self.fingerprint = generator.fingerprint()
         self._w = _WGenerator(generator, mapping, _Synthesis(synthesis, list(modules or generator.modules())),
                               self.w_dim)
+        if w_encoder is not None:
+            if not isinstance(w_encoder, WarmStartEncoder):
+                raise TypeError(f"w_encoder must be a WarmStartEncoder (train_w_encoder) or None, "
+                                f"got {type(w_encoder).__name__}")
+            w_encoder.check(self._w)  # trained for this synthesis network's w
+            w_encoder.to(generator.device)
+        self.w_encoder = w_encoder
+
+    @property
+    def w_generator(self) -> GeneratorAdapter:
+        """``synthesis`` as a generator of ``w`` (its prior draws are ``mapping`` of the model's):
+        what the search over ``w`` inverts and a ``w_encoder`` is trained for."""
+        return self._w
 
     @property
     def recipe(self) -> dict:
-        return {"kind": self.kind, "w_dim": self.w_dim, "w_settings": self.w_settings.to_dict(),
-                "mapping_steps": self.mapping_steps, "mapping_starts": self.mapping_starts, "seed": self.seed}
+        r = {"kind": self.kind, "w_dim": self.w_dim, "w_settings": self.w_settings.to_dict(),
+             "mapping_steps": self.mapping_steps, "mapping_starts": self.mapping_starts, "seed": self.seed}
+        if self.w_encoder is not None:  # its weights' digest: a profile is refused with another encoder
+            r["w_encoder"] = self.w_encoder.digest()
+        return r
+
+    @property
+    def cost(self) -> dict:
+        """Nothing trained, or the ``w_encoder``'s training cost."""
+        return super().cost if self.w_encoder is None else dict(self.w_encoder.cost)
+
+    def to(self, device):
+        if self.w_encoder is not None:
+            self.w_encoder.to(device)
+        return self
 
     @torch.no_grad()
     def check(self, generator: GeneratorAdapter) -> None:
@@ -159,7 +190,8 @@ class MappingStart(ModelDerivedStart):
         if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != shape:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise EncoderError(f"images must be [B, {', '.join(map(str, shape))}], got {got}")
-        w = invert(self._w, images, settings=self.w_settings, seed=self.seed).inputs
+        search = self._w if self.w_encoder is None else WarmStarted(self._w, self.w_encoder)
+        w = invert(search, images, settings=self.w_settings, seed=self.seed).inputs
         out = []
         for k in range(images.shape[0]):
             g = torch.Generator(device="cpu").manual_seed(image_seed(images[k], self.seed + 1))
@@ -220,6 +252,20 @@ class MappingStart(ModelDerivedStart):
             err = torch.where(better, new_err, err)
             lam = torch.where(better, (lam / 3).clamp_min(1e-9), lam * 4)
         return z, err
+
+
+def train_w_encoder(start: MappingStart, **recipe) -> WarmStartEncoder:
+    """An encoder from images to ``w`` for ``start``'s model, trained on its own samples only:
+    :func:`ronan_fast.warmstart.train_encoder` on :attr:`MappingStart.w_generator` (inputs
+    ``mapping(z)`` of prior draws, the images ``synthesis`` makes of them, rounded to 8 bits);
+    ``recipe`` goes to it. Pass it as ``MappingStart(..., w_encoder=...)``; it saves and loads
+    as any encoder (:meth:`~ronan_fast.warmstart.WarmStartEncoder.save`,
+    ``load_encoder(path, start.w_generator)``)."""
+    from ronan_fast.warmstart import train_encoder
+
+    if not isinstance(start, MappingStart):
+        raise TypeError(f"start must be a MappingStart, got {type(start).__name__}")
+    return train_encoder(start.w_generator, **recipe)
 
 
 def has_mapping_network(generator: GeneratorAdapter) -> bool:

@@ -37,7 +37,7 @@ def load_profile_encoder(profile: BelongingProfile, path, generator: GeneratorAd
         return None
     kind = (profile.warm_start.get("recipe") or {}).get("kind")
     if kind == "mapping":
-        return _rebuild_mapping_start(profile, generator)
+        return _rebuild_mapping_start(profile, generator, path)
     if kind == "autoencoder":
         return _rebuild_autoencoder_start(profile, generator)
     from ronan_fast.warmstart import EncoderError, encoder_path, load_encoder
@@ -68,21 +68,39 @@ def _rebuild_autoencoder_start(profile: BelongingProfile, generator: GeneratorAd
     return _as_recorded(start, profile, generator, "the autoencoder start", ": another autoencoder")
 
 
-def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapter):
+def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapter, path=None):
     """The :class:`~ronan_fast.mapping_start.MappingStart` a profile was fitted with, rebuilt from
-    its recorded recipe for ``generator`` (a module with ``mapping_net`` and ``synthesis``) and
+    its recorded recipe for ``generator`` (a module with ``mapping_net`` and ``synthesis``), with
+    its encoder of ``w`` from the file beside the profile where the recipe names one, and
     checked against the profile's digest."""
     from ronan_fast.inversion.settings import InversionSettings
     from ronan_fast.mapping_start import mapping_start
 
     r = profile.warm_start["recipe"]
     try:
-        ms = mapping_start(generator, w_settings=InversionSettings.from_dict(r["w_settings"]),
-                           mapping_steps=r["mapping_steps"], mapping_starts=r["mapping_starts"], seed=r["seed"])
+        kw = dict(w_settings=InversionSettings.from_dict(r["w_settings"]), mapping_steps=r["mapping_steps"],
+                  mapping_starts=r["mapping_starts"], seed=r["seed"])
+        ms = mapping_start(generator, **kw)
     except (TypeError, ValueError, KeyError) as e:
         raise ProfileError(f"the profile was fitted with starts through a mapping network, which cannot be rebuilt "
                            f"for {generator.name}: {e}; pass warm_start=ronan_fast.mapping_start.MappingStart(...)"
                            ) from None
+    if r.get("w_encoder") is not None:
+        from ronan_fast.warmstart import EncoderError, encoder_path, load_encoder
+
+        if path is None:
+            raise ProfileError("the profile was fitted with starts through a mapping network and an encoder of w: "
+                               "give the profile as a path (the encoder file sits beside it) or pass "
+                               "warm_start=ronan_fast.mapping_start.MappingStart(..., w_encoder=...)")
+        where = encoder_path(path)
+        try:
+            enc = load_encoder(where, ms.w_generator)
+        except EncoderError as e:
+            raise ProfileError(f"the profile was fitted with the encoder of w {where}: {e}") from None
+        if enc.digest() != r["w_encoder"]:
+            raise ProfileError(f"{where} is not the encoder of w the profile was fitted with (sha256 "
+                               f"{enc.digest()[:12]}, the profile's {r['w_encoder'][:12]})")
+        ms = mapping_start(generator, w_encoder=enc, **kw)
     return _as_recorded(ms, profile, generator, "the mapping start")
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ronan_fast.adapters import LatentGenerator
 from ronan_fast.inversion import InversionSettings, invert
-from ronan_fast.mapping_start import MappingStart, mapping_start
+from ronan_fast.mapping_start import MappingStart, mapping_start, train_w_encoder
 from ronan_fast.models.stylegan import StyleGenerator
 from ronan_fast.warmstart import EncoderError, EncoderMismatchError, WarmStarted
 
@@ -78,6 +78,45 @@ def test_it_is_refused_for_another_generator_or_functions_that_are_not_the_gener
         ms.guess(torch.zeros(2, 3, 16, 16))
 
 
+def test_a_w_encoder_gives_the_first_start_of_the_search_over_w(monkeypatch):
+    g = _style()
+    plain = mapping_start(g, w_settings=FAST_W, mapping_steps=30)
+    enc = train_w_encoder(plain, samples=256, steps=40, batch=32, image_steps=10)
+    assert enc.module.latent_dim == 8  # images to w, not to z
+    # one start and a learning rate too small to move it: the search over w ends at the guess
+    still = FAST_W.replace(restarts=1, steps=1, lr=1e-12)
+    ms = mapping_start(g, w_settings=still, mapping_steps=30, w_encoder=enc)
+    targets = []
+    solve = ms._solve_mapping
+    monkeypatch.setattr(ms, "_solve_mapping", lambda w, gen: (targets.append(w.clone()), solve(w, gen))[1])
+    x = _own(g, 3)
+    ms.guess(x)
+    assert torch.allclose(torch.stack(targets), enc.guess(x), atol=1e-6)
+    # recorded: a profile fitted with it is refused with another encoder or none
+    assert ms.recipe["w_encoder"] == enc.digest() and "w_encoder" not in plain.recipe
+    assert ms.digest() != mapping_start(g, w_settings=still, mapping_steps=30).digest()
+    assert ms.cost == enc.cost and plain.cost["train_s"] == 0.0
+    # the same guess for an image alone or in a batch
+    ms = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_encoder=enc)
+    assert torch.equal(ms.guess(x[1:2])[0], ms.guess(x)[1])
+
+
+def test_a_w_encoder_for_another_space_is_refused():
+    from ronan_fast.warmstart import train_encoder
+
+    g = _style()
+    z_encoder = train_encoder(g, samples=32, steps=2, batch=16, image_steps=0)  # images to z (16 wide)
+    with pytest.raises(EncoderMismatchError, match="8-wide"):
+        mapping_start(g, w_encoder=z_encoder)
+    other = mapping_start(_style(1))
+    with pytest.raises(EncoderMismatchError, match="fingerprint"):
+        mapping_start(g, w_encoder=train_w_encoder(other, samples=32, steps=2, batch=16, image_steps=0))
+    with pytest.raises(TypeError, match="w_encoder must be a WarmStartEncoder"):
+        mapping_start(g, w_encoder="enc.safetensors")
+    with pytest.raises(TypeError, match="start must be a MappingStart"):
+        train_w_encoder(g)
+
+
 def test_bad_arguments_are_named():
     g = _style()
     m = g.module
@@ -119,6 +158,35 @@ def test_a_profile_records_it_and_rebuilds_it_from_the_generator(tmp_path):
                                                 torch.nn.Tanh()), 16)
     with pytest.raises((ProfileError, ProfileMismatchError), match="mapping network|fingerprint"):
         Attributor.from_profile(path, plain, None)
+
+
+def test_a_profile_with_a_w_encoder_loads_it_from_beside_the_profile(tmp_path):
+    from ronan_fast import Attributor
+    from ronan_fast.profile import ProfileError
+    from ronan_fast.warmstart import encoder_path
+
+    g = _style()
+    plain = mapping_start(g, w_settings=FAST_W, mapping_steps=30)
+    enc = train_w_encoder(plain, samples=128, steps=20, batch=32, image_steps=5)
+    ms = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_encoder=enc)
+    att = Attributor(g, None, warm_start=ms, steps=30, restarts=2, polish_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a small profile
+        prof = att.fit(n=5, seed=1)
+    assert prof.warm_start["recipe"]["w_encoder"] == enc.digest() and prof.warm_start["cost"] == enc.cost
+    path = prof.save(tmp_path / "p.json")
+    with pytest.raises(ProfileError, match=r"encoder of w .*p\.encoder\.safetensors"):
+        Attributor.from_profile(path, g, None)  # not saved yet
+    with pytest.raises(ProfileError, match="give the profile as a path"):
+        Attributor.from_profile(prof, g, None)
+    train_w_encoder(plain, samples=128, steps=20, batch=32, image_steps=5, seed=1).save(encoder_path(path))
+    with pytest.raises(ProfileError, match="is not the encoder of w the profile was fitted with"):
+        Attributor.from_profile(path, g, None)
+    enc.save(encoder_path(path))
+    again = Attributor.from_profile(path, g, None)
+    assert again.warm_start.digest() == ms.digest()
+    x = _own(g, 2, seed=9)
+    assert torch.equal(again.attribute(x).loss, att.attribute(x).loss)
 
 
 def test_cli_profile_warm_start_mapping_and_inspect_rebuild_it(tmp_path, monkeypatch, capsys):
@@ -175,3 +243,38 @@ def test_a_bare_warm_start_means_mapping_for_a_stylegan_and_an_encoder_otherwise
     assert main(args) == 0
     assert json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]["kind"] == "mapping"
     assert not (tmp_path / "p.encoder.safetensors").exists()
+
+
+def test_cli_profile_w_encoder_trains_it_beside_the_profile_and_inspect_loads_it(tmp_path, monkeypatch, capsys):
+    """--warm-start mapping --w-encoder trains an encoder of w (PROFILE.encoder.safetensors),
+    reuses it on a second run, and inspect finds it; --w-encoder without the mapping start is refused."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from ronan_fast.cli import main
+    from ronan_fast.imageio import save_image
+    from ronan_fast.warmstart import load_encoder
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    monkeypatch.chdir(tmp_path)
+    model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+    args = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "--warm-start",
+            "mapping", "--w-encoder", "--encoder-samples", "64", "--encoder-steps", "5", "-o", "p.json"]
+    assert main(args) == 0
+    assert "training an encoder of w" in capsys.readouterr().err
+    ws = json.loads((tmp_path / "p.json").read_text())["warm_start"]
+    assert ws["recipe"]["kind"] == "mapping" and ws["cost"]["samples"] == 64
+    monkeypatch.delitem(sys.modules, "tiny_models", raising=False)  # put back after the test
+    import tiny_models
+
+    g = LatentGenerator(tiny_models.style_generator(), 16)
+    enc = load_encoder(tmp_path / "p.encoder.safetensors", mapping_start(g).w_generator)
+    assert ws["recipe"]["w_encoder"] == enc.digest()
+    assert main(args) == 0  # the encoder beside the profile is reused
+    assert "training an encoder of w" not in capsys.readouterr().err
+    save_image(_own(g, 1)[0], tmp_path / "own.png")
+    assert main(["inspect", "own.png", "--profile", "p.json", *model[:4], "-q", "-o", "r.jsonl"]) == 0
+    capsys.readouterr()
+    assert main(["profile", *model, "-n", "4", "--warm-start", "encoder", "--w-encoder", "-q", "-o", "q.json"]) == 2
+    assert "--w-encoder goes with --warm-start mapping" in capsys.readouterr().err

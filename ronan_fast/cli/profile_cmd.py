@@ -74,10 +74,15 @@ def add_parser(sub, fmt) -> None:
                         "start. Without --settings, GANs, VAEs (latent-diffusion decoders too) and conditional "
                         "models are then inverted with their lean warm-start default (4 screened starts, 300 "
                         "steps); docs/inversion.md#learned-warm-starts")
+    p.add_argument("--w-encoder", action="store_true",
+                   help="with --warm-start mapping: also train an encoder from images to w on the model's own "
+                        "samples (saved beside the profile as PROFILE.encoder.safetensors, reused as with "
+                        "--warm-start encoder); its guess is the first start of the search over w")
     p.add_argument("--encoder-samples", type=positive_int, default=8192, metavar="N",
-                   help="with --warm-start encoder: the model's samples the encoder learns from (default: 8192)")
+                   help="with --warm-start encoder or --w-encoder: the model's samples the encoder learns from "
+                        "(default: 8192)")
     p.add_argument("--encoder-steps", type=positive_int, default=1000, metavar="N",
-                   help="with --warm-start encoder: the encoder's training steps (default: 1000)")
+                   help="with --warm-start encoder or --w-encoder: the encoder's training steps (default: 1000)")
     p.add_argument("-o", "--output", required=True, metavar="PROFILE.json", help="where to write the profile")
     p.add_argument("--wait", action="store_true",
                    help="if another run is writing the same profile, wait for it instead of stopping (exit code 4)")
@@ -119,17 +124,25 @@ def run(args) -> int:
     kind = args.warm_start
     if kind == "auto":
         kind = _auto_warm_start(model)
+    if args.w_encoder and kind != "mapping":
+        raise UsageError(f"--w-encoder goes with --warm-start mapping (a StyleGAN-style model), not with "
+                         f"--warm-start {kind}" if kind else "--w-encoder goes with --warm-start mapping")
     if kind == "encoder":
         encoder = _warm_start(model, args, out, device)
-    elif kind is not None:  # made from the model itself: nothing trained
+    elif kind is not None:  # made from the model itself
         from ronan_fast.autoencoder_start import autoencoder_start
-        from ronan_fast.mapping_start import mapping_start
+        from ronan_fast.mapping_start import mapping_start, train_w_encoder
 
         build = {"autoencoder": autoencoder_start, "mapping": mapping_start}[kind]
         try:
             encoder = build(model.to(device) if device is not None else model)
         except TypeError as e:
             raise UsageError(f"--warm-start {kind}: {e}") from None
+        if args.w_encoder:
+            start = encoder
+            w_enc = _warm_start(start.w_generator, args, out, device,
+                                train_fn=lambda **recipe: train_w_encoder(start, **recipe), what="an encoder of w")
+            encoder = mapping_start(model, w_encoder=w_enc)
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
     overrides.update(setting_overrides(args.set_fields, overrides))
     # random tone edits spread the profile over decades, which the log rule turns into false
@@ -157,10 +170,14 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def _warm_start(model, args, out: Path, device):
-    """The encoder of ``--warm-start``: the one beside the profile when it was trained for this
-    model with this recipe, else one trained now (on rank 0 under torchrun) and saved there."""
+def _warm_start(model, args, out: Path, device, train_fn=None, what: str = "a warm-start encoder"):
+    """The encoder of ``--warm-start`` (or of ``--w-encoder``: ``model`` is then the synthesis
+    network over ``w`` and ``train_fn`` trains for it): the one beside the profile when it was
+    trained for this model with this recipe, else one trained now (on rank 0 under torchrun) and
+    saved there."""
     from ronan_fast.warmstart import EncoderError, EncoderMismatchError, encoder_path, load_encoder, train_encoder
+
+    train_fn = train_fn or (lambda **recipe: train_encoder(model, **recipe))
 
     path = check_output(encoder_path(out), "--warm-start (the encoder file)", (".safetensors",))
     if device is not None:
@@ -182,10 +199,10 @@ def _warm_start(model, args, out: Path, device):
         if usable() is not None:
             return
         if not args.quiet:
-            err(f"training a warm-start encoder for {args.name or model.name} on {args.encoder_samples} of its "
+            err(f"training {what} for {args.name or model.name} on {args.encoder_samples} of its "
                 f"samples, {args.encoder_steps} steps")
         t0 = time.perf_counter()
-        train_encoder(model, **recipe).save(path)
+        train_fn(**recipe).save(path)
         if not args.quiet:
             err(f"encoder saved to {path} ({time.perf_counter() - t0:.0f} s)")
 
