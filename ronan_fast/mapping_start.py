@@ -22,9 +22,10 @@ over ``w`` for the same image. Belonging is still decided over ``z`` -- the mode
 ``Attributor(warm_start=MappingStart(...))``. Nothing need be trained: its cost is per image,
 inside the time to the verdict. :func:`train_w_encoder` trains an encoder from images to ``w``
 on the model's own samples (pairs of ``mapping(z)`` and the image it makes), for the search over
-``w`` to begin at its guess (``MappingStart(..., w_encoder=...)``). :func:`mapping_start` builds one for a module with ``mapping_net`` and
-``synthesis`` methods (the zoo's :class:`~ronan_fast.models.stylegan.StyleGenerator`); for
-another StyleGAN pass the two functions, e.g. for NVIDIA's StyleGAN2-ADA networks
+``w`` to begin at its guess (``MappingStart(..., w_encoder=...)``). :func:`mapping_start` builds
+one for a module with ``mapping_net`` and ``synthesis`` methods (the zoo's
+:class:`~ronan_fast.models.stylegan.StyleGenerator`); for another StyleGAN pass the two
+functions, e.g. for NVIDIA's StyleGAN2-ADA networks
 ``mapping=lambda z: G.mapping(z, None)[:, 0]`` and
 ``synthesis=lambda w: G.synthesis(w[:, None].repeat(1, G.num_ws, 1))``.
 
@@ -139,9 +140,9 @@ class MappingStart(ModelDerivedStart):
             if not isinstance(w_encoder, WarmStartEncoder):
                 raise TypeError(f"w_encoder must be a WarmStartEncoder (train_w_encoder) or None, "
                                 f"got {type(w_encoder).__name__}")
-            w_encoder.check(self._w)  # trained for this synthesis network's w
-            w_encoder.to(generator.device)
         self.w_encoder = w_encoder
+        # what the search over w inverts (WarmStarted checks the encoder against it: trained for this w)
+        self._w_search = self._w if w_encoder is None else WarmStarted(self._w, w_encoder)
 
     @property
     def w_generator(self) -> GeneratorAdapter:
@@ -190,8 +191,7 @@ class MappingStart(ModelDerivedStart):
         if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != shape:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise EncoderError(f"images must be [B, {', '.join(map(str, shape))}], got {got}")
-        search = self._w if self.w_encoder is None else WarmStarted(self._w, self.w_encoder)
-        w = invert(search, images, settings=self.w_settings, seed=self.seed).inputs
+        w = invert(self._w_search, images, settings=self.w_settings, seed=self.seed).inputs
         out = []
         for k in range(images.shape[0]):
             g = torch.Generator(device="cpu").manual_seed(image_seed(images[k], self.seed + 1))
