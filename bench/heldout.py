@@ -312,6 +312,12 @@ def ratios(rec: dict, r: dict, a_n: int, a_real: int) -> dict:
     return out
 
 
+def _trains_encoder(cname: str) -> bool:
+    """Whether candidate ``cname`` trains an encoder (a learned warm start, or an encoder of ``w``)."""
+    spec = CANDIDATES.get(cname, {})
+    return spec.get("warm") == "encoder" or bool(spec.get("w_encoder"))
+
+
 def render(raw: dict) -> str:
     a = raw["args"]
     m = raw["machine"]
@@ -365,19 +371,20 @@ def render(raw: dict) -> str:
                          f"| {statistics.median(ar):.2e}, {min(ar):.2e} |")
         lines.append("")
     enc = [(rec, cname, r) for rec in raw["results"].values() for cname, r in rec["candidates"].items()
-           if r.get("encoder") and CANDIDATES.get(cname, {}).get("warm") == "encoder"]  # not trained: no row
+           if r.get("encoder") and _trains_encoder(cname)]  # not trained: no row
     if enc:
         lines += ["## Encoders", "",
                   "Training cost of each warm start's encoder (samples generated and the encoder trained on one "
                   "thread, wall clock), and the images after which it has paid for itself: its training time over "
-                  "the time the candidate saves per image against the `default` candidate (the mean of the own and "
-                  "real images' seconds per image; \"never\" where it saves none, \"none\" where it converges fewer own "
-                  "images than the default).", "",
-                  "| generator | candidate | encoder | samples | training s (wall) | s/img saved vs default "
-                  "| break-even images |", "|---|---|---|---|---|---|---|"]
+                  "the time the candidate saves per image against the candidate it adds to, where that ran too "
+                  "(`default`; `mapped` for an encoder of `w`; the mean of the own and real images' seconds per "
+                  "image; \"never\" where it saves none, \"none\" where it converges fewer own images).", "",
+                  "| generator | candidate | encoder | samples | training s (wall) | against | s/img saved "
+                  "| break-even images |", "|---|---|---|---|---|---|---|---|"]
         for rec, cname, r in enc:
             e = r["encoder"]
-            base = rec["candidates"].get("default")
+            base_name = "mapped" if CANDIDATES[cname].get("w_encoder") else "default"
+            base = rec["candidates"].get(base_name)
             saved, even = "", ""
             if base is not None:
                 per = lambda c: (c["own_wall"] / c["own_n"] + c["real_wall"] / len(c["real_losses"])) / 2  # noqa: E731
@@ -387,7 +394,8 @@ def render(raw: dict) -> str:
                 if r["own_converged"] < base["own_converged"]:
                     even = "none: fewer own images converged"
             lines.append(f"| {rec['generator']} | {cname} | {e.get('encoder', 'learned')} | {e.get('samples', 0)} "
-                         f"| {e.get('train_s', 0.0):.0f} | {saved} | {even} |")
+                         f"| {e.get('train_s', 0.0):.0f} | {base_name if base is not None else '-'} | {saved} "
+                         f"| {even} |")
         lines.append("")
     return "\n".join(head + lines)
 
