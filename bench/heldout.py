@@ -204,8 +204,7 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
         start = mapping_start(adapter, **kw)
         enc = _cached_encoder(f"{name}.w", start.w_generator, encoders, enc_dir,
                               lambda: train_w_encoder(start, **ENCODER_RECIPE))
-        start = mapping_start(adapter, w_encoder=enc, **kw)
-        return WarmStarted(adapter, start), dict(enc.cost, encoder="of w, through the mapping network")
+        return WarmStarted(adapter, start.with_w_encoder(enc)), dict(enc.cost, encoder="of w, through the mapping network")
     if warm != "encoder":
         raise ValueError(f"unknown warm start {warm!r}")
     from ronan_fast import warmstart

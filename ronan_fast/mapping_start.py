@@ -35,6 +35,7 @@ seed), so the same image gets the same guess in any batch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -136,13 +137,22 @@ class MappingStart(ModelDerivedStart):
         self.fingerprint = generator.fingerprint()
         self._w = _WGenerator(generator, mapping, _Synthesis(synthesis, list(modules or generator.modules())),
                               self.w_dim)
-        if w_encoder is not None:
-            if not isinstance(w_encoder, WarmStartEncoder):
-                raise TypeError(f"w_encoder must be a WarmStartEncoder (train_w_encoder) or None, "
-                                f"got {type(w_encoder).__name__}")
+        self._set_w_encoder(w_encoder)
+
+    def _set_w_encoder(self, w_encoder: WarmStartEncoder | None) -> None:
+        if w_encoder is not None and not isinstance(w_encoder, WarmStartEncoder):
+            raise TypeError(f"w_encoder must be a WarmStartEncoder (train_w_encoder) or None, "
+                            f"got {type(w_encoder).__name__}")
         self.w_encoder = w_encoder
         # what the search over w inverts (WarmStarted checks the encoder against it: trained for this w)
         self._w_search = self._w if w_encoder is None else WarmStarted(self._w, w_encoder)
+
+    def with_w_encoder(self, w_encoder: WarmStartEncoder | None) -> "MappingStart":
+        """This start, its settings unchanged, with ``w_encoder`` (:func:`train_w_encoder`; None:
+        none) giving the first start of the search over ``w``."""
+        out = copy.copy(self)
+        out._set_w_encoder(w_encoder)
+        return out
 
     @property
     def w_generator(self) -> GeneratorAdapter:
@@ -258,7 +268,8 @@ def train_w_encoder(start: MappingStart, **recipe) -> WarmStartEncoder:
     """An encoder from images to ``w`` for ``start``'s model, trained on its own samples only:
     :func:`ronan_fast.warmstart.train_encoder` on :attr:`MappingStart.w_generator` (inputs
     ``mapping(z)`` of prior draws, the images ``synthesis`` makes of them, rounded to 8 bits);
-    ``recipe`` goes to it. Pass it as ``MappingStart(..., w_encoder=...)``; it saves and loads
+    ``recipe`` goes to it. Pass it as ``start.with_w_encoder(...)`` or
+    ``MappingStart(..., w_encoder=...)``; it saves and loads
     as any encoder (:meth:`~ronan_fast.warmstart.WarmStartEncoder.save`,
     ``load_encoder(path, start.w_generator)``)."""
     from ronan_fast.warmstart import train_encoder

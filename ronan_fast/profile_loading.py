@@ -40,19 +40,26 @@ def load_profile_encoder(profile: BelongingProfile, path, generator: GeneratorAd
         return _rebuild_mapping_start(profile, generator, path)
     if kind == "autoencoder":
         return _rebuild_autoencoder_start(profile, generator)
-    from ronan_fast.warmstart import EncoderError, encoder_path, load_encoder
-
     if path is None:
         raise ProfileError("the profile was fitted with a learned warm start: give the profile as a path (its "
                            "encoder file sits beside it) or pass warm_start=ronan_fast.warmstart.load_encoder(...)")
+    return _encoder_beside(path, generator, profile.warm_start["sha256"], "the learned warm start", "the encoder")
+
+
+def _encoder_beside(path, generator: GeneratorAdapter, digest: str, fitted_with: str, noun: str):
+    """The encoder file beside the profile at ``path`` (``PROFILE.encoder.safetensors``), trained
+    for ``generator`` and with the recorded ``digest``; else :class:`~ronan_fast.profile.ProfileError`
+    naming the file (``fitted_with`` and ``noun`` say which encoder it should have been)."""
+    from ronan_fast.warmstart import EncoderError, encoder_path, load_encoder
+
     where = encoder_path(path)
     try:
         enc = load_encoder(where, generator)
     except EncoderError as e:
-        raise ProfileError(f"the profile was fitted with the learned warm start {where}: {e}") from None
-    if enc.digest() != profile.warm_start["sha256"]:
-        raise ProfileError(f"{where} is not the encoder the profile was fitted with (sha256 "
-                           f"{enc.digest()[:12]}, the profile's {profile.warm_start['sha256'][:12]})")
+        raise ProfileError(f"the profile was fitted with {fitted_with} {where}: {e}") from None
+    if enc.digest() != digest:
+        raise ProfileError(f"{where} is not {noun} the profile was fitted with (sha256 "
+                           f"{enc.digest()[:12]}, the profile's {digest[:12]})")
     return enc
 
 
@@ -78,29 +85,19 @@ def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapte
 
     r = profile.warm_start["recipe"]
     try:
-        kw = dict(w_settings=InversionSettings.from_dict(r["w_settings"]), mapping_steps=r["mapping_steps"],
-                  mapping_starts=r["mapping_starts"], seed=r["seed"])
-        ms = mapping_start(generator, **kw)
+        ms = mapping_start(generator, w_settings=InversionSettings.from_dict(r["w_settings"]),
+                           mapping_steps=r["mapping_steps"], mapping_starts=r["mapping_starts"], seed=r["seed"])
     except (TypeError, ValueError, KeyError) as e:
         raise ProfileError(f"the profile was fitted with starts through a mapping network, which cannot be rebuilt "
                            f"for {generator.name}: {e}; pass warm_start=ronan_fast.mapping_start.MappingStart(...)"
                            ) from None
     if r.get("w_encoder") is not None:
-        from ronan_fast.warmstart import EncoderError, encoder_path, load_encoder
-
         if path is None:
             raise ProfileError("the profile was fitted with starts through a mapping network and an encoder of w: "
                                "give the profile as a path (the encoder file sits beside it) or pass "
                                "warm_start=ronan_fast.mapping_start.MappingStart(..., w_encoder=...)")
-        where = encoder_path(path)
-        try:
-            enc = load_encoder(where, ms.w_generator)
-        except EncoderError as e:
-            raise ProfileError(f"the profile was fitted with the encoder of w {where}: {e}") from None
-        if enc.digest() != r["w_encoder"]:
-            raise ProfileError(f"{where} is not the encoder of w the profile was fitted with (sha256 "
-                               f"{enc.digest()[:12]}, the profile's {r['w_encoder'][:12]})")
-        ms = mapping_start(generator, w_encoder=enc, **kw)
+        ms = ms.with_w_encoder(_encoder_beside(path, ms.w_generator, r["w_encoder"], "the encoder of w",
+                                               "the encoder of w"))
     return _as_recorded(ms, profile, generator, "the mapping start")
 
 

@@ -98,6 +98,7 @@ def test_a_w_encoder_gives_the_first_start_of_the_search_over_w(monkeypatch):
     assert ms.cost == enc.cost and plain.cost["train_s"] == 0.0
     # the same guess for an image alone or in a batch
     ms = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_encoder=enc)
+    assert plain.with_w_encoder(enc).digest() == ms.digest() and plain.w_encoder is None
     assert torch.equal(ms.guess(x[1:2])[0], ms.guess(x)[1])
 
 

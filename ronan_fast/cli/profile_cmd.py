@@ -142,7 +142,7 @@ def run(args) -> int:
             start = encoder
             w_enc = _warm_start(start.w_generator, args, out, device,
                                 train_fn=lambda **recipe: train_w_encoder(start, **recipe), what="an encoder of w")
-            encoder = mapping_start(model, w_encoder=w_enc)
+            encoder = start.with_w_encoder(w_enc)
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
     overrides.update(setting_overrides(args.set_fields, overrides))
     # random tone edits spread the profile over decades, which the log rule turns into false
