@@ -248,8 +248,9 @@ class MappingStart(ModelDerivedStart):
             zz = z.detach().requires_grad_(True)
             with torch.enable_grad():
                 w = self._map(zz)
-                jac = torch.stack([torch.autograd.grad(w[:, j].sum(), zz, retain_graph=j < w_dim - 1)[0]
-                                   for j in range(w_dim)], 1)  # [rows, w_dim, D]
+                # every row's Jacobian at once: one batched backward pass per w coordinate (vmapped)
+                basis = eye[:, None, :].expand(w_dim, rows, w_dim)
+                jac = torch.autograd.grad(w, zz, grad_outputs=basis, is_grads_batched=True)[0].transpose(0, 1)
             r = (w.detach() - target)  # [rows, w_dim]
             jjt = jac @ jac.transpose(1, 2)  # [rows, w_dim, w_dim]
             damp = lam[:, None, None] * (jjt.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye + 1e-12 * eye)

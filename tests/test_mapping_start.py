@@ -53,6 +53,23 @@ def test_the_guess_lands_own_images_far_closer_than_prior_draws():
     assert float(guess.median()) < 0.2 * float(drawn.median())
 
 
+def test_the_solve_for_z_reaches_a_w_that_mapping_makes():
+    # w = mapping(z0) of fresh prior draws: some z maps onto it exactly, and the solve (Adam, then
+    # Levenberg-Marquardt steps whose Jacobian is taken for all rows at once) must find one to far
+    # under the error Adam alone leaves
+    g = _style()
+    ms = mapping_start(g)
+    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    z0 = g.sample_latents(3, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        w = ms._map(z0)
+    for k in range(3):
+        z = ms._solve_mapping(w[k], torch.Generator().manual_seed(seed + k + 1))
+        with torch.no_grad():
+            err = float((ms._map(z[None]) - w[k : k + 1]).square().sum() / w[k].square().sum())
+        assert err < 1e-8, f"seed {seed}, row {k}: relative squared error {err:.3g}"
+
+
 def test_each_image_gets_the_same_guess_alone_or_in_a_batch():
     g = _style()
     ms = mapping_start(g, w_settings=FAST_W, mapping_steps=50)
