@@ -8,6 +8,7 @@ rebuilds it from the generator alone.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -70,6 +71,79 @@ def test_the_solve_for_z_reaches_a_w_that_mapping_makes():
         assert err < 1e-8, f"seed {seed}, row {k}: relative squared error {err:.3g}"
 
 
+def _reference_metric(ms, w: torch.Tensor) -> torch.Tensor:
+    """J^T J + ridge in float64: J the synthesis' Jacobian at w, by reverse mode, one output at a time."""
+    from ronan_fast.mapping_start import IMAGE_METRIC_RIDGE
+
+    syn = ms.w_generator.module.double()
+    try:
+        jac = torch.autograd.functional.jacobian(lambda q: syn(q[None]).flatten(), w.double())
+    finally:
+        syn.float()
+    h = jac.T @ jac
+    return h + IMAGE_METRIC_RIDGE * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_the_image_metric_is_the_synthesis_jacobians_gram_matrix(monkeypatch, blocked):
+    import ronan_fast.mapping_start as msm
+
+    g = _style()
+    ms = mapping_start(g)
+    if blocked:  # J^T J built 3 columns at a time by vector-Jacobian products, as for a large image
+        monkeypatch.setattr(msm, "METRIC_CHUNK_ELEMENTS", 3 * math.prod(g.image_shape))
+    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    with torch.no_grad():
+        w = ms._map(g.sample_latents(2, torch.Generator().manual_seed(seed)))
+    for k in range(2):
+        chol = ms._image_metric(w[k])
+        got = chol.double() @ chol.double().T
+        ref = _reference_metric(ms, w[k])
+        assert torch.isfinite(got).all()
+        err = float((got - ref).abs().max() / ref.abs().max())
+        assert err < 1e-5, f"seed {seed}, row {k}: relative error {err:.3g}"
+    assert ms._image_metric(torch.full_like(w[0], float("nan"))) is None  # Cholesky refuses it: Euclidean
+
+
+def test_the_image_metric_solve_lands_closer_in_the_image_than_the_euclidean_one():
+    # a w* a little off what mapping reaches (as the search over w ends): the z whose w is closest
+    # is not the one whose image is closest
+    g = _style()
+    ms_img, ms_w = mapping_start(g), mapping_start(g, solve_metric="w")
+    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = ms_img._map(g.sample_latents(6, gen))
+        w = w + 0.05 * w.std() * torch.randn(w.shape, generator=gen)
+        target = ms_img.w_generator.decode(w)
+    losses = {}
+    for name, ms in (("image", ms_img), ("w", ms_w)):
+        out = []
+        for k in range(6):
+            metric = ms._image_metric(w[k]) if ms.solve_metric == "image" else None
+            z = ms._solve_mapping(w[k], torch.Generator().manual_seed(seed + k), metric)
+            out.append(float(_mse(g, z[None], target[k : k + 1])))
+        losses[name] = torch.tensor(out)
+    assert float(losses["image"].median()) < 0.5 * float(losses["w"].median()), (seed, losses)
+
+
+def test_a_recipe_from_before_the_image_metric_rebuilds_the_euclidean_solve():
+    from types import SimpleNamespace
+
+    from ronan_fast.profile_loading import _rebuild_mapping_start
+
+    g = _style()
+    old = mapping_start(g, mapping_steps=50, solve_metric="w")
+    new = mapping_start(g, mapping_steps=50)
+    # "w" is what every start recorded before the choice existed: its recipe, and so its digest, are unchanged
+    assert "solve_metric" not in old.recipe and new.recipe["solve_metric"] == "image"
+    assert old.digest() != new.digest()
+    for ms in (old, new):
+        profile = SimpleNamespace(warm_start={"recipe": ms.recipe, "sha256": ms.digest()})
+        again = _rebuild_mapping_start(profile, g)
+        assert again.solve_metric == ms.solve_metric and again.digest() == ms.digest()
+
+
 def test_each_image_gets_the_same_guess_alone_or_in_a_batch():
     g = _style()
     ms = mapping_start(g, w_settings=FAST_W, mapping_steps=50)
@@ -105,7 +179,8 @@ def test_a_w_encoder_gives_the_first_start_of_the_search_over_w(monkeypatch):
     ms = mapping_start(g, w_settings=still, mapping_steps=30, w_encoder=enc)
     targets = []
     solve = ms._solve_mapping
-    monkeypatch.setattr(ms, "_solve_mapping", lambda w, gen: (targets.append(w.clone()), solve(w, gen))[1])
+    monkeypatch.setattr(ms, "_solve_mapping",
+                        lambda w, gen, metric=None: (targets.append(w.clone()), solve(w, gen, metric))[1])
     x = _own(g, 3)
     ms.guess(x)
     assert torch.allclose(torch.stack(targets), enc.guess(x), atol=1e-6)
@@ -146,6 +221,8 @@ def test_bad_arguments_are_named():
         MappingStart(g, m.mapping_net, "synthesis", 8)
     with pytest.raises(TypeError, match="w_settings must be InversionSettings"):
         MappingStart(g, m.mapping_net, m.synthesis, 8, w_settings={"steps": 3})
+    with pytest.raises(ValueError, match="solve_metric must be one of"):
+        MappingStart(g, m.mapping_net, m.synthesis, 8, solve_metric="pixels")
     plain = LatentGenerator(torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Unflatten(1, (1, 8, 8))), 4)
     with pytest.raises(TypeError, match="no module with mapping_net"):
         mapping_start(plain)
