@@ -103,6 +103,10 @@ CANDIDATES.update({
     # it makes) as the first start of the search over w
     "mapped-wenc": {"settings": "default", "warm": "mapping", "w_encoder": True, "restarts": 4, "screen": 8,
                     "steps": 300, "halving_every": 50},
+    # ... with the solve for z Euclidean in w to the end (MappingStart(solve_metric="w"), the start's
+    # first recipe) instead of in the image's metric
+    "mapped-wenc-wsolve": {"settings": "default", "warm": "mapping", "w_encoder": True, "solve_metric": "w",
+                           "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -198,6 +202,8 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
 
         w_screen = spec.pop("w_screen", None)
         kw = {} if w_screen is None else {"w_settings": W_SETTINGS.replace(screen=w_screen)}
+        if "solve_metric" in spec:
+            kw["solve_metric"] = spec.pop("solve_metric")
         if not spec.pop("w_encoder", False):
             return WarmStarted(adapter, mapping_start(adapter, **kw)), {
                 "encoder": "through the mapping network (none trained)", "train_s": 0.0, "samples": 0}
