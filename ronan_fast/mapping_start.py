@@ -71,7 +71,7 @@ MAPPING_LM_STEPS = 30
 #: ``w*``); "w", Euclidean in ``w`` (the start's first recipe). On the tuning-half StyleGAN's 16
 #: own 8-bit images (their ``w*`` from the search over ``w``), "image" took ``z*`` to within 1.3x
 #: of the 8-bit floor on 14 where "w" left them at 1.1x to 6.3x of it, and one more under the
-#: convergence line; real images' ``z*`` stayed 70x to 700x above it (docs/inversion.md)
+#: convergence line; real images' ``z*`` stayed 85x to 1200x above it (docs/inversion.md)
 SOLVE_METRICS = ("image", "w")
 #: the metric's ridge, a fraction of ``J^T J``'s mean diagonal: directions the image barely
 #: sees still count a little
