@@ -231,9 +231,14 @@ class MappingStart(ModelDerivedStart):
         out = []
         for k in range(images.shape[0]):
             g = torch.Generator(device="cpu").manual_seed(image_seed(images[k], self.seed + 1))
-            metric = self._image_metric(w[k]) if self.solve_metric == "image" else None
-            out.append(self._solve_mapping(w[k], g, metric))
+            out.append(self._solve_for(w[k], g))
         return torch.stack(out)
+
+    def _solve_for(self, w_target: Tensor, g: torch.Generator) -> Tensor:
+        """``z*`` for one image's ``w*``: :meth:`_solve_mapping`, its last steps in the image's
+        metric where :attr:`solve_metric` is "image"."""
+        metric = self._image_metric(w_target) if self.solve_metric == "image" else None
+        return self._solve_mapping(w_target, g, metric)
 
     def _map(self, z: Tensor) -> Tensor:
         return self.mapping(z.view(z.shape[0], *self.generator.latent_shape)).reshape(z.shape[0], -1)

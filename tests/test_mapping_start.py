@@ -122,8 +122,7 @@ def test_the_image_metric_solve_lands_closer_in_the_image_than_the_euclidean_one
     for name, ms in (("image", ms_img), ("w", ms_w)):
         out = []
         for k in range(6):
-            metric = ms._image_metric(w[k]) if ms.solve_metric == "image" else None
-            z = ms._solve_mapping(w[k], torch.Generator().manual_seed(seed + k), metric)
+            z = ms._solve_for(w[k], torch.Generator().manual_seed(seed + k))
             out.append(float(_mse(g, z[None], target[k : k + 1])))
         losses[name] = torch.tensor(out)
     # in total over the rows: where both solves reach w* exactly (it lies in what mapping makes), both are exact
@@ -182,9 +181,8 @@ def test_a_w_encoder_gives_the_first_start_of_the_search_over_w(monkeypatch):
     still = FAST_W.replace(restarts=1, steps=1, lr=1e-12)
     ms = mapping_start(g, w_settings=still, mapping_steps=30, w_encoder=enc)
     targets = []
-    solve = ms._solve_mapping
-    monkeypatch.setattr(ms, "_solve_mapping",
-                        lambda w, gen, metric=None: (targets.append(w.clone()), solve(w, gen, metric))[1])
+    solve = ms._solve_for
+    monkeypatch.setattr(ms, "_solve_for", lambda w, gen: (targets.append(w.clone()), solve(w, gen))[1])
     x = _own(g, 3)
     ms.guess(x)
     assert torch.allclose(torch.stack(targets), enc.guess(x), atol=1e-6)
