@@ -390,7 +390,7 @@ def render(raw: dict) -> str:
             e = r["encoder"]
             base_name = "mapped" if CANDIDATES[cname].get("w_encoder") else "default"
             base = rec["candidates"].get(base_name)
-            saved, even = "", ""
+            saved, even = "-", f"- ({base_name} not in this run)"
             if base is not None:
                 per = lambda c: (c["own_wall"] / c["own_n"] + c["real_wall"] / len(c["real_losses"])) / 2  # noqa: E731
                 d = per(base) - per(r)
@@ -399,7 +399,7 @@ def render(raw: dict) -> str:
                 if r["own_converged"] < base["own_converged"]:
                     even = "none: fewer own images converged"
             lines.append(f"| {rec['generator']} | {cname} | {e.get('encoder', 'learned')} | {e.get('samples', 0)} "
-                         f"| {e.get('train_s', 0.0):.0f} | {base_name if base is not None else '-'} | {saved} "
+                         f"| {e.get('train_s', 0.0):.0f} | {base_name} | {saved} "
                          f"| {even} |")
         lines.append("")
     return "\n".join(head + lines)

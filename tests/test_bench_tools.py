@@ -298,3 +298,27 @@ def test_large_benchmark_generator_is_tens_of_millions_of_parameters():
     assert float(made.std(dim=(1, 2, 3)).min()) > 0.02  # not a flat image: BatchNorm statistics were set
     assert float((made[0] - made[1]).abs().mean()) > 0.01  # different latents, different images
 
+
+
+@pytest.mark.parametrize("table", sorted((Path(_ROOT) / "bench" / "results").glob("heldout_*.json")),
+                         ids=lambda p: p.stem)
+def test_each_held_out_table_is_what_its_json_renders(table):
+    # the docs cite the .md tables; their figures must be the ones the .json beside them holds
+    from bench.heldout import render
+
+    assert render(json.loads(table.read_text())) == table.with_suffix(".md").read_text()
+
+
+def test_a_held_out_encoder_row_says_when_its_baseline_did_not_run():
+    from bench.heldout import render
+
+    raw = json.loads((Path(_ROOT) / "bench" / "results" / "heldout_held-out_solve.json").read_text())
+    out = render(raw)
+    assert "| mapped | - | - (mapped not in this run) |" in out
+    rec = next(iter(raw["results"].values()))
+    base = dict(rec["candidates"]["mapped-wenc"], own_wall=rec["candidates"]["mapped-wenc"]["own_wall"] * 2)
+    rec["candidates"]["mapped"] = {k: v for k, v in base.items() if k != "encoder"}
+    row = next(line for line in render(raw).splitlines() if line.startswith("| stylegan64-photos | mapped-wenc |")
+               and "through the mapping network" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == "mapped" and float(cells[6]) > 0 and int(cells[7]) > 0, row  # saved, break-even images
