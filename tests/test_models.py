@@ -152,7 +152,8 @@ def test_distillation_recipe_brings_the_student_to_its_teacher(tmp_path):
     than the teacher-initialised student did before training, and records how closely."""
     import argparse
 
-    from ronan_fast.zoo.train import Recipe, _teacher_pairs, run_distill
+    from ronan_fast.zoo.train import Recipe
+    from ronan_fast.zoo.train_diffusion import _teacher_pairs, run_distill
 
     torch.manual_seed(0)
     teacher = DDIMSampler(TinyUNet(ch=8, patch=2), steps=2).eval()

@@ -17,7 +17,8 @@ from torch import Tensor
 from ronan_fast import data as D
 
 __all__ = ["data_fmnist_train", "data_digits", "data_photos", "data_photos64", "OVERLAP_SIZE", "OVERLAP_SPLIT_SEED",
-           "overlap_indices", "data_fmnist_overlap", "data_fmnist64", "data_digits64", "data_opencv64", "upscale"]
+           "overlap_indices", "data_fmnist_overlap", "data_fmnist64", "data_digits64", "data_opencv64", "upscale",
+           "identity"]
 
 
 def data_fmnist_train() -> tuple[Tensor, Tensor]:
@@ -113,5 +114,6 @@ def upscale(size: int) -> Callable[[Tensor], Tensor]:
     return prep
 
 
-def _identity(x: Tensor) -> Tensor:
+def identity(x: Tensor) -> Tensor:
+    """The batch transform that leaves images as they are: the 64x64 recipes' default ``prep``."""
     return x
