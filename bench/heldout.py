@@ -107,6 +107,9 @@ CANDIDATES.update({
     # first recipe) instead of in the image's metric
     "mapped-wenc-wsolve": {"settings": "default", "warm": "mapping", "w_encoder": True, "solve_metric": "w",
                            "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
+    # ... with 48 starts in the search over w instead of W_SETTINGS' 24
+    "mapped-wenc-w48": {"settings": "default", "warm": "mapping", "w_encoder": True, "w_restarts": 48,
+                        "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -200,8 +203,8 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
         from ronan_fast.mapping_start import W_SETTINGS, mapping_start, train_w_encoder
         from ronan_fast.warmstart import WarmStarted
 
-        w_screen = spec.pop("w_screen", None)
-        kw = {} if w_screen is None else {"w_settings": W_SETTINGS.replace(screen=w_screen)}
+        w_change = {k: spec.pop(f"w_{k}") for k in ("screen", "restarts") if f"w_{k}" in spec}
+        kw = {"w_settings": W_SETTINGS.replace(**w_change)} if w_change else {}
         if "solve_metric" in spec:
             kw["solve_metric"] = spec.pop("solve_metric")
         if not spec.pop("w_encoder", False):
