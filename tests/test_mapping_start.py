@@ -375,3 +375,40 @@ def test_cli_profile_w_encoder_trains_it_beside_the_profile_and_inspect_loads_it
     capsys.readouterr()
     assert main(["profile", *model, "-n", "4", "--warm-start", "encoder", "--w-encoder", "-q", "-o", "q.json"]) == 2
     assert "--w-encoder goes with --warm-start mapping" in capsys.readouterr().err
+
+
+def test_cli_profile_w_set_changes_the_search_over_w_and_inspect_follows_it(tmp_path, monkeypatch, capsys):
+    """--w-set FIELD=VALUE overrides W_SETTINGS' fields for the mapping start; the profile records
+    them and inspect rebuilds the same start; bad pairs and --w-set without the mapping start are
+    refused with the option named."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from ronan_fast.cli import main
+    from ronan_fast.imageio import save_image
+    from ronan_fast.mapping_start import W_SETTINGS
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    monkeypatch.chdir(tmp_path)
+    model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+    base = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "-q"]
+    assert main([*base, "--warm-start", "mapping", "--w-set", "restarts=3", "--w-set", "steps=40", "-o", "p.json"]) == 0
+    recorded = json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]["w_settings"]
+    assert recorded == W_SETTINGS.replace(restarts=3, steps=40).to_dict()
+    monkeypatch.delitem(sys.modules, "tiny_models", raising=False)  # put back after the test
+    import tiny_models
+
+    g = LatentGenerator(tiny_models.style_generator(), 16)
+    save_image(_own(g, 1)[0], tmp_path / "own.png")
+    assert main(["inspect", "own.png", "--profile", "p.json", *model[:4], "-q", "-o", "r.jsonl"]) == 0
+    capsys.readouterr()
+    for extra, message in [(["--warm-start", "mapping", "--w-set", "restarts=0"], "--w-set: restarts must be"),
+                           (["--warm-start", "mapping", "--w-set", "warp=3"], "--w-set 'warp=3': 'warp' is not an"),
+                           (["--warm-start", "mapping", "--w-set", "restarts"], "--w-set 'restarts': expected FIELD"),
+                           (["--warm-start", "encoder", "--w-set", "restarts=48"],
+                            "--w-set goes with --warm-start mapping"),
+                           (["--w-set", "restarts=48"], "--w-set goes with --warm-start mapping")]:
+        assert main([*base, *extra, "-o", "q.json"]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "q.json").exists()

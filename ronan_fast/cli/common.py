@@ -121,8 +121,8 @@ def add_inversion_args(p: argparse.ArgumentParser) -> None:
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
-def setting_overrides(pairs: Sequence[str], given: dict) -> dict:
-    """``--set FIELD=VALUE`` pairs as keyword overrides, each value of its field's type."""
+def setting_overrides(pairs: Sequence[str], given: dict, option: str = "--set") -> dict:
+    """``--set FIELD=VALUE`` pairs (or ``option``'s) as keyword overrides, each value of its field's type."""
     import dataclasses
 
     from ronan_fast.inversion import InversionSettings
@@ -133,25 +133,25 @@ def setting_overrides(pairs: Sequence[str], given: dict) -> dict:
         name, eq, text = pair.partition("=")
         name = name.strip()
         if not eq or not name:
-            raise UsageError(f"--set {pair!r}: expected FIELD=VALUE, e.g. --set polish_candidates=2")
+            raise UsageError(f"{option} {pair!r}: expected FIELD=VALUE, e.g. {option} restarts=8")
         if name == "metric":
-            raise UsageError(f"--set {pair!r}: the metric has its own option, --metric")
+            raise UsageError(f"{option} {pair!r}: the metric has its own option, --metric")
         if name not in fields:
-            raise UsageError(f"--set {pair!r}: {name!r} is not an inversion setting; the fields are "
+            raise UsageError(f"{option} {pair!r}: {name!r} is not an inversion setting; the fields are "
                              + ", ".join(sorted(fields)))
         if name in given or name in out:
-            raise UsageError(f"--set {pair!r}: {name} is given twice")
+            raise UsageError(f"{option} {pair!r}: {name} is given twice")
         kind = fields[name]
         if kind is bool:
             flag = _BOOLS.get(text.strip().lower())
             if flag is None:
-                raise UsageError(f"--set {pair!r}: {name} takes true or false, got {text!r}")
+                raise UsageError(f"{option} {pair!r}: {name} takes true or false, got {text!r}")
             out[name] = flag
             continue
         try:
             out[name] = kind(text) if kind in (int, float) else text
         except ValueError:
-            raise UsageError(f"--set {pair!r}: {name} takes {'a whole number' if kind is int else 'a number'}, "
+            raise UsageError(f"{option} {pair!r}: {name} takes {'a whole number' if kind is int else 'a number'}, "
                              f"got {text!r}") from None
     return out
 

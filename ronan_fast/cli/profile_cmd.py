@@ -78,6 +78,10 @@ def add_parser(sub, fmt) -> None:
                    help="with --warm-start mapping: also train an encoder from images to w on the model's own "
                         "samples (saved beside the profile as PROFILE.encoder.safetensors, reused as with "
                         "--warm-start encoder); its guess is the first start of the search over w")
+    p.add_argument("--w-set", action="append", default=[], metavar="FIELD=VALUE", dest="w_set_fields",
+                   help="with --warm-start mapping: override a field of the search over w's settings "
+                        "(ronan_fast.mapping_start.W_SETTINGS: the GAN default with 300 Adam steps), e.g. "
+                        "--w-set restarts=48; recorded in the profile, which inspect follows; repeatable")
     p.add_argument("--encoder-samples", type=positive_int, default=8192, metavar="N",
                    help="with --warm-start encoder or --w-encoder: the model's samples the encoder learns from "
                         "(default: 8192)")
@@ -124,18 +128,25 @@ def run(args) -> int:
     kind = args.warm_start
     if kind == "auto":
         kind = _auto_warm_start(model)
-    if args.w_encoder and kind != "mapping":
-        raise UsageError(f"--w-encoder goes with --warm-start mapping (a StyleGAN-style model), not with "
-                         f"--warm-start {kind}" if kind else "--w-encoder goes with --warm-start mapping")
+    for flag, given in (("--w-encoder", args.w_encoder), ("--w-set", args.w_set_fields)):
+        if given and kind != "mapping":
+            raise UsageError(f"{flag} goes with --warm-start mapping (a StyleGAN-style model), not with "
+                             f"--warm-start {kind}" if kind else f"{flag} goes with --warm-start mapping")
     if kind == "encoder":
         encoder = _warm_start(model, args, out, device)
     elif kind is not None:  # made from the model itself
         from ronan_fast.autoencoder_start import autoencoder_start
-        from ronan_fast.mapping_start import mapping_start, train_w_encoder
+        from ronan_fast.mapping_start import W_SETTINGS, mapping_start, train_w_encoder
 
         build = {"autoencoder": autoencoder_start, "mapping": mapping_start}[kind]
+        kw = {}
+        if args.w_set_fields:
+            try:
+                kw["w_settings"] = W_SETTINGS.replace(**setting_overrides(args.w_set_fields, {}, "--w-set"))
+            except ValueError as e:
+                raise UsageError(f"--w-set: {e}") from None
         try:
-            encoder = build(model.to(device) if device is not None else model)
+            encoder = build(model.to(device) if device is not None else model, **kw)
         except TypeError as e:
             raise UsageError(f"--warm-start {kind}: {e}") from None
         if args.w_encoder:
