@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,9 @@ from ronan_fast.models import (
     dcgan_init_,
     save_model,
 )
+from ronan_fast.zoo.train64 import benchmark_recipes
 from ronan_fast.zoo.train_diffusion import run_ddim, run_distill
+from ronan_fast.zoo.training import Recipe, base_info, log, seed_steps, train_steps
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -50,10 +51,6 @@ RESULTS_DIR = REPO_DIR / "results" / "zoo"
 # on two CPU cores.
 DEFAULT_DCGAN = dict(nz=32, ngf=16, channels=1, size=28)
 DEFAULT_DISC = dict(ndf=32, channels=1, size=28)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # --------------------------------------------------------------------------- GAN training
@@ -124,18 +121,6 @@ def train_gan(
 # --------------------------------------------------------------------------- recipes
 
 
-@dataclass
-class Recipe:
-    name: str
-    description: str
-    run: Callable[["Recipe", argparse.Namespace], dict[str, Any]]
-    steps: int
-    seed: int
-    out: Path
-    grid: list[Path] = field(default_factory=list)
-    params: dict[str, Any] = field(default_factory=dict)
-
-
 def _sample_grid(model: nn.Module, recipe: Recipe, seed: int = 1234) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     model.eval()
@@ -150,7 +135,7 @@ def _sample_grid(model: nn.Module, recipe: Recipe, seed: int = 1234) -> Tensor:
 
 def run_dcgan(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     x, _ = recipe.params["data"]()
-    seed, steps, cap = _seed_steps(recipe, args)
+    seed, steps, cap = seed_steps(recipe, args)
     torch.manual_seed(seed)
     g_cls, d_cls = recipe.params.get("classes", (DCGANGenerator, DCGANDiscriminator))
     G = dcgan_init_(g_cls(**recipe.params.get("generator", DEFAULT_DCGAN)))
@@ -159,7 +144,7 @@ def run_dcgan(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     log(f"data {tuple(x.shape)}, G params {sum(p.numel() for p in G.parameters())}, "
         f"D params {sum(p.numel() for p in Dn.parameters())}, seed {seed}, steps {steps}")
     stats = train_gan(G, Dn, x, steps=steps, seed=seed, max_seconds=cap, batch=recipe.params.get("batch", 128))
-    info = {**_base_info(recipe, seed, steps, x), "loss": "non-saturating GAN", "optimizer": "Adam", **stats}
+    info = {**base_info(recipe, seed, steps, x), "loss": "non-saturating GAN", "optimizer": "Adam", **stats}
     G.eval()
     save_model(G, recipe.out, info=info)
     log(f"wrote {recipe.out}")
@@ -167,46 +152,9 @@ def run_dcgan(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
-def _seed_steps(recipe: Recipe, args: argparse.Namespace) -> tuple[int, int, float | None]:
-    seed = args.seed if args.seed is not None else recipe.seed
-    steps = args.steps if args.steps is not None else recipe.steps
-    return seed, steps, (args.minutes * 60 if args.minutes else None)
-
-
-def _base_info(recipe: Recipe, seed: int, steps: int, x: Tensor) -> dict[str, Any]:
-    return {"recipe": recipe.name, "description": recipe.description, "seed": seed, "steps": steps,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "train_images": int(x.shape[0])}
-
-
-def train_steps(steps: int, cap: float | None, step: Callable[[], tuple[float, ...]],
-                report: Callable[[int, tuple[float, ...], float], None],
-                every: int = 250) -> tuple[tuple[float, ...], int, float]:
-    """Call ``step()`` (one optimiser step; returns its losses as floats) for steps 1 to ``steps``.
-
-    Keeps an exponential moving average of the losses (0.02 on the newest), calls
-    ``report(step, average, seconds so far)`` every ``every`` steps and after the last, and
-    stops early, saying so, once ``cap`` seconds (the ``--minutes`` cap) have passed. Returns
-    the average, the number of steps done and the seconds they took.
-    """
-    t0 = time.perf_counter()
-    ema: tuple[float, ...] | None = None
-    done = 0
-    for i in range(1, steps + 1):
-        cur = step()
-        ema = cur if ema is None else tuple(0.98 * a + 0.02 * b for a, b in zip(ema, cur))
-        done = i
-        el = time.perf_counter() - t0
-        if i % every == 0 or i == steps:
-            report(i, ema, el)
-        if cap is not None and el > cap:
-            log(f"stopping at step {i}: wall-clock cap reached")
-            break
-    return ema, done, time.perf_counter() - t0
-
-
 def run_condgan(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     x, y = recipe.params["data"]()
-    seed, steps, cap = _seed_steps(recipe, args)
+    seed, steps, cap = seed_steps(recipe, args)
     torch.manual_seed(seed)
     G = dcgan_init_(CondGANGenerator(**recipe.params["generator"]))
     Dn = dcgan_init_(CondGANDiscriminator(**recipe.params["discriminator"]))
@@ -216,7 +164,7 @@ def run_condgan(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         f"D params {sum(p.numel() for p in Dn.parameters())}, seed {seed}, steps {steps}")
     stats = train_gan(G, Dn, x, steps=steps, seed=seed, labels=y, num_classes=k, max_seconds=cap,
                       batch=recipe.params.get("batch", 128))
-    info = {**_base_info(recipe, seed, steps, x), "loss": "non-saturating GAN, projection discriminator",
+    info = {**base_info(recipe, seed, steps, x), "loss": "non-saturating GAN, projection discriminator",
             "optimizer": "Adam", **stats}
     G.eval()
     save_model(G, recipe.out, info=info)
@@ -233,7 +181,7 @@ def run_condgan(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_vae(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     x, _ = recipe.params["data"]()
-    seed, steps, cap = _seed_steps(recipe, args)
+    seed, steps, cap = seed_steps(recipe, args)
     torch.manual_seed(seed)
     model = VAE(**recipe.params["model"])
     batch, lr = recipe.params.get("batch", 128), recipe.params.get("lr", 1e-3)
@@ -255,7 +203,7 @@ def run_vae(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
 
     model.train()
     ema, done, seconds = train_steps(steps, cap, step, report)
-    info = {**_base_info(recipe, seed, steps, x), "loss": "negative ELBO (Bernoulli pixels)", "optimizer": "Adam",
+    info = {**base_info(recipe, seed, steps, x), "loss": "negative ELBO (Bernoulli pixels)", "optimizer": "Adam",
             "lr": lr, "batch": batch, "steps_done": done, "final_neg_elbo_ema": ema[0], "final_recon_ema": ema[1],
             "final_kl_ema": ema[2], "seconds": round(seconds, 1)}
     model.eval()
@@ -342,15 +290,9 @@ def _recipes() -> dict[str, Recipe]:
 RECIPES = _recipes()
 
 
-def _benchmark_recipes() -> dict[str, Recipe]:
-    """The 64x64 generator benchmark's recipes (:mod:`ronan_fast.zoo.train64`), registered here so
-    that ``python -m ronan_fast.zoo.train NAME`` stays the one entry point."""
-    from ronan_fast.zoo.train64 import benchmark_recipes
-
-    return benchmark_recipes(Recipe)
-
-
-RECIPES.update(_benchmark_recipes())
+# the 64x64 generator benchmark's recipes, registered here so that ``python -m
+# ronan_fast.zoo.train NAME`` stays the one entry point
+RECIPES.update(benchmark_recipes())
 
 
 def write_default_samples(n: int = 16) -> list[Path]:

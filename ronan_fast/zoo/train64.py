@@ -9,9 +9,7 @@ them on the other (``split="held-out"``). See ``ronan_fast/zoo/README.md``.
 
 The recipes are registered with :mod:`ronan_fast.zoo.train` (its ``RECIPES``), which stays the
 one entry point. Like every zoo recipe they are seeded and run a fixed number of steps: the same
-seed, steps, thread count and torch build give the same weights. This module imports
-:mod:`ronan_fast.zoo.train`'s helpers inside the functions that use them, because ``train``
-imports this module while it is being loaded (also when it runs as ``__main__``). The
+seed, steps, thread count and torch build give the same weights. The
 AutoencoderKL's training is in :mod:`ronan_fast.zoo.train_aekl`.
 """
 
@@ -30,6 +28,7 @@ from torch import Tensor, nn
 from ronan_fast import data as D
 from ronan_fast.zoo.datasets import data_digits64, data_fmnist64, data_opencv64, data_photos64, identity, upscale
 from ronan_fast.zoo.train_aekl import run_aekl
+from ronan_fast.zoo.training import Recipe, base_info, log, n_params, seed_steps, train_steps
 from ronan_fast.models import (
     CondDeepDCGANDiscriminator,
     CondDeepDCGANGenerator,
@@ -48,12 +47,6 @@ ZOO_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = ZOO_DIR / "weights"
 RESULTS_DIR = ZOO_DIR.parent.parent / "results" / "zoo"
 
-
-def _T():
-    """:mod:`ronan_fast.zoo.train`, imported when first needed (it imports this module)."""
-    from ronan_fast.zoo import train
-
-    return train
 
 
 # --------------------------------------------------------------------------- GAN training
@@ -130,7 +123,6 @@ def train_gan64(
     """
     if loss not in GAN_LOSSES:
         raise ValueError(f"loss must be one of {GAN_LOSSES}, got {loss!r}")
-    log = _T().log
     gen = torch.Generator().manual_seed(seed + 1)
     n = x.shape[0]
     opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=betas)
@@ -218,11 +210,8 @@ _LOSS_NAMES = {"ns": "non-saturating GAN", "hinge": "hinge GAN", "wgan-gp": "WGA
 def _grid(images: Tensor, recipe, nrow: int = 8, note: str = "") -> None:
     for p in recipe.grid:
         D.save_grid(images, p, nrow=nrow)
-        _T().log(f"wrote sample grid {p}{note}")
+        log(f"wrote sample grid {p}{note}")
 
-
-def _n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 def _prep_note(prep: Callable[[Tensor], Tensor]) -> str:
@@ -233,10 +222,9 @@ def _prep_note(prep: Callable[[Tensor], Tensor]) -> str:
 def run_gan64(recipe, args: argparse.Namespace) -> dict[str, Any]:
     """Train ``params["generator"]`` (a (class, kwargs) pair) against ``params["discriminator"]``
     with :func:`train_gan64` and ``params["train"]`` as its settings; save G (or its EMA)."""
-    T = _T()
     p = recipe.params
     x, y = p["data"]()
-    seed, steps, cap = T._seed_steps(recipe, args)
+    seed, steps, cap = seed_steps(recipe, args)
     torch.manual_seed(seed)
     (g_cls, g_kw), (d_cls, d_kw) = p["generator"], p["discriminator"]
     G, Dn = g_cls(**g_kw), d_cls(**d_kw)
@@ -246,19 +234,19 @@ def run_gan64(recipe, args: argparse.Namespace) -> dict[str, Any]:
     settings = dict(p.get("train", {}))
     conditional = bool(G.config.get("num_classes"))
     prep = p.get("prep", identity)
-    T.log(f"{recipe.name}: {recipe.description}")
-    T.log(f"data {tuple(x.shape)} ({_prep_note(prep)}), G params {_n_params(G)}, D params {_n_params(Dn)}, "
+    log(f"{recipe.name}: {recipe.description}")
+    log(f"data {tuple(x.shape)} ({_prep_note(prep)}), G params {n_params(G)}, D params {n_params(Dn)}, "
           f"seed {seed}, steps {steps}, {settings}")
     stats, G_ema = train_gan64(G, Dn, x, steps=steps, seed=seed, max_seconds=cap, prep=prep,
                                labels=y if conditional else None,
                                num_classes=G.config.get("num_classes"), **settings)
     out = G_ema if G_ema is not None else G
     loss = settings.get("loss", "ns")
-    info = {**T._base_info(recipe, seed, steps, x), "loss": _LOSS_NAMES[loss] + (" + R1" if settings.get("r1_gamma") else ""),
+    info = {**base_info(recipe, seed, steps, x), "loss": _LOSS_NAMES[loss] + (" + R1" if settings.get("r1_gamma") else ""),
             "optimizer": "Adam", "saved": "EMA of G" if G_ema is not None else "G", **stats}
     out.eval()
     save_model(out, recipe.out, info=info)
-    T.log(f"wrote {recipe.out}")
+    log(f"wrote {recipe.out}")
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         if conditional:
@@ -275,18 +263,17 @@ def run_gan64(recipe, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_vae64(recipe, args: argparse.Namespace) -> dict[str, Any]:
     """A :class:`DeepVAE` on ``params["data"]`` (batches through ``params["prep"]``), negative ELBO, Adam."""
-    T = _T()
     p = recipe.params
     x, _ = p["data"]()
     prep = p.get("prep", identity)
-    seed, steps, cap = T._seed_steps(recipe, args)
+    seed, steps, cap = seed_steps(recipe, args)
     torch.manual_seed(seed)
     model = DeepVAE(**p["model"])
     batch, lr = p.get("batch", 64), p.get("lr", 1e-3)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)
-    T.log(f"{recipe.name}: {recipe.description}")
-    T.log(f"data {tuple(x.shape)} ({_prep_note(prep)}), params {_n_params(model)}, seed {seed}, steps {steps}")
+    log(f"{recipe.name}: {recipe.description}")
+    log(f"data {tuple(x.shape)} ({_prep_note(prep)}), params {n_params(model)}, seed {seed}, steps {steps}")
 
     def step() -> tuple[float, float, float]:
         xb = prep(x[torch.randint(0, x.shape[0], (batch,), generator=gen)])
@@ -297,17 +284,17 @@ def run_vae64(recipe, args: argparse.Namespace) -> dict[str, Any]:
         return total.item(), recon.item(), kl.item()
 
     def report(i: int, ema: tuple[float, ...], el: float) -> None:
-        T.log(f"step {i:6d}/{steps}  -ELBO {ema[0]:.1f}  recon {ema[1]:.1f}  KL {ema[2]:.2f}  "
+        log(f"step {i:6d}/{steps}  -ELBO {ema[0]:.1f}  recon {ema[1]:.1f}  KL {ema[2]:.2f}  "
               f"({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
 
     model.train()
-    ema, done, seconds = T.train_steps(steps, cap, step, report)
-    info = {**T._base_info(recipe, seed, steps, x), "loss": "negative ELBO (Bernoulli pixels)", "optimizer": "Adam",
+    ema, done, seconds = train_steps(steps, cap, step, report)
+    info = {**base_info(recipe, seed, steps, x), "loss": "negative ELBO (Bernoulli pixels)", "optimizer": "Adam",
             "lr": lr, "batch": batch, "steps_done": done, "final_neg_elbo_ema": ema[0], "final_recon_ema": ema[1],
             "final_kl_ema": ema[2], "seconds": round(seconds, 1)}
     model.eval()
     save_model(model, recipe.out, info=info)
-    T.log(f"wrote {recipe.out}")
+    log(f"wrote {recipe.out}")
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         _grid(model(torch.randn(64, model.nz, generator=g)), recipe)
@@ -317,8 +304,8 @@ def run_vae64(recipe, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the recipes
 
 
-def benchmark_recipes(Recipe) -> dict[str, Any]:
-    """The 64x64 benchmark's recipes, as ``Recipe`` objects of :mod:`ronan_fast.zoo.train`."""
+def benchmark_recipes() -> dict[str, Recipe]:
+    """The 64x64 benchmark's recipes, by name."""
     zoo = lambda n: WEIGHTS_DIR / f"{n}.safetensors"  # noqa: E731
     grid = lambda n: [RESULTS_DIR / f"{n}.png"]  # noqa: E731
     fm64, dig64 = upscale(64), upscale(64)

@@ -3,9 +3,7 @@
 training, the latent scaling from its encoder's posterior means, and saving it as a diffusers
 model folder.
 
-Its recipe is registered by :mod:`ronan_fast.zoo.train64`. This module imports
-:mod:`ronan_fast.zoo.train`'s helpers inside the functions that use them, because ``train``
-imports it (through ``train64``) while it is being loaded (also when it runs as ``__main__``).
+Its recipe is registered by :mod:`ronan_fast.zoo.train64`.
 """
 
 from __future__ import annotations
@@ -24,20 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ronan_fast import data as D
+from ronan_fast.zoo.training import base_info, log, n_params, seed_steps, train_steps
 
 #: the training record written beside a diffusers model folder's weights
 AEKL_INFO_FILE = "training_info.json"
 
 
-def _T():
-    """:mod:`ronan_fast.zoo.train`, imported when first needed (it imports this module)."""
-    from ronan_fast.zoo import train
-
-    return train
-
-
-def _n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 def build_autoencoder_kl(config: dict[str, Any]) -> nn.Module:
@@ -90,10 +80,9 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
     with the training record in ``training_info.json``; the grid shows decodes of 64 prior
     latents, and ``params["recon_grid"]`` held-out patches beside their reconstructions.
     """
-    T = _T()
     p = recipe.params
     x, _ = p["data"]()
-    seed, steps, cap = T._seed_steps(recipe, args)
+    seed, steps, cap = seed_steps(recipe, args)
     torch.manual_seed(seed)
     ae = build_autoencoder_kl(p["config"])
     batch, lr, warmup = p.get("batch", 16), p.get("lr", 1e-3), p.get("warmup", 200)
@@ -101,8 +90,8 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     gen = torch.Generator().manual_seed(seed + 1)
-    T.log(f"{recipe.name}: {recipe.description}")
-    T.log(f"data {tuple(x.shape)}, params {_n_params(ae)} (decoder {_n_params(ae.decoder) + _n_params(ae.post_quant_conv)}), "
+    log(f"{recipe.name}: {recipe.description}")
+    log(f"data {tuple(x.shape)}, params {n_params(ae)} (decoder {n_params(ae.decoder) + n_params(ae.post_quant_conv)}), "
           f"seed {seed}, steps {steps}, batch {batch}, kl_weight {kl_weight}")
 
     def step() -> tuple[float, float, float]:
@@ -116,11 +105,11 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
         return total.item(), mse.item(), kl.item()
 
     def report(i: int, ema: tuple[float, ...], el: float) -> None:
-        T.log(f"step {i:6d}/{steps}  loss {ema[0]:.5f}  MSE {ema[1]:.5f}  KL {ema[2]:.1f} nats/image  "
+        log(f"step {i:6d}/{steps}  loss {ema[0]:.5f}  MSE {ema[1]:.5f}  KL {ema[2]:.1f} nats/image  "
               f"({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
 
     ae.train()
-    ema, done, seconds = T.train_steps(steps, cap, step, report)
+    ema, done, seconds = train_steps(steps, cap, step, report)
     ae.eval()
     g = torch.Generator().manual_seed(seed + 2)
     stat_x = D.to_signed(x[torch.randperm(x.shape[0], generator=g)[: p.get("stat_images", 2000)]])
@@ -134,7 +123,7 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
         ae.register_to_config(scaling_factor=1.0 / std, shift_factor=shift)
     held = D.to_signed(p["held_out"]()) if "held_out" in p else None
     held_mse = _reconstruction_mse(ae, held) if held is not None else None
-    info = {**T._base_info(recipe, seed, steps, x), "loss": "MSE (pixels in [-1, 1]) + kl_weight * KL / pixels",
+    info = {**base_info(recipe, seed, steps, x), "loss": "MSE (pixels in [-1, 1]) + kl_weight * KL / pixels",
             "kl_weight": kl_weight, "optimizer": "Adam", "lr": lr, "warmup": warmup, "batch": batch,
             "grad_clip": 1.0, "steps_done": done, "final_loss_ema": ema[0], "final_mse_ema": ema[1],
             "final_kl_ema": ema[2], "latent_mean": shift, "latent_std": std, "latent_channel_means": ch_mean,
@@ -145,7 +134,7 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
         info.update(held_out_images=int(held.shape[0]), held_out_recon_mse=held_mse,
                     held_out_recon_psnr_db=10 * math.log10(4.0 / held_mse))  # peak-to-peak 2 in (-1, 1)
     save_autoencoder(ae, recipe.out, info)
-    T.log(f"wrote {recipe.out}" + (f" (held-out reconstruction MSE {held_mse:.5f}, PSNR "
+    log(f"wrote {recipe.out}" + (f" (held-out reconstruction MSE {held_mse:.5f}, PSNR "
                                     f"{info['held_out_recon_psnr_db']:.1f} dB)" if held is not None else ""))
     from ronan_fast.diffusers_adapters import LatentDiffusionDecoder
 
@@ -155,13 +144,13 @@ def run_aekl(recipe, args: argparse.Namespace) -> dict[str, Any]:
         prior = adapter.decode(z).clamp(0, 1)
         for path in recipe.grid:
             D.save_grid(prior, path, nrow=8)
-            T.log(f"wrote sample grid {path} (decodes of prior latents)")
+            log(f"wrote sample grid {path} (decodes of prior latents)")
         if held is not None and p.get("recon_grid"):
             k = 32
             rec = ae.decode(ae.encode(held[:k]).latent_dist.mean).sample
             pairs = torch.stack([held[:k], rec], 1).flatten(0, 1)  # original, reconstruction, ...
             D.save_grid(D.to_unit(pairs), p["recon_grid"], nrow=8)
-            T.log(f"wrote {p['recon_grid']} (held-out patch, its reconstruction, ...)")
+            log(f"wrote {p['recon_grid']} (held-out patch, its reconstruction, ...)")
     return info
 
 

@@ -2,9 +2,7 @@
 training of its UNet) and ``onestep-fmnist``, its one-step student distilled from it.
 
 The recipes are registered in :mod:`ronan_fast.zoo.train`'s ``RECIPES`` and run through its
-entry point. This module imports :mod:`ronan_fast.zoo.train`'s helpers inside the functions that
-use them, because ``train`` imports this module while it is being loaded (also when it runs as
-``__main__``).
+entry point.
 """
 
 from __future__ import annotations
@@ -13,24 +11,16 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ronan_fast import data as D
+from ronan_fast.zoo.training import Recipe, base_info, log, seed_steps, train_steps
 from ronan_fast.models import DDIMSampler, OneStepStudent, TinyUNet, load_model, save_model
 
-if TYPE_CHECKING:
-    from ronan_fast.zoo.train import Recipe
-
-
-def _T():
-    """:mod:`ronan_fast.zoo.train`, imported when first needed (it imports this module)."""
-    from ronan_fast.zoo import train
-
-    return train
 
 
 def run_ddim(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
@@ -40,10 +30,9 @@ def run_ddim(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     half of each batch draws t among them and half uniformly over all T (the usual DDPM loss).
     The saved weights are an exponential moving average of the trained ones.
     """
-    T = _T()
     x, _ = recipe.params["data"]()
     x = D.to_signed(x)
-    seed, steps, cap = T._seed_steps(recipe, args)
+    seed, steps, cap = seed_steps(recipe, args)
     torch.manual_seed(seed)
     sampler = DDIMSampler(TinyUNet(**recipe.params["unet"]), **recipe.params["sampler"])
     ema_model = DDIMSampler(TinyUNet(**recipe.params["unet"]), **recipe.params["sampler"])
@@ -57,8 +46,8 @@ def run_ddim(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     gen = torch.Generator().manual_seed(seed + 1)
     T = sampler.config["num_train_timesteps"]
-    T.log(f"{recipe.name}: {recipe.description}")
-    T.log(f"data {tuple(x.shape)}, UNet params {sum(p.numel() for p in unet.parameters())}, seed {seed}, "
+    log(f"{recipe.name}: {recipe.description}")
+    log(f"data {tuple(x.shape)}, UNet params {sum(p.numel() for p in unet.parameters())}, seed {seed}, "
         f"steps {steps}, sampler timesteps {sampler.timesteps.tolist()}")
 
     def step() -> tuple[float]:
@@ -80,22 +69,22 @@ def run_ddim(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         return (loss.item(),)
 
     def report(i: int, ema: tuple[float, ...], el: float) -> None:
-        T.log(f"step {i:6d}/{steps}  eps-MSE {ema[0]:.4f}  ({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
+        log(f"step {i:6d}/{steps}  eps-MSE {ema[0]:.4f}  ({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
 
     unet.train()
-    (ema_loss,), done, seconds = T.train_steps(steps, cap, step, report)
-    info = {**T._base_info(recipe, seed, steps, x), "loss": "DDPM epsilon MSE (half the batch at sampler timesteps)",
+    (ema_loss,), done, seconds = train_steps(steps, cap, step, report)
+    info = {**base_info(recipe, seed, steps, x), "loss": "DDPM epsilon MSE (half the batch at sampler timesteps)",
             "optimizer": "Adam", "lr": lr, "warmup": warmup, "batch": batch, "ema_decay": decay, "steps_done": done,
             "final_eps_mse_ema": ema_loss, "seconds": round(seconds, 1)}
     ema_model.eval()
     save_model(ema_model, recipe.out, info=info)
-    T.log(f"wrote {recipe.out}")
+    log(f"wrote {recipe.out}")
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         out = D.to_unit(ema_model(torch.randn(64, *ema_model.latent_shape, generator=g)))
     for p in recipe.grid:
         D.save_grid(out, p)
-        T.log(f"wrote sample grid {p}")
+        log(f"wrote sample grid {p}")
     return info
 
 
@@ -120,7 +109,6 @@ def run_distill(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     of its weights is saved. A held-out set of pairs (another seed) measures how closely the
     student follows the teacher.
     """
-    T = _T()
     teacher_path = Path(recipe.params["teacher"])
     if not teacher_path.is_file():
         raise FileNotFoundError(f"the teacher {teacher_path} is missing; train it first "
@@ -128,17 +116,17 @@ def run_distill(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     teacher = load_model(teacher_path, eval=True)
     if not isinstance(teacher, DDIMSampler):
         raise TypeError(f"{teacher_path} holds a {type(teacher).__name__}, not a DDIMSampler")
-    seed, steps, cap = T._seed_steps(recipe, args)
+    seed, steps, cap = seed_steps(recipe, args)
     torch.manual_seed(seed)
     n_pairs, n_val = recipe.params.get("pairs", 40000), recipe.params.get("val_pairs", 1000)
     batch, lr, decay = recipe.params.get("batch", 64), recipe.params.get("lr", 1e-3), recipe.params.get("ema", 0.995)
     warmup = 200
-    T.log(f"{recipe.name}: {recipe.description}")
+    log(f"{recipe.name}: {recipe.description}")
     t0 = time.perf_counter()
     x_T, x_0 = _teacher_pairs(teacher, n_pairs, seed + 1)
     v_T, v_0 = _teacher_pairs(teacher, n_val, seed + 2)
     pair_seconds = time.perf_counter() - t0
-    T.log(f"teacher {teacher_path.name}: {n_pairs} training + {n_val} held-out pairs in {pair_seconds:.0f} s")
+    log(f"teacher {teacher_path.name}: {n_pairs} training + {n_val} held-out pairs in {pair_seconds:.0f} s")
     student = OneStepStudent(dict(teacher.unet.config), timestep=int(teacher.timesteps[0]))
     student.unet.load_state_dict(teacher.unet.state_dict())
     ema_model = OneStepStudent(dict(teacher.unet.config), timestep=int(teacher.timesteps[0]))
@@ -154,7 +142,7 @@ def run_distill(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(seed + 3)
-    T.log(f"student params {sum(p.numel() for p in student.parameters())}, seed {seed}, steps {steps}, batch {batch}")
+    log(f"student params {sum(p.numel() for p in student.parameters())}, seed {seed}, steps {steps}, batch {batch}")
 
     def held_out_mse(model: nn.Module) -> float:
         with torch.no_grad():
@@ -175,26 +163,26 @@ def run_distill(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
         return (loss.item(),)
 
     def report(i: int, ema: tuple[float, ...], el: float) -> None:
-        T.log(f"step {i:6d}/{steps}  train MSE {ema[0]:.5f}  held-out MSE (EMA weights) "
+        log(f"step {i:6d}/{steps}  train MSE {ema[0]:.5f}  held-out MSE (EMA weights) "
             f"{held_out_mse(ema_model):.5f}  ({el:.0f} s, {el / i * 1e3:.0f} ms/step)")
 
     student.train()
-    (ema_loss,), done, _ = T.train_steps(steps, cap, step, report, every=500)
+    (ema_loss,), done, _ = train_steps(steps, cap, step, report, every=500)
     ema_model.eval()
     val = held_out_mse(ema_model)
-    info = {**T._base_info(recipe, seed, steps, x_0), "teacher": teacher_path.name,
+    info = {**base_info(recipe, seed, steps, x_0), "teacher": teacher_path.name,
             "loss": "MSE between the student's and the teacher's image from the same x_T (pixels in [-1, 1])",
             "optimizer": "Adam", "lr": lr, "warmup": warmup, "schedule": "cosine to 1% of lr", "batch": batch,
             "ema_decay": decay, "pairs": n_pairs, "val_pairs": n_val, "pair_seconds": round(pair_seconds, 1),
             "steps_done": done, "final_train_mse_ema": ema_loss, "held_out_mse": val,
             "seconds": round(time.perf_counter() - t0, 1)}
     save_model(ema_model, recipe.out, info=info)
-    T.log(f"wrote {recipe.out} (held-out MSE to the teacher {val:.5f})")
+    log(f"wrote {recipe.out} (held-out MSE to the teacher {val:.5f})")
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         noise = torch.randn(64, *ema_model.latent_shape, generator=g)
         out = D.to_unit(ema_model(noise))
     for p in recipe.grid:
         D.save_grid(out, p)
-        T.log(f"wrote sample grid {p}")
+        log(f"wrote sample grid {p}")
     return info
