@@ -219,15 +219,32 @@ class MappingStart(ModelDerivedStart):
                 "pass the generator's own mapping and synthesis")
 
     def guess(self, images: Tensor) -> Tensor:
-        """``[B, latent_dim]``: each image's ``z*`` (module docstring), float32."""
-        from ronan_fast.inversion import invert
-        from ronan_fast.inversion.starts import image_seed
-
+        """``[B, latent_dim]``: each image's ``z*`` (module docstring), float32:
+        :meth:`solve_z` of :meth:`search_w`."""
         shape = tuple(self.generator.image_shape)
         if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != shape:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise EncoderError(f"images must be [B, {', '.join(map(str, shape))}], got {got}")
-        w = invert(self._w_search, images, settings=self.w_settings, seed=self.seed).inputs
+        return self.solve_z(self.search_w(images).inputs, images)
+
+    def search_w(self, images: Tensor):
+        """Step 1 alone: the search over ``w`` for each image (:attr:`w_settings`, from the
+        ``w_encoder``'s guess where there is one). Returns its
+        :class:`~ronan_fast.inversion.InversionResult`: ``inputs`` are the ``w*`` ``[B, w_dim]``,
+        ``loss`` each image's loss over ``w`` (the loss over ``z``, the one reported, comes from
+        the inversion over ``z`` that follows)."""
+        from ronan_fast.inversion import invert
+
+        return invert(self._w_search, images, settings=self.w_settings, seed=self.seed)
+
+    def solve_z(self, w: Tensor, images: Tensor) -> Tensor:
+        """Step 2 alone: ``[B, latent_dim]``, each image's ``z*`` for its ``w*`` (a row of ``w``,
+        from :meth:`search_w`), seeded by the image's pixels as :meth:`guess` seeds it."""
+        from ronan_fast.inversion.starts import image_seed
+
+        if not isinstance(w, Tensor) or w.dim() != 2 or w.shape[0] != images.shape[0] or w.shape[1] != self.w_dim:
+            got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(f"w must be [{images.shape[0]}, {self.w_dim}] (one w per image), got {got}")
         out = []
         for k in range(images.shape[0]):
             g = torch.Generator(device="cpu").manual_seed(image_seed(images[k], self.seed + 1))

@@ -322,3 +322,78 @@ def test_a_held_out_encoder_row_says_when_its_baseline_did_not_run():
                and "through the mapping network" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[5] == "mapped" and float(cells[6]) > 0 and int(cells[7]) > 0, row  # saved, break-even images
+
+
+def _tiny_style():
+    from ronan_fast.models.stylegan import StyleGenerator
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = StyleGenerator(nz=16, w_dim=8, n_mlp=2, base=16, min_ch=8, channels=1, size=16)
+    return LatentGenerator(module, (16,), output_range=(-1, 1), name="style-tiny")
+
+
+def test_wsearch_traces_each_candidates_two_steps_and_resumes(tmp_path, monkeypatch, capsys):
+    # bench.wsearch on a tiny StyleGAN-style generator: every loss in the .json, the table's counts
+    # are the .json's, the z losses are those of the z the start's solve gives, --resume keeps
+    # what ran, and bad arguments are named
+    from bench import wsearch
+
+    import ronan_fast.mapping_start as ms_mod
+    import ronan_fast.zoo as zoo
+
+    g = _tiny_style()
+    monkeypatch.setattr(zoo, "zoo_adapter", lambda name, device="cpu": g)
+    monkeypatch.setitem(zoo.ZOO, "style-tiny", zoo.ZOO["stylegan64-opencv"])
+    monkeypatch.setattr(wsearch, "real_images", lambda name, n: torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
+    monkeypatch.setattr(wsearch, "authors_run", lambda adapter, x, seed: {"losses": [4e-2] * x.shape[0],
+                                                                          "wall": [1.0] * x.shape[0], "cpu": [1.0] * x.shape[0]})
+    monkeypatch.setattr(ms_mod, "MAPPING_STEPS", 40)
+    small = {"steps": 30, "restarts": 4, "halving_every": 10, "polish_steps": 3}
+    monkeypatch.setitem(wsearch.CANDIDATES, "a", {"w_encoder": False, **small})
+    monkeypatch.setitem(wsearch.CANDIDATES, "b", {"w_encoder": False, **small, "restarts": 2})
+    out = tmp_path / "w.md"
+    argv = ["--generator", "style-tiny", "--n", "3", "--n-real", "2", "--candidates", "a", "--out", str(out)]
+    assert wsearch.main(argv) == 0
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["line"] == pytest.approx(4e-4)
+    r = raw["candidates"]["a"]
+    assert len(r["w_losses"]) == len(r["z_losses"]) == 3
+    assert r["w_settings"]["restarts"] == 4 and r["w_settings"]["steps"] == 30
+    # the z losses are the images' losses at the start's solve of the w found
+    from bench.heldout import own_images
+
+    x, _ = own_images(g, 3, 10_000 + 10_000)
+    start = ms_mod.mapping_start(g, w_settings=ms_mod.W_SETTINGS.replace(**small))
+    found = start.search_w(x)
+    assert found.loss.double().tolist() == pytest.approx(r["w_losses"])
+    with torch.no_grad():
+        zl = (g.decode(start.solve_z(found.inputs, x)) - x).square().flatten(1).mean(1)
+    assert zl.double().tolist() == pytest.approx(r["z_losses"], rel=1e-5)
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| a |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{sum(v < wsearch.FLOOR for v in r['w_losses'])}/3"
+    assert cells[5] == f"{sum(v < raw['line'] for v in r['z_losses'])}/3"
+    # --resume runs only what is missing, and the table then holds both
+    ran = []
+    real_run = wsearch.run_candidate
+    monkeypatch.setattr(wsearch, "run_candidate", lambda *a, **k: ran.append(a[2]) or real_run(*a, **k))
+    assert wsearch.main([*argv[:-4], "--candidates", "a,b", "--resume", "--out", str(out)]) == 0
+    assert ran == [wsearch.CANDIDATES["b"]]
+    text = out.read_text()
+    assert "| a |" in text and "| b |" in text
+    assert wsearch.render(json.loads(out.with_suffix(".json").read_text())) == text
+    capsys.readouterr()
+    for bad, says in ((["--candidates", "nope"], "--candidates: unknown ['nope']"), (["--n", "0"], "--n must be"),
+                      (["--generator", "nope"], "--generator: unknown zoo model 'nope'")):
+        with pytest.raises(SystemExit):
+            wsearch.main(["--generator", "style-tiny", "--out", str(tmp_path / "x.md"), *bad])
+        assert says in capsys.readouterr().err
+    from tiny_models import TinyGenerator
+
+    monkeypatch.setattr(zoo, "zoo_adapter", lambda name, device="cpu": LatentGenerator(
+        TinyGenerator(seed=0), (3,), (-1.0, 1.0), name="tiny"))
+    with pytest.raises(SystemExit):
+        wsearch.main(["--generator", "style-tiny", "--out", str(tmp_path / "y.md")])
+    assert "has no mapping network" in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists() and not (tmp_path / "y.md").exists()

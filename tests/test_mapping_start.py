@@ -159,6 +159,25 @@ def test_each_image_gets_the_same_guess_alone_or_in_a_batch():
     assert torch.equal(r.loss[1:2], alone.loss)
 
 
+def test_the_guess_is_the_solve_for_z_of_the_search_over_w():
+    # search_w and solve_z are the guess's two steps, each callable alone (bench.wsearch traces
+    # them): their composition is the guess itself, bit for bit, and the search over w alone
+    # reports each image's w* and its loss over w
+    g = _style()
+    ms = mapping_start(g, w_settings=FAST_W, mapping_steps=60)
+    x = _own(g, 3)
+    found = ms.search_w(x)
+    assert found.inputs.shape == (3, 8)
+    with torch.no_grad():
+        over_w = (ms.w_generator.decode(found.inputs) - x).square().flatten(1).mean(1)
+    torch.testing.assert_close(found.loss.float(), over_w, rtol=1e-4, atol=1e-9)
+    assert torch.equal(ms.solve_z(found.inputs, x), ms.guess(x))
+    with pytest.raises(ValueError, match=r"w must be \[3, 8\]"):
+        ms.solve_z(found.inputs[:2], x)
+    with pytest.raises(ValueError, match=r"w must be \[3, 8\]"):
+        ms.solve_z(found.inputs[:, :4], x)
+
+
 def test_it_is_refused_for_another_generator_or_functions_that_are_not_the_generators():
     g, other = _style(0), _style(1)
     ms = mapping_start(g)
