@@ -93,23 +93,30 @@ CANDIDATES: dict[str, dict] = {
 CANDIDATES.update({
     # a StyleGAN-style generator's first start found through its mapping network
     # (ronan_fast.mapping_start: synthesis inverted over w, then mapping(z) = w solved), then the
-    # family's warm-start default over z (WARM_DEFAULTS["gan"]: 4 screened starts, 300 steps halved every 50)
-    "mapped": {"settings": "default", "warm": "mapping", "restarts": 4, "screen": 8, "steps": 300,
+    # family's warm-start default over z (WARM_DEFAULTS["gan"]: 4 screened starts, 300 steps halved every 50);
+    # the search over w in w itself (w_space="w"), as these candidates were first measured
+    "mapped": {"settings": "default", "warm": "mapping", "w_space": "w", "restarts": 4, "screen": 8, "steps": 300,
                "halving_every": 50},
     # ... with the search over w's starts screened (each the best of 16 mapping draws by one forward pass)
-    "mapped-wscreen16": {"settings": "default", "warm": "mapping", "w_screen": 16, "restarts": 4, "screen": 8,
-                         "steps": 300, "halving_every": 50},
+    "mapped-wscreen16": {"settings": "default", "warm": "mapping", "w_space": "w", "w_screen": 16, "restarts": 4,
+                         "screen": 8, "steps": 300, "halving_every": 50},
     # ... with a learned encoder's guess of w (ENCODER_RECIPE, trained on mapping(z) and the images
     # it makes) as the first start of the search over w
-    "mapped-wenc": {"settings": "default", "warm": "mapping", "w_encoder": True, "restarts": 4, "screen": 8,
-                    "steps": 300, "halving_every": 50},
+    "mapped-wenc": {"settings": "default", "warm": "mapping", "w_space": "w", "w_encoder": True, "restarts": 4,
+                    "screen": 8, "steps": 300, "halving_every": 50},
     # ... with the solve for z Euclidean in w to the end (MappingStart(solve_metric="w"), the start's
     # first recipe) instead of in the image's metric
-    "mapped-wenc-wsolve": {"settings": "default", "warm": "mapping", "w_encoder": True, "solve_metric": "w",
-                           "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
+    "mapped-wenc-wsolve": {"settings": "default", "warm": "mapping", "w_space": "w", "w_encoder": True,
+                           "solve_metric": "w", "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
     # ... with 48 starts in the search over w instead of W_SETTINGS' 24
-    "mapped-wenc-w48": {"settings": "default", "warm": "mapping", "w_encoder": True, "w_restarts": 48,
+    "mapped-wenc-w48": {"settings": "default", "warm": "mapping", "w_space": "w", "w_encoder": True, "w_restarts": 48,
                         "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
+    # "mapped" and "mapped-wenc" with the search over w in coordinates whitened by the mapping's
+    # mean and covariance (MappingStart(w_space="whitened"))
+    "mapped-white": {"settings": "default", "warm": "mapping", "w_space": "whitened", "restarts": 4, "screen": 8,
+                     "steps": 300, "halving_every": 50},
+    "mapped-wenc-white": {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True,
+                          "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -205,8 +212,9 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
 
         w_change = {k: spec.pop(f"w_{k}") for k in ("screen", "restarts") if f"w_{k}" in spec}
         kw = {"w_settings": W_SETTINGS.replace(**w_change)} if w_change else {}
-        if "solve_metric" in spec:
-            kw["solve_metric"] = spec.pop("solve_metric")
+        for k in ("solve_metric", "w_space"):
+            if k in spec:
+                kw[k] = spec.pop(k)
         if not spec.pop("w_encoder", False):
             return WarmStarted(adapter, mapping_start(adapter, **kw)), {
                 "encoder": "through the mapping network (none trained)", "train_s": 0.0, "samples": 0}

@@ -21,7 +21,7 @@ process, ``--threads`` threads). Every loss is in the ``.json`` beside the table
 Usage::
 
     python -m bench.wsearch --generator stylegan64-opencv --seed 10000 --n 32 \\
-        --candidates enc-w24,enc-w48,plain-w24,plain-w48 --encoders runs/enc --threads 1 \\
+        --candidates enc-w24,enc-white,plain-w24,plain-white --encoders runs/enc --threads 1 \\
         --out bench/results/wsearch_stylegan64-opencv.md
 """
 
@@ -46,15 +46,20 @@ from ronan_fast.evaluation.store import write_text
 FLOOR = 2e-6
 
 #: candidates: ``w_encoder`` starts the search at the encoder of ``w``'s guess (``ENCODER_RECIPE``
-#: of ``bench.heldout``, kept in ``--encoders``); the other keys replace fields of ``W_SETTINGS``
+#: of ``bench.heldout``, kept in ``--encoders``); ``w_space`` is ``MappingStart``'s (the search in
+#: ``w`` itself, or in whitened coordinates); the other keys replace fields of ``W_SETTINGS``
 CANDIDATES: dict[str, dict] = {
-    "enc-w24": {"w_encoder": True},
-    "enc-w48": {"w_encoder": True, "restarts": 48},
-    "enc-w24-screen8": {"w_encoder": True, "screen": 8},
-    "plain-w24": {"w_encoder": False},
-    "plain-w48": {"w_encoder": False, "restarts": 48},
-    "plain-w24-screen8": {"w_encoder": False, "screen": 8},
+    "enc-w24": {"w_encoder": True, "w_space": "w"},
+    "enc-w48": {"w_encoder": True, "w_space": "w", "restarts": 48},
+    "enc-w24-screen8": {"w_encoder": True, "w_space": "w", "screen": 8},
+    "enc-white": {"w_encoder": True, "w_space": "whitened"},
+    "plain-w24": {"w_encoder": False, "w_space": "w"},
+    "plain-w48": {"w_encoder": False, "w_space": "w", "restarts": 48},
+    "plain-w24-screen8": {"w_encoder": False, "w_space": "w", "screen": 8},
+    "plain-white": {"w_encoder": False, "w_space": "whitened"},
 }
+#: the candidates' keys that are not fields of ``W_SETTINGS``
+_START_KEYS = ("w_encoder", "w_space")
 
 
 def run_candidate(adapter, name: str, spec: dict, own: torch.Tensor, enc_dir: Path | None, encoders: dict) -> dict:
@@ -63,8 +68,9 @@ def run_candidate(adapter, name: str, spec: dict, own: torch.Tensor, enc_dir: Pa
 
     spec = dict(spec)
     use_encoder = spec.pop("w_encoder", False)
+    w_space = spec.pop("w_space", "whitened")
     settings = W_SETTINGS.replace(**spec)
-    start = mapping_start(adapter, w_settings=settings)
+    start = mapping_start(adapter, w_settings=settings, w_space=w_space)
     if use_encoder:
         enc = _cached_encoder(f"{name}.w", start.w_generator, encoders, enc_dir,
                               lambda: train_w_encoder(start, **ENCODER_RECIPE))
@@ -77,7 +83,7 @@ def run_candidate(adapter, name: str, spec: dict, own: torch.Tensor, enc_dir: Pa
     z_s = time.perf_counter() - t
     with torch.no_grad():
         zl = (adapter.decode(z.view(z.shape[0], *adapter.latent_shape)) - own).square().flatten(1).mean(1)
-    return {"w_settings": settings.to_dict(), "w_encoder": bool(use_encoder),
+    return {"w_settings": settings.to_dict(), "w_encoder": bool(use_encoder), "w_space": w_space,
             "w_losses": found.loss.double().tolist(), "z_losses": zl.double().tolist(),
             "w_s": w_s, "z_s": z_s}
 
@@ -99,17 +105,17 @@ def render(raw: dict) -> str:
         f"about 1.3e-6). **Line** = {line:.2e}, 1% of the authors' loop's median loss over {a['n_real']} real "
         "images (as `bench.heldout` draws it). Seconds per image of each step, wall clock.",
         "",
-        "| candidate | changes to W_SETTINGS | w at the floor | worst w | z at the floor | z under the line "
+        "| candidate | changes to W_SETTINGS; starts; coordinates | w at the floor | worst w | z at the floor | z under the line "
         "| worst z (x line) | s/img over w | s/img solve for z |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for cname, r in raw["candidates"].items():
-        spec = {k: v for k, v in raw["specs"][cname].items() if k != "w_encoder"}
+        spec = {k: v for k, v in raw["specs"][cname].items() if k not in _START_KEYS}
         change = ", ".join(f"{k}={v}" for k, v in spec.items()) or "none"
-        start = "encoder of w" if r["w_encoder"] else "mapping draws"
+        start = ("encoder of w" if r["w_encoder"] else "mapping draws") + f"; in {r['w_space']}"
         wl, zl = r["w_losses"], r["z_losses"]
         out.append(
-            f"| {cname} | {change}; starts: {start} | {sum(v < FLOOR for v in wl)}/{n} | {max(wl):.2e} "
+            f"| {cname} | {change}; {start} | {sum(v < FLOOR for v in wl)}/{n} | {max(wl):.2e} "
             f"| {sum(v < FLOOR for v in zl)}/{n} | {sum(v < line for v in zl)}/{n} "
             f"| {max(zl):.2e} ({max(zl) / line:.3g}x) | {r['w_s'] / n:.2f} | {r['z_s'] / n:.2f} |")
     names = list(raw["candidates"])

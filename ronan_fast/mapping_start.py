@@ -51,7 +51,8 @@ from ronan_fast.inversion.presets import FAMILY_DEFAULTS
 from ronan_fast.inversion.settings import InversionSettings
 from ronan_fast.warmstart import EncoderError, EncoderMismatchError, ModelDerivedStart, WarmStarted, WarmStartEncoder
 
-__all__ = ["MappingStart", "mapping_start", "has_mapping_network", "train_w_encoder", "W_SETTINGS", "MAPPING_STEPS",
+__all__ = ["MappingStart", "mapping_start", "has_mapping_network", "train_w_encoder", "W_SETTINGS", "W_SPACES",
+           "WHITEN_DRAWS", "MAPPING_STEPS",
            "MAPPING_STARTS", "MAPPING_LM_STEPS", "SOLVE_METRICS", "IMAGE_METRIC_RIDGE", "METRIC_CHUNK_ELEMENTS"]
 
 #: the search over ``w``: the GAN family default (24 starts halved every 25 steps, then 25 dense
@@ -60,6 +61,16 @@ __all__ = ["MappingStart", "mapping_start", "has_mapping_network", "train_w_enco
 #: in 11.4 s per image (600 steps: 14.4 s); 8 or 16 starts missed 1 or 2 of them, and 10 polish
 #: steps 3 of them
 W_SETTINGS = FAMILY_DEFAULTS["gan"].replace(steps=300)
+#: the coordinates the search over ``w`` runs in: "whitened" (the default), ``u`` with
+#: ``w = mean + L u`` (``mean`` and ``L L^T`` the mean and covariance of ``mapping`` over
+#: :data:`WHITEN_DRAWS` prior draws): every direction of ``w`` the mapping spreads over gets the
+#: same scale for Adam, and the search's steps follow the model's ``w`` rather than ``w``'s own
+#: axes; "w", ``w`` itself (the start's first recipe). The search, its starts and its result are
+#: otherwise the same; ``w* = mean + L u*``. See :data:`W_SETTINGS` for what it was chosen on
+W_SPACES = ("whitened", "w")
+#: prior draws whose ``mapping`` gives the whitening's mean and covariance (a fixed stream of
+#: the start's seed: the same for every image and batch)
+WHITEN_DRAWS = 4096
 #: Adam steps and prior draws of the search over ``z`` for ``mapping(z) = w*``
 MAPPING_STEPS = 300
 MAPPING_STARTS = 8
@@ -94,13 +105,57 @@ class _Synthesis(nn.Module):
         return self.fn(w)
 
 
+class _Whitened(nn.Module):
+    """``synthesis`` over whitened coordinates: ``u -> synthesis(mean + u L^T)``."""
+
+    def __init__(self, synthesis: _Synthesis, mean: Tensor, chol: Tensor):
+        super().__init__()
+        self.synthesis = synthesis
+        self.register_buffer("mean", mean)
+        self.register_buffer("chol", chol)
+
+    def to_w(self, u: Tensor) -> Tensor:
+        return self.mean.to(u) + u @ self.chol.to(u).T
+
+    def to_u(self, w: Tensor) -> Tensor:
+        d = (w - self.mean.to(w)).T
+        return torch.linalg.solve_triangular(self.chol.to(w), d, upper=False).T
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.synthesis(self.to_w(u))
+
+
+class _GuessInU:
+    """A ``w`` encoder's guesses in the whitened coordinates of the search (``to_u`` of its ``w``);
+    checked, moved and named as the encoder itself."""
+
+    def __init__(self, encoder: WarmStartEncoder, whitened: _Whitened, w_generator: GeneratorAdapter):
+        self.encoder, self.whitened, self.w_generator = encoder, whitened, w_generator
+
+    def guess(self, images: Tensor) -> Tensor:
+        return self.whitened.to_u(self.encoder.guess(images).float())
+
+    def check(self, generator: GeneratorAdapter) -> None:
+        self.encoder.check(self.w_generator)
+
+    def digest(self) -> str:
+        return self.encoder.digest()
+
+    def describe(self) -> dict:
+        return self.encoder.describe()
+
+    def to(self, device):
+        self.encoder.to(device)
+        return self
+
+
 class _WGenerator(LatentGenerator):
     """``synthesis`` as a generator of ``w``; its prior draws are ``mapping`` of the base's."""
 
-    def __init__(self, base: GeneratorAdapter, mapping: Callable[[Tensor], Tensor], module: _Synthesis,
-                 w_dim: int):
+    def __init__(self, base: GeneratorAdapter, mapping: Callable[[Tensor], Tensor], module: nn.Module,
+                 w_dim: int, what: str = "w"):
         super().__init__(module, (w_dim,), output_range=base.output_range, image_shape=base.image_shape,
-                         family=base.family, name=f"{base.name} (synthesis over w)")
+                         family=base.family, name=f"{base.name} (synthesis over {what})")
         self.base, self.mapping = base, mapping
 
     @property
@@ -129,6 +184,8 @@ class MappingStart(ModelDerivedStart):
             is the first start of the search over ``w``; None: every start is a mapping draw.
         solve_metric: how the solve for ``z`` ends (:data:`SOLVE_METRICS`): "image" (default)
             weighs ``mapping(z) - w*`` by the image it changes; "w" stays Euclidean in ``w``.
+        w_space: the coordinates of the search over ``w`` (:data:`W_SPACES`): "whitened"
+            (default) by the mapping's mean and covariance; "w" in ``w`` itself.
         seed: seeds both searches (with each image's pixels).
     """
 
@@ -141,7 +198,7 @@ class MappingStart(ModelDerivedStart):
                  synthesis: Callable[[Tensor], Tensor], w_dim: int, modules: list[nn.Module] | None = None, *,
                  w_settings: InversionSettings | None = None, mapping_steps: int = MAPPING_STEPS,
                  mapping_starts: int = MAPPING_STARTS, w_encoder: WarmStartEncoder | None = None,
-                 solve_metric: str = "image", seed: int = 0):
+                 solve_metric: str = "image", w_space: str = "whitened", seed: int = 0):
         if not isinstance(generator, GeneratorAdapter):
             raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
         if not callable(mapping) or not callable(synthesis):
@@ -153,23 +210,50 @@ class MappingStart(ModelDerivedStart):
             raise TypeError(f"w_settings must be InversionSettings or None, got {type(w_settings).__name__}")
         if solve_metric not in SOLVE_METRICS:
             raise ValueError(f"solve_metric must be one of {SOLVE_METRICS}, got {solve_metric!r}")
+        if w_space not in W_SPACES:
+            raise ValueError(f"w_space must be one of {W_SPACES}, got {w_space!r}")
         self.generator = generator
-        self.solve_metric = solve_metric
+        self.solve_metric, self.w_space = solve_metric, w_space
         self.mapping, self.w_dim = mapping, int(w_dim)
         self.w_settings = w_settings or W_SETTINGS
         self.mapping_steps, self.mapping_starts, self.seed = int(mapping_steps), int(mapping_starts), int(seed)
         self.fingerprint = generator.fingerprint()
-        self._w = _WGenerator(generator, mapping, _Synthesis(synthesis, list(modules or generator.modules())),
-                              self.w_dim)
+        synth = _Synthesis(synthesis, list(modules or generator.modules()))
+        self._w = _WGenerator(generator, mapping, synth, self.w_dim)
+        self._u = None if w_space == "w" else self._whitened(synth)
         self._set_w_encoder(w_encoder)
+
+    @torch.no_grad()
+    def _whitened(self, synth: _Synthesis) -> _WGenerator:
+        """The search's generator over whitened ``u`` (:data:`W_SPACES`): the mean and covariance of
+        ``mapping`` over :data:`WHITEN_DRAWS` prior draws of the seed's own stream (a small ridge,
+        1e-6 of the mean variance, keeps Cholesky's factor invertible where ``w`` spans fewer
+        dimensions than its width)."""
+        z = self.generator.sample_latents(WHITEN_DRAWS, torch.Generator().manual_seed(self.seed))
+        w = self._map(z.to(self.generator.device)).double()
+        mean = w.mean(0)
+        cov = torch.cov(w.T)
+        cov = cov + 1e-6 * cov.diagonal().mean() * torch.eye(self.w_dim, dtype=cov.dtype, device=cov.device)
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if int(info) != 0 or not bool(torch.isfinite(chol).all()):
+            raise EncoderError(f"the mapping's covariance over {WHITEN_DRAWS} prior draws has no Cholesky factor "
+                               "(w with NaN or Inf): pass w_space='w'")
+        module = _Whitened(synth, mean.float(), chol.float())
+        return _WGenerator(self.generator, lambda z_: module.to_u(self.mapping(z_).reshape(z_.shape[0], -1)),
+                           module, self.w_dim, what="whitened w")
 
     def _set_w_encoder(self, w_encoder: WarmStartEncoder | None) -> None:
         if w_encoder is not None and not isinstance(w_encoder, WarmStartEncoder):
             raise TypeError(f"w_encoder must be a WarmStartEncoder (train_w_encoder) or None, "
                             f"got {type(w_encoder).__name__}")
         self.w_encoder = w_encoder
-        # what the search over w inverts (WarmStarted checks the encoder against it: trained for this w)
-        self._w_search = self._w if w_encoder is None else WarmStarted(self._w, w_encoder)
+        # what the search over w inverts (WarmStarted checks the encoder against the generator of w:
+        # trained for this w); in whitened coordinates, the encoder's guesses are whitened too
+        if self._u is None:
+            self._w_search = self._w if w_encoder is None else WarmStarted(self._w, w_encoder)
+        else:
+            self._w_search = self._u if w_encoder is None else \
+                WarmStarted(self._u, _GuessInU(w_encoder, self._u.module, self._w))
 
     def with_w_encoder(self, w_encoder: WarmStartEncoder | None) -> "MappingStart":
         """This start, its settings unchanged, with ``w_encoder`` (:func:`train_w_encoder`; None:
@@ -181,7 +265,8 @@ class MappingStart(ModelDerivedStart):
     @property
     def w_generator(self) -> GeneratorAdapter:
         """``synthesis`` as a generator of ``w`` (its prior draws are ``mapping`` of the model's):
-        what the search over ``w`` inverts and a ``w_encoder`` is trained for."""
+        what a ``w_encoder`` is trained for, and what the search over ``w`` inverts (in whitened
+        coordinates of it, unless ``w_space="w"``)."""
         return self._w
 
     @property
@@ -190,6 +275,8 @@ class MappingStart(ModelDerivedStart):
              "mapping_steps": self.mapping_steps, "mapping_starts": self.mapping_starts, "seed": self.seed}
         if self.solve_metric != "w":  # absent: Euclidean in w, as every start recorded before the choice existed
             r["solve_metric"] = self.solve_metric
+        if self.w_space != "w":  # absent: the search in w itself, as every start recorded before the choice existed
+            r["w_space"], r["whiten_draws"] = self.w_space, WHITEN_DRAWS
         if self.w_encoder is not None:  # its weights' digest: a profile is refused with another encoder
             r["w_encoder"] = self.w_encoder.digest()
         return r
@@ -233,9 +320,15 @@ class MappingStart(ModelDerivedStart):
         :class:`~ronan_fast.inversion.InversionResult`: ``inputs`` are the ``w*`` ``[B, w_dim]``,
         ``loss`` each image's loss over ``w`` (the loss over ``z``, the one reported, comes from
         the inversion over ``z`` that follows)."""
+        import dataclasses
+
         from ronan_fast.inversion import invert
 
-        return invert(self._w_search, images, settings=self.w_settings, seed=self.seed)
+        found = invert(self._w_search, images, settings=self.w_settings, seed=self.seed)
+        if self._u is None:
+            return found
+        with torch.no_grad():
+            return dataclasses.replace(found, inputs=self._u.module.to_w(found.inputs.to(self._u.device)).float())
 
     def solve_z(self, w: Tensor, images: Tensor) -> Tensor:
         """Step 2 alone: ``[B, latent_dim]``, each image's ``z*`` for its ``w*`` (a row of ``w``,

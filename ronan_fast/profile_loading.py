@@ -88,7 +88,7 @@ def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapte
         ms = mapping_start(generator, w_settings=InversionSettings.from_dict(r["w_settings"]),
                            mapping_steps=r["mapping_steps"], mapping_starts=r["mapping_starts"], seed=r["seed"],
                            # a recipe without it was made before the choice existed: Euclidean in w
-                           solve_metric=r.get("solve_metric", "w"))
+                           solve_metric=r.get("solve_metric", "w"), w_space=r.get("w_space", "w"))
     except (TypeError, ValueError, KeyError) as e:
         raise ProfileError(f"the profile was fitted with starts through a mapping network, which cannot be rebuilt "
                            f"for {generator.name}: {e}; pass warm_start=ronan_fast.mapping_start.MappingStart(...)"
