@@ -53,10 +53,12 @@ CANDIDATES: dict[str, dict] = {
     "enc-w48": {"w_encoder": True, "w_space": "w", "restarts": 48},
     "enc-w24-screen8": {"w_encoder": True, "w_space": "w", "screen": 8},
     "enc-white": {"w_encoder": True, "w_space": "whitened"},
+    "enc-white-w12": {"w_encoder": True, "w_space": "whitened", "restarts": 12},
     "plain-w24": {"w_encoder": False, "w_space": "w"},
     "plain-w48": {"w_encoder": False, "w_space": "w", "restarts": 48},
     "plain-w24-screen8": {"w_encoder": False, "w_space": "w", "screen": 8},
     "plain-white": {"w_encoder": False, "w_space": "whitened"},
+    "plain-white-w12": {"w_encoder": False, "w_space": "whitened", "restarts": 12},
 }
 #: the candidates' keys that are not fields of ``W_SETTINGS``
 _START_KEYS = ("w_encoder", "w_space")

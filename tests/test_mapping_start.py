@@ -394,7 +394,8 @@ def test_a_bare_warm_start_means_mapping_for_a_stylegan_and_an_encoder_otherwise
     args = ["profile", "--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none",
             "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "--warm-start", "-q", "-o", "p.json"]
     assert main(args) == 0
-    assert json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]["kind"] == "mapping"
+    recipe = json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]
+    assert recipe["kind"] == "mapping" and recipe["w_space"] == "whitened"
     assert not (tmp_path / "p.encoder.safetensors").exists()
 
 
@@ -434,9 +435,9 @@ def test_cli_profile_w_encoder_trains_it_beside_the_profile_and_inspect_loads_it
 
 
 def test_cli_profile_w_set_changes_the_search_over_w_and_inspect_follows_it(tmp_path, monkeypatch, capsys):
-    """--w-set FIELD=VALUE overrides W_SETTINGS' fields for the mapping start; the profile records
-    them and inspect rebuilds the same start; bad pairs and --w-set without the mapping start are
-    refused with the option named."""
+    """--w-set FIELD=VALUE overrides W_SETTINGS' fields for the mapping start and --w-space its
+    coordinates; the profile records them and inspect rebuilds the same start; bad pairs, and
+    --w-set or --w-space without the mapping start, are refused with the option named."""
     import json
     import sys
     from pathlib import Path
@@ -449,9 +450,11 @@ def test_cli_profile_w_set_changes_the_search_over_w_and_inspect_follows_it(tmp_
     monkeypatch.chdir(tmp_path)
     model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
     base = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "-q"]
-    assert main([*base, "--warm-start", "mapping", "--w-set", "restarts=3", "--w-set", "steps=40", "-o", "p.json"]) == 0
-    recorded = json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]["w_settings"]
-    assert recorded == W_SETTINGS.replace(restarts=3, steps=40).to_dict()
+    assert main([*base, "--warm-start", "mapping", "--w-set", "restarts=3", "--w-set", "steps=40", "--w-space", "w",
+                 "-o", "p.json"]) == 0
+    recipe = json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]
+    assert recipe["w_settings"] == W_SETTINGS.replace(restarts=3, steps=40).to_dict()
+    assert "w_space" not in recipe  # the search in w itself (--w-space w), as before the choice existed
     monkeypatch.delitem(sys.modules, "tiny_models", raising=False)  # put back after the test
     import tiny_models
 
@@ -464,7 +467,8 @@ def test_cli_profile_w_set_changes_the_search_over_w_and_inspect_follows_it(tmp_
                            (["--warm-start", "mapping", "--w-set", "restarts"], "--w-set 'restarts': expected FIELD"),
                            (["--warm-start", "encoder", "--w-set", "restarts=48"],
                             "--w-set goes with --warm-start mapping"),
-                           (["--w-set", "restarts=48"], "--w-set goes with --warm-start mapping")]:
+                           (["--w-set", "restarts=48"], "--w-set goes with --warm-start mapping"),
+                           (["--warm-start", "encoder", "--w-space", "w"], "--w-space goes with --warm-start mapping")]:
         assert main([*base, *extra, "-o", "q.json"]) == 2, extra
         assert message in capsys.readouterr().err, extra
     assert not (tmp_path / "q.json").exists()

@@ -82,6 +82,10 @@ def add_parser(sub, fmt) -> None:
                    help="with --warm-start mapping: override a field of the search over w's settings "
                         "(ronan_fast.mapping_start.W_SETTINGS: the GAN default with 300 Adam steps), e.g. "
                         "--w-set restarts=48; recorded in the profile, which inspect follows; repeatable")
+    p.add_argument("--w-space", choices=("whitened", "w"), default=None,
+                   help="with --warm-start mapping: the coordinates of the search over w: whitened by the "
+                        "mapping's mean and covariance (the default), or w itself (as profiles made before the "
+                        "choice); recorded in the profile, which inspect follows")
     p.add_argument("--encoder-samples", type=positive_int, default=8192, metavar="N",
                    help="with --warm-start encoder or --w-encoder: the model's samples the encoder learns from "
                         "(default: 8192)")
@@ -128,7 +132,8 @@ def run(args) -> int:
     kind = args.warm_start
     if kind == "auto":
         kind = _auto_warm_start(model)
-    for flag, given in (("--w-encoder", args.w_encoder), ("--w-set", args.w_set_fields)):
+    for flag, given in (("--w-encoder", args.w_encoder), ("--w-set", args.w_set_fields),
+                        ("--w-space", args.w_space)):
         if given and kind != "mapping":
             raise UsageError(f"{flag} goes with --warm-start mapping (a StyleGAN-style model), not with "
                              f"--warm-start {kind}" if kind else f"{flag} goes with --warm-start mapping")
@@ -145,6 +150,8 @@ def run(args) -> int:
                 kw["w_settings"] = W_SETTINGS.replace(**setting_overrides(args.w_set_fields, {}, "--w-set"))
             except ValueError as e:
                 raise UsageError(f"--w-set: {e}") from None
+        if args.w_space is not None:
+            kw["w_space"] = args.w_space
         try:
             encoder = build(model.to(device) if device is not None else model, **kw)
         except TypeError as e:
