@@ -238,11 +238,16 @@ class MappingStart(ModelDerivedStart):
         w = self._map(z.to(self.generator.device)).double()
         mean = w.mean(0)
         cov = torch.cov(w.T)
-        cov = cov + 1e-6 * cov.diagonal().mean() * torch.eye(self.w_dim, dtype=cov.dtype, device=cov.device)
+        spread = cov.diagonal().mean()
+        if not bool(torch.isfinite(cov).all()) or not float(spread) > 0:
+            raise EncoderError(f"w_space='whitened': mapping's w over {WHITEN_DRAWS} prior draws "
+                               f"{'holds NaN or Inf' if not bool(torch.isfinite(cov).all()) else 'does not vary'}, "
+                               "so it has no covariance to whiten by; pass w_space='w'")
+        cov = cov + 1e-6 * spread * torch.eye(self.w_dim, dtype=cov.dtype, device=cov.device)
         chol, info = torch.linalg.cholesky_ex(cov)
-        if int(info) != 0 or not bool(torch.isfinite(chol).all()):
-            raise EncoderError(f"the mapping's covariance over {WHITEN_DRAWS} prior draws has no Cholesky factor "
-                               "(w with NaN or Inf): pass w_space='w'")
+        if int(info) != 0:
+            raise EncoderError(f"w_space='whitened': the covariance of mapping's w over {WHITEN_DRAWS} prior draws "
+                               "has no Cholesky factor; pass w_space='w'")
         module = _Whitened(synth, mean.float(), chol.float())
         return _WGenerator(self.generator, lambda z_: module.to_u(self.mapping(z_).reshape(z_.shape[0], -1)),
                            module, self.w_dim, what="whitened w")

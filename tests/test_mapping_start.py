@@ -170,6 +170,12 @@ def test_the_search_over_w_runs_in_coordinates_whitened_by_the_mappings_spread()
     assert flat.digest() != ms.digest()
     with pytest.raises(ValueError, match="w_space must be one of"):
         mapping_start(g, w_space="z")
+    # a mapping whose w has no spread (or NaN) has nothing to whiten by: refused by name, not a NaN search
+    for bad, says in ((lambda z: torch.zeros(z.shape[0], 8), "does not vary"),
+                      (lambda z: torch.full((z.shape[0], 8), float("nan")), "holds NaN or Inf")):
+        with pytest.raises(EncoderError, match=f"w_space='whitened'.*{says}.*pass w_space='w'"):
+            MappingStart(g, bad, g.module.synthesis, 8, [g.module])
+        MappingStart(g, bad, g.module.synthesis, 8, [g.module], w_space="w")  # nothing to whiten: accepted
 
 
 def test_a_recipe_from_before_the_whitened_search_rebuilds_the_search_in_w():

@@ -154,7 +154,7 @@ def run(args) -> int:
             kw["w_space"] = args.w_space
         try:
             encoder = build(model.to(device) if device is not None else model, **kw)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise UsageError(f"--warm-start {kind}: {e}") from None
         if args.w_encoder:
             start = encoder
