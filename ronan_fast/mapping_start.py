@@ -131,8 +131,9 @@ class _Whitened(nn.Module):
 
 
 class _GuessInU:
-    """A ``w`` encoder's guesses in the whitened coordinates of the search (``to_u`` of its ``w``);
-    checked, moved and named as the encoder itself."""
+    """A ``w`` encoder's guesses in the whitened coordinates of the search (``to_u`` of its ``w``),
+    for :class:`~ronan_fast.warmstart.WarmStarted` (``guess``, ``check``, ``to``); checked against
+    the generator of ``w`` it was trained for, and moved with the encoder."""
 
     def __init__(self, encoder: WarmStartEncoder, whitened: _Whitened, w_generator: GeneratorAdapter):
         self.encoder, self.whitened, self.w_generator = encoder, whitened, w_generator
@@ -142,12 +143,6 @@ class _GuessInU:
 
     def check(self, generator: GeneratorAdapter) -> None:
         self.encoder.check(self.w_generator)
-
-    def digest(self) -> str:
-        return self.encoder.digest()
-
-    def describe(self) -> dict:
-        return self.encoder.describe()
 
     def to(self, device):
         self.encoder.to(device)
@@ -249,8 +244,8 @@ class MappingStart(ModelDerivedStart):
             raise EncoderError(f"w_space='whitened': the covariance of mapping's w over {WHITEN_DRAWS} prior draws "
                                "has no Cholesky factor; pass w_space='w'")
         module = _Whitened(synth, mean.float(), chol.float())
-        return _WGenerator(self.generator, lambda z_: module.to_u(self.mapping(z_).reshape(z_.shape[0], -1)),
-                           module, self.w_dim, what="whitened w")
+        return _WGenerator(self.generator, lambda z_: module.to_u(self._map(z_)), module, self.w_dim,
+                           what="whitened w")
 
     def _set_w_encoder(self, w_encoder: WarmStartEncoder | None) -> None:
         if w_encoder is not None and not isinstance(w_encoder, WarmStartEncoder):
