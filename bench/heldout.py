@@ -101,21 +101,27 @@ CANDIDATES.update({
     "mapped-wscreen16": {"settings": "default", "warm": "mapping", "w_space": "w", "w_screen": 16, "restarts": 4,
                          "screen": 8, "steps": 300, "halving_every": 50},
     # ... with a learned encoder's guess of w (ENCODER_RECIPE, trained on mapping(z) and the images
-    # it makes) as the first start of the search over w
-    "mapped-wenc": {"settings": "default", "warm": "mapping", "w_space": "w", "w_encoder": True, "restarts": 4,
-                    "screen": 8, "steps": 300, "halving_every": 50},
+    # it makes) as the first start of the search over w (these candidates, measured before the
+    # first search from the guess alone existed, are pinned to w_first_steps=0: the full search
+    # for every image)
+    "mapped-wenc": {"settings": "default", "warm": "mapping", "w_space": "w", "w_encoder": True, "w_first_steps": 0,
+                    "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
     # ... with the solve for z Euclidean in w to the end (MappingStart(solve_metric="w"), the start's
     # first recipe) instead of in the image's metric
     "mapped-wenc-wsolve": {"settings": "default", "warm": "mapping", "w_space": "w", "w_encoder": True,
-                           "solve_metric": "w", "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
+                           "w_first_steps": 0, "solve_metric": "w", "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
     # ... with 48 starts in the search over w instead of W_SETTINGS' 24
-    "mapped-wenc-w48": {"settings": "default", "warm": "mapping", "w_space": "w", "w_encoder": True, "w_restarts": 48,
-                        "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
+    "mapped-wenc-w48": {"settings": "default", "warm": "mapping", "w_space": "w", "w_encoder": True,
+                        "w_first_steps": 0, "w_restarts": 48, "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
     # "mapped" and "mapped-wenc" with the search over w in coordinates whitened by the mapping's
     # mean and covariance (MappingStart(w_space="whitened"))
     "mapped-white": {"settings": "default", "warm": "mapping", "w_space": "whitened", "restarts": 4, "screen": 8,
                      "steps": 300, "halving_every": 50},
     "mapped-wenc-white": {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True,
+                          "w_first_steps": 0, "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
+    # ... with a first search over w from the encoder's guess alone (MappingStart's w_first_steps,
+    # given each image's threshold): only the images it leaves above get the full search
+    "mapped-wenc-first": {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True,
                           "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
 })
 
@@ -212,7 +218,7 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
 
         w_change = {k: spec.pop(f"w_{k}") for k in ("screen", "restarts") if f"w_{k}" in spec}
         kw = {"w_settings": W_SETTINGS.replace(**w_change)} if w_change else {}
-        for k in ("solve_metric", "w_space"):
+        for k in ("solve_metric", "w_space", "w_first_steps"):
             if k in spec:
                 kw[k] = spec.pop(k)
         if not spec.pop("w_encoder", False):

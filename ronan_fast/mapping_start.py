@@ -53,7 +53,7 @@ from ronan_fast.inversion.settings import InversionSettings
 from ronan_fast.warmstart import EncoderError, EncoderMismatchError, ModelDerivedStart, WarmStarted, WarmStartEncoder
 
 __all__ = ["MappingStart", "mapping_start", "has_mapping_network", "train_w_encoder", "W_SETTINGS", "W_SPACES",
-           "WHITEN_DRAWS", "MAPPING_STEPS",
+           "WHITEN_DRAWS", "W_FIRST_STEPS", "W_FIRST_DONE", "MAPPING_STEPS",
            "MAPPING_STARTS", "MAPPING_LM_STEPS", "SOLVE_METRICS", "IMAGE_METRIC_RIDGE", "METRIC_CHUNK_ELEMENTS"]
 
 #: the search over ``w``: the GAN family default (24 starts halved every 25 steps, then 25 dense
@@ -62,6 +62,15 @@ __all__ = ["MappingStart", "mapping_start", "has_mapping_network", "train_w_enco
 #: in 11.4 s per image (600 steps: 14.4 s); 8 or 16 starts missed 1 or 2 of them, and 10 polish
 #: steps 3 of them
 W_SETTINGS = FAMILY_DEFAULTS["gan"].replace(steps=300)
+#: with a ``w_encoder`` and a belonging threshold (attributing with early stop: the guess is
+#: given each image's ``stop_below``), the search over ``w`` first polishes the encoder's guess
+#: alone: :data:`W_SETTINGS` with one start and this many Adam steps, each image stopping once its
+#: loss over ``w`` is under :data:`W_FIRST_DONE` times its threshold. Only the images it leaves
+#: above go on to the full search (and keep the lower of the two). 0: the full search for every
+#: image. Chosen on the tuning half's StyleGAN (stylegan64-opencv; docs/inversion.md)
+W_FIRST_STEPS = 50
+#: the fraction of an image's threshold under which the first, one-start search settles its ``w``
+W_FIRST_DONE = 0.05
 #: the coordinates the search over ``w`` runs in: "whitened" (the default), ``u`` with
 #: ``w = mean + L u`` (``mean`` and ``L L^T`` the mean and covariance of ``mapping`` over
 #: :data:`WHITEN_DRAWS` prior draws): every direction of ``w`` the mapping spreads over gets the
@@ -121,6 +130,12 @@ class _Whitened(nn.Module):
 
     def to_w(self, u: Tensor) -> Tensor:
         return self.mean.to(u) + u @ self.chol.to(u).T
+
+    def rows_to_w(self, u: Tensor) -> Tensor:
+        """:meth:`to_w` one row at a time: each row's ``w`` the same bits alone or in any batch (a
+        product over the whole batch may sum in another order)."""
+        mean, chol = self.mean.to(u), self.chol.to(u)
+        return torch.cat([mean + u[k : k + 1] @ chol.T for k in range(u.shape[0])])
 
     def to_u(self, w: Tensor) -> Tensor:
         d = (w - self.mean.to(w)).T
@@ -186,11 +201,20 @@ class MappingStart(ModelDerivedStart):
             weighs ``mapping(z) - w*`` by the image it changes; "w" stays Euclidean in ``w``.
         w_space: the coordinates of the search over ``w`` (:data:`W_SPACES`): "whitened"
             (default) by the mapping's mean and covariance; "w" in ``w`` itself.
+        w_first_steps / w_first_done: with a ``w_encoder`` and a threshold, the Adam steps of a
+            first search over ``w`` from the encoder's guess alone, and the fraction of the
+            threshold under which it settles an image (:data:`W_FIRST_STEPS`,
+            :data:`W_FIRST_DONE`); ``w_first_steps=0``: none.
         seed: seeds both searches (with each image's pixels).
     """
 
     #: what a profile's ``warm_start`` record calls this kind of start
     kind = "mapping"
+    #: an image's guess is the same alone or in any batch (tested): WarmStarted makes a whole
+    #: chunk's guesses in one call, its search over ``w`` batching their starts
+    batch_invariant = True
+    #: :meth:`guess` takes each image's belonging threshold (``stop_below``)
+    takes_threshold = True
     _DIGEST_TAG = b"ronan_fast/mapping_start/v1"
     _MADE_FOR = "the mapping start was made for the generator"
 
@@ -198,7 +222,8 @@ class MappingStart(ModelDerivedStart):
                  synthesis: Callable[[Tensor], Tensor], w_dim: int, modules: list[nn.Module] | None = None, *,
                  w_settings: InversionSettings | None = None, mapping_steps: int = MAPPING_STEPS,
                  mapping_starts: int = MAPPING_STARTS, w_encoder: WarmStartEncoder | None = None,
-                 solve_metric: str = "image", w_space: str = "whitened", seed: int = 0):
+                 solve_metric: str = "image", w_space: str = "whitened", w_first_steps: int = W_FIRST_STEPS,
+                 w_first_done: float = W_FIRST_DONE, seed: int = 0):
         if not isinstance(generator, GeneratorAdapter):
             raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
         if not callable(mapping) or not callable(synthesis):
@@ -206,6 +231,10 @@ class MappingStart(ModelDerivedStart):
         for name, v in (("w_dim", w_dim), ("mapping_steps", mapping_steps), ("mapping_starts", mapping_starts)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(w_first_steps, bool) or not isinstance(w_first_steps, int) or w_first_steps < 0:
+            raise ValueError(f"w_first_steps must be an int >= 0, got {w_first_steps!r}")
+        if isinstance(w_first_done, bool) or not isinstance(w_first_done, (int, float)) or not 0 < w_first_done <= 1:
+            raise ValueError(f"w_first_done must be a float in (0, 1], got {w_first_done!r}")
         if w_settings is not None and not isinstance(w_settings, InversionSettings):
             raise TypeError(f"w_settings must be InversionSettings or None, got {type(w_settings).__name__}")
         if solve_metric not in SOLVE_METRICS:
@@ -214,6 +243,7 @@ class MappingStart(ModelDerivedStart):
             raise ValueError(f"w_space must be one of {W_SPACES}, got {w_space!r}")
         self.generator = generator
         self.solve_metric, self.w_space = solve_metric, w_space
+        self.w_first_steps, self.w_first_done = int(w_first_steps), float(w_first_done)
         self.mapping, self.w_dim = mapping, int(w_dim)
         self.w_settings = w_settings or W_SETTINGS
         self.mapping_steps, self.mapping_starts, self.seed = int(mapping_steps), int(mapping_starts), int(seed)
@@ -284,6 +314,10 @@ class MappingStart(ModelDerivedStart):
             r["w_space"], r["whiten_draws"] = self.w_space, WHITEN_DRAWS
         if self.w_encoder is not None:  # its weights' digest: a profile is refused with another encoder
             r["w_encoder"] = self.w_encoder.digest()
+            # absent: the full search for every image, as before the first search existed (and
+            # without an encoder, which the first search starts from)
+            if self.w_first_steps:
+                r["w_first_steps"], r["w_first_done"] = self.w_first_steps, self.w_first_done
         return r
 
     @property
@@ -310,30 +344,67 @@ class MappingStart(ModelDerivedStart):
                 f"synthesis(mapping(z)) differs from {generator.name}(z) by up to {err:.3g} (of pixels in [0, 1]): "
                 "pass the generator's own mapping and synthesis")
 
-    def guess(self, images: Tensor) -> Tensor:
+    def guess(self, images: Tensor, stop_below: Tensor | float | None = None) -> Tensor:
         """``[B, latent_dim]``: each image's ``z*`` (module docstring), float32:
-        :meth:`solve_z` of :meth:`search_w`."""
+        :meth:`solve_z` of :meth:`search_w` (given ``stop_below``, each image's belonging
+        threshold, its search over ``w`` may end early: :meth:`search_w`)."""
         shape = tuple(self.generator.image_shape)
         if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != shape:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise EncoderError(f"images must be [B, {', '.join(map(str, shape))}], got {got}")
-        return self.solve_z(self.search_w(images).inputs, images)
+        return self.solve_z(self.search_w(images, stop_below).inputs, images)
 
-    def search_w(self, images: Tensor):
+    def search_w(self, images: Tensor, stop_below: Tensor | float | None = None):
         """Step 1 alone: the search over ``w`` for each image (:attr:`w_settings`, from the
         ``w_encoder``'s guess where there is one). Returns its
         :class:`~ronan_fast.inversion.InversionResult`: ``inputs`` are the ``w*`` ``[B, w_dim]``,
         ``loss`` each image's loss over ``w`` (the loss over ``z``, the one reported, comes from
-        the inversion over ``z`` that follows)."""
+        the inversion over ``z`` that follows), ``row_steps`` both searches' where there were two.
+
+        With a ``w_encoder``, :attr:`w_first_steps` and ``stop_below`` (each image's belonging
+        threshold, in MSE; a float or one per image), a first search from the encoder's guess
+        alone (:data:`W_FIRST_STEPS`) settles the images whose loss over ``w`` it takes under
+        :attr:`w_first_done` times their threshold; the others get the full search too and
+        keep the lower of the two. Each image's result depends on it and its threshold only."""
         import dataclasses
 
         from ronan_fast.inversion import invert
 
-        found = invert(self._w_search, images, settings=self.w_settings, seed=self.seed)
+        found = invert(self._w_search, images, settings=self.w_settings, seed=self.seed) \
+            if stop_below is None or self.w_encoder is None or not self.w_first_steps \
+            else self._search_first(images, stop_below)
         if self._u is None:
             return found
         with torch.no_grad():
-            return dataclasses.replace(found, inputs=self._u.module.to_w(found.inputs.to(self._u.device)).float())
+            return dataclasses.replace(found, inputs=self._u.module.rows_to_w(found.inputs.to(self._u.device)).float())
+
+    def _search_first(self, images: Tensor, stop_below: Tensor | float):
+        """:meth:`search_w` with a first search from the encoder's guess alone."""
+        import dataclasses
+
+        from ronan_fast.inversion import invert
+
+        b = images.shape[0]
+        sb = torch.as_tensor(stop_below, dtype=torch.float32).flatten()
+        if sb.numel() not in (1, b) or not bool(torch.isfinite(sb).all()) or not bool((sb > 0).all()):
+            raise ValueError(f"stop_below must be a positive finite float or one per image ({b}), got {stop_below!r}")
+        done_below = (self.w_first_done * sb).expand(b).contiguous()
+        first = invert(self._w_search, images, settings=self.w_settings.replace(restarts=1, steps=self.w_first_steps),
+                       seed=self.seed, stop_below=done_below)
+        rest = (first.loss.cpu() >= done_below).nonzero().squeeze(1)
+        if rest.numel() == 0:
+            return first
+        full = invert(self._w_search, images[rest], settings=self.w_settings, seed=self.seed)
+        loss, inputs, recon, steps = (first.loss.clone(), first.inputs.clone(), first.reconstruction.clone(),
+                                      first.row_steps.clone())
+        idx = rest.to(loss.device)
+        better = full.loss < loss[idx]
+        loss[idx] = torch.where(better, full.loss, loss[idx])
+        inputs[idx] = torch.where(better[:, None], full.inputs, inputs[idx])
+        recon[idx] = torch.where(better.view(-1, *[1] * (recon.dim() - 1)), full.reconstruction, recon[idx])
+        steps[idx] += full.row_steps
+        return dataclasses.replace(first, loss=loss, inputs=inputs, reconstruction=recon, row_steps=steps,
+                                   settings=self.w_settings)
 
     def solve_z(self, w: Tensor, images: Tensor) -> Tensor:
         """Step 2 alone: ``[B, latent_dim]``, each image's ``z*`` for its ``w*`` (a row of ``w``,

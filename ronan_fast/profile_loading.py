@@ -81,14 +81,16 @@ def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapte
     its encoder of ``w`` from the file beside the profile where the recipe names one, and
     checked against the profile's digest."""
     from ronan_fast.inversion.settings import InversionSettings
-    from ronan_fast.mapping_start import mapping_start
+    from ronan_fast.mapping_start import W_FIRST_DONE, mapping_start
 
     r = profile.warm_start["recipe"]
     try:
         ms = mapping_start(generator, w_settings=InversionSettings.from_dict(r["w_settings"]),
                            mapping_steps=r["mapping_steps"], mapping_starts=r["mapping_starts"], seed=r["seed"],
                            # a recipe without it was made before the choice existed: Euclidean in w
-                           solve_metric=r.get("solve_metric", "w"), w_space=r.get("w_space", "w"))
+                           solve_metric=r.get("solve_metric", "w"), w_space=r.get("w_space", "w"),
+                           # without them: the full search over w for every image
+                           w_first_steps=r.get("w_first_steps", 0), w_first_done=r.get("w_first_done", W_FIRST_DONE))
     except (TypeError, ValueError, KeyError) as e:
         raise ProfileError(f"the profile was fitted with starts through a mapping network, which cannot be rebuilt "
                            f"for {generator.name}: {e}; pass warm_start=ronan_fast.mapping_start.MappingStart(...)"

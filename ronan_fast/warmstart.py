@@ -28,6 +28,7 @@ For a latent-diffusion decoder the autoencoder's own encoder is the warm start
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -351,16 +352,67 @@ class WarmStarted(DelegatingAdapter):
         encoder.check(generator)
         self.encoder = encoder
         encoder.to(generator.device)
+        self._ready: dict | None = None  # the guesses of the images being started (guesses_for)
 
     def to(self, device):
         self.base.to(device)
         self.encoder.to(device)
         return self
 
+    @contextlib.contextmanager
+    def guesses_for(self, images: Tensor, stop_below: Tensor | None = None):
+        """Within it, :meth:`initial_latents` takes the guess of each of ``images`` from here, in
+        their order (the inversion's starts enter it for each chunk of images:
+        :func:`ronan_fast.inversion.starts.start_latents`).
+
+        An encoder whose guess of an image is the same alone or in any batch (``batch_invariant =
+        True``: :class:`~ronan_fast.mapping_start.MappingStart`, whose search over ``w`` runs many
+        images' starts in one batch) is called once for all of them; any other once per image,
+        as outside it. An encoder that takes a belonging threshold (``takes_threshold = True``)
+        is given each image's ``stop_below`` (a float or one per image; None: none)."""
+        b = images.shape[0]
+        sb = None if stop_below is None else torch.as_tensor(stop_below, dtype=torch.float32).flatten().cpu()
+        if sb is not None:
+            sb = sb.expand(b)
+        if getattr(self.encoder, "batch_invariant", False):
+            guesses = list(self._guess(images, sb))
+        else:
+            guesses = [self._guess(images[k : k + 1], None if sb is None else sb[k : k + 1])[0] for k in range(b)]
+        ready: dict[int, list[Tensor]] = {}
+        for k in range(b):  # an image that appears twice takes its guesses in order
+            ready.setdefault(self._key(images[k]), []).append(guesses[k])
+        self._ready = ready
+        try:
+            yield
+        finally:
+            self._ready = None
+
+    def _guess(self, images: Tensor, stop_below: Tensor | None) -> Tensor:
+        if stop_below is not None and getattr(self.encoder, "takes_threshold", False):
+            return self.encoder.guess(images, stop_below=stop_below)
+        return self.encoder.guess(images)
+
+    @staticmethod
+    def _key(image: Tensor) -> int:
+        from ronan_fast.inversion.starts import image_seed
+
+        return image_seed(image, 0)
+
+    def _ready_guesses(self, images: Tensor) -> Tensor:
+        """The guesses of ``images``: :meth:`guesses_for`'s where it made them, else the encoder's."""
+        if self._ready is None:
+            return self.encoder.guess(images)
+        out = []
+        for k in range(images.shape[0]):
+            queue = self._ready.get(self._key(images[k]))
+            out.append(queue.pop(0) if queue else self.encoder.guess(images[k : k + 1])[0])
+        return torch.stack(out)
+
     def initial_latents(self, images: Tensor, rows_per_image: int, generator: torch.Generator | None = None) -> Tensor:
         """``[B * rows_per_image, D]`` starts, image-major: the base's random starts for each
         image, the first row of each block of ``rows_per_image / blocks`` (one block per class
-        searched, else one) replaced by the encoder's guess for the image."""
+        searched, else one) replaced by the encoder's guess for the image (the one
+        :meth:`guesses_for` made for it, inside it)."""
         init = getattr(self.base, "initial_latents", None)
         b = images.shape[0]
         z = init(images, rows_per_image, generator) if init is not None else \
@@ -369,5 +421,5 @@ class WarmStarted(DelegatingAdapter):
         if rows_per_image % blocks:
             raise EncoderError(f"rows_per_image={rows_per_image} is not a whole number of blocks of {blocks}")
         z = z.reshape(b, blocks, rows_per_image // blocks, -1).clone()
-        z[:, :, 0] = self.encoder.guess(images).to(z).unsqueeze(1)
+        z[:, :, 0] = self._ready_guesses(images).to(z).unsqueeze(1)
         return z.reshape(b * rows_per_image, -1)

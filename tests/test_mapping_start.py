@@ -28,10 +28,10 @@ FAST_W = InversionSettings(steps=60, lr=0.1, restarts=4, halving_every=20, polis
 ONE_THREAD = True
 
 
-def _style(seed: int = 0) -> LatentGenerator:
+def _style(seed: int = 0, w_dim: int = 8) -> LatentGenerator:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        module = StyleGenerator(nz=16, w_dim=8, n_mlp=2, base=16, min_ch=8, channels=1, size=16)
+        module = StyleGenerator(nz=16, w_dim=w_dim, n_mlp=2, base=16, min_ch=8, channels=1, size=16)
     return LatentGenerator(module, (16,), output_range=(-1, 1), name=f"style{seed}")
 
 
@@ -200,6 +200,98 @@ def test_each_image_gets_the_same_guess_alone_or_in_a_batch():
     r = invert(WarmStarted(g, ms), x, settings=FAST_W.replace(restarts=2), seed=0)
     alone = invert(WarmStarted(g, ms), x[1:2], settings=FAST_W.replace(restarts=2), seed=0)
     assert torch.equal(r.loss[1:2], alone.loss)
+    # a wider w, whose whitening's product over a batch sums in another order than over one row
+    g = _style(w_dim=32)
+    ms = mapping_start(g, w_settings=FAST_W, mapping_steps=20)
+    x = _own(g, 3)
+    assert torch.equal(ms.search_w(x).inputs[2], ms.search_w(x[2:3]).inputs[0])
+    assert torch.equal(ms.guess(x)[2], ms.guess(x[2:3])[0])
+
+
+def test_an_inversion_makes_a_whole_chunks_guesses_in_one_call_with_their_thresholds(monkeypatch):
+    # the guess of an image is the same alone or in any batch (batch_invariant): WarmStarted asks
+    # for all of a chunk's guesses at once, with each image's threshold where the metric is MSE,
+    # and the inversion ends exactly as with one call per image
+    g = _style()
+    ms = mapping_start(g, w_settings=FAST_W, mapping_steps=30)
+    calls = []
+    guess = ms.guess
+    monkeypatch.setattr(ms, "guess", lambda images, **kw: (calls.append((images.shape[0], kw)), guess(images, **kw))[1])
+    x = torch.cat([_own(g, 2), _own(g, 1)])  # the last image twice: the first and the third
+    x = torch.cat([x, x[:1]])
+    for screen in (1, 4):
+        s = FAST_W.replace(restarts=2, screen=screen)
+        calls.clear()
+        together = invert(WarmStarted(g, ms), x, settings=s, seed=0, stop_below=torch.tensor([1e-3, 2e-3, 3e-3, 4e-3]))
+        assert [c[0] for c in calls] == [4]
+        torch.testing.assert_close(calls[0][1]["stop_below"], torch.tensor([1e-3, 2e-3, 3e-3, 4e-3]))
+        monkeypatch.setattr(ms, "batch_invariant", False)
+        calls.clear()
+        apart = invert(WarmStarted(g, ms), x, settings=s, seed=0, stop_below=torch.tensor([1e-3, 2e-3, 3e-3, 4e-3]))
+        monkeypatch.setattr(ms, "batch_invariant", True)
+        assert [c[0] for c in calls] == [1, 1, 1, 1]
+        assert torch.equal(together.loss, apart.loss) and torch.equal(together.inputs, apart.inputs)
+    # another metric's threshold is not MSE: the guess is not given it
+    calls.clear()
+    invert(WarmStarted(g, ms), x[:2], settings=FAST_W.replace(restarts=2), seed=0, stop_below=1e-3, metric="mae")
+    assert [c[0] for c in calls] == [2] and "stop_below" not in calls[0][1]
+
+
+def test_a_first_search_from_the_encoders_guess_settles_images_and_leaves_the_rest_to_the_full_search():
+    g = _style()
+    plain = mapping_start(g, w_settings=FAST_W, mapping_steps=30)
+    enc = train_w_encoder(plain, samples=256, steps=40, batch=32, image_steps=10)
+    ms = plain.with_w_encoder(enc)
+    assert ms.w_first_steps == 50 and ms.recipe["w_first_steps"] == 50 and "w_first_steps" not in plain.recipe
+    x = _own(g, 3)
+    full = ms.search_w(x)  # no threshold: the full search for every image
+    # a threshold no first search reaches: the full search too, and the lower of the two kept
+    low = ms.search_w(x, stop_below=1e-30)
+    assert (low.loss <= full.loss).all() and (low.row_steps > full.row_steps).all()
+    # one every first search reaches: none goes on to the full search
+    high = ms.search_w(x, stop_below=1e3)
+    assert (high.row_steps < full.row_steps).all() and (high.row_steps <= 50).all()
+    # an image's result depends on it and its threshold only
+    mixed = ms.search_w(x, stop_below=torch.tensor([1e-30, 1e3, 1e-30]))
+    assert torch.equal(mixed.loss[0], low.loss[0]) and torch.equal(mixed.loss[1], high.loss[1])
+    assert torch.equal(mixed.inputs[2], low.inputs[2])
+    assert torch.equal(ms.search_w(x[2:3], stop_below=1e-30).inputs[0], low.inputs[2])
+    assert torch.equal(ms.guess(x, stop_below=1e3), ms.solve_z(high.inputs, x))
+    # without a first search (w_first_steps=0) or an encoder, a threshold changes nothing
+    off = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_encoder=enc, w_first_steps=0)
+    assert torch.equal(off.search_w(x, stop_below=1e3).loss, full.loss) and "w_first_steps" not in off.recipe
+    assert torch.equal(plain.search_w(x, stop_below=1e3).loss, plain.search_w(x).loss)
+    with pytest.raises(ValueError, match="stop_below must be a positive finite float"):
+        ms.search_w(x, stop_below=0.0)
+    with pytest.raises(ValueError, match=r"one per image \(3\)"):
+        ms.search_w(x, stop_below=torch.ones(2))
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="w_first_steps must be an int >= 0"):
+            mapping_start(g, w_first_steps=bad)
+    for bad in (0.0, 1.5, "0.1"):
+        with pytest.raises(ValueError, match=r"w_first_done must be a float in \(0, 1\]"):
+            mapping_start(g, w_first_done=bad)
+
+
+def test_a_recipe_from_before_the_first_search_rebuilds_the_full_search_for_every_image(tmp_path):
+    from types import SimpleNamespace
+
+    from ronan_fast.profile_loading import _rebuild_mapping_start
+    from ronan_fast.warmstart import encoder_path
+
+    g = _style()
+    plain = mapping_start(g, mapping_steps=50)
+    enc = train_w_encoder(plain, samples=128, steps=20, batch=32, image_steps=5)
+    path = tmp_path / "p.json"
+    enc.save(encoder_path(path))
+    # without w_first_steps in the recipe (as every encoder of w recorded before the first search
+    # existed): its digest unchanged, rebuilt with none; with it: rebuilt as recorded
+    for ms in (plain.with_w_encoder(enc), mapping_start(g, mapping_steps=50, w_encoder=enc, w_first_steps=0),
+               mapping_start(g, mapping_steps=50, w_encoder=enc, w_first_steps=20, w_first_done=0.1)):
+        profile = SimpleNamespace(warm_start={"recipe": ms.recipe, "sha256": ms.digest()})
+        again = _rebuild_mapping_start(profile, g, path)
+        assert (again.w_first_steps, again.w_first_done, again.digest()) == \
+            (ms.w_first_steps, ms.w_first_done, ms.digest())
 
 
 def test_the_guess_is_the_solve_for_z_of_the_search_over_w():
@@ -438,6 +530,20 @@ def test_cli_profile_w_encoder_trains_it_beside_the_profile_and_inspect_loads_it
     capsys.readouterr()
     assert main(["profile", *model, "-n", "4", "--warm-start", "encoder", "--w-encoder", "-q", "-o", "q.json"]) == 2
     assert "--w-encoder goes with --warm-start mapping" in capsys.readouterr().err
+    # the first search from the encoder's guess: 50 steps unless --w-first-steps says otherwise (0: none)
+    assert (ws["recipe"]["w_first_steps"], ws["recipe"]["w_first_done"]) == (50, 0.05)
+    assert main([*args[:-2], "--w-first-steps", "0", "-q", "-o", "p.json"]) == 0
+    assert "w_first_steps" not in json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]
+    assert main(["inspect", "own.png", "--profile", "p.json", *model[:4], "-q", "-o", "r0.jsonl"]) == 0
+    capsys.readouterr()
+    assert main(["profile", *model, "-n", "4", "--warm-start", "mapping", "--w-first-steps", "5", "-q",
+                 "-o", "q.json"]) == 2
+    assert "--w-first-steps goes with --w-encoder" in capsys.readouterr().err
+    assert main(["profile", *model, "-n", "4", "--warm-start", "encoder", "--w-first-steps", "5", "-q",
+                 "-o", "q.json"]) == 2
+    assert "--w-first-steps goes with --warm-start mapping" in capsys.readouterr().err
+    assert main([*args[:-2], "--w-first-steps", "-1", "-o", "q.json"]) == 2
+    assert "--w-first-steps: expected a number >= 0" in capsys.readouterr().err
 
 
 def test_cli_profile_w_set_changes_the_search_over_w_and_inspect_follows_it(tmp_path, monkeypatch, capsys):

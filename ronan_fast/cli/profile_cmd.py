@@ -15,6 +15,7 @@ from ronan_fast.cli.common import (
     add_inversion_args,
     check_output,
     err,
+    nonnegative_int,
     para,
     positive_int,
     setting_overrides,
@@ -86,6 +87,11 @@ def add_parser(sub, fmt) -> None:
                    help="with --warm-start mapping: the coordinates of the search over w: whitened by the "
                         "mapping's mean and covariance (the default), or w itself (as profiles made before the "
                         "choice); recorded in the profile, which inspect follows")
+    p.add_argument("--w-first-steps", type=nonnegative_int, default=None, metavar="N",
+                   help="with --warm-start mapping --w-encoder: Adam steps of a first search over w from the "
+                        "encoder's guess alone, which settles an image once its loss over w is under 1/20 of its "
+                        "threshold (when attributing with early stop; the others get the full search); 0: the "
+                        "full search for every image (default: 50); recorded in the profile")
     p.add_argument("--encoder-samples", type=positive_int, default=8192, metavar="N",
                    help="with --warm-start encoder or --w-encoder: the model's samples the encoder learns from "
                         "(default: 8192)")
@@ -133,7 +139,7 @@ def run(args) -> int:
     if kind == "auto":
         kind = _auto_warm_start(model)
     for flag, given in (("--w-encoder", args.w_encoder), ("--w-set", args.w_set_fields),
-                        ("--w-space", args.w_space)):
+                        ("--w-space", args.w_space), ("--w-first-steps", args.w_first_steps is not None)):
         if given and kind != "mapping":
             raise UsageError(f"{flag} goes with --warm-start mapping (a StyleGAN-style model), not with "
                              f"--warm-start {kind}" if kind else f"{flag} goes with --warm-start mapping")
@@ -152,6 +158,10 @@ def run(args) -> int:
                 raise UsageError(f"--w-set: {e}") from None
         if args.w_space is not None:
             kw["w_space"] = args.w_space
+        if args.w_first_steps is not None:
+            if not args.w_encoder:
+                raise UsageError("--w-first-steps goes with --w-encoder: the first search over w starts from its guess")
+            kw["w_first_steps"] = args.w_first_steps
         try:
             encoder = build(model.to(device) if device is not None else model, **kw)
         except (TypeError, ValueError) as e:

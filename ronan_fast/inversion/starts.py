@@ -9,6 +9,7 @@ split, resumed or spread over processes: with the fixed-shape generator calls of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import TYPE_CHECKING
 
@@ -54,9 +55,15 @@ def start_latents(problem: "Problem", seed: int) -> Tensor:
     """The starting rows of ``problem``'s images, image-major: :func:`row_latents`, each start
     screened from ``settings.screen`` candidates when that is above 1 (:func:`screened`)."""
     s = problem.settings
-    if s.screen <= 1:
-        return row_latents(problem.generator, problem.images, problem.rows_per_image, seed)
-    return torch.cat([screened(problem, k, seed) for k in range(problem.b)])
+    # a warm-started generator makes its guesses for all of them at once, with their thresholds
+    # (ronan_fast.warmstart.WarmStarted.guesses_for)
+    # (thresholds in MSE only: what a guess's own search measures)
+    prepare = getattr(problem.generator, "guesses_for", None)
+    stop_below = problem.stop_below if problem.loss.name == "mse" else None
+    with contextlib.nullcontext() if prepare is None else prepare(problem.images, stop_below):
+        if s.screen <= 1:
+            return row_latents(problem.generator, problem.images, problem.rows_per_image, seed)
+        return torch.cat([screened(problem, k, seed) for k in range(problem.b)])
 
 
 def screened(problem: "Problem", k: int, seed: int) -> Tensor:
