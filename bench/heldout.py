@@ -109,10 +109,12 @@ CANDIDATES.update({
     # ... with the solve for z Euclidean in w to the end (MappingStart(solve_metric="w"), the start's
     # first recipe) instead of in the image's metric
     "mapped-wenc-wsolve": {"settings": "default", "warm": "mapping", "w_space": "w", "w_encoder": True,
-                           "w_first_steps": 0, "solve_metric": "w", "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
+                           "w_first_steps": 0, "solve_metric": "w", "restarts": 4, "screen": 8, "steps": 300,
+                           "halving_every": 50},
     # ... with 48 starts in the search over w instead of W_SETTINGS' 24
     "mapped-wenc-w48": {"settings": "default", "warm": "mapping", "w_space": "w", "w_encoder": True,
-                        "w_first_steps": 0, "w_restarts": 48, "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
+                        "w_first_steps": 0, "w_restarts": 48, "restarts": 4, "screen": 8, "steps": 300,
+                        "halving_every": 50},
     # "mapped" and "mapped-wenc" with the search over w in coordinates whitened by the mapping's
     # mean and covariance (MappingStart(w_space="whitened"))
     "mapped-white": {"settings": "default", "warm": "mapping", "w_space": "whitened", "restarts": 4, "screen": 8,
@@ -123,6 +125,12 @@ CANDIDATES.update({
     # given each image's threshold): only the images it leaves above get the full search
     "mapped-wenc-first": {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True,
                           "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
+    # ... with the full search only for the images the first search leaves within 4x of their
+    # threshold (MappingStart(w_full_within=4)): what the full search rescues against what real
+    # images, far above, pay for it
+    "mapped-wenc-first-within4": {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True,
+                                  "w_full_within": 4.0, "restarts": 4, "screen": 8, "steps": 300,
+                                  "halving_every": 50},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -218,7 +226,7 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
 
         w_change = {k: spec.pop(f"w_{k}") for k in ("screen", "restarts") if f"w_{k}" in spec}
         kw = {"w_settings": W_SETTINGS.replace(**w_change)} if w_change else {}
-        for k in ("solve_metric", "w_space", "w_first_steps"):
+        for k in ("solve_metric", "w_space", "w_first_steps", "w_full_within"):
             if k in spec:
                 kw[k] = spec.pop(k)
         if not spec.pop("w_encoder", False):

@@ -9,8 +9,9 @@ over ``w`` for the same image. Belonging is still decided over ``z`` -- the mode
 1. ``synthesis`` is inverted over ``w`` for the image (the package's inversion with
    :data:`W_SETTINGS`, in coordinates whitened by the mapping's mean and covariance:
    :data:`W_SPACES`; its random starts are ``mapping`` of prior draws, from the image's own
-   stream; with a ``w_encoder``, a learned encoder's guess of ``w`` is the first of them),
-   giving ``w*``;
+   stream; with a ``w_encoder``, a learned encoder's guess of ``w`` is the first of them, and
+   given each image's belonging threshold a first search from that guess alone settles the
+   images it takes under :data:`W_FIRST_DONE` of it: :data:`W_FIRST_STEPS`), giving ``w*``;
 2. ``mapping`` is inverted for ``w*``, giving ``z*``: a small MLP, so a few hundred Adam steps
    on several prior draws (``|mapping(z) - w*|^2 / |w*|^2``) and Levenberg-Marquardt steps cost
    little. With ``solve_metric="image"`` (the default) the last Levenberg-Marquardt steps measure
@@ -35,12 +36,14 @@ functions, e.g. for NVIDIA's StyleGAN2-ADA networks
 ``synthesis=lambda w: G.synthesis(w[:, None].repeat(1, G.num_ws, 1))``.
 
 Each image's guess is computed from that image alone (its starts come from its pixels and the
-seed), so the same image gets the same guess in any batch.
+seed; its threshold where given), so the same image gets the same guess in any batch, bit for bit
+(:attr:`MappingStart.batch_invariant`: ``WarmStarted`` asks for a chunk's guesses in one call).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -201,6 +204,10 @@ class MappingStart(ModelDerivedStart):
             weighs ``mapping(z) - w*`` by the image it changes; "w" stays Euclidean in ``w``.
         w_space: the coordinates of the search over ``w`` (:data:`W_SPACES`): "whitened"
             (default) by the mapping's mean and covariance; "w" in ``w`` itself.
+        w_full_within: with the first search, only the images it leaves under this many times
+            their threshold go on to the full search (the others are far from it: their verdict
+            stands on the first search's ``w``); ``math.inf`` (default): every image it leaves
+            above :attr:`w_first_done` of it.
         w_first_steps / w_first_done: with a ``w_encoder`` and a threshold, the Adam steps of a
             first search over ``w`` from the encoder's guess alone, and the fraction of the
             threshold under which it settles an image (:data:`W_FIRST_STEPS`,
@@ -223,7 +230,7 @@ class MappingStart(ModelDerivedStart):
                  w_settings: InversionSettings | None = None, mapping_steps: int = MAPPING_STEPS,
                  mapping_starts: int = MAPPING_STARTS, w_encoder: WarmStartEncoder | None = None,
                  solve_metric: str = "image", w_space: str = "whitened", w_first_steps: int = W_FIRST_STEPS,
-                 w_first_done: float = W_FIRST_DONE, seed: int = 0):
+                 w_first_done: float = W_FIRST_DONE, w_full_within: float = math.inf, seed: int = 0):
         if not isinstance(generator, GeneratorAdapter):
             raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
         if not callable(mapping) or not callable(synthesis):
@@ -235,6 +242,10 @@ class MappingStart(ModelDerivedStart):
             raise ValueError(f"w_first_steps must be an int >= 0, got {w_first_steps!r}")
         if isinstance(w_first_done, bool) or not isinstance(w_first_done, (int, float)) or not 0 < w_first_done <= 1:
             raise ValueError(f"w_first_done must be a float in (0, 1], got {w_first_done!r}")
+        if isinstance(w_full_within, bool) or not isinstance(w_full_within, (int, float)) \
+                or not w_full_within > w_first_done:
+            raise ValueError(f"w_full_within must be a number above w_first_done ({w_first_done}) or math.inf, "
+                             f"got {w_full_within!r}")
         if w_settings is not None and not isinstance(w_settings, InversionSettings):
             raise TypeError(f"w_settings must be InversionSettings or None, got {type(w_settings).__name__}")
         if solve_metric not in SOLVE_METRICS:
@@ -244,6 +255,7 @@ class MappingStart(ModelDerivedStart):
         self.generator = generator
         self.solve_metric, self.w_space = solve_metric, w_space
         self.w_first_steps, self.w_first_done = int(w_first_steps), float(w_first_done)
+        self.w_full_within = float(w_full_within)
         self.mapping, self.w_dim = mapping, int(w_dim)
         self.w_settings = w_settings or W_SETTINGS
         self.mapping_steps, self.mapping_starts, self.seed = int(mapping_steps), int(mapping_starts), int(seed)
@@ -318,6 +330,8 @@ class MappingStart(ModelDerivedStart):
             # without an encoder, which the first search starts from)
             if self.w_first_steps:
                 r["w_first_steps"], r["w_first_done"] = self.w_first_steps, self.w_first_done
+                if math.isfinite(self.w_full_within):  # absent: every image the first search leaves above
+                    r["w_full_within"] = self.w_full_within
         return r
 
     @property
@@ -364,7 +378,8 @@ class MappingStart(ModelDerivedStart):
         With a ``w_encoder``, :attr:`w_first_steps` and ``stop_below`` (each image's belonging
         threshold, in MSE; a float or one per image), a first search from the encoder's guess
         alone (:data:`W_FIRST_STEPS`) settles the images whose loss over ``w`` it takes under
-        :attr:`w_first_done` times their threshold; the others get the full search too and
+        :attr:`w_first_done` times their threshold; the others (under :attr:`w_full_within`
+        times it) get the full search too and
         keep the lower of the two. Each image's result depends on it and its threshold only."""
         import dataclasses
 
@@ -391,7 +406,8 @@ class MappingStart(ModelDerivedStart):
         done_below = (self.w_first_done * sb).expand(b).contiguous()
         first = invert(self._w_search, images, settings=self.w_settings.replace(restarts=1, steps=self.w_first_steps),
                        seed=self.seed, stop_below=done_below)
-        rest = (first.loss.cpu() >= done_below).nonzero().squeeze(1)
+        ended = first.loss.cpu()
+        rest = ((ended >= done_below) & (ended < self.w_full_within * sb.expand(b))).nonzero().squeeze(1)
         if rest.numel() == 0:
             return first
         full = invert(self._w_search, images[rest], settings=self.w_settings, seed=self.seed)

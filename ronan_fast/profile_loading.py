@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.profile import BelongingProfile, ProfileError
 
@@ -90,7 +92,8 @@ def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapte
                            # a recipe without it was made before the choice existed: Euclidean in w
                            solve_metric=r.get("solve_metric", "w"), w_space=r.get("w_space", "w"),
                            # without them: the full search over w for every image
-                           w_first_steps=r.get("w_first_steps", 0), w_first_done=r.get("w_first_done", W_FIRST_DONE))
+                           w_first_steps=r.get("w_first_steps", 0), w_first_done=r.get("w_first_done", W_FIRST_DONE),
+                           w_full_within=r.get("w_full_within", math.inf))
     except (TypeError, ValueError, KeyError) as e:
         raise ProfileError(f"the profile was fitted with starts through a mapping network, which cannot be rebuilt "
                            f"for {generator.name}: {e}; pass warm_start=ronan_fast.mapping_start.MappingStart(...)"

@@ -257,6 +257,15 @@ def test_a_first_search_from_the_encoders_guess_settles_images_and_leaves_the_re
     assert torch.equal(mixed.inputs[2], low.inputs[2])
     assert torch.equal(ms.search_w(x[2:3], stop_below=1e-30).inputs[0], low.inputs[2])
     assert torch.equal(ms.guess(x, stop_below=1e3), ms.solve_z(high.inputs, x))
+    # w_full_within: an image the first search leaves farther above its threshold keeps its result
+    near = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_encoder=enc, w_full_within=4.0)
+    assert near.recipe["w_full_within"] == 4.0 and "w_full_within" not in ms.recipe
+    first_only = near.search_w(x, stop_below=1e-30)  # every image is far above: none gets the full search
+    assert (first_only.row_steps <= 50).all() and (first_only.row_steps < low.row_steps).all()
+    assert (first_only.loss >= low.loss).all()
+    sb = first_only.loss / 2  # every image left within 4x of its threshold: the full search, as without the bound
+    assert torch.equal(near.search_w(x, stop_below=sb).loss, ms.search_w(x, stop_below=sb).loss)
+    assert (near.search_w(x, stop_below=sb).row_steps > 50).all()
     # without a first search (w_first_steps=0) or an encoder, a threshold changes nothing
     off = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_encoder=enc, w_first_steps=0)
     assert torch.equal(off.search_w(x, stop_below=1e3).loss, full.loss) and "w_first_steps" not in off.recipe
@@ -271,6 +280,9 @@ def test_a_first_search_from_the_encoders_guess_settles_images_and_leaves_the_re
     for bad in (0.0, 1.5, "0.1"):
         with pytest.raises(ValueError, match=r"w_first_done must be a float in \(0, 1\]"):
             mapping_start(g, w_first_done=bad)
+    for bad in (0.01, float("nan"), "4"):
+        with pytest.raises(ValueError, match="w_full_within must be a number above w_first_done"):
+            mapping_start(g, w_full_within=bad)
 
 
 def test_a_recipe_from_before_the_first_search_rebuilds_the_full_search_for_every_image(tmp_path):
@@ -287,11 +299,12 @@ def test_a_recipe_from_before_the_first_search_rebuilds_the_full_search_for_ever
     # without w_first_steps in the recipe (as every encoder of w recorded before the first search
     # existed): its digest unchanged, rebuilt with none; with it: rebuilt as recorded
     for ms in (plain.with_w_encoder(enc), mapping_start(g, mapping_steps=50, w_encoder=enc, w_first_steps=0),
-               mapping_start(g, mapping_steps=50, w_encoder=enc, w_first_steps=20, w_first_done=0.1)):
+               mapping_start(g, mapping_steps=50, w_encoder=enc, w_first_steps=20, w_first_done=0.1),
+               mapping_start(g, mapping_steps=50, w_encoder=enc, w_full_within=4.0)):
         profile = SimpleNamespace(warm_start={"recipe": ms.recipe, "sha256": ms.digest()})
         again = _rebuild_mapping_start(profile, g, path)
-        assert (again.w_first_steps, again.w_first_done, again.digest()) == \
-            (ms.w_first_steps, ms.w_first_done, ms.digest())
+        assert (again.w_first_steps, again.w_first_done, again.w_full_within, again.digest()) == \
+            (ms.w_first_steps, ms.w_first_done, ms.w_full_within, ms.digest())
 
 
 def test_the_guess_is_the_solve_for_z_of_the_search_over_w():
