@@ -204,14 +204,14 @@ class MappingStart(ModelDerivedStart):
             weighs ``mapping(z) - w*`` by the image it changes; "w" stays Euclidean in ``w``.
         w_space: the coordinates of the search over ``w`` (:data:`W_SPACES`): "whitened"
             (default) by the mapping's mean and covariance; "w" in ``w`` itself.
-        w_full_within: with the first search, only the images it leaves under this many times
-            their threshold go on to the full search (the others are far from it: their verdict
-            stands on the first search's ``w``); ``math.inf`` (default): every image it leaves
-            above :attr:`w_first_done` of it.
         w_first_steps / w_first_done: with a ``w_encoder`` and a threshold, the Adam steps of a
             first search over ``w`` from the encoder's guess alone, and the fraction of the
             threshold under which it settles an image (:data:`W_FIRST_STEPS`,
             :data:`W_FIRST_DONE`); ``w_first_steps=0``: none.
+        w_full_within: with the first search, only the images it leaves under this many times
+            their threshold go on to the full search (the others are far from it: their verdict
+            stands on the first search's ``w``); ``math.inf`` (default): every image it leaves
+            above :attr:`w_first_done` of it.
         seed: seeds both searches (with each image's pixels).
     """
 
@@ -379,8 +379,9 @@ class MappingStart(ModelDerivedStart):
         threshold, in MSE; a float or one per image), a first search from the encoder's guess
         alone (:data:`W_FIRST_STEPS`) settles the images whose loss over ``w`` it takes under
         :attr:`w_first_done` times their threshold; the others (under :attr:`w_full_within`
-        times it) get the full search too and
-        keep the lower of the two. Each image's result depends on it and its threshold only."""
+        times it) get the full search too and keep the lower of the two. An image whose
+        threshold is not positive and finite gets the full search. Each image's result depends
+        on it and its threshold only."""
         import dataclasses
 
         from ronan_fast.inversion import invert
@@ -400,14 +401,19 @@ class MappingStart(ModelDerivedStart):
         from ronan_fast.inversion import invert
 
         b = images.shape[0]
-        sb = torch.as_tensor(stop_below, dtype=torch.float32).flatten()
-        if sb.numel() not in (1, b) or not bool(torch.isfinite(sb).all()) or not bool((sb > 0).all()):
-            raise ValueError(f"stop_below must be a positive finite float or one per image ({b}), got {stop_below!r}")
-        done_below = (self.w_first_done * sb).expand(b).contiguous()
+        sb = torch.as_tensor(stop_below, dtype=torch.float32).flatten().cpu()
+        if sb.numel() not in (1, b):
+            raise ValueError(f"stop_below must be a float or one per image ({b}), got {sb.numel()} values")
+        sb = sb.expand(b)
+        # an image without a usable threshold (not positive and finite) is settled by nothing and
+        # far from nothing: it gets the full search, as without a threshold
+        usable = torch.isfinite(sb) & (sb > 0)
+        done_below = torch.where(usable, self.w_first_done * sb, torch.zeros_like(sb))
+        within = torch.where(usable, self.w_full_within * sb, torch.full_like(sb, math.inf))
         first = invert(self._w_search, images, settings=self.w_settings.replace(restarts=1, steps=self.w_first_steps),
                        seed=self.seed, stop_below=done_below)
         ended = first.loss.cpu()
-        rest = ((ended >= done_below) & (ended < self.w_full_within * sb.expand(b))).nonzero().squeeze(1)
+        rest = (~usable | ((ended >= done_below) & (ended < within))).nonzero().squeeze(1)
         if rest.numel() == 0:
             return first
         full = invert(self._w_search, images[rest], settings=self.w_settings, seed=self.seed)
