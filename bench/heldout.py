@@ -131,6 +131,13 @@ CANDIDATES.update({
     "mapped-wenc-first-within4": {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True,
                                   "w_full_within": 4.0, "restarts": 4, "screen": 8, "steps": 300,
                                   "halving_every": 50},
+    # ... and the search over z from z* alone (no screened random starts): what the random
+    # starts over z cost real images, and whether any own image needs them
+    "mapped-wenc-first-z1": {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True,
+                             "restarts": 1, "screen": 1, "steps": 300, "halving_every": 50},
+    "mapped-wenc-first-within4-z1": {"settings": "default", "warm": "mapping", "w_space": "whitened",
+                                     "w_encoder": True, "w_full_within": 4.0, "restarts": 1, "screen": 1,
+                                     "steps": 300, "halving_every": 50},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
