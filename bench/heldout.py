@@ -90,6 +90,11 @@ CANDIDATES: dict[str, dict] = {
                       "polish_escalate": 2},
 }
 
+#: the mapping start with the encoder of w and the search over w in whitened coordinates, then
+#: the family's warm-start default over z: the base of the "mapped-wenc-first" candidates
+_WENC_FIRST = {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True, "restarts": 4,
+               "screen": 8, "steps": 300, "halving_every": 50}
+
 CANDIDATES.update({
     # a StyleGAN-style generator's first start found through its mapping network
     # (ronan_fast.mapping_start: synthesis inverted over w, then mapping(z) = w solved), then the
@@ -123,21 +128,15 @@ CANDIDATES.update({
                           "w_first_steps": 0, "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
     # ... with a first search over w from the encoder's guess alone (MappingStart's w_first_steps,
     # given each image's threshold): only the images it leaves above get the full search
-    "mapped-wenc-first": {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True,
-                          "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50},
+    "mapped-wenc-first": _WENC_FIRST,
     # ... with the full search only for the images the first search leaves within 4x of their
     # threshold (MappingStart(w_full_within=4)): what the full search rescues against what real
     # images, far above, pay for it
-    "mapped-wenc-first-within4": {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True,
-                                  "w_full_within": 4.0, "restarts": 4, "screen": 8, "steps": 300,
-                                  "halving_every": 50},
+    "mapped-wenc-first-within4": {**_WENC_FIRST, "w_full_within": 4.0},
     # ... and the search over z from z* alone (no screened random starts): what the random
     # starts over z cost real images, and whether any own image needs them
-    "mapped-wenc-first-z1": {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True,
-                             "restarts": 1, "screen": 1, "steps": 300, "halving_every": 50},
-    "mapped-wenc-first-within4-z1": {"settings": "default", "warm": "mapping", "w_space": "whitened",
-                                     "w_encoder": True, "w_full_within": 4.0, "restarts": 1, "screen": 1,
-                                     "steps": 300, "halving_every": 50},
+    "mapped-wenc-first-z1": {**_WENC_FIRST, "restarts": 1, "screen": 1},
+    "mapped-wenc-first-within4-z1": {**_WENC_FIRST, "w_full_within": 4.0, "restarts": 1, "screen": 1},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)

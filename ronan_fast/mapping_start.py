@@ -137,8 +137,7 @@ class _Whitened(nn.Module):
     def rows_to_w(self, u: Tensor) -> Tensor:
         """:meth:`to_w` one row at a time: each row's ``w`` the same bits alone or in any batch (a
         product over the whole batch may sum in another order)."""
-        mean, chol = self.mean.to(u), self.chol.to(u)
-        return torch.cat([mean + u[k : k + 1] @ chol.T for k in range(u.shape[0])])
+        return torch.cat([self.to_w(u[k : k + 1]) for k in range(u.shape[0])])
 
     def to_u(self, w: Tensor) -> Tensor:
         d = (w - self.mean.to(w)).T
@@ -417,13 +416,12 @@ class MappingStart(ModelDerivedStart):
         if rest.numel() == 0:
             return first
         full = invert(self._w_search, images[rest], settings=self.w_settings, seed=self.seed)
+        idx = rest.to(first.loss.device)
+        better = full.loss < first.loss[idx]
+        won, src = idx[better], better.nonzero().squeeze(1)  # images whose full search ended lower
         loss, inputs, recon, steps = (first.loss.clone(), first.inputs.clone(), first.reconstruction.clone(),
                                       first.row_steps.clone())
-        idx = rest.to(loss.device)
-        better = full.loss < loss[idx]
-        loss[idx] = torch.where(better, full.loss, loss[idx])
-        inputs[idx] = torch.where(better[:, None], full.inputs, inputs[idx])
-        recon[idx] = torch.where(better.view(-1, *[1] * (recon.dim() - 1)), full.reconstruction, recon[idx])
+        loss[won], inputs[won], recon[won] = full.loss[src], full.inputs[src], full.reconstruction[src]
         steps[idx] += full.row_steps
         return dataclasses.replace(first, loss=loss, inputs=inputs, reconstruction=recon, row_steps=steps,
                                    settings=self.w_settings)

@@ -56,8 +56,7 @@ def start_latents(problem: "Problem", seed: int) -> Tensor:
     screened from ``settings.screen`` candidates when that is above 1 (:func:`screened`)."""
     s = problem.settings
     # a warm-started generator makes its guesses for all of them at once, with their thresholds
-    # (ronan_fast.warmstart.WarmStarted.guesses_for)
-    # (thresholds in MSE only: what a guess's own search measures)
+    # where the loss is MSE, the one a guess's own search measures (WarmStarted.guesses_for)
     prepare = getattr(problem.generator, "guesses_for", None)
     stop_below = problem.stop_below if problem.loss.name == "mse" else None
     with contextlib.nullcontext() if prepare is None else prepare(problem.images, stop_below):
