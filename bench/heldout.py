@@ -137,6 +137,11 @@ CANDIDATES.update({
     # starts over z cost real images, and whether any own image needs them
     "mapped-wenc-first-z1": {**_WENC_FIRST, "restarts": 1, "screen": 1},
     "mapped-wenc-first-within4-z1": {**_WENC_FIRST, "w_full_within": 4.0, "restarts": 1, "screen": 1},
+    # ... with the images whose search over w ends above 4x their threshold settled there, their
+    # search over z skipped (MappingStart(w_settle_above=4)): what the search over z costs real
+    # images, and whether any own image comes under its threshold only over z
+    "mapped-wenc-first-settle4": {**_WENC_FIRST, "w_settle_above": 4.0},
+    "mapped-wenc-first-within4-settle4": {**_WENC_FIRST, "w_full_within": 4.0, "w_settle_above": 4.0},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -232,7 +237,10 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
 
         w_change = {k: spec.pop(f"w_{k}") for k in ("screen", "restarts") if f"w_{k}" in spec}
         kw = {"w_settings": W_SETTINGS.replace(**w_change)} if w_change else {}
-        for k in ("solve_metric", "w_space", "w_first_steps", "w_full_within"):
+        # a candidate names the bound and the settling it was measured with; without them, none (as
+        # every candidate measured before MappingStart's defaults had them)
+        kw.update(w_full_within=math.inf, w_settle_above=math.inf)
+        for k in ("solve_metric", "w_space", "w_first_steps", "w_full_within", "w_settle_above"):
             if k in spec:
                 kw[k] = spec.pop(k)
         if not spec.pop("w_encoder", False):

@@ -40,6 +40,10 @@ from ronan_fast.progress import ImageProgress, ProgressFn
 
 __all__ = ["Attributor", "AttributionResult", "CheckpointError", "ProgressFn", "load_profile_encoder"]
 
+#: the note of an image its warm start settled above its threshold (InversionResult.settled): its
+#: loss is its start's guess's, with no search over the model's input after it
+SETTLED_NOTE = "settled above its threshold by its start's search over w: loss of the start's guess, not searched over z"
+
 #: early stop: a row stops once its loss is this far (relative) under the verdict threshold, so
 #: that re-measuring the loss in float32 at the end cannot move it back over the threshold
 _STOP_MARGIN = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
@@ -406,6 +410,9 @@ class Attributor(ProfileFitting):
         p = torch.from_numpy(np.atleast_1d(np.asarray(profile.p_value(statistic.numpy()), dtype=np.float64)))
         crit = profile.critical_value
         stopped = (loss < stop.double()) if stop is not None else torch.zeros_like(loss, dtype=torch.bool)
+        if res.settled is not None:
+            for i in res.settled.nonzero().flatten().tolist():
+                notes[i] = ", ".join(filter(None, [notes[i], SETTLED_NOTE]))
         return AttributionResult(
             loss=loss,
             reference_loss=ref_loss,

@@ -56,7 +56,7 @@ from ronan_fast.inversion.settings import InversionSettings
 from ronan_fast.warmstart import EncoderError, EncoderMismatchError, ModelDerivedStart, WarmStarted, WarmStartEncoder
 
 __all__ = ["MappingStart", "mapping_start", "has_mapping_network", "train_w_encoder", "W_SETTINGS", "W_SPACES",
-           "WHITEN_DRAWS", "W_FIRST_STEPS", "W_FIRST_DONE", "MAPPING_STEPS",
+           "WHITEN_DRAWS", "W_FIRST_STEPS", "W_FIRST_DONE", "W_SETTLE_ABOVE", "MAPPING_STEPS",
            "MAPPING_STARTS", "MAPPING_LM_STEPS", "SOLVE_METRICS", "IMAGE_METRIC_RIDGE", "METRIC_CHUNK_ELEMENTS"]
 
 #: the search over ``w``: the GAN family default (24 starts halved every 25 steps, then 25 dense
@@ -74,6 +74,10 @@ W_SETTINGS = FAMILY_DEFAULTS["gan"].replace(steps=300)
 W_FIRST_STEPS = 50
 #: the fraction of an image's threshold under which the first, one-start search settles its ``w``
 W_FIRST_DONE = 0.05
+#: given each image's threshold, an image whose search over ``w`` ends above this many times it is
+#: settled above it by that search: no search over ``z`` follows (``MappingStart.guess_and_settled``).
+#: Chosen on the tuning half's StyleGAN (stylegan64-opencv, 100 own images; docs/inversion.md)
+W_SETTLE_ABOVE = 4.0
 #: the coordinates the search over ``w`` runs in: "whitened" (the default), ``u`` with
 #: ``w = mean + L u`` (``mean`` and ``L L^T`` the mean and covariance of ``mapping`` over
 #: :data:`WHITEN_DRAWS` prior draws): every direction of ``w`` the mapping spreads over gets the
@@ -211,6 +215,12 @@ class MappingStart(ModelDerivedStart):
             their threshold go on to the full search (the others are far from it: their verdict
             stands on the first search's ``w``); ``math.inf`` (default): every image it leaves
             above :attr:`w_first_done` of it.
+        w_settle_above: given each image's threshold, an image whose search over ``w`` ends above
+            this many times it is settled above it by that search (:meth:`guess_and_settled`):
+            the inversion over ``z`` skips it and reports its ``z*`` (every image ``z`` can make,
+            ``w`` can make: a search over ``z`` cannot go where the search over ``w`` did not
+            reach; :data:`W_SETTLE_ABOVE`, the default). ``math.inf``: none is, every image is
+            searched over ``z``.
         seed: seeds both searches (with each image's pixels).
     """
 
@@ -229,7 +239,8 @@ class MappingStart(ModelDerivedStart):
                  w_settings: InversionSettings | None = None, mapping_steps: int = MAPPING_STEPS,
                  mapping_starts: int = MAPPING_STARTS, w_encoder: WarmStartEncoder | None = None,
                  solve_metric: str = "image", w_space: str = "whitened", w_first_steps: int = W_FIRST_STEPS,
-                 w_first_done: float = W_FIRST_DONE, w_full_within: float = math.inf, seed: int = 0):
+                 w_first_done: float = W_FIRST_DONE, w_full_within: float = math.inf,
+                 w_settle_above: float = W_SETTLE_ABOVE, seed: int = 0):
         if not isinstance(generator, GeneratorAdapter):
             raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
         if not callable(mapping) or not callable(synthesis):
@@ -245,6 +256,10 @@ class MappingStart(ModelDerivedStart):
                 or not w_full_within > w_first_done:
             raise ValueError(f"w_full_within must be a number above w_first_done ({w_first_done}) or math.inf, "
                              f"got {w_full_within!r}")
+        if isinstance(w_settle_above, bool) or not isinstance(w_settle_above, (int, float)) \
+                or not w_settle_above >= 1:
+            raise ValueError(f"w_settle_above must be a number >= 1 (times the threshold) or math.inf, "
+                             f"got {w_settle_above!r}")
         if w_settings is not None and not isinstance(w_settings, InversionSettings):
             raise TypeError(f"w_settings must be InversionSettings or None, got {type(w_settings).__name__}")
         if solve_metric not in SOLVE_METRICS:
@@ -254,7 +269,7 @@ class MappingStart(ModelDerivedStart):
         self.generator = generator
         self.solve_metric, self.w_space = solve_metric, w_space
         self.w_first_steps, self.w_first_done = int(w_first_steps), float(w_first_done)
-        self.w_full_within = float(w_full_within)
+        self.w_full_within, self.w_settle_above = float(w_full_within), float(w_settle_above)
         self.mapping, self.w_dim = mapping, int(w_dim)
         self.w_settings = w_settings or W_SETTINGS
         self.mapping_steps, self.mapping_starts, self.seed = int(mapping_steps), int(mapping_starts), int(seed)
@@ -331,6 +346,8 @@ class MappingStart(ModelDerivedStart):
                 r["w_first_steps"], r["w_first_done"] = self.w_first_steps, self.w_first_done
                 if math.isfinite(self.w_full_within):  # absent: every image the first search leaves above
                     r["w_full_within"] = self.w_full_within
+        if math.isfinite(self.w_settle_above):  # absent: no image settled by the search over w
+            r["w_settle_above"] = self.w_settle_above
         return r
 
     @property
@@ -357,15 +374,38 @@ class MappingStart(ModelDerivedStart):
                 f"synthesis(mapping(z)) differs from {generator.name}(z) by up to {err:.3g} (of pixels in [0, 1]): "
                 "pass the generator's own mapping and synthesis")
 
+    @property
+    def settles_above(self) -> bool:
+        """Whether :meth:`guess_and_settled` may settle an image above its threshold
+        (:attr:`w_settle_above` finite)."""
+        return math.isfinite(self.w_settle_above)
+
     def guess(self, images: Tensor, stop_below: Tensor | float | None = None) -> Tensor:
         """``[B, latent_dim]``: each image's ``z*`` (module docstring), float32:
         :meth:`solve_z` of :meth:`search_w` (given ``stop_below``, each image's belonging
         threshold, its search over ``w`` may end early: :meth:`search_w`)."""
+        return self.guess_and_settled(images, stop_below)[0]
+
+    def guess_and_settled(self, images: Tensor, stop_below: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`guess`, and which images the search over ``w`` settled above their threshold
+        (a bool per image): its loss over ``w`` ended above :attr:`w_settle_above` times a usable
+        threshold (positive and finite). ``synthesis(mapping(z))`` is an image ``synthesis`` makes
+        from ``w = mapping(z)``, so an image the search over ``w`` leaves that far above its
+        threshold is one the search over ``z`` would leave above it too; the inversion skips
+        that search (:class:`~ronan_fast.warmstart.WarmStarted`: where ``z*``'s own loss is
+        above the threshold as well) and reports ``z*``. All False without a threshold or with
+        ``w_settle_above=math.inf``."""
         shape = tuple(self.generator.image_shape)
         if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != shape:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise EncoderError(f"images must be [B, {', '.join(map(str, shape))}], got {got}")
-        return self.solve_z(self.search_w(images, stop_below).inputs, images)
+        found = self.search_w(images, stop_below)
+        settled = torch.zeros(images.shape[0], dtype=torch.bool)
+        if stop_below is not None and self.settles_above:
+            sb = self._thresholds(stop_below, images.shape[0])
+            usable = torch.isfinite(sb) & (sb > 0)
+            settled = usable & (found.loss.detach().cpu().float() > self.w_settle_above * sb)
+        return self.solve_z(found.inputs, images), settled
 
     def search_w(self, images: Tensor, stop_below: Tensor | float | None = None):
         """Step 1 alone: the search over ``w`` for each image (:attr:`w_settings`, from the
@@ -399,11 +439,7 @@ class MappingStart(ModelDerivedStart):
 
         from ronan_fast.inversion import invert
 
-        b = images.shape[0]
-        sb = torch.as_tensor(stop_below, dtype=torch.float32).flatten().cpu()
-        if sb.numel() not in (1, b):
-            raise ValueError(f"stop_below must be a float or one per image ({b}), got {sb.numel()} values")
-        sb = sb.expand(b)
+        sb = self._thresholds(stop_below, images.shape[0])
         # an image without a usable threshold (not positive and finite) is settled by nothing and
         # far from nothing: it gets the full search, as without a threshold
         usable = torch.isfinite(sb) & (sb > 0)
@@ -425,6 +461,14 @@ class MappingStart(ModelDerivedStart):
         steps[idx] += full.row_steps
         return dataclasses.replace(first, loss=loss, inputs=inputs, reconstruction=recon, row_steps=steps,
                                    settings=self.w_settings)
+
+    @staticmethod
+    def _thresholds(stop_below: Tensor | float, b: int) -> Tensor:
+        """``stop_below`` as one float32 threshold per image, on the CPU."""
+        sb = torch.as_tensor(stop_below, dtype=torch.float32).flatten().cpu()
+        if sb.numel() not in (1, b):
+            raise ValueError(f"stop_below must be a float or one per image ({b}), got {sb.numel()} values")
+        return sb.expand(b)
 
     def solve_z(self, w: Tensor, images: Tensor) -> Tensor:
         """Step 2 alone: ``[B, latent_dim]``, each image's ``z*`` for its ``w*`` (a row of ``w``,

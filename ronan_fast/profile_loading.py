@@ -93,7 +93,9 @@ def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapte
                            solve_metric=r.get("solve_metric", "w"), w_space=r.get("w_space", "w"),
                            # without them: the full search over w for every image
                            w_first_steps=r.get("w_first_steps", 0), w_first_done=r.get("w_first_done", W_FIRST_DONE),
-                           w_full_within=r.get("w_full_within", math.inf))
+                           w_full_within=r.get("w_full_within", math.inf),
+                           # without it: no image settled by the search over w
+                           w_settle_above=r.get("w_settle_above", math.inf))
     except (TypeError, ValueError, KeyError) as e:
         raise ProfileError(f"the profile was fitted with starts through a mapping network, which cannot be rebuilt "
                            f"for {generator.name}: {e}; pass warm_start=ronan_fast.mapping_start.MappingStart(...)"

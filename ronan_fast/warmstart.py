@@ -369,28 +369,42 @@ class WarmStarted(DelegatingAdapter):
         True``: :class:`~ronan_fast.mapping_start.MappingStart`, whose search over ``w`` runs many
         images' starts in one batch) is called once for all of them; any other once per image,
         as outside it. An encoder that takes a belonging threshold (``takes_threshold = True``)
-        is given each image's ``stop_below`` (a float or one per image; None: none)."""
+        is given each image's ``stop_below`` (a float or one per image; None: none).
+
+        It yields which images the encoder settled above their threshold while guessing (a bool
+        per image, in their order), where it can (``settles_above = True`` and a threshold: its
+        ``guess_and_settled(images, stop_below)`` returns the guesses and that mask; the
+        inversion confirms each by the guess's own loss before it skips the image's search), and
+        None otherwise."""
         b = images.shape[0]
         sb = None if stop_below is None else torch.as_tensor(stop_below, dtype=torch.float32).flatten().cpu()
         if sb is not None:
             sb = sb.expand(b)
+        settles = sb is not None and getattr(self.encoder, "settles_above", False)
         if getattr(self.encoder, "batch_invariant", False):
-            guesses = list(self._guess(images, sb))
+            guesses, settled = self._guess(images, sb)
+            guesses = list(guesses)
         else:
-            guesses = [self._guess(images[k : k + 1], None if sb is None else sb[k : k + 1])[0] for k in range(b)]
+            pairs = [self._guess(images[k : k + 1], None if sb is None else sb[k : k + 1]) for k in range(b)]
+            guesses = [g[0] for g, _ in pairs]
+            settled = None if not settles else torch.cat([m for _, m in pairs])
         ready: dict[int, list[Tensor]] = {}
         for k in range(b):  # an image that appears twice takes its guesses in order
             ready.setdefault(self._key(images[k]), []).append(guesses[k])
         self._ready = ready
         try:
-            yield
+            yield settled.cpu().bool() if settles and settled is not None else None
         finally:
             self._ready = None
 
-    def _guess(self, images: Tensor, stop_below: Tensor | None) -> Tensor:
+    def _guess(self, images: Tensor, stop_below: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The encoder's guesses of ``images`` and (where it settles images above their
+        threshold, given one) the mask of those it settled."""
+        if stop_below is not None and getattr(self.encoder, "settles_above", False):
+            return self.encoder.guess_and_settled(images, stop_below=stop_below)
         if stop_below is not None and getattr(self.encoder, "takes_threshold", False):
-            return self.encoder.guess(images, stop_below=stop_below)
-        return self.encoder.guess(images)
+            return self.encoder.guess(images, stop_below=stop_below), None
+        return self.encoder.guess(images), None
 
     @staticmethod
     def _key(image: Tensor) -> int:

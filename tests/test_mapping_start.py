@@ -215,8 +215,10 @@ def test_an_inversion_makes_a_whole_chunks_guesses_in_one_call_with_their_thresh
     g = _style()
     ms = mapping_start(g, w_settings=FAST_W, mapping_steps=30)
     calls = []
-    guess = ms.guess
-    monkeypatch.setattr(ms, "guess", lambda images, **kw: (calls.append((images.shape[0], kw)), guess(images, **kw))[1])
+    guess = ms.guess_and_settled
+    monkeypatch.setattr(ms, "guess_and_settled",
+                        lambda images, **kw: (calls.append((images.shape[0], kw)), guess(images, **kw))[1])
+    monkeypatch.setattr(ms, "guess", lambda images, **kw: ms.guess_and_settled(images, **kw)[0])
     x = torch.cat([_own(g, 2), _own(g, 1)])  # the last image twice: the first and the third
     x = torch.cat([x, x[:1]])
     for screen in (1, 4):
@@ -241,7 +243,8 @@ def test_a_first_search_from_the_encoders_guess_settles_images_and_leaves_the_re
     g = _style()
     plain = mapping_start(g, w_settings=FAST_W, mapping_steps=30)
     enc = train_w_encoder(plain, samples=256, steps=40, batch=32, image_steps=10)
-    ms = plain.with_w_encoder(enc)
+    # every image the first search does not settle gets the full search (w_full_within=inf)
+    ms = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_encoder=enc, w_full_within=math.inf)
     assert ms.w_first_steps == 50 and ms.recipe["w_first_steps"] == 50 and "w_first_steps" not in plain.recipe
     x = _own(g, 3)
     full = ms.search_w(x)  # no threshold: the full search for every image
@@ -286,6 +289,77 @@ def test_a_first_search_from_the_encoders_guess_settles_images_and_leaves_the_re
             mapping_start(g, w_full_within=bad)
 
 
+def test_images_the_search_over_w_leaves_far_above_their_threshold_are_settled_without_a_search_over_z():
+    g = _style()
+    plain = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_settle_above=math.inf)
+    ms = mapping_start(g, w_settings=FAST_W, mapping_steps=30)  # w_settle_above=4, the default
+    assert ms.w_settle_above == 4.0 and ms.settles_above and not plain.settles_above
+    assert ms.recipe["w_settle_above"] == 4.0 and "w_settle_above" not in plain.recipe
+    x = _own(g, 3)
+    over_w = ms.search_w(x).loss.float()
+    z, settled = ms.guess_and_settled(x)  # no threshold: none settled, the guess as without the option
+    assert settled.tolist() == [False] * 3 and torch.equal(z, plain.guess(x))
+    # above 4x its threshold over w: settled; under it, or without a usable threshold: not
+    sb = torch.stack([over_w[0] / 8, over_w[1] / 2, torch.tensor(float("nan"))])
+    z2, settled = ms.guess_and_settled(x, stop_below=sb)
+    assert settled.tolist() == [True, False, False] and torch.equal(z2, z)
+    # the inversion: a settled image has no search over z (no row-steps) and reports its guess and
+    # the guess's loss; the others are searched as without the option, each image's result its own
+    s = FAST_W.replace(restarts=2, screen=3)
+    sb = torch.stack([over_w[0] / 8, over_w[1] * 10, over_w[2] / 8])
+    both = invert(WarmStarted(g, ms), x, settings=s, seed=0, stop_below=sb)
+    assert both.row_steps.tolist()[0] == 0 and both.row_steps.tolist()[2] == 0 and int(both.row_steps[1]) > 0
+    assert both.settled.tolist() == [True, False, True]
+    assert torch.equal(both.inputs[[0, 2]], z[[0, 2]])
+    torch.testing.assert_close(both.loss[[0, 2]], _mse(g, z[[0, 2]], x[[0, 2]]), rtol=1e-5, atol=1e-9)
+    assert (both.loss[[0, 2]] >= sb[[0, 2]]).all()
+    without = invert(WarmStarted(g, plain), x, settings=s, seed=0, stop_below=sb)
+    assert (without.row_steps > 0).all() and without.settled.tolist() == [False] * 3
+    assert torch.equal(both.loss[1], without.loss[1]) and torch.equal(both.inputs[1], without.inputs[1])
+    for k in range(3):
+        alone = invert(WarmStarted(g, ms), x[k : k + 1], settings=s, seed=0, stop_below=sb[k : k + 1])
+        assert torch.equal(alone.loss[0], both.loss[k]) and torch.equal(alone.inputs[0], both.inputs[k])
+    # fitting a profile (no threshold): every image searched
+    assert (invert(WarmStarted(g, ms), x, settings=s, seed=0).row_steps > 0).all()
+    for bad in (0.5, float("nan"), "4", True):
+        with pytest.raises(ValueError, match="w_settle_above must be a number >= 1"):
+            mapping_start(g, w_settle_above=bad)
+
+
+def test_an_image_settled_by_its_start_is_searched_after_all_where_its_guess_is_under_its_threshold():
+    # the inversion confirms a start's claim by the guess's own loss: a guess under the threshold
+    # (an image the model made, guessed at its own input) is searched as any other
+    g = _style()
+    z_own = g.sample_latents(2, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x = (g.decode(z_own) * 255).round() / 255
+
+    far = g.sample_latents(1, torch.Generator().manual_seed(9))[0]
+
+    class Claims:  # a start that claims every image settled above, guessing image 0 at its own input
+        takes_threshold = settles_above = True
+
+        def __init__(self, batch_invariant):
+            self.batch_invariant = batch_invariant
+
+        def guess_and_settled(self, images, stop_below):
+            guesses = torch.stack([z_own[0] if torch.equal(im, x[0]) else far for im in images])
+            return guesses, torch.ones(images.shape[0], dtype=torch.bool)
+
+        def check(self, generator):
+            pass
+
+        def to(self, device):
+            return self
+
+    for together in (True, False):  # the chunk's guesses in one call, or one call per image
+        res = invert(WarmStarted(g, Claims(together)), x, settings=FAST_W.replace(restarts=2), seed=0,
+                     stop_below=1e-3)
+        assert int(res.row_steps[0]) > 0 and float(res.loss[0]) < 1e-3 and not bool(res.settled[0])
+        assert int(res.row_steps[1]) == 0 and float(res.loss[1]) >= 1e-3 and bool(res.settled[1])
+        assert torch.equal(res.inputs[1], far)
+
+
 def test_a_recipe_from_before_the_first_search_rebuilds_the_full_search_for_every_image(tmp_path):
     from types import SimpleNamespace
 
@@ -301,11 +375,15 @@ def test_a_recipe_from_before_the_first_search_rebuilds_the_full_search_for_ever
     # existed): its digest unchanged, rebuilt with none; with it: rebuilt as recorded
     for ms in (plain.with_w_encoder(enc), mapping_start(g, mapping_steps=50, w_encoder=enc, w_first_steps=0),
                mapping_start(g, mapping_steps=50, w_encoder=enc, w_first_steps=20, w_first_done=0.1),
-               mapping_start(g, mapping_steps=50, w_encoder=enc, w_full_within=4.0)):
+               mapping_start(g, mapping_steps=50, w_encoder=enc, w_full_within=4.0),
+               mapping_start(g, mapping_steps=50, w_encoder=enc, w_settle_above=math.inf, w_full_within=math.inf)):
         profile = SimpleNamespace(warm_start={"recipe": ms.recipe, "sha256": ms.digest()})
         again = _rebuild_mapping_start(profile, g, path)
-        assert (again.w_first_steps, again.w_first_done, again.w_full_within, again.digest()) == \
-            (ms.w_first_steps, ms.w_first_done, ms.w_full_within, ms.digest())
+        # (w_full_within acts only with the first search, and is recorded only with it)
+        assert (again.recipe, again.w_first_steps, again.w_settle_above, again.digest()) == \
+            (ms.recipe, ms.w_first_steps, ms.w_settle_above, ms.digest())
+        if ms.w_first_steps:
+            assert (again.w_first_done, again.w_full_within) == (ms.w_first_done, ms.w_full_within)
 
 
 def test_the_guess_is_the_solve_for_z_of_the_search_over_w():
@@ -415,6 +493,16 @@ def test_a_profile_records_it_and_rebuilds_it_from_the_generator(tmp_path):
     assert isinstance(again.warm_start, MappingStart) and again.warm_start.digest() == ms.digest()
     x = _own(g, 2, seed=9)
     assert torch.equal(again.attribute(x).loss, att.attribute(x).loss)
+    # an image far from any the model makes is settled above its threshold by the search over w
+    # (w_settle_above=4, the default): no search over z, and its report says so
+    from ronan_fast.attributor import SETTLED_NOTE
+
+    stripes = torch.zeros(1, 1, 16, 16)
+    stripes[..., ::2, :] = 1.0
+    res = att.attribute(torch.cat([x[1:], stripes]))  # x[1], which belongs: searched over z
+    assert int(res.row_steps[1]) == 0 and SETTLED_NOTE in res.notes[1] and not bool(res.belongs[1])
+    assert int(res.row_steps[0]) > 0 and res.notes[0] == "" and bool(res.belongs[0])
+    assert res.to_records()[1]["notes"] == SETTLED_NOTE
     with pytest.raises(ProfileMismatchError, match="no encoder was given"):
         Attributor.from_profile(prof, g, None, warm_start=None)
     with pytest.raises(ProfileMismatchError, match="the encoder differs"):
@@ -598,3 +686,38 @@ def test_cli_profile_w_set_changes_the_search_over_w_and_inspect_follows_it(tmp_
         assert main([*base, *extra, "-o", "q.json"]) == 2, extra
         assert message in capsys.readouterr().err, extra
     assert not (tmp_path / "q.json").exists()
+
+
+def test_cli_profile_w_settle_above_is_recorded_and_inspect_follows_it(tmp_path, monkeypatch, capsys):
+    """--w-settle-above X goes in the mapping start's recipe (inspect rebuilds it); a value under 1,
+    or the flag without --warm-start mapping, is refused by name."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from ronan_fast.cli import main
+    from ronan_fast.imageio import save_image
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    monkeypatch.chdir(tmp_path)
+    model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+    args = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "--warm-start",
+            "mapping", "--w-settle-above", "4", "-q", "-o", "p.json"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]["w_settle_above"] == 4.0
+    monkeypatch.delitem(sys.modules, "tiny_models", raising=False)  # put back after the test
+    import tiny_models
+
+    g = LatentGenerator(tiny_models.style_generator(), 16)
+    save_image(_own(g, 1)[0], tmp_path / "own.png")
+    assert main(["inspect", "own.png", "--profile", "p.json", *model[:4], "-q", "-o", "r.jsonl"]) == 0
+    assert main([*args[:-4], "inf", "-q", "-o", "q.json"]) == 0
+    assert "w_settle_above" not in json.loads((tmp_path / "q.json").read_text())["warm_start"]["recipe"]
+    assert main([*args[:-5], "-q", "-o", "q.json"]) == 0  # without the flag: the default, 4
+    assert json.loads((tmp_path / "q.json").read_text())["warm_start"]["recipe"]["w_settle_above"] == 4.0
+    capsys.readouterr()
+    assert main([*args[:-4], "0.5", "-q", "-o", "q.json"]) == 2
+    assert "--w-settle-above: expected a number >= 1 or inf, got 0.5" in capsys.readouterr().err
+    assert main(["profile", *model, "-n", "4", "--warm-start", "encoder", "--w-settle-above", "4", "-q",
+                 "-o", "q.json"]) == 2
+    assert "--w-settle-above goes with --warm-start mapping" in capsys.readouterr().err

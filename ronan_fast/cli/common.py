@@ -55,6 +55,17 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def at_least_one(text: str) -> float:
+    """A number >= 1, ``inf`` included (a multiple of a threshold)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or inf, got {text!r}") from None
+    if not v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or inf, got {text}")
+    return v
+
+
 def probability(text: str) -> float:
     try:
         v = float(text)

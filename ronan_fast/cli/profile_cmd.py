@@ -13,6 +13,7 @@ from ronan_fast.cli.common import (
     UsageError,
     add_common_args,
     add_inversion_args,
+    at_least_one,
     check_output,
     err,
     nonnegative_int,
@@ -92,6 +93,11 @@ def add_parser(sub, fmt) -> None:
                         "encoder's guess alone, which settles an image once its loss over w is under 1/20 of its "
                         "threshold (when attributing with early stop; the others get the full search); 0: the "
                         "full search for every image (default: 50); recorded in the profile")
+    p.add_argument("--w-settle-above", type=at_least_one, default=None, metavar="X",
+                   help="with --warm-start mapping: when attributing with early stop, an image whose search over "
+                        "w ends above X times its threshold is settled above it there, without the search over z "
+                        "(its loss is that of its start's guess, and its report says so) (default: 4); inf: every "
+                        "image is searched over z; recorded in the profile, which inspect follows")
     p.add_argument("--encoder-samples", type=positive_int, default=8192, metavar="N",
                    help="with --warm-start encoder or --w-encoder: the model's samples the encoder learns from "
                         "(default: 8192)")
@@ -139,7 +145,8 @@ def run(args) -> int:
     if kind == "auto":
         kind = _auto_warm_start(model)
     for flag, given in (("--w-encoder", args.w_encoder), ("--w-set", args.w_set_fields),
-                        ("--w-space", args.w_space), ("--w-first-steps", args.w_first_steps is not None)):
+                        ("--w-space", args.w_space), ("--w-first-steps", args.w_first_steps is not None),
+                        ("--w-settle-above", args.w_settle_above is not None)):
         if given and kind != "mapping":
             raise UsageError(f"{flag} goes with --warm-start mapping (a StyleGAN-style model), not with "
                              f"--warm-start {kind}" if kind else f"{flag} goes with --warm-start mapping")
@@ -162,6 +169,8 @@ def run(args) -> int:
             if not args.w_encoder:
                 raise UsageError("--w-first-steps goes with --w-encoder: the first search over w starts from its guess")
             kw["w_first_steps"] = args.w_first_steps
+        if args.w_settle_above is not None:
+            kw["w_settle_above"] = args.w_settle_above
         try:
             encoder = build(model.to(device) if device is not None else model, **kw)
         except (TypeError, ValueError) as e:

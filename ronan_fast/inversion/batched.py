@@ -26,7 +26,7 @@ from ronan_fast.inversion.result import InversionResult
 from ronan_fast.inversion.rows import RowBatch
 from ronan_fast.inversion.runtime import compiled_decode, flush_denormals
 from ronan_fast.inversion.settings import InversionSettings
-from ronan_fast.inversion.starts import start_latents
+from ronan_fast.inversion.starts import starts_and_settled
 
 __all__ = ["invert_batched", "invert_chunk"]
 
@@ -70,7 +70,7 @@ def invert_batched(generator: GeneratorAdapter, images: Tensor, s: InversionSett
                 progress(stop)
     return InversionResult(loss=out.loss, inputs=out.inputs, reconstruction=out.recon,
                            conditions=torch.cat(out.cond) if out.cond else None, row_steps=out.steps, settings=s,
-                           metric=loss.name)
+                           metric=loss.name, settled=out.settled)
 
 
 def invert_chunk(problem: Problem, seed: int, max_rows: int, cuda_graph: bool = False,
@@ -78,9 +78,57 @@ def invert_chunk(problem: Problem, seed: int, max_rows: int, cuda_graph: bool = 
     """Invert one chunk's images with at most ``max_rows`` rows in the batch at once; returns
     the winners and each image's row-steps. ``progress(images)``, if given, is called as images
     get done: those whose search has ended count half while a polish is to come, and whole once
-    polished."""
+    polished.
+
+    An image that the warm start settled above its threshold while finding its guess
+    (:func:`~ronan_fast.inversion.starts.starts_and_settled`), and whose guess's own loss is above
+    the threshold too, has no search: its guess is its result (no row-steps)."""
+    z, settled = starts_and_settled(problem, seed)
+    z = z.to(problem.device)
+    settled = _confirmed(problem, z, settled)
+    if settled is None:
+        return _search(problem, z, max_rows, cuda_graph, progress)
+    b, rpi = problem.b, problem.rows_per_image
+    guess_rows = torch.arange(b, device=problem.device)[settled] * rpi
+    recon, loss = problem.score(z[guess_rows], None, settled.nonzero().squeeze(1))
+    n_settled = int(guess_rows.numel())
+    if progress is not None:
+        progress(float(n_settled))
+    loss_all = torch.empty(b, dtype=torch.float32, device=problem.device)
+    inputs = torch.empty(b, z.shape[1], dtype=torch.float32, device=problem.device)
+    recon_all = torch.empty_like(problem.images)
+    steps = torch.zeros(b, dtype=torch.int64, device=problem.device)
+    loss_all[settled], inputs[settled], recon_all[settled] = loss, z[guess_rows].float(), recon.clamp(0, 1)
+    rest = ~settled
+    if bool(rest.any()):
+        sub = Problem.build(problem.generator, problem.images[rest], None, problem.settings, problem.loss,
+                            problem.stop_below[rest], problem.impl)
+        done = None if progress is None else (lambda f: progress(n_settled + f))
+        won, row_steps = _search(sub, z.view(b, rpi, -1)[rest].reshape(-1, z.shape[1]), max_rows, cuda_graph, done)
+        loss_all[rest], inputs[rest], recon_all[rest] = won.loss, won.inputs, won.reconstruction
+        steps[rest] = row_steps
+    return Winners(loss_all, inputs, recon_all, None, settled), steps
+
+
+def _confirmed(problem: Problem, z: Tensor, settled: Tensor | None) -> Tensor | None:
+    """The images of ``settled`` (the warm start's mask, or None) whose guess (each image's
+    first row) scores above its threshold; None where there are none, or where the problem has
+    no threshold or searches over classes (a warm start that settles images makes neither)."""
+    if settled is None or problem.stop_below is None or problem.row_cond is not None or not bool(settled.any()):
+        return None
+    settled = settled.to(problem.device)
+    img = settled.nonzero().squeeze(1)
+    _, loss = problem.score(z[img * problem.rows_per_image], None, img)
+    above = torch.isfinite(loss) & (loss >= problem.stop_below[img])
+    out = torch.zeros_like(settled)
+    out[img[above]] = True
+    return out if bool(out.any()) else None
+
+
+def _search(problem: Problem, z: Tensor, max_rows: int, cuda_graph: bool,
+            progress: Callable[[float], None] | None) -> tuple[Winners, Tensor]:
+    """:func:`invert_chunk`'s search from starting rows ``z``: the Adam phase, then the polish."""
     s, generator = problem.settings, problem.generator
-    z = start_latents(problem, seed).to(problem.device)
     radius = generator.prior_radius
     if s.typical_set == "project" and radius is not None:
         z = z * (radius / z.norm(dim=1, keepdim=True).clamp_min(1e-12))
@@ -107,6 +155,7 @@ class _Outputs:
         self.recon = torch.empty_like(images)
         self.cond: list[Tensor] = []
         self.steps = torch.zeros(b, dtype=torch.int64, device=device)
+        self.settled = torch.zeros(b, dtype=torch.bool, device=device)
 
     def put(self, start: int, stop: int, winners: Winners, row_steps: Tensor) -> None:
         self.loss[start:stop], self.inputs[start:stop] = winners.loss, winners.inputs
@@ -114,3 +163,5 @@ class _Outputs:
         if winners.conditions is not None:
             self.cond.append(winners.conditions)
         self.steps[start:stop] = row_steps
+        if winners.settled is not None:
+            self.settled[start:stop] = winners.settled

@@ -29,12 +29,14 @@ __all__ = ["Winners", "finish", "next_ranked"]
 
 @dataclass
 class Winners:
-    """Each image's final loss, input, reconstruction (clamped to [0, 1]) and condition."""
+    """Each image's final loss, input, reconstruction (clamped to [0, 1]) and condition, and
+    (``settled``, where any) the images a warm start settled above their threshold."""
 
     loss: Tensor
     inputs: Tensor
     reconstruction: Tensor
     conditions: Tensor | None
+    settled: Tensor | None = None
 
 
 def finish(problem: Problem, final_loss: Tensor, final_latent: Tensor, piece_images: int,

@@ -23,3 +23,8 @@ class InversionResult:
     settings: InversionSettings
     metric: str
     extra: dict = field(default_factory=dict)
+    #: [B] bool: the images whose warm start settled them above their threshold while finding
+    #: their guess (ronan_fast.mapping_start's ``w_settle_above``): no search ran for them (no
+    #: row-steps), and their loss, input and reconstruction are the guess's. None from an
+    #: inversion that settles none this way (the stagewise one)
+    settled: Tensor | None = None

@@ -21,7 +21,7 @@ from ronan_fast.adapters import GeneratorAdapter
 if TYPE_CHECKING:
     from ronan_fast.inversion.problem import Problem
 
-__all__ = ["row_latents", "image_seed", "start_latents", "screened"]
+__all__ = ["row_latents", "image_seed", "start_latents", "starts_and_settled", "screened"]
 
 
 def image_seed(image: Tensor, seed: int) -> int:
@@ -54,15 +54,24 @@ def row_latents(generator: GeneratorAdapter, images: Tensor, rows_per_image: int
 def start_latents(problem: "Problem", seed: int) -> Tensor:
     """The starting rows of ``problem``'s images, image-major: :func:`row_latents`, each start
     screened from ``settings.screen`` candidates when that is above 1 (:func:`screened`)."""
+    return starts_and_settled(problem, seed)[0]
+
+
+def starts_and_settled(problem: "Problem", seed: int) -> tuple[Tensor, Tensor | None]:
+    """:func:`start_latents`, and which images the warm start settled above their threshold
+    while finding their guesses (a bool per image; None where it settles none: see
+    :meth:`ronan_fast.warmstart.WarmStarted.guesses_for`)."""
     s = problem.settings
     # a warm-started generator makes its guesses for all of them at once, with their thresholds
     # where the loss is MSE, the one a guess's own search measures (WarmStarted.guesses_for)
     prepare = getattr(problem.generator, "guesses_for", None)
     stop_below = problem.stop_below if problem.loss.name == "mse" else None
-    with contextlib.nullcontext() if prepare is None else prepare(problem.images, stop_below):
+    with contextlib.nullcontext() if prepare is None else prepare(problem.images, stop_below) as settled:
         if s.screen <= 1:
-            return row_latents(problem.generator, problem.images, problem.rows_per_image, seed)
-        return torch.cat([screened(problem, k, seed) for k in range(problem.b)])
+            z = row_latents(problem.generator, problem.images, problem.rows_per_image, seed)
+        else:
+            z = torch.cat([screened(problem, k, seed) for k in range(problem.b)])
+    return z, settled
 
 
 def screened(problem: "Problem", k: int, seed: int) -> Tensor:
