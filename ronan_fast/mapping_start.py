@@ -20,7 +20,9 @@ over ``w`` for the same image. Belonging is still decided over ``z`` -- the mode
    can reach, and the ``z`` closest in ``w`` is not the one whose image is closest;
 3. ``z*`` is the image's first start of the ordinary inversion over ``z``
    (:class:`ronan_fast.warmstart.WarmStarted`), whose other starts stay random and whose loss,
-   over the model's input, is the one reported.
+   over the model's input, is the one reported. Given each image's threshold, an image its
+   search over ``w`` leaves above :data:`W_SETTLE_ABOVE` times it is settled there: ``z*`` is its
+   result, with no search over ``z`` (:meth:`MappingStart.guess_and_settled`).
 
 :class:`MappingStart` has the interface of a learned encoder
 (:class:`ronan_fast.warmstart.WarmStartEncoder`: ``guess``, ``check``, ``digest``,
