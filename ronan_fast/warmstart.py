@@ -393,7 +393,7 @@ class WarmStarted(DelegatingAdapter):
             ready.setdefault(self._key(images[k]), []).append(guesses[k])
         self._ready = ready
         try:
-            yield settled.cpu().bool() if settles and settled is not None else None
+            yield None if settled is None else settled.cpu().bool()
         finally:
             self._ready = None
 

@@ -83,14 +83,14 @@ def invert_chunk(problem: Problem, seed: int, max_rows: int, cuda_graph: bool = 
     An image that the warm start settled above its threshold while finding its guess
     (:func:`~ronan_fast.inversion.starts.starts_and_settled`), and whose guess's own loss is above
     the threshold too, has no search: its guess is its result (no row-steps)."""
-    z, settled = starts_and_settled(problem, seed)
+    z, claimed = starts_and_settled(problem, seed)
     z = z.to(problem.device)
-    settled = _confirmed(problem, z, settled)
-    if settled is None:
+    confirmed = _confirmed(problem, z, claimed)
+    if confirmed is None:
         return _search(problem, z, max_rows, cuda_graph, progress)
+    settled, recon, loss = confirmed
     b, rpi = problem.b, problem.rows_per_image
     guess_rows = torch.arange(b, device=problem.device)[settled] * rpi
-    recon, loss = problem.score(z[guess_rows], None, settled.nonzero().squeeze(1))
     n_settled = int(guess_rows.numel())
     if progress is not None:
         progress(float(n_settled))
@@ -110,19 +110,22 @@ def invert_chunk(problem: Problem, seed: int, max_rows: int, cuda_graph: bool = 
     return Winners(loss_all, inputs, recon_all, None, settled), steps
 
 
-def _confirmed(problem: Problem, z: Tensor, settled: Tensor | None) -> Tensor | None:
-    """The images of ``settled`` (the warm start's mask, or None) whose guess (each image's
-    first row) scores above its threshold; None where there are none, or where the problem has
-    no threshold or searches over classes (a warm start that settles images makes neither)."""
-    if settled is None or problem.stop_below is None or problem.row_cond is not None or not bool(settled.any()):
+def _confirmed(problem: Problem, z: Tensor, claimed: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The images of ``claimed`` (the warm start's mask, or None) whose guess (each image's
+    first row) scores above its threshold: their mask and their guesses' reconstructions and
+    losses (in image order). None where there are none, or where the problem has no threshold
+    or searches over classes (a warm start that settles images makes neither)."""
+    if claimed is None or problem.stop_below is None or problem.row_cond is not None or not bool(claimed.any()):
         return None
-    settled = settled.to(problem.device)
-    img = settled.nonzero().squeeze(1)
-    _, loss = problem.score(z[img * problem.rows_per_image], None, img)
+    claimed = claimed.to(problem.device)
+    img = claimed.nonzero().squeeze(1)
+    recon, loss = problem.score(z[img * problem.rows_per_image], None, img)
     above = torch.isfinite(loss) & (loss >= problem.stop_below[img])
-    out = torch.zeros_like(settled)
-    out[img[above]] = True
-    return out if bool(out.any()) else None
+    if not bool(above.any()):
+        return None
+    settled = torch.zeros_like(claimed)
+    settled[img[above]] = True
+    return settled, recon[above], loss[above]
 
 
 def _search(problem: Problem, z: Tensor, max_rows: int, cuda_graph: bool,
