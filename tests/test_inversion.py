@@ -306,6 +306,102 @@ def test_dense_polish_builds_no_jacobian_again_after_a_refused_step(gen, monkeyp
     assert (costs[-1] <= costs[0]).all() and not torch.allclose(z, start)
 
 
+def test_a_reuse_step_is_the_chord_step_of_the_last_jacobian(gen):
+    """A reuse step solves the last step's damped normal equations with the residual at the row's
+    new input: checked against a float64 reference (the Jacobian at the step's old input by
+    forward mode, the solve in float64)."""
+    from torch.func import jacfwd
+
+    batch = gen.generate(3, torch.Generator().manual_seed(21))
+    target = gen.decode_raw(batch.latents, None).detach()
+    noise = torch.randn(3, 8, generator=torch.Generator().manual_seed(22))
+    zl = batch.latents + 0.03 * noise  # where the Jacobian was built
+    z1 = batch.latents + 0.01 * noise  # where the step took the rows
+
+    def residual(z, c, rows):
+        return (gen.decode_raw(z, c).float() - target[rows]).flatten(1)
+
+    live = torch.arange(3)
+    jac = torch.stack([jacfwd(lambda q: residual(q[None], None, live[k:k + 1])[0])(zl[k]) for k in range(3)])
+    jtj = (jac.transpose(1, 2) @ jac).float()
+    diag = torch.diagonal(jtj, dim1=1, dim2=2).unsqueeze(2)
+    lam = torch.tensor([1e-3, 1e-2, 1e-1]).view(3, 1, 1)
+    eye = torch.eye(8)
+    with torch.no_grad():
+        r1 = residual(z1, None, live)
+    cost1 = r1.square().sum(1)
+    better = torch.tensor([True, False, True])  # row 1 refused its step: no reuse step for it
+    z, r, cost = dense_polish._reuse_steps(residual, z1.clone(), zl, None, live, better, jtj, lam, diag, eye,
+                                           r1.clone(), cost1.clone(), 1)
+    j64, jtj64, eye64 = jac.double(), jtj.double(), torch.eye(8, dtype=torch.float64)
+    a64 = jtj64 + lam.double() * (diag.double() * eye64 + 1e-6 * eye64)
+    want = z1.double() - torch.linalg.solve(a64, (j64.transpose(1, 2) @ r1.double().unsqueeze(2))).squeeze(2)
+    assert torch.isfinite(z).all()
+    torch.testing.assert_close(z[[0, 2]].double(), want[[0, 2]], rtol=1e-5, atol=1e-6)
+    assert torch.equal(z[1], z1[1]) and torch.equal(cost[1], cost1[1])
+    with torch.no_grad():
+        torch.testing.assert_close(cost, residual(z, None, live).square().sum(1), rtol=1e-5, atol=1e-12)
+    assert (cost[[0, 2]] < cost1[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_reuse_steps_take_a_polish_further_for_the_jacobians_it_builds(gen, monkeypatch, reverse):
+    """polish_reuse: the same number of Jacobians takes rows with an exact preimage lower, and a
+    polish run to the end builds fewer of them; reuse steps are refused where they would raise
+    the loss (noise targets end no higher than without them)."""
+    built = []
+    real_normal_equations = dense_polish._normal_equations
+
+    def normal_equations(one, jac_map, zl, cl, live, fresh, *rest):
+        built.append(fresh.numel())
+        return real_normal_equations(one, jac_map, zl, cl, live, fresh, *rest)
+
+    monkeypatch.setattr(dense_polish, "_normal_equations", normal_equations)
+    batch = gen.generate(4, torch.Generator().manual_seed(11))
+    target = gen.decode_raw(batch.latents, None).detach()
+    start = batch.latents + 0.3 * torch.randn(4, 8, generator=torch.Generator().manual_seed(13))
+
+    def mse(z):
+        with torch.no_grad():
+            return (gen.decode_raw(z, None) - target).square().flatten(1).mean(1)
+
+    plain3 = mse(polish(DenseLM(reverse=reverse), gen, start, None, target, 3))
+    reuse3 = mse(polish(DenseLM(reverse=reverse, reuse=8), gen, start, None, target, 3))
+    assert reuse3.sum() < plain3.sum(), (plain3, reuse3)
+    built.clear()
+    assert bool((mse(polish(DenseLM(reverse=reverse), gen, start, None, target, 40)) < 1e-12).all())
+    plain_built = sum(built)
+    built.clear()
+    assert bool((mse(polish(DenseLM(reverse=reverse, reuse=8), gen, start, None, target, 40)) < 1e-12).all())
+    assert sum(built) < plain_built, (sum(built), plain_built)
+    noise = torch.rand(4, *gen.image_shape, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    zs = torch.randn(4, 8, generator=torch.Generator().manual_seed(6))
+    z = polish(DenseLM(reverse=reverse, reuse=8), gen, zs, None, noise, 5)
+    with torch.no_grad():
+        assert ((gen.decode_raw(z, None) - noise).square().flatten(1).mean(1)
+                <= (gen.decode_raw(zs, None) - noise).square().flatten(1).mean(1)).all()
+
+
+def test_polish_reuse_is_a_setting_each_image_gets_alone_or_in_a_batch(gen):
+    s = quick(steps=30, restarts=2, polish_steps=3, polish_reuse=6)
+    assert s.to_dict()["polish_reuse"] == 6 and "polish_reuse" not in quick().to_dict()
+    assert InversionSettings.from_dict(s.to_dict()) == s
+    images = gen.generate(3, torch.Generator().manual_seed(9)).images
+    both = invert(gen, images, settings=s, seed=0)
+    assert not torch.equal(both.loss, invert(gen, images, settings=s.replace(polish_reuse=0), seed=0).loss)
+    for k in range(3):
+        alone = invert(gen, images[k:k + 1], settings=s, seed=0)
+        assert torch.equal(alone.loss[0], both.loss[k]) and torch.equal(alone.inputs[0], both.inputs[k])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="polish_reuse must be an integer >= 0"):
+            quick(polish_reuse=bad)
+        with pytest.raises(ValueError, match="reuse must be an integer >= 0"):
+            DenseLM(reuse=bad)
+    from ronan_fast.metrics import ToneMSE
+
+    assert DenseLM(reuse=4).reuse == 4 and DenseLM(tone=ToneMSE(), reuse=4).reuse == 0  # plain residuals only
+
+
 def test_matrix_free_polish_leaves_solved_rows_and_solves_the_rest(gen):
     """The conjugate-gradient polish (no Jacobian formed) reaches what the dense one reaches."""
     batch = gen.generate(3, torch.Generator().manual_seed(11))

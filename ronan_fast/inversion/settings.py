@@ -23,7 +23,7 @@ POLISH_METHODS = ("dense", "cg", "dense-rev")
 #: fields added after the first settings format: :meth:`InversionSettings.to_dict` writes them only
 #: when they differ from these defaults, so earlier profiles and caches keep their identity
 LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3,
-                "polish_gmres_iters": 0, "polish_candidates": 1, "stagewise": False, "polish_escalate": 0,
+                "polish_gmres_iters": 0, "polish_reuse": 0, "polish_candidates": 1, "stagewise": False, "polish_escalate": 0,
                 "escalate_within": 4.0, "settle_patience": 0, "settle_min_drop": 0.2, "settle_above": 4.0,
                 "screen": 0, "clip_aware": False}
 #: the settings that act only when a belonging threshold is given (``invert(stop_below=...)``)
@@ -89,6 +89,12 @@ class InversionSettings:
     #: wide as the image (one-step models; ignored for others), under the same leaving rule; only
     #: the rows it leaves unsolved (levelled off, stuck, out of steps) go on to ``polish_method``
     polish_gmres_iters: int = 0
+    #: > 0, for the dense polishes: after each step a row takes, up to this many chord steps
+    #: reuse that step's Jacobian with the residual at the row's new input (one forward and one
+    #: backward pass each, against one forward-mode pass per latent dimension for a Jacobian),
+    #: while each takes the row's loss under 0.9 of what it was. ``polish_steps`` and the
+    #: leaving rules count the Jacobians built. For the plain and clip-aware MSE (not "mse-tone")
+    polish_reuse: int = 0
     #: how many of each image's best Adam rows (its lowest-loss starts) are polished; the lowest
     #: loss after the polish wins. A start whose Adam loss is lowest can still lie in a basin the
     #: polish cannot leave; a second one costs a second polish per image
@@ -141,9 +147,9 @@ class InversionSettings:
         _positive_int("check_every", self.check_every)
         _positive_int("min_rows", self.min_rows)
         for name in ("warmup", "halving_every", "patience", "polish_steps", "polish_patience", "polish_gmres_iters",
-                     "polish_escalate", "settle_patience", "screen"):
+                     "polish_reuse", "polish_escalate", "settle_patience", "screen"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
