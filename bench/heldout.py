@@ -142,6 +142,15 @@ CANDIDATES.update({
     # images, and whether any own image comes under its threshold only over z
     "mapped-wenc-first-settle4": {**_WENC_FIRST, "w_settle_above": 4.0},
     "mapped-wenc-first-within4-settle4": {**_WENC_FIRST, "w_full_within": 4.0, "w_settle_above": 4.0},
+    # ... with the full search over w given each image's first-search stop (MappingStart(w_full_stops=True)):
+    # an image stops there, and the polish lets go of rows levelled off far above it
+    "mapped-wenc-first-settle4-stops": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True},
+    # ... and each dense polish step over w followed by up to 8 chord steps reusing its Jacobian
+    # (InversionSettings.polish_reuse): a forward and a backward pass each instead of a Jacobian,
+    # while each takes the loss under 0.9 of what it was (the defaults since they were measured)
+    "mapped-wenc-first-settle4-stops-reuse8": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
+                                               "w_polish_reuse": 8},
+    "mapped-wenc-first-settle4-reuse8": {**_WENC_FIRST, "w_settle_above": 4.0, "w_polish_reuse": 8},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -235,12 +244,14 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
         from ronan_fast.mapping_start import W_SETTINGS, mapping_start, train_w_encoder
         from ronan_fast.warmstart import WarmStarted
 
-        w_change = {k: spec.pop(f"w_{k}") for k in ("screen", "restarts") if f"w_{k}" in spec}
-        kw = {"w_settings": W_SETTINGS.replace(**w_change)} if w_change else {}
-        # a candidate names the bound and the settling it was measured with; without them, none (as
-        # every candidate measured before MappingStart's defaults had them)
-        kw.update(w_full_within=math.inf, w_settle_above=math.inf)
-        for k in ("solve_metric", "w_space", "w_first_steps", "w_full_within", "w_settle_above"):
+        # without w_polish_reuse, none: the search over w as every candidate measured before it existed
+        w_change = {"polish_reuse": 0}
+        w_change.update({k: spec.pop(f"w_{k}") for k in ("screen", "restarts", "polish_reuse") if f"w_{k}" in spec})
+        kw = {"w_settings": W_SETTINGS.replace(**w_change)}
+        # a candidate names the bound, the settling and the full search's stop it was measured with;
+        # without them, none (as every candidate measured before MappingStart's defaults had them)
+        kw.update(w_full_within=math.inf, w_settle_above=math.inf, w_full_stops=False)
+        for k in ("solve_metric", "w_space", "w_first_steps", "w_full_within", "w_settle_above", "w_full_stops"):
             if k in spec:
                 kw[k] = spec.pop(k)
         if not spec.pop("w_encoder", False):

@@ -48,6 +48,7 @@ FLOOR = 2e-6
 #: candidates: ``w_encoder`` starts the search at the encoder of ``w``'s guess (``ENCODER_RECIPE``
 #: of ``bench.heldout``, kept in ``--encoders``); ``w_space`` is ``MappingStart``'s (the search in
 #: ``w`` itself, or in whitened coordinates); the other keys replace fields of ``W_SETTINGS``
+#: (``polish_reuse`` is 0 unless a candidate names it: these were measured before it existed)
 CANDIDATES: dict[str, dict] = {
     "enc-w24": {"w_encoder": True, "w_space": "w"},
     "enc-w48": {"w_encoder": True, "w_space": "w", "restarts": 48},
@@ -71,7 +72,7 @@ def run_candidate(adapter, name: str, spec: dict, own: torch.Tensor, enc_dir: Pa
     spec = dict(spec)
     use_encoder = spec.pop("w_encoder", False)
     w_space = spec.pop("w_space", "whitened")
-    settings = W_SETTINGS.replace(**spec)
+    settings = W_SETTINGS.replace(**{"polish_reuse": 0, **spec})  # no chord steps unless named, as first measured
     start = mapping_start(adapter, w_settings=settings, w_space=w_space)
     if use_encoder:
         enc = _cached_encoder(f"{name}.w", start.w_generator, encoders, enc_dir,

@@ -11,7 +11,8 @@ over ``w`` for the same image. Belonging is still decided over ``z`` -- the mode
    :data:`W_SPACES`; its random starts are ``mapping`` of prior draws, from the image's own
    stream; with a ``w_encoder``, a learned encoder's guess of ``w`` is the first of them, and
    given each image's belonging threshold a first search from that guess alone settles the
-   images it takes under :data:`W_FIRST_DONE` of it: :data:`W_FIRST_STEPS`), giving ``w*``;
+   images it takes under :data:`W_FIRST_DONE` of it: :data:`W_FIRST_STEPS`, and the full search
+   for the others stops each under that too), giving ``w*``;
 2. ``mapping`` is inverted for ``w*``, giving ``z*``: a small MLP, so a few hundred Adam steps
    on several prior draws (``|mapping(z) - w*|^2 / |w*|^2``) and Levenberg-Marquardt steps cost
    little. With ``solve_metric="image"`` (the default) the last Levenberg-Marquardt steps measure
@@ -65,8 +66,11 @@ __all__ = ["MappingStart", "mapping_start", "has_mapping_network", "train_w_enco
 #: Levenberg-Marquardt steps) with 300 Adam steps instead of 600. Chosen on the tuning half's
 #: StyleGAN (stylegan64-opencv, 6 own 8-bit images): it took all 6 to the 8-bit floor over ``w``
 #: in 11.4 s per image (600 steps: 14.4 s); 8 or 16 starts missed 1 or 2 of them, and 10 polish
-#: steps 3 of them
-W_SETTINGS = FAMILY_DEFAULTS["gan"].replace(steps=300)
+#: steps 3 of them. Each polish step is followed by up to 8 chord steps (``polish_reuse``): with
+#: them and the full search's stop (``w_full_stops``), the same run of 100 own and 4 real images
+#: of that StyleGAN took 3.45 s per own image against 4.42 s and 13.6 s per real image against
+#: 16.4 s, 100 of 100 own images converged either way (bench/results/heldout_tuning_reuse_n100.md)
+W_SETTINGS = FAMILY_DEFAULTS["gan"].replace(steps=300, polish_reuse=8)
 #: with a ``w_encoder`` and a belonging threshold (attributing with early stop: the guess is
 #: given each image's ``stop_below``), the search over ``w`` first polishes the encoder's guess
 #: alone: :data:`W_SETTINGS` with one start and this many Adam steps, each image stopping once its
@@ -217,6 +221,12 @@ class MappingStart(ModelDerivedStart):
             their threshold go on to the full search (the others are far from it: their verdict
             stands on the first search's ``w``); ``math.inf`` (default): every image it leaves
             above :attr:`w_first_done` of it.
+        w_full_stops: with the first search, the full search that follows it is given each
+            image's stop too (:attr:`w_first_done` times its threshold, where usable): an image
+            stops once under it, and the polish lets go of rows levelled off far above it (the
+            settings' settle rule; no escalation: an image left in doubt over ``w`` goes on to the
+            search over ``z``, which decides it). False: the full search runs to its end, as
+            recorded before the option existed.
         w_settle_above: given each image's threshold, an image whose search over ``w`` ends above
             this many times it is settled above it by that search (:meth:`guess_and_settled`):
             the inversion over ``z`` skips it and reports its ``z*`` (every image ``z`` can make,
@@ -242,7 +252,7 @@ class MappingStart(ModelDerivedStart):
                  mapping_starts: int = MAPPING_STARTS, w_encoder: WarmStartEncoder | None = None,
                  solve_metric: str = "image", w_space: str = "whitened", w_first_steps: int = W_FIRST_STEPS,
                  w_first_done: float = W_FIRST_DONE, w_full_within: float = math.inf,
-                 w_settle_above: float = W_SETTLE_ABOVE, seed: int = 0):
+                 w_settle_above: float = W_SETTLE_ABOVE, w_full_stops: bool = True, seed: int = 0):
         if not isinstance(generator, GeneratorAdapter):
             raise TypeError(f"generator must be a GeneratorAdapter, got {type(generator).__name__}")
         if not callable(mapping) or not callable(synthesis):
@@ -262,6 +272,8 @@ class MappingStart(ModelDerivedStart):
                 or not w_settle_above >= 1:
             raise ValueError(f"w_settle_above must be a number >= 1 (times the threshold) or math.inf, "
                              f"got {w_settle_above!r}")
+        if not isinstance(w_full_stops, bool):
+            raise ValueError(f"w_full_stops must be True or False, got {w_full_stops!r}")
         if w_settings is not None and not isinstance(w_settings, InversionSettings):
             raise TypeError(f"w_settings must be InversionSettings or None, got {type(w_settings).__name__}")
         if solve_metric not in SOLVE_METRICS:
@@ -272,6 +284,7 @@ class MappingStart(ModelDerivedStart):
         self.solve_metric, self.w_space = solve_metric, w_space
         self.w_first_steps, self.w_first_done = int(w_first_steps), float(w_first_done)
         self.w_full_within, self.w_settle_above = float(w_full_within), float(w_settle_above)
+        self.w_full_stops = w_full_stops
         self.mapping, self.w_dim = mapping, int(w_dim)
         self.w_settings = w_settings or W_SETTINGS
         self.mapping_steps, self.mapping_starts, self.seed = int(mapping_steps), int(mapping_starts), int(seed)
@@ -348,6 +361,8 @@ class MappingStart(ModelDerivedStart):
                 r["w_first_steps"], r["w_first_done"] = self.w_first_steps, self.w_first_done
                 if math.isfinite(self.w_full_within):  # absent: every image the first search leaves above
                     r["w_full_within"] = self.w_full_within
+                if self.w_full_stops:  # absent: the full search without a threshold, as it was first recorded
+                    r["w_full_stops"] = True
         if math.isfinite(self.w_settle_above):  # absent: no image settled by the search over w
             r["w_settle_above"] = self.w_settle_above
         return r
@@ -420,7 +435,8 @@ class MappingStart(ModelDerivedStart):
         threshold, in MSE; a float or one per image), a first search from the encoder's guess
         alone (:data:`W_FIRST_STEPS`) settles the images whose loss over ``w`` it takes under
         :attr:`w_first_done` times their threshold; the others (under :attr:`w_full_within`
-        times it) get the full search too and keep the lower of the two. An image whose
+        times it) get the full search too (which, with :attr:`w_full_stops`, stops each under
+        that as well) and keep the lower of the two. An image whose
         threshold is not positive and finite gets the full search. Each image's result depends
         on it and its threshold only."""
         import dataclasses
@@ -453,7 +469,7 @@ class MappingStart(ModelDerivedStart):
         rest = (~usable | ((ended >= done_below) & (ended < within))).nonzero().squeeze(1)
         if rest.numel() == 0:
             return first
-        full = invert(self._w_search, images[rest], settings=self.w_settings, seed=self.seed)
+        full = self._full_search(images[rest], done_below[rest] if self.w_full_stops else None, usable[rest])
         idx = rest.to(first.loss.device)
         better = full.loss < first.loss[idx]
         won, src = idx[better], better.nonzero().squeeze(1)  # images whose full search ended lower
@@ -463,6 +479,35 @@ class MappingStart(ModelDerivedStart):
         steps[idx] += full.row_steps
         return dataclasses.replace(first, loss=loss, inputs=inputs, reconstruction=recon, row_steps=steps,
                                    settings=self.w_settings)
+
+    def _full_search(self, images: Tensor, stop: Tensor | None, usable: Tensor):
+        """The full search over ``w`` for ``images``; given ``stop`` (each image's
+        :attr:`w_first_done` times its threshold), the images with a usable threshold stop under
+        it and their polish lets go of rows levelled off far above it (the settings' settle rule),
+        the others searched without one."""
+        from ronan_fast.inversion import invert
+
+        # no escalation: an image left in doubt over w (within a few times its stop) goes on to the
+        # search over z, which decides it
+        stopped = self.w_settings.replace(polish_escalate=0)
+        if stop is None or not bool(usable.any()):
+            return invert(self._w_search, images, settings=self.w_settings, seed=self.seed)
+        if bool(usable.all()):
+            return invert(self._w_search, images, settings=stopped, seed=self.seed, stop_below=stop)
+        import dataclasses
+
+        idx = [usable.nonzero().squeeze(1), (~usable).nonzero().squeeze(1)]
+        parts = [invert(self._w_search, images[idx[0]], settings=stopped, seed=self.seed, stop_below=stop[idx[0]]),
+                 invert(self._w_search, images[idx[1]], settings=self.w_settings, seed=self.seed)]
+        order = torch.argsort(torch.cat(idx))
+
+        def merged(name):
+            return torch.cat([getattr(p, name) for p in parts])[order.to(getattr(parts[0], name).device)]
+
+        fields = ["loss", "inputs", "reconstruction", "row_steps"]
+        if all(p.settled is not None for p in parts):
+            fields.append("settled")
+        return dataclasses.replace(parts[0], **{k: merged(k) for k in fields})
 
     @staticmethod
     def _thresholds(stop_below: Tensor | float, b: int) -> Tensor:

@@ -94,6 +94,8 @@ def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapte
                            # without them: the full search over w for every image
                            w_first_steps=r.get("w_first_steps", 0), w_first_done=r.get("w_first_done", W_FIRST_DONE),
                            w_full_within=r.get("w_full_within", math.inf),
+                           # without it: the full search over w without a threshold
+                           w_full_stops=r.get("w_full_stops", False),
                            # without it: no image settled by the search over w
                            w_settle_above=r.get("w_settle_above", math.inf))
     except (TypeError, ValueError, KeyError) as e:

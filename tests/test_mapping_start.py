@@ -289,6 +289,39 @@ def test_a_first_search_from_the_encoders_guess_settles_images_and_leaves_the_re
             mapping_start(g, w_full_within=bad)
 
 
+def test_the_full_search_over_w_stops_each_image_where_the_first_search_would_have_settled_it():
+    g = _style()
+    ws = FAST_W.replace(steps=200, check_every=5)
+    plain = mapping_start(g, w_settings=ws, mapping_steps=30)
+    enc = train_w_encoder(plain, samples=256, steps=40, batch=32, image_steps=10)
+    ms = mapping_start(g, w_settings=ws, mapping_steps=30, w_encoder=enc)  # w_full_stops=True, the default
+    off = mapping_start(g, w_settings=ws, mapping_steps=30, w_encoder=enc, w_full_stops=False)
+    assert ms.w_full_stops and ms.recipe["w_full_stops"] is True and "w_full_stops" not in off.recipe
+    x = _own(g, 3)
+    # a threshold no search reaches: the full search runs to its end, as without the stop
+    low_on, low_off = ms.search_w(x, stop_below=1e-30), off.search_w(x, stop_below=1e-30)
+    assert torch.equal(low_on.loss, low_off.loss) and torch.equal(low_on.row_steps, low_off.row_steps)
+    # a threshold the full search passes on its way and the first search never reaches: the full
+    # search stops each image there (at a check), without the option it runs to its end
+    first_alone = invert(ms._w_search, x, settings=ws.replace(restarts=1, steps=ms.w_first_steps), seed=ms.seed)
+    assert (low_off.loss < first_alone.loss / 4).all()  # the full search goes far lower
+    sb = torch.sqrt(first_alone.loss * low_off.loss) / ms.w_first_done
+    on, without = ms.search_w(x, stop_below=sb), off.search_w(x, stop_below=sb)
+    assert (on.loss < ms.w_first_done * sb).all() and torch.equal(without.loss, low_off.loss)
+    assert (on.row_steps < without.row_steps).all(), (on.row_steps, without.row_steps)
+    # each image's result depends on it and its threshold only, usable thresholds or not
+    mixed = torch.stack([sb[0], torch.tensor(float("nan")), sb[2]])
+    both = ms.search_w(x, stop_below=mixed)
+    assert torch.equal(both.loss[[0, 2]], on.loss[[0, 2]]) and torch.equal(both.inputs[[0, 2]], on.inputs[[0, 2]])
+    assert torch.equal(both.row_steps[[0, 2]], on.row_steps[[0, 2]])
+    nan_alone = ms.search_w(x[1:2], stop_below=torch.tensor([float("nan")]))
+    assert torch.equal(both.loss[1], nan_alone.loss[0]) and torch.equal(both.row_steps[1], nan_alone.row_steps[0])
+    assert torch.equal(nan_alone.loss[0], low_off.loss[1])  # no usable threshold: the full search to its end
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="w_full_stops must be True or False"):
+            mapping_start(g, w_full_stops=bad)
+
+
 def test_images_the_search_over_w_leaves_far_above_their_threshold_are_settled_without_a_search_over_z():
     g = _style()
     plain = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_settle_above=math.inf)
@@ -376,14 +409,16 @@ def test_a_recipe_from_before_the_first_search_rebuilds_the_full_search_for_ever
     for ms in (plain.with_w_encoder(enc), mapping_start(g, mapping_steps=50, w_encoder=enc, w_first_steps=0),
                mapping_start(g, mapping_steps=50, w_encoder=enc, w_first_steps=20, w_first_done=0.1),
                mapping_start(g, mapping_steps=50, w_encoder=enc, w_full_within=4.0),
-               mapping_start(g, mapping_steps=50, w_encoder=enc, w_settle_above=math.inf, w_full_within=math.inf)):
+               mapping_start(g, mapping_steps=50, w_encoder=enc, w_settle_above=math.inf, w_full_within=math.inf),
+               mapping_start(g, mapping_steps=50, w_encoder=enc, w_full_stops=False)):
         profile = SimpleNamespace(warm_start={"recipe": ms.recipe, "sha256": ms.digest()})
         again = _rebuild_mapping_start(profile, g, path)
         # (w_full_within acts only with the first search, and is recorded only with it)
         assert (again.recipe, again.w_first_steps, again.w_settle_above, again.digest()) == \
             (ms.recipe, ms.w_first_steps, ms.w_settle_above, ms.digest())
         if ms.w_first_steps:
-            assert (again.w_first_done, again.w_full_within) == (ms.w_first_done, ms.w_full_within)
+            assert (again.w_first_done, again.w_full_within, again.w_full_stops) == \
+                (ms.w_first_done, ms.w_full_within, ms.w_full_stops)
 
 
 def test_the_guess_is_the_solve_for_z_of_the_search_over_w():
@@ -646,6 +681,14 @@ def test_cli_profile_w_encoder_trains_it_beside_the_profile_and_inspect_loads_it
     assert "--w-first-steps goes with --warm-start mapping" in capsys.readouterr().err
     assert main([*args[:-2], "--w-first-steps", "-1", "-o", "q.json"]) == 2
     assert "--w-first-steps: expected a number >= 0" in capsys.readouterr().err
+    # the full search stops each image under its first search's stop unless --w-full-to-end
+    assert ws["recipe"]["w_full_stops"] is True
+    assert main([*args[:-2], "--w-full-to-end", "-q", "-o", "p.json"]) == 0
+    assert "w_full_stops" not in json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]
+    assert main(["inspect", "own.png", "--profile", "p.json", *model[:4], "-q", "-o", "r1.jsonl"]) == 0
+    capsys.readouterr()
+    assert main(["profile", *model, "-n", "4", "--warm-start", "mapping", "--w-full-to-end", "-q", "-o", "q.json"]) == 2
+    assert "--w-full-to-end goes with --w-encoder" in capsys.readouterr().err
 
 
 def test_cli_profile_w_set_changes_the_search_over_w_and_inspect_follows_it(tmp_path, monkeypatch, capsys):

@@ -93,6 +93,11 @@ def add_parser(sub, fmt) -> None:
                         "encoder's guess alone, which settles an image once its loss over w is under 1/20 of its "
                         "threshold (when attributing with early stop; the others get the full search); 0: the "
                         "full search for every image (default: 50); recorded in the profile")
+    p.add_argument("--w-full-to-end", action="store_true",
+                   help="with --warm-start mapping --w-encoder: run the full search over w (for the images the "
+                        "first search leaves above) to its end, as profiles made before the option did, instead "
+                        "of stopping each image once under 1/20 of its threshold and letting go of rows levelled "
+                        "off far above it; recorded in the profile")
     p.add_argument("--w-settle-above", type=at_least_one, default=None, metavar="X",
                    help="with --warm-start mapping: when attributing with early stop, an image whose search over "
                         "w ends above X times its threshold is settled above it there, without the search over z "
@@ -146,7 +151,8 @@ def run(args) -> int:
         kind = _auto_warm_start(model)
     for flag, given in (("--w-encoder", args.w_encoder), ("--w-set", args.w_set_fields),
                         ("--w-space", args.w_space), ("--w-first-steps", args.w_first_steps is not None),
-                        ("--w-settle-above", args.w_settle_above is not None)):
+                        ("--w-settle-above", args.w_settle_above is not None),
+                        ("--w-full-to-end", args.w_full_to_end)):
         if given and kind != "mapping":
             raise UsageError(f"{flag} goes with --warm-start mapping (a StyleGAN-style model), not with "
                              f"--warm-start {kind}" if kind else f"{flag} goes with --warm-start mapping")
@@ -169,6 +175,11 @@ def run(args) -> int:
             if not args.w_encoder:
                 raise UsageError("--w-first-steps goes with --w-encoder: the first search over w starts from its guess")
             kw["w_first_steps"] = args.w_first_steps
+        if args.w_full_to_end:
+            if not args.w_encoder:
+                raise UsageError("--w-full-to-end goes with --w-encoder: the full search follows the first search "
+                                 "from its guess")
+            kw["w_full_stops"] = False
         if args.w_settle_above is not None:
             kw["w_settle_above"] = args.w_settle_above
         try:
