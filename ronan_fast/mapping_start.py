@@ -419,8 +419,7 @@ class MappingStart(ModelDerivedStart):
         found = self.search_w(images, stop_below)
         settled = torch.zeros(images.shape[0], dtype=torch.bool)
         if stop_below is not None and self.settles_above:
-            sb = self._thresholds(stop_below, images.shape[0])
-            usable = torch.isfinite(sb) & (sb > 0)
+            sb, usable = self._thresholds(stop_below, images.shape[0])
             settled = usable & (found.loss.detach().cpu().float() > self.w_settle_above * sb)
         return self.solve_z(found.inputs, images), settled
 
@@ -457,10 +456,9 @@ class MappingStart(ModelDerivedStart):
 
         from ronan_fast.inversion import invert
 
-        sb = self._thresholds(stop_below, images.shape[0])
         # an image without a usable threshold (not positive and finite) is settled by nothing and
         # far from nothing: it gets the full search, as without a threshold
-        usable = torch.isfinite(sb) & (sb > 0)
+        sb, usable = self._thresholds(stop_below, images.shape[0])
         done_below = torch.where(usable, self.w_first_done * sb, torch.zeros_like(sb))
         within = torch.where(usable, self.w_full_within * sb, torch.full_like(sb, math.inf))
         first = invert(self._w_search, images, settings=self.w_settings.replace(restarts=1, steps=self.w_first_steps),
@@ -510,12 +508,14 @@ class MappingStart(ModelDerivedStart):
         return dataclasses.replace(parts[0], **{k: merged(k) for k in fields})
 
     @staticmethod
-    def _thresholds(stop_below: Tensor | float, b: int) -> Tensor:
-        """``stop_below`` as one float32 threshold per image, on the CPU."""
+    def _thresholds(stop_below: Tensor | float, b: int) -> tuple[Tensor, Tensor]:
+        """``stop_below`` as one float32 threshold per image, on the CPU, and which are usable
+        (positive and finite: the others settle nothing and bound nothing)."""
         sb = torch.as_tensor(stop_below, dtype=torch.float32).flatten().cpu()
         if sb.numel() not in (1, b):
             raise ValueError(f"stop_below must be a float or one per image ({b}), got {sb.numel()} values")
-        return sb.expand(b)
+        sb = sb.expand(b)
+        return sb, torch.isfinite(sb) & (sb > 0)
 
     def solve_z(self, w: Tensor, images: Tensor) -> Tensor:
         """Step 2 alone: ``[B, latent_dim]``, each image's ``z*`` for its ``w*`` (a row of ``w``,
