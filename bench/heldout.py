@@ -147,7 +147,7 @@ CANDIDATES.update({
     "mapped-wenc-first-settle4-stops": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True},
     # ... and each dense polish step over w followed by up to 8 chord steps reusing its Jacobian
     # (InversionSettings.polish_reuse): a forward and a backward pass each instead of a Jacobian,
-    # while each takes the loss under 0.9 of what it was (the defaults since they were measured)
+    # while each takes the loss under 0.9 of what it was
     "mapped-wenc-first-settle4-stops-reuse8": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
                                                "w_polish_reuse": 8},
     "mapped-wenc-first-settle4-reuse8": {**_WENC_FIRST, "w_settle_above": 4.0, "w_polish_reuse": 8},
