@@ -40,8 +40,9 @@ class DenseLM:
         if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 0:
             raise ValueError(f"reuse must be an integer >= 0, got {reuse!r}")
         self.reverse, self.tone = reverse, tone
-        # the tone-fitted residual's Jacobian holds each row's colour map fixed: the reuse steps'
-        # gradient (through the fit) is not that model's, so they are for the plain residual only
+        # the tone-fitted residual's Jacobian holds each row's colour map fixed, while the reuse
+        # steps' J^T r comes through the residual's graph, which differentiates the fit too: they
+        # would not solve that Jacobian's equations, so they are for the plain residual only
         self.reuse = reuse if tone is None else 0
 
     def accepts(self, metric: str) -> bool:
