@@ -151,6 +151,14 @@ CANDIDATES.update({
     "mapped-wenc-first-settle4-stops-reuse8": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
                                                "w_polish_reuse": 8},
     "mapped-wenc-first-settle4-reuse8": {**_WENC_FIRST, "w_settle_above": 4.0, "w_polish_reuse": 8},
+    # ... with the encoder of w trained longer on more samples, wider (W_ENCODER_RECIPE instead of
+    # ENCODER_RECIPE): its training cost against the search over w it saves, per image
+    "mapped-wenc-first-settle4-stops-wrecipe": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
+                                                "w_encoder_recipe": "w", "against": "mapped-wenc-first-settle4-stops"},
+    # ... and the full search over w only for images the first search leaves within 4x of their threshold
+    "mapped-wenc-first-within4-settle4-stops-wrecipe": {**_WENC_FIRST, "w_full_within": 4.0, "w_settle_above": 4.0,
+                                                        "w_full_stops": True, "w_encoder_recipe": "w",
+                                                        "against": "mapped-wenc-first-settle4-stops"},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -241,7 +249,7 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
     if not warm:
         return adapter, None
     if warm == "mapping":  # a StyleGAN-style generator's starts found through w (nothing trained)
-        from ronan_fast.mapping_start import W_SETTINGS, mapping_start, train_w_encoder
+        from ronan_fast.mapping_start import W_ENCODER_RECIPE, W_SETTINGS, mapping_start, train_w_encoder
         from ronan_fast.warmstart import WarmStarted
 
         # without w_polish_reuse, none: the search over w as every candidate measured before it existed
@@ -254,12 +262,15 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
         for k in ("solve_metric", "w_space", "w_first_steps", "w_full_within", "w_settle_above", "w_full_stops"):
             if k in spec:
                 kw[k] = spec.pop(k)
+        # the encoder of w's recipe: ENCODER_RECIPE, as every candidate measured before
+        # W_ENCODER_RECIPE existed, unless the candidate names "w" (W_ENCODER_RECIPE)
+        recipe = W_ENCODER_RECIPE if spec.pop("w_encoder_recipe", None) == "w" else ENCODER_RECIPE
         if not spec.pop("w_encoder", False):
             return WarmStarted(adapter, mapping_start(adapter, **kw)), {
                 "encoder": "through the mapping network (none trained)", "train_s": 0.0, "samples": 0}
         start = mapping_start(adapter, **kw)
         enc = _cached_encoder(f"{name}.w", start.w_generator, encoders, enc_dir,
-                              lambda: train_w_encoder(start, **ENCODER_RECIPE))
+                              lambda: train_w_encoder(start, **recipe), recipe)
         return WarmStarted(adapter, start.with_w_encoder(enc)), dict(enc.cost, encoder="of w, through the mapping network")
     if warm != "encoder":
         raise ValueError(f"unknown warm start {warm!r}")
@@ -274,21 +285,27 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
     return warmstart.WarmStarted(adapter, enc), dict(enc.cost)
 
 
-def _cached_encoder(name: str, adapter, encoders: dict, enc_dir: Path | None, train):
-    """The encoder of ``ENCODER_RECIPE`` for ``adapter``: from this run, from ``enc_dir`` (its
-    recipe checked), or ``train()``ed (and saved there)."""
+def _cached_encoder(name: str, adapter, encoders: dict, enc_dir: Path | None, train, recipe: dict | None = None):
+    """The encoder of ``recipe`` (default ``ENCODER_RECIPE``) for ``adapter``: from this run,
+    from ``enc_dir`` (its recipe checked; another recipe's file is named by its digest), or
+    ``train()``ed (and saved there)."""
+    import hashlib
+
     from ronan_fast import warmstart
 
-    key = (name, json.dumps(ENCODER_RECIPE, sort_keys=True))
+    recipe = ENCODER_RECIPE if recipe is None else recipe
+    text = json.dumps(recipe, sort_keys=True)
+    key = (name, text)
     if key not in encoders:
-        path = None if enc_dir is None else enc_dir / f"{name}.encoder.safetensors"
+        tag = "" if recipe == ENCODER_RECIPE else "." + hashlib.sha256(text.encode()).hexdigest()[:8]
+        path = None if enc_dir is None else enc_dir / f"{name}{tag}.encoder.safetensors"
         enc = None
         if path is not None and path.is_file():
             enc = warmstart.load_encoder(path, adapter)
-            if {k: enc.recipe.get(k) for k in ENCODER_RECIPE} != ENCODER_RECIPE:
+            if {k: enc.recipe.get(k) for k in recipe} != recipe:
                 enc = None
         if enc is None:
-            print(f"[{name}] training an encoder: {ENCODER_RECIPE}", file=sys.stderr, flush=True)
+            print(f"[{name}] training an encoder: {recipe}", file=sys.stderr, flush=True)
             enc = train()
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,6 +349,7 @@ def run_generator(name: str, a, names: list[str], done: dict, save) -> None:
         spec = dict(CANDIDATES[cname])
         inv_adapter, enc_cost = candidate_adapter(name, adapter, spec, encoders, a.encoders)
         spec.pop("warm", None)
+        spec.pop("against", None)
         s = settings_for(adapter, spec)
         print(f"[{name}] {cname}: {s}", file=sys.stderr, flush=True)
         res_r, wr, cr = _timed(lambda: invert(inv_adapter, real, settings=s, seed=a.seed + 1, stop_below=line))
@@ -438,7 +456,8 @@ def render(raw: dict) -> str:
                   "| break-even images |", "|---|---|---|---|---|---|---|---|"]
         for rec, cname, r in enc:
             e = r["encoder"]
-            base_name = "mapped" if CANDIDATES[cname].get("w_encoder") else "default"
+            base_name = CANDIDATES[cname].get("against") or ("mapped" if CANDIDATES[cname].get("w_encoder")
+                                                             else "default")
             base = rec["candidates"].get(base_name)
             saved, even = "-", f"- ({base_name} not in this run)"
             if base is not None:

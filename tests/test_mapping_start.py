@@ -16,7 +16,7 @@ import torch
 
 from ronan_fast.adapters import LatentGenerator
 from ronan_fast.inversion import InversionSettings, invert
-from ronan_fast.mapping_start import MappingStart, mapping_start, train_w_encoder
+from ronan_fast.mapping_start import W_ENCODER_RECIPE, MappingStart, mapping_start, train_w_encoder
 from ronan_fast.models.stylegan import StyleGenerator
 from ronan_fast.warmstart import EncoderError, EncoderMismatchError, WarmStarted
 
@@ -493,6 +493,18 @@ def test_a_w_encoder_for_another_space_is_refused():
         train_w_encoder(g)
 
 
+def test_train_w_encoder_takes_its_recipe_under_the_arguments_given():
+    """train_w_encoder trains W_ENCODER_RECIPE where an argument does not replace it, and a bad
+    argument is named."""
+    plain = mapping_start(_style(0))
+    enc = train_w_encoder(plain, samples=32, steps=2, batch=16, image_steps=0)
+    want = {**W_ENCODER_RECIPE, "samples": 32, "steps": 2, "batch": 16, "image_steps": 0}
+    assert {k: enc.recipe[k] for k in want} == want
+    assert enc.module.width == W_ENCODER_RECIPE["width"] and enc.module.hidden == W_ENCODER_RECIPE["hidden"]
+    with pytest.raises(EncoderError, match="image_steps must be an integer in \\[0, steps\\]"):
+        train_w_encoder(plain, samples=32, steps=2, batch=16)  # the recipe's 400 image steps in 2 steps
+
+
 def test_bad_arguments_are_named():
     g = _style()
     m = g.module
@@ -660,6 +672,11 @@ def test_cli_profile_w_encoder_trains_it_beside_the_profile_and_inspect_loads_it
     g = LatentGenerator(tiny_models.style_generator(), 16)
     enc = load_encoder(tmp_path / "p.encoder.safetensors", mapping_start(g).w_generator)
     assert ws["recipe"]["w_encoder"] == enc.digest()
+    # the encoder of w's own recipe, the given samples and steps in it (its image steps keep their
+    # share of the steps: 5 * 400 // 8000 = 0)
+    assert {k: enc.recipe[k] for k in ("samples", "steps", "image_steps", "width", "hidden")} == \
+        {"samples": 64, "steps": 5, "image_steps": 0, "width": W_ENCODER_RECIPE["width"],
+         "hidden": W_ENCODER_RECIPE["hidden"]}
     assert main(args) == 0  # the encoder beside the profile is reused
     assert "training an encoder of w" not in capsys.readouterr().err
     save_image(_own(g, 1)[0], tmp_path / "own.png")
@@ -681,6 +698,17 @@ def test_cli_profile_w_encoder_trains_it_beside_the_profile_and_inspect_loads_it
     assert "--w-first-steps goes with --warm-start mapping" in capsys.readouterr().err
     assert main([*args[:-2], "--w-first-steps", "-1", "-o", "q.json"]) == 2
     assert "--w-first-steps: expected a number >= 0" in capsys.readouterr().err
+    # the full search's bound: none by default (left out of the recipe), one given recorded
+    assert "w_full_within" not in ws["recipe"]
+    assert main([*args[:-2], "--w-full-within", "8", "-q", "-o", "p8.json"]) == 0
+    assert json.loads((tmp_path / "p8.json").read_text())["warm_start"]["recipe"]["w_full_within"] == 8.0
+    assert main([*args[:-2], "--w-full-within", "inf", "-q", "-o", "pinf.json"]) == 0
+    assert "w_full_within" not in json.loads((tmp_path / "pinf.json").read_text())["warm_start"]["recipe"]
+    assert main(["profile", *model, "-n", "4", "--warm-start", "mapping", "--w-full-within", "4", "-q",
+                 "-o", "q.json"]) == 2
+    assert "--w-full-within goes with --w-encoder" in capsys.readouterr().err
+    assert main([*args[:-2], "--w-full-within", "0.5", "-o", "q.json"]) == 2
+    assert "--w-full-within: expected a number >= 1 or inf" in capsys.readouterr().err
     # the full search stops each image under its first search's stop unless --w-full-to-end
     assert ws["recipe"]["w_full_stops"] is True
     assert main([*args[:-2], "--w-full-to-end", "-q", "-o", "p.json"]) == 0

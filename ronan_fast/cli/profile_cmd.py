@@ -98,16 +98,22 @@ def add_parser(sub, fmt) -> None:
                         "first search leaves above) to its end, as profiles made before the option did, instead "
                         "of stopping each image once under 1/20 of its threshold and letting go of rows levelled "
                         "off far above it; recorded in the profile")
+    p.add_argument("--w-full-within", type=at_least_one, default=None, metavar="X",
+                   help="with --warm-start mapping --w-encoder: when attributing with early stop, only the images "
+                        "the first search over w leaves within X times their threshold get the full search too "
+                        "(the others, far above, are settled by the first search); inf (the default): every image "
+                        "it leaves above 1/20 of its threshold; recorded in the profile")
     p.add_argument("--w-settle-above", type=at_least_one, default=None, metavar="X",
                    help="with --warm-start mapping: when attributing with early stop, an image whose search over "
                         "w ends above X times its threshold is settled above it there, without the search over z "
                         "(its loss is that of its start's guess, and its report says so) (default: 4); inf: every "
                         "image is searched over z; recorded in the profile, which inspect follows")
-    p.add_argument("--encoder-samples", type=positive_int, default=8192, metavar="N",
+    p.add_argument("--encoder-samples", type=positive_int, default=None, metavar="N",
                    help="with --warm-start encoder or --w-encoder: the model's samples the encoder learns from "
-                        "(default: 8192)")
-    p.add_argument("--encoder-steps", type=positive_int, default=1000, metavar="N",
-                   help="with --warm-start encoder or --w-encoder: the encoder's training steps (default: 1000)")
+                        "(default: 8192; with --w-encoder 32768)")
+    p.add_argument("--encoder-steps", type=positive_int, default=None, metavar="N",
+                   help="with --warm-start encoder or --w-encoder: the encoder's training steps (default: 1000; "
+                        "with --w-encoder 8000, the last twentieth of them also on the image)")
     p.add_argument("-o", "--output", required=True, metavar="PROFILE.json", help="where to write the profile")
     p.add_argument("--wait", action="store_true",
                    help="if another run is writing the same profile, wait for it instead of stopping (exit code 4)")
@@ -152,7 +158,8 @@ def run(args) -> int:
     for flag, given in (("--w-encoder", args.w_encoder), ("--w-set", args.w_set_fields),
                         ("--w-space", args.w_space), ("--w-first-steps", args.w_first_steps is not None),
                         ("--w-settle-above", args.w_settle_above is not None),
-                        ("--w-full-to-end", args.w_full_to_end)):
+                        ("--w-full-to-end", args.w_full_to_end),
+                        ("--w-full-within", args.w_full_within is not None)):
         if given and kind != "mapping":
             raise UsageError(f"{flag} goes with --warm-start mapping (a StyleGAN-style model), not with "
                              f"--warm-start {kind}" if kind else f"{flag} goes with --warm-start mapping")
@@ -160,7 +167,7 @@ def run(args) -> int:
         encoder = _warm_start(model, args, out, device)
     elif kind is not None:  # made from the model itself
         from ronan_fast.autoencoder_start import autoencoder_start
-        from ronan_fast.mapping_start import W_SETTINGS, mapping_start, train_w_encoder
+        from ronan_fast.mapping_start import W_ENCODER_RECIPE, W_SETTINGS, mapping_start, train_w_encoder
 
         build = {"autoencoder": autoencoder_start, "mapping": mapping_start}[kind]
         kw = {}
@@ -180,6 +187,11 @@ def run(args) -> int:
                 raise UsageError("--w-full-to-end goes with --w-encoder: the full search follows the first search "
                                  "from its guess")
             kw["w_full_stops"] = False
+        if args.w_full_within is not None:
+            if not args.w_encoder:
+                raise UsageError("--w-full-within goes with --w-encoder: the full search follows the first search "
+                                 "from its guess")
+            kw["w_full_within"] = args.w_full_within
         if args.w_settle_above is not None:
             kw["w_settle_above"] = args.w_settle_above
         try:
@@ -189,7 +201,8 @@ def run(args) -> int:
         if args.w_encoder:
             start = encoder
             w_enc = _warm_start(start.w_generator, args, out, device,
-                                train_fn=lambda **recipe: train_w_encoder(start, **recipe), what="an encoder of w")
+                                train_fn=lambda **recipe: train_w_encoder(start, **recipe), what="an encoder of w",
+                                base_recipe=W_ENCODER_RECIPE)
             encoder = start.with_w_encoder(w_enc)
     overrides = {k: getattr(args, k) for k in ("steps", "restarts", "lr", "precision") if getattr(args, k) is not None}
     overrides.update(setting_overrides(args.set_fields, overrides))
@@ -218,11 +231,14 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def _warm_start(model, args, out: Path, device, train_fn=None, what: str = "a warm-start encoder"):
+def _warm_start(model, args, out: Path, device, train_fn=None, what: str = "a warm-start encoder",
+                base_recipe: dict | None = None):
     """The encoder of ``--warm-start`` (or of ``--w-encoder``: ``model`` is then the synthesis
-    network over ``w`` and ``train_fn`` trains for it): the one beside the profile when it was
-    trained for this model with this recipe, else one trained now (on rank 0 under torchrun) and
-    saved there."""
+    network over ``w``, ``train_fn`` trains for it and ``base_recipe`` is its recipe): the one
+    beside the profile when it was trained for this model with this recipe, else one trained now
+    (on rank 0 under torchrun) and saved there. ``--encoder-samples``/``--encoder-steps`` replace
+    the recipe's (8192 and 1000 without one); with ``base_recipe``, its image steps keep their
+    share of the steps."""
     from ronan_fast.warmstart import EncoderError, EncoderMismatchError, encoder_path, load_encoder, train_encoder
 
     train_fn = train_fn or (lambda **recipe: train_encoder(model, **recipe))
@@ -230,7 +246,12 @@ def _warm_start(model, args, out: Path, device, train_fn=None, what: str = "a wa
     path = check_output(encoder_path(out), "--warm-start (the encoder file)", (".safetensors",))
     if device is not None:
         model.to(device)
-    recipe = {"samples": args.encoder_samples, "steps": args.encoder_steps}
+    base = dict(base_recipe or {})
+    recipe = dict(base)
+    recipe["samples"] = args.encoder_samples if args.encoder_samples is not None else base.get("samples", 8192)
+    recipe["steps"] = args.encoder_steps if args.encoder_steps is not None else base.get("steps", 1000)
+    if "image_steps" in base and recipe["steps"] != base["steps"]:
+        recipe["image_steps"] = recipe["steps"] * base["image_steps"] // base["steps"]
 
     def usable():
         if not path.exists():
@@ -247,8 +268,8 @@ def _warm_start(model, args, out: Path, device, train_fn=None, what: str = "a wa
         if usable() is not None:
             return
         if not args.quiet:
-            err(f"training {what} for {args.name or model.name} on {args.encoder_samples} of its "
-                f"samples, {args.encoder_steps} steps")
+            err(f"training {what} for {args.name or model.name} on {recipe['samples']} of its "
+                f"samples, {recipe['steps']} steps")
         t0 = time.perf_counter()
         train_fn(**recipe).save(path)
         if not args.quiet:
