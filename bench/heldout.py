@@ -162,8 +162,9 @@ CANDIDATES.update({
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
-ENCODER_RECIPE: dict = {"samples": 8192, "steps": 1000, "batch": 64, "lr": 1e-3, "width": 16, "image_steps": 200,
-                        "seed": 0}
+#: (every argument named: train_w_encoder puts what is not named on W_ENCODER_RECIPE's)
+ENCODER_RECIPE: dict = {"samples": 8192, "steps": 1000, "batch": 64, "lr": 1e-3, "width": 16, "hidden": 512,
+                        "image_steps": 200, "seed": 0}
 
 
 def round8(x: torch.Tensor) -> torch.Tensor:
