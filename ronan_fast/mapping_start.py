@@ -668,9 +668,9 @@ def train_w_encoder(start: MappingStart, **recipe) -> WarmStartEncoder:
     :func:`ronan_fast.warmstart.train_encoder` on :attr:`MappingStart.w_generator` (inputs
     ``mapping(z)`` of prior draws, the images ``synthesis`` makes of them, rounded to 8 bits);
     ``recipe`` goes to it, over :data:`W_ENCODER_RECIPE` (e.g. ``samples=8192, steps=1000,
-    width=16, hidden=512, image_steps=200``: the learned warm starts' recipe, about 2 minutes). Pass it as ``start.with_w_encoder(...)`` or
-    ``MappingStart(..., w_encoder=...)``; it saves and loads
-    as any encoder (:meth:`~ronan_fast.warmstart.WarmStartEncoder.save`,
+    width=16, hidden=512, image_steps=200``: the learned warm starts' recipe, about 2 minutes).
+    Pass it as ``start.with_w_encoder(...)`` or ``MappingStart(..., w_encoder=...)``; it saves and
+    loads as any encoder (:meth:`~ronan_fast.warmstart.WarmStartEncoder.save`,
     ``load_encoder(path, start.w_generator)``)."""
     from ronan_fast.warmstart import train_encoder
 

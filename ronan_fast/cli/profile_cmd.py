@@ -178,20 +178,17 @@ def run(args) -> int:
                 raise UsageError(f"--w-set: {e}") from None
         if args.w_space is not None:
             kw["w_space"] = args.w_space
-        if args.w_first_steps is not None:
-            if not args.w_encoder:
-                raise UsageError("--w-first-steps goes with --w-encoder: the first search over w starts from its guess")
-            kw["w_first_steps"] = args.w_first_steps
-        if args.w_full_to_end:
-            if not args.w_encoder:
-                raise UsageError("--w-full-to-end goes with --w-encoder: the full search follows the first search "
-                                 "from its guess")
-            kw["w_full_stops"] = False
-        if args.w_full_within is not None:
-            if not args.w_encoder:
-                raise UsageError("--w-full-within goes with --w-encoder: the full search follows the first search "
-                                 "from its guess")
-            kw["w_full_within"] = args.w_full_within
+        # the first search over w, and the full search that follows it, start from the encoder's guess
+        follows = "the full search follows the first search from its guess"
+        for flag, given, key, value, why in (
+                ("--w-first-steps", args.w_first_steps is not None, "w_first_steps", args.w_first_steps,
+                 "the first search over w starts from its guess"),
+                ("--w-full-to-end", args.w_full_to_end, "w_full_stops", False, follows),
+                ("--w-full-within", args.w_full_within is not None, "w_full_within", args.w_full_within, follows)):
+            if given:
+                if not args.w_encoder:
+                    raise UsageError(f"{flag} goes with --w-encoder: {why}")
+                kw[key] = value
         if args.w_settle_above is not None:
             kw["w_settle_above"] = args.w_settle_above
         try:
@@ -246,7 +243,7 @@ def _warm_start(model, args, out: Path, device, train_fn=None, what: str = "a wa
     path = check_output(encoder_path(out), "--warm-start (the encoder file)", (".safetensors",))
     if device is not None:
         model.to(device)
-    base = dict(base_recipe or {})
+    base = base_recipe or {}
     recipe = dict(base)
     recipe["samples"] = args.encoder_samples if args.encoder_samples is not None else base.get("samples", 8192)
     recipe["steps"] = args.encoder_steps if args.encoder_steps is not None else base.get("steps", 1000)
