@@ -553,20 +553,22 @@ class MappingStart(ModelDerivedStart):
     @torch.no_grad()
     def _image_metric(self, w: Tensor) -> Tensor | None:
         """``L`` (lower triangular, ``[w_dim, w_dim]``) with ``L L^T = J^T J + ridge``: ``J`` the
-        Jacobian of ``synthesis``'s raw output at ``w`` (forward mode, in blocks of columns of at
-        most :data:`METRIC_CHUNK_ELEMENTS` elements; a block's ``J^T J_B`` by vector-Jacobian
+        Jacobian of ``synthesis``'s raw output at ``w`` (forward mode, in the search over ``w``'s
+        ``polish_precision``, in blocks of columns of at most :data:`METRIC_CHUNK_ELEMENTS` elements; a block's ``J^T J_B`` by vector-Jacobian
         products where ``J`` does not fit whole), the ridge :data:`IMAGE_METRIC_RIDGE` times its
         mean diagonal. None where Cholesky refuses it (a Jacobian with NaN): the solve stays
         Euclidean."""
         from torch.func import jvp, vmap
 
-        from ronan_fast.inversion.runtime import forward_ad_attention
+        from ronan_fast.inversion.runtime import forward_ad_attention, low_precision_decode
 
         w = w.detach().to(self._w.device, torch.float32).reshape(1, -1)
         d = w.shape[1]
+        # in the search over w's polish precision (W_SETTINGS.polish_precision): a metric, not a loss
+        decode = low_precision_decode(self._w, self.w_settings.polish_precision)[0]
 
         def image(q: Tensor) -> Tensor:
-            return self._w.decode_raw(q).flatten().float()
+            return decode(q).flatten().float()
 
         with forward_ad_attention():
             out = image(w)

@@ -13,17 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["InversionSettings", "SCHEDULES", "PRECISIONS", "TYPICAL_SET", "POLISH_METHODS", "THRESHOLD_FIELDS",
+__all__ = ["InversionSettings", "SCHEDULES", "PRECISIONS", "POLISH_PRECISIONS", "TYPICAL_SET", "POLISH_METHODS",
+           "THRESHOLD_FIELDS",
            "LATER_FIELDS"]
 
 SCHEDULES = ("constant", "cosine", "warm_restarts")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TYPICAL_SET = ("none", "project", "penalty")
 POLISH_METHODS = ("dense", "cg", "dense-rev")
+#: the precisions the dense polishes build their Jacobians in (fp16's narrow range overflows in
+#: the tangents of a deep generator, and a small one's Jacobian came out 6% off against 0.7% in bf16)
+POLISH_PRECISIONS = ("fp32", "bf16")
 #: fields added after the first settings format: :meth:`InversionSettings.to_dict` writes them only
 #: when they differ from these defaults, so earlier profiles and caches keep their identity
 LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patience": 0, "polish_min_drop": 0.3,
-                "polish_gmres_iters": 0, "polish_reuse": 0, "polish_candidates": 1, "stagewise": False, "polish_escalate": 0,
+                "polish_gmres_iters": 0, "polish_reuse": 0, "polish_precision": "fp32", "polish_candidates": 1,
+                "stagewise": False, "polish_escalate": 0,
                 "escalate_within": 4.0, "settle_patience": 0, "settle_min_drop": 0.2, "settle_above": 4.0,
                 "screen": 0, "clip_aware": False}
 #: the settings that act only when a belonging threshold is given (``invert(stop_below=...)``)
@@ -95,6 +100,13 @@ class InversionSettings:
     #: while each takes the row's loss under 0.9 of what it was. ``polish_steps`` and the
     #: leaving rules count the Jacobians built. For the plain and clip-aware MSE (not "mse-tone")
     polish_reuse: int = 0
+    #: the precision the dense polishes build their Jacobians in (:data:`POLISH_PRECISIONS`;
+    #: "bf16": through a copy of the generator's module cast to it, or under autocast where the
+    #: adapter has none: :func:`~ronan_fast.inversion.runtime.low_precision_decode`). Only
+    #: ``J^T J`` and ``J^T r`` are approximate: the residuals, the losses and the test that keeps
+    #: a step only where it lowers the row's loss stay float32, so a coarser Jacobian can cost
+    #: steps, never a wrong loss
+    polish_precision: str = "fp32"
     #: how many of each image's best Adam rows (its lowest-loss starts) are polished; the lowest
     #: loss after the polish wins. A start whose Adam loss is lowest can still lie in a basin the
     #: polish cannot leave; a second one costs a second polish per image
@@ -157,6 +169,8 @@ class InversionSettings:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        if self.polish_precision not in POLISH_PRECISIONS:
+            raise ValueError(f"polish_precision must be one of {POLISH_PRECISIONS}, got {self.polish_precision!r}")
         if self.typical_set not in TYPICAL_SET:
             raise ValueError(f"typical_set must be one of {TYPICAL_SET}, got {self.typical_set!r}")
         if not 0 < self.halving_keep < 1:

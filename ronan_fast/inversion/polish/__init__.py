@@ -32,7 +32,8 @@ def last_polish(s: InversionSettings, tone: ToneMSE | None = None) -> PolishMeth
     """The polish ``s.polish_method`` names ("dense", "dense-rev" or "cg")."""
     if s.polish_method == "cg":
         return ConjugateGradientLM(cg_iters=s.polish_cg_iters)
-    return DenseLM(reverse=s.polish_method == "dense-rev", tone=tone, reuse=s.polish_reuse)
+    return DenseLM(reverse=s.polish_method == "dense-rev", tone=tone, reuse=s.polish_reuse,
+                   precision=s.polish_precision)
 
 
 def polish(method: PolishMethod, generator, inputs: Tensor, cond: Tensor | None, target_raw: Tensor, steps: int,

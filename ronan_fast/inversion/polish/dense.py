@@ -19,7 +19,8 @@ from torch import Tensor
 from ronan_fast.inversion.calls import FixedShapeCalls, in_blocks, padded
 from ronan_fast.inversion.linalg import solve_damped
 from ronan_fast.inversion.polish.base import PolishResult
-from ronan_fast.inversion.runtime import forward_ad_attention
+from ronan_fast.inversion.runtime import forward_ad_attention, low_precision_decode
+from ronan_fast.inversion.settings import POLISH_PRECISIONS
 from ronan_fast.metrics import ToneMSE
 
 __all__ = ["DenseLM", "dense_rows", "tone_jacobian", "DENSE_CHUNK_ELEMENTS", "DENSE_CPU_PASSES"]
@@ -33,13 +34,17 @@ class DenseLM:
     tone-fitted one, in raw units, and its Jacobian is the generator's mapped through each row's
     current colour map with the map held fixed (the usual Gauss-Newton treatment of such a fit).
     A row leaves once solved, stuck (damping at its cap) or as ``leaving`` says: the Jacobian,
-    the costly part, is only built for live rows.
+    the costly part, is only built for live rows. ``precision`` "bf16": the Jacobians
+    are built in it (:func:`~ronan_fast.inversion.runtime.low_precision_decode`); the residuals,
+    losses and the test each step passes stay float32.
     """
 
-    def __init__(self, reverse: bool = False, tone: ToneMSE | None = None, reuse: int = 0):
+    def __init__(self, reverse: bool = False, tone: ToneMSE | None = None, reuse: int = 0, precision: str = "fp32"):
         if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 0:
             raise ValueError(f"reuse must be an integer >= 0, got {reuse!r}")
-        self.reverse, self.tone = reverse, tone
+        if precision not in POLISH_PRECISIONS:
+            raise ValueError(f"precision must be one of {POLISH_PRECISIONS}, got {precision!r}")
+        self.reverse, self.tone, self.precision = reverse, tone, precision
         # the tone-fitted residual's Jacobian holds each row's colour map fixed, while the reuse
         # steps' J^T r comes through the residual's graph, which differentiates the fit too: they
         # would not solve that Jacobian's equations, so they are for the plain residual only
@@ -50,7 +55,10 @@ class DenseLM:
 
     def __call__(self, generator, inputs, cond, target_raw, steps, leaving, report=None, clip=None) -> PolishResult:
         # one row at a time, under vmap: the chunks of rows are padded to one shape instead
-        decode = generator.base.decode_raw if isinstance(generator, FixedShapeCalls) else generator.decode_raw
+        plain = generator.base if isinstance(generator, FixedShapeCalls) else generator
+        # the Jacobians' generator: in self.precision (a cast twin or autocast; float32 where that
+        # fails its check); the residuals and losses below stay float32
+        decode = low_precision_decode(plain, self.precision)[0]
 
         def one(zrow, crow):
             c = None if crow is None else crow.unsqueeze(0)
