@@ -91,6 +91,8 @@ def _rebuild_mapping_start(profile: BelongingProfile, generator: GeneratorAdapte
                            mapping_steps=r["mapping_steps"], mapping_starts=r["mapping_starts"], seed=r["seed"],
                            # a recipe without it was made before the choice existed: Euclidean in w
                            solve_metric=r.get("solve_metric", "w"), w_space=r.get("w_space", "w"),
+                           # without it: the lowest error in the solve's metric
+                           solve_choice=r.get("solve_choice", "metric"),
                            # without them: the full search over w for every image
                            w_first_steps=r.get("w_first_steps", 0), w_first_done=r.get("w_first_done", W_FIRST_DONE),
                            w_full_within=r.get("w_full_within", math.inf),

@@ -130,6 +130,47 @@ def test_the_image_metric_solve_lands_closer_in_the_image_than_the_euclidean_one
     assert float(losses["image"].sum()) < 0.8 * float(losses["w"].sum()), (seed, losses)
 
 
+def test_solve_choice_loss_takes_the_draw_whose_image_is_closest():
+    # the same draws and steps either way (the same seeds): "loss" picks among the same rows, so
+    # its image is never farther than "metric"'s, and it is the closest of them
+    g = _style()
+    by_metric, by_loss = mapping_start(g), mapping_start(g, solve_choice="loss")
+    assert "solve_choice" not in by_metric.recipe and by_loss.recipe["solve_choice"] == "loss"
+    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = by_metric._map(g.sample_latents(4, gen))
+        w = w + 0.2 * w.std() * torch.randn(w.shape, generator=gen)
+        images = by_metric.w_generator.decode(w)
+    rows = {}
+    real = by_loss._levenberg_marquardt
+
+    def keep_rows(z, target, scale, metric=None):
+        out = real(z, target, scale, metric)
+        rows["z"] = out[0]
+        return out
+
+    by_loss._levenberg_marquardt = keep_rows
+    z_loss = by_loss.solve_z(w, images)
+    z_metric = by_metric.solve_z(w, images)
+    # the last image's draws, scored in one call as the solve scores them
+    assert torch.equal(z_loss[-1], rows["z"][int(torch.argmin(_mse(g, rows["z"], images[-1:])))]), seed
+    assert bool((_mse(g, z_loss, images) <= _mse(g, z_metric, images)).all()), seed
+    # the same choice alone as in the batch
+    assert torch.equal(by_loss.solve_z(w[1:2], images[1:2])[0], z_loss[1])
+    with pytest.raises(ValueError, match="solve_choice must be one of"):
+        mapping_start(g, solve_choice="image")
+    # a profile's recipe rebuilds the choice; one recorded before it existed rebuilds "metric"
+    from types import SimpleNamespace
+
+    from ronan_fast.profile_loading import _rebuild_mapping_start
+
+    assert by_loss.digest() != by_metric.digest()
+    for ms in (by_metric, mapping_start(g, solve_choice="loss")):
+        again = _rebuild_mapping_start(SimpleNamespace(warm_start={"recipe": ms.recipe, "sha256": ms.digest()}), g)
+        assert again.solve_choice == ms.solve_choice and again.digest() == ms.digest()
+
+
 def test_a_recipe_from_before_the_image_metric_rebuilds_the_euclidean_solve():
     from types import SimpleNamespace
 
