@@ -159,6 +159,23 @@ CANDIDATES.update({
     "mapped-wenc-first-within4-settle4-stops-wrecipe": {**_WENC_FIRST, "w_full_within": 4.0, "w_settle_above": 4.0,
                                                         "w_full_stops": True, "w_encoder_recipe": "w",
                                                         "against": "mapped-wenc-first-settle4-stops"},
+    # ... with the polish over w building its Jacobians (and the solve for z its image metric) in bf16
+    "mapped-wenc-first-settle4-stops-wrecipe-jbf16": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
+                                                      "w_encoder_recipe": "w", "w_polish_precision": "bf16",
+                                                      "against": "mapped-wenc-first-settle4-stops"},
+    # ... z* the solve's draw whose image is closest to the image (instead of the lowest error in its metric)
+    "mapped-wenc-first-settle4-stops-wrecipe-pick": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
+                                                     "w_encoder_recipe": "w", "solve_choice": "loss",
+                                                     "against": "mapped-wenc-first-settle4-stops"},
+    "mapped-wenc-first-settle4-stops-wrecipe-jbf16-pick": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
+                                                           "w_encoder_recipe": "w", "w_polish_precision": "bf16",
+                                                           "solve_choice": "loss",
+                                                           "against": "mapped-wenc-first-settle4-stops"},
+    # ... and the polish over z building its Jacobians in bf16 too
+    "mapped-wenc-first-settle4-stops-wrecipe-allbf16": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
+                                                        "w_encoder_recipe": "w", "w_polish_precision": "bf16",
+                                                        "polish_precision": "bf16",
+                                                        "against": "mapped-wenc-first-settle4-stops"},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -255,12 +272,14 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
 
         # without w_polish_reuse, none: the search over w as every candidate measured before it existed
         w_change = {"polish_reuse": 0}
-        w_change.update({k: spec.pop(f"w_{k}") for k in ("screen", "restarts", "polish_reuse") if f"w_{k}" in spec})
+        w_change.update({k: spec.pop(f"w_{k}") for k in ("screen", "restarts", "polish_reuse", "polish_precision")
+                         if f"w_{k}" in spec})
         kw = {"w_settings": W_SETTINGS.replace(**w_change)}
         # a candidate names the bound, the settling and the full search's stop it was measured with;
         # without them, none (as every candidate measured before MappingStart's defaults had them)
         kw.update(w_full_within=math.inf, w_settle_above=math.inf, w_full_stops=False)
-        for k in ("solve_metric", "w_space", "w_first_steps", "w_full_within", "w_settle_above", "w_full_stops"):
+        for k in ("solve_metric", "solve_choice", "w_space", "w_first_steps", "w_full_within", "w_settle_above",
+                  "w_full_stops"):
             if k in spec:
                 kw[k] = spec.pop(k)
         # the encoder of w's recipe: ENCODER_RECIPE, as every candidate measured before
