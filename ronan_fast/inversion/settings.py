@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["InversionSettings", "SCHEDULES", "PRECISIONS", "POLISH_PRECISIONS", "TYPICAL_SET", "POLISH_METHODS",
-           "THRESHOLD_FIELDS",
-           "LATER_FIELDS"]
+           "THRESHOLD_FIELDS", "LATER_FIELDS"]
 
 SCHEDULES = ("constant", "cosine", "warm_restarts")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
