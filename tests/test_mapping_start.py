@@ -107,17 +107,23 @@ def test_the_image_metric_is_the_synthesis_jacobians_gram_matrix(monkeypatch, bl
     assert ms._image_metric(torch.full_like(w[0], float("nan"))) is None  # Cholesky refuses it: Euclidean
 
 
+def _off_range(ms, n: int, noise: float):
+    """A fresh seed, ``n`` rows of ``w`` a little off what ``mapping`` makes (``noise`` times
+    their spread; as the search over ``w`` ends), and the images ``synthesis`` makes of them."""
+    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = ms._map(ms.generator.sample_latents(n, gen))
+        w = w + noise * w.std() * torch.randn(w.shape, generator=gen)
+        return seed, w, ms.w_generator.decode(w)
+
+
 def test_the_image_metric_solve_lands_closer_in_the_image_than_the_euclidean_one():
     # a w* a little off what mapping reaches (as the search over w ends): the z whose w is closest
     # is not the one whose image is closest
     g = _style()
     ms_img, ms_w = mapping_start(g), mapping_start(g, solve_metric="w")
-    seed = int.from_bytes(__import__("os").urandom(4), "little")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        w = ms_img._map(g.sample_latents(6, gen))
-        w = w + 0.05 * w.std() * torch.randn(w.shape, generator=gen)
-        target = ms_img.w_generator.decode(w)
+    seed, w, target = _off_range(ms_img, 6, 0.05)
     losses = {}
     for name, ms in (("image", ms_img), ("w", ms_w)):
         out = []
@@ -136,12 +142,7 @@ def test_solve_choice_loss_takes_the_draw_whose_image_is_closest():
     g = _style()
     by_metric, by_loss = mapping_start(g), mapping_start(g, solve_choice="loss")
     assert "solve_choice" not in by_metric.recipe and by_loss.recipe["solve_choice"] == "loss"
-    seed = int.from_bytes(__import__("os").urandom(4), "little")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        w = by_metric._map(g.sample_latents(4, gen))
-        w = w + 0.2 * w.std() * torch.randn(w.shape, generator=gen)
-        images = by_metric.w_generator.decode(w)
+    seed, w, images = _off_range(by_metric, 4, 0.2)
     rows = {}
     real = by_loss._levenberg_marquardt
 
