@@ -171,6 +171,12 @@ CANDIDATES.update({
                                                            "w_encoder_recipe": "w", "w_polish_precision": "bf16",
                                                            "solve_choice": "loss",
                                                            "against": "mapped-wenc-first-settle4-stops"},
+    # ... and 48 starts in the full search over w (--w-set restarts=48)
+    "mapped-wenc-first-settle4-stops-wrecipe-jbf16-pick-w48": {**_WENC_FIRST, "w_settle_above": 4.0,
+                                                               "w_full_stops": True, "w_encoder_recipe": "w",
+                                                               "w_polish_precision": "bf16", "solve_choice": "loss",
+                                                               "w_restarts": 48,
+                                                               "against": "mapped-wenc-first-settle4-stops"},
     # ... and the polish over z building its Jacobians in bf16 too
     "mapped-wenc-first-settle4-stops-wrecipe-allbf16": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
                                                         "w_encoder_recipe": "w", "w_polish_precision": "bf16",
