@@ -95,6 +95,11 @@ CANDIDATES: dict[str, dict] = {
 _WENC_FIRST = {"settings": "default", "warm": "mapping", "w_space": "whitened", "w_encoder": True, "restarts": 4,
                "screen": 8, "steps": 300, "halving_every": 50}
 
+#: "mapped-wenc-first-settle4-stops" with W_ENCODER_RECIPE's encoder of w: the base of the
+#: "-wrecipe" candidates, whose break-even is measured against the encoder they replace
+_WRECIPE = {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True, "w_encoder_recipe": "w",
+            "against": "mapped-wenc-first-settle4-stops"}
+
 CANDIDATES.update({
     # a StyleGAN-style generator's first start found through its mapping network
     # (ronan_fast.mapping_start: synthesis inverted over w, then mapping(z) = w solved), then the
@@ -153,35 +158,21 @@ CANDIDATES.update({
     "mapped-wenc-first-settle4-reuse8": {**_WENC_FIRST, "w_settle_above": 4.0, "w_polish_reuse": 8},
     # ... with the encoder of w trained longer on more samples, wider (W_ENCODER_RECIPE instead of
     # ENCODER_RECIPE): its training cost against the search over w it saves, per image
-    "mapped-wenc-first-settle4-stops-wrecipe": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
-                                                "w_encoder_recipe": "w", "against": "mapped-wenc-first-settle4-stops"},
+    "mapped-wenc-first-settle4-stops-wrecipe": _WRECIPE,
     # ... and the full search over w only for images the first search leaves within 4x of their threshold
-    "mapped-wenc-first-within4-settle4-stops-wrecipe": {**_WENC_FIRST, "w_full_within": 4.0, "w_settle_above": 4.0,
-                                                        "w_full_stops": True, "w_encoder_recipe": "w",
-                                                        "against": "mapped-wenc-first-settle4-stops"},
+    "mapped-wenc-first-within4-settle4-stops-wrecipe": {**_WRECIPE, "w_full_within": 4.0},
     # ... with the polish over w building its Jacobians (and the solve for z its image metric) in bf16
-    "mapped-wenc-first-settle4-stops-wrecipe-jbf16": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
-                                                      "w_encoder_recipe": "w", "w_polish_precision": "bf16",
-                                                      "against": "mapped-wenc-first-settle4-stops"},
+    "mapped-wenc-first-settle4-stops-wrecipe-jbf16": {**_WRECIPE, "w_polish_precision": "bf16"},
     # ... z* the solve's draw whose image is closest to the image (instead of the lowest error in its metric)
-    "mapped-wenc-first-settle4-stops-wrecipe-pick": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
-                                                     "w_encoder_recipe": "w", "solve_choice": "loss",
-                                                     "against": "mapped-wenc-first-settle4-stops"},
-    "mapped-wenc-first-settle4-stops-wrecipe-jbf16-pick": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
-                                                           "w_encoder_recipe": "w", "w_polish_precision": "bf16",
-                                                           "solve_choice": "loss",
-                                                           "against": "mapped-wenc-first-settle4-stops"},
+    "mapped-wenc-first-settle4-stops-wrecipe-pick": {**_WRECIPE, "solve_choice": "loss"},
+    "mapped-wenc-first-settle4-stops-wrecipe-jbf16-pick": {**_WRECIPE, "w_polish_precision": "bf16",
+                                                           "solve_choice": "loss"},
     # ... and 48 starts in the full search over w (--w-set restarts=48)
-    "mapped-wenc-first-settle4-stops-wrecipe-jbf16-pick-w48": {**_WENC_FIRST, "w_settle_above": 4.0,
-                                                               "w_full_stops": True, "w_encoder_recipe": "w",
-                                                               "w_polish_precision": "bf16", "solve_choice": "loss",
-                                                               "w_restarts": 48,
-                                                               "against": "mapped-wenc-first-settle4-stops"},
+    "mapped-wenc-first-settle4-stops-wrecipe-jbf16-pick-w48": {**_WRECIPE, "w_polish_precision": "bf16",
+                                                               "solve_choice": "loss", "w_restarts": 48},
     # ... and the polish over z building its Jacobians in bf16 too
-    "mapped-wenc-first-settle4-stops-wrecipe-allbf16": {**_WENC_FIRST, "w_settle_above": 4.0, "w_full_stops": True,
-                                                        "w_encoder_recipe": "w", "w_polish_precision": "bf16",
-                                                        "polish_precision": "bf16",
-                                                        "against": "mapped-wenc-first-settle4-stops"},
+    "mapped-wenc-first-settle4-stops-wrecipe-allbf16": {**_WRECIPE, "w_polish_precision": "bf16",
+                                                        "polish_precision": "bf16"},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
