@@ -1,10 +1,11 @@
 """The dense polish's Jacobians in bf16 (``InversionSettings.polish_precision``).
 
 The low-precision twin of a generator is checked against a float64 reference on fresh random
-inputs (its output to about 1e-2 relative, its Jacobian to bf16's rounding of a saturating tanh), falls back to float32 where the
-twin's output is not finite, and leaves the adapter's own module as it was. Inverting with it
-reports float32 losses of the inputs it returns, reaches the model's own images as the float32
-polish does, and gives an image the same bits alone or in a batch.
+inputs (its output to about 1e-2 relative, its Jacobian to bf16's rounding of a saturating
+tanh), falls back to float32 where the twin's output is not finite, and leaves the adapter's own
+module as it was. Inverting with it reports float32 losses of the inputs it returns, reaches the
+model's own images as the float32 polish does, and gives an image the same bits alone or in a
+batch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ ONE_THREAD = True
 
 
 def _net(seed: int = 0, nz: int = 8) -> nn.Module:
+    """test_inversion.small_dcgan with LeakyReLU: bf16 rounding moves a pre-activation across
+    ReLU's kink, which switches that unit's part of the Jacobian on or off, so that the Jacobian
+    bound below would measure where the kinks fall rather than the twin's arithmetic. Built under
+    its own seed without touching the global one."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = nn.Sequential(
