@@ -834,3 +834,48 @@ def test_cli_profile_w_settle_above_is_recorded_and_inspect_follows_it(tmp_path,
     assert main(["profile", *model, "-n", "4", "--warm-start", "encoder", "--w-settle-above", "4", "-q",
                  "-o", "q.json"]) == 2
     assert "--w-settle-above goes with --warm-start mapping" in capsys.readouterr().err
+
+
+def test_cli_profile_solve_choice_is_recorded_and_inspect_rebuilds_it(tmp_path, monkeypatch, capsys):
+    """--solve-choice loss goes in the mapping start's recipe and inspect's rebuilt start has it;
+    without the flag the recipe says nothing (the metric's draw); the flag without --warm-start
+    mapping, or an unknown choice, is refused."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import ronan_fast.mapping_start as ms_module
+    from ronan_fast.cli import main
+    from ronan_fast.imageio import save_image
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    monkeypatch.chdir(tmp_path)
+    model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+    args = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "--warm-start",
+            "mapping", "--solve-choice", "loss", "-q", "-o", "p.json"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["warm_start"]["recipe"]["solve_choice"] == "loss"
+    monkeypatch.delitem(sys.modules, "tiny_models", raising=False)  # put back after the test
+    import tiny_models
+
+    built = []
+    real_build = ms_module.mapping_start
+
+    def spy(*a, **kw):
+        built.append(real_build(*a, **kw))
+        return built[-1]
+
+    monkeypatch.setattr(ms_module, "mapping_start", spy)
+    g = LatentGenerator(tiny_models.style_generator(), 16)
+    save_image(_own(g, 1)[0], tmp_path / "own.png")
+    assert main(["inspect", "own.png", "--profile", "p.json", *model[:4], "-q", "-o", "r.jsonl"]) == 0
+    assert [b.solve_choice for b in built] == ["loss"]
+    monkeypatch.setattr(ms_module, "mapping_start", real_build)
+    assert main([*args[:-5], "-q", "-o", "q.json"]) == 0  # without the flag
+    assert "solve_choice" not in json.loads((tmp_path / "q.json").read_text())["warm_start"]["recipe"]
+    capsys.readouterr()
+    assert main([*args[:-4], "nearest", "-q", "-o", "q.json"]) == 2
+    assert "--solve-choice: invalid choice: 'nearest'" in capsys.readouterr().err
+    assert main(["profile", *model, "-n", "4", "--warm-start", "encoder", "--solve-choice", "loss", "-q",
+                 "-o", "q.json"]) == 2
+    assert "--solve-choice goes with --warm-start mapping" in capsys.readouterr().err

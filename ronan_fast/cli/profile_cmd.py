@@ -108,6 +108,11 @@ def add_parser(sub, fmt) -> None:
                         "w ends above X times its threshold is settled above it there, without the search over z "
                         "(its loss is that of its start's guess, and its report says so) (default: 4); inf: every "
                         "image is searched over z; recorded in the profile, which inspect follows")
+    p.add_argument("--solve-choice", choices=("metric", "loss"), default=None,
+                   help="with --warm-start mapping: which of the solve's draws of z is the start over z: the one "
+                        "with the lowest error in the solve's metric (metric, the default) or the one whose image "
+                        "is closest to the image (loss: one generator call over the draws); recorded in the "
+                        "profile, which inspect follows")
     p.add_argument("--encoder-samples", type=positive_int, default=None, metavar="N",
                    help="with --warm-start encoder or --w-encoder: the model's samples the encoder learns from "
                         "(default: 8192; with --w-encoder 32768)")
@@ -158,6 +163,7 @@ def run(args) -> int:
     for flag, given in (("--w-encoder", args.w_encoder), ("--w-set", args.w_set_fields),
                         ("--w-space", args.w_space), ("--w-first-steps", args.w_first_steps is not None),
                         ("--w-settle-above", args.w_settle_above is not None),
+                        ("--solve-choice", args.solve_choice is not None),
                         ("--w-full-to-end", args.w_full_to_end),
                         ("--w-full-within", args.w_full_within is not None)):
         if given and kind != "mapping":
@@ -191,6 +197,8 @@ def run(args) -> int:
                 kw[key] = value
         if args.w_settle_above is not None:
             kw["w_settle_above"] = args.w_settle_above
+        if args.solve_choice is not None:
+            kw["solve_choice"] = args.solve_choice
         try:
             encoder = build(model.to(device) if device is not None else model, **kw)
         except (TypeError, ValueError) as e:
@@ -236,6 +244,7 @@ def _warm_start(model, args, out: Path, device, train_fn=None, what: str = "a wa
     (on rank 0 under torchrun) and saved there. ``--encoder-samples``/``--encoder-steps`` replace
     the recipe's (8192 and 1000 without one); with ``base_recipe``, its image steps keep their
     share of the steps."""
+
     from ronan_fast.warmstart import EncoderError, EncoderMismatchError, encoder_path, load_encoder, train_encoder
 
     train_fn = train_fn or (lambda **recipe: train_encoder(model, **recipe))
