@@ -242,8 +242,9 @@ def _warm_start(model, args, out: Path, device, train_fn=None, what: str = "a wa
     network over ``w``, ``train_fn`` trains for it and ``base_recipe`` is its recipe): the one
     beside the profile when it was trained for this model with this recipe, else one trained now
     (on rank 0 under torchrun) and saved there. ``--encoder-samples``/``--encoder-steps`` replace
-    the recipe's (8192 and 1000 without one); with ``base_recipe``, its image steps keep their
-    share of the steps."""
+    the recipe's (:func:`~ronan_fast.warmstart.train_encoder`'s defaults without one); with
+    ``base_recipe``, its image steps keep their share of the steps."""
+    import inspect
 
     from ronan_fast.warmstart import EncoderError, EncoderMismatchError, encoder_path, load_encoder, train_encoder
 
@@ -253,9 +254,12 @@ def _warm_start(model, args, out: Path, device, train_fn=None, what: str = "a wa
     if device is not None:
         model.to(device)
     base = base_recipe or {}
-    recipe = dict(base)
-    recipe["samples"] = args.encoder_samples if args.encoder_samples is not None else base.get("samples", 8192)
-    recipe["steps"] = args.encoder_steps if args.encoder_steps is not None else base.get("steps", 1000)
+    defaults = inspect.signature(train_encoder).parameters
+    recipe = {"samples": defaults["samples"].default, "steps": defaults["steps"].default, **base}
+    if args.encoder_samples is not None:
+        recipe["samples"] = args.encoder_samples
+    if args.encoder_steps is not None:
+        recipe["steps"] = args.encoder_steps
     if "image_steps" in base and recipe["steps"] != base["steps"]:
         recipe["image_steps"] = recipe["steps"] * base["image_steps"] // base["steps"]
 
