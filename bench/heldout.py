@@ -286,7 +286,7 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
             return WarmStarted(adapter, mapping_start(adapter, **kw)), {
                 "encoder": "through the mapping network (none trained)", "train_s": 0.0, "samples": 0}
         start = mapping_start(adapter, **kw)
-        enc = _cached_encoder(f"{name}.w", start.w_generator, encoders, enc_dir,
+        enc = cached_encoder(f"{name}.w", start.w_generator, encoders, enc_dir,
                               lambda: train_w_encoder(start, **recipe), recipe)
         return WarmStarted(adapter, start.with_w_encoder(enc)), dict(enc.cost, encoder="of w, through the mapping network")
     if warm != "encoder":
@@ -298,11 +298,11 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
         return warmstart.WarmStarted(adapter, autoencoder_start(adapter)), {
             "encoder": "the autoencoder's own (posterior mean)", "train_s": 0.0, "samples": 0}
 
-    enc = _cached_encoder(name, adapter, encoders, enc_dir, lambda: warmstart.train_encoder(adapter, **ENCODER_RECIPE))
+    enc = cached_encoder(name, adapter, encoders, enc_dir, lambda: warmstart.train_encoder(adapter, **ENCODER_RECIPE))
     return warmstart.WarmStarted(adapter, enc), dict(enc.cost)
 
 
-def _cached_encoder(name: str, adapter, encoders: dict, enc_dir: Path | None, train, recipe: dict | None = None):
+def cached_encoder(name: str, adapter, encoders: dict, enc_dir: Path | None, train, recipe: dict | None = None):
     """The encoder of ``recipe`` (default ``ENCODER_RECIPE``) for ``adapter``: from this run,
     from ``enc_dir`` (its recipe checked; another recipe's file is named by its digest), or
     ``train()``ed (and saved there)."""

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bench.heldout import ENCODER_RECIPE, _cached_encoder, authors_run, own_images, real_images, round8
+from bench.heldout import ENCODER_RECIPE, authors_run, cached_encoder, own_images, real_images, round8
 from bench.machine import machine
 from ronan_fast.evaluation.store import write_text
 
@@ -75,7 +75,7 @@ def run_candidate(adapter, name: str, spec: dict, own: torch.Tensor, enc_dir: Pa
     settings = W_SETTINGS.replace(**{"polish_reuse": 0, **spec})  # no chord steps unless named, as first measured
     start = mapping_start(adapter, w_settings=settings, w_space=w_space)
     if use_encoder:
-        enc = _cached_encoder(f"{name}.w", start.w_generator, encoders, enc_dir,
+        enc = cached_encoder(f"{name}.w", start.w_generator, encoders, enc_dir,
                               lambda: train_w_encoder(start, **ENCODER_RECIPE))
         start = start.with_w_encoder(enc)
     t = time.perf_counter()
