@@ -631,19 +631,27 @@ def test_a_profile_with_a_w_encoder_loads_it_from_beside_the_profile(tmp_path):
     assert torch.equal(again.attribute(x).loss, att.attribute(x).loss)
 
 
-def test_cli_profile_warm_start_mapping_and_inspect_rebuild_it(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def style_cli(tmp_path, monkeypatch) -> list[str]:
+    """The command line's model options for tests/tiny_models.py's StyleGAN (importable from
+    tests/), with ``tmp_path`` the working folder."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    monkeypatch.chdir(tmp_path)
+    return ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+
+
+def test_cli_profile_warm_start_mapping_and_inspect_rebuild_it(style_cli, tmp_path, monkeypatch, capsys):
     """profile --warm-start mapping records the start in the profile (no file beside it);
     inspect rebuilds it from the model; a model without a mapping network is refused by name."""
     import json
     import sys
-    from pathlib import Path
 
     from ronan_fast.cli import main
     from ronan_fast.imageio import save_image
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-    monkeypatch.chdir(tmp_path)
-    model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+    model = style_cli
     args = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0",
             "--warm-start", "mapping", "-q", "-o", "p.json"]
     assert main(args) == 0
@@ -688,20 +696,17 @@ def test_a_bare_warm_start_means_mapping_for_a_stylegan_and_an_encoder_otherwise
     assert not (tmp_path / "p.encoder.safetensors").exists()
 
 
-def test_cli_profile_w_encoder_trains_it_beside_the_profile_and_inspect_loads_it(tmp_path, monkeypatch, capsys):
+def test_cli_profile_w_encoder_trains_it_beside_the_profile_and_inspect_loads_it(style_cli, tmp_path, monkeypatch, capsys):
     """--warm-start mapping --w-encoder trains an encoder of w (PROFILE.encoder.safetensors),
     reuses it on a second run, and inspect finds it; --w-encoder without the mapping start is refused."""
     import json
     import sys
-    from pathlib import Path
 
     from ronan_fast.cli import main
     from ronan_fast.imageio import save_image
     from ronan_fast.warmstart import load_encoder
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-    monkeypatch.chdir(tmp_path)
-    model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+    model = style_cli
     args = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "--warm-start",
             "mapping", "--w-encoder", "--encoder-samples", "64", "--encoder-steps", "5", "-o", "p.json"]
     assert main(args) == 0
@@ -761,21 +766,18 @@ def test_cli_profile_w_encoder_trains_it_beside_the_profile_and_inspect_loads_it
     assert "--w-full-to-end goes with --w-encoder" in capsys.readouterr().err
 
 
-def test_cli_profile_w_set_changes_the_search_over_w_and_inspect_follows_it(tmp_path, monkeypatch, capsys):
+def test_cli_profile_w_set_changes_the_search_over_w_and_inspect_follows_it(style_cli, tmp_path, monkeypatch, capsys):
     """--w-set FIELD=VALUE overrides W_SETTINGS' fields for the mapping start and --w-space its
     coordinates; the profile records them and inspect rebuilds the same start; bad pairs, and
     --w-set or --w-space without the mapping start, are refused with the option named."""
     import json
     import sys
-    from pathlib import Path
 
     from ronan_fast.cli import main
     from ronan_fast.imageio import save_image
     from ronan_fast.mapping_start import W_SETTINGS
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-    monkeypatch.chdir(tmp_path)
-    model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+    model = style_cli
     base = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "-q"]
     assert main([*base, "--warm-start", "mapping", "--w-set", "restarts=3", "--w-set", "steps=40", "--w-space", "w",
                  "-o", "p.json"]) == 0
@@ -801,19 +803,16 @@ def test_cli_profile_w_set_changes_the_search_over_w_and_inspect_follows_it(tmp_
     assert not (tmp_path / "q.json").exists()
 
 
-def test_cli_profile_w_settle_above_is_recorded_and_inspect_follows_it(tmp_path, monkeypatch, capsys):
+def test_cli_profile_w_settle_above_is_recorded_and_inspect_follows_it(style_cli, tmp_path, monkeypatch, capsys):
     """--w-settle-above X goes in the mapping start's recipe (inspect rebuilds it); a value under 1,
     or the flag without --warm-start mapping, is refused by name."""
     import json
     import sys
-    from pathlib import Path
 
     from ronan_fast.cli import main
     from ronan_fast.imageio import save_image
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-    monkeypatch.chdir(tmp_path)
-    model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+    model = style_cli
     args = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "--warm-start",
             "mapping", "--w-settle-above", "4", "-q", "-o", "p.json"]
     assert main(args) == 0
@@ -836,21 +835,18 @@ def test_cli_profile_w_settle_above_is_recorded_and_inspect_follows_it(tmp_path,
     assert "--w-settle-above goes with --warm-start mapping" in capsys.readouterr().err
 
 
-def test_cli_profile_solve_choice_is_recorded_and_inspect_rebuilds_it(tmp_path, monkeypatch, capsys):
+def test_cli_profile_solve_choice_is_recorded_and_inspect_rebuilds_it(style_cli, tmp_path, monkeypatch, capsys):
     """--solve-choice loss goes in the mapping start's recipe and inspect's rebuilt start has it;
     without the flag the recipe says nothing (the metric's draw); the flag without --warm-start
     mapping, or an unknown choice, is refused."""
     import json
     import sys
-    from pathlib import Path
 
     import ronan_fast.mapping_start as ms_module
     from ronan_fast.cli import main
     from ronan_fast.imageio import save_image
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-    monkeypatch.chdir(tmp_path)
-    model = ["--model", "tiny_models:style_generator", "--latent-shape", "16", "--reference", "none"]
+    model = style_cli
     args = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "--warm-start",
             "mapping", "--solve-choice", "loss", "-q", "-o", "p.json"]
     assert main(args) == 0
