@@ -466,9 +466,10 @@ def render(raw: dict) -> str:
         lines += ["## Encoders", "",
                   "Training cost of each warm start's encoder (samples generated and the encoder trained on one "
                   "thread, wall clock), and the images after which it has paid for itself: its training time over "
-                  "the time the candidate saves per image against the candidate it adds to, where that ran too "
-                  "(`default`; `mapped` for an encoder of `w`; the mean of the own and real images' seconds per "
-                  "image; \"never\" where it saves none, \"none\" where it converges fewer own images).", "",
+                  "the time the candidate saves per image against the candidate it adds to (the `against` "
+                  "column: `default`, `mapped` for an encoder of `w`, or the one the candidate names), where that "
+                  "ran too (the mean of the own and real images' seconds per image; \"never\" where it saves "
+                  "none, \"none\" where it converges fewer own images).", "",
                   "| generator | candidate | encoder | samples | training s (wall) | against | s/img saved "
                   "| break-even images |", "|---|---|---|---|---|---|---|---|"]
         for rec, cname, r in enc:
