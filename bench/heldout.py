@@ -173,6 +173,10 @@ CANDIDATES.update({
     # ... and the polish over z building its Jacobians in bf16 too
     "mapped-wenc-first-settle4-stops-wrecipe-allbf16": {**_WRECIPE, "w_polish_precision": "bf16",
                                                         "polish_precision": "bf16"},
+    # ... with a row of the polishes over w let go once its loss, above 4x its stop, fell by less than
+    # 20% over 3 Jacobians instead of 6 (--w-set settle_patience=3): what real images, which level off at
+    # once, save of the two searches' polishes, and whether an own image is let go too soon
+    "mapped-wenc-first-settle4-stops-wrecipe-sp3": {**_WRECIPE, "w_settle_patience": 3},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -269,8 +273,8 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
 
         # without w_polish_reuse, none: the search over w as every candidate measured before it existed
         w_change = {"polish_reuse": 0}
-        w_change.update({k: spec.pop(f"w_{k}") for k in ("screen", "restarts", "polish_reuse", "polish_precision")
-                         if f"w_{k}" in spec})
+        w_change.update({k: spec.pop(f"w_{k}") for k in ("screen", "restarts", "polish_reuse", "polish_precision",
+                                                         "settle_patience") if f"w_{k}" in spec})
         kw = {"w_settings": W_SETTINGS.replace(**w_change)}
         # a candidate names the bound, the settling and the full search's stop it was measured with;
         # without them, none (as every candidate measured before MappingStart's defaults had them)
