@@ -555,7 +555,8 @@ class MappingStart(ModelDerivedStart):
         for k in range(images.shape[0]):
             g = torch.Generator(device="cpu").manual_seed(image_seed(images[k], self.seed + 1))
             # the image only where it chooses the draw
-            out.append(self._solve_for(w[k], g) if self.solve_choice == "metric" else self._solve_for(w[k], g, images[k]))
+            out.append(self._solve_for(w[k], g) if self.solve_choice == "metric"
+                       else self._solve_for(w[k], g, images[k]))
         return torch.stack(out)
 
     def _solve_for(self, w_target: Tensor, g: torch.Generator, image: Tensor | None = None) -> Tensor:
@@ -574,8 +575,8 @@ class MappingStart(ModelDerivedStart):
         Jacobian of ``synthesis``'s raw output at ``w`` (forward mode, in the search over ``w``'s
         ``polish_precision``, in blocks of columns of at most :data:`METRIC_CHUNK_ELEMENTS`
         elements; a block's ``J^T J_B`` by vector-Jacobian products where ``J`` does not fit
-        whole), the ridge :data:`IMAGE_METRIC_RIDGE` times its mean diagonal. None where Cholesky refuses it (a Jacobian with NaN): the solve stays
-        Euclidean."""
+        whole), the ridge :data:`IMAGE_METRIC_RIDGE` times its mean diagonal. None where Cholesky
+        refuses it (a Jacobian with NaN): the solve stays Euclidean."""
         from torch.func import jvp, vmap
 
         from ronan_fast.inversion.runtime import forward_ad_attention, low_precision_decode
