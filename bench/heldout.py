@@ -177,6 +177,10 @@ CANDIDATES.update({
     # 20% over 3 Jacobians instead of 6 (--w-set settle_patience=3): what real images, which level off at
     # once, save of the two searches' polishes, and whether an own image is let go too soon
     "mapped-wenc-first-settle4-stops-wrecipe-sp3": {**_WRECIPE, "w_settle_patience": 3},
+    # ... with the first search over w settling an image once under 0.1x (-fd10) or 0.25x (-fd25) its
+    # threshold instead of 0.05x: the polish's last Jacobians against what the solve for z then adds
+    "mapped-wenc-first-settle4-stops-wrecipe-fd10": {**_WRECIPE, "w_first_done": 0.1},
+    "mapped-wenc-first-settle4-stops-wrecipe-fd25": {**_WRECIPE, "w_first_done": 0.25},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -279,8 +283,8 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
         # a candidate names the bound, the settling and the full search's stop it was measured with;
         # without them, none (as every candidate measured before MappingStart's defaults had them)
         kw.update(w_full_within=math.inf, w_settle_above=math.inf, w_full_stops=False)
-        for k in ("solve_metric", "solve_choice", "w_space", "w_first_steps", "w_full_within", "w_settle_above",
-                  "w_full_stops"):
+        for k in ("solve_metric", "solve_choice", "w_space", "w_first_steps", "w_first_done", "w_full_within",
+                  "w_settle_above", "w_full_stops"):
             if k in spec:
                 kw[k] = spec.pop(k)
         # the encoder of w's recipe: ENCODER_RECIPE, as every candidate measured before
