@@ -80,7 +80,9 @@ W_SETTINGS = FAMILY_DEFAULTS["gan"].replace(steps=300)
 #: above go on to the full search (and keep the lower of the two). 0: the full search for every
 #: image. Chosen on the tuning half's StyleGAN (stylegan64-opencv; docs/inversion.md)
 W_FIRST_STEPS = 50
-#: the fraction of an image's threshold under which the first, one-start search settles its ``w``
+#: the fraction of an image's threshold under which the first, one-start search settles its ``w``.
+#: 0.1 and 0.25 measured against it on the tuning half's StyleGAN (100 own images): own images
+#: faster, the mean with real images not, the worst own image nearer its threshold (docs/performance.md)
 W_FIRST_DONE = 0.05
 #: given each image's threshold, an image whose search over ``w`` ends above this many times it is
 #: settled above it by that search: no search over ``z`` follows (``MappingStart.guess_and_settled``).
