@@ -243,7 +243,8 @@ class MappingStart(ModelDerivedStart):
         w_full_within: with the first search, only the images it leaves under this many times
             their threshold go on to the full search (the others are far from it: their verdict
             stands on the first search's ``w``); ``math.inf`` (default): every image it leaves
-            above :attr:`w_first_done` of it.
+            above :attr:`w_first_done` of it; equal to ``w_first_done``: none (the first search
+            alone, what the full search adds measured against it).
         w_full_stops: with the first search, the full search that follows it is given each
             image's stop too (:attr:`w_first_done` times its threshold, where usable): an image
             stops once under it, and the polish lets go of rows levelled off far above it (the
@@ -289,8 +290,8 @@ class MappingStart(ModelDerivedStart):
         if isinstance(w_first_done, bool) or not isinstance(w_first_done, (int, float)) or not 0 < w_first_done <= 1:
             raise ValueError(f"w_first_done must be a float in (0, 1], got {w_first_done!r}")
         if isinstance(w_full_within, bool) or not isinstance(w_full_within, (int, float)) \
-                or not w_full_within > w_first_done:
-            raise ValueError(f"w_full_within must be a number above w_first_done ({w_first_done}) or math.inf, "
+                or not w_full_within >= w_first_done:
+            raise ValueError(f"w_full_within must be a number at least w_first_done ({w_first_done}) or math.inf, "
                              f"got {w_full_within!r}")
         if isinstance(w_settle_above, bool) or not isinstance(w_settle_above, (int, float)) \
                 or not w_settle_above >= 1:

@@ -311,6 +311,11 @@ def test_a_first_search_from_the_encoders_guess_settles_images_and_leaves_the_re
     sb = first_only.loss / 2  # every image left within 4x of its threshold: the full search, as without the bound
     assert torch.equal(near.search_w(x, stop_below=sb).loss, ms.search_w(x, stop_below=sb).loss)
     assert (near.search_w(x, stop_below=sb).row_steps > 50).all()
+    # w_full_within == w_first_done: the first search alone, however near an image is left
+    alone = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_encoder=enc, w_full_within=ms.w_first_done)
+    assert torch.equal(alone.search_w(x, stop_below=1e-30).loss, first_only.loss)
+    assert torch.equal(alone.search_w(x, stop_below=sb).loss, first_only.loss)
+    assert (alone.search_w(x, stop_below=sb).row_steps <= 50).all()
     # without a first search (w_first_steps=0) or an encoder, a threshold changes nothing
     off = mapping_start(g, w_settings=FAST_W, mapping_steps=30, w_encoder=enc, w_first_steps=0)
     assert torch.equal(off.search_w(x, stop_below=1e3).loss, full.loss) and "w_first_steps" not in off.recipe
@@ -327,7 +332,7 @@ def test_a_first_search_from_the_encoders_guess_settles_images_and_leaves_the_re
         with pytest.raises(ValueError, match=r"w_first_done must be a float in \(0, 1\]"):
             mapping_start(g, w_first_done=bad)
     for bad in (0.01, float("nan"), "4"):
-        with pytest.raises(ValueError, match="w_full_within must be a number above w_first_done"):
+        with pytest.raises(ValueError, match="w_full_within must be a number at least w_first_done"):
             mapping_start(g, w_full_within=bad)
 
 
