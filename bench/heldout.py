@@ -58,6 +58,7 @@ from bench.convergence import settings_for
 from bench.machine import machine
 from ronan_fast.evaluation.store import write_text
 from ronan_fast.inversion import invert
+from ronan_fast.mapping_start import W_FIRST_DONE
 
 #: candidates of this benchmark: bench.convergence's, and those with a learned warm start
 #: ("warm": "encoder"), screened starts (``screen``) or other escalation settings
@@ -181,9 +182,9 @@ CANDIDATES.update({
     # threshold instead of 0.05x: the polish's last Jacobians against what the solve for z then adds
     "mapped-wenc-first-settle4-stops-wrecipe-fd10": {**_WRECIPE, "w_first_done": 0.1},
     "mapped-wenc-first-settle4-stops-wrecipe-fd25": {**_WRECIPE, "w_first_done": 0.25},
-    # ... with no full search over w (w_full_within = W_FIRST_DONE, 0.05): the first search alone. Against
+    # ... with no full search over w (w_full_within = w_first_done): the first search alone. Against
     # the default in the same run, what the full search (the StyleGAN's escalation) costs and rescues
-    "mapped-wenc-first-settle4-stops-wrecipe-nofull": {**_WRECIPE, "w_full_within": 0.05},
+    "mapped-wenc-first-settle4-stops-wrecipe-nofull": {**_WRECIPE, "w_full_within": W_FIRST_DONE},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
