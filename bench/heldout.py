@@ -31,6 +31,10 @@ there), and its training cost is reported apart. For a latent-diffusion decoder 
 encoder is the warm start (``LatentDiffusionDecoder(init="encoder")``). Candidates with
 ``"warm": "mapping"`` start a StyleGAN-style generator's images through its mapping network
 (:mod:`ronan_fast.mapping_start`; nothing trained, its cost inside the time to the verdict).
+Candidates with ``"channels_last": True`` invert a copy of the generator in channels-last memory
+format (:func:`ronan_fast.channels_last`); ``--authors-channels-last`` also runs the authors'
+loop on such a copy (after the rest, on the same images) and adds a table of each candidate's
+ratio against both loops.
 
 Usage::
 
@@ -59,6 +63,7 @@ from bench.machine import machine
 from ronan_fast.evaluation.store import write_text
 from ronan_fast.inversion import invert
 from ronan_fast.mapping_start import W_FIRST_DONE
+from ronan_fast.weight_transforms import channels_last
 
 #: candidates of this benchmark: bench.convergence's, and those with a learned warm start
 #: ("warm": "encoder"), screened starts (``screen``) or other escalation settings
@@ -185,6 +190,10 @@ CANDIDATES.update({
     # ... with no full search over w (w_full_within = w_first_done): the first search alone. Against
     # the default in the same run, what the full search (the StyleGAN's escalation) costs and rescues
     "mapped-wenc-first-settle4-stops-wrecipe-nofull": {**_WRECIPE, "w_full_within": W_FIRST_DONE},
+    # ... inverting a copy of the generator with its 4-D weights in channels-last memory format
+    # (ronan_fast.channels_last: the same function and fingerprint, NHWC convolutions); with
+    # --authors-channels-last the authors' loop runs on such a copy too, for the like-for-like ratio
+    "mapped-wenc-first-settle4-stops-wrecipe-cl": {**_WRECIPE, "channels_last": True},
 })
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
@@ -376,10 +385,11 @@ def run_generator(name: str, a, names: list[str], done: dict, save) -> None:
         if cname in rec["candidates"]:
             continue
         spec = dict(CANDIDATES[cname])
-        inv_adapter, enc_cost = candidate_adapter(name, adapter, spec, encoders, a.encoders)
+        gen = channels_last(adapter, copy=True) if spec.pop("channels_last", False) else adapter
+        inv_adapter, enc_cost = candidate_adapter(name, gen, spec, encoders, a.encoders)
         spec.pop("warm", None)
         spec.pop("against", None)
-        s = settings_for(adapter, spec)
+        s = settings_for(gen, spec)
         print(f"[{name}] {cname}: {s}", file=sys.stderr, flush=True)
         res_r, wr, cr = _timed(lambda: invert(inv_adapter, real, settings=s, seed=a.seed + 1, stop_below=line))
         res_o, wo, co = _timed(lambda: invert(inv_adapter, own, settings=s, seed=a.seed, stop_below=line))
@@ -400,13 +410,23 @@ def run_generator(name: str, a, names: list[str], done: dict, save) -> None:
         print(f"[{name}] authors' loop on {a.authors_own} own images", file=sys.stderr, flush=True)
         rec["authors_own"] = authors_run(adapter, own[: a.authors_own], a.seed, a.authors_steps)
         save()
+    if a.authors_channels_last and "authors_cl" not in rec:
+        print(f"[{name}] authors' loop on a channels-last copy: {a.n_real} real, {a.authors_own} own images",
+              file=sys.stderr, flush=True)
+        cl = channels_last(adapter, copy=True)
+        rec["authors_cl"] = {"real": authors_run(cl, real, a.seed, a.authors_steps),
+                             "own": authors_run(cl, own[: a.authors_own], a.seed, a.authors_steps)}
+        save()
 
 
-def ratios(rec: dict, r: dict, a_n: int, a_real: int) -> dict:
-    """Authors' seconds per image over the candidate's (own, real, their mean), wall and CPU."""
+def ratios(rec: dict, r: dict, a_n: int, a_real: int, channels_last: bool = False) -> dict:
+    """Authors' seconds per image over the candidate's (own, real, their mean), wall and CPU;
+    ``channels_last``: the authors' loop on the channels-last copy (``--authors-channels-last``)."""
     out = {}
+    runs = (rec["authors_cl"]["real"], rec["authors_cl"]["own"]) if channels_last else (
+        rec["authors_real"], rec.get("authors_own", {}))
     for clock in ("wall", "cpu"):
-        auth = rec["authors_real"][clock] + rec.get("authors_own", {}).get(clock, [])
+        auth = runs[0][clock] + runs[1].get(clock, [])
         per = sum(auth) / len(auth)
         own, real = r[f"own_{clock}"] / a_n, r[f"real_{clock}"] / a_real
         out[clock] = {"authors": per, "own": per / own, "real": per / real, "mean": per / ((own + real) / 2),
@@ -472,6 +492,7 @@ def render(raw: dict) -> str:
             lines.append(f"| {rec['generator']} | {rec['real_source']} | {own_txt} "
                          f"| {statistics.median(ar):.2e}, {min(ar):.2e} |")
         lines.append("")
+        lines += _channels_last_table(recs)
     enc = [(rec, cname, r) for rec in raw["results"].values() for cname, r in rec["candidates"].items()
            if r.get("encoder") and _trains_encoder(cname)]  # not trained: no row
     if enc:
@@ -504,6 +525,32 @@ def render(raw: dict) -> str:
     return "\n".join(head + lines)
 
 
+def _channels_last_table(recs: list[dict]) -> list[str]:
+    """Where the authors' loop also ran on a channels-last copy: its time per image beside the
+    model as given, and each candidate's mean ratio against both (wall clock, CPU in brackets)."""
+    recs = [rec for rec in recs if "authors_cl" in rec]
+    if not recs:
+        return []
+    lines = ["The authors' loop on the model as given and on a channels-last copy (`--authors-channels-last`: "
+             "its 4-D weights in NHWC memory format, the same function; the same real and own images, after "
+             "the candidates): seconds per image, and each candidate's **x authors mean** against each "
+             "(a `-cl` candidate inverts a channels-last copy itself).", "",
+             "| generator | candidate | authors s/img, as given | authors s/img, channels-last "
+             "| authors' loop on the copy: own converged | x authors mean, as given "
+             "| x authors mean, channels-last |", "|" + "---|" * 7]
+    for rec in recs:
+        ao = rec["authors_cl"]["own"]["losses"]
+        own_txt = f"{sum(v < rec['line'] for v in ao)}/{len(ao)}" if ao else "not run"
+        for cname, r in rec["candidates"].items():
+            n, n_real = r["own_n"], len(r["real_losses"])
+            given, cl = ratios(rec, r, n, n_real), ratios(rec, r, n, n_real, channels_last=True)
+            lines.append(f"| {rec['generator']} | {cname} | {given['wall']['authors']:.2f} "
+                         f"| {cl['wall']['authors']:.2f} | {own_txt} "
+                         f"| {given['wall']['mean']:.2f} ({given['cpu']['mean']:.2f}) "
+                         f"| **{cl['wall']['mean']:.2f}** ({cl['cpu']['mean']:.2f}) |")
+    return lines + [""]
+
+
 #: arguments a resumed run must share with the run it continues
 _SAME = ("n", "n_real", "seed", "authors_own", "authors_steps")
 
@@ -518,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--authors-own", type=int, default=8, help="own images the authors' loop also inverts (after the candidates)")
     p.add_argument("--authors-steps", type=int, default=1500, help="the authors' loop's steps (1500, the paper's; "
                    "fewer only to try the benchmark out: its ratios and line then mean nothing)")
+    p.add_argument("--authors-channels-last", action="store_true",
+                   help="also run the authors' loop on a channels-last copy of each generator (after the candidates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--encoders", type=Path, default=None, help="folder to keep and reuse trained encoders in")

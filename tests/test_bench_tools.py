@@ -397,3 +397,63 @@ def test_wsearch_traces_each_candidates_two_steps_and_resumes(tmp_path, monkeypa
         wsearch.main(["--generator", "style-tiny", "--out", str(tmp_path / "y.md")])
     assert "has no mapping network" in capsys.readouterr().err
     assert not (tmp_path / "x.md").exists() and not (tmp_path / "y.md").exists()
+
+
+def test_heldout_runs_a_channels_last_candidate_and_the_authors_loop_on_a_copy(tmp_path, monkeypatch, capsys):
+    # bench.heldout end to end on a tiny StyleGAN-style generator: a "channels_last" candidate
+    # inverts a channels-last copy (the generator given stays as it was), --authors-channels-last
+    # runs the authors' loop on such a copy too, and the table's second ratio is against it
+    from bench import heldout
+
+    import ronan_fast.mapping_start as ms_mod
+    import ronan_fast.zoo as zoo
+
+    g = _tiny_style()
+
+    def nhwc(adapter) -> bool:
+        # (a 1x1 kernel's weight is both at once)
+        convs = [p for p in adapter.module.parameters() if p.dim() == 4]
+        return all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) and \
+            any(not p.is_contiguous() for p in convs)
+
+    monkeypatch.setattr(zoo, "zoo_adapter", lambda name, device="cpu": g)
+    monkeypatch.setitem(zoo.ZOO, "style-tiny", zoo.ZOO["stylegan64-opencv"])
+    monkeypatch.setattr(zoo, "benchmark_models", lambda split=None: ["style-tiny"])
+    monkeypatch.setattr(heldout, "real_images", lambda name, n: torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
+    monkeypatch.setattr(ms_mod, "MAPPING_STEPS", 40)
+    monkeypatch.setattr(ms_mod, "W_SETTINGS", ms_mod.W_SETTINGS.replace(steps=30, restarts=4, halving_every=10,
+                                                                         polish_steps=3))
+    small = {"settings": "default", "warm": "mapping", "w_space": "w", "restarts": 2, "screen": 2, "steps": 20,
+             "halving_every": 10}
+    monkeypatch.setitem(heldout.CANDIDATES, "m", small)
+    monkeypatch.setitem(heldout.CANDIDATES, "m-cl", {**small, "channels_last": True})
+    authors_on, inverted_on = [], []
+    real_authors, real_invert = heldout.authors_run, heldout.invert
+    monkeypatch.setattr(heldout, "authors_run", lambda adapter, *a, **k: authors_on.append(nhwc(adapter))
+                        or real_authors(adapter, *a, **k))
+    monkeypatch.setattr(heldout, "invert", lambda adapter, *a, **k: inverted_on.append(nhwc(adapter.base))
+                        or real_invert(adapter, *a, **k))
+    out = tmp_path / "h.md"
+    assert heldout.main(["--suite", "tuning", "--n", "3", "--n-real", "2", "--authors-own", "1", "--authors-steps",
+                         "5", "--candidates", "m,m-cl", "--authors-channels-last", "--out", str(out)]) == 0
+    capsys.readouterr()
+    # real then own images per candidate; the authors' loop: real, own, then both on the copy
+    assert inverted_on == [False, False, True, True]
+    assert authors_on == [False, False, True, True]
+    assert not nhwc(g)
+    rec = json.loads(out.with_suffix(".json").read_text())["results"]["style-tiny"]
+    assert len(rec["authors_cl"]["real"]["losses"]) == 2 and len(rec["authors_cl"]["own"]["losses"]) == 1
+    # the same function: the copy's losses are the as-given run's up to rounding
+    assert rec["authors_cl"]["real"]["losses"] == pytest.approx(rec["authors_real"]["losses"], rel=1e-3)
+    text = out.read_text()
+    assert heldout.render(json.loads(out.with_suffix(".json").read_text())) == text
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| style-tiny |") and "channels-last" not in line
+            and len(line.strip("|").split("|")) == 7}
+    assert set(rows) == {"m", "m-cl"}
+    for cname, cells in rows.items():
+        r = rec["candidates"][cname]
+        per = (r["own_wall"] / 3 + r["real_wall"] / 2) / 2
+        cl_auth = (sum(rec["authors_cl"]["real"]["wall"]) + sum(rec["authors_cl"]["own"]["wall"])) / 3
+        assert float(cells[3]) == pytest.approx(cl_auth, abs=0.006)
+        assert float(cells[6].split()[0].strip("*")) == pytest.approx(cl_auth / per, rel=0.01, abs=0.006)
