@@ -90,6 +90,9 @@ CANDIDATES: dict[str, dict] = {
     # only once float32 confirms it, and the polish and scores stay float32)
     "warm-lean-bf16": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
                        "halving_every": 50, "precision": "bf16"},
+    # ... inverting a channels-last copy of the generator (ronan_fast.channels_last)
+    "warm-lean-cl": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
+                     "halving_every": 50, "channels_last": True},
     # ... with the GAN family's polish, for the families without one
     "warm-lean-p25": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
                       "halving_every": 50, "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
