@@ -919,3 +919,46 @@ def test_cli_profile_solve_choice_is_recorded_and_inspect_rebuilds_it(style_cli,
     assert main(["profile", *model, "-n", "4", "--warm-start", "encoder", "--solve-choice", "loss", "-q",
                  "-o", "q.json"]) == 2
     assert "--solve-choice goes with --warm-start mapping" in capsys.readouterr().err
+
+
+def test_cli_channels_last_reaches_the_mapping_starts_search(style_cli, tmp_path, monkeypatch, capsys):
+    """--channels-last with --warm-start mapping: the start is built on the converted model, so
+    its search over w runs NHWC convolutions; the profile it writes serves inspect with or
+    without the flag (the same function and fingerprint), with the same verdict."""
+    import sys
+
+    import ronan_fast.mapping_start as ms_module
+    from ronan_fast.cli import main
+    from ronan_fast.imageio import save_image
+    from ronan_fast.reports.files import read_report
+
+    built = []
+    real_build = ms_module.mapping_start
+
+    def spy(*a, **kw):
+        built.append(real_build(*a, **kw))
+        return built[-1]
+
+    def nhwc(start) -> bool:  # every 4-D weight NHWC, and not all of them 1x1 (which are both at once)
+        convs = [p for p in start.generator.module.parameters() if p.dim() == 4]
+        return all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) and \
+            any(not p.is_contiguous() for p in convs)
+
+    monkeypatch.setattr(ms_module, "mapping_start", spy)
+    model = style_cli
+    args = ["profile", *model, "-n", "4", "--steps", "20", "--restarts", "2", "--retries", "0", "--warm-start",
+            "mapping", "--channels-last", "-q", "-o", "p.json"]
+    assert main(args) == 0
+    assert [nhwc(b) for b in built] == [True]
+    monkeypatch.delitem(sys.modules, "tiny_models", raising=False)  # put back after the test
+    import tiny_models
+
+    g = LatentGenerator(tiny_models.style_generator(), 16)
+    save_image(_own(g, 1)[0], tmp_path / "own.png")
+    records = {}
+    for flag in ([], ["--channels-last"]):
+        assert main(["inspect", "own.png", "--profile", "p.json", *model[:4], *flag, "-q", "-o", "r.jsonl"]) == 0
+        records[bool(flag)] = read_report(tmp_path / "r.jsonl")[1][0]
+    assert [nhwc(b) for b in built[1:]] == [False, True]
+    assert records[True]["verdict"] == records[False]["verdict"]
+    assert records[True]["loss"] == pytest.approx(records[False]["loss"], rel=1e-2, abs=1e-6)
