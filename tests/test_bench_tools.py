@@ -403,6 +403,8 @@ def test_heldout_runs_a_channels_last_candidate_and_the_authors_loop_on_a_copy(t
     # bench.heldout end to end on a tiny StyleGAN-style generator: a "channels_last" candidate
     # inverts a channels-last copy (the generator given stays as it was), --authors-channels-last
     # runs the authors' loop on such a copy too, and the table's second ratio is against it
+    from tiny_models import in_channels_last
+
     from bench import heldout
 
     import ronan_fast.mapping_start as ms_mod
@@ -411,10 +413,7 @@ def test_heldout_runs_a_channels_last_candidate_and_the_authors_loop_on_a_copy(t
     g = _tiny_style()
 
     def nhwc(adapter) -> bool:
-        # (a 1x1 kernel's weight is both at once)
-        convs = [p for p in adapter.module.parameters() if p.dim() == 4]
-        return all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) and \
-            any(not p.is_contiguous() for p in convs)
+        return in_channels_last(adapter.module)
 
     monkeypatch.setattr(zoo, "zoo_adapter", lambda name, device="cpu": g)
     monkeypatch.setitem(zoo.ZOO, "style-tiny", zoo.ZOO["stylegan64-opencv"])

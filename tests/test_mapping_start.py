@@ -939,10 +939,10 @@ def test_cli_channels_last_reaches_the_mapping_starts_search(style_cli, tmp_path
         built.append(real_build(*a, **kw))
         return built[-1]
 
-    def nhwc(start) -> bool:  # every 4-D weight NHWC, and not all of them 1x1 (which are both at once)
-        convs = [p for p in start.generator.module.parameters() if p.dim() == 4]
-        return all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) and \
-            any(not p.is_contiguous() for p in convs)
+    def nhwc(start) -> bool:
+        from tiny_models import in_channels_last
+
+        return in_channels_last(start.generator.module)
 
     monkeypatch.setattr(ms_module, "mapping_start", spy)
     model = style_cli

@@ -1,4 +1,5 @@
-"""Tiny random generators for the tests, importable as ``tiny_models:factory`` (tests/ on sys.path)."""
+"""Tiny random generators for the tests, importable as ``tiny_models:factory`` (tests/ on sys.path),
+and :func:`in_channels_last`, what ``ronan_fast.channels_last`` leaves them in."""
 
 from __future__ import annotations
 
@@ -68,3 +69,12 @@ def not_a_model():
 
 def broken():
     raise RuntimeError("factory failed on purpose")
+
+
+def in_channels_last(module: nn.Module) -> bool:
+    """Whether every 4-D parameter of ``module`` is channels-last (NHWC) contiguous and not all of
+    them also plain contiguous (a 1x1 kernel's weight is both at once): what
+    ``ronan_fast.channels_last`` leaves a generator in, not a plain one."""
+    convs = [p for p in module.parameters() if p.dim() == 4]
+    return all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) and \
+        any(not p.is_contiguous() for p in convs)
