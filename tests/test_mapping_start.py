@@ -111,14 +111,15 @@ def _clear_of_the_kinks(monkeypatch, ms, n: int) -> tuple[int, torch.Tensor]:
     syn = ms.w_generator.module
     for _ in range(50):
         seed = int.from_bytes(os.urandom(4), "little")
-        with torch.no_grad():
+        with torch.no_grad():  # (mapping's layers use _lrelu too: watched only in synthesis)
             w = ms._map(ms.generator.sample_latents(n, torch.Generator().manual_seed(seed)))
         nearest.clear()
         monkeypatch.setattr(sg, "_lrelu", watch)
+        syn.double()
         try:
             with torch.no_grad():
-                for k in range(n):
-                    syn.double()(w[k : k + 1].double())
+                for k in range(n):  # a row at a time: each layer's largest pre-activation is that row's
+                    syn(w[k : k + 1].double())
         finally:
             syn.float()
             monkeypatch.setattr(sg, "_lrelu", real)
