@@ -325,12 +325,9 @@ def test_a_held_out_encoder_row_says_when_its_baseline_did_not_run():
 
 
 def _tiny_style():
-    from ronan_fast.models.stylegan import StyleGenerator
+    from tiny_models import style_generator
 
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        module = StyleGenerator(nz=16, w_dim=8, n_mlp=2, base=16, min_ch=8, channels=1, size=16)
-    return LatentGenerator(module, (16,), output_range=(-1, 1), name="style-tiny")
+    return LatentGenerator(style_generator(), (16,), output_range=(-1, 1), name="style-tiny")
 
 
 def test_wsearch_traces_each_candidates_two_steps_and_resumes(tmp_path, monkeypatch, capsys):
