@@ -359,6 +359,14 @@ class WarmStarted(DelegatingAdapter):
         self.encoder.to(device)
         return self
 
+    @property
+    def guess_searches(self) -> bool:
+        """Whether the encoder's guess is itself a search given each image's threshold
+        (``takes_threshold``: :class:`~ronan_fast.mapping_start.MappingStart`, which has its own
+        first search over ``w``): :attr:`~ronan_fast.inversion.InversionSettings.first_steps`
+        does not apply then (it would guess every image twice)."""
+        return bool(getattr(self.encoder, "takes_threshold", False))
+
     @contextlib.contextmanager
     def guesses_for(self, images: Tensor, stop_below: Tensor | None = None):
         """Within it, :meth:`initial_latents` takes the guess of each of ``images`` from here, in

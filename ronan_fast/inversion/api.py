@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from ronan_fast import ops
@@ -14,7 +16,7 @@ from ronan_fast.inversion.calls import check_call_rows
 from ronan_fast.inversion.presets import resolve_settings
 from ronan_fast.inversion.problem import Loss, check_images
 from ronan_fast.inversion.result import InversionResult
-from ronan_fast.inversion.settings import InversionSettings
+from ronan_fast.inversion.settings import FIRST_SETTLE_PATIENCE, InversionSettings
 from ronan_fast.inversion.stagewise import invert_stagewise
 
 __all__ = ["invert"]
@@ -102,9 +104,64 @@ def invert(
     images = check_images(generator, images).to(generator.device)
     chain = generator.stage_chain() if s.stagewise else None
     run = invert_batched if chain is None else functools.partial(invert_stagewise, chain=chain)
+    if chain is None and s.first_steps and stop_below is not None and getattr(generator, "guided_starts", False) \
+            and not getattr(generator, "guess_searches", False):
+        return _first_search_then_full(generator, images, s, loss, seed=seed, conditions=conditions,
+                                       stop_below=stop_below, max_rows=max_rows, impl=impl, cuda_graph=cuda_graph,
+                                       progress=progress, compile_generator=compile_generator, call_rows=call_rows)
     return run(generator, images, s, loss, seed=seed, conditions=conditions, stop_below=stop_below, max_rows=max_rows,
                impl=impl, cuda_graph=cuda_graph, progress=progress, compile_generator=compile_generator,
                call_rows=call_rows)
+
+
+def _first_search_then_full(generator: GeneratorAdapter, images: Tensor, s: InversionSettings, loss: Loss, *,
+                            stop_below: Tensor | float, conditions: Tensor | None,
+                            progress: Callable[[int], None] | None, **kw) -> InversionResult:
+    """``s.first_steps``' first search from each image's guess alone, then the full search (``s``)
+    for the images it leaves at or above their threshold; each keeps the lower of its losses
+    (:attr:`InversionSettings.first_steps`). Each image's result depends on it alone, as the
+    searches' do."""
+    b = images.shape[0]
+    sb = torch.as_tensor(stop_below, dtype=torch.float32, device=images.device).expand(b).contiguous()
+    full = s.replace(first_steps=0)
+    # the first search lets a row levelled off far above its threshold go sooner: it costs the
+    # image the full search, not its verdict
+    patience = min(s.settle_patience, FIRST_SETTLE_PATIENCE)
+    first = invert_batched(generator, images, full.replace(restarts=1, screen=0, steps=s.first_steps, halving_every=0,
+                                                           polish_candidates=1, settle_patience=patience),
+                           loss, stop_below=sb, conditions=conditions, progress=None, **kw)
+    ended = first.loss.detach().cpu()
+    # NaN compares False: an image whose first search broke goes on
+    go_on = ~(ended < sb.cpu())
+    if first.settled is not None:
+        go_on &= ~first.settled.cpu()
+    rest = go_on.nonzero().squeeze(1)
+    done = b - rest.numel()
+    if progress is not None and done:
+        progress(done)
+    if rest.numel() == 0:
+        return dataclasses.replace(first, settings=s)
+    cond = None if conditions is None else torch.as_tensor(conditions)[rest.to(torch.as_tensor(conditions).device)]
+    second = invert_batched(generator, images[rest.to(images.device)], full, loss, stop_below=sb[rest.to(sb.device)],
+                            conditions=cond, progress=None if progress is None else (lambda f: progress(done + f)),
+                            **kw)
+    out = {k: getattr(first, k).clone() for k in ("loss", "inputs", "reconstruction", "row_steps")}
+    if first.conditions is not None:
+        out["conditions"] = first.conditions.clone()
+    before = first.loss[rest.to(first.loss.device)]
+    lower = (second.loss < before) | (torch.isnan(before) & ~torch.isnan(second.loss))
+    for k, merged in out.items():
+        at, new = rest.to(merged.device), getattr(second, k).to(merged.device)
+        if k == "row_steps":  # both searches' cost
+            merged[at] += new
+        else:
+            keep = lower.to(merged.device)
+            merged[at[keep]] = new[keep]
+    settled = first.settled
+    if settled is not None and second.settled is not None:
+        settled = settled.clone()
+        settled[rest.to(settled.device)] = second.settled.to(settled.device)
+    return dataclasses.replace(first, **out, settings=s, settled=settled)
 
 
 def _check_flags(generator: GeneratorAdapter, seed, cuda_graph, compile_generator) -> None:
