@@ -69,12 +69,14 @@ from ronan_fast.weight_transforms import channels_last
 #: ("warm": "encoder"), screened starts (``screen``) or other escalation settings
 CANDIDATES: dict[str, dict] = {
     **CONVERGENCE_CANDIDATES,
-    # the package default with the first start of each image at a learned encoder's guess
-    "warm": {"settings": "default", "warm": "encoder"},
+    # the package default with the first start of each image at a learned encoder's guess (every
+    # learned-start candidate below, measured before the first search from the guess alone was a
+    # default, is pinned to first_steps=0 unless it names it)
+    "warm": {"settings": "default", "warm": "encoder", "first_steps": 0},
     # the package default, each start the best of 8 candidates by one forward pass
     "screen8": {"settings": "default", "screen": 8},
     # both
-    "warm-screen8": {"settings": "default", "warm": "encoder", "screen": 8},
+    "warm-screen8": {"settings": "default", "warm": "encoder", "screen": 8, "first_steps": 0},
     # the package default without escalation (no second polished start for an image left within 4x of
     # its threshold): what escalation costs and what it rescues
     "noesc": {"settings": "default", "polish_escalate": 0},
@@ -85,18 +87,23 @@ CANDIDATES: dict[str, dict] = {
     # a lean search behind the encoder: 4 starts (its guess and the 3 best of 24 screened draws),
     # 300 Adam steps halved every 50, then the family's polish
     "warm-lean": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
-                  "halving_every": 50},
+                  "halving_every": 50, "first_steps": 0},
     # ... with the generator's Adam steps in bfloat16 (autocast; a row stops under its threshold
     # only once float32 confirms it, and the polish and scores stay float32)
     "warm-lean-bf16": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
-                       "halving_every": 50, "precision": "bf16"},
+                       "halving_every": 50, "precision": "bf16", "first_steps": 0},
     # ... inverting a channels-last copy of the generator (ronan_fast.channels_last)
     "warm-lean-cl": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
-                     "halving_every": 50, "channels_last": True},
+                     "halving_every": 50, "channels_last": True, "first_steps": 0},
+    # ... with a first search from the encoder's guess alone (InversionSettings.first_steps: one
+    # start, 50 Adam steps, the polish; only the images it leaves above their threshold get the
+    # full search): what it saves the model's own images against what real images pay for it
+    "warm-lean-first50": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
+                          "halving_every": 50, "first_steps": 50},
     # ... with the GAN family's polish, for the families without one
     "warm-lean-p25": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
                       "halving_every": 50, "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
-                      "polish_escalate": 2},
+                      "polish_escalate": 2, "first_steps": 0},
 }
 
 #: the mapping start with the encoder of w and the search over w in whitened coordinates, then
