@@ -155,3 +155,26 @@ def test_no_first_search_without_a_threshold_a_guess_or_where_the_guess_searches
         assert torch.equal(with_first.loss, without.loss)
         assert torch.equal(with_first.row_steps, without.row_steps)
     assert W.WarmStarted(g, _SearchingGuess(enc)).guess_searches and not warm.guess_searches
+
+
+def test_rest_steps_shortens_the_full_search_of_the_images_the_first_leaves(trained, one_thread):
+    g, enc = trained
+    warm = W.WarmStarted(g, enc)
+    x = _images(g)
+    s = FULL.replace(steps=20, halving_every=10, rest_steps=8, check_every=2)
+    got = invert(warm, x, settings=s, seed=5, stop_below=THRESHOLD)
+    first = invert(warm, x, settings=_first_alone(s).replace(rest_steps=0), seed=5, stop_below=THRESHOLD)
+    rest = (first.loss >= THRESHOLD).nonzero().squeeze(1)
+    assert rest.numel() > 0
+    # 8 steps, halved every 10 * 8 / 20 = 4
+    short = invert(warm, x[rest], settings=s.replace(first_steps=0, rest_steps=0, steps=8, halving_every=4), seed=5,
+                   stop_below=THRESHOLD)
+    assert torch.equal(got.loss[rest], torch.minimum(first.loss[rest], short.loss))
+    assert torch.equal(got.row_steps[rest], first.row_steps[rest] + short.row_steps)
+    # without a first search it changes nothing
+    plain = s.replace(first_steps=0)
+    assert torch.equal(invert(warm, x, settings=plain, seed=5, stop_below=THRESHOLD).loss,
+                       invert(warm, x, settings=plain.replace(rest_steps=0), seed=5, stop_below=THRESHOLD).loss)
+    assert "rest_steps" in THRESHOLD_FIELDS and LATER_FIELDS["rest_steps"] == 0
+    with pytest.raises(ValueError, match="rest_steps"):
+        InversionSettings().replace(rest_steps=-3)

@@ -117,13 +117,14 @@ def invert(
 def _first_search_then_full(generator: GeneratorAdapter, images: Tensor, s: InversionSettings, loss: Loss, *,
                             stop_below: Tensor | float, conditions: Tensor | None,
                             progress: Callable[[int], None] | None, **kw) -> InversionResult:
-    """``s.first_steps``' first search from each image's guess alone, then the full search (``s``)
-    for the images it leaves at or above their threshold; each keeps the lower of its losses
+    """``s.first_steps``' first search from each image's guess alone, then the full search (``s``,
+    ``s.rest_steps`` long where set) for the images it leaves at or above their threshold; each
+    keeps the lower of its losses
     (:attr:`InversionSettings.first_steps`). Each image's result depends on it alone, as the
     searches' do."""
     b = images.shape[0]
     sb = torch.as_tensor(stop_below, dtype=torch.float32, device=images.device).expand(b).contiguous()
-    full = s.replace(first_steps=0)
+    full = s.replace(first_steps=0, rest_steps=0)
     # the first search lets a row levelled off far above its threshold go sooner: it costs the
     # image the full search, not its verdict
     patience = min(s.settle_patience, FIRST_SETTLE_PATIENCE)
@@ -142,6 +143,9 @@ def _first_search_then_full(generator: GeneratorAdapter, images: Tensor, s: Inve
     if rest.numel() == 0:
         return dataclasses.replace(first, settings=s)
     cond = None if conditions is None else torch.as_tensor(conditions)[rest.to(torch.as_tensor(conditions).device)]
+    if s.rest_steps:
+        halving = 0 if not s.halving_every else max(1, round(s.halving_every * s.rest_steps / s.steps))
+        full = full.replace(steps=s.rest_steps, halving_every=halving)
     second = invert_batched(generator, images[rest.to(images.device)], full, loss, stop_below=sb[rest.to(sb.device)],
                             conditions=cond, progress=None if progress is None else (lambda f: progress(done + f)),
                             **kw)

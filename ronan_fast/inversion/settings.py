@@ -29,7 +29,7 @@ LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patienc
                 "polish_gmres_iters": 0, "polish_reuse": 0, "polish_precision": "fp32", "polish_candidates": 1,
                 "stagewise": False, "polish_escalate": 0,
                 "escalate_within": 4.0, "settle_patience": 0, "settle_min_drop": 0.2, "settle_above": 4.0,
-                "screen": 0, "clip_aware": False, "first_steps": 0}
+                "screen": 0, "clip_aware": False, "first_steps": 0, "rest_steps": 0}
 #: the settle rule's patience in the first search from a guess alone (``first_steps``), where it is
 #: shorter than ``settle_patience``: a row let go there costs its image the full search, not its
 #: verdict. Chosen on the tuning half's DCGANs (32 and 48 own, 4 real images each): against the
@@ -38,7 +38,7 @@ LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patienc
 FIRST_SETTLE_PATIENCE = 3
 #: the settings that act only when a belonging threshold is given (``invert(stop_below=...)``)
 THRESHOLD_FIELDS = ("polish_escalate", "escalate_within", "settle_patience", "settle_min_drop", "settle_above",
-                    "first_steps")
+                    "first_steps", "rest_steps")
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,12 @@ class InversionSettings:
     #: start's own first search over ``w``), nor for step-by-step (stagewise) inversions.
     #: Without a threshold: ignored
     first_steps: int = 0
+    #: > 0, with ``first_steps``: the Adam steps of the full search for the images the first
+    #: search leaves above their threshold (the rest), its halving interval shortened in
+    #: proportion (``halving_every * rest_steps / steps``, at least 1); 0: ``steps``. Those images
+    #: are real ones or own images whose guess missed, and only the latter need the search.
+    #: Without a first search, and without a threshold: ignored
+    rest_steps: int = 0
     #: for a multi-step sampler that exposes its steps (``adapter.stage_chain()``, e.g. the zoo's
     #: DDIM sampler): invert its last step as a one-step generator with these settings, then
     #: solve each earlier step for its input by Gauss-Newton (:mod:`ronan_fast.inversion.stagewise`); the
@@ -178,7 +184,7 @@ class InversionSettings:
         _positive_int("check_every", self.check_every)
         _positive_int("min_rows", self.min_rows)
         for name in ("warmup", "halving_every", "patience", "polish_steps", "polish_patience", "polish_gmres_iters",
-                     "polish_reuse", "polish_escalate", "settle_patience", "screen", "first_steps"):
+                     "polish_reuse", "polish_escalate", "settle_patience", "screen", "first_steps", "rest_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
