@@ -100,6 +100,11 @@ CANDIDATES: dict[str, dict] = {
     # full search): what it saves the model's own images against what real images pay for it
     "warm-lean-first50": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
                           "halving_every": 50, "first_steps": 50},
+    # ... and the full search for the images the first search leaves above their threshold 150
+    # steps long, halved every 25 (InversionSettings.rest_steps): real images and the own images
+    # the guess missed; what real images save against whether the misses are still rescued
+    "warm-lean-first50-rest150": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8,
+                                  "steps": 300, "halving_every": 50, "first_steps": 50, "rest_steps": 150},
     # ... with the GAN family's polish, for the families without one
     "warm-lean-p25": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
                       "halving_every": 50, "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
