@@ -100,6 +100,9 @@ CANDIDATES: dict[str, dict] = {
     # full search): what it saves the model's own images against what real images pay for it
     "warm-lean-first50": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
                           "halving_every": 50, "first_steps": 50},
+    # ... inverting a channels-last copy of the generator
+    "warm-lean-first50-cl": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
+                             "halving_every": 50, "first_steps": 50, "channels_last": True},
     # ... and the full search for the images the first search leaves above their threshold 150
     # steps long, halved every 25 (InversionSettings.rest_steps): real images and the own images
     # the guess missed; what real images save against whether the misses are still rescued
