@@ -178,3 +178,26 @@ def test_rest_steps_shortens_the_full_search_of_the_images_the_first_leaves(trai
     assert "rest_steps" in THRESHOLD_FIELDS and LATER_FIELDS["rest_steps"] == 0
     with pytest.raises(ValueError, match="rest_steps"):
         InversionSettings().replace(rest_steps=-3)
+
+
+def test_a_class_conditional_model_keeps_each_images_winning_class(one_thread):
+    """Class unknown: the first search has a guess in each class block; an image's reported
+    class is the one of the search whose loss it keeps."""
+    from ronan_fast.adapters import ConditionalGenerator
+    from test_warmstart import TinyConditional
+
+    g = ConditionalGenerator(TinyConditional(seed=0), (4,), num_classes=3, name="tinycond")
+    enc = W.train_encoder(g, samples=256, steps=100, batch=32, lr=1e-2, width=4, hidden=16, image_steps=5, seed=1)
+    warm = W.WarmStarted(g, enc)
+    x = torch.cat([(g.generate(4, torch.Generator().manual_seed(3)).images * 255).round() / 255,
+                   torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))])
+    got = invert(warm, x, settings=FULL, seed=5, stop_below=THRESHOLD)
+    first = invert(warm, x, settings=_first_alone(FULL), seed=5, stop_below=THRESHOLD)
+    settled = first.loss < THRESHOLD
+    rest = (~settled).nonzero().squeeze(1)
+    assert 0 < rest.numel() < x.shape[0] and got.conditions is not None
+    assert torch.equal(got.conditions[settled], first.conditions[settled])
+    full = invert(warm, x[rest], settings=FULL.replace(first_steps=0), seed=5, stop_below=THRESHOLD)
+    lower = full.loss < first.loss[rest]
+    assert torch.equal(got.conditions[rest], torch.where(lower, full.conditions, first.conditions[rest]))
+    assert torch.equal(got.loss[rest], torch.minimum(first.loss[rest], full.loss))

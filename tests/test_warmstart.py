@@ -335,7 +335,8 @@ def test_a_warm_start_brings_its_familys_lean_default(trained):
     assert Attributor(g, None, warm_start=enc, settings="authors").settings == PRESETS["authors"]
     assert Attributor(g, None, warm_start=enc, steps=50).settings == WARM_DEFAULTS["gan"].replace(steps=50)
     assert WARM_DEFAULTS["gan"].restarts == 4 and WARM_DEFAULTS["gan"].screen == 8
-    assert WARM_DEFAULTS["gan"].first_steps == 50 and WARM_DEFAULTS["vae"].first_steps == 0
+    assert WARM_DEFAULTS["gan"].first_steps == 50 and WARM_DEFAULTS["conditional"].first_steps == 50
+    assert WARM_DEFAULTS["vae"].first_steps == 0
     assert resolve_settings(W.WarmStarted(g, enc), None) == WARM_DEFAULTS["gan"]
     one_step = W.WarmStarted(g, enc)
     one_step.base.family = "consistency"

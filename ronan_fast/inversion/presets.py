@@ -113,20 +113,23 @@ FAMILY_DEFAULTS["conditional"] = FALLBACK_DEFAULT.replace(
 #: Families not listed keep their default (docs/performance.md#held-out-generators has the
 #: held-out half).
 #:
-#: GANs first search each image from its guess alone (``first_steps=50``: one start, 50 Adam
+#: GANs (and class-conditional GANs) first search each image from its guess alone (``first_steps=50``: one start, 50 Adam
 #: steps, the polish), the full search only for the images it leaves above their threshold: on
 #: the tuning half's two DCGANs (100 own and 4 real images each, to the verdict;
 #: bench/results/heldout_tuning_first50_n100.md) every own image converged either way, own images
 #: 2.4x and 3.8x faster, real images 13% and 16% slower (they pay both searches), 5.5x and 6.7x
 #: shorter time to the verdict than the authors' loop against 4.2x and 5.4x. On the VAE decoder it
 #: made no difference to the mean (8.66x against 8.62x: own images 3x faster, real ones 16%
-#: slower), so the vae default stays without it; the class-conditional GAN was not measured.
+#: slower), so the vae default stays without it. The class-conditional GAN has it too (100 own
+#: and 4 real images; bench/results/heldout_tuning_cond_first50_n100.md): own images 2.8x faster,
+#: real ones 24% slower, 14.0x the authors' loop against 10.8x, the same 99 of 100 converged.
 #: A StyleGAN started through its mapping network has a first search of its own (over ``w``):
 #: there ``first_steps`` does not act (``WarmStarted.guess_searches``)
 WARM_DEFAULTS: dict[str, InversionSettings] = {
     "gan": FAMILY_DEFAULTS["gan"].replace(restarts=4, screen=8, steps=300, halving_every=50, first_steps=50),
     "vae": FALLBACK_DEFAULT.replace(restarts=4, screen=8, steps=300, halving_every=50),
-    "conditional": FAMILY_DEFAULTS["conditional"].replace(restarts=4, screen=8, steps=300, halving_every=50),
+    "conditional": FAMILY_DEFAULTS["conditional"].replace(restarts=4, screen=8, steps=300, halving_every=50,
+                                                          first_steps=50),
 }
 
 
