@@ -484,6 +484,7 @@ class MappingStart(ModelDerivedStart):
         import dataclasses
 
         from ronan_fast.inversion import invert
+        from ronan_fast.inversion.result import after_second_search
 
         # an image without a usable threshold (not positive and finite) is settled by nothing and
         # far from nothing: it gets the full search, as without a threshold
@@ -497,15 +498,8 @@ class MappingStart(ModelDerivedStart):
         if rest.numel() == 0:
             return first
         full = self._full_search(images[rest], done_below[rest] if self.w_full_stops else None, usable[rest])
-        idx = rest.to(first.loss.device)
-        better = full.loss < first.loss[idx]
-        won, src = idx[better], better.nonzero().squeeze(1)  # images whose full search ended lower
-        loss, inputs, recon, steps = (first.loss.clone(), first.inputs.clone(), first.reconstruction.clone(),
-                                      first.row_steps.clone())
-        loss[won], inputs[won], recon[won] = full.loss[src], full.inputs[src], full.reconstruction[src]
-        steps[idx] += full.row_steps
-        return dataclasses.replace(first, loss=loss, inputs=inputs, reconstruction=recon, row_steps=steps,
-                                   settings=self.w_settings)
+        better = full.loss < first.loss[rest.to(first.loss.device)]  # images whose full search ended lower
+        return dataclasses.replace(after_second_search(first, rest, full, better), settings=self.w_settings)
 
     def _full_search(self, images: Tensor, stop: Tensor | None, usable: Tensor):
         """The full search over ``w`` for ``images``; given ``stop`` (each image's

@@ -15,7 +15,7 @@ from ronan_fast.inversion.batched import invert_batched
 from ronan_fast.inversion.calls import check_call_rows
 from ronan_fast.inversion.presets import resolve_settings
 from ronan_fast.inversion.problem import Loss, check_images
-from ronan_fast.inversion.result import InversionResult
+from ronan_fast.inversion.result import InversionResult, after_second_search
 from ronan_fast.inversion.settings import FIRST_SETTLE_PATIENCE, InversionSettings
 from ronan_fast.inversion.stagewise import invert_stagewise
 
@@ -119,9 +119,8 @@ def _first_search_then_full(generator: GeneratorAdapter, images: Tensor, s: Inve
                             progress: Callable[[int], None] | None, **kw) -> InversionResult:
     """``s.first_steps``' first search from each image's guess alone, then the full search (``s``,
     ``s.rest_steps`` long where set) for the images it leaves at or above their threshold; each
-    keeps the lower of its losses
-    (:attr:`InversionSettings.first_steps`). Each image's result depends on it alone, as the
-    searches' do."""
+    keeps the lower of its losses (:attr:`InversionSettings.first_steps`). Each image's result
+    depends on it alone, as the searches' do."""
     b = images.shape[0]
     sb = torch.as_tensor(stop_below, dtype=torch.float32, device=images.device).expand(b).contiguous()
     full = s.replace(first_steps=0, rest_steps=0)
@@ -142,30 +141,18 @@ def _first_search_then_full(generator: GeneratorAdapter, images: Tensor, s: Inve
         progress(done)
     if rest.numel() == 0:
         return dataclasses.replace(first, settings=s)
-    cond = None if conditions is None else torch.as_tensor(conditions)[rest.to(torch.as_tensor(conditions).device)]
+    if conditions is not None:
+        conditions = torch.as_tensor(conditions)
+        conditions = conditions[rest.to(conditions.device)]
     if s.rest_steps:
         halving = 0 if not s.halving_every else max(1, round(s.halving_every * s.rest_steps / s.steps))
         full = full.replace(steps=s.rest_steps, halving_every=halving)
     second = invert_batched(generator, images[rest.to(images.device)], full, loss, stop_below=sb[rest.to(sb.device)],
-                            conditions=cond, progress=None if progress is None else (lambda f: progress(done + f)),
-                            **kw)
-    out = {k: getattr(first, k).clone() for k in ("loss", "inputs", "reconstruction", "row_steps")}
-    if first.conditions is not None:
-        out["conditions"] = first.conditions.clone()
+                            conditions=conditions,
+                            progress=None if progress is None else (lambda f: progress(done + f)), **kw)
     before = first.loss[rest.to(first.loss.device)]
     lower = (second.loss < before) | (torch.isnan(before) & ~torch.isnan(second.loss))
-    for k, merged in out.items():
-        at, new = rest.to(merged.device), getattr(second, k).to(merged.device)
-        if k == "row_steps":  # both searches' cost
-            merged[at] += new
-        else:
-            keep = lower.to(merged.device)
-            merged[at[keep]] = new[keep]
-    settled = first.settled
-    if settled is not None and second.settled is not None:
-        settled = settled.clone()
-        settled[rest.to(settled.device)] = second.settled.to(settled.device)
-    return dataclasses.replace(first, **out, settings=s, settled=settled)
+    return dataclasses.replace(after_second_search(first, rest, second, lower), settings=s)
 
 
 def _check_flags(generator: GeneratorAdapter, seed, cuda_graph, compile_generator) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from ronan_fast.inversion.settings import InversionSettings
 
-__all__ = ["InversionResult"]
+__all__ = ["InversionResult", "after_second_search"]
 
 
 @dataclass
@@ -28,3 +29,22 @@ class InversionResult:
     #: row-steps), and their loss, input and reconstruction are the guess's. None from an
     #: inversion that settles none this way (the stagewise one)
     settled: Tensor | None = None
+
+
+def after_second_search(first: InversionResult, rows: Tensor, second: InversionResult, take: Tensor) -> InversionResult:
+    """``first`` after a second search of its images ``rows`` (indices into ``first``; ``second``
+    holds one result per index): each such image takes ``second``'s loss, input, reconstruction
+    (and class, and settled flag, where both results have them) where ``take`` (a bool per index)
+    holds, and its row-steps are both searches'."""
+    out = {k: getattr(first, k).clone() for k in ("loss", "inputs", "reconstruction", "row_steps")}
+    for k in ("conditions", "settled"):
+        if getattr(first, k) is not None and getattr(second, k) is not None:
+            out[k] = getattr(first, k).clone()
+    for k, merged in out.items():
+        at, new = rows.to(merged.device), getattr(second, k).to(merged.device)
+        if k == "row_steps":
+            merged[at] += new
+        else:
+            keep = take.to(merged.device)
+            merged[at[keep]] = new[keep]
+    return dataclasses.replace(first, **out)
