@@ -113,8 +113,9 @@ FAMILY_DEFAULTS["conditional"] = FALLBACK_DEFAULT.replace(
 #: Families not listed keep their default (docs/performance.md#held-out-generators has the
 #: held-out half).
 #:
-#: GANs (and class-conditional GANs) first search each image from its guess alone (``first_steps=50``: one start, 50 Adam
-#: steps, the polish), the full search only for the images it leaves above their threshold: on
+#: GANs (and class-conditional GANs) first search each image from its guess alone
+#: (``first_steps=50``: one start, 50 Adam steps, the polish), the full search only for the
+#: images it leaves above their threshold: on
 #: the tuning half's two DCGANs (100 own and 4 real images each, to the verdict;
 #: bench/results/heldout_tuning_first50_n100.md) every own image converged either way, own images
 #: 2.4x and 3.8x faster, real images 13% and 16% slower (they pay both searches), 5.5x and 6.7x

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["InversionSettings", "FIRST_SETTLE_PATIENCE", "SCHEDULES", "PRECISIONS", "POLISH_PRECISIONS", "TYPICAL_SET", "POLISH_METHODS",
-           "THRESHOLD_FIELDS", "LATER_FIELDS"]
+__all__ = ["InversionSettings", "FIRST_SETTLE_PATIENCE", "SCHEDULES", "PRECISIONS", "POLISH_PRECISIONS",
+           "TYPICAL_SET", "POLISH_METHODS", "THRESHOLD_FIELDS", "LATER_FIELDS"]
 
 SCHEDULES = ("constant", "cosine", "warm_restarts")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,7 +34,7 @@ LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patienc
 #: shorter than ``settle_patience``: a row let go there costs its image the full search, not its
 #: verdict. Chosen on the tuning half's DCGANs (32 and 48 own, 4 real images each): against the
 #: settings' own 6, real images 0.1-0.5 s faster each, one own image in 32 sent on to the full
-#: search; 2 sent on 25 of 32
+#: search; a patience of 2 sent 25 of 32 on
 FIRST_SETTLE_PATIENCE = 3
 #: the settings that act only when a belonging threshold is given (``invert(stop_below=...)``)
 THRESHOLD_FIELDS = ("polish_escalate", "escalate_within", "settle_patience", "settle_min_drop", "settle_above",
@@ -145,8 +145,8 @@ class InversionSettings:
     #: (``generator.guided_starts``): a first search from the guess alone (one start, this many
     #: Adam steps, then the polish, whose settle rule lets a row go after
     #: :data:`FIRST_SETTLE_PATIENCE` steps if ``settle_patience`` is longer), each image stopping
-    #: under its threshold. Only the images it
-    #: leaves at or above their threshold go on to the full search (these settings), and each
+    #: under its threshold. Only the images it leaves at or above their threshold go on to the
+    #: full search (these settings), and each
     #: keeps the lower of its two losses; its row-steps are both searches'. A model's own image
     #: whose guess lies in its basin is settled for a fraction of the full search; an image the
     #: guess misses (a real image, or an own image the encoder got wrong) pays both. Not for a
