@@ -65,6 +65,12 @@ from ronan_fast.inversion import invert
 from ronan_fast.mapping_start import W_FIRST_DONE
 from ronan_fast.weight_transforms import channels_last
 
+#: a lean search behind a learned encoder: 4 starts (its guess and the 3 best of 24 screened
+#: draws), 300 Adam steps halved every 50, then the family's polish; no first search from the
+#: guess alone (as measured before it was a default): the base of the "warm-lean" candidates
+_WARM_LEAN = {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50,
+              "first_steps": 0}
+
 #: candidates of this benchmark: bench.convergence's, and those with a learned warm start
 #: ("warm": "encoder"), screened starts (``screen``) or other escalation settings
 CANDIDATES: dict[str, dict] = {
@@ -84,34 +90,26 @@ CANDIDATES: dict[str, dict] = {
     # settle rule and escalation with a threshold): for the families without a polish of their own
     "polish25": {"settings": "default", "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
                  "polish_escalate": 2},
-    # a lean search behind the encoder: 4 starts (its guess and the 3 best of 24 screened draws),
-    # 300 Adam steps halved every 50, then the family's polish
-    "warm-lean": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
-                  "halving_every": 50, "first_steps": 0},
+    # a lean search behind the encoder (_WARM_LEAN)
+    "warm-lean": _WARM_LEAN,
     # ... with the generator's Adam steps in bfloat16 (autocast; a row stops under its threshold
     # only once float32 confirms it, and the polish and scores stay float32)
-    "warm-lean-bf16": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
-                       "halving_every": 50, "precision": "bf16", "first_steps": 0},
+    "warm-lean-bf16": {**_WARM_LEAN, "precision": "bf16"},
     # ... inverting a channels-last copy of the generator (ronan_fast.channels_last)
-    "warm-lean-cl": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
-                     "halving_every": 50, "channels_last": True, "first_steps": 0},
+    "warm-lean-cl": {**_WARM_LEAN, "channels_last": True},
     # ... with a first search from the encoder's guess alone (InversionSettings.first_steps: one
     # start, 50 Adam steps, the polish; only the images it leaves above their threshold get the
     # full search): what it saves the model's own images against what real images pay for it
-    "warm-lean-first50": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
-                          "halving_every": 50, "first_steps": 50},
+    "warm-lean-first50": {**_WARM_LEAN, "first_steps": 50},
     # ... inverting a channels-last copy of the generator
-    "warm-lean-first50-cl": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
-                             "halving_every": 50, "first_steps": 50, "channels_last": True},
+    "warm-lean-first50-cl": {**_WARM_LEAN, "first_steps": 50, "channels_last": True},
     # ... and the full search for the images the first search leaves above their threshold 150
     # steps long, halved every 25 (InversionSettings.rest_steps): real images and the own images
     # the guess missed; what real images save against whether the misses are still rescued
-    "warm-lean-first50-rest150": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8,
-                                  "steps": 300, "halving_every": 50, "first_steps": 50, "rest_steps": 150},
+    "warm-lean-first50-rest150": {**_WARM_LEAN, "first_steps": 50, "rest_steps": 150},
     # ... with the GAN family's polish, for the families without one
-    "warm-lean-p25": {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300,
-                      "halving_every": 50, "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
-                      "polish_escalate": 2, "first_steps": 0},
+    "warm-lean-p25": {**_WARM_LEAN, "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
+                      "polish_escalate": 2},
 }
 
 #: the mapping start with the encoder of w and the search over w in whitened coordinates, then
