@@ -31,24 +31,15 @@ FULL = PRESETS["authors"].replace(steps=12, restarts=4, schedule="cosine", min_l
                                   settle_patience=6)
 
 
+#: one torch thread for the whole module (conftest.py): the by-hand searches must match bit for bit
+ONE_THREAD = True
+
+
 @pytest.fixture(scope="module")
 def trained():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        g = LatentGenerator(TinyGenerator(seed=0, latent=4, shape=(1, 8, 8)), 4, name="tiny0")
-        enc = W.train_encoder(g, samples=512, steps=200, batch=32, lr=1e-2, width=8, hidden=32, image_steps=10, seed=3)
-        yield g, enc
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    g = LatentGenerator(TinyGenerator(seed=0, latent=4, shape=(1, 8, 8)), 4, name="tiny0")
+    return g, W.train_encoder(g, samples=512, steps=200, batch=32, lr=1e-2, width=8, hidden=32, image_steps=10,
+                              seed=3)
 
 
 def _images(g) -> torch.Tensor:
@@ -73,7 +64,7 @@ def test_first_steps_is_validated_new_and_acts_only_against_a_threshold():
             InversionSettings().replace(first_steps=bad)
 
 
-def test_images_the_first_search_settles_keep_its_result_the_others_the_lower_of_both(trained, one_thread):
+def test_images_the_first_search_settles_keep_its_result_the_others_the_lower_of_both(trained):
     g, enc = trained
     warm = W.WarmStarted(g, enc)
     x = _images(g)
@@ -99,7 +90,7 @@ def test_images_the_first_search_settles_keep_its_result_the_others_the_lower_of
     assert bool(torch.isfinite(got.loss).all())
 
 
-def test_each_image_gets_its_result_alone_or_in_company(trained, one_thread):
+def test_each_image_gets_its_result_alone_or_in_company(trained):
     g, enc = trained
     warm = W.WarmStarted(g, enc)
     x = _images(g)
@@ -116,7 +107,7 @@ def test_each_image_gets_its_result_alone_or_in_company(trained, one_thread):
     assert int(per.row_steps[0]) > int(whole.row_steps[0])
 
 
-def test_progress_counts_every_image_once_in_order(trained, one_thread):
+def test_progress_counts_every_image_once_in_order(trained):
     g, enc = trained
     seen: list[float] = []
     x = _images(g)
@@ -144,7 +135,7 @@ class _SearchingGuess:
         return self
 
 
-def test_no_first_search_without_a_threshold_a_guess_or_where_the_guess_searches(trained, one_thread):
+def test_no_first_search_without_a_threshold_a_guess_or_where_the_guess_searches(trained):
     g, enc = trained
     x = _images(g)
     plain = FULL.replace(first_steps=0)
@@ -157,7 +148,7 @@ def test_no_first_search_without_a_threshold_a_guess_or_where_the_guess_searches
     assert W.WarmStarted(g, _SearchingGuess(enc)).guess_searches and not warm.guess_searches
 
 
-def test_rest_steps_shortens_the_full_search_of_the_images_the_first_leaves(trained, one_thread):
+def test_rest_steps_shortens_the_full_search_of_the_images_the_first_leaves(trained):
     g, enc = trained
     warm = W.WarmStarted(g, enc)
     x = _images(g)
@@ -180,7 +171,7 @@ def test_rest_steps_shortens_the_full_search_of_the_images_the_first_leaves(trai
         InversionSettings().replace(rest_steps=-3)
 
 
-def test_a_class_conditional_model_keeps_each_images_winning_class(one_thread):
+def test_a_class_conditional_model_keeps_each_images_winning_class():
     """Class unknown: the first search has a guess in each class block; an image's reported
     class is the one of the search whose loss it keeps."""
     from ronan_fast.adapters import ConditionalGenerator
