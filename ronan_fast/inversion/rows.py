@@ -43,6 +43,8 @@ class RowBatch:
         self.weight = torch.ones(0, dtype=torch.float32, device=device)
         self.last_best = self.best_loss.clone()  # patience: the best loss at the last improvement
         self.stale = torch.zeros(0, dtype=torch.int64, device=device)  # patience: steps since then
+        # the Adam phase's settle rule: the best loss at the row's last multiple of adam_settle_window
+        self.settle_ref = self.best_loss.clone()
         # each live row's threshold on its Adam-phase loss: the image's stop_below, lowered for a
         # row whose loss under autocast read under it while its float32 score did not
         stop_below = problem.stop_below
@@ -83,6 +85,7 @@ class RowBatch:
         self.weight = torch.cat([self.weight, self.weight.new_ones(k)])
         self.last_best = torch.cat([self.last_best, self.last_best.new_full((k,), float("inf"))])
         self.stale = torch.cat([self.stale, self.stale.new_zeros(k)])
+        self.settle_ref = torch.cat([self.settle_ref, self.settle_ref.new_full((k,), float("inf"))])
         if self.stop is not None:
             self.stop = torch.cat([self.stop, self.problem.stop_below[self.problem.index[new]]])
         return True
@@ -97,6 +100,7 @@ class RowBatch:
         self.step, self.t = self.step[keep].contiguous(), self.t[keep].contiguous()
         self.best_loss, self.best_latent = self.best_loss[keep].contiguous(), self.best_latent[keep].contiguous()
         self.last_best, self.stale, self.weight = self.last_best[keep], self.stale[keep], self.weight[keep].contiguous()
+        self.settle_ref = self.settle_ref[keep]
         self.stop = None if self.stop is None else self.stop[keep].contiguous()
 
     def refresh(self) -> None:

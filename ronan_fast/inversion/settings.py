@@ -29,7 +29,8 @@ LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patienc
                 "polish_gmres_iters": 0, "polish_reuse": 0, "polish_precision": "fp32", "polish_candidates": 1,
                 "stagewise": False, "polish_escalate": 0,
                 "escalate_within": 4.0, "settle_patience": 0, "settle_min_drop": 0.2, "settle_above": 4.0,
-                "screen": 0, "clip_aware": False, "first_steps": 0, "rest_steps": 0}
+                "screen": 0, "clip_aware": False, "first_steps": 0, "rest_steps": 0, "adam_settle_window": 0,
+                "adam_settle_min_drop": 0.05, "adam_settle_above": 30.0}
 #: the settle rule's patience in the first search from a guess alone (``first_steps``), where it is
 #: shorter than ``settle_patience``: a row let go there costs its image the full search, not its
 #: verdict. Chosen on the tuning half's DCGANs (32 and 48 own, 4 real images each): against the
@@ -38,7 +39,7 @@ LATER_FIELDS = {"polish_method": "dense", "polish_cg_iters": 20, "polish_patienc
 FIRST_SETTLE_PATIENCE = 3
 #: the settings that act only when a belonging threshold is given (``invert(stop_below=...)``)
 THRESHOLD_FIELDS = ("polish_escalate", "escalate_within", "settle_patience", "settle_min_drop", "settle_above",
-                    "first_steps", "rest_steps")
+                    "first_steps", "rest_steps", "adam_settle_window", "adam_settle_min_drop", "adam_settle_above")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,18 @@ class InversionSettings:
     #: a row stops once its best loss has not improved by ``rel_tol`` (relative) for ``patience`` steps; 0: off
     patience: int = 300
     rel_tol: float = 1e-3
+    #: > 0, when a belonging threshold is known: the Adam phase's settle rule. In the second half
+    #: of a row's schedule (from step ``steps / 2``), at each multiple of this many steps (a
+    #: multiple of ``check_every``), a row whose best loss is above ``adam_settle_above`` times
+    #: its image's threshold and fell by less than ``adam_settle_min_drop`` (a fraction) over
+    #: that window stops: it has levelled off far above the line, where the polish's settle rule
+    #: would let it go at once. A row in its image's basin is a few times above the line by
+    #: then and still falling; a real image's rows are tens to hundreds of times above it and
+    #: fall by a few percent. The row keeps its best input and the image goes on to the
+    #: polish as before. Without a threshold: ignored
+    adam_settle_window: int = 0
+    adam_settle_min_drop: float = 0.05
+    adam_settle_above: float = 30.0
     #: "project": keep latents on the prior's typical-set shell; "penalty": pull them towards it
     typical_set: str = "none"
     penalty: float = 0.0
@@ -184,7 +197,8 @@ class InversionSettings:
         _positive_int("check_every", self.check_every)
         _positive_int("min_rows", self.min_rows)
         for name in ("warmup", "halving_every", "patience", "polish_steps", "polish_patience", "polish_gmres_iters",
-                     "polish_reuse", "polish_escalate", "settle_patience", "screen", "first_steps", "rest_steps"):
+                     "polish_reuse", "polish_escalate", "settle_patience", "screen", "first_steps", "rest_steps",
+                     "adam_settle_window"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
@@ -207,11 +221,14 @@ class InversionSettings:
         _positive_int("polish_candidates", self.polish_candidates)
         if self.polish_method not in POLISH_METHODS:
             raise ValueError(f"polish_method must be one of {POLISH_METHODS}, got {self.polish_method!r}")
-        for name in ("polish_min_drop", "settle_min_drop"):
+        if self.adam_settle_window % self.check_every:
+            raise ValueError(f"adam_settle_window must be a multiple of check_every ({self.check_every}): the rule "
+                             f"acts at the stopping checks, got {self.adam_settle_window}")
+        for name in ("polish_min_drop", "settle_min_drop", "adam_settle_min_drop"):
             v = getattr(self, name)
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v < 1):
                 raise ValueError(f"{name} must lie in (0, 1), got {v!r}")
-        for name in ("escalate_within", "settle_above"):
+        for name in ("escalate_within", "settle_above", "adam_settle_above"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 < v < float("inf"):
                 raise ValueError(f"{name} must be a finite number > 1, got {v!r}")

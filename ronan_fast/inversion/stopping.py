@@ -2,8 +2,9 @@
 
 A row stops when it diverged (NaN/Inf), when its image is under its belonging threshold (its
 verdict can no longer change; under autocast only once confirmed in float32), when it has
-stopped improving (``patience``), when successive halving drops it as a clearly losing start,
-or when it is out of steps. Rows between their checks go on whatever the rules say.
+stopped improving (``patience``), when it has levelled off far above its image's threshold in
+the second half of its schedule (``adam_settle_window``), when successive halving drops it as a
+clearly losing start, or when it is out of steps. Rows between their checks go on whatever the rules say.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def rows_to_keep(batch: RowBatch, s: InversionSettings, mixed: bool) -> Tensor:
         keep &= ~_under_threshold(batch, due_check, mixed)
     if s.patience:
         keep &= _patient(batch, s, due_check)
+    if s.adam_settle_window and batch.stop is not None:
+        keep &= ~_levelled_off(batch, s, due_check)
     if s.halving_every:
         due = torch.where(due_check & (batch.t < s.steps), halvings_due(batch.t, s), 0)
         if bool(due.any()):
@@ -77,6 +80,20 @@ def _patient(batch: RowBatch, s: InversionSettings, due_check: Tensor) -> Tensor
     batch.stale = torch.where(due_check, torch.where(improved, torch.zeros_like(stale), stale + s.check_every), stale)
     batch.last_best = torch.where(due_check & improved, batch.best_loss, batch.last_best)
     return batch.stale < s.patience
+
+
+def _levelled_off(batch: RowBatch, s: InversionSettings, due_check: Tensor) -> Tensor:
+    """Rows (at a check on a multiple of ``adam_settle_window`` of their steps, in the second half
+    of their schedule) whose best loss is over ``adam_settle_above`` times their image's threshold
+    and fell by less than ``adam_settle_min_drop`` since the previous multiple. Each such check
+    also records the row's best loss there for the next one."""
+    w = s.adam_settle_window
+    boundary = due_check & (batch.t % w == 0)
+    threshold = batch.problem.stop_below[batch.index]  # the image's own, not a row's lowered one
+    flat = batch.best_loss > (1 - s.adam_settle_min_drop) * batch.settle_ref
+    levelled = boundary & (2 * batch.t >= s.steps) & (batch.best_loss > s.adam_settle_above * threshold) & flat
+    batch.settle_ref = torch.where(boundary, batch.best_loss, batch.settle_ref)
+    return levelled
 
 
 def halvings_due(done: Tensor, s: InversionSettings) -> Tensor:
