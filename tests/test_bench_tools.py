@@ -453,3 +453,56 @@ def test_heldout_runs_a_channels_last_candidate_and_the_authors_loop_on_a_copy(t
         cl_auth = (sum(rec["authors_cl"]["real"]["wall"]) + sum(rec["authors_cl"]["own"]["wall"])) / 3
         assert float(cells[3]) == pytest.approx(cl_auth, abs=0.006)
         assert float(cells[6].split()[0].strip("*")) == pytest.approx(cl_auth / per, rel=0.01, abs=0.006)
+
+
+def test_adam_settle_rule_simulation_counts_stops_risks_and_savings():
+    from bench.adam_settle import evaluate, stops_at
+
+    flat = [(25, 100.0), (50, 99.0), (100, 98.0), (150, 97.5), (200, 97.4), (250, 97.3), (300, 97.3)]
+    falling = [(25, 60.0), (50, 40.0), (100, 25.0), (150, 19.0), (200, 12.0), (250, 8.0), (300, 5.0)]
+    assert stops_at(flat, 20.0, 0.05, 50, 150) == 150  # the first boundary from 150 on, flat since 100
+    assert stops_at(flat, 20.0, 0.05, 50, 200) == 200
+    assert stops_at(flat, 200.0, 0.05, 50, 150) is None  # under `above`
+    assert stops_at(falling, 20.0, 0.05, 50, 100) is None  # falling by far more than 5% per window
+    # a guess row whose best loss sits at the guess's while Adam climbs out and back: the risk case
+    stuck = [(25, 40.0), (50, 40.0), (100, 40.0), (150, 15.0), (200, 6.0), (250, 4.0), (300, 3.5)]
+    assert stops_at(stuck, 20.0, 0.05, 50, 100) == 100 and stops_at(stuck, 20.0, 0.05, 50, 150) is None
+    # a guess row that never moves off its start: stopped where it ends anyway, it changes nothing
+    still = [(t, 40.0) for t in (25, 50, 100, 150, 200, 250, 300)]
+    rec = {"own": [{"final": 0.5, "rows": {0: stuck, 1: flat}}, {"final": 0.9, "rows": {0: falling}},
+                   {"final": 0.4, "rows": {0: still, 1: flat}}],
+           "real": [{"final": 90.0, "rows": {0: flat, 1: flat}}]}
+    rows = {(r["above"], r["min_drop"], r["from"]): r for r in evaluate(rec, 50, 300)}
+    early, half = rows[(20.0, 0.05, 100)], rows[(20.0, 0.05, "half")]
+    assert (early["own_rows_near_stopped"], early["own_best_rows_stopped"]) == (1, 1)  # the stuck guess row, short
+    assert (half["own_rows_near_stopped"], half["own_best_rows_stopped"]) == (0, 0)
+    assert (early["real_saved"], early["real_total"]) == (2 * (300 - 100), 600)  # flat from 50 to 100
+    assert half["real_saved"] == 2 * (300 - 150)
+
+
+def test_adam_settle_records_every_row_of_every_image_and_renders(tmp_path, monkeypatch):
+    from bench import adam_settle
+    from ronan_fast import warmstart
+    from tiny_models import TinyGenerator
+
+    g = LatentGenerator(TinyGenerator(seed=0, latent=4, shape=(1, 8, 8)), 4, name="tiny0")
+    enc = warmstart.train_encoder(g, samples=256, steps=50, batch=32, lr=1e-2, width=8, hidden=32, image_steps=5,
+                                  seed=3)
+    inv = warmstart.WarmStarted(g, enc)
+    s = adam_settle.recording_settings(inv).replace(steps=50, check_every=25, halving_every=25, polish_steps=2)
+    assert s.first_steps == 0 and s.adam_settle_window == 0 and s.restarts == 4
+    own = g.generate(3, torch.Generator().manual_seed(1)).images
+    noise = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    got = adam_settle.record(inv, torch.cat([own, noise]), 1e-4, s, seed=1, chunk=2)
+    assert len(got) == 5 and all(sorted(i["rows"]) == [0, 1, 2, 3] for i in got)
+    for i in got:  # every row read at its first check; a row's best loss never rises
+        for tr in i["rows"].values():
+            assert tr[0][0] == 25 and all(b[1] <= a[1] for a, b in zip(tr, tr[1:]))
+    assert all(i["final"] > 20 for i in got[3:])  # the random images, far above the line
+    raw = {"machine": {"machine": "x", "cpu_count": 2, "threads": 1, "torch": "t", "python": "p"}, "command": "c",
+           "window": 50, "seed": 0, "steps": 300, "generators": {"tiny0": {"line": 1e-4, "own": got[:3], "real": got[3:],
+                                                            "best_not_guess": 0,
+                                                            "rules": adam_settle.evaluate({"own": got[:3],
+                                                                                           "real": got[3:]}, 50, 300)}}}
+    text = adam_settle.render(json.loads(json.dumps(raw)))
+    assert "## tiny0" in text and text.count("\n| ") == 1 + len(adam_settle.RULES)
