@@ -67,9 +67,10 @@ from ronan_fast.weight_transforms import channels_last
 
 #: a lean search behind a learned encoder: 4 starts (its guess and the 3 best of 24 screened
 #: draws), 300 Adam steps halved every 50, then the family's polish; no first search from the
-#: guess alone (as measured before it was a default): the base of the "warm-lean" candidates
+#: guess alone and no settle rule in the Adam phase (as measured before they were defaults): the
+#: base of the "warm-lean" candidates
 _WARM_LEAN = {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50,
-              "first_steps": 0}
+              "first_steps": 0, "adam_settle_window": 0}
 
 #: candidates of this benchmark: bench.convergence's, and those with a learned warm start
 #: ("warm": "encoder"), screened starts (``screen``) or other escalation settings
@@ -107,6 +108,10 @@ CANDIDATES: dict[str, dict] = {
     # steps long, halved every 25 (InversionSettings.rest_steps): real images and the own images
     # the guess missed; what real images save against whether the misses are still rescued
     "warm-lean-first50-rest150": {**_WARM_LEAN, "first_steps": 50, "rest_steps": 150},
+    # ... and the Adam phase's settle rule (InversionSettings.adam_settle_window: in the second half
+    # of the schedule, a row over 30x its threshold whose loss fell by under 5% over the last 50
+    # steps stops): what real images save against whether every own image still converges
+    "warm-lean-first50-asettle": {**_WARM_LEAN, "first_steps": 50, "adam_settle_window": 50},
     # ... with the GAN family's polish, for the families without one
     "warm-lean-p25": {**_WARM_LEAN, "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
                       "polish_escalate": 2},
