@@ -17,6 +17,7 @@ import torch
 
 from ronan_fast.adapters import LatentGenerator
 from ronan_fast.inversion import PRESETS, THRESHOLD_FIELDS, InversionSettings, invert
+from ronan_fast.inversion.presets import WARM_DEFAULTS, resolve_settings
 from ronan_fast.inversion.settings import LATER_FIELDS
 from ronan_fast.inversion.stopping import _levelled_off, rows_to_keep
 
@@ -146,3 +147,13 @@ def test_the_fields_are_validated_new_and_threshold_only():
         with pytest.raises(ValueError, match=match):
             InversionSettings(**bad)
 
+
+def test_the_warm_gan_default_has_it_the_mapping_start_the_conditional_and_the_vae_not():
+    assert WARM_DEFAULTS["gan"].adam_settle_window == 50
+    assert WARM_DEFAULTS["conditional"].adam_settle_window == 0 and WARM_DEFAULTS["vae"].adam_settle_window == 0
+    guided = SimpleNamespace(family="gan", guided_starts=True, guess_searches=False)
+    assert resolve_settings(guided) == WARM_DEFAULTS["gan"]
+    mapped = SimpleNamespace(family="gan", guided_starts=True, guess_searches=True)
+    assert resolve_settings(mapped) == WARM_DEFAULTS["gan"].replace(adam_settle_window=0)
+    # a user's own settings are the user's
+    assert resolve_settings(mapped, InversionSettings(adam_settle_window=50)).adam_settle_window == 50

@@ -125,9 +125,21 @@ FAMILY_DEFAULTS["conditional"] = FALLBACK_DEFAULT.replace(
 #: and 4 real images; bench/results/heldout_tuning_cond_first50_n100.md): own images 2.8x faster,
 #: real ones 24% slower, 14.0x the authors' loop against 10.8x, the same 99 of 100 converged.
 #: A StyleGAN started through its mapping network has a first search of its own (over ``w``):
-#: there ``first_steps`` does not act (``WarmStarted.guess_searches``)
+#: there ``first_steps`` does not act (``WarmStarted.guess_searches``).
+#:
+#: The GAN warm default also lets a row levelled off far above its threshold go in the second
+#: half of the Adam phase (``adam_settle_window=50``: over 30x the threshold, under 5% lower
+#: than 50 steps before). Chosen on per-row trajectories of the tuning half's DCGANs
+#: (bench/results/adam_settle_trajectories_cpu.md: no own row ending under 20x the line stopped,
+#: 34% and 43% of the real images' Adam row-steps saved) and then to the verdict (100 own and 4
+#: real images each; bench/results/heldout_tuning_asettle_n100.md): every own image converged
+#: either way, real images 31% and 25% faster (750 Adam row-steps to 475 and 450), 6.65x and
+#: 8.65x the authors' loop against 5.08x and 6.77x in the same runs.
+#: The class-conditional warm default and the mapping start's search over ``z`` were not measured
+#: with it (:func:`resolve_settings` leaves it off where the guess searches)
 WARM_DEFAULTS: dict[str, InversionSettings] = {
-    "gan": FAMILY_DEFAULTS["gan"].replace(restarts=4, screen=8, steps=300, halving_every=50, first_steps=50),
+    "gan": FAMILY_DEFAULTS["gan"].replace(restarts=4, screen=8, steps=300, halving_every=50, first_steps=50,
+                                          adam_settle_window=50),
     "vae": FALLBACK_DEFAULT.replace(restarts=4, screen=8, steps=300, halving_every=50),
     "conditional": FAMILY_DEFAULTS["conditional"].replace(restarts=4, screen=8, steps=300, halving_every=50,
                                                           first_steps=50),
@@ -140,12 +152,15 @@ def resolve_settings(
     """The settings an inversion will use: a preset name, an object, or the family default, plus overrides.
 
     The family default is :data:`WARM_DEFAULTS`' where the generator's first starts are a learned
-    guess (``guided_starts``) and its family has one there."""
+    guess (``guided_starts``) and its family has one there, without the Adam phase's settle rule
+    (``adam_settle_window=0``) where that guess is itself a search (``guess_searches``)."""
     if settings is None or settings == "default":
         family = getattr(generator, "family", "gan")
         base = FAMILY_DEFAULTS.get(family, FALLBACK_DEFAULT)
         if getattr(generator, "guided_starts", False) and family in WARM_DEFAULTS:
             base = WARM_DEFAULTS[family]
+            if getattr(generator, "guess_searches", False):  # the mapping start: measured without it
+                base = base.replace(adam_settle_window=0)
     elif isinstance(settings, str):
         if settings not in PRESETS:
             raise ValueError(f"settings must be one of {sorted(PRESETS) + ['default']} or InversionSettings, "
