@@ -81,7 +81,7 @@ class InversionSettings:
     #: multiple of ``check_every``), a row whose best loss is above ``adam_settle_above`` times
     #: its image's threshold and fell by less than ``adam_settle_min_drop`` (a fraction) over
     #: that window stops: it has levelled off far above the line, where the polish's settle rule
-    #: would let it go at once. A row in its image's basin is a few times above the line by
+    #: would let it go after a few steps. A row in its image's basin is a few times above the line by
     #: then and still falling; a real image's rows are tens to hundreds of times above it and
     #: fall by a few percent. The row keeps its best input and the image goes on to the
     #: polish as before. Without a threshold: ignored
