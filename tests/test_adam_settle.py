@@ -64,31 +64,24 @@ def test_the_rule_stops_rows_levelled_off_far_above_the_threshold_in_the_second_
         assert _levelled_off(b, s.replace(**change), torch.ones(1, dtype=torch.bool)).tolist() == [stops], change
 
 
-def test_the_rule_acts_only_when_on_and_given_a_threshold():
-    calls = []
-
-    class Batch:
-        def __init__(self, stop):
-            self.t = torch.tensor([150])
-            self.best_loss, self.settle_ref = torch.tensor([1e-2]), torch.tensor([1e-2])
-            self.index = torch.tensor([0])
-            self.problem = SimpleNamespace(stop_below=torch.tensor([1e-4]), b=1)
-            self.stop = stop
-            self.z = torch.zeros(1, 2)
-
-    s = InversionSettings(steps=300, check_every=25, halving_every=0, patience=0)
+def test_the_rule_acts_only_when_on_and_given_a_threshold(monkeypatch):
     import ronan_fast.inversion.stopping as stopping
 
+    calls = []
     real = stopping._levelled_off
-    try:
-        stopping._levelled_off = lambda *a: calls.append(1) or real(*a)
-        assert rows_to_keep(Batch(torch.tensor([1e-4])), s, False).tolist() == [True]  # off
-        assert rows_to_keep(Batch(None), s.replace(adam_settle_window=50), False).tolist() == [True]  # no threshold
-        assert not calls
-        assert rows_to_keep(Batch(torch.tensor([1e-4])), s.replace(adam_settle_window=50), False).tolist() == [False]
-        assert calls
-    finally:
-        stopping._levelled_off = real
+    monkeypatch.setattr(stopping, "_levelled_off", lambda *a: calls.append(1) or real(*a))
+
+    def batch(stop):  # a row flat at 100x its threshold, at a window boundary in the second half
+        b = _batch([150], [1e-2], [1e-2], [1e-4])
+        b.stop, b.z, b.problem.b = stop, torch.zeros(1, 2), 1
+        return b
+
+    s = InversionSettings(steps=300, check_every=25, halving_every=0, patience=0)
+    assert rows_to_keep(batch(torch.tensor([1e-4])), s, False).tolist() == [True]  # off
+    assert rows_to_keep(batch(None), s.replace(adam_settle_window=50), False).tolist() == [True]  # no threshold
+    assert not calls
+    assert rows_to_keep(batch(torch.tensor([1e-4])), s.replace(adam_settle_window=50), False).tolist() == [False]
+    assert calls
 
 
 @pytest.fixture(scope="module")
@@ -155,5 +148,15 @@ def test_the_warm_gan_default_has_it_the_mapping_start_the_conditional_and_the_v
     assert resolve_settings(guided) == WARM_DEFAULTS["gan"]
     mapped = SimpleNamespace(family="gan", guided_starts=True, guess_searches=True)
     assert resolve_settings(mapped) == WARM_DEFAULTS["gan"].replace(adam_settle_window=0)
+    # the real thing: a StyleGAN-style generator started through its mapping network
+    from ronan_fast.mapping_start import mapping_start
+    from ronan_fast.models.stylegan import StyleGenerator
+    from ronan_fast.warmstart import WarmStarted
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = StyleGenerator(nz=16, w_dim=8, n_mlp=2, base=16, min_ch=8, channels=1, size=16)
+    style = LatentGenerator(module, (16,), output_range=(-1, 1), name="style0")
+    assert resolve_settings(WarmStarted(style, mapping_start(style))).adam_settle_window == 0
     # a user's own settings are the user's
     assert resolve_settings(mapped, InversionSettings(adam_settle_window=50)).adam_settle_window == 50
