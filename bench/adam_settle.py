@@ -87,6 +87,11 @@ def record(inv, images: torch.Tensor, line: float, s, seed: int, chunk: int = 16
     return out
 
 
+def best_row(rows: dict) -> int:
+    """The row of an image's ``{row: trajectory}`` whose best loss is lowest at its last check."""
+    return min(rows, key=lambda r: rows[r][-1][1])
+
+
 def stops_at(traj: list, above: float, min_drop: float, window: int, start: int) -> int | None:
     """The step at which the rule stops a row with this trajectory, or None."""
     at = dict(traj)
@@ -103,7 +108,7 @@ def evaluate(rec: dict, window: int, steps: int) -> list[dict]:
         risky, best_stopped, saved, total = 0, 0, 0, 0
         for img in rec["own"]:
             trs = img["rows"]
-            best = min(trs, key=lambda r: trs[r][-1][1])
+            best = best_row(trs)
             for r, tr in trs.items():
                 if tr[-1][1] < NEAR and stops_at(tr, above, d, window, start) is not None:
                     risky += 1
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, x in (("real", real[: a.n_real]), ("own", own)):
             print(f"[{name}] {label} images", file=sys.stderr, flush=True)
             g[label] = record(inv, x, line, s, seed=1, chunk=a.chunk)
-        g["best_not_guess"] = sum(min(i["rows"], key=lambda r: i["rows"][r][-1][1]) != 0 for i in g["own"])
+        g["best_not_guess"] = sum(best_row(i["rows"]) != 0 for i in g["own"])
         raw["steps"] = s.steps
         g["rules"] = evaluate(g, a.window, s.steps)
         raw["generators"][name] = g
