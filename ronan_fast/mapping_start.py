@@ -571,11 +571,12 @@ class MappingStart(ModelDerivedStart):
         """``L`` (lower triangular, ``[w_dim, w_dim]``) with ``L L^T = J^T J + ridge``: ``J`` the
         Jacobian of ``synthesis``'s raw output at ``w`` (forward mode, in the search over ``w``'s
         ``polish_precision``, in blocks of columns of at most :data:`METRIC_CHUNK_ELEMENTS`
-        elements; a block's ``J^T J_B`` by vector-Jacobian products where ``J`` does not fit
-        whole), the ridge :data:`IMAGE_METRIC_RIDGE` times its mean diagonal. None where Cholesky
+        elements, on CPU of at most the dense polish's ``DENSE_CPU_COLUMNS``; a block's ``J^T J_B``
+        by vector-Jacobian products where ``J`` does not fit whole), the ridge :data:`IMAGE_METRIC_RIDGE` times its mean diagonal. None where Cholesky
         refuses it (a Jacobian with NaN): the solve stays Euclidean."""
         from torch.func import jvp, vmap
 
+        from ronan_fast.inversion.polish.dense import dense_columns
         from ronan_fast.inversion.runtime import forward_ad_attention, low_precision_decode
 
         w = w.detach().to(self._w.device, torch.float32).reshape(1, -1)
@@ -594,8 +595,10 @@ class MappingStart(ModelDerivedStart):
             def block(b: Tensor) -> Tensor:  # [c, P]: J's columns b, as rows
                 return vmap(lambda t: jvp(image, (w,), (t[None],))[1])(eye[b])
 
-            if cols >= d:
-                jt = block(torch.arange(d, device=w.device))
+            if cols >= d:  # J whole, its columns built a block of passes at a time (on CPU, the
+                # dense polish's DENSE_CPU_COLUMNS: the same J to rounding, faster than all at once)
+                step = dense_columns(d, cpu=w.device.type == "cpu")
+                jt = torch.cat([block(torch.arange(lo, min(d, lo + step), device=w.device)) for lo in range(0, d, step)])
                 jtj = jt @ jt.T
             else:
                 jtj = w.new_empty(d, d)

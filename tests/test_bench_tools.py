@@ -506,3 +506,29 @@ def test_adam_settle_records_every_row_of_every_image_and_renders(tmp_path, monk
                                                                                            "real": got[3:]}, 50, 300)}}}
     text = adam_settle.render(json.loads(json.dumps(raw)))
     assert "## tiny0" in text and text.count("\n| ") == 1 + len(adam_settle.RULES)
+
+
+def test_jacobian_blocks_times_every_block_size_and_renders_its_json(tmp_path, monkeypatch, capsys):
+    """bench.jacobian_blocks times one row's Jacobian all at once and in each block size, on every
+    point and repetition, checks each against all columns at once, and its table is what its
+    .json renders."""
+    from bench import jacobian_blocks
+    from tiny_models import TinyGenerator
+
+    g = LatentGenerator(TinyGenerator(seed=0, latent=6, shape=(1, 8, 8)), 6, name="tiny0")
+    monkeypatch.setattr(jacobian_blocks, "_function", lambda name, what: g)
+    monkeypatch.setattr(jacobian_blocks, "BLOCKS", [None, 4, 1])
+    out = tmp_path / "jb.md"
+    assert jacobian_blocks.main(["--targets", "tiny0:z", "--points", "2", "--reps", "2", "--out", str(out)]) == 0
+    raw = json.loads(out.with_suffix(".json").read_text())
+    (r,) = raw["results"]
+    assert r["width"] == 6 and r["outputs"] == 64 and list(r["blocks"]) == ["None", "4", "1"]
+    for b in r["blocks"].values():
+        assert len(b["ms"]) == 4 and b["of"] == 4 and all(t > 0 for t in b["ms"])
+        assert b["max_rel_diff"] < 1e-6  # the same Jacobian, to float32 rounding
+    assert r["blocks"]["None"]["identical"] == 4
+    text = out.read_text()
+    assert text == jacobian_blocks.render(raw) and text.count("| tiny0 | z | 6 | 64 |") == 3
+    with pytest.raises(SystemExit):
+        jacobian_blocks.main(["--targets", "tiny0:x", "--out", str(out)])
+    assert "not generator:z or generator:w" in capsys.readouterr().err

@@ -281,6 +281,54 @@ def test_dense_polish_builds_its_jacobians_in_chunks_with_the_same_steps(gen, mo
                                rtol=1e-5, atol=1e-7)
 
 
+def test_forward_jacobian_in_blocks_of_columns_is_jacfwds_to_the_bit():
+    """A row's Jacobian built a few forward-mode passes at a time (on CPU at most
+    DENSE_CPU_COLUMNS, as the dense polish builds a wide latent's) is the one all columns in one
+    pass give, to float32 rounding, and agrees with a float64 reference; under vmap over rows
+    too."""
+    from torch.func import jacfwd, vmap
+
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    net = small_dcgan()
+    g = LatentGenerator(net, 8, (-1, 1))
+
+    def f(q):
+        return g.decode_raw(q.unsqueeze(0), None).flatten()
+
+    z = torch.randn(3, 8)
+    whole = vmap(jacfwd(f))(z)
+    assert whole.shape == (3, 16 * 16, 8) and torch.isfinite(whole).all()
+    for cols in (1, 3, 8, 100):
+        got = vmap(lambda zr: dense_polish.forward_jacobian(f, zr, cols))(z)
+        assert got.shape == whole.shape and torch.isfinite(got).all()
+        assert float((got - whole).abs().max() / whole.abs().max()) < 1e-6
+    net.double()
+    try:
+        ref = jacfwd(lambda q: net(q.view(1, 8)).flatten())(z[0].double())
+    finally:
+        net.float()
+    err = float((dense_polish.forward_jacobian(f, z[0], 3).double() - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5
+    assert dense_polish.dense_columns(256, cpu=True) == dense_polish.DENSE_CPU_COLUMNS < 256
+    assert dense_polish.dense_columns(256) == 256 and dense_polish.dense_columns(4, cpu=True) == 4
+
+
+def test_dense_polish_with_its_jacobians_built_in_blocks_of_columns_takes_the_same_steps(gen, monkeypatch):
+    """On CPU a row's Jacobian is built DENSE_CPU_COLUMNS columns at a time: with blocks
+    narrower than the latent, the same polish (to float32 rounding)."""
+    batch = gen.generate(3, torch.Generator().manual_seed(21))
+    target = gen.decode_raw(batch.latents, None).detach()
+    start = batch.latents + 0.05 * torch.randn(3, 8, generator=torch.Generator().manual_seed(22))
+    # one row per chunk both times (as a wide latent on CPU): only the columns' blocks differ
+    monkeypatch.setattr(dense_polish, "DENSE_CHUNK_ELEMENTS", 8 * target[0].numel())
+    whole = polish(DenseLM(), gen, start, None, target, 4)
+    monkeypatch.setattr(dense_polish, "DENSE_CPU_COLUMNS", 3)  # 3 columns a block, the last one short
+    assert dense_polish.dense_columns(8, cpu=True) == 3
+    blocked = polish(DenseLM(), gen, start, None, target, 4)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(blocked, start)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_dense_polish_builds_no_jacobian_again_after_a_refused_step(gen, monkeypatch, reverse):
     """A row whose Levenberg-Marquardt step was refused has not moved: its J^T J and J^T r are

@@ -147,6 +147,25 @@ def test_the_image_metric_is_the_synthesis_jacobians_gram_matrix(monkeypatch, bl
     assert ms._image_metric(torch.full_like(w[0], float("nan"))) is None  # Cholesky refuses it: Euclidean
 
 
+def test_the_image_metric_built_a_few_columns_at_a_time_is_the_same(monkeypatch):
+    """On CPU the whole Jacobian is built in blocks of at most DENSE_CPU_COLUMNS forward-mode
+    passes (faster than all at once): the same metric as in one block, to float32 rounding (a
+    convolution over another number of tangents may sum in another order)."""
+    from ronan_fast.inversion.polish import dense
+
+    ms = mapping_start(_style())
+    w = ms._map(ms.generator.sample_latents(2, torch.Generator().manual_seed(int.from_bytes(
+        __import__("os").urandom(4), "little"))))
+    whole = [ms._image_metric(w[k]) for k in range(2)]
+    assert ms.w_dim > 5
+    monkeypatch.setattr(dense, "DENSE_CPU_COLUMNS", 5)  # 5 columns a block, the last one short
+    for k in range(2):
+        got = ms._image_metric(w[k])
+        assert torch.isfinite(got).all()
+        err = float((got - whole[k]).abs().max() / whole[k].abs().max())
+        assert err < 1e-6, f"row {k}: relative difference {err:.3g}"
+
+
 def _off_range(ms, n: int, noise: float):
     """A fresh seed, ``n`` rows of ``w`` a little off what ``mapping`` makes (``noise`` times
     their spread; as the search over ``w`` ends), and the images ``synthesis`` makes of them."""

@@ -23,7 +23,8 @@ from ronan_fast.inversion.runtime import forward_ad_attention, low_precision_dec
 from ronan_fast.inversion.settings import POLISH_PRECISIONS
 from ronan_fast.metrics import ToneMSE
 
-__all__ = ["DenseLM", "dense_rows", "tone_jacobian", "DENSE_CHUNK_ELEMENTS", "DENSE_CPU_PASSES"]
+__all__ = ["DenseLM", "dense_rows", "dense_columns", "forward_jacobian", "tone_jacobian", "DENSE_CHUNK_ELEMENTS",
+           "DENSE_CPU_PASSES", "DENSE_CPU_COLUMNS"]
 
 
 class DenseLM:
@@ -140,6 +141,14 @@ DENSE_CHUNK_ELEMENTS = 1 << 25
 #: step costs more per row (bench/results/cpu_heap.md). On the 64x64 DCGAN (width 100) one row
 #: per chunk took 75 ms per row and step against 166 ms for 27 rows (cpu_heap_dense_polish.md).
 DENSE_CPU_PASSES = 128
+#: on CPU, a row's Jacobian is built at most this many columns (forward-mode passes) at a time
+#: (:func:`forward_jacobian`): a wide latent's passes all at once cost more per pass. The same
+#: Jacobian to float32 rounding (bit for bit on every zoo generator measured); one thread, one
+#: row's Jacobian 1.6x faster than all columns at once on the 64x64 StyleGAN's 256-wide ``w``,
+#: 1.9x on its 512-wide ``z``, 1.75x on the latent-diffusion decoder's 256-wide latent, and the
+#: same on 64-wide and narrower GANs (one block); 32 columns made the 64-wide DCGAN's 1.2x
+#: slower (bench/results/jacobian_blocks_cpu.md)
+DENSE_CPU_COLUMNS = 64
 
 
 def dense_rows(latent_dim: int, out_numel: int, cpu: bool = False) -> int:
@@ -149,6 +158,27 @@ def dense_rows(latent_dim: int, out_numel: int, cpu: bool = False) -> int:
     if cpu:
         rows = min(rows, DENSE_CPU_PASSES // latent_dim)
     return max(1, rows)
+
+
+def dense_columns(latent_dim: int, cpu: bool = False) -> int:
+    """Columns of a row's Jacobian built at once: every one, but on CPU at most
+    :data:`DENSE_CPU_COLUMNS`."""
+    return min(latent_dim, DENSE_CPU_COLUMNS) if cpu else latent_dim
+
+
+def forward_jacobian(f, z: Tensor, columns: int | None = None) -> Tensor:
+    """``[*f(z).shape, d]``: the Jacobian of ``f`` at ``z`` (``[d]``, one row) by forward-mode
+    AD, one pass per column, ``columns`` passes at a time (None: all ``d`` at once, as
+    ``torch.func.jacfwd``). Each column is the same ``jvp`` whichever block it is in; works under
+    ``vmap`` over rows."""
+    from torch.func import jacfwd, jvp, vmap
+
+    d = z.shape[-1]
+    if columns is None or columns >= d:
+        return jacfwd(f)(z)
+    eye = torch.eye(d, device=z.device, dtype=z.dtype)
+    blocks = [vmap(lambda t: jvp(f, (z,), (t,))[1])(eye[lo:lo + columns]) for lo in range(0, d, columns)]
+    return torch.cat(blocks).movedim(0, -1)
 
 
 def _levenberg_marquardt(inputs, cond, one, residual, iters, leaving, reverse=False, jac_map=None, report=None,
@@ -263,7 +293,7 @@ def _normal_equations(one, jac_map, zl, cl, live, fresh, r, jtj_all, jtr_all, re
     chunk of 512 images would not fit in memory at once. Every forward-mode chunk has the same
     number of rows (the last padded) and reverse mode goes row by row, so that a row's products
     do not depend on the rows beside it."""
-    from torch.func import jacfwd, jacrev, vmap
+    from torch.func import jacrev, vmap
 
     zf, cf, rf = zl[fresh], None if cl is None else cl[fresh], r[fresh]
     at_all = live[fresh]  # their original rows
@@ -274,15 +304,16 @@ def _normal_equations(one, jac_map, zl, cl, live, fresh, r, jtj_all, jtr_all, re
             at = at_all[i:i + 1]
             jtj_all[at], jtr_all[at] = _products(jac_map, jac, zf[i:i + 1], ci, at, rf[i:i + 1])
         return
-    rows = dense_rows(zl.shape[1], r.shape[1], cpu=zl.device.type == "cpu")
+    cpu = zl.device.type == "cpu"
+    rows, cols = dense_rows(zl.shape[1], r.shape[1], cpu=cpu), dense_columns(zl.shape[1], cpu=cpu)
     for lo in range(0, fresh.numel(), rows):
         at = at_all[lo:lo + rows]
         k = at.numel()
         zc, cc, rc, at_p = (None if t is None else padded(t[lo:lo + rows], rows) for t in (zf, cf, rf, at_all))
         if cc is None:
-            jac = vmap(lambda zr: jacfwd(lambda q: one(q, None))(zr))(zc)
+            jac = vmap(lambda zr: forward_jacobian(lambda q: one(q, None), zr, cols))(zc)
         else:
-            jac = vmap(lambda zr, cr: jacfwd(lambda q: one(q, cr))(zr))(zc, cc)
+            jac = vmap(lambda zr, cr: forward_jacobian(lambda q: one(q, cr), zr, cols))(zc, cc)
         jtj, jtr = _products(jac_map, jac, zc, cc, at_p, rc)
         jtj_all[at], jtr_all[at] = jtj[:k], jtr[:k]
         del jac
