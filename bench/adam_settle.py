@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from bench.heldout import authors_run, candidate_adapter, own_images, real_images, round8
-from bench.machine import machine
+from bench.machine import machine, machine_line
 from ronan_fast.evaluation.store import write_text
 
 #: (above, min_drop, from) candidates; the window is --window. "from" is a step count, or
@@ -130,8 +130,7 @@ def render(raw: dict) -> str:
     lines = [
         "# The Adam phase's settle rule: per-row trajectories",
         "",
-        f"Machine: {m['machine']}, {m['cpu_count']} cores, {m['threads']} torch thread(s), torch {m['torch']}, "
-        f"Python {m['python']}, CPU only. Command: `{raw['command']}`.",
+        machine_line(m, raw["command"]),
         "",
         f"Each image inverted with its generator's warm-start default without the first search and without the rule "
         f"(every image runs the full 4-start, {raw['steps']}-step search), each row's best loss read every 25 steps. A rule "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import machine
+from bench.machine import machine, machine_line
 from ronan_fast.evaluation.store import write_text
 
 #: (zoo generator, input): the wide inputs of the generator benchmark, and two narrow GANs
@@ -94,8 +94,7 @@ def render(raw: dict) -> str:
     lines = [
         "# The dense polish's Jacobians on CPU: all columns at once or in blocks",
         "",
-        f"Machine: {m['machine']}, {m['cpu_count']} cores, {raw['threads']} torch thread(s), torch {m['torch']}, "
-        f"Python {m['python']}, CPU only. Command: `{raw['command']}`.",
+        machine_line(m, raw["command"]),
         "",
         "One row's Jacobian by forward-mode AD (``forward_jacobian``), at prior draws of the input; "
         "every block size timed on every point in each repetition, in turn. **ms** = the median "

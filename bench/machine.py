@@ -31,3 +31,9 @@ def machine() -> dict:
         "python": platform.python_version(),
         "device": "cpu",
     }
+
+
+def machine_line(m: dict, command: str) -> str:
+    """A CPU table's header line: ``m`` (:func:`machine`'s record) and the command that made it."""
+    return (f"Machine: {m['machine']}, {m['cpu_count']} cores, {m['threads']} torch thread(s), torch {m['torch']}, "
+            f"Python {m['python']}, CPU only. Command: `{command}`.")
