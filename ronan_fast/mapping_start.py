@@ -571,9 +571,10 @@ class MappingStart(ModelDerivedStart):
         """``L`` (lower triangular, ``[w_dim, w_dim]``) with ``L L^T = J^T J + ridge``: ``J`` the
         Jacobian of ``synthesis``'s raw output at ``w`` (forward mode, in the search over ``w``'s
         ``polish_precision``, in blocks of columns of at most :data:`METRIC_CHUNK_ELEMENTS`
-        elements, on CPU of at most the dense polish's ``DENSE_CPU_COLUMNS``; a block's ``J^T J_B``
-        by vector-Jacobian products where ``J`` does not fit whole), the ridge :data:`IMAGE_METRIC_RIDGE` times its mean diagonal. None where Cholesky
-        refuses it (a Jacobian with NaN): the solve stays Euclidean."""
+        elements, on CPU of at most the dense polish's ``DENSE_CPU_COLUMNS``; a block's
+        ``J^T J_B`` by vector-Jacobian products where ``J`` does not fit whole), the ridge
+        :data:`IMAGE_METRIC_RIDGE` times its mean diagonal. None where Cholesky refuses it (a
+        Jacobian with NaN): the solve stays Euclidean."""
         from torch.func import jvp, vmap
 
         from ronan_fast.inversion.polish.dense import dense_columns

@@ -169,8 +169,8 @@ def dense_columns(latent_dim: int, cpu: bool = False) -> int:
 def forward_jacobian(f, z: Tensor, columns: int | None = None) -> Tensor:
     """``[*f(z).shape, d]``: the Jacobian of ``f`` at ``z`` (``[d]``, one row) by forward-mode
     AD, one pass per column, ``columns`` passes at a time (None: all ``d`` at once, as
-    ``torch.func.jacfwd``). Each column is the same ``jvp`` whichever block it is in; works under
-    ``vmap`` over rows."""
+    ``torch.func.jacfwd``): the same Jacobian to float32 rounding (a pass over fewer tangents at
+    once may round differently); works under ``vmap`` over rows."""
     from torch.func import jacfwd, jvp, vmap
 
     d = z.shape[-1]
