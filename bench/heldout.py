@@ -34,7 +34,8 @@ encoder is the warm start (``LatentDiffusionDecoder(init="encoder")``). Candidat
 Candidates with ``"channels_last": True`` invert a copy of the generator in channels-last memory
 format (:func:`ronan_fast.channels_last`); ``--authors-channels-last`` also runs the authors'
 loop on such a copy (after the rest, on the same images) and adds a table of each candidate's
-ratio against both loops.
+ratio against both loops. Candidates with ``"jacobian_columns"`` run with the dense polish's
+Jacobians built that many columns at a time on CPU ("all": every column in one pass).
 
 Usage::
 
@@ -45,6 +46,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -215,7 +217,29 @@ CANDIDATES.update({
     # (ronan_fast.channels_last: the same function and fingerprint, NHWC convolutions); with
     # --authors-channels-last the authors' loop runs on such a copy too, for the like-for-like ratio
     "mapped-wenc-first-settle4-stops-wrecipe-cl": {**_WRECIPE, "channels_last": True},
+    # ... with the dense polish (and the solve for z's image metric) building each row's Jacobian
+    # with all its columns in one pass, as before DENSE_CPU_COLUMNS: what the blocks save, same run
+    "mapped-wenc-first-settle4-stops-wrecipe-jall": {**_WRECIPE, "jacobian_columns": "all"},
 })
+
+
+@contextlib.contextmanager
+def jacobian_columns(columns):
+    """The dense polish's ``DENSE_CPU_COLUMNS`` set to ``columns`` ("all": every column in one pass;
+    None: left as it is) while the block runs."""
+    from ronan_fast.inversion.polish import dense
+
+    if columns is None:
+        yield
+        return
+    if columns != "all" and (isinstance(columns, bool) or not isinstance(columns, int) or columns < 1):
+        raise ValueError(f"jacobian_columns must be 'all', a positive int or None, got {columns!r}")
+    was = dense.DENSE_CPU_COLUMNS
+    dense.DENSE_CPU_COLUMNS = 1 << 30 if columns == "all" else columns
+    try:
+        yield
+    finally:
+        dense.DENSE_CPU_COLUMNS = was
 
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
 #: (every argument named: train_w_encoder puts what is not named on W_ENCODER_RECIPE's)
@@ -410,10 +434,12 @@ def run_generator(name: str, a, names: list[str], done: dict, save) -> None:
         inv_adapter, enc_cost = candidate_adapter(name, gen, spec, encoders, a.encoders)
         spec.pop("warm", None)
         spec.pop("against", None)
+        columns = spec.pop("jacobian_columns", None)
         s = settings_for(gen, spec)
         print(f"[{name}] {cname}: {s}", file=sys.stderr, flush=True)
-        res_r, wr, cr = _timed(lambda: invert(inv_adapter, real, settings=s, seed=a.seed + 1, stop_below=line))
-        res_o, wo, co = _timed(lambda: invert(inv_adapter, own, settings=s, seed=a.seed, stop_below=line))
+        with jacobian_columns(columns):
+            res_r, wr, cr = _timed(lambda: invert(inv_adapter, real, settings=s, seed=a.seed + 1, stop_below=line))
+            res_o, wo, co = _timed(lambda: invert(inv_adapter, own, settings=s, seed=a.seed, stop_below=line))
         own_l, real_l = res_o.loss.double().tolist(), res_r.loss.double().tolist()
         rec["candidates"][cname] = {
             "settings": s.to_dict(), "encoder": enc_cost, "own_losses": own_l, "real_losses": real_l,

@@ -532,3 +532,25 @@ def test_jacobian_blocks_times_every_block_size_and_renders_its_json(tmp_path, m
     with pytest.raises(SystemExit):
         jacobian_blocks.main(["--targets", "tiny0:x", "--out", str(out)])
     assert "not generator:z or generator:w" in capsys.readouterr().err
+
+
+def test_heldout_jacobian_columns_sets_the_dense_polishs_blocks_for_a_candidate_and_restores_them():
+    from bench import heldout
+    from ronan_fast.inversion.polish import dense
+
+    was = dense.DENSE_CPU_COLUMNS
+    assert heldout.CANDIDATES["mapped-wenc-first-settle4-stops-wrecipe-jall"]["jacobian_columns"] == "all"
+    with heldout.jacobian_columns("all"):
+        assert dense.dense_columns(512, cpu=True) == 512  # every column in one pass
+    assert dense.DENSE_CPU_COLUMNS == was
+    with heldout.jacobian_columns(None):
+        assert dense.DENSE_CPU_COLUMNS == was
+    with pytest.raises(RuntimeError):
+        with heldout.jacobian_columns(7):
+            assert dense.dense_columns(512, cpu=True) == 7
+            raise RuntimeError("a candidate that fails")
+    assert dense.DENSE_CPU_COLUMNS == was  # restored after an error too
+    for bad in (0, -1, True, "some"):
+        with pytest.raises(ValueError, match="jacobian_columns"):
+            with heldout.jacobian_columns(bad):
+                pass
