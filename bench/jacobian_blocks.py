@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -39,7 +40,8 @@ BLOCKS = [None, 128, 64, 32, 16]
 
 
 def _function(name: str, what: str):
-    """The per-row function the dense polish differentiates, and prior draws of its input."""
+    """The generator whose per-row output the dense polish differentiates: the zoo model itself
+    (``z``), or its synthesis over whitened ``w`` (``w``)."""
     from ronan_fast.mapping_start import mapping_start
     from ronan_fast.zoo import zoo_adapter
 
@@ -61,7 +63,6 @@ def measure(name: str, what: str, points: int, reps: int) -> dict:
 def _measure(gen, name: str, what: str, points: int, reps: int) -> dict:
     from ronan_fast.inversion.polish.dense import forward_jacobian
 
-
     def one(q):
         return gen.decode_raw(q.unsqueeze(0), None).flatten().float()
 
@@ -70,7 +71,7 @@ def _measure(gen, name: str, what: str, points: int, reps: int) -> dict:
     d = z.shape[1]  # the whitened generator's draws are in its coordinates already
     times = {str(b): [] for b in BLOCKS}
     ref = [forward_jacobian(one, z[k]) for k in range(points)]
-    diff = {str(b): 0.0 for b in BLOCKS}
+    rels = {str(b): [] for b in BLOCKS}  # each Jacobian's difference from all at once; NaN if not finite
     identical = {str(b): 0 for b in BLOCKS}
     for _ in range(reps):
         for b in BLOCKS:
@@ -78,14 +79,13 @@ def _measure(gen, name: str, what: str, points: int, reps: int) -> dict:
                 t = time.perf_counter()
                 jac = forward_jacobian(one, z[k], b)
                 times[str(b)].append(time.perf_counter() - t)
-                rel = float((jac - ref[k]).abs().max() / ref[k].abs().max())
-                if not torch.isfinite(jac).all():
-                    rel = float("nan")
-                diff[str(b)] = max(diff[str(b)], rel) if rel == rel else rel
+                finite = bool(torch.isfinite(jac).all())
+                rels[str(b)].append(float((jac - ref[k]).abs().max() / ref[k].abs().max()) if finite else math.nan)
                 identical[str(b)] += int(torch.equal(jac, ref[k]))
     return {"generator": name, "input": what, "width": d, "points": points, "reps": reps,
             "outputs": int(ref[0].shape[0]),
-            "blocks": {b: {"ms": [1000 * t for t in times[b]], "max_rel_diff": diff[b],
+            "blocks": {b: {"ms": [1000 * t for t in times[b]],
+                           "max_rel_diff": math.nan if any(map(math.isnan, rels[b])) else max(rels[b]),
                            "identical": identical[b], "of": reps * points} for b in times}}
 
 
