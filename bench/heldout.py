@@ -220,6 +220,10 @@ CANDIDATES.update({
     # ... with the dense polish (and the solve for z's image metric) building each row's Jacobian
     # with all its columns in one pass, as before DENSE_CPU_COLUMNS: what the blocks save, same run
     "mapped-wenc-first-settle4-stops-wrecipe-jall": {**_WRECIPE, "jacobian_columns": "all"},
+    # ... with the polishes over w matrix-free (conjugate-gradient Levenberg-Marquardt, 20 products
+    # with J and J^T per step) instead of dense: a step's cost no longer grows with w's width,
+    # against the steps an inexact solve adds
+    "mapped-wenc-first-settle4-stops-wrecipe-wcg": {**_WRECIPE, "w_polish_method": "cg"},
 })
 
 
@@ -336,7 +340,8 @@ def candidate_adapter(name: str, adapter, spec: dict, encoders: dict, enc_dir: P
         # without w_polish_reuse, none: the search over w as every candidate measured before it existed
         w_change = {"polish_reuse": 0}
         w_change.update({k: spec.pop(f"w_{k}") for k in ("screen", "restarts", "polish_reuse", "polish_precision",
-                                                         "settle_patience") if f"w_{k}" in spec})
+                                                         "settle_patience", "polish_method")
+                         if f"w_{k}" in spec})
         kw = {"w_settings": W_SETTINGS.replace(**w_change)}
         # a candidate names the bound, the settling and the full search's stop it was measured with;
         # without them, none (as every candidate measured before MappingStart's defaults had them)
