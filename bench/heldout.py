@@ -245,6 +245,7 @@ def jacobian_columns(columns):
     finally:
         dense.DENSE_CPU_COLUMNS = was
 
+
 #: the encoder recipe of the "warm" candidates (ronan_fast.warmstart.train_encoder's arguments)
 #: (every argument named: train_w_encoder puts what is not named on W_ENCODER_RECIPE's)
 ENCODER_RECIPE: dict = {"samples": 8192, "steps": 1000, "batch": 64, "lr": 1e-3, "width": 16, "hidden": 512,
