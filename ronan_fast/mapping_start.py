@@ -577,7 +577,7 @@ class MappingStart(ModelDerivedStart):
         Jacobian with NaN): the solve stays Euclidean."""
         from torch.func import jvp, vmap
 
-        from ronan_fast.inversion.polish.dense import dense_columns
+        from ronan_fast.inversion.polish.dense import dense_columns, forward_jacobian
         from ronan_fast.inversion.runtime import forward_ad_attention, low_precision_decode
 
         w = w.detach().to(self._w.device, torch.float32).reshape(1, -1)
@@ -596,11 +596,10 @@ class MappingStart(ModelDerivedStart):
             def block(b: Tensor) -> Tensor:  # [c, P]: J's columns b, as rows
                 return vmap(lambda t: jvp(image, (w,), (t[None],))[1])(eye[b])
 
-            if cols >= d:  # J whole, its columns built a block of passes at a time (on CPU, the
-                # dense polish's DENSE_CPU_COLUMNS: the same J to rounding, faster than all at once)
-                step = dense_columns(d, cpu=w.device.type == "cpu")
-                jt = torch.cat([block(torch.arange(lo, min(d, lo + step), device=w.device)) for lo in range(0, d, step)])
-                jtj = jt @ jt.T
+            if cols >= d:  # J whole, built as the dense polish builds its Jacobians (on CPU
+                # DENSE_CPU_COLUMNS passes at a time: the same J to rounding, faster than all at once)
+                jac = forward_jacobian(lambda q: image(q[None]), w[0], dense_columns(d, cpu=w.device.type == "cpu"))
+                jtj = jac.T @ jac
             else:
                 jtj = w.new_empty(d, d)
                 with torch.enable_grad():
