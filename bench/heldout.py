@@ -69,10 +69,11 @@ from ronan_fast.weight_transforms import channels_last
 
 #: a lean search behind a learned encoder: 4 starts (its guess and the 3 best of 24 screened
 #: draws), 300 Adam steps halved every 50, then the family's polish; no first search from the
-#: guess alone and no settle rule in the Adam phase (as measured before they were defaults): the
-#: base of the "warm-lean" candidates
+#: guess alone, no settle rule in the Adam phase, and 2 more polished starts for an image left within
+#: 4x of its threshold (as measured before the GAN warm default had 4; a no-op where the family
+#: has no polish): the base of the "warm-lean" candidates
 _WARM_LEAN = {"settings": "default", "warm": "encoder", "restarts": 4, "screen": 8, "steps": 300, "halving_every": 50,
-              "first_steps": 0, "adam_settle_window": 0}
+              "first_steps": 0, "adam_settle_window": 0, "polish_escalate": 2}
 
 #: candidates of this benchmark: bench.convergence's, and those with a learned warm start
 #: ("warm": "encoder"), screened starts (``screen``) or other escalation settings
@@ -114,6 +115,13 @@ CANDIDATES: dict[str, dict] = {
     # of the schedule, a row over 30x its threshold whose loss fell by under 5% over the last 50
     # steps stops): what real images save against whether every own image still converges
     "warm-lean-first50-asettle": {**_WARM_LEAN, "first_steps": 50, "adam_settle_window": 50},
+    # on a class-conditional generator, warm-lean-first50 with 8 more polished starts instead of 2 for an
+    # image left within 4x of its threshold: the class-conditional warm-start default now
+    "warm-lean-first50-esc8": {**_WARM_LEAN, "first_steps": 50, "polish_escalate": 8},
+    # ... with 4 more polished starts instead of 2 for an image left above its threshold but within
+    # 4x of it (polish_escalate=4; with 4 starts, every row): the GAN warm-start default now
+    "warm-lean-first50-asettle-esc4": {**_WARM_LEAN, "first_steps": 50, "adam_settle_window": 50,
+                                       "polish_escalate": 4},
     # ... with the GAN family's polish, for the families without one
     "warm-lean-p25": {**_WARM_LEAN, "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
                       "polish_escalate": 2},
