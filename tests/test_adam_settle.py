@@ -17,7 +17,7 @@ import torch
 
 from ronan_fast.adapters import LatentGenerator
 from ronan_fast.inversion import PRESETS, THRESHOLD_FIELDS, InversionSettings, invert
-from ronan_fast.inversion.presets import WARM_DEFAULTS, resolve_settings
+from ronan_fast.inversion.presets import SEARCHED_GUESS_FIELDS, WARM_DEFAULTS, resolve_settings
 from ronan_fast.inversion.settings import LATER_FIELDS
 from ronan_fast.inversion.stopping import _levelled_off, rows_to_keep
 
@@ -147,7 +147,10 @@ def test_the_warm_gan_default_has_it_the_mapping_start_the_conditional_and_the_v
     guided = SimpleNamespace(family="gan", guided_starts=True, guess_searches=False)
     assert resolve_settings(guided) == WARM_DEFAULTS["gan"]
     mapped = SimpleNamespace(family="gan", guided_starts=True, guess_searches=True)
-    assert resolve_settings(mapped) == WARM_DEFAULTS["gan"].replace(adam_settle_window=0)
+    # the mapping start's search over z: as it was measured, without the rule and with the GAN
+    # family's escalation (2 more polished rows), not the warm default's 4
+    assert resolve_settings(mapped) == WARM_DEFAULTS["gan"].replace(adam_settle_window=0, polish_escalate=2)
+    assert resolve_settings(mapped) == WARM_DEFAULTS["gan"].replace(**SEARCHED_GUESS_FIELDS)
     # the real thing: a StyleGAN-style generator started through its mapping network
     from ronan_fast.mapping_start import mapping_start
     from ronan_fast.models.stylegan import StyleGenerator
@@ -157,6 +160,7 @@ def test_the_warm_gan_default_has_it_the_mapping_start_the_conditional_and_the_v
         torch.manual_seed(0)
         module = StyleGenerator(nz=16, w_dim=8, n_mlp=2, base=16, min_ch=8, channels=1, size=16)
     style = LatentGenerator(module, (16,), output_range=(-1, 1), name="style0")
-    assert resolve_settings(WarmStarted(style, mapping_start(style))).adam_settle_window == 0
+    got = resolve_settings(WarmStarted(style, mapping_start(style)))
+    assert got.adam_settle_window == 0 and got.polish_escalate == 2
     # a user's own settings are the user's
     assert resolve_settings(mapped, InversionSettings(adam_settle_window=50)).adam_settle_window == 50

@@ -337,6 +337,9 @@ def test_a_warm_start_brings_its_familys_lean_default(trained):
     assert WARM_DEFAULTS["gan"].restarts == 4 and WARM_DEFAULTS["gan"].screen == 8
     assert WARM_DEFAULTS["gan"].first_steps == 50 and WARM_DEFAULTS["conditional"].first_steps == 50
     assert WARM_DEFAULTS["vae"].first_steps == 0
+    # an image left within 4x of its threshold has every one of its 4 rows polished
+    assert WARM_DEFAULTS["gan"].polish_escalate == 4 and FAMILY_DEFAULTS["gan"].polish_escalate == 2
+    assert WARM_DEFAULTS["conditional"].polish_escalate == 8
     assert resolve_settings(W.WarmStarted(g, enc), None) == WARM_DEFAULTS["gan"]
     one_step = W.WarmStarted(g, enc)
     one_step.base.family = "consistency"

@@ -11,7 +11,8 @@ from __future__ import annotations
 from ronan_fast.adapters import GeneratorAdapter
 from ronan_fast.inversion.settings import InversionSettings
 
-__all__ = ["PRESETS", "FAMILY_DEFAULTS", "FALLBACK_DEFAULT", "WARM_DEFAULTS", "resolve_settings"]
+__all__ = ["PRESETS", "FAMILY_DEFAULTS", "FALLBACK_DEFAULT", "WARM_DEFAULTS", "SEARCHED_GUESS_FIELDS",
+           "resolve_settings"]
 
 #: Named settings. "authors" is the paper's code: one start, 1500 Adam steps at lr 0.1, the plain
 #: loss (``clip_aware=False``).
@@ -137,13 +138,31 @@ FAMILY_DEFAULTS["conditional"] = FALLBACK_DEFAULT.replace(
 #: 8.65x the authors' loop against 5.08x and 6.77x in the same runs.
 #: The class-conditional warm default and the mapping start's search over ``z`` were not measured
 #: with it (:func:`resolve_settings` leaves it off where the guess searches)
+#:
+#: An image the GAN warm default leaves above its threshold but within 4x of it has 4 more of its
+#: Adam rows polished (``polish_escalate=4``: with 4 starts, every row), not the family default's
+#: 2: on the tuning half's DCGANs (100 own and 32 real images each, Intel Xeon;
+#: bench/results/heldout_tuning_encoder_cost_n100.md) it took dcgan64-photos' own image 30 from
+#: 1.11x the line to 0.87x (100 of 100 converged against 99) and changed no other own or real
+#: image's loss or row-steps; held out likewise no loss changed (no image in that band). The
+#: class-conditional warm default polishes 8 more rows of such an image (of its 4 starts in each
+#: class searched): on the tuning half's class-conditional GAN (100 own and 4 real images, Intel
+#: Xeon; bench/results/heldout_tuning_cond_esc8_n100.md) 99 of 100 own images converged against 96
+#: (images 31, 57 and 58 from 1.02x, 1.00x and 1.44x the line to under it; image 44, at 1.50x,
+#: needs more Adam steps, not more polishes), no real image's loss changed, own images took 31%
+#: longer and the mean came to 12.0x the authors' loop against 12.8x
 WARM_DEFAULTS: dict[str, InversionSettings] = {
     "gan": FAMILY_DEFAULTS["gan"].replace(restarts=4, screen=8, steps=300, halving_every=50, first_steps=50,
-                                          adam_settle_window=50),
+                                          adam_settle_window=50, polish_escalate=4),
     "vae": FALLBACK_DEFAULT.replace(restarts=4, screen=8, steps=300, halving_every=50),
     "conditional": FAMILY_DEFAULTS["conditional"].replace(restarts=4, screen=8, steps=300, halving_every=50,
-                                                          first_steps=50),
+                                                          first_steps=50, polish_escalate=8),
 }
+
+#: where the warm start's guess is itself a search (the mapping start: its search over ``z``
+#: follows the search over ``w``), the warm default with these fields, as that start was measured
+#: and chosen: no settle rule in the Adam phase, the family default's escalation
+SEARCHED_GUESS_FIELDS = {"adam_settle_window": 0, "polish_escalate": FAMILY_DEFAULTS["gan"].polish_escalate}
 
 
 def resolve_settings(
@@ -152,15 +171,15 @@ def resolve_settings(
     """The settings an inversion will use: a preset name, an object, or the family default, plus overrides.
 
     The family default is :data:`WARM_DEFAULTS`' where the generator's first starts are a learned
-    guess (``guided_starts``) and its family has one there, without the Adam phase's settle rule
-    (``adam_settle_window=0``) where that guess is itself a search (``guess_searches``)."""
+    guess (``guided_starts``) and its family has one there, with :data:`SEARCHED_GUESS_FIELDS`
+    where that guess is itself a search (``guess_searches``: the mapping start, measured so)."""
     if settings is None or settings == "default":
         family = getattr(generator, "family", "gan")
         base = FAMILY_DEFAULTS.get(family, FALLBACK_DEFAULT)
         if getattr(generator, "guided_starts", False) and family in WARM_DEFAULTS:
             base = WARM_DEFAULTS[family]
-            if getattr(generator, "guess_searches", False):  # the mapping start: measured without it
-                base = base.replace(adam_settle_window=0)
+            if getattr(generator, "guess_searches", False):
+                base = base.replace(**SEARCHED_GUESS_FIELDS)
     elif isinstance(settings, str):
         if settings not in PRESETS:
             raise ValueError(f"settings must be one of {sorted(PRESETS) + ['default']} or InversionSettings, "
