@@ -115,14 +115,14 @@ CANDIDATES: dict[str, dict] = {
     # of the schedule, a row over 30x its threshold whose loss fell by under 5% over the last 50
     # steps stops): what real images save against whether every own image still converges
     "warm-lean-first50-asettle": {**_WARM_LEAN, "first_steps": 50, "adam_settle_window": 50},
-    # on a class-conditional generator, warm-lean-first50 with 8 more polished starts instead of 2 for an
-    # image left within 4x of its threshold: the class-conditional warm-start default now
-    "warm-lean-first50-esc8": {**_WARM_LEAN, "first_steps": 50, "polish_escalate": 8},
     # ... with 4 more polished starts instead of 2 for an image left above its threshold but within
     # 4x of it (polish_escalate=4; with 4 starts, every row): the GAN warm-start default now
     "warm-lean-first50-asettle-esc4": {**_WARM_LEAN, "first_steps": 50, "adam_settle_window": 50,
                                        "polish_escalate": 4},
-    # ... with the GAN family's polish, for the families without one
+    # on a class-conditional generator, warm-lean-first50 with 8 more polished starts instead of 2 for an
+    # image left within 4x of its threshold: the class-conditional warm-start default now
+    "warm-lean-first50-esc8": {**_WARM_LEAN, "first_steps": 50, "polish_escalate": 8},
+    # warm-lean with the GAN family's polish, for the families without one
     "warm-lean-p25": {**_WARM_LEAN, "polish_steps": 25, "polish_method": "dense", "settle_patience": 6,
                       "polish_escalate": 2},
 }
